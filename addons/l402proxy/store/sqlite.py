@@ -1,0 +1,568 @@
+"""The server's SQLite store: root secret, issued tokens, payments seen and revocations.
+
+Verifying a paid request never reads this database: root keys are derived from the secret,
+which the proxy loads once. The 402 path only queues records (`note_issued`), a background
+task writes them with `flush()`, and revocations made by another process (`l402proxy tokens
+revoke`) reach the proxy through `revocations_since()`, a cheap indexed poll.
+"""
+
+import asyncio
+import logging
+import os
+import re
+import sqlite3
+import stat
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Self
+from urllib.parse import unquote, urlsplit
+
+import aiosqlite
+
+from l402proxy.paths import default_server_store, ensure_parent
+
+log = logging.getLogger("l402proxy.store")
+
+SECRET_SIZE = 32
+_ID_SIZE = 32
+MIN_PREFIX_LEN = 8
+BUSY_TIMEOUT_MS = 5000
+
+POSTGRES_UNAVAILABLE = "PostgreSQL store is not available yet; use a SQLite path"
+
+# Schema history. Entry i brings the database from user_version i to i + 1, in one
+# transaction together with the version bump, so a crash mid-migration leaves the old
+# version intact. Never edit a released entry: append a new one.
+MIGRATIONS: list[Sequence[str]] = [
+    (
+        """
+        CREATE TABLE meta (
+            key TEXT PRIMARY KEY,
+            value BLOB NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE issued_tokens (
+            token_id BLOB PRIMARY KEY CHECK (length(token_id) = 32),
+            payment_hash BLOB NOT NULL CHECK (length(payment_hash) = 32),
+            service TEXT NOT NULL,
+            price_sat INTEGER NOT NULL CHECK (price_sat >= 0),
+            created_at REAL NOT NULL,
+            valid_until REAL,
+            paid_at REAL
+        )
+        """,
+        "CREATE INDEX issued_tokens_payment_hash ON issued_tokens (payment_hash)",
+        "CREATE INDEX issued_tokens_created ON issued_tokens (created_at)",
+        "CREATE INDEX issued_tokens_service_created ON issued_tokens (service, created_at)",
+        # AUTOINCREMENT: a sequence number is never reused, even after a delete, so a poller's
+        # cursor can never skip a revocation. No foreign key to issued_tokens on purpose: a
+        # token whose issuance record was lost must still be revocable.
+        """
+        CREATE TABLE revocations (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            token_id BLOB NOT NULL UNIQUE CHECK (length(token_id) = 32),
+            revoked_at REAL NOT NULL
+        )
+        """,
+    ),
+]
+
+
+class StoreError(Exception):
+    """A store problem worth showing to the user as is (no secrets in the message)."""
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token_id: bytes
+    payment_hash: bytes
+    service: str
+    price_sat: int
+    created_at: float
+    valid_until: float | None
+    paid_at: float | None = None
+    revoked_at: float | None = None
+    # False only for a revocation of a token this store never saw issued (its issuance
+    # note was lost); payment_hash, service, price_sat and created_at are then placeholders.
+    recorded: bool = True
+
+    def status(self, now: float | None = None) -> str:
+        """revoked | expired | paid | unpaid, as of `now` (default: the current time)."""
+        if self.revoked_at is not None:
+            return "revoked"
+        now = time.time() if now is None else now
+        # Expiry wins over paid: the status says whether the token still opens anything;
+        # paid_at still tells whether it was ever paid.
+        if self.valid_until is not None and self.valid_until <= now:
+            return "expired"
+        return "paid" if self.paid_at is not None else "unpaid"
+
+    def to_json(self, now: float | None = None) -> dict[str, Any]:
+        known = self.recorded
+        return {
+            "token_id": self.token_id.hex(),
+            "payment_hash": self.payment_hash.hex() if known else None,
+            "service": self.service if known else None,
+            "price_sat": self.price_sat if known else None,
+            "created_at": self.created_at if known else None,
+            "valid_until": self.valid_until,
+            "paid_at": self.paid_at,
+            "revoked_at": self.revoked_at,
+            "recorded": known,
+            "status": self.status(now),
+        }
+
+
+_TOKEN_COLUMNS = (
+    "i.token_id, i.payment_hash, i.service, i.price_sat, i.created_at, i.valid_until, "
+    "i.paid_at, r.revoked_at"
+)
+_TOKEN_SELECT = (
+    f"SELECT {_TOKEN_COLUMNS} FROM issued_tokens i "
+    "LEFT JOIN revocations r ON r.token_id = i.token_id"
+)
+
+
+def _token_from_row(row: Sequence[Any]) -> IssuedToken:
+    return IssuedToken(
+        token_id=bytes(row[0]),
+        payment_hash=bytes(row[1]),
+        service=row[2],
+        price_sat=row[3],
+        created_at=row[4],
+        valid_until=row[5],
+        paid_at=row[6],
+        revoked_at=row[7],
+    )
+
+
+# A scheme needs two or more letters so that "C:" style prefixes are not taken for one.
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+
+
+def sqlite_path_from_uri(uri: str) -> Path:
+    """Store URI or path -> absolute file path; StoreError says how to write it otherwise.
+
+    Accepted: "" (the default file), a plain path (`~` expanded, relative to the working
+    directory), or `sqlite:///absolute/path`.
+    """
+    text = uri.strip()
+    if not text:
+        return Path(default_server_store()).expanduser().absolute()
+    if text == ":memory:":
+        raise StoreError("an in-memory store cannot work: the server secret must persist")
+    match = _SCHEME_RE.match(text)
+    if match is None:
+        return Path(text).expanduser().absolute()
+    scheme = match.group(1).lower()
+    if scheme in ("postgres", "postgresql"):
+        raise StoreError(POSTGRES_UNAVAILABLE)
+    if scheme != "sqlite":
+        raise StoreError(
+            f"unsupported store URI scheme '{scheme}' (use a SQLite file path or "
+            "sqlite:///absolute/path; for a file name containing ':', write ./name)"
+        )
+    parts = urlsplit(text)
+    if parts.netloc:
+        raise StoreError(
+            f"store URI '{uri}' is not an absolute path: write sqlite:///absolute/path "
+            "(three slashes), or give a relative path without the sqlite:// prefix"
+        )
+    if parts.query or parts.fragment:
+        raise StoreError(f"store URI '{uri}': query parameters are not supported")
+    path = unquote(parts.path)
+    if not path.startswith("/"):
+        raise StoreError(
+            f"store URI '{uri}' is not an absolute path: write sqlite:///absolute/path, "
+            "or give a relative path without the sqlite: prefix"
+        )
+    if path.endswith("/"):
+        raise StoreError(f"store URI '{uri}' names a directory, not a database file")
+    return Path(path)
+
+
+def _prefix_range(prefix: str) -> tuple[bytes, bytes | None]:
+    """Hex prefix -> [low, high) bounds on 32-byte blobs, so the lookup can use an index.
+
+    SQLite compares blobs with memcmp and a longer blob sorts after its own prefix, so
+    every id starting with the prefix lies in [low, high). high is None when the prefix is
+    all 'f' (no upper bound).
+    """
+    pad = len(prefix) % 2  # an odd prefix ends mid-byte: extend it with a zero nibble
+    size = (len(prefix) + pad) // 2
+    value = int(prefix, 16)
+    low = (value << (4 * pad)).to_bytes(size, "big")
+    if value + 1 >= 16 ** len(prefix):
+        return low, None
+    return low, ((value + 1) << (4 * pad)).to_bytes(size, "big")
+
+
+def _normalize_ref(ref: str) -> str:
+    text = ref.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]+", text):
+        raise StoreError(f"token reference '{ref}' is not hexadecimal")
+    if len(text) < MIN_PREFIX_LEN:
+        raise StoreError(
+            f"token reference '{ref}' is too short: give at least {MIN_PREFIX_LEN} hex "
+            "characters of a token id or payment hash"
+        )
+    if len(text) > 2 * _ID_SIZE:
+        raise StoreError(f"token reference '{ref}' is longer than a token id (64 hex characters)")
+    return text
+
+
+def _check_id(name: str, value: bytes) -> None:
+    if not isinstance(value, bytes) or len(value) != _ID_SIZE:
+        raise ValueError(f"{name} must be {_ID_SIZE} bytes")
+
+
+def _prepare_file(path: Path) -> None:
+    """Create the database file private to the user before SQLite opens it.
+
+    The secret in it can mint tokens. SQLite gives its -wal/-shm files the mode of the
+    database file, so fixing the main file is enough for new ones.
+    """
+    ensure_parent(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            try:
+                os.fchmod(fd, 0o600)
+            except PermissionError:
+                log.warning("cannot make %s private (mode 0600): not its owner", path)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        try:
+            if stat.S_IMODE(side.stat().st_mode) & 0o077:
+                side.chmod(0o600)
+        except FileNotFoundError:
+            pass
+        except PermissionError:
+            log.warning("cannot make %s private (mode 0600): not its owner", side)
+
+
+class ServerStore:
+    """One SQLite connection shared by the proxy's coroutines; see the module docstring."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db: aiosqlite.Connection | None = db
+        self.path = path
+        # One connection means one transaction at a time: without this lock, two coroutines
+        # could interleave statements inside each other's BEGIN ... COMMIT.
+        self._lock = asyncio.Lock()
+        self._secret: bytes | None = None
+        self._pending_issued: list[IssuedToken] = []
+        self._pending_paid: list[tuple[bytes, float]] = []
+
+    @classmethod
+    async def open(cls, uri: str) -> Self:
+        path = sqlite_path_from_uri(uri)
+        try:
+            await asyncio.to_thread(_prepare_file, path)
+        except OSError as exc:
+            raise StoreError(f"cannot create store file {path}: {exc.strerror or exc}") from exc
+        try:
+            db = await aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {path}: {exc}") from exc
+        store = cls(db, path)
+        try:
+            await store._setup()
+        except BaseException:
+            await db.close()
+            raise
+        log.info("server store: %s", path)
+        return store
+
+    async def _setup(self) -> None:
+        db = self._live()
+        try:
+            # busy_timeout first: switching to WAL and migrating need locks another process
+            # opening the same file may hold for a moment.
+            await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            await db.execute("PRAGMA foreign_keys = ON")
+            # Check the version before anything writes, so a newer file is left untouched.
+            version = await self._user_version()
+            self._check_version(version)
+            await self._enable_wal()
+            await db.execute("PRAGMA synchronous = NORMAL")
+            if version < len(MIGRATIONS):
+                await self._migrate()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot use store {self.path}: {exc}") from exc
+
+    async def _enable_wal(self) -> None:
+        # SQLite answers "locked" at once, without the busy handler, when two connections
+        # both hold a read lock and want the write lock (its deadlock guard); that is what
+        # two processes switching a fresh file to WAL together do. So wait and retry here.
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        delay = 0.005
+        while True:
+            try:
+                row = await self._one("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+        if row is None or str(row[0]).lower() != "wal":
+            log.warning("%s: WAL journal not available (got %r)", self.path, row)
+
+    def _check_version(self, version: int) -> None:
+        known = len(MIGRATIONS)
+        if version > known:
+            raise StoreError(
+                f"store {self.path} has schema version {version}, newer than this l402proxy "
+                f"knows ({known}); upgrade l402proxy or use another store file"
+            )
+
+    async def _migrate(self) -> None:
+        for target, statements in enumerate(MIGRATIONS, start=1):
+            async with self._transaction() as db:
+                # Re-read under the write lock: another process may have migrated meanwhile.
+                current = await self._user_version()
+                self._check_version(current)
+                if current >= target:
+                    continue
+                try:
+                    for statement in statements:
+                        await db.execute(statement)
+                except sqlite3.Error as exc:
+                    raise StoreError(
+                        f"store {self.path}: migration to schema version {target} failed: {exc}"
+                    ) from exc
+                # PRAGMA does not take parameters; target is our own int.
+                await db.execute(f"PRAGMA user_version = {int(target)}")
+                log.info("store %s migrated to schema version %d", self.path, target)
+
+    async def _user_version(self) -> int:
+        row = await self._one("PRAGMA user_version")
+        return int(row[0]) if row else 0
+
+    async def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        rows = await self._live().execute_fetchall(sql, params)
+        return next(iter(rows), None)
+
+    def _live(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreError("store is closed")
+        return self._db
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT under the lock; sqlite3 errors become StoreError.
+
+        IMMEDIATE takes the write lock up front, so read-then-write sequences (secret,
+        revoke, migrations) cannot race another process.
+        """
+        async with self._lock:
+            db = self._live()
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                    await db.execute("COMMIT")
+                except BaseException:
+                    await self._rollback(db)
+                    raise
+            except sqlite3.Error as exc:
+                raise StoreError(f"store {self.path}: {exc}") from exc
+
+    @staticmethod
+    async def _rollback(db: aiosqlite.Connection) -> None:
+        # Fails harmlessly when SQLite already rolled back (e.g. after a failed COMMIT).
+        with suppress(sqlite3.Error):
+            await db.execute("ROLLBACK")
+
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        # Under the lock so a read never sees another coroutine's uncommitted transaction.
+        async with self._lock:
+            try:
+                return list(await self._live().execute_fetchall(sql, params))
+            except sqlite3.Error as exc:
+                raise StoreError(f"store {self.path}: {exc}") from exc
+
+    async def close(self) -> None:
+        """Flush queued records, then close. Raises StoreError if records could not be written."""
+        if self._db is None:
+            return
+        try:
+            await self.flush()
+        except StoreError:
+            log.error("store %s: %d queued records lost on close", self.path, self.pending)
+            raise
+        finally:
+            db, self._db = self._db, None
+            await db.close()
+
+    async def secret(self) -> bytes:
+        """The server's root secret, created on first use and the same for every process."""
+        if self._secret is None:
+            async with self._transaction() as db:
+                # Two processes starting on a fresh file both try to insert; IMMEDIATE makes
+                # them take turns and OR IGNORE keeps the first, which both then read.
+                await db.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('secret', ?)",
+                    (os.urandom(SECRET_SIZE),),
+                )
+                row = await self._one("SELECT value FROM meta WHERE key = 'secret'")
+            value = bytes(row[0]) if row else b""
+            if len(value) != SECRET_SIZE:
+                raise StoreError(f"store {self.path}: stored secret is damaged")
+            self._secret = value
+        return self._secret
+
+    def note_issued(self, token: IssuedToken) -> None:
+        """Queue a record of an issued token; `flush()` writes it. Never waits."""
+        self._live()
+        # Reject bad records now: one queued record failing a constraint would block every
+        # later flush, since failed batches are kept for the next try.
+        _check_id("token_id", token.token_id)
+        _check_id("payment_hash", token.payment_hash)
+        if token.price_sat < 0:
+            raise ValueError("price_sat must be >= 0")
+        self._pending_issued.append(token)
+
+    def note_paid(self, token_id: bytes, when: float) -> None:
+        """Queue "first seen paid at `when`"; `flush()` writes it. Never waits."""
+        self._live()
+        _check_id("token_id", token_id)
+        self._pending_paid.append((token_id, when))
+
+    @property
+    def pending(self) -> int:
+        """Records queued and not yet written."""
+        return len(self._pending_issued) + len(self._pending_paid)
+
+    async def flush(self) -> None:
+        """Write every queued record in one transaction; on failure keep them and raise."""
+        if not self._pending_issued and not self._pending_paid:
+            return
+        # Take the batch first: notes queued while this flush awaits go into the next one.
+        issued, self._pending_issued = self._pending_issued, []
+        paid, self._pending_paid = self._pending_paid, []
+        try:
+            async with self._transaction() as db:
+                if issued:
+                    # OR IGNORE: a batch retried after a commit whose result was lost (e.g. a
+                    # cancelled flush) must not fail on its own earlier rows.
+                    await db.executemany(
+                        "INSERT OR IGNORE INTO issued_tokens (token_id, payment_hash, service,"
+                        " price_sat, created_at, valid_until, paid_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [
+                            (
+                                t.token_id,
+                                t.payment_hash,
+                                t.service,
+                                t.price_sat,
+                                t.created_at,
+                                t.valid_until,
+                                t.paid_at,
+                            )
+                            for t in issued
+                        ],
+                    )
+                if paid:
+                    # min(): whatever order notes arrive in, the earliest sighting is kept.
+                    await db.executemany(
+                        "UPDATE issued_tokens SET paid_at = min(coalesce(paid_at, ?1), ?1)"
+                        " WHERE token_id = ?2",
+                        [(when, token_id) for token_id, when in paid],
+                    )
+        except BaseException:
+            self._pending_issued[:0] = issued
+            self._pending_paid[:0] = paid
+            raise
+
+    async def revoke(self, ref: str, when: float) -> list[IssuedToken]:
+        """Revoke the token `ref` names (token id, payment hash, or a unique prefix of either).
+
+        Revoking a revoked token returns it with its first revoked_at. An unknown full
+        64-hex ref is revoked as a token id anyway, since its issuance record may be lost.
+        """
+        prefix = _normalize_ref(ref)
+        await self.flush()  # so a token this process just issued can be found
+        low, high = _prefix_range(prefix)
+        where_id, where_hash = "i.token_id >= ?", "i.payment_hash >= ?"
+        params: list[Any] = [low, low]
+        if high is not None:
+            where_id += " AND i.token_id < ?"
+            where_hash += " AND i.payment_hash < ?"
+            params = [low, high, low, high]
+        async with self._transaction() as db:
+            rows = await db.execute_fetchall(
+                f"{_TOKEN_SELECT} WHERE {where_id} UNION {_TOKEN_SELECT} WHERE {where_hash}",
+                params,
+            )
+            matches = [_token_from_row(row) for row in rows]
+            if len(matches) > 1:
+                raise StoreError(
+                    f"'{ref}' is ambiguous: it matches {len(matches)} issued tokens; "
+                    "give more characters"
+                )
+            if matches:
+                token = matches[0]
+            elif len(prefix) == 2 * _ID_SIZE:
+                token = IssuedToken(
+                    token_id=bytes.fromhex(prefix),
+                    payment_hash=b"",
+                    service="",
+                    price_sat=0,
+                    created_at=0.0,
+                    valid_until=None,
+                    recorded=False,
+                )
+            else:
+                raise StoreError(f"no issued token matches '{ref}'")
+            row = await self._one(
+                "SELECT revoked_at FROM revocations WHERE token_id = ?", (token.token_id,)
+            )
+            if row is not None:
+                return [replace(token, revoked_at=row[0])]
+            await db.execute(
+                "INSERT INTO revocations (token_id, revoked_at) VALUES (?, ?)",
+                (token.token_id, when),
+            )
+        if not token.recorded:
+            log.warning(
+                "no issued token matches %s; revoked it as a token id anyway "
+                "(if it is a payment hash, this has no effect)",
+                prefix,
+            )
+        return [replace(token, revoked_at=when)]
+
+    async def revocations_since(self, cursor: int) -> tuple[int, set[bytes]]:
+        """(new cursor, token ids revoked after `cursor`); start from 0 for all of them."""
+        # Sequence numbers are assigned under SQLite's single write lock and become visible
+        # at commit, in order, so a reader never sees seq n+1 before seq n.
+        rows = await self._read(
+            "SELECT seq, token_id FROM revocations WHERE seq > ? ORDER BY seq", (cursor,)
+        )
+        if not rows:
+            return cursor, set()
+        return int(rows[-1][0]), {bytes(row[1]) for row in rows}
+
+    async def list_tokens(
+        self, *, service: str | None = None, limit: int = 100
+    ) -> list[IssuedToken]:
+        """Issued tokens, newest first."""
+        if limit < 1:
+            # StoreError, not ValueError: the CLI passes --limit straight through.
+            raise StoreError(f"limit must be at least 1, got {limit}")
+        await self.flush()  # include what this process has issued
+        where, params = "", list[Any]()
+        if service is not None:
+            where, params = " WHERE i.service = ?", [service]
+        rows = await self._read(
+            f"{_TOKEN_SELECT}{where} ORDER BY i.created_at DESC, i.rowid DESC LIMIT ?",
+            [*params, limit],
+        )
+        return [_token_from_row(row) for row in rows]

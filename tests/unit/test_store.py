@@ -1,0 +1,607 @@
+import asyncio
+import os
+import sqlite3
+import stat
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from l402proxy.store import (
+    IssuedToken,
+    ServerStore,
+    StoreError,
+    open_server_store,
+    sqlite_path_from_uri,
+)
+from l402proxy.store import sqlite as store_sqlite
+
+
+def make_token(
+    *,
+    token_id: bytes | None = None,
+    payment_hash: bytes | None = None,
+    service: str = "podcast",
+    created_at: float = 1_000.0,
+    valid_until: float | None = None,
+    price_sat: int = 21,
+) -> IssuedToken:
+    return IssuedToken(
+        token_id=token_id if token_id is not None else os.urandom(32),
+        payment_hash=payment_hash if payment_hash is not None else os.urandom(32),
+        service=service,
+        price_sat=price_sat,
+        created_at=created_at,
+        valid_until=valid_until,
+    )
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def user_version(path: Path) -> int:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "server.sqlite"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[ServerStore]:
+    opened = await ServerStore.open(str(db_path))
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+async def other(db_path: Path, store: ServerStore) -> AsyncIterator[ServerStore]:
+    """A second instance on the same file, standing in for the CLI or another proxy."""
+    opened = await ServerStore.open(str(db_path))
+    yield opened
+    await opened.close()
+
+
+# --- secret -------------------------------------------------------------------------------
+
+
+async def test_secret_is_stable_across_reopen(db_path: Path) -> None:
+    first = await ServerStore.open(str(db_path))
+    secret = await first.secret()
+    assert len(secret) == 32
+    assert await first.secret() == secret
+    await first.close()
+
+    second = await ServerStore.open(str(db_path))
+    assert await second.secret() == secret
+    await second.close()
+
+
+async def test_instances_opening_a_fresh_file_together_agree_on_the_secret(
+    db_path: Path,
+) -> None:
+    stores = await asyncio.gather(*(ServerStore.open(str(db_path)) for _ in range(4)))
+    try:
+        secrets = await asyncio.gather(*(s.secret() for s in stores))
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+    assert len(set(secrets)) == 1
+
+
+async def test_processes_opening_a_fresh_file_together_agree_on_the_secret(
+    db_path: Path,
+) -> None:
+    # Separate processes take SQLite's file locks for real (one process shares them).
+    script = (
+        "import asyncio, sys\n"
+        "from l402proxy.store import open_server_store\n"
+        "async def main():\n"
+        "    s = await open_server_store(sys.argv[1])\n"
+        "    print((await s.secret()).hex())\n"
+        "    await s.close()\n"
+        "asyncio.run(main())\n"
+    )
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            script,
+            str(db_path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), 20)
+    assert [p.returncode for p in procs] == [0, 0], [err.decode() for _, err in outputs]
+    secrets = {out.decode().strip() for out, _ in outputs}
+    mine = await ServerStore.open(str(db_path))
+    secrets.add((await mine.secret()).hex())
+    await mine.close()
+    assert len(secrets) == 1
+
+
+# --- issued tokens --------------------------------------------------------------------------
+
+
+async def test_note_issued_is_written_by_flush_and_listed_newest_first(
+    store: ServerStore, other: ServerStore
+) -> None:
+    tokens = [make_token(created_at=1_000.0 + i, valid_until=5_000.0 + i) for i in range(3)]
+    for token in tokens:
+        store.note_issued(token)
+    assert store.pending == 3
+    assert await other.list_tokens() == []  # queued only, nothing on disk yet
+
+    await store.flush()
+
+    assert store.pending == 0
+    assert await other.list_tokens() == list(reversed(tokens))
+
+
+async def test_list_tokens_filters_by_service_and_limits(store: ServerStore) -> None:
+    for i in range(5):
+        store.note_issued(make_token(service="podcast", created_at=100.0 + i))
+        store.note_issued(make_token(service="api", created_at=100.5 + i))
+    await store.flush()
+
+    podcast = await store.list_tokens(service="podcast")
+    assert [t.created_at for t in podcast] == [104.0, 103.0, 102.0, 101.0, 100.0]
+    newest = await store.list_tokens(limit=3)
+    assert [(t.service, t.created_at) for t in newest] == [
+        ("api", 104.5),
+        ("podcast", 104.0),
+        ("api", 103.5),
+    ]
+    assert await store.list_tokens(service="nothing") == []
+    with pytest.raises(StoreError, match="limit must be at least 1"):
+        await store.list_tokens(limit=0)
+
+
+async def test_list_tokens_includes_this_process_queue(store: ServerStore) -> None:
+    token = make_token()
+    store.note_issued(token)
+    assert await store.list_tokens() == [token]
+
+
+async def test_flush_writes_the_whole_queue_in_one_transaction(
+    store: ServerStore, db_path: Path
+) -> None:
+    tokens = [make_token(created_at=float(i)) for i in range(50)]
+    for token in tokens:
+        store.note_issued(token)
+    for token in tokens[:10]:
+        store.note_paid(token.token_id, 2_000.0)
+    statements: list[str] = []
+    assert store._db is not None
+    await store._db.set_trace_callback(statements.append)
+
+    await store.flush()
+    await store._db.set_trace_callback(None)
+
+    verbs = [s.split()[0].upper() for s in statements]
+    assert verbs.count("BEGIN") == 1
+    assert verbs.count("COMMIT") == 1
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT count(*) FROM issued_tokens").fetchone()[0] == 50
+        paid = conn.execute("SELECT count(*) FROM issued_tokens WHERE paid_at = 2000.0")
+        assert paid.fetchone()[0] == 10
+
+
+async def test_flush_keeps_the_queue_when_the_database_is_busy(
+    store: ServerStore, db_path: Path
+) -> None:
+    first = [make_token(created_at=float(i)) for i in range(3)]
+    for token in first:
+        store.note_issued(token)
+    store.note_paid(first[0].token_id, 1_500.0)
+    assert store._db is not None
+    await store._db.execute("PRAGMA busy_timeout = 0")  # fail at once instead of after 5 s
+
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreError, match="locked"):
+            await store.flush()
+        assert store.pending == 4
+        later = make_token(created_at=10.0)
+        store.note_issued(later)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+    await store.flush()
+    assert store.pending == 0
+    listed = await store.list_tokens()
+    assert [t.token_id for t in listed] == [later.token_id] + [t.token_id for t in reversed(first)]
+    assert {t.token_id: t.paid_at for t in listed}[first[0].token_id] == 1_500.0
+
+
+async def test_flush_is_a_no_op_when_nothing_is_queued(store: ServerStore) -> None:
+    await store.flush()
+    assert await store.list_tokens() == []
+
+
+async def test_note_paid_keeps_the_earliest_sighting(store: ServerStore) -> None:
+    token = make_token()
+    store.note_issued(token)
+    store.note_paid(token.token_id, 2_000.0)
+    store.note_paid(token.token_id, 1_500.0)
+    await store.flush()
+    store.note_paid(token.token_id, 3_000.0)
+    store.note_paid(os.urandom(32), 3_000.0)  # never issued here: ignored, not an error
+    await store.flush()
+
+    [listed] = await store.list_tokens()
+    assert listed.paid_at == 1_500.0
+
+
+async def test_close_flushes_the_queue(db_path: Path) -> None:
+    first = await ServerStore.open(str(db_path))
+    token = make_token()
+    first.note_issued(token)
+    await first.close()
+    await first.close()  # closing twice is harmless
+    with pytest.raises(StoreError, match="closed"):
+        first.note_issued(make_token())
+
+    second = await ServerStore.open(str(db_path))
+    assert await second.list_tokens() == [token]
+    await second.close()
+
+
+async def test_bad_records_are_rejected_when_queued(store: ServerStore) -> None:
+    with pytest.raises(ValueError, match="token_id"):
+        store.note_issued(make_token(token_id=b"short"))
+    with pytest.raises(ValueError, match="payment_hash"):
+        store.note_issued(make_token(payment_hash=b"x" * 33))
+    with pytest.raises(ValueError, match="price_sat"):
+        store.note_issued(make_token(price_sat=-1))
+    with pytest.raises(ValueError, match="token_id"):
+        store.note_paid(b"", 1.0)
+    assert store.pending == 0
+
+
+# --- revocation ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "form",
+    ["token_id", "TOKEN_ID", "payment_hash", "token_prefix", "hash_prefix_odd", "padded"],
+)
+async def test_revoke_by_every_reference_form(store: ServerStore, form: str) -> None:
+    token = make_token(valid_until=9e12)
+    decoy = make_token(valid_until=9e12)
+    store.note_issued(token)
+    store.note_issued(decoy)
+    await store.flush()
+    ref = {
+        "token_id": token.token_id.hex(),
+        "TOKEN_ID": token.token_id.hex().upper(),
+        "payment_hash": token.payment_hash.hex(),
+        "token_prefix": token.token_id.hex()[:8],
+        "hash_prefix_odd": token.payment_hash.hex()[:11].upper(),
+        "padded": f"  {token.token_id.hex()[:12]}\n",
+    }[form]
+
+    [revoked] = await store.revoke(ref, 7_000.0)
+
+    assert revoked.token_id == token.token_id
+    assert revoked.payment_hash == token.payment_hash
+    assert revoked.revoked_at == 7_000.0
+    assert revoked.to_json()["status"] == "revoked"
+    statuses = {t.token_id: t.to_json()["status"] for t in await store.list_tokens()}
+    assert statuses == {token.token_id: "revoked", decoy.token_id: "unpaid"}
+
+
+async def test_revoke_prefix_bounds_are_exact(store: ServerStore) -> None:
+    inside = make_token(token_id=bytes.fromhex("abcdef01") + os.urandom(28))
+    below = make_token(token_id=bytes.fromhex("abcdef00") + b"\xff" * 28)
+    above = make_token(token_id=bytes.fromhex("abcdef02") + bytes(28))
+    top = make_token(token_id=b"\xff" * 32)
+    for token in (inside, below, above, top):
+        store.note_issued(token)
+    await store.flush()
+
+    assert [t.token_id for t in await store.revoke("abcdef01", 1.0)] == [inside.token_id]
+    # All-'f' prefix: the range has no upper bound.
+    assert [t.token_id for t in await store.revoke("fffffffff", 1.0)] == [top.token_id]
+
+
+async def test_revoke_ambiguous_prefix_says_how_many_match(store: ServerStore) -> None:
+    shared = bytes.fromhex("0123456789")
+    tokens = [make_token(token_id=shared + os.urandom(27)) for _ in range(3)]
+    for token in tokens:
+        store.note_issued(token)
+    await store.flush()
+
+    with pytest.raises(StoreError, match="ambiguous: it matches 3 issued tokens"):
+        await store.revoke("01234567", 1.0)
+    _, revoked = await store.revocations_since(0)
+    assert revoked == set()
+    [one] = await store.revoke(tokens[1].token_id.hex()[:20], 1.0)
+    assert one.token_id == tokens[1].token_id
+
+
+async def test_revoke_with_no_match_or_bad_reference(store: ServerStore) -> None:
+    store.note_issued(make_token(token_id=bytes(32), payment_hash=bytes(32)))
+    await store.flush()
+    with pytest.raises(StoreError) as no_match:
+        await store.revoke("DeadBeef", 1.0)
+    assert str(no_match.value) == "no issued token matches 'DeadBeef'"
+    with pytest.raises(StoreError, match="at least 8 hex"):
+        await store.revoke("0000000", 1.0)
+    with pytest.raises(StoreError, match="not hexadecimal"):
+        await store.revoke("xyz12345", 1.0)
+    with pytest.raises(StoreError, match="longer than"):
+        await store.revoke("0" * 65, 1.0)
+
+
+async def test_revoke_is_idempotent_and_keeps_the_first_time(store: ServerStore) -> None:
+    token = make_token()
+    store.note_issued(token)
+    await store.flush()
+
+    [first] = await store.revoke(token.token_id.hex(), 100.0)
+    cursor, ids = await store.revocations_since(0)
+    assert ids == {token.token_id}
+    [again] = await store.revoke(token.payment_hash.hex()[:10], 200.0)
+
+    assert first.revoked_at == again.revoked_at == 100.0
+    assert await store.revocations_since(cursor) == (cursor, set())
+
+
+async def test_revoke_unrecorded_full_token_id(store: ServerStore) -> None:
+    # The issuance note may have been lost in a crash; the token must still be rejected.
+    token_id = os.urandom(32)
+    [revoked] = await store.revoke(token_id.hex().upper(), 50.0)
+
+    assert revoked.token_id == token_id
+    assert revoked.recorded is False
+    assert revoked.revoked_at == 50.0
+    data = revoked.to_json()
+    assert data["payment_hash"] is None
+    assert data["status"] == "revoked"
+    cursor, ids = await store.revocations_since(0)
+    assert ids == {token_id}
+
+    [again] = await store.revoke(token_id.hex(), 60.0)
+    assert again.revoked_at == 50.0
+    assert await store.revocations_since(cursor) == (cursor, set())
+
+
+async def test_revocations_since_across_instances(store: ServerStore, other: ServerStore) -> None:
+    tokens = [make_token(created_at=float(i)) for i in range(3)]
+    for token in tokens:
+        store.note_issued(token)
+    await store.flush()
+
+    cursor, ids = await store.revocations_since(0)
+    assert (cursor, ids) == (0, set())
+
+    await other.revoke(tokens[0].token_id.hex(), 1.0)
+    cursor, ids = await store.revocations_since(cursor)
+    assert ids == {tokens[0].token_id}
+    assert cursor > 0
+    assert await store.revocations_since(cursor) == (cursor, set())
+
+    await other.revoke(tokens[1].payment_hash.hex(), 2.0)
+    await other.revoke(tokens[2].token_id.hex()[:9], 3.0)
+    newer, ids = await store.revocations_since(cursor)
+    assert ids == {tokens[1].token_id, tokens[2].token_id}
+    assert newer > cursor
+    assert await store.revocations_since(0) == (newer, {t.token_id for t in tokens})
+
+
+# --- IssuedToken.to_json ------------------------------------------------------------------
+
+
+def test_to_json_and_status() -> None:
+    token = make_token(created_at=10.0, valid_until=100.0)
+    data = token.to_json(now=50.0)
+    assert data == {
+        "token_id": token.token_id.hex(),
+        "payment_hash": token.payment_hash.hex(),
+        "service": "podcast",
+        "price_sat": 21,
+        "created_at": 10.0,
+        "valid_until": 100.0,
+        "paid_at": None,
+        "revoked_at": None,
+        "recorded": True,
+        "status": "unpaid",
+    }
+    paid = IssuedToken(**{**token.__dict__, "paid_at": 20.0})
+    assert paid.to_json(now=50.0)["status"] == "paid"
+    assert paid.to_json(now=100.0)["status"] == "expired"
+    assert token.to_json(now=150.0)["status"] == "expired"
+    revoked = IssuedToken(**{**paid.__dict__, "revoked_at": 30.0})
+    assert revoked.to_json(now=150.0)["status"] == "revoked"
+    # Without `now`, the current time: valid_until in the far past / no expiry.
+    assert paid.to_json()["status"] == "expired"
+    forever = make_token(valid_until=None)
+    assert forever.to_json()["status"] == "unpaid"
+
+
+# --- files --------------------------------------------------------------------------------
+
+
+async def test_file_and_fresh_parent_are_private(tmp_path: Path) -> None:
+    path = tmp_path / "fresh" / "server.sqlite"
+    opened = await ServerStore.open(str(path))
+    try:
+        await opened.secret()
+        assert mode(path.parent) == 0o700
+        assert mode(path) == 0o600
+        wal = path.with_name(path.name + "-wal")
+        assert wal.exists()
+        assert mode(wal) == 0o600
+    finally:
+        await opened.close()
+
+
+async def test_existing_loose_file_is_made_private(db_path: Path) -> None:
+    db_path.touch(mode=0o644)
+    db_path.chmod(0o644)
+    opened = await ServerStore.open(str(db_path))
+    await opened.close()
+    assert mode(db_path) == 0o600
+
+
+async def test_pragmas(store: ServerStore) -> None:
+    assert store._db is not None
+
+    async def pragma(name: str) -> object:
+        rows = list(await store._db.execute_fetchall(f"PRAGMA {name}"))  # type: ignore[union-attr]
+        return rows[0][0]
+
+    assert await pragma("journal_mode") == "wal"
+    assert await pragma("synchronous") == 1  # NORMAL
+    assert await pragma("busy_timeout") == 5000
+    assert await pragma("foreign_keys") == 1
+
+
+# --- schema versions ----------------------------------------------------------------------
+
+
+def write_version_1_database(path: Path, token: IssuedToken, secret: bytes) -> None:
+    """A file as the release with schema version 1 leaves it."""
+    with sqlite3.connect(path) as conn:
+        for statement in store_sqlite.MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO meta (key, value) VALUES ('secret', ?)", (secret,))
+        conn.execute(
+            "INSERT INTO issued_tokens (token_id, payment_hash, service, price_sat, created_at,"
+            " valid_until, paid_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (token.token_id, token.payment_hash, token.service, token.price_sat, 5.0, None, 6.0),
+        )
+        conn.execute("PRAGMA user_version = 1")
+    conn.close()
+
+
+async def test_opens_a_version_1_database(db_path: Path) -> None:
+    token = make_token(created_at=5.0)
+    secret = os.urandom(32)
+    write_version_1_database(db_path, token, secret)
+
+    opened = await ServerStore.open(str(db_path))
+    try:
+        assert await opened.secret() == secret
+        [listed] = await opened.list_tokens()
+        assert listed.token_id == token.token_id
+        assert listed.paid_at == 6.0
+    finally:
+        await opened.close()
+    assert user_version(db_path) == len(store_sqlite.MIGRATIONS)
+
+
+async def test_a_new_migration_is_one_list_entry(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = make_token()
+    write_version_1_database(db_path, token, os.urandom(32))
+    version_2 = ("ALTER TABLE issued_tokens ADD COLUMN note TEXT",)
+    monkeypatch.setattr(store_sqlite, "MIGRATIONS", [*store_sqlite.MIGRATIONS, version_2])
+
+    opened = await ServerStore.open(str(db_path))
+    assert [t.token_id for t in await opened.list_tokens()] == [token.token_id]
+    await opened.close()
+
+    assert user_version(db_path) == 2
+    with sqlite3.connect(db_path) as conn:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(issued_tokens)")]
+    conn.close()
+    assert "note" in columns
+
+
+async def test_a_failed_migration_leaves_the_previous_version(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_version_1_database(db_path, make_token(), os.urandom(32))
+    broken = ("CREATE TABLE half_done (a)", "THIS IS NOT SQL")
+    monkeypatch.setattr(store_sqlite, "MIGRATIONS", [*store_sqlite.MIGRATIONS, broken])
+
+    with pytest.raises(StoreError, match="migration to schema version 2 failed"):
+        await ServerStore.open(str(db_path))
+
+    assert user_version(db_path) == 1
+    with sqlite3.connect(db_path) as conn:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    conn.close()
+    assert "half_done" not in tables
+
+
+async def test_a_newer_schema_is_refused_and_left_untouched(db_path: Path) -> None:
+    opened = await ServerStore.open(str(db_path))
+    await opened.secret()
+    await opened.close()
+    newer = len(store_sqlite.MIGRATIONS) + 1
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(f"PRAGMA user_version = {newer}")
+    conn.close()
+    before = db_path.read_bytes()
+
+    with pytest.raises(StoreError, match=f"schema version {newer}, newer than"):
+        await ServerStore.open(str(db_path))
+
+    assert db_path.read_bytes() == before
+
+
+async def test_a_file_that_is_not_a_database_is_refused(db_path: Path) -> None:
+    db_path.write_bytes(b"this is not an SQLite database, just some text " * 100)
+    with pytest.raises(StoreError, match="not a database"):
+        await ServerStore.open(str(db_path))
+
+
+# --- URIs ---------------------------------------------------------------------------------
+
+
+def test_uri_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("L402PROXY_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+
+    assert sqlite_path_from_uri("/abs/server.sqlite") == Path("/abs/server.sqlite")
+    assert sqlite_path_from_uri("~/s.sqlite") == tmp_path / "s.sqlite"
+    assert sqlite_path_from_uri("rel/s.sqlite") == tmp_path / "rel" / "s.sqlite"
+    assert sqlite_path_from_uri("sqlite:///abs/server.sqlite") == Path("/abs/server.sqlite")
+    assert sqlite_path_from_uri("SQLite:///abs/a%20b.sqlite") == Path("/abs/a b.sqlite")
+    assert sqlite_path_from_uri("") == tmp_path / "home" / "server.sqlite"
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("sqlite://relative.sqlite", "sqlite:///absolute/path"),
+        ("sqlite:relative.sqlite", "sqlite:///absolute/path"),
+        ("sqlite://", "names a directory|absolute"),
+        ("sqlite:///var/lib/", "names a directory"),
+        ("sqlite:///a.sqlite?mode=ro", "query parameters"),
+        ("mysql://db/tokens", "unsupported store URI scheme 'mysql'"),
+        (":memory:", "secret must persist"),
+    ],
+)
+def test_bad_uris(uri: str, message: str) -> None:
+    with pytest.raises(StoreError, match=message):
+        sqlite_path_from_uri(uri)
+
+
+@pytest.mark.parametrize("uri", ["postgres://u@db/l402", "postgresql://db/l402", "POSTGRES://x"])
+async def test_postgres_is_not_available_yet(uri: str) -> None:
+    with pytest.raises(StoreError) as error:
+        await open_server_store(uri)
+    assert str(error.value) == "PostgreSQL store is not available yet; use a SQLite path"
+
+
+async def test_open_server_store_with_sqlite_uri(db_path: Path) -> None:
+    opened = await open_server_store(f"sqlite://{db_path}")
+    try:
+        assert opened.path == db_path
+        assert len(await opened.secret()) == 32
+    finally:
+        await opened.close()
+    assert db_path.exists()
