@@ -1,0 +1,232 @@
+"""`l402proxy`: decode L402 headers, drive the dev ledger, manage issued tokens.
+
+JSON on stdout; on bad input a one-line error on stderr and a non-zero exit, never a traceback.
+"""
+
+import argparse
+import asyncio
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from . import paths
+from .l402.headers import parse_challenges, parse_credential
+from .l402.identifier import Identifier
+from .l402.invoice import decode_invoice
+from .l402.token import TokenError, decode_macaroon
+from .lightning import LightningError
+from .lightning.dev import DEFAULT_CLIENT_WALLET, DevLedger
+from .store import StoreError, open_server_store
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+_HEADER_NAMES = ("www-authenticate:", "authorization:")
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def describe_macaroon(value: str) -> dict[str, Any]:
+    try:
+        macaroon = decode_macaroon(value)
+    except TokenError as exc:
+        return {"macaroon": value, "error": str(exc)}
+    info: dict[str, Any] = {"macaroon": value, "location": macaroon.location}
+    try:
+        identifier = Identifier.decode(macaroon.identifier_bytes)
+    except ValueError as exc:
+        info["identifier"] = {"error": str(exc), "hex": macaroon.identifier_bytes.hex()}
+    else:
+        info["identifier"] = {
+            "version": identifier.version,
+            "payment_hash": identifier.payment_hash.hex(),
+            "token_id": identifier.token_id.hex(),
+        }
+    info["caveats"] = [
+        caveat.caveat_id_bytes.decode(errors="replace") for caveat in macaroon.first_party_caveats()
+    ]
+    return info
+
+
+def describe_invoice(bolt11: str) -> dict[str, Any]:
+    try:
+        invoice = decode_invoice(bolt11)
+    except ValueError as exc:
+        return {"error": str(exc)}
+    return {
+        "payment_hash": invoice.payment_hash.hex(),
+        "amount_msat": invoice.amount_msat,
+        "network": invoice.network,
+        "created_at": invoice.created_at,
+        "expires_at": invoice.expires_at,
+        "expired": invoice.is_expired(time.time()),
+        "description": invoice.description,
+        "payee": invoice.payee,
+    }
+
+
+def decode_value(value: str) -> dict[str, Any]:
+    """Every challenge or credential in a WWW-Authenticate or Authorization value."""
+    text = value.strip()
+    if text.lower().startswith(_HEADER_NAMES):
+        text = text.split(":", 1)[1].strip()
+    challenges = parse_challenges(text)
+    if challenges:
+        decoded = []
+        for challenge in challenges:
+            entry = {"scheme": challenge.scheme, "version": challenge.version}
+            entry |= describe_macaroon(challenge.macaroon)
+            entry["invoice"] = challenge.invoice
+            entry["invoice_details"] = describe_invoice(challenge.invoice)
+            hash_in_token = entry.get("identifier", {}).get("payment_hash")
+            entry["payment_hash_matches"] = hash_in_token is not None and hash_in_token == entry[
+                "invoice_details"
+            ].get("payment_hash")
+            entry["params"] = dict(challenge.params)
+            decoded.append(entry)
+        return {"kind": "challenge", "challenges": decoded}
+    try:
+        credential = parse_credential(text)
+    except ValueError as exc:
+        raise CliError(f"not an L402/LSAT challenge or credential: {exc}", EXIT_BAD_INPUT) from None
+    preimage_hash = hashlib.sha256(credential.preimage).hexdigest()
+    macaroons = [describe_macaroon(m) for m in credential.macaroons]
+    for macaroon in macaroons:
+        macaroon["preimage_matches"] = (
+            macaroon.get("identifier", {}).get("payment_hash") == preimage_hash
+        )
+    return {
+        "kind": "credential",
+        "credentials": [
+            {
+                "scheme": credential.scheme,
+                "preimage": credential.preimage.hex(),
+                "preimage_hash": preimage_hash,
+                "macaroons": macaroons,
+            }
+        ],
+    }
+
+
+async def dev_pay(ledger_path: str, wallet: str, bolt11: str, max_fee_msat: int) -> dict[str, Any]:
+    ledger = DevLedger(ledger_path)
+    try:
+        result = await ledger.pay(wallet, bolt11, max_fee_msat)
+    finally:
+        await ledger.close()
+    return {
+        "preimage": result.preimage.hex(),
+        "payment_hash": result.payment_hash.hex(),
+        "amount_msat": result.amount_msat,
+        "fee_msat": result.fee_msat,
+    }
+
+
+async def dev_invoices(ledger_path: str) -> list[dict[str, Any]]:
+    ledger = DevLedger(ledger_path)
+    try:
+        return await ledger.list_invoices()
+    finally:
+        await ledger.close()
+
+
+async def dev_balance(ledger_path: str, wallet: str) -> dict[str, Any]:
+    ledger = DevLedger(ledger_path)
+    try:
+        return {"wallet": wallet, "balance_msat": await ledger.balance(wallet)}
+    finally:
+        await ledger.close()
+
+
+async def tokens_list(store_uri: str, service: str | None, limit: int) -> list[dict[str, Any]]:
+    store = await open_server_store(store_uri)
+    try:
+        return [token.to_json() for token in await store.list_tokens(service=service, limit=limit)]
+    finally:
+        await store.close()
+
+
+async def tokens_revoke(store_uri: str, ref: str) -> dict[str, Any]:
+    store = await open_server_store(store_uri)
+    try:
+        revoked = await store.revoke(ref, time.time())
+    finally:
+        await store.close()
+    return {"revoked": [token.to_json() for token in revoked]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="l402proxy", description="L402 (LSAT) paywall and auto-pay proxy tools"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    decode = commands.add_parser(
+        "decode", help="decode a WWW-Authenticate or Authorization header value"
+    )
+    decode.add_argument("value", help="the header value (a leading header name is tolerated)")
+
+    dev = commands.add_parser("dev", help="the embedded dev Lightning ledger (demos and tests)")
+    dev.add_argument("--ledger", default=None, help="dev ledger path (default: %(default)s)")
+    dev_commands = dev.add_subparsers(dest="dev_command", required=True)
+    pay = dev_commands.add_parser("pay", help="pay a BOLT11 invoice from a dev wallet")
+    pay.add_argument("bolt11")
+    pay.add_argument("--wallet", default=DEFAULT_CLIENT_WALLET)
+    pay.add_argument("--max-fee-msat", type=int, default=0)
+    dev_commands.add_parser("invoices", help="list the ledger's invoices")
+    balance = dev_commands.add_parser("balance", help="a dev wallet's balance")
+    balance.add_argument("--wallet", default=DEFAULT_CLIENT_WALLET)
+
+    tokens = commands.add_parser("tokens", help="tokens issued by the server addon")
+    tokens.add_argument("--store", default=None, help="server store path or URI")
+    tokens_commands = tokens.add_subparsers(dest="tokens_command", required=True)
+    listing = tokens_commands.add_parser("list", help="issued tokens, newest first")
+    listing.add_argument("--service", default=None)
+    listing.add_argument("--limit", type=int, default=100)
+    revoke = tokens_commands.add_parser(
+        "revoke", help="revoke a token (the running proxy notices within ~1 s)"
+    )
+    revoke.add_argument("ref", help="token_id or payment_hash in hex, or a unique prefix (>= 8)")
+    return parser
+
+
+def run_async(job: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    try:
+        return asyncio.run(job())
+    except (LightningError, StoreError) as exc:
+        raise CliError(str(exc)) from None
+
+
+def run(args: argparse.Namespace) -> Any:
+    if args.command == "decode":
+        return decode_value(args.value)
+    if args.command == "dev":
+        ledger = args.ledger or paths.default_dev_ledger()
+        if args.dev_command == "pay":
+            return run_async(lambda: dev_pay(ledger, args.wallet, args.bolt11, args.max_fee_msat))
+        if args.dev_command == "invoices":
+            return run_async(lambda: dev_invoices(ledger))
+        return run_async(lambda: dev_balance(ledger, args.wallet))
+    store = args.store or paths.default_server_store()
+    if args.tokens_command == "list":
+        return run_async(lambda: tokens_list(store, args.service, args.limit))
+    return run_async(lambda: tokens_revoke(store, args.ref))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except CliError as exc:
+        print(f"l402proxy: {exc}", file=sys.stderr)
+        return exc.code
+    json.dump(result, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,96 @@
+"""The real processes the end-to-end tests talk to, started as a user would start them."""
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from l402proxy.launch import (
+    REPO,
+    Process,
+    env_with_home,
+    free_port,
+    origin_command,
+    server_proxy_command,
+)
+
+__all__ = [
+    "REPO",
+    "Process",
+    "cli",
+    "dev_pay",
+    "env_with_home",
+    "free_port",
+    "origin",
+    "server_proxy",
+    "wait_until",
+]
+
+
+def origin(workdir: Path, home: Path, name: str = "origin") -> Process:
+    port = free_port()
+    return Process(
+        name=f"origin {name}",
+        command=origin_command(port, name),
+        port=port,
+        log_path=workdir / f"origin-{name}-{port}.log",
+        env=env_with_home(home),
+    )
+
+
+def server_proxy(
+    workdir: Path, home: Path, confdir: Path, origin_url: str, rules: Path | str, *settings: str
+) -> Process:
+    port = free_port()
+    merged = {
+        "confdir": str(confdir),
+        "l402_store": str(home / "server.sqlite"),
+        "l402_dev_ledger": str(home / "devledger.sqlite"),
+    }
+    # One --set per option: mitmproxy silently drops every script option if one is set twice.
+    merged |= dict(setting.split("=", 1) for setting in settings)
+    return Process(
+        name="server proxy",
+        command=server_proxy_command(
+            origin_url, port, rules, settings=[f"{k}={v}" for k, v in merged.items()]
+        ),
+        port=port,
+        log_path=workdir / f"server-proxy-{port}.log",
+        env=env_with_home(home),
+    )
+
+
+def cli(home: Path, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "l402proxy", *args],
+        capture_output=True,
+        text=True,
+        env=env_with_home(home),
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
+def dev_pay(home: Path, bolt11: str, wallet: str = "listener") -> bytes:
+    """Pay through the dev ledger in-process (fast); tests of the CLI itself use `cli`."""
+    from l402proxy.lightning.dev import DevLedger
+
+    async def pay() -> bytes:
+        ledger = DevLedger(home / "devledger.sqlite")
+        try:
+            return (await ledger.pay(wallet, bolt11, 0)).preimage
+        finally:
+            await ledger.close()
+
+    return asyncio.run(pay())
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,82 @@
+"""The server addon in-process, with mitmproxy's own test helpers (no sockets)."""
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.test import taddons, tflow
+
+from l402proxy import gate
+from l402proxy.launch import REPO
+from l402proxy.server import L402Server
+
+RULES = REPO / "rules" / "podcast.yaml"
+
+
+@pytest.fixture
+async def addon(tmp_path: Path) -> AsyncIterator[L402Server]:
+    server = L402Server()
+    with taddons.context(server) as tctx:
+        tctx.configure(
+            server,
+            l402_rules=str(RULES),
+            l402_store=str(tmp_path / "server.sqlite"),
+            l402_dev_ledger=str(tmp_path / "devledger.sqlite"),
+        )
+        await server.running()
+        yield server
+        await server.done()
+
+
+def flow_for(path: str, **headers: str):
+    flow = tflow.tflow()
+    flow.request.path = path
+    for name, value in headers.items():
+        flow.request.headers[name.replace("_", "-")] = value
+    return flow
+
+
+async def test_challenge_has_both_lines_lsat_first(addon: L402Server) -> None:
+    flow = flow_for("/bonus/x.mp3")
+    await addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 402
+    lines = flow.response.headers.get_all("WWW-Authenticate")
+    assert [line.split()[0] for line in lines] == ["LSAT", "L402"]
+    assert flow.metadata["l402"]["variant"] == "challenge"
+
+
+async def test_unexpected_error_on_a_priced_path_fails_closed(
+    addon: L402Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(**_: object) -> gate.Decision:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(gate, "decide", broken)
+    flow = flow_for("/bonus/x.mp3")
+    await addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 503
+    assert flow.response.headers["Retry-After"].isdigit()
+
+    unpriced = flow_for("/feed.xml")
+    await addon.request(unpriced)
+    assert unpriced.response is None  # unpriced traffic never touches the paywall
+
+
+async def test_free_variant_is_marked_and_untouched(addon: L402Server) -> None:
+    flow = flow_for("/episodes/ep1.mp3")
+    await addon.request(flow)
+    assert flow.response is None
+    assert flow.request.path == "/episodes/ep1.mp3"
+    assert flow.metadata["l402"] == {"service": "podcast", "variant": "free"}
+
+
+def test_bad_options_are_refused_at_configure(tmp_path: Path) -> None:
+    server = L402Server()
+    broken = tmp_path / "rules.yaml"
+    broken.write_text("services:\n  - name: a b\n    match: {path: /x}\n    price_sat: 1\n")
+    with taddons.context(server) as tctx:
+        with pytest.raises(exceptions.OptionsError, match=r"rules\.yaml:2"):
+            tctx.configure(server, l402_rules=str(broken))
+        with pytest.raises(exceptions.OptionsError, match="l402_backend"):
+            tctx.configure(server, l402_backend="carrier-pigeon://x")
