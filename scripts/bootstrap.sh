@@ -1,0 +1,66 @@
+# Sourced by scripts/*: finds Python, makes the virtualenvs and installs the project into them.
+# Idempotent: a venv is rebuilt only when pyproject.toml or the mitmproxy line it needs changes.
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+say() { printf '%s\n' "$*" >&2; }
+
+# python_for 3.11 -> path of a working python3.11, or nothing.
+python_for() {
+    local want="$1" candidate version
+    for candidate in "python$want" python3; do
+        if command -v "$candidate" >/dev/null 2>&1 \
+            && version=$("$candidate" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) \
+            && [ "$version" = "$want" ]; then
+            command -v "$candidate"
+            return 0
+        fi
+    done
+    # pyenv keeps other versions out of PATH unless selected.
+    if command -v pyenv >/dev/null 2>&1; then
+        version=$(pyenv versions --bare 2>/dev/null | grep -E "^${want//./\\.}(\.[0-9]+)?$" | sort -V | tail -n 1)
+        if [ -n "$version" ] && candidate=$(PYENV_VERSION="$version" pyenv which "python$want" 2>/dev/null); then
+            echo "$candidate"
+            return 0
+        fi
+    fi
+    return 1
+}
+
+# mitmproxy 11 is the last line that runs on Python 3.11; 12 needs 3.12+.
+mitmproxy_spec_for() {
+    case "$1" in
+        3.11) echo "mitmproxy>=11,<12" ;;
+        *) echo "mitmproxy>=12,<13" ;;
+    esac
+}
+
+# ensure_venv DIR PYTHON: make DIR a venv of PYTHON with the project (and dev tools) installed.
+ensure_venv() {
+    local dir="$1" python="$2" version spec stamp
+    version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    spec=$(mitmproxy_spec_for "$version")
+    stamp="$version|$spec|$(sha256sum "$REPO/pyproject.toml" | cut -c1-16)"
+    if [ -x "$dir/bin/python" ] && [ "$(cat "$dir/.l402proxy-stamp" 2>/dev/null)" = "$stamp" ]; then
+        return 0
+    fi
+    say "setting up $dir (Python $version, $spec) ..."
+    rm -rf "$dir"
+    "$python" -m venv "$dir"
+    "$dir/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+    "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -e "$REPO[dev]" "$spec"
+    echo "$stamp" > "$dir/.l402proxy-stamp"
+}
+
+# The main environment: the oldest supported Python we can find, so the demo runs anywhere.
+ensure_main_venv() {
+    local python version
+    for version in 3.11 3.12 3.13; do
+        if python=$(python_for "$version"); then
+            ensure_venv "$REPO/.venv" "$python"
+            return 0
+        fi
+    done
+    say "l402proxy needs Python 3.11 or newer; none found (tried python3.11, python3.12, python3.13, python3)"
+    return 1
+}
