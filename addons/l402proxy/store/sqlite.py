@@ -473,9 +473,9 @@ class ServerStore:
                 if paid:
                     # min(): whatever order notes arrive in, the earliest sighting is kept.
                     await db.executemany(
-                        "UPDATE issued_tokens SET paid_at = min(coalesce(paid_at, ?1), ?1)"
-                        " WHERE token_id = ?2",
-                        [(when, token_id) for token_id, when in paid],
+                        "UPDATE issued_tokens SET paid_at = min(coalesce(paid_at, :when), :when)"
+                        " WHERE token_id = :token_id",
+                        [{"when": when, "token_id": token_id} for token_id, when in paid],
                     )
         except BaseException:
             self._pending_issued[:0] = issued
