@@ -209,9 +209,10 @@ def measure(args: argparse.Namespace, load, work: Path) -> dict[str, object]:
     with started(origin, bare, addon):
         authorization = asyncio.run(paid_authorization(addon.url, home / "devledger.sqlite"))
         scenarios = {
-            # Same origin work on both sides: the paid request is rewritten to /adfree/ep1.mp3.
+            # The same request bytes and the same origin work on both sides: the paid request
+            # is rewritten to /adfree/ep1.mp3, and bare mitmdump forwards the token untouched.
             "paid": (
-                (bare.url + "/adfree/ep1.mp3", {}),
+                (bare.url + "/adfree/ep1.mp3", {"Authorization": authorization}),
                 (addon.url + "/episodes/ep1.mp3", {"Authorization": authorization}),
             ),
             # A 402 never reaches the origin; bare mitmdump serves the free file for comparison.

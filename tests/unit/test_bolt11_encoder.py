@@ -86,3 +86,16 @@ def test_matches_the_bolt11_package_byte_for_byte(
 )  # fmt: skip
 def test_amount_part_is_the_shortest_form(msat: int | None, text: str) -> None:
     assert amount_part(msat) == text
+
+
+@pytest.mark.parametrize("size", [0, 1, 5, 32, 33, 64, 65, 600])
+def test_bit_regrouping_and_checksum_match_the_bech32_reference(size: int) -> None:
+    import bech32
+
+    from l402proxy.lightning import bolt11_encoder as enc
+
+    data = os.urandom(size)
+    groups = enc._byte_groups(data)
+    assert groups == (bech32.convertbits(data, 8, 5, True) or [])
+    assert enc._groups_to_bytes(groups) == bytes(bech32.convertbits(groups, 5, 8, True) or [])
+    assert enc.bech32_encode("lnbcrt", groups) == bech32.bech32_encode("lnbcrt", groups)

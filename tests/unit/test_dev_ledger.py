@@ -608,3 +608,40 @@ async def test_ledger_methods_check_wallet_names(ledger: DevLedger) -> None:
     with pytest.raises(LightningError, match="invalid dev wallet name"):
         await ledger.balance("")
     assert await ledger.balance("A-z_0.9" + "x" * 57) == NEW_WALLET_BALANCE_MSAT
+
+
+async def test_concurrent_invoices_share_writes_and_are_committed_on_return(
+    ledger: DevLedger, tmp_path: Path
+) -> None:
+    writes = 0
+    original = ledger._write_invoices
+
+    async def counting() -> None:
+        nonlocal writes
+        writes += 1
+        await original()
+
+    ledger._write_invoices = counting  # type: ignore[method-assign]
+    invoices = await asyncio.gather(
+        *(ledger.create_invoice("merchant", 1000 * (i + 1), f"n{i}", 600) for i in range(64))
+    )
+    assert 1 <= writes < 64
+    other = DevLedger(ledger.path)
+    try:
+        listed = {entry["payment_hash"] for entry in await other.list_invoices()}
+        assert {invoice.payment_hash.hex() for invoice in invoices} <= listed
+        paid = await other.pay("listener", invoices[-1].bolt11, 0)
+        assert paid.amount_msat == 64_000
+    finally:
+        await other.close()
+
+
+async def test_a_failed_invoice_write_fails_every_waiting_caller(ledger: DevLedger) -> None:
+    await ledger.create_invoice("merchant", 1000, "warm up", 600)
+    db = await ledger._conn()
+    await db.execute("DROP TABLE invoices")
+    results = await asyncio.gather(
+        *(ledger.create_invoice("merchant", 1000, "x", 600) for _ in range(5)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, LightningError) for r in results), results

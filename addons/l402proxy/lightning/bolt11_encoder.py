@@ -1,13 +1,17 @@
 """BOLT11 encoding for the invoices the dev ledger issues.
 
-The `bolt11` package encodes through bitstring, about 1 ms an invoice, most of it in
-`bitarray_to_u5`; a 402 needs a fresh invoice, so that was most of the server's cost per challenge.
-This packs the same fields with plain integers (bech32's own `convertbits` and `bech32_encode`)
-and signs with coincurve exactly as `bolt11` does. Decoding stays with the `bolt11` package, and
-the tests check this encoder's output byte for byte against `bolt11.encode` on the same inputs.
+Every 402 needs a fresh invoice. The `bolt11` package encodes through bitstring (about 1.5 ms an
+invoice, most of it in `bitarray_to_u5`), and the reference `bech32` package regroups bits and
+computes the checksum one bit at a time (about 0.3 ms). Here the bits are regrouped with Python
+integers and the checksum is table-driven: about 0.1 ms. Signing is coincurve, exactly as in
+`bolt11`. Decoding stays with the `bolt11` package, and the tests check this encoder's output byte
+for byte against `bolt11.encode` on the same inputs.
 """
 
-from bech32 import bech32_encode, convertbits
+from collections.abc import Iterable
+from functools import reduce
+from operator import xor
+
 from coincurve import PrivateKey
 
 MSAT_PER_BTC = 100_000_000_000
@@ -39,6 +43,43 @@ def amount_part(amount_msat: int | None) -> str:
     return f"{amount_msat * 10}p"
 
 
+def _reduce_xor(values: Iterable[int]) -> int:
+    return reduce(xor, values, 0)
+
+
+_CHARSET = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
+_GENERATORS = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
+# The generator XOR for each value of the checksum's top five bits, so each step is one lookup.
+_POLYMOD_TABLE = tuple(
+    _reduce_xor(g for i, g in enumerate(_GENERATORS) if (top >> i) & 1) for top in range(32)
+)
+
+
+def bech32_checksum(hrp: str, data: list[int]) -> list[int]:
+    """BIP-173 checksum (the same result as the reference implementation's polymod)."""
+    chk = 1
+    for value in (
+        *(ord(c) >> 5 for c in hrp),
+        0,
+        *(ord(c) & 31 for c in hrp),
+        *data,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ):
+        top = chk >> 25
+        chk = ((chk & 0x1FFFFFF) << 5) ^ value ^ _POLYMOD_TABLE[top]
+    chk ^= 1
+    return [(chk >> 5 * (5 - i)) & 31 for i in range(6)]
+
+
+def bech32_encode(hrp: str, data: list[int]) -> str:
+    return hrp + "1" + "".join(_CHARSET[d] for d in (*data, *bech32_checksum(hrp, data)))
+
+
 def _int_groups(value: int, width: int | None = None) -> list[int]:
     """Big-endian 5-bit groups; minimal length unless a width is given."""
     groups = []
@@ -55,7 +96,21 @@ def _field(tag: int, groups: list[int]) -> list[int]:
 
 
 def _byte_groups(data: bytes) -> list[int]:
-    return convertbits(data, 8, 5, True) or []
+    """8-bit bytes as 5-bit groups, zero bits appended to fill the last group."""
+    bits = len(data) * 8
+    count = -(-bits // 5)
+    value = int.from_bytes(data, "big") << (count * 5 - bits)
+    return [(value >> shift) & 31 for shift in range(count * 5 - 5, -1, -5)]
+
+
+def _groups_to_bytes(groups: list[int]) -> bytes:
+    """5-bit groups as bytes, zero bits appended to fill the last byte."""
+    value = 0
+    for group in groups:
+        value = (value << 5) | group
+    bits = len(groups) * 5
+    count = -(-bits // 8)
+    return (value << (count * 8 - bits)).to_bytes(count, "big")
 
 
 def encode_invoice(
@@ -84,7 +139,7 @@ def encode_invoice(
         data += _field(TAG_FEATURES, _int_groups(features))
     if payee is not None:
         data += _field(TAG_PAYEE, _byte_groups(payee))
-    signing_data = bytes(convertbits(data, 5, 8, True) or [])
+    signing_data = _groups_to_bytes(data)
     # r || s || recovery id, signed over sha256(hrp || data), as BOLT11 and the bolt11 package do.
     signature = key.sign_recoverable(hrp.encode() + signing_data)
     return bech32_encode(hrp, data + _byte_groups(signature))

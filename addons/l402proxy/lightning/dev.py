@@ -148,6 +148,8 @@ class DevLedger:
         # several awaits, so nothing else may run statements on the connection meanwhile.
         self._lock = asyncio.Lock()
         self._known_wallets: set[str] = set()
+        self._invoice_queue: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
+        self._invoice_writer: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"DevLedger({self.path!r})"
@@ -300,24 +302,58 @@ class DevLedger:
         payment_hash = hashlib.sha256(preimage).digest()
         created_at = int(self._clock())
         text = self._encode(payment_hash, amount_msat, memo, expiry, created_at)
-        async with self._session() as db:
-            if wallet not in self._known_wallets:
+        if wallet not in self._known_wallets:
+            async with self._session() as db:
                 # Wallets are never deleted, so once per process is enough.
                 await self._ensure_wallet(db, wallet, created_at)
-                self._known_wallets.add(wallet)
-            # A single statement commits on its own: no BEGIN/COMMIT round trips needed.
-            await db.execute(
-                "INSERT INTO invoices (payment_hash, wallet, bolt11, preimage, amount_msat, memo,"
-                " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (payment_hash, wallet, text, preimage, amount_msat, memo, created_at,
-                 created_at + expiry),
-            )  # fmt: skip
+            self._known_wallets.add(wallet)
+        await self._insert_invoice(
+            (payment_hash, wallet, text, preimage, amount_msat, memo, created_at,
+             created_at + expiry)
+        )  # fmt: skip
         return Invoice(
             bolt11=text,
             payment_hash=payment_hash,
             amount_msat=amount_msat,
             expires_at=float(created_at + expiry),
         )
+
+    async def _insert_invoice(self, row: tuple[Any, ...]) -> None:
+        """Insert one invoice row; returns once it is committed.
+
+        Concurrent callers share one trip to the database thread: under load, one round trip
+        per invoice behind the lock capped a 402 storm at ~700 invoices/s on two cores.
+        """
+        done = asyncio.get_running_loop().create_future()
+        self._invoice_queue.append((row, done))
+        if self._invoice_writer is None or self._invoice_writer.done():
+            self._invoice_writer = asyncio.create_task(self._write_invoices())
+        await done
+
+    async def _write_invoices(self) -> None:
+        while self._invoice_queue:
+            batch, self._invoice_queue = self._invoice_queue, []
+            try:
+                async with self._session() as db:
+                    await db.executemany(
+                        "INSERT INTO invoices (payment_hash, wallet, bolt11, preimage, amount_msat,"
+                        " memo, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        [row for row, _ in batch],
+                    )
+            except BaseException as exc:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(
+                            exc
+                            if isinstance(exc, Exception)
+                            else LightningError("dev ledger write was interrupted")
+                        )
+                if not isinstance(exc, Exception):
+                    raise
+            else:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
 
     def _encode(
         self, payment_hash: bytes, amount_msat: int, memo: str, expiry: int, created_at: int
