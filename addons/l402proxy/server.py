@@ -140,6 +140,16 @@ def unavailable_response(message: str) -> http.Response:
     )
 
 
+def headers_only_for_head(response: http.Response, method: str) -> http.Response:
+    """A response to HEAD must not carry a body: a keep-alive client would read it as the next
+    response. Content-Length still tells what a GET would get."""
+    if method.upper() == "HEAD":
+        length = len(response.raw_content or b"")
+        response.content = b""
+        response.headers["Content-Length"] = str(length)
+    return response
+
+
 class L402Server:
     def __init__(self) -> None:
         self.rules: RuleSet | None = None
@@ -154,6 +164,8 @@ class L402Server:
         self.ready = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self.closing: set[asyncio.Task[None]] = set()
+        self.started = False
+        self.misconfigured: str | None = None
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -196,15 +208,31 @@ class L402Server:
 
     def configure(self, updated: set[str]) -> None:
         if "l402_rules" in updated:
-            self.rules = self._load_rules_option()
+            try:
+                self.rules = self._load_rules_option()
+            except RulesError as exc:
+                self._refuse(f"l402_rules: {exc}")
         if "l402_backend" in updated or "l402_dev_ledger" in updated:
             try:
                 backend = open_backend(ctx.options.l402_backend, dev_ledger=self.dev_ledger_path)
             except LightningError as exc:
-                raise exceptions.OptionsError(f"l402_backend: {exc}") from None
+                self._refuse(f"l402_backend: {exc}")
+                return
             previous, self.backend = self.backend, backend
             if previous is not None:
                 self._close_later(previous)
+
+    def _refuse(self, message: str) -> None:
+        """Reject a bad option value.
+
+        While running, OptionsError makes mitmproxy keep the previous value. At startup the
+        script loader would print it with a traceback; one logged error line says the same and
+        mitmproxy still exits before it listens. Until then the addon fails closed.
+        """
+        if self.started:
+            raise exceptions.OptionsError(message)
+        log.error(f"l402: {message}")
+        self.misconfigured = message
 
     def _close_later(self, backend: InvoiceBackend) -> None:
         """configure() is sync; a replaced backend's connection is closed on the event loop."""
@@ -220,10 +248,7 @@ class L402Server:
         if not path:
             log.warning("l402: no l402_rules set; every request passes through unpriced")
             return None
-        try:
-            rules = load_rules(path)
-        except RulesError as exc:
-            raise exceptions.OptionsError(f"l402_rules: {exc}") from None
+        rules = load_rules(path)
         self.rules_signature = file_signature(path)
         log.info(f"l402: {len(rules.rules)} priced service(s) from {path}")
         warn_about_unchanged_upgrades(rules)
@@ -253,6 +278,7 @@ class L402Server:
             asyncio.create_task(self._every(REVOCATION_POLL_SECONDS, self._poll_revocations)),
             asyncio.create_task(self._every(RULES_POLL_SECONDS, self._reload_rules_if_changed)),
         ]
+        self.started = True
         self.ready.set()
 
     async def done(self) -> None:
@@ -265,7 +291,15 @@ class L402Server:
             await self.backend.close()
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not flow.live or self.rules is None:
+        if flow.response or flow.error or not flow.live:
+            return
+        if self.misconfigured is not None:
+            # We cannot tell priced from free without our configuration: forward nothing.
+            flow.response = headers_only_for_head(
+                unavailable_response("the paywall is misconfigured"), flow.request.method
+            )
+            return
+        if self.rules is None:
             return
         request = flow.request
         rule = self.rules.match(request.pretty_host, request.path.partition("?")[0], request.method)
@@ -278,7 +312,9 @@ class L402Server:
         except Exception:
             # Fail closed: forwarding a priced request we could not judge would give it away.
             log.exception(f"l402: internal error on {request.method} {request.path}")
-            flow.response = unavailable_response("internal error in the paywall")
+            flow.response = headers_only_for_head(
+                unavailable_response("internal error in the paywall"), request.method
+            )
 
     async def _judge(self, flow: http.HTTPFlow, rule: Rule) -> None:
         request = flow.request
@@ -326,7 +362,9 @@ class L402Server:
             )
         except LightningError as exc:
             log.warning(f"l402: cannot create an invoice for {rule.name}: {exc}")
-            flow.response = unavailable_response("the Lightning backend did not answer")
+            flow.response = headers_only_for_head(
+                unavailable_response("the Lightning backend did not answer"), flow.request.method
+            )
             return
         now = time.time()
         identifier = Identifier.new(invoice.payment_hash)
@@ -357,12 +395,15 @@ class L402Server:
             macaroon,
             invoice.expires_at,
         )
-        flow.response = make_challenge_response(
-            challenge.status,
-            body,
-            wants_text(flow.request.headers.get("Accept")),
-            macaroon,
-            invoice.bolt11,
+        flow.response = headers_only_for_head(
+            make_challenge_response(
+                challenge.status,
+                body,
+                wants_text(flow.request.headers.get("Accept")),
+                macaroon,
+                invoice.bolt11,
+            ),
+            flow.request.method,
         )
         flow.metadata["l402"] = {
             "service": rule.name,

@@ -330,6 +330,22 @@ def test_a_broken_rules_file_stops_the_proxy_from_starting(tmp_path: Path, confd
         proxy.kill()
     log = proxy.log()
     assert "broken.yaml:4" in log and "podcast" in log and "price_sat" in log
+    assert "Traceback" not in log
+
+
+def test_an_unusable_store_stops_the_proxy_from_starting(tmp_path: Path, confdir: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    proxy = procs.server_proxy(
+        tmp_path, tmp_path, confdir, "http://127.0.0.1:9", PODCAST_RULES,
+        f"l402_store={blocker / 'server.sqlite'}",
+    )  # fmt: skip
+    proxy.start(wait=False)
+    try:
+        assert proxy.wait_exit() != 0
+    finally:
+        proxy.kill()
+    assert "cannot open token store" in proxy.log() and "Traceback" not in proxy.log()
 
 
 def test_paid_variant_can_add_headers_for_the_origin(api: Stack) -> None:
@@ -452,3 +468,39 @@ def test_demo_walks_through_a_paid_download_and_refuses_a_busy_port(tmp_path: Pa
     assert again.returncode == 1
     assert f"port {proxy_port}" in again.stderr and "already in use" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+def read_response(stream: socket.socket, buffer: bytearray, head_only: bool) -> tuple[int, dict]:
+    """One HTTP/1.1 response off a keep-alive connection, bounded in time by the socket timeout."""
+    while b"\r\n\r\n" not in buffer:
+        chunk = stream.recv(65536)
+        assert chunk, "connection closed"
+        buffer += chunk
+    head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    length = 0 if head_only else int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = stream.recv(65536)
+        assert chunk, "connection closed"
+        rest += chunk
+    buffer[:] = rest[length:]
+    return int(lines[0].split()[1]), headers
+
+
+def test_head_requests_get_a_402_without_a_body_and_the_connection_stays_usable(
+    podcast: Stack,
+) -> None:
+    with socket.create_connection(("127.0.0.1", podcast.proxy.port), timeout=10) as stream:
+        buffer = bytearray()
+        for method in ("HEAD", "HEAD", "GET"):
+            stream.sendall(
+                f"{method} /episodes/ep1.mp3 HTTP/1.1\r\nHost: pod\r\n"
+                "Accept-Authenticate: L402\r\n\r\n".encode()
+            )
+            status, headers = read_response(stream, buffer, head_only=method == "HEAD")
+            assert status == 402
+            assert int(headers["content-length"]) > 0
+        assert buffer == b""  # nothing stray left on the connection
+        stream.sendall(b"HEAD /feed.xml HTTP/1.1\r\nHost: pod\r\n\r\n")
+        assert read_response(stream, buffer, head_only=True)[0] == 200

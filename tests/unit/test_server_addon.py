@@ -4,7 +4,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from mitmproxy import exceptions
+from mitmproxy import ctx, exceptions
 from mitmproxy.test import taddons, tflow
 
 from l402proxy import gate
@@ -71,12 +71,29 @@ async def test_free_variant_is_marked_and_untouched(addon: L402Server) -> None:
     assert flow.metadata["l402"] == {"service": "podcast", "variant": "free"}
 
 
-def test_bad_options_are_refused_at_configure(tmp_path: Path) -> None:
+async def test_bad_options_at_startup_log_one_line_and_fail_closed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     server = L402Server()
     broken = tmp_path / "rules.yaml"
     broken.write_text("services:\n  - name: a b\n    match: {path: /x}\n    price_sat: 1\n")
     with taddons.context(server) as tctx:
-        with pytest.raises(exceptions.OptionsError, match=r"rules\.yaml:2"):
-            tctx.configure(server, l402_rules=str(broken))
-        with pytest.raises(exceptions.OptionsError, match="l402_backend"):
-            tctx.configure(server, l402_backend="carrier-pigeon://x")
+        tctx.configure(server, l402_rules=str(broken))
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "rules.yaml:2" in errors[0].getMessage()
+        assert errors[0].exc_info is None
+        flow = flow_for("/anything")
+        await server.request(flow)
+        assert flow.response is not None and flow.response.status_code == 503
+
+
+async def test_bad_options_while_running_are_rejected(addon: L402Server, tmp_path: Path) -> None:
+    broken = tmp_path / "rules.yaml"
+    broken.write_text("services:\n  - name: a b\n    match: {path: /x}\n    price_sat: 1\n")
+    rules_before = addon.rules
+    with pytest.raises(exceptions.OptionsError, match=r"rules\.yaml:2"):
+        ctx.options.update(l402_rules=str(broken))
+    with pytest.raises(exceptions.OptionsError, match="l402_backend"):
+        ctx.options.update(l402_backend="carrier-pigeon://x")
+    assert addon.rules == rules_before and addon.misconfigured is None
+    assert ctx.options.l402_rules == str(RULES)  # mitmproxy kept the previous value
