@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import timeit
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,9 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int
+
+
+LoadGenerator = Callable[[str, dict[str, str], int, int], Result]
 
 
 def parse_wrk_ms(text: str) -> float:
@@ -185,7 +189,7 @@ def micro_benchmarks() -> dict[str, float]:
     }
 
 
-def measure(args: argparse.Namespace, load, work: Path) -> dict[str, object]:
+def measure(args: argparse.Namespace, load: LoadGenerator, work: Path) -> dict[str, object]:
     home = work / "home"
     home.mkdir()
     env = env_with_home(home)

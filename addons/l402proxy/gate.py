@@ -102,12 +102,23 @@ class TokenCache:
         self._entries: dict[tuple[str, str], tuple[VerifiedToken, Credential]] = {}
 
     def lookup(
-        self, authorization: str, service: str, revoked: Container[bytes], now: float
+        self,
+        authorization: str,
+        service: str,
+        revoked: Container[bytes],
+        now: float,
+        capability: str | None = None,
     ) -> tuple[VerifiedToken, Credential] | None:
         hit = self._entries.get((authorization, service))
         if hit is None:
             return None
         token = hit[0]
+        if (
+            capability is not None
+            and token.capabilities is not None
+            and capability not in token.capabilities
+        ):
+            return None  # verify again, so the refusal carries its reason
         if token.identifier.token_id in revoked or (
             token.valid_until is not None and token.valid_until <= now
         ):
@@ -135,13 +146,17 @@ def decide(
     root_key_for: Callable[[bytes], bytes],
     revoked: Container[bytes],
     now: float,
+    method: str = "GET",
     cache: TokenCache | None = None,
 ) -> Decision:
     if rule is None or rule.mode == "free":
         return Pass()
     if is_l402_authorization(authorization):
         assert authorization is not None
-        if cache is not None and (hit := cache.lookup(authorization, rule.name, revoked, now)):
+        capability = rule.capability_for(method)
+        if cache is not None and (
+            hit := cache.lookup(authorization, rule.name, revoked, now, capability)
+        ):
             return Grant(rule, *hit)
         try:
             credential = parse_credential(authorization)
@@ -154,6 +169,7 @@ def decide(
                 root_key_for=root_key_for,
                 revoked=revoked,
                 now=now,
+                capability=capability,
             )
         except TokenError as exc:
             return Challenge(rule, 401 if exc.invalid else 402, exc.reason, str(exc))

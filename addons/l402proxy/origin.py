@@ -8,6 +8,7 @@ so a test can see what the proxy forwarded (path, Authorization, headers added b
 import argparse
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from html import escape
 
 from aiohttp import web
@@ -47,7 +48,7 @@ async def feed(request: web.Request) -> web.StreamResponse:
     return _seen(request, web.Response(text=rss, content_type="application/rss+xml"))
 
 
-def _episode(kind: str):
+def _episode(kind: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"].removesuffix(".mp3")
         if name not in EPISODES and kind != "BONUS":

@@ -176,6 +176,16 @@ class Rule:
     description: str
     invoice_expiry: int
     line: int
+    # capability -> the methods that need it, from the mapping form of `capabilities`.
+    capability_methods: tuple[tuple[str, frozenset[str]], ...] = ()
+
+    def capability_for(self, method: str) -> str | None:
+        """The capability a request with this method needs from the token, if any."""
+        method = method.upper()
+        for capability, methods in self.capability_methods:
+            if method in methods:
+                return capability
+        return None
 
     def matches(self, host: str, path: str, method: str) -> bool:
         """Whether a request falls under this rule (the query string is ignored)."""
@@ -550,8 +560,12 @@ class _Parser:
             valid_for = self.valid_for(entries["valid_for"][1])
 
         capabilities = None
+        capability_methods: tuple[tuple[str, frozenset[str]], ...] = ()
         capabilities_node = self.value_node(entries, "capabilities")
-        if capabilities_node is not None:
+        if isinstance(capabilities_node, yaml.MappingNode):
+            capability_methods = self.capability_methods(capabilities_node)
+            capabilities = tuple(name for name, _ in capability_methods)
+        elif capabilities_node is not None:
             capabilities = self.capabilities(capabilities_node)
 
         invoice_expiry = DEFAULT_INVOICE_EXPIRY
@@ -578,6 +592,7 @@ class _Parser:
             description=description,
             invoice_expiry=invoice_expiry,
             line=line,
+            capability_methods=capability_methods,
         )
 
     def description(self, node: yaml.Node) -> str:
@@ -664,19 +679,19 @@ class _Parser:
             i += 1
         return None
 
-    def methods(self, node: yaml.Node) -> frozenset[str]:
+    def methods(self, node: yaml.Node, what: str = "match.methods") -> frozenset[str]:
         if not isinstance(node, yaml.SequenceNode):
-            self.fail(
-                node, f"match.methods must be a list like [GET, HEAD], got {self.describe(node)}"
-            )
-        items = self.items(node, "match.methods")
+            self.fail(node, f"{what} must be a list like [GET, HEAD], got {self.describe(node)}")
+        items = self.items(node, what)
         if not items:
-            self.fail(node, "match.methods is empty (leave it out to match every method)")
+            if what.startswith("capabilities"):
+                self.fail(node, f"{what} is empty (list the methods that need it)")
+            self.fail(node, f"{what} is empty (leave it out to match every method)")
         methods: set[str] = set()
         for item in items:
             method = self.string(item, "a method")
             if not _TOKEN_RE.fullmatch(method):
-                self.fail(item, f"match.methods: {method!r} is not an HTTP method name")
+                self.fail(item, f"{what}: {method!r} is not an HTTP method name")
             methods.add(method.upper())
         return frozenset(methods)
 
@@ -718,17 +733,42 @@ class _Parser:
         items = self.items(node, "capabilities")
         names: list[str] = []
         for item in items:
-            name = self.string(item, "a capability")
-            if not _NAME_RE.fullmatch(name):
-                self.fail(
-                    item,
-                    f"invalid capability {name!r}: use 1-64 letters, digits, '_' or '-' "
-                    "(capabilities are joined with ',' in a caveat)",
-                )
+            name = self.capability_name(item)
             if name in names:
                 self.fail(item, f"duplicate capability '{name}'")
             names.append(name)
         return tuple(names)
+
+    def capability_name(self, node: yaml.Node) -> str:
+        name = self.string(node, "a capability")
+        if not _NAME_RE.fullmatch(name):
+            self.fail(
+                node,
+                f"invalid capability {name!r}: use 1-64 letters, digits, '_' or '-' "
+                "(capabilities are joined with ',' in a caveat)",
+            )
+        return name
+
+    def capability_methods(self, node: yaml.Node) -> tuple[tuple[str, frozenset[str]], ...]:
+        """`capabilities: {read: [GET, HEAD], write: [POST]}`: what each method needs."""
+        entries = self.entries(node, "capabilities")
+        if not entries:
+            self.fail(node, "capabilities is empty (leave it out for tokens without capabilities)")
+        needed_by: dict[str, str] = {}
+        pairs: list[tuple[str, frozenset[str]]] = []
+        for key, (key_node, value_node) in entries.items():
+            name = self.capability_name(key_node)
+            methods = self.methods(value_node, f"capabilities.{name}")
+            for method in sorted(methods):
+                if method in needed_by:
+                    self.fail(
+                        value_node,
+                        f"method {method} is listed under both '{needed_by[method]}' and "
+                        f"'{key}' in capabilities (a request needs one capability)",
+                    )
+                needed_by[method] = name
+            pairs.append((name, methods))
+        return tuple(pairs)
 
     # -- the paid variant ----------------------------------------------------------------------
 

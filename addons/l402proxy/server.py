@@ -325,6 +325,7 @@ class L402Server:
             root_key_for=self.root_key_for,
             revoked=self.revoked,
             now=time.time(),
+            method=request.method,
             cache=self.cache,
         )
         match decision:

@@ -11,7 +11,7 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from l402proxy.l402.invoice import decode_invoice
+from l402proxy.l402.token import attenuate
 
 from . import procs
 
@@ -199,7 +200,9 @@ def tampered_signature(macaroon: str) -> str:
         pytest.param(lambda p: f"L402 {p.macaroon}", id="no-preimage"),
     ],
 )
-def test_invalid_credentials_get_401_with_a_fresh_challenge(podcast: Stack, forge) -> None:
+def test_invalid_credentials_get_401_with_a_fresh_challenge(
+    podcast: Stack, forge: Callable[[Paid], str]
+) -> None:
     paid = pay_for(podcast, "/episodes/ep3.mp3")
     response = podcast.get("/episodes/ep3.mp3", Authorization=forge(paid))
     assert response.status_code == 401, response.text
@@ -504,3 +507,17 @@ def test_head_requests_get_a_402_without_a_body_and_the_connection_stays_usable(
         assert buffer == b""  # nothing stray left on the connection
         stream.sendall(b"HEAD /feed.xml HTTP/1.1\r\nHost: pod\r\n\r\n")
         assert read_response(stream, buffer, head_only=True)[0] == 200
+
+
+def test_a_read_only_copy_of_a_token_cannot_write(api: Stack) -> None:
+    macaroon, invoice = challenge_of(api.get("/api/premium/report"))
+    preimage = procs.dev_pay(api.home, invoice).hex()
+    read_only = attenuate(macaroon, ["premium_capabilities=read"])
+    url = api.proxy.url + "/api/premium/report"
+    full = {"Authorization": f"L402 {macaroon}:{preimage}"}
+    limited = {"Authorization": f"L402 {read_only}:{preimage}"}
+    assert httpx.post(url, headers=full, timeout=20).status_code == 200
+    assert httpx.get(url, headers=limited, timeout=20).status_code == 200
+    refused = httpx.post(url, headers=limited, timeout=20)
+    assert refused.status_code == 402
+    assert refused.json()["reason"] == "missing_capability"

@@ -1,12 +1,13 @@
 import hashlib
 import os
+from typing import Any
 
 import pytest
 
 from l402proxy import gate
 from l402proxy.l402.headers import format_credential
 from l402proxy.l402.identifier import Identifier
-from l402proxy.l402.token import caveats_for, derive_root_key, mint
+from l402proxy.l402.token import attenuate, caveats_for, derive_root_key, mint
 from l402proxy.rules import parse_rules
 
 SECRET = b"s" * 32
@@ -44,7 +45,9 @@ def credential_for(service: str, valid_until: int | None = None, scheme: str = "
     return format_credential([macaroon], preimage, scheme)
 
 
-def decide(path: str, authorization: str | None = None, accept: str | None = None, **kw):
+def decide(
+    path: str, authorization: str | None = None, accept: str | None = None, **kw: Any
+) -> gate.Decision:
     options = {"revoked": frozenset(), "now": NOW} | kw
     return gate.decide(
         rule=RULES.match("example.org", path, "GET"),
@@ -177,3 +180,61 @@ def test_cache_stays_bounded() -> None:
     for _ in range(10):
         decide("/episodes/1.mp3", credential_for("podcast"), cache=cache)
     assert len(cache) <= 3
+
+
+CAPABLE = parse_rules(
+    """
+services:
+  - name: premium
+    match: {path: "/api/*"}
+    price_sat: 50
+    capabilities:
+      read: [GET, HEAD]
+      write: [POST, DELETE]
+""",
+    "caps.yaml",
+)
+
+
+def attenuated(authorization: str, *caveats: str) -> str:
+    scheme, rest = authorization.split(" ", 1)
+    macaroon, preimage = rest.rsplit(":", 1)
+    return f"{scheme} {attenuate(macaroon, caveats)}:{preimage}"
+
+
+def decide_caps(method: str, authorization: str, **kw: Any) -> gate.Decision:
+    options = {"revoked": frozenset(), "now": NOW} | kw
+    return gate.decide(
+        rule=CAPABLE.match("h", "/api/x", method),
+        authorization=authorization,
+        accept_authenticate=None,
+        root_key_for=root_key_for,
+        method=method,
+        **options,
+    )
+
+
+def capable_credential() -> str:
+    preimage = os.urandom(32)
+    identifier = Identifier.new(hashlib.sha256(preimage).digest())
+    caveats = caveats_for("premium", valid_until=None, capabilities=["read", "write"])
+    return format_credential(
+        [mint(root_key_for(identifier.token_id), identifier, caveats)], preimage
+    )
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_methods_need_the_capability_the_rule_names(use_cache: bool) -> None:
+    cache = gate.TokenCache() if use_cache else None
+    full = capable_credential()
+    read_only = attenuated(full, "premium_capabilities=read")
+    for method in ("GET", "POST", "DELETE", "OPTIONS"):
+        assert isinstance(decide_caps(method, full, cache=cache), gate.Grant), method
+    assert isinstance(decide_caps("GET", read_only, cache=cache), gate.Grant)
+    assert isinstance(decide_caps("HEAD", read_only, cache=cache), gate.Grant)
+    refused = decide_caps("POST", read_only, cache=cache)
+    assert isinstance(refused, gate.Challenge)
+    assert (refused.status, refused.reason) == (402, "missing_capability")
+    # A later caveat cannot widen what an earlier one narrowed.
+    widened = attenuated(read_only, "premium_capabilities=read,write")
+    assert decide_caps("DELETE", widened, cache=cache).reason == "missing_capability"

@@ -95,6 +95,8 @@ def test_api_example() -> None:
     assert quotes.methods == frozenset({"GET"})
     assert (premium.name, premium.mode, premium.price_sat) == ("premium", "paywall", 50)
     assert premium.capabilities == ("read", "write")
+    assert premium.capability_for("get") == "read" and premium.capability_for("DELETE") == "write"
+    assert premium.capability_for("OPTIONS") is None
     assert dict(premium.paid.set_headers) == {"X-L402-Tier": "premium"}
     assert premium.paid.rewrite is None and premium.paid.upstream is None
 
@@ -1082,6 +1084,34 @@ ERRORS = [
         5,
         "a capability must be a string, got a mapping",
         id="capabilities-mapping",
+    ),
+    pytest.param(
+        "services:\n  - name: a\n    match: {path: /a}\n    price_sat: 1\n"
+        "    capabilities:\n      read: [GET]\n      write: [POST, get]\n",
+        7,
+        "method GET is listed under both 'read' and 'write' in capabilities",
+        id="capabilities-method-twice",
+    ),
+    pytest.param(
+        "services:\n  - name: a\n    match: {path: /a}\n    price_sat: 1\n"
+        "    capabilities:\n      read: []\n",
+        6,
+        "capabilities.read is empty (list the methods that need it)",
+        id="capabilities-no-methods",
+    ),
+    pytest.param(
+        "services:\n  - name: a\n    match: {path: /a}\n    price_sat: 1\n"
+        "    capabilities:\n      'read,all': [GET]\n",
+        6,
+        "invalid capability 'read,all'",
+        id="capabilities-bad-name-in-mapping",
+    ),
+    pytest.param(
+        "services:\n  - name: a\n    match: {path: /a}\n    price_sat: 1\n"
+        "    capabilities:\n      read: GET\n",
+        6,
+        "capabilities.read must be a list like [GET, HEAD], got 'GET'",
+        id="capabilities-methods-not-list",
     ),
     pytest.param(
         "services:\n  - name: a\n    description: ''\n    match: {path: /a}\n    price_sat: 1\n",

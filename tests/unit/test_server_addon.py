@@ -4,7 +4,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from mitmproxy import ctx, exceptions
+from mitmproxy import ctx, exceptions, http
 from mitmproxy.test import taddons, tflow
 
 from l402proxy import gate
@@ -29,7 +29,7 @@ async def addon(tmp_path: Path) -> AsyncIterator[L402Server]:
         await server.done()
 
 
-def flow_for(path: str, **headers: str):
+def flow_for(path: str, **headers: str) -> http.HTTPFlow:
     flow = tflow.tflow()
     flow.request.path = path
     for name, value in headers.items():

@@ -25,6 +25,7 @@ from l402proxy.l402.token import (
     parse_caveat,
     verify,
 )
+from l402proxy.l402.token import attenuate as attenuate_token
 
 NOW = 1_700_000_000
 SECRET = b"s" * 32
@@ -594,3 +595,20 @@ def test_lsat_js_minted_macaroon_decodes_but_its_text_identifier_is_not_aperture
     assert mac.identifier_bytes.startswith(b"00007cef93f2")
     assert [c.caveat_id_bytes for c in mac.caveats] == [b"expiration=1644194263693"]
     assert reason(LSAT_JS_MACAROON) == "unknown_version"
+
+
+def test_attenuate_narrows_a_token_without_the_root_key() -> None:
+    narrowed = attenuate_token(
+        make(), ["podcast_capabilities=listen", f"podcast_valid_until={NOW + 60}"]
+    )
+    token = check(narrowed, capability="listen")
+    assert token.capabilities == frozenset({"listen"})  # type: ignore[attr-defined]
+    assert token.valid_until == NOW + 60  # type: ignore[attr-defined]
+    assert reason(narrowed, capability="download") == "missing_capability"
+    assert reason(narrowed, now=NOW + 61) == "expired"
+    assert b64decode_any(narrowed)  # standard base64, readable by every client
+
+
+def test_attenuate_refuses_text_that_is_no_caveat() -> None:
+    with pytest.raises(TokenError):
+        attenuate_token(make(), ["no equals sign"])

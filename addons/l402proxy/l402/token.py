@@ -130,6 +130,19 @@ def decode_macaroon(value: str) -> Macaroon:
         raise TokenError("malformed", f"macaroon cannot be decoded ({exc})") from None
 
 
+def attenuate(macaroon_b64: str, caveats: Sequence[str]) -> str:
+    """The same token with more first-party caveats: what a holder can do without the server.
+
+    Caveats only ever narrow a token (verify checks every occurrence), so a read-only copy
+    of a read/write token can be handed on safely.
+    """
+    macaroon = decode_macaroon(macaroon_b64)
+    for caveat in caveats:
+        parse_caveat(caveat)  # refuse text that is no condition=value caveat
+        macaroon.add_first_party_caveat(caveat)
+    return b64encode_std(_SERIALIZER.serialize_raw(macaroon))
+
+
 def caveats_for(
     service: str, *, valid_until: int | None, capabilities: Sequence[str] | None
 ) -> list[str]:
