@@ -239,7 +239,23 @@ def measure(args: argparse.Namespace, load: LoadGenerator, work: Path) -> dict[s
                 "addon": summarize(addon_runs),
                 "ratio": round(addon_rate / bare_rate, 3),
             }
+        # Measured last, so the addon's caches and queues hold what this load put in them.
+        bare_rss, addon_rss = rss_mib(bare), rss_mib(addon)
+        results["memory"] = {
+            "bare_rss_mib": round(bare_rss, 1),
+            "addon_rss_mib": round(addon_rss, 1),
+            "ratio": round(addon_rss / bare_rss, 3),
+        }
     return results
+
+
+def rss_mib(process: Process) -> float:
+    """Resident memory of a running process, from /proc (Linux)."""
+    assert process.proc is not None
+    for line in Path(f"/proc/{process.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def summarize(runs: list[Result]) -> dict[str, float]:
@@ -292,6 +308,11 @@ def main() -> int:
             print(
                 f"{name:<10} {side:<6} {r['req_per_s']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8}{tail}"
             )
+    memory = results["memory"]
+    print(
+        f"memory after the runs (RSS): bare {memory['bare_rss_mib']} MiB, "
+        f"addon {memory['addon_rss_mib']} MiB, ratio {memory['ratio']:.2f}"
+    )
     print(f"token verify, uncached: {micro['verify_uncached_us']:.1f} us (target < 50 us)")
     print(f"gate decision, cached token: {micro['decide_cached_us']:.2f} us")
     return 0

@@ -32,6 +32,7 @@ RULES_POLL_SECONDS = 1.0
 REVOCATION_POLL_SECONDS = 1.0
 FLUSH_SECONDS = 0.25
 RETRY_AFTER_SECONDS = 10
+SEEN_PAID_LIMIT = 100_000
 
 
 def file_signature(path: str) -> tuple[int, int] | None:
@@ -302,7 +303,7 @@ class L402Server:
         if self.rules is None:
             return
         request = flow.request
-        rule = self.rules.match(request.pretty_host, request.path.partition("?")[0], request.method)
+        rule = self.rules.match(request.pretty_host, request.path, request.method)
         if rule is None:
             return
         if not self.ready.is_set():
@@ -351,6 +352,9 @@ class L402Server:
         }
         flow.comment = f"L402 paid: {grant.rule.name}"
         if token_id not in self.seen_paid and self.store is not None:
+            if len(self.seen_paid) >= SEEN_PAID_LIMIT:
+                # Forgetting only costs a repeated note; the store keeps the first sighting.
+                self.seen_paid.clear()
             self.seen_paid.add(token_id)
             self.store.note_paid(token_id, time.time())
 
