@@ -194,6 +194,7 @@ def measure(args: argparse.Namespace, load: LoadGenerator, work: Path) -> dict[s
     home.mkdir()
     env = env_with_home(home)
     origin_port, bare_port, addon_port = free_port(), free_port(), free_port()
+
     origin = Process("origin", origin_command(origin_port), origin_port, work / "origin.log", env)
     bare = Process(
         "bare mitmdump",
@@ -202,6 +203,21 @@ def measure(args: argparse.Namespace, load: LoadGenerator, work: Path) -> dict[s
         work / "bare.log",
         env,
     )
+    # mitmproxy's own cost of running any script hook, to tell it apart from the addon's work.
+    empty_script = work / "empty_hook.py"
+    empty_script.write_text(
+        "class EmptyHook:\n    async def request(self, flow):\n        return None\n\n"
+        "addons = [EmptyHook()]\n"
+    )
+    hook_port = free_port()
+    empty_hook = Process(
+        "mitmdump + empty hook",
+        [*server_proxy_command(origin.url, hook_port, None, settings=["flow_detail=0"]),
+         "-s", str(empty_script)],
+        hook_port,
+        work / "empty-hook.log",
+        env,
+    )  # fmt: skip
     addon = Process(
         "mitmdump + server addon",
         server_proxy_command(origin.url, addon_port, RULES, settings=["flow_detail=0"]),
@@ -210,7 +226,7 @@ def measure(args: argparse.Namespace, load: LoadGenerator, work: Path) -> dict[s
         env,
     )
     results: dict[str, object] = {}
-    with started(origin, bare, addon):
+    with started(origin, bare, empty_hook, addon):
         authorization = asyncio.run(paid_authorization(addon.url, home / "devledger.sqlite"))
         scenarios = {
             # The same request bytes and the same origin work on both sides: the paid request
@@ -228,10 +244,13 @@ def measure(args: argparse.Namespace, load: LoadGenerator, work: Path) -> dict[s
         load(bare.url + "/", {}, 2, args.connections)  # warm up both proxies
         load(addon.url + "/", {}, 2, args.connections)
         for name, ((bare_url, bare_headers), (addon_url, addon_headers)) in scenarios.items():
-            bare_runs, addon_runs = [], []
+            bare_runs, addon_runs, hook_runs = [], [], []
             for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits both
                 bare_runs.append(load(bare_url, bare_headers, args.seconds, args.connections))
                 addon_runs.append(load(addon_url, addon_headers, args.seconds, args.connections))
+                if name == "paid":
+                    hook_url = bare_url.replace(bare.url, empty_hook.url)
+                    hook_runs.append(load(hook_url, bare_headers, args.seconds, args.connections))
             bare_rate = statistics.median(r.requests_per_s for r in bare_runs)
             addon_rate = statistics.median(r.requests_per_s for r in addon_runs)
             results[name] = {
@@ -239,6 +258,10 @@ def measure(args: argparse.Namespace, load: LoadGenerator, work: Path) -> dict[s
                 "addon": summarize(addon_runs),
                 "ratio": round(addon_rate / bare_rate, 3),
             }
+            if hook_runs:
+                hook_rate = statistics.median(r.requests_per_s for r in hook_runs)
+                results[name]["empty_hook"] = summarize(hook_runs)
+                results[name]["empty_hook_ratio"] = round(hook_rate / bare_rate, 3)
         # Measured last, so the addon's caches and queues hold what this load put in them.
         bare_rss, addon_rss = rss_mib(bare), rss_mib(addon)
         results["memory"] = {
@@ -308,6 +331,11 @@ def main() -> int:
             print(
                 f"{name:<10} {side:<6} {r['req_per_s']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8}{tail}"
             )
+    reference = results["paid"]
+    print(
+        f"for reference, bare + an empty request hook: {reference['empty_hook']['req_per_s']} "
+        f"req/s, ratio {reference['empty_hook_ratio']:.2f} (mitmproxy's cost of any script)"
+    )
     memory = results["memory"]
     print(
         f"memory after the runs (RSS): bare {memory['bare_rss_mib']} MiB, "
