@@ -201,9 +201,9 @@ class L402Server:
             str,
             "",
             """
-            Path of the dev Lightning ledger (SQLite) used by the "dev" backend and wallet.
-            Default: devledger.sqlite under $L402PROXY_HOME or ~/.l402proxy, shared with the
-            client addon.
+            Path of the dev Lightning ledger (SQLite) used by the "dev" backend.
+            Default: devledger.sqlite under $L402PROXY_HOME or ~/.l402proxy, the same file the
+            l402proxy CLI's dev commands use.
             """,
         )
 
