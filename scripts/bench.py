@@ -193,38 +193,23 @@ def measure(args: argparse.Namespace, load: LoadGenerator, work: Path) -> dict[s
     home = work / "home"
     home.mkdir()
     env = env_with_home(home)
-    origin_port, bare_port, addon_port = free_port(), free_port(), free_port()
-
+    origin_port = free_port()
     origin = Process("origin", origin_command(origin_port), origin_port, work / "origin.log", env)
-    bare = Process(
-        "bare mitmdump",
-        server_proxy_command(origin.url, bare_port, None, settings=["flow_detail=0"]),
-        bare_port,
-        work / "bare.log",
-        env,
-    )
+
+    def proxy(name: str, rules: Path | None, *args: str) -> Process:
+        port = free_port()
+        command = server_proxy_command(origin.url, port, rules, settings=["flow_detail=0"])
+        return Process(name, [*command, *args], port, work / f"{name}.log", env)
+
     # mitmproxy's own cost of running any script hook, to tell it apart from the addon's work.
     empty_script = work / "empty_hook.py"
     empty_script.write_text(
         "class EmptyHook:\n    async def request(self, flow):\n        return None\n\n"
         "addons = [EmptyHook()]\n"
     )
-    hook_port = free_port()
-    empty_hook = Process(
-        "mitmdump + empty hook",
-        [*server_proxy_command(origin.url, hook_port, None, settings=["flow_detail=0"]),
-         "-s", str(empty_script)],
-        hook_port,
-        work / "empty-hook.log",
-        env,
-    )  # fmt: skip
-    addon = Process(
-        "mitmdump + server addon",
-        server_proxy_command(origin.url, addon_port, RULES, settings=["flow_detail=0"]),
-        addon_port,
-        work / "addon.log",
-        env,
-    )
+    bare = proxy("bare", None)
+    empty_hook = proxy("empty-hook", None, "-s", str(empty_script))
+    addon = proxy("addon", RULES)
     results: dict[str, object] = {}
     with started(origin, bare, empty_hook, addon):
         authorization = asyncio.run(paid_authorization(addon.url, home / "devledger.sqlite"))
