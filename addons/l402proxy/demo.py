@@ -77,6 +77,10 @@ async def walk_through(proxy: str, ledger_path: str) -> None:
             raise DemoError(f"the paid request failed with {response.status}")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.splitlines()[0])
     parser.add_argument("--origin-port", type=int, default=8080)
@@ -84,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rules", default=str(REPO / "rules" / "podcast.yaml"))
     parser.add_argument("--once", action="store_true", help="walk through once and stop")
     args = parser.parse_args(argv)
+    # Ctrl-C, kill and a closed terminal all stop the children. SIGINT is set explicitly: a
+    # shell starts background jobs with it ignored, and Python would keep that.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
 
     home = paths.home()
     home.mkdir(parents=True, exist_ok=True, mode=0o700)

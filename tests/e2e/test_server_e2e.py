@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -521,3 +522,27 @@ def test_a_read_only_copy_of_a_token_cannot_write(api: Stack) -> None:
     refused = httpx.post(url, headers=limited, timeout=20)
     assert refused.status_code == 402
     assert refused.json()["reason"] == "missing_capability"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_demo_stops_everything_it_started(tmp_path: Path, signum: int) -> None:
+    origin_port, proxy_port = procs.free_port(), procs.free_port()
+    command = [
+        sys.executable, "-m", "l402proxy.demo",
+        "--origin-port", str(origin_port), "--proxy-port", str(proxy_port),
+    ]  # fmt: skip
+    log = (tmp_path / "demo.log").open("w")
+    demo = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                            env=procs.env_with_home(tmp_path))  # fmt: skip
+    try:
+        assert procs.wait_until(lambda: "Ctrl-C stops" in (tmp_path / "demo.log").read_text(), 60)
+        demo.send_signal(signum)
+        assert demo.wait(timeout=30) == 0
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        log.close()
+    assert "Stopped." in (tmp_path / "demo.log").read_text()
+    for port in (origin_port, proxy_port):
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still served"
