@@ -373,7 +373,11 @@ class L402Server:
             return
         now = time.time()
         identifier = Identifier.new(invoice.payment_hash)
-        valid_until = None if rule.valid_for is None else int(now) + rule.valid_for
+        # Counted from the last moment the invoice can be paid: paying late never buys a token
+        # that is already expired (or has less than valid_for left).
+        valid_until = (
+            None if rule.valid_for is None else int(now) + rule.invoice_expiry + rule.valid_for
+        )
         macaroon = mint(
             self.root_key_for(identifier.token_id),
             identifier,
