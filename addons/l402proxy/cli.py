@@ -19,6 +19,7 @@ from .l402.invoice import decode_invoice
 from .l402.token import TokenError, decode_macaroon
 from .lightning import LightningError
 from .lightning.dev import DEFAULT_CLIENT_WALLET, DevLedger
+from .rules import RulesError, load_rules
 from .store import StoreError, open_server_store
 
 EXIT_BAD_INPUT = 2
@@ -162,6 +163,29 @@ async def tokens_revoke(store_uri: str, ref: str) -> dict[str, Any]:
     return {"revoked": [token.to_json() for token in revoked]}
 
 
+def rules_check(path: str) -> dict[str, Any]:
+    """What a rules file prices, or its first problem with file and line."""
+    try:
+        rules = load_rules(path)
+    except RulesError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
+    return {
+        "file": path,
+        "services": [
+            {
+                "name": rule.name,
+                "line": rule.line,
+                "mode": rule.mode,
+                "price_sat": rule.price_sat,
+                "valid_for": rule.valid_for,
+                "invoice_expiry": rule.invoice_expiry,
+                "capabilities": list(rule.capabilities) if rule.capabilities is not None else None,
+            }
+            for rule in rules.rules
+        ],
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="l402proxy", description="L402 (LSAT) paywall and auto-pay proxy tools"
@@ -183,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     dev_commands.add_parser("invoices", help="list the ledger's invoices")
     balance = dev_commands.add_parser("balance", help="a dev wallet's balance")
     balance.add_argument("--wallet", default=DEFAULT_CLIENT_WALLET)
+
+    rules = commands.add_parser("rules", help="rules files")
+    rules_commands = rules.add_subparsers(dest="rules_command", required=True)
+    check = rules_commands.add_parser(
+        "check", help="validate a rules file as the proxy would, without starting it"
+    )
+    check.add_argument("path")
 
     tokens = commands.add_parser("tokens", help="tokens issued by the server addon")
     tokens.add_argument("--store", default=None, help="server store path or URI")
@@ -207,6 +238,8 @@ def run_async(job: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
 def run(args: argparse.Namespace) -> Any:
     if args.command == "decode":
         return decode_value(args.value)
+    if args.command == "rules":
+        return rules_check(args.path)
     if args.command == "dev":
         ledger = args.ledger or paths.default_dev_ledger()
         if args.dev_command == "pay":

@@ -582,3 +582,21 @@ def test_demo_stops_everything_it_started(tmp_path: Path, signum: int) -> None:
     for port in (origin_port, proxy_port):
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still served"
+
+
+def test_rules_check_cli(tmp_path: Path) -> None:
+    good = procs.cli(tmp_path, "rules", "check", str(PODCAST_RULES))
+    assert good.returncode == 0, good.stderr
+    services = json.loads(good.stdout)["services"]
+    assert [(s["name"], s["mode"], s["price_sat"]) for s in services] == [
+        ("podcast", "upgrade", 21),
+        ("bonus", "paywall", 100),
+    ]
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("services:\n  - name: podcast\n    match: {path: /e/*}\n    prise_sat: 5\n")
+    bad = procs.cli(tmp_path, "rules", "check", str(broken))
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        f"l402proxy: {broken}:4: service 'podcast': unknown key 'prise_sat' "
+        "(did you mean 'price_sat'?)"
+    ]
