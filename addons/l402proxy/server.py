@@ -166,7 +166,8 @@ class L402Server:
         self.tasks: list[asyncio.Task[None]] = []
         self.closing: set[asyncio.Task[None]] = set()
         self.started = False
-        self.misconfigured: str | None = None
+        # option -> why its value was refused at startup; while any is set, nothing is forwarded.
+        self.misconfigured: dict[str, str] = {}
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -212,28 +213,32 @@ class L402Server:
             try:
                 self.rules = self._load_rules_option()
             except RulesError as exc:
-                self._refuse(f"l402_rules: {exc}")
+                self._refuse("l402_rules", str(exc))
+            else:
+                self.misconfigured.pop("l402_rules", None)
         if "l402_backend" in updated or "l402_dev_ledger" in updated:
             try:
                 backend = open_backend(ctx.options.l402_backend, dev_ledger=self.dev_ledger_path)
             except LightningError as exc:
-                self._refuse(f"l402_backend: {exc}")
+                self._refuse("l402_backend", str(exc))
                 return
+            self.misconfigured.pop("l402_backend", None)
             previous, self.backend = self.backend, backend
             if previous is not None:
                 self._close_later(previous)
 
-    def _refuse(self, message: str) -> None:
+    def _refuse(self, option: str, problem: str) -> None:
         """Reject a bad option value.
 
         While running, OptionsError makes mitmproxy keep the previous value. At startup the
         script loader would print it with a traceback; one logged error line says the same and
         mitmproxy still exits before it listens. Until then the addon fails closed.
         """
+        message = f"{option}: {problem}"
         if self.started:
             raise exceptions.OptionsError(message)
         log.error(f"l402: {message}")
-        self.misconfigured = message
+        self.misconfigured[option] = message
 
     def _close_later(self, backend: InvoiceBackend) -> None:
         """configure() is sync; a replaced backend's connection is closed on the event loop."""
@@ -294,7 +299,7 @@ class L402Server:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
-        if self.misconfigured is not None:
+        if self.misconfigured:
             # We cannot tell priced from free without our configuration: forward nothing.
             flow.response = headers_only_for_head(
                 unavailable_response("the paywall is misconfigured"), flow.request.method

@@ -85,6 +85,10 @@ async def test_bad_options_at_startup_log_one_line_and_fail_closed(
         flow = flow_for("/anything")
         await server.request(flow)
         assert flow.response is not None and flow.response.status_code == 503
+        tctx.configure(server, l402_rules=str(RULES))  # fixed before the proxy runs
+        again = flow_for("/anything")
+        await server.request(again)
+        assert again.response is None
 
 
 async def test_bad_options_while_running_are_rejected(addon: L402Server, tmp_path: Path) -> None:
@@ -95,5 +99,5 @@ async def test_bad_options_while_running_are_rejected(addon: L402Server, tmp_pat
         ctx.options.update(l402_rules=str(broken))
     with pytest.raises(exceptions.OptionsError, match="l402_backend"):
         ctx.options.update(l402_backend="carrier-pigeon://x")
-    assert addon.rules == rules_before and addon.misconfigured is None
+    assert addon.rules == rules_before and not addon.misconfigured
     assert ctx.options.l402_rules == str(RULES)  # mitmproxy kept the previous value
