@@ -77,7 +77,7 @@ async def walk_through(proxy: str, ledger_path: str) -> None:
             raise DemoError(f"the paid request failed with {response.status}")
 
 
-def _interrupt(signum: int, frame: object) -> None:
+def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
