@@ -582,7 +582,7 @@ def test_uri_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ("sqlite:///var/lib/", "names a directory"),
         ("sqlite:///a.sqlite?mode=ro", "query parameters"),
         ("mysql://db/tokens", "unsupported store URI scheme 'mysql'"),
-        (":memory:", "secret must persist"),
+        (":memory:", "must persist"),
     ],
 )
 def test_bad_uris(uri: str, message: str) -> None:

@@ -1,8 +1,10 @@
-"""Persistence for the server addon (SQLite now; PostgreSQL later for several proxy instances)."""
+"""Persistence: the server's tokens and secret, the client's ledger and tokens (SQLite; a
+PostgreSQL server store later, for several proxy instances)."""
 
+from l402proxy.store.client import ClientStore, NewPayment, Payment, open_client_store
+from l402proxy.store.database import POSTGRES_UNAVAILABLE
 from l402proxy.store.sqlite import (
     MIGRATIONS,
-    POSTGRES_UNAVAILABLE,
     IssuedToken,
     ServerStore,
     StoreError,
@@ -11,9 +13,13 @@ from l402proxy.store.sqlite import (
 
 __all__ = [
     "MIGRATIONS",
+    "ClientStore",
     "IssuedToken",
+    "NewPayment",
+    "Payment",
     "ServerStore",
     "StoreError",
+    "open_client_store",
     "open_server_store",
     "sqlite_path_from_uri",
 ]

@@ -6,32 +6,26 @@ task writes them with `flush()`, and revocations made by another process (`l402p
 revoke`) reach the proxy through `revocations_since()`, a cheap indexed poll.
 """
 
-import asyncio
 import logging
 import os
 import re
-import sqlite3
-import stat
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import unquote, urlsplit
 
 import aiosqlite
 
-from l402proxy.paths import default_server_store, ensure_parent
+from l402proxy.paths import default_server_store
+from l402proxy.store import database
+from l402proxy.store.database import Database, StoreError
 
 log = logging.getLogger("l402proxy.store")
 
 SECRET_SIZE = 32
 _ID_SIZE = 32
 MIN_PREFIX_LEN = 8
-BUSY_TIMEOUT_MS = 5000
-
-POSTGRES_UNAVAILABLE = "PostgreSQL store is not available yet; use a SQLite path"
 
 # Schema history. Entry i brings the database from user_version i to i + 1, in one
 # transaction together with the version bump, so a crash mid-migration leaves the old
@@ -70,10 +64,6 @@ MIGRATIONS: list[Sequence[str]] = [
         """,
     ),
 ]
-
-
-class StoreError(Exception):
-    """A store problem worth showing to the user as is (no secrets in the message)."""
 
 
 @dataclass(frozen=True)
@@ -140,49 +130,9 @@ def _token_from_row(row: Sequence[Any]) -> IssuedToken:
     )
 
 
-# A scheme needs two or more letters so that "C:" style prefixes are not taken for one.
-_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
-
-
 def sqlite_path_from_uri(uri: str) -> Path:
-    """Store URI or path -> absolute file path; StoreError says how to write it otherwise.
-
-    Accepted: "" (the default file), a plain path (`~` expanded, relative to the working
-    directory), or `sqlite:///absolute/path`.
-    """
-    text = uri.strip()
-    if not text:
-        return Path(default_server_store()).expanduser().absolute()
-    if text == ":memory:":
-        raise StoreError("an in-memory store cannot work: the server secret must persist")
-    match = _SCHEME_RE.match(text)
-    if match is None:
-        return Path(text).expanduser().absolute()
-    scheme = match.group(1).lower()
-    if scheme in ("postgres", "postgresql"):
-        raise StoreError(POSTGRES_UNAVAILABLE)
-    if scheme != "sqlite":
-        raise StoreError(
-            f"unsupported store URI scheme '{scheme}' (use a SQLite file path or "
-            "sqlite:///absolute/path; for a file name containing ':', write ./name)"
-        )
-    parts = urlsplit(text)
-    if parts.netloc:
-        raise StoreError(
-            f"store URI '{uri}' is not an absolute path: write sqlite:///absolute/path "
-            "(three slashes), or give a relative path without the sqlite:// prefix"
-        )
-    if parts.query or parts.fragment:
-        raise StoreError(f"store URI '{uri}': query parameters are not supported")
-    path = unquote(parts.path)
-    if not path.startswith("/"):
-        raise StoreError(
-            f"store URI '{uri}' is not an absolute path: write sqlite:///absolute/path, "
-            "or give a relative path without the sqlite: prefix"
-        )
-    if path.endswith("/"):
-        raise StoreError(f"store URI '{uri}' names a directory, not a database file")
-    return Path(path)
+    """The server store's file for a `l402_store` value ("" = the default file)."""
+    return database.sqlite_path_from_uri(uri, default_server_store())
 
 
 def _prefix_range(prefix: str) -> tuple[bytes, bytes | None]:
@@ -220,174 +170,23 @@ def _check_id(name: str, value: bytes) -> None:
         raise ValueError(f"{name} must be {_ID_SIZE} bytes")
 
 
-def _prepare_file(path: Path) -> None:
-    """Create the database file private to the user before SQLite opens it.
-
-    The secret in it can mint tokens. SQLite gives its -wal/-shm files the mode of the
-    database file, so fixing the main file is enough for new ones.
-    """
-    ensure_parent(path)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
-            try:
-                os.fchmod(fd, 0o600)
-            except PermissionError:
-                log.warning("cannot make %s private (mode 0600): not its owner", path)
-    finally:
-        os.close(fd)
-    for suffix in ("-wal", "-shm"):
-        side = path.with_name(path.name + suffix)
-        try:
-            if stat.S_IMODE(side.stat().st_mode) & 0o077:
-                side.chmod(0o600)
-        except FileNotFoundError:
-            pass
-        except PermissionError:
-            log.warning("cannot make %s private (mode 0600): not its owner", side)
-
-
-class ServerStore:
+class ServerStore(Database):
     """One SQLite connection shared by the proxy's coroutines; see the module docstring."""
 
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
-        self._db: aiosqlite.Connection | None = db
-        self.path = path
-        # One connection means one transaction at a time: without this lock, two coroutines
-        # could interleave statements inside each other's BEGIN ... COMMIT.
-        self._lock = asyncio.Lock()
+        super().__init__(db, path)
         self._secret: bytes | None = None
         self._pending_issued: list[IssuedToken] = []
         self._pending_paid: list[tuple[bytes, float]] = []
 
+    def migrations(self) -> Sequence[Sequence[str]]:
+        return MIGRATIONS  # looked up per call, so tests can extend the history
+
     @classmethod
     async def open(cls, uri: str) -> Self:
-        path = sqlite_path_from_uri(uri)
-        try:
-            await asyncio.to_thread(_prepare_file, path)
-        except OSError as exc:
-            raise StoreError(f"cannot create store file {path}: {exc.strerror or exc}") from exc
-        try:
-            db = await aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open store {path}: {exc}") from exc
-        store = cls(db, path)
-        try:
-            await store._setup()
-        except BaseException:
-            await db.close()
-            raise
-        log.info("server store: %s", path)
+        store = await cls.open_path(sqlite_path_from_uri(uri))
+        log.info("server store: %s", store.path)
         return store
-
-    async def _setup(self) -> None:
-        db = self._live()
-        try:
-            # busy_timeout first: switching to WAL and migrating need locks another process
-            # opening the same file may hold for a moment.
-            await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            await db.execute("PRAGMA foreign_keys = ON")
-            # Check the version before anything writes, so a newer file is left untouched.
-            version = await self._user_version()
-            self._check_version(version)
-            await self._enable_wal()
-            await db.execute("PRAGMA synchronous = NORMAL")
-            if version < len(MIGRATIONS):
-                await self._migrate()
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot use store {self.path}: {exc}") from exc
-
-    async def _enable_wal(self) -> None:
-        # SQLite answers "locked" at once, without the busy handler, when two connections
-        # both hold a read lock and want the write lock (its deadlock guard); that is what
-        # two processes switching a fresh file to WAL together do. So wait and retry here.
-        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-        delay = 0.005
-        while True:
-            try:
-                row = await self._one("PRAGMA journal_mode = WAL")
-                break
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() >= deadline:
-                    raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.1)
-        if row is None or str(row[0]).lower() != "wal":
-            log.warning("%s: WAL journal not available (got %r)", self.path, row)
-
-    def _check_version(self, version: int) -> None:
-        known = len(MIGRATIONS)
-        if version > known:
-            raise StoreError(
-                f"store {self.path} has schema version {version}, newer than this l402proxy "
-                f"knows ({known}); upgrade l402proxy or use another store file"
-            )
-
-    async def _migrate(self) -> None:
-        for target, statements in enumerate(MIGRATIONS, start=1):
-            async with self._transaction() as db:
-                # Re-read under the write lock: another process may have migrated meanwhile.
-                current = await self._user_version()
-                self._check_version(current)
-                if current >= target:
-                    continue
-                try:
-                    for statement in statements:
-                        await db.execute(statement)
-                except sqlite3.Error as exc:
-                    raise StoreError(
-                        f"store {self.path}: migration to schema version {target} failed: {exc}"
-                    ) from exc
-                # PRAGMA does not take parameters; target is our own int.
-                await db.execute(f"PRAGMA user_version = {int(target)}")
-                log.info("store %s migrated to schema version %d", self.path, target)
-
-    async def _user_version(self) -> int:
-        row = await self._one("PRAGMA user_version")
-        return int(row[0]) if row else 0
-
-    async def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        rows = await self._live().execute_fetchall(sql, params)
-        return next(iter(rows), None)
-
-    def _live(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise StoreError("store is closed")
-        return self._db
-
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT under the lock; sqlite3 errors become StoreError.
-
-        IMMEDIATE takes the write lock up front, so read-then-write sequences (secret,
-        revoke, migrations) cannot race another process.
-        """
-        async with self._lock:
-            db = self._live()
-            try:
-                await db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield db
-                    await db.execute("COMMIT")
-                except BaseException:
-                    await self._rollback(db)
-                    raise
-            except sqlite3.Error as exc:
-                raise StoreError(f"store {self.path}: {exc}") from exc
-
-    @staticmethod
-    async def _rollback(db: aiosqlite.Connection) -> None:
-        # Fails harmlessly when SQLite already rolled back (e.g. after a failed COMMIT).
-        with suppress(sqlite3.Error):
-            await db.execute("ROLLBACK")
-
-    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        # Under the lock so a read never sees another coroutine's uncommitted transaction.
-        async with self._lock:
-            try:
-                return list(await self._live().execute_fetchall(sql, params))
-            except sqlite3.Error as exc:
-                raise StoreError(f"store {self.path}: {exc}") from exc
 
     async def close(self) -> None:
         """Flush queued records, then close. Raises StoreError if records could not be written."""
@@ -399,8 +198,7 @@ class ServerStore:
             log.error("store %s: %d queued records lost on close", self.path, self.pending)
             raise
         finally:
-            db, self._db = self._db, None
-            await db.close()
+            await super().close()
 
     async def secret(self) -> bytes:
         """The server's root secret, created on first use and the same for every process."""
