@@ -19,6 +19,10 @@ def default_server_store() -> str:
     return str(home() / "server.sqlite")
 
 
+def default_client_store() -> str:
+    return str(home() / "client.sqlite")
+
+
 def ensure_parent(path: str | Path) -> None:
     """Create the parent folder, private to the user: it holds keys and tokens."""
     Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True, mode=0o700)

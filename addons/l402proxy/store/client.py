@@ -1,0 +1,479 @@
+"""The client's SQLite store: its payment ledger (which is also its token store), the URL paths
+it learned belong to a scope, and the challenges it refused to pay.
+
+A payment row is written as "pending" before the wallet is asked to pay, and turns "paid" in
+the same UPDATE that stores the preimage, so the token (macaroon + preimage) exists before the
+request is retried. A paid row that was not dropped is a usable token. Budgets are sums over
+this table, checked and reserved in one write transaction, so they survive restarts and hold
+across processes sharing the file (the proxy and the SDK).
+"""
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from l402proxy.paths import default_client_store
+from l402proxy.store import database
+from l402proxy.store.database import Database, StoreError
+
+log = logging.getLogger("l402proxy.store")
+
+DAY_SECONDS = 24 * 3600
+
+MIGRATIONS: list[Sequence[str]] = [
+    (
+        """
+        CREATE TABLE payments (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            payment_hash BLOB NOT NULL UNIQUE CHECK (length(payment_hash) = 32),
+            origin TEXT NOT NULL,
+            url TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            services TEXT NOT NULL,
+            scheme TEXT NOT NULL,
+            macaroon TEXT NOT NULL,
+            bolt11 TEXT NOT NULL,
+            amount_msat INTEGER NOT NULL CHECK (amount_msat > 0),
+            fee_limit_msat INTEGER NOT NULL CHECK (fee_limit_msat >= 0),
+            fee_msat INTEGER,
+            status TEXT NOT NULL CHECK (status IN ('pending', 'paid', 'failed')),
+            preimage BLOB CHECK (preimage IS NULL OR length(preimage) = 32),
+            valid_until REAL,
+            wallet TEXT NOT NULL,
+            error TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            dropped_at REAL,
+            drop_reason TEXT
+        )
+        """,
+        "CREATE INDEX payments_created ON payments (created_at)",
+        "CREATE INDEX payments_status ON payments (status)",
+        """
+        CREATE TABLE scope_paths (
+            origin TEXT NOT NULL,
+            path TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            learned_at REAL NOT NULL,
+            PRIMARY KEY (origin, path)
+        )
+        """,
+        """
+        CREATE TABLE refusals (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            origin TEXT NOT NULL,
+            url TEXT NOT NULL,
+            service TEXT,
+            reason TEXT NOT NULL,
+            message TEXT NOT NULL,
+            amount_msat INTEGER,
+            payment_hash BLOB
+        )
+        """,
+        "CREATE INDEX refusals_at ON refusals (at)",
+    ),
+]
+
+PaymentStatus = Literal["pending", "paid", "failed"]
+
+
+@dataclass(frozen=True)
+class NewPayment:
+    """What is known before paying: written as the pending row."""
+
+    payment_hash: bytes
+    origin: str
+    url: str
+    scope: str
+    services: tuple[str, ...]
+    scheme: str
+    macaroon: str
+    bolt11: str
+    amount_msat: int
+    fee_limit_msat: int
+    valid_until: float | None
+    wallet: str
+
+
+@dataclass(frozen=True)
+class Payment:
+    id: int
+    payment_hash: bytes
+    origin: str
+    url: str
+    scope: str
+    services: tuple[str, ...]
+    scheme: str
+    macaroon: str
+    bolt11: str
+    amount_msat: int
+    fee_limit_msat: int
+    fee_msat: int | None
+    status: PaymentStatus
+    preimage: bytes | None
+    valid_until: float | None
+    wallet: str
+    error: str | None
+    created_at: float
+    updated_at: float
+    dropped_at: float | None
+
+    def usable(self, now: float) -> bool:
+        """A token that can still be sent: paid, not dropped, not expired."""
+        return (
+            self.status == "paid"
+            and self.preimage is not None
+            and self.dropped_at is None
+            and (self.valid_until is None or self.valid_until > now)
+        )
+
+    def token_json(self, now: float) -> dict[str, Any]:
+        if self.dropped_at is not None:
+            status = "dropped"
+        elif self.valid_until is not None and self.valid_until <= now:
+            status = "expired"
+        else:
+            status = "valid"
+        # No preimage and no macaroon: together they are the bearer credential.
+        return {
+            "origin": self.origin,
+            "services": list(self.services),
+            "scope": self.scope,
+            "scheme": self.scheme,
+            "payment_hash": self.payment_hash.hex(),
+            "amount_sat": sat_number(self.amount_msat),
+            "created_at": self.created_at,
+            "valid_until": self.valid_until,
+            "status": status,
+        }
+
+
+@dataclass(frozen=True)
+class BudgetRefusal:
+    """Why a payment would break a budget; `code` is budget_daily or budget_total."""
+
+    code: str
+    message: str
+
+
+_PAYMENT_COLUMNS = (
+    "id, payment_hash, origin, url, scope, services, scheme, macaroon, bolt11, amount_msat,"
+    " fee_limit_msat, fee_msat, status, preimage, valid_until, wallet, error, created_at,"
+    " updated_at, dropped_at"
+)
+# What a payment counts against a budget: its fee once known, until then the fee limit.
+_COST = "amount_msat + coalesce(fee_msat, fee_limit_msat)"
+
+
+def _payment_from_row(row: Sequence[Any]) -> Payment:
+    return Payment(
+        id=row[0],
+        payment_hash=bytes(row[1]),
+        origin=row[2],
+        url=row[3],
+        scope=row[4],
+        services=tuple(s for s in row[5].split(",") if s),
+        scheme=row[6],
+        macaroon=row[7],
+        bolt11=row[8],
+        amount_msat=row[9],
+        fee_limit_msat=row[10],
+        fee_msat=row[11],
+        status=row[12],
+        preimage=bytes(row[13]) if row[13] is not None else None,
+        valid_until=row[14],
+        wallet=row[15],
+        error=row[16],
+        created_at=row[17],
+        updated_at=row[18],
+        dropped_at=row[19],
+    )
+
+
+def sqlite_path_from_uri(uri: str) -> Path:
+    """The client store's file for a `l402_store` value ("" = the default file)."""
+    return database.sqlite_path_from_uri(uri, default_client_store())
+
+
+def _sat(msat: int) -> str:
+    return f"{sat_number(msat)} sat"
+
+
+def sat_number(msat: int) -> int | float:
+    """Whole sats as an int (what people expect to read), sub-sat amounts as a float."""
+    return msat // 1000 if msat % 1000 == 0 else msat / 1000
+
+
+class ClientStore(Database):
+    def migrations(self) -> Sequence[Sequence[str]]:
+        return MIGRATIONS
+
+    @classmethod
+    async def open(cls, uri: str) -> Self:
+        scheme = uri.strip().split(":", 1)[0].lower()
+        if scheme in ("postgres", "postgresql"):
+            raise StoreError("the client store is a SQLite file; give a path")
+        store = await cls.open_path(sqlite_path_from_uri(uri))
+        log.info("client store: %s", store.path)
+        return store
+
+    async def reserve(
+        self,
+        payment: NewPayment,
+        *,
+        budget_daily_msat: int,
+        budget_total_msat: int | None,
+        now: float,
+    ) -> Payment | BudgetRefusal:
+        """Check the budgets and write the pending row, in one write transaction.
+
+        Pending payments count with their fee limit, so two payments in flight together
+        cannot both fit in what is left for one. A payment hash seen before is refused: an
+        invoice is never paid twice.
+        """
+        cost = payment.amount_msat + payment.fee_limit_msat
+        async with self._transaction() as db:
+            existing = await self._one(
+                "SELECT status FROM payments WHERE payment_hash = ?", (payment.payment_hash,)
+            )
+            if existing is not None:
+                raise StoreError(
+                    f"invoice {payment.payment_hash.hex()[:16]}… is already in the ledger "
+                    f"({existing[0]}); it is never paid twice"
+                )
+            ((day,),) = await db.execute_fetchall(
+                f"SELECT coalesce(sum({_COST}), 0) FROM payments"
+                " WHERE status != 'failed' AND created_at > ?",
+                (now - DAY_SECONDS,),
+            )
+            if day + cost > budget_daily_msat:
+                return BudgetRefusal(
+                    "budget_daily",
+                    f"paying {_sat(payment.amount_msat)} (+ up to "
+                    f"{_sat(payment.fee_limit_msat)} fee) would exceed l402_budget_daily_sat "
+                    f"{_sat(budget_daily_msat)}: {_sat(day)} spent in the last 24 hours",
+                )
+            if budget_total_msat is not None:
+                ((total,),) = await db.execute_fetchall(
+                    f"SELECT coalesce(sum({_COST}), 0) FROM payments WHERE status != 'failed'"
+                )
+                if total + cost > budget_total_msat:
+                    return BudgetRefusal(
+                        "budget_total",
+                        f"paying {_sat(payment.amount_msat)} (+ up to "
+                        f"{_sat(payment.fee_limit_msat)} fee) would exceed "
+                        f"l402_budget_total_sat {_sat(budget_total_msat)}: "
+                        f"{_sat(total)} spent so far",
+                    )
+            cursor = await db.execute(
+                "INSERT INTO payments (payment_hash, origin, url, scope, services, scheme,"
+                " macaroon, bolt11, amount_msat, fee_limit_msat, status, valid_until, wallet,"
+                " created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+                (
+                    payment.payment_hash,
+                    payment.origin,
+                    payment.url,
+                    payment.scope,
+                    ",".join(payment.services),
+                    payment.scheme,
+                    payment.macaroon,
+                    payment.bolt11,
+                    payment.amount_msat,
+                    payment.fee_limit_msat,
+                    payment.valid_until,
+                    payment.wallet,
+                    now,
+                    now,
+                ),
+            )
+            row_id = cursor.lastrowid
+            row = await self._one(
+                f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE id = ?", (row_id,)
+            )
+        return _payment_from_row(row)
+
+    async def settle(
+        self, payment_hash: bytes, preimage: bytes, fee_msat: int, now: float
+    ) -> Payment:
+        """pending (or failed: a wallet may report a late success) -> paid, with the token."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE payments SET status = 'paid', preimage = ?, fee_msat = ?, error = NULL,"
+                " updated_at = ? WHERE payment_hash = ? AND status != 'paid'",
+                (preimage, fee_msat, now, payment_hash),
+            )
+            row = await self._one(
+                f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE payment_hash = ?",
+                (payment_hash,),
+            )
+        if row is None:
+            raise StoreError(f"no payment {payment_hash.hex()} in the client ledger")
+        return _payment_from_row(row)
+
+    async def fail(self, payment_hash: bytes, error: str, now: float) -> None:
+        """pending -> failed: nothing was paid, the reservation is released."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE payments SET status = 'failed', error = ?, updated_at = ?"
+                " WHERE payment_hash = ? AND status = 'pending'",
+                (error, now, payment_hash),
+            )
+
+    async def note_error(self, payment_hash: bytes, error: str, now: float) -> None:
+        """Keep why a payment is still pending (timeout, wallet unreachable) for the history."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE payments SET error = ?, updated_at = ? WHERE payment_hash = ?",
+                (error, now, payment_hash),
+            )
+
+    async def drop(self, payment_hash: bytes, reason: str, now: float) -> None:
+        """The server no longer accepts this token: never send it again."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE payments SET dropped_at = ?, drop_reason = ?"
+                " WHERE payment_hash = ? AND dropped_at IS NULL",
+                (now, reason, payment_hash),
+            )
+
+    async def payment(self, payment_hash: bytes) -> Payment | None:
+        rows = await self._read(
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE payment_hash = ?", (payment_hash,)
+        )
+        return _payment_from_row(rows[0]) if rows else None
+
+    async def pending(self) -> list[Payment]:
+        rows = await self._read(
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE status = 'pending' ORDER BY id"
+        )
+        return [_payment_from_row(row) for row in rows]
+
+    async def tokens(self, now: float) -> list[Payment]:
+        """Usable tokens, oldest first (so the newest wins when loaded into a map)."""
+        rows = await self._read(
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE status = 'paid'"
+            " AND dropped_at IS NULL AND (valid_until IS NULL OR valid_until > ?) ORDER BY id",
+            (now,),
+        )
+        return [_payment_from_row(row) for row in rows]
+
+    async def all_tokens(self, limit: int = 100) -> list[Payment]:
+        rows = await self._read(
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE status = 'paid'"
+            " ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        return [_payment_from_row(row) for row in rows]
+
+    async def token_for_scope(self, origin: str, scope: str, now: float) -> Payment | None:
+        """The newest usable token for a scope, also one another process bought."""
+        rows = await self._read(
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE origin = ? AND scope = ?"
+            " AND status = 'paid' AND dropped_at IS NULL"
+            " AND (valid_until IS NULL OR valid_until > ?) ORDER BY id DESC LIMIT 1",
+            (origin, scope, now),
+        )
+        return _payment_from_row(rows[0]) if rows else None
+
+    async def learn_path(self, origin: str, path: str, scope: str, now: float) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO scope_paths (origin, path, scope, learned_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (origin, path) DO UPDATE SET scope = excluded.scope,"
+                " learned_at = excluded.learned_at",
+                (origin, path, scope, now),
+            )
+
+    async def learned_paths(self) -> list[tuple[str, str, str]]:
+        rows = await self._read("SELECT origin, path, scope FROM scope_paths ORDER BY learned_at")
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    async def refuse(
+        self,
+        *,
+        origin: str,
+        url: str,
+        service: str | None,
+        reason: str,
+        message: str,
+        amount_msat: int | None,
+        payment_hash: bytes | None,
+        now: float,
+    ) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO refusals (at, origin, url, service, reason, message, amount_msat,"
+                " payment_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (now, origin, url, service, reason, message, amount_msat, payment_hash),
+            )
+
+    async def spent_msat(self, since: float | None = None) -> int:
+        """Amounts + fees of payments not failed (pending ones with their fee limit)."""
+        where, params = "", list[Any]()
+        if since is not None:
+            where, params = " AND created_at > ?", [since]
+        rows = await self._read(
+            f"SELECT coalesce(sum({_COST}), 0) FROM payments WHERE status != 'failed'{where}",
+            params,
+        )
+        return int(rows[0][0])
+
+    async def history(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Payments and refusals, newest first, as the CLI shows them."""
+        if limit < 1:
+            raise StoreError(f"limit must be at least 1, got {limit}")
+        payments = await self._read(
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments ORDER BY created_at DESC LIMIT ?", (limit,)
+        )
+        refusals = await self._read(
+            "SELECT at, origin, url, service, reason, message, amount_msat, payment_hash"
+            " FROM refusals"
+            " ORDER BY at DESC LIMIT ?",
+            (limit,),
+        )
+        events: list[dict[str, Any]] = []
+        for row in payments:
+            p = _payment_from_row(row)
+            events.append(
+                {
+                    "when": p.created_at,
+                    "event": p.status,
+                    "origin": p.origin,
+                    "url": p.url,
+                    "service": ",".join(p.services) or None,
+                    "amount_sat": sat_number(p.amount_msat),
+                    "fee_sat": None if p.fee_msat is None else sat_number(p.fee_msat),
+                    "payment_hash": p.payment_hash.hex(),
+                    "reason": None,
+                    "message": p.error,
+                    "settled_at": p.updated_at if p.status == "paid" else None,
+                    "dropped_at": p.dropped_at,
+                }
+            )
+        for at, origin, url, service, reason, message, amount_msat, payment_hash in refusals:
+            events.append(
+                {
+                    "when": at,
+                    "event": "refused",
+                    "origin": origin,
+                    "url": url,
+                    "service": service,
+                    "amount_sat": None if amount_msat is None else sat_number(amount_msat),
+                    "fee_sat": None,
+                    "payment_hash": None if payment_hash is None else bytes(payment_hash).hex(),
+                    "reason": reason,
+                    "message": message,
+                    "settled_at": None,
+                    "dropped_at": None,
+                }
+            )
+        events.sort(key=lambda event: event["when"], reverse=True)
+        return events[:limit]
+
+
+async def open_client_store(uri: str) -> ClientStore:
+    return await ClientStore.open(uri)
