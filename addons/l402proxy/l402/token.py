@@ -15,7 +15,7 @@ from pymacaroons.exceptions import MacaroonException
 from pymacaroons.serializers.binary_serializer import BinarySerializer
 
 from .encoding import b64decode_any, b64encode_std
-from .identifier import Identifier, UnknownVersionError
+from .identifier import IDENTIFIER_SIZE, Identifier, UnknownVersionError
 
 LOCATION = "lsat"
 
@@ -141,6 +141,72 @@ def attenuate(macaroon_b64: str, caveats: Sequence[str]) -> str:
         parse_caveat(caveat)  # refuse text that is no condition=value caveat
         macaroon.add_first_party_caveat(caveat)
     return b64encode_std(_SERIALIZER.serialize_raw(macaroon))
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """What a client can read from a token it was offered, without the server's key."""
+
+    identifier: Identifier
+    # The services every `services=` caveat allows (later caveats narrow); () if none.
+    services: tuple[str, ...]
+    # The tightest expiry that applies to those services (`<name>_valid_until`, lsat-js
+    # `expiration=`), in unix seconds; None if the token names none.
+    valid_until: float | None
+    caveats: tuple[str, ...]
+
+
+def _client_identifier(raw: bytes) -> Identifier:
+    """Aperture's 66 bytes, or lsat-js/boltwall's hex text of the same 66 bytes."""
+    try:
+        return Identifier.decode(raw)
+    except UnknownVersionError:
+        if len(raw) != 2 * IDENTIFIER_SIZE:
+            raise
+    try:
+        return Identifier.decode(bytes.fromhex(raw.decode("ascii")))
+    except (UnicodeDecodeError, ValueError):
+        raise UnknownVersionError("identifier is neither Aperture's nor lsat-js's layout") from None
+
+
+def inspect(macaroon_b64: str) -> TokenInfo:
+    """Read a token's identifier and scope; TokenError if it cannot be read (not a check)."""
+    macaroon = decode_macaroon(macaroon_b64)
+    try:
+        identifier = _client_identifier(macaroon.identifier_bytes)
+    except UnknownVersionError as exc:
+        raise TokenError("unknown_version", str(exc)) from None
+    except ValueError as exc:
+        raise TokenError("malformed", str(exc)) from None
+    caveats: list[str] = []
+    service_sets: list[set[str]] = []
+    service_order: list[str] = []
+    expiries: dict[str, list[float]] = {}
+    for caveat in macaroon.first_party_caveats():
+        try:
+            text = caveat.caveat_id_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TokenError("malformed", "caveat is not UTF-8 text") from None
+        caveats.append(text)
+        parsed = parse_caveat(text)
+        if parsed.condition == "services":
+            names = [name for name, _ in _parse_services(parsed.value, text)]
+            service_sets.append(set(names))
+            service_order = service_order or names
+        elif parsed.condition == "expiration":
+            expiries.setdefault("", []).append(_parse_uint(parsed.value, text) / 1000)
+        elif parsed.condition.endswith(_VALID_UNTIL):
+            name = parsed.condition.removesuffix(_VALID_UNTIL)
+            expiries.setdefault(name, []).append(float(_parse_uint(parsed.value, text)))
+    allowed = set.intersection(*service_sets) if service_sets else set()
+    services = tuple(name for name in service_order if name in allowed)
+    relevant = [
+        expiry
+        for name, values in expiries.items()
+        if name == "" or name in services or not services
+        for expiry in values
+    ]
+    return TokenInfo(identifier, services, min(relevant) if relevant else None, tuple(caveats))
 
 
 def caveats_for(
