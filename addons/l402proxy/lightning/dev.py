@@ -606,15 +606,22 @@ class DevWallet(Wallet):
 
     name = "dev"
 
-    def __init__(self, ledger: DevLedger, wallet: str = DEFAULT_CLIENT_WALLET) -> None:
+    def __init__(
+        self, ledger: DevLedger, wallet: str = DEFAULT_CLIENT_WALLET, *, delay: float = 0.0
+    ) -> None:
         self.ledger = ledger
         self.wallet = check_wallet_name(wallet)
+        # Seconds between settling and answering: a slow node, for crash tests.
+        self.delay = delay
 
     async def start(self) -> None:
         await self.ledger.open()
 
     async def pay(self, bolt11: str, max_fee_msat: int) -> PaymentResult:
-        return await self.ledger.pay(self.wallet, bolt11, max_fee_msat)
+        result = await self.ledger.pay(self.wallet, bolt11, max_fee_msat)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return result
 
     async def lookup_payment(self, payment_hash: bytes) -> PaymentState:
         return await self.ledger.lookup_payment(self.wallet, payment_hash)
@@ -626,7 +633,8 @@ class DevWallet(Wallet):
         await self.ledger.close()
 
     def describe(self) -> str:
-        return f"{self.ledger.describe()}; paying from wallet '{self.wallet}'"
+        slow = f", answering {self.delay:g} s late" if self.delay else ""
+        return f"{self.ledger.describe()}; paying from wallet '{self.wallet}'{slow}"
 
 
 __all__ = [
