@@ -78,6 +78,18 @@ def server_proxy_command(
     return command
 
 
+def client_proxy_command(
+    port: int, *, settings: Sequence[str] = (), addon: bool = True, host: str = LOCALHOST
+) -> list[str]:
+    """mitmdump in regular (forward proxy) mode, with the paying client addon unless addon=False."""
+    command = [mitmdump(), "--listen-host", host, "--listen-port", str(port)]
+    if addon:
+        command += ["-s", str(ADDONS / "client.py")]
+    for setting in settings:
+        command += ["--set", setting]
+    return command
+
+
 @dataclass
 class Process:
     """A child process that serves on a port; its output goes to a log file."""

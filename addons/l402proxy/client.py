@@ -1,0 +1,413 @@
+"""The mitmproxy client addon: a local proxy that pays L402 challenges for a player or browser.
+
+    mitmdump -s addons/client.py --set l402_max_price_sat=50 --set l402_budget_daily_sat=500
+
+Glue only: what to pay, limits, tokens and the ledger live in payer.py.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import httpx
+from mitmproxy import ctx, exceptions, http
+
+from . import paths
+from .lightning import LightningError, Wallet, open_wallet
+from .payer import Limits, Paid, Payer, Refused, Token, about_token, has_challenge, origin_of
+from .store.client import ClientStore
+from .store.database import StoreError
+
+log = logging.getLogger(__name__)
+
+PAID_MARKER = ":zap:"
+REFUSED_MARKER = ":no_entry:"
+TOKEN_KEY = "l402_client_token"
+RECOVERY_SECONDS = 30.0
+RESEND_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+LIMIT_OPTIONS = (
+    "l402_max_price_sat",
+    "l402_max_fee_sat",
+    "l402_budget_daily_sat",
+    "l402_budget_total_sat",
+    "l402_allow",
+)
+# Headers about one hop, not the request: the retry opens its own connection.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"content-length",
+        b"authorization",
+    }
+)
+
+
+async def resend(
+    client: httpx.AsyncClient, request: http.Request, authorization: str | None, like: http.Response
+) -> http.Response:
+    """Send the request again, with `authorization`, and return the answer as it came.
+
+    The body is kept as sent (still compressed), so the player decodes it as it would have.
+    """
+    headers = [(k, v) for k, v in request.headers.fields if k.lower() not in HOP_BY_HOP]
+    if authorization is not None:
+        headers.append((b"Authorization", authorization.encode()))
+    body = request.raw_content or None
+    started = time.time()
+    async with client.stream(request.method, request.url, headers=headers, content=body) as answer:
+        raw = b"".join([chunk async for chunk in answer.aiter_raw()])
+    fields = [(k, v) for k, v in answer.headers.raw if k.lower() not in HOP_BY_HOP]
+    if request.method.upper() == "HEAD" or answer.status_code in (204, 304):
+        fields += [(k, v) for k, v in answer.headers.raw if k.lower() == b"content-length"]
+    else:
+        fields.append((b"Content-Length", str(len(raw)).encode()))
+    return http.Response(
+        http_version=like.http_version.encode(),
+        status_code=answer.status_code,
+        reason=answer.reason_phrase.encode(),
+        headers=http.Headers(fields),
+        content=raw,
+        trailers=None,
+        timestamp_start=started,
+        timestamp_end=time.time(),
+    )
+
+
+def failed_resend_response(problem: str, paid: Paid) -> http.Response:
+    return http.Response.make(
+        502,
+        (
+            f"Paid {paid.header()}, but asking the server again failed: {problem}\n"
+            "The token is kept: the next request uses it without paying again.\n"
+        ).encode(),
+        {"Content-Type": "text/plain; charset=utf-8", "X-L402-Paid": paid.header()},
+    )
+
+
+class L402Client:
+    def __init__(self) -> None:
+        self.payer: Payer | None = None
+        self.http: httpx.AsyncClient | None = None
+        self.wallet: Wallet | None = None
+        self.limits = Limits()
+        self.ready = asyncio.Event()
+        self.started = False
+        self.tasks: list[asyncio.Task[None]] = []
+        self.misconfigured: dict[str, str] = {}
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "l402_wallet",
+            str,
+            "dev",
+            """
+            Wallet that pays L402 challenges. "dev" (default) is the embedded dev ledger's
+            "listener" wallet, for demos and tests; "dev:<wallet>" pays from another dev wallet.
+            """,
+        )
+        loader.add_option(
+            "l402_max_price_sat",
+            int,
+            100,
+            "Largest invoice paid at all, in sat; a dearer challenge is passed on unpaid.",
+        )
+        loader.add_option(
+            "l402_max_fee_sat",
+            int,
+            10,
+            "Lightning routing fee allowed per payment, in sat (counted in the budgets).",
+        )
+        loader.add_option(
+            "l402_budget_daily_sat",
+            int,
+            1000,
+            """
+            Most the client pays in any 24 hours, in sat, fees included; a payment in progress
+            counts with its fee limit. Spending is kept in l402_store, so it survives restarts.
+            """,
+        )
+        loader.add_option(
+            "l402_budget_total_sat",
+            Optional[int],  # noqa: UP045  (mitmproxy's option types predate X | None)
+            None,
+            "Most the client ever pays from this store, in sat, fees included. Default: no cap.",
+        )
+        loader.add_option(
+            "l402_allow",
+            Sequence[str],
+            [],
+            """
+            Hosts the client may pay (repeat the option for more): "example.com",
+            "*.example.com", "127.0.0.1:8081". Only these are told the client can pay.
+            Default: any host.
+            """,
+        )
+        loader.add_option(
+            "l402_store",
+            str,
+            "",
+            """
+            Where paid tokens and the payment ledger live (SQLite path).
+            Default: client.sqlite under $L402PROXY_HOME or ~/.l402proxy.
+            """,
+        )
+        loader.add_option(
+            "l402_dev_ledger",
+            str,
+            "",
+            """
+            Path of the dev Lightning ledger (SQLite) used by the "dev" wallet.
+            Default: devledger.sqlite under $L402PROXY_HOME or ~/.l402proxy, the same file the
+            server addon and the l402proxy CLI use.
+            """,
+        )
+        loader.add_option(
+            "l402_pay_timeout",
+            int,
+            60,
+            """
+            Seconds to wait for the wallet to pay. Past that the player gets the 402; the
+            payment stays pending and is checked again, so a late success still yields the token.
+            """,
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if updated & set(LIMIT_OPTIONS):
+            try:
+                self.limits = Limits(
+                    max_price_sat=ctx.options.l402_max_price_sat,
+                    max_fee_sat=ctx.options.l402_max_fee_sat,
+                    budget_daily_sat=ctx.options.l402_budget_daily_sat,
+                    budget_total_sat=ctx.options.l402_budget_total_sat,
+                    allow=tuple(ctx.options.l402_allow),
+                )
+            except ValueError as exc:
+                self._refuse("limits", str(exc))
+            else:
+                self.misconfigured.pop("limits", None)
+                if self.payer is not None:
+                    self.payer.limits = self.limits
+                    log.info(f"l402: limits now {self.limits.describe()}")
+        if "l402_pay_timeout" in updated:
+            if ctx.options.l402_pay_timeout < 1:
+                self._refuse("l402_pay_timeout", "must be at least 1 second")
+            else:
+                self.misconfigured.pop("l402_pay_timeout", None)
+                if self.payer is not None:
+                    self.payer.pay_timeout = ctx.options.l402_pay_timeout
+        if "l402_store" in updated and self.started:
+            raise exceptions.OptionsError(
+                "l402_store cannot change while running: restart mitmproxy with the new store"
+            )
+        if "l402_wallet" in updated or "l402_dev_ledger" in updated:
+            self._configure_wallet()
+
+    def _configure_wallet(self) -> None:
+        try:
+            wallet = open_wallet(ctx.options.l402_wallet, dev_ledger=self.dev_ledger_path)
+        except LightningError as exc:
+            self._refuse("l402_wallet", str(exc))
+            return
+        self.misconfigured.pop("l402_wallet", None)
+        previous, self.wallet = self.wallet, wallet
+        if self.payer is not None:
+            self.payer.wallet = wallet
+            log.info(f"l402: now paying from {wallet.describe()}")
+            if previous is not None:
+                asyncio.get_running_loop().create_task(previous.close())
+
+    def _refuse(self, option: str, problem: str) -> None:
+        """Same contract as the server addon: OptionsError while running (the old value
+        stays); at startup one error line, and mitmproxy exits before it listens."""
+        message = problem if problem.startswith("l402_") else f"{option}: {problem}"
+        if self.started:
+            raise exceptions.OptionsError(message)
+        log.error(f"l402: {message}")
+        self.misconfigured[option] = message
+
+    @property
+    def dev_ledger_path(self) -> str:
+        return ctx.options.l402_dev_ledger or paths.default_dev_ledger()
+
+    async def running(self) -> None:
+        if self.misconfigured or self.wallet is None:
+            return
+        # httpx logs every retry at INFO; the addon's own line about a payment says more.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        store_uri = ctx.options.l402_store or paths.default_client_store()
+        try:
+            store = await ClientStore.open(store_uri)
+        except (StoreError, OSError) as exc:
+            log.error(f"l402: cannot open the client store {store_uri}: {exc}")
+            return
+        self.payer = Payer(
+            self.wallet, store, self.limits, pay_timeout=ctx.options.l402_pay_timeout
+        )
+        try:
+            recovered = await self.payer.start()
+        except (LightningError, StoreError) as exc:
+            log.error(f"l402: cannot start paying: {exc}")
+            return
+        self.http = httpx.AsyncClient(
+            # The proxy's own environment may point HTTP_PROXY at this very proxy.
+            trust_env=False,
+            verify=self._verify(),
+            follow_redirects=False,
+            timeout=RESEND_TIMEOUT,
+        )
+        self.tasks = [asyncio.create_task(self._recover_every(RECOVERY_SECONDS))]
+        log.info(
+            f"l402: wallet {self.wallet.describe()}; {self.limits.describe()}; "
+            f"{len(self.payer.tokens)} token(s) in {store.path}"
+            + (f"; recovered {len(recovered)} interrupted payment(s)" if recovered else "")
+        )
+        self.started = True
+        self.ready.set()
+
+    def _verify(self) -> bool | str:
+        # The retry checks certificates like mitmproxy's own upstream connections do.
+        if ctx.options.ssl_insecure:
+            return False
+        return ctx.options.ssl_verify_upstream_trusted_ca or True
+
+    async def done(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.http is not None:
+            await self.http.aclose()
+        if self.payer is not None:
+            await self.payer.close()
+        elif self.wallet is not None:
+            await self.wallet.close()
+
+    async def _recover_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            assert self.payer is not None
+            try:
+                await self.payer.recover()
+            except (LightningError, StoreError) as exc:
+                log.warning(f"l402: checking pending payments failed: {exc}")
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        if not self.ready.is_set():
+            await self.ready.wait()
+        payer = self.payer
+        assert payer is not None
+        request = flow.request
+        if not payer.allows(request.host, request.port):
+            return
+        if "Accept-Authenticate" not in request.headers:
+            request.headers["Accept-Authenticate"] = "L402"
+        if "Authorization" in request.headers:
+            return  # the user's own credentials win
+        origin = origin_of(request.scheme, request.host, request.port)
+        flight = payer.flight_for(origin, request.path)
+        if flight is not None:
+            # A payment for this URL's scope is under way: its token beats a fresh 402.
+            await asyncio.wait({flight}, timeout=payer.pay_timeout)
+        token = payer.token_for(origin, request.path)
+        if token is not None:
+            request.headers["Authorization"] = token.credential
+            flow.metadata[TOKEN_KEY] = token
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        response = flow.response
+        if response is None or response.status_code not in (401, 402) or self.payer is None:
+            return
+        if not self.payer.allows(flow.request.host, flow.request.port):
+            if response.status_code == 402 and has_challenge(
+                response.headers.get_all("WWW-Authenticate")
+            ):
+                await self._handle(flow, response, None)
+            return
+        try:
+            await self._handle(flow, response, flow.metadata.get(TOKEN_KEY))
+        except httpx.HTTPError as exc:
+            log.warning(f"l402: retrying {flow.request.url} failed: {exc}")
+        except (StoreError, LightningError) as exc:
+            log.error(f"l402: could not handle the challenge from {flow.request.url}: {exc}")
+
+    async def _handle(
+        self, flow: http.HTTPFlow, response: http.Response, sent: Token | None
+    ) -> None:
+        payer = self.payer
+        assert payer is not None and flow.response is not None
+        request = flow.request
+        if response.status_code == 401:
+            if sent is None or not has_challenge(response.headers.get_all("WWW-Authenticate")):
+                return  # the origin's own 401: not ours
+            # Pay only on 402: drop the refused token and ask again without it.
+            await payer.drop(sent, "the server answered 401 (invalid token)")
+            sent = None
+            response = flow.response = await self._resend(request, None, response)
+            if response.status_code != 402:
+                return
+        outcome = await payer.handle_challenge(
+            url=request.url,
+            www_authenticate=response.headers.get_all("WWW-Authenticate"),
+            sent=sent,
+        )
+        if outcome is None:
+            return
+        if isinstance(outcome, Refused):
+            self._mark_refused(flow, response, outcome)
+            return
+        try:
+            answer = await self._resend(request, outcome.token.credential, response)
+        except httpx.HTTPError as exc:
+            flow.response = failed_resend_response(str(exc) or type(exc).__name__, outcome)
+            self._mark_paid(flow, outcome)
+            return
+        if answer.status_code in (401, 402) and about_token(
+            answer.headers.get_all("WWW-Authenticate"), outcome.token
+        ):
+            refused = await payer.rejected_after_payment(outcome.token, request.url)
+            self._mark_refused(flow, answer, refused)
+            return
+        flow.response = answer
+        self._mark_paid(flow, outcome)
+
+    async def _resend(
+        self, request: http.Request, authorization: str | None, like: http.Response
+    ) -> http.Response:
+        assert self.http is not None
+        return await resend(self.http, request, authorization, like)
+
+    @staticmethod
+    def _mark_paid(flow: http.HTTPFlow, paid: Paid) -> None:
+        assert flow.response is not None
+        flow.metadata["l402_client"] = {
+            "paid": paid.paid_here,
+            "service": paid.token.label,
+            "amount_msat": paid.amount_msat,
+            "fee_msat": paid.fee_msat,
+            "payment_hash": paid.token.payment_hash.hex(),
+        }
+        if paid.paid_here:
+            flow.response.headers["X-L402-Paid"] = paid.header()
+            flow.marked = PAID_MARKER
+            flow.comment = f"L402 paid {paid.header()}"
+        else:
+            flow.comment = f"L402 token for {paid.token.label} (paid by another request)"
+
+    @staticmethod
+    def _mark_refused(flow: http.HTTPFlow, response: http.Response, refused: Refused) -> None:
+        response.headers["X-L402-Refused"] = refused.header()
+        flow.response = response
+        flow.marked = REFUSED_MARKER
+        flow.comment = f"L402 not paid: {refused.code}: {refused.message}"
+        flow.metadata["l402_client"] = {"refused": refused.code, "message": refused.message}

@@ -1,0 +1,644 @@
+"""Client decisions: which 402 challenges to pay, within which limits, one payment per scope at a
+time, and the tokens that come out of it.
+
+No mitmproxy here: the client addon and the httpx SDK (sdk.py) share this. A token's scope is
+its origin plus the services its `services=` caveat names; which URLs belong to a scope is
+learned from the challenges the server sends (a path, and the directories above it).
+"""
+
+import asyncio
+import fnmatch
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import urlsplit
+
+from .l402.headers import Challenge, format_credential, parse_challenges
+from .l402.invoice import decode_invoice
+from .l402.token import TokenError, TokenInfo, inspect
+from .lightning import LightningError, PaymentFailed, Wallet
+from .store.client import ClientStore, NewPayment, Payment, sat_number
+from .store.database import StoreError
+
+log = logging.getLogger("l402proxy.payer")
+
+REFUSAL_CODES = (
+    "not_allowed",
+    "max_price",
+    "budget_daily",
+    "budget_total",
+    "no_amount",
+    "hash_mismatch",
+    "invoice_expired",
+    "bad_challenge",
+    "payment_failed",
+    "payment_pending",
+    "rejected_after_payment",
+)
+# The same refusal (origin, url, reason) is written to the history at most this often.
+REFUSAL_RECORD_SECONDS = 60.0
+LOOKUP_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class HostPattern:
+    host: str  # lower-case; may hold * and ? wildcards
+    port: int | None
+
+
+def parse_host_pattern(text: str) -> HostPattern:
+    """`example.com`, `*.example.com`, `127.0.0.1:8081`, `[::1]:8081`; ValueError otherwise."""
+    value = text.strip().lower()
+    if not value:
+        raise ValueError("empty host pattern")
+    if "/" in value or "@" in value:
+        raise ValueError(f"host pattern {text!r} must be a host name, not a URL")
+    port: int | None = None
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"host pattern {text!r}: bad IPv6 literal")
+        port_text = rest[1:] if rest else ""
+    elif value.count(":") == 1:
+        host, _, port_text = value.partition(":")
+    else:
+        host, port_text = value, ""
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"host pattern {text!r}: port must be 1-65535")
+        port = int(port_text)
+    if not host:
+        raise ValueError(f"host pattern {text!r} has no host")
+    return HostPattern(host, port)
+
+
+def host_allowed(patterns: Iterable[HostPattern], host: str, port: int) -> bool:
+    """No patterns: any host. `*.example.com` matches subdomains, not example.com itself."""
+    host = host.lower().strip("[]")
+    any_pattern = False
+    for pattern in patterns:
+        any_pattern = True
+        if pattern.port is not None and pattern.port != port:
+            continue
+        if fnmatch.fnmatchcase(host, pattern.host):
+            return True
+    return not any_pattern
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the user lets the client spend, in sat. Checked before every payment."""
+
+    max_price_sat: int = 100
+    max_fee_sat: int = 10
+    budget_daily_sat: int = 1000
+    budget_total_sat: int | None = None
+    allow: tuple[str, ...] = ()
+    hosts: tuple[HostPattern, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("max_price_sat", "max_fee_sat", "budget_daily_sat", "budget_total_sat"):
+            value = getattr(self, name)
+            if value is None and name == "budget_total_sat":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"l402_{name} must be a whole number of sat >= 0, got {value!r}")
+        object.__setattr__(self, "hosts", tuple(parse_host_pattern(p) for p in self.allow))
+
+    def allows(self, host: str, port: int) -> bool:
+        return host_allowed(self.hosts, host, port)
+
+    def describe(self) -> str:
+        total = "" if self.budget_total_sat is None else f", {self.budget_total_sat} sat in total"
+        hosts = ", ".join(self.allow) if self.allow else "any host"
+        return (
+            f"at most {self.max_price_sat} sat per payment (+ {self.max_fee_sat} sat fee), "
+            f"{self.budget_daily_sat} sat per 24 h{total}; paying {hosts}"
+        )
+
+
+@dataclass(frozen=True)
+class Token:
+    """A paid token as it is sent: `Authorization: <credential>`."""
+
+    origin: str
+    scope: str
+    services: tuple[str, ...]
+    payment_hash: bytes
+    valid_until: float | None
+    credential: str
+
+    @classmethod
+    def from_payment(cls, payment: Payment) -> "Token":
+        assert payment.preimage is not None
+        return cls(
+            origin=payment.origin,
+            scope=payment.scope,
+            services=payment.services,
+            payment_hash=payment.payment_hash,
+            valid_until=payment.valid_until,
+            credential=format_credential([payment.macaroon], payment.preimage, payment.scheme),
+        )
+
+    def usable(self, now: float) -> bool:
+        return self.valid_until is None or self.valid_until > now
+
+    @property
+    def label(self) -> str:
+        return ",".join(self.services) or self.scope
+
+
+@dataclass(frozen=True)
+class Paid:
+    token: Token
+    amount_msat: int
+    fee_msat: int
+    # False: the token came from another request's payment (or an earlier one): nothing
+    # was paid for this request.
+    paid_here: bool
+
+    def header(self) -> str:
+        return (
+            f"{sat_number(self.amount_msat)} sat (fee {sat_number(self.fee_msat)} sat) "
+            f"for {self.token.label}"
+        )
+
+
+@dataclass(frozen=True)
+class Refused:
+    code: str
+    message: str
+
+    def header(self) -> str:
+        # A header value must stay on one line.
+        return f"{self.code}; {' '.join(self.message.split())}"
+
+
+Outcome = Paid | Refused
+
+
+def origin_of(scheme: str, host: str, port: int) -> str:
+    host = host.lower()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{scheme.lower()}://{host}:{port}"
+
+
+def split_url(url: str) -> tuple[str, str, int, str]:
+    """(origin, host, port, path without query) of an absolute http(s) URL."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an absolute http(s) URL: {url!r}")
+    port = parts.port or (443 if scheme == "https" else 80)
+    return origin_of(scheme, parts.hostname, port), parts.hostname, port, parts.path or "/"
+
+
+def path_candidates(path: str) -> Iterator[str]:
+    """The path itself, then each directory above it down to "/": where a scope may be known."""
+    path = path.split("?", 1)[0] or "/"
+    yield path
+    cut = len(path)
+    while cut > 0:
+        cut = path.rfind("/", 0, cut)
+        if cut < 0:
+            return
+        yield path[: cut + 1]
+
+
+def directory_of(path: str) -> str:
+    path = path.split("?", 1)[0] or "/"
+    return path[: path.rfind("/") + 1] or "/"
+
+
+def scope_of(info: TokenInfo, path: str) -> str:
+    """The server's own scope (services=) when it names one; else the directory asked for."""
+    if info.services:
+        return "services:" + ",".join(sorted(info.services))
+    return "path:" + directory_of(path)
+
+
+@dataclass(frozen=True)
+class _Offer:
+    """The challenge picked from a 402, read and ready to check."""
+
+    challenge: Challenge
+    info: TokenInfo
+    scope: str
+
+
+def pick_challenge(values: Iterable[str], path: str) -> _Offer | Refused | None:
+    """The first readable L402/LSAT challenge, in the server's order (its preferred scheme).
+
+    None: the response carries no L402/LSAT challenge at all (not ours to handle).
+    """
+    challenges = parse_challenges(list(values))
+    if not challenges:
+        return None
+    problems = []
+    for challenge in challenges:
+        try:
+            info = inspect(challenge.macaroon)
+        except TokenError as exc:
+            problems.append(f"{challenge.scheme}: {exc}")
+            continue
+        return _Offer(challenge, info, scope_of(info, path))
+    return Refused("bad_challenge", "no usable macaroon in the challenge: " + "; ".join(problems))
+
+
+def has_challenge(www_authenticate: Iterable[str]) -> bool:
+    return bool(parse_challenges(list(www_authenticate)))
+
+
+def about_token(www_authenticate: Iterable[str], token: Token) -> bool:
+    """Whether a 401/402 answered to `token` concerns its own scope (not another service)."""
+    offer = pick_challenge(www_authenticate, "/")
+    return offer is None or isinstance(offer, Refused) or offer.scope == token.scope
+
+
+class Payer:
+    """Pays challenges for one wallet and one client store; see the module docstring."""
+
+    def __init__(
+        self,
+        wallet: Wallet,
+        store: ClientStore,
+        limits: Limits,
+        *,
+        pay_timeout: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.wallet = wallet
+        self.store = store
+        self.limits = limits
+        self.pay_timeout = pay_timeout
+        self.clock = clock
+        self.tokens: dict[tuple[str, str], Token] = {}
+        self.paths: dict[str, dict[str, str]] = {}
+        self.flights: dict[tuple[str, str], asyncio.Task[Outcome]] = {}
+        self.in_flight: set[bytes] = set()
+        self.recent_refusals: dict[tuple[str, str, str], float] = {}
+        self.background: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> list[Payment]:
+        """Load tokens and learned paths, then settle what a crash left pending."""
+        start = getattr(self.wallet, "start", None)
+        if start is not None:
+            await start()
+        now = self.clock()
+        for payment in await self.store.tokens(now):
+            token = Token.from_payment(payment)
+            self.tokens[(token.origin, token.scope)] = token
+        for origin, path, scope in await self.store.learned_paths():
+            self.paths.setdefault(origin, {})[path] = scope
+        return await self.recover()
+
+    async def close(self) -> None:
+        if self.background:
+            await asyncio.wait(self.background, timeout=5.0)
+        await self.wallet.close()
+        await self.store.close()
+
+    async def recover(self) -> list[Payment]:
+        """Ask the wallet about every pending payment not being paid by this process now.
+
+        Succeeded: the token is stored (never paid again). Failed, or unknown to the wallet
+        (never sent): released. Still pending, or the wallet cannot say: left for next time.
+        """
+        settled: list[Payment] = []
+        for payment in await self.store.pending():
+            if payment.payment_hash in self.in_flight:
+                continue
+            try:
+                state = await asyncio.wait_for(
+                    self.wallet.lookup_payment(payment.payment_hash), LOOKUP_TIMEOUT_SECONDS
+                )
+            except (LightningError, TimeoutError) as exc:
+                log.warning(
+                    f"l402: payment {payment.payment_hash.hex()} is still unresolved: "
+                    f"cannot ask the wallet ({exc or 'timed out'}); checking again later"
+                )
+                continue
+            now = self.clock()
+            if state.status == "succeeded" and state.preimage is not None:
+                if hashlib.sha256(state.preimage).digest() != payment.payment_hash:
+                    log.error(
+                        f"l402: wallet reports payment {payment.payment_hash.hex()} succeeded "
+                        "with a preimage that does not match; leaving it pending"
+                    )
+                    continue
+                done = await self.store.settle(
+                    payment.payment_hash, state.preimage, state.fee_msat, now
+                )
+                self._keep(Token.from_payment(done))
+                settled.append(done)
+                log.info(
+                    f"l402: recovered the token of a payment interrupted earlier: "
+                    f"{sat_number(done.amount_msat)} sat to {done.origin} ({done.url})"
+                )
+            elif state.status in ("failed", "unknown"):
+                why = "failed" if state.status == "failed" else "was never sent"
+                await self.store.fail(payment.payment_hash, f"the payment {why}", now)
+                log.info(f"l402: interrupted payment {payment.payment_hash.hex()} {why}")
+        return settled
+
+    # -- request side --------------------------------------------------------------------------
+
+    def allows(self, host: str, port: int) -> bool:
+        return self.limits.allows(host, port)
+
+    def scope_for(self, origin: str, path: str) -> str | None:
+        known = self.paths.get(origin)
+        if not known:
+            return None
+        for candidate in path_candidates(path):
+            scope = known.get(candidate)
+            if scope is not None:
+                return scope
+        return None
+
+    def token_for(self, origin: str, path: str) -> Token | None:
+        """The token to send up front, from memory: no I/O on the request path."""
+        scope = self.scope_for(origin, path)
+        if scope is None:
+            return None
+        token = self.tokens.get((origin, scope))
+        if token is None or not token.usable(self.clock()):
+            return None
+        return token
+
+    def flight_for(self, origin: str, path: str) -> asyncio.Task[Outcome] | None:
+        """A payment under way for this URL's scope: better to wait for it than draw a 402."""
+        scope = self.scope_for(origin, path)
+        return None if scope is None else self.flights.get((origin, scope))
+
+    # -- response side -------------------------------------------------------------------------
+
+    async def handle_challenge(
+        self,
+        *,
+        url: str,
+        www_authenticate: Iterable[str],
+        sent: Token | None = None,
+    ) -> Outcome | None:
+        """A 402 came back for `url`: a token to retry with, why not, or None (not L402).
+
+        `sent` is the token the request carried, if any: when the server refuses it for its
+        own scope it is dropped, and a new one is paid at most once for this call.
+        """
+        origin, host, port, path = split_url(url)
+        if not self.allows(host, port):
+            return await self._refuse(
+                origin, url, Refused("not_allowed", f"{host}:{port} is not in l402_allow"), None
+            )
+        offer = pick_challenge(www_authenticate, path)
+        if offer is None:
+            return None
+        if isinstance(offer, Refused):
+            return await self._refuse(origin, url, offer, None)
+        self._learn(origin, path, offer.scope)
+        key = (origin, offer.scope)
+        if sent is not None and sent.origin == origin and sent.scope == offer.scope:
+            await self.drop(sent, "the server answered 402 to it")
+        rejected = sent.payment_hash if sent is not None else None
+
+        existing = self.tokens.get(key)
+        if (
+            existing is not None
+            and existing.payment_hash != rejected
+            and existing.usable(self.clock())
+        ):
+            return Paid(existing, 0, 0, paid_here=False)
+        flight = self.flights.get(key)
+        waiting = flight is not None
+        if flight is None:
+            flight = asyncio.get_running_loop().create_task(
+                self._fly(key, url, offer, rejected), name=f"l402 payment {origin}"
+            )
+            self.flights[key] = flight
+            flight.add_done_callback(lambda _: self.flights.pop(key, None))
+        else:
+            log.debug(f"l402: waiting for the payment under way for {origin} {offer.scope}")
+        # Shielded: a request that goes away must not cancel a payment others wait for.
+        outcome = await asyncio.shield(flight)
+        if isinstance(outcome, Paid):
+            if outcome.token.payment_hash == rejected:
+                return Refused("rejected_after_payment", "the server refused the token just paid")
+            if waiting:
+                return replace(outcome, paid_here=False)  # the request that paid reports it
+        return outcome
+
+    async def drop(self, token: Token, reason: str) -> None:
+        key = (token.origin, token.scope)
+        current = self.tokens.get(key)
+        if current is not None and current.payment_hash == token.payment_hash:
+            del self.tokens[key]
+            log.info(f"l402: dropped the token for {token.origin} {token.label}: {reason}")
+        await self.store.drop(token.payment_hash, reason, self.clock())
+
+    async def rejected_after_payment(self, token: Token, url: str) -> Refused:
+        """The retry with a token paid for this very request was refused: stop there."""
+        await self.drop(token, "refused by the server right after payment")
+        refused = Refused(
+            "rejected_after_payment",
+            f"{token.origin} refused the token just paid for {token.label}; not paying again "
+            "for this request",
+        )
+        return await self._refuse(token.origin, url, refused, None)
+
+    # -- paying --------------------------------------------------------------------------------
+
+    async def _fly(
+        self, key: tuple[str, str], url: str, offer: _Offer, rejected: bytes | None
+    ) -> Outcome:
+        origin = key[0]
+        # Another process sharing the store (the SDK, a second proxy) may have paid already.
+        try:
+            stored = await self.store.token_for_scope(origin, offer.scope, self.clock())
+        except StoreError as exc:
+            return await self._refuse(origin, url, Refused("payment_failed", str(exc)), None)
+        if stored is not None and stored.payment_hash != rejected:
+            token = self._keep(Token.from_payment(stored))
+            return Paid(token, 0, 0, paid_here=False)
+        checked = self._check_invoice(offer)
+        if isinstance(checked, Refused):
+            return await self._refuse(origin, url, checked, offer)
+        amount_msat = checked
+        payment = NewPayment(
+            payment_hash=offer.info.identifier.payment_hash,
+            origin=origin,
+            url=url,
+            scope=offer.scope,
+            services=offer.info.services,
+            scheme=offer.challenge.scheme,
+            macaroon=offer.challenge.macaroon,
+            bolt11=offer.challenge.invoice,
+            amount_msat=amount_msat,
+            fee_limit_msat=self.limits.max_fee_sat * 1000,
+            valid_until=offer.info.valid_until,
+            wallet=self.wallet.name,
+        )
+        try:
+            reserved = await self.store.reserve(
+                payment,
+                budget_daily_msat=self.limits.budget_daily_sat * 1000,
+                budget_total_msat=(
+                    None
+                    if self.limits.budget_total_sat is None
+                    else self.limits.budget_total_sat * 1000
+                ),
+                now=self.clock(),
+            )
+        except StoreError as exc:
+            return await self._refuse(origin, url, Refused("payment_failed", str(exc)), offer)
+        if not isinstance(reserved, Payment):
+            return await self._refuse(origin, url, Refused(reserved.code, reserved.message), offer)
+        return await self._pay(reserved)
+
+    def _check_invoice(self, offer: _Offer) -> int | Refused:
+        """The invoice amount in msat if it may be paid, or why not."""
+        try:
+            invoice = decode_invoice(offer.challenge.invoice)
+        except ValueError as exc:
+            return Refused("bad_challenge", str(exc))
+        if invoice.payment_hash != offer.info.identifier.payment_hash:
+            return Refused(
+                "hash_mismatch",
+                "the invoice pays for another payment hash than the macaroon names "
+                f"(invoice {invoice.payment_hash.hex()[:16]}…, macaroon "
+                f"{offer.info.identifier.payment_hash.hex()[:16]}…)",
+            )
+        if invoice.amount_msat is None:
+            return Refused("no_amount", "the invoice has no amount; it is never paid blindly")
+        if invoice.is_expired(self.clock()):
+            return Refused("invoice_expired", f"the invoice expired at {invoice.expires_at}")
+        if invoice.amount_msat > self.limits.max_price_sat * 1000:
+            return Refused(
+                "max_price",
+                f"the invoice asks {sat_number(invoice.amount_msat)} sat, more than "
+                f"l402_max_price_sat {self.limits.max_price_sat}",
+            )
+        return invoice.amount_msat
+
+    async def _pay(self, payment: Payment) -> Outcome:
+        payment_hash = payment.payment_hash
+        self.in_flight.add(payment_hash)
+        try:
+            return await self._pay_and_record(payment)
+        finally:
+            self.in_flight.discard(payment_hash)
+
+    async def _pay_and_record(self, payment: Payment) -> Outcome:
+        payment_hash = payment.payment_hash
+        origin, url = payment.origin, payment.url
+        try:
+            result = await asyncio.wait_for(
+                self.wallet.pay(payment.bolt11, payment.fee_limit_msat), self.pay_timeout
+            )
+        except PaymentFailed as exc:
+            await self.store.fail(payment_hash, str(exc), self.clock())
+            log.warning(f"l402: payment to {origin} failed: {exc}")
+            return Refused("payment_failed", str(exc))
+        except (LightningError, TimeoutError) as exc:
+            # Not known to have failed: it may still go through. The reservation stays and
+            # the next recovery asks the wallet.
+            why = str(exc) or f"no answer from the wallet within {self.pay_timeout:g} s"
+            await self.store.note_error(payment_hash, why, self.clock())
+            log.warning(f"l402: payment to {origin} unresolved ({why}); will check again")
+            return Refused(
+                "payment_pending",
+                f"{why}; the payment stays pending and is checked again "
+                "(see l402proxy wallet history)",
+            )
+        if hashlib.sha256(result.preimage).digest() != payment_hash:
+            await self.store.note_error(
+                payment_hash, "the wallet returned a wrong preimage", self.clock()
+            )
+            log.error(f"l402: the wallet returned a preimage that does not match {url}")
+            return Refused("payment_failed", "the wallet returned a preimage that does not match")
+        try:
+            done = await self.store.settle(
+                payment_hash, result.preimage, result.fee_msat, self.clock()
+            )
+        except StoreError as exc:
+            # Paid, but not on disk: use the token now; the wallet still knows the preimage,
+            # so the next recovery writes it.
+            log.error(f"l402: paid {url} but could not store the token: {exc}")
+            done = replace(
+                payment, status="paid", preimage=result.preimage, fee_msat=result.fee_msat
+            )
+        token = self._keep(Token.from_payment(done))
+        log.info(
+            f"l402: paid {sat_number(payment.amount_msat)} sat (fee "
+            f"{sat_number(result.fee_msat)} sat) to {origin} for {token.label} ({url})"
+        )
+        return Paid(token, payment.amount_msat, result.fee_msat, paid_here=True)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _keep(self, token: Token) -> Token:
+        self.tokens[(token.origin, token.scope)] = token
+        return token
+
+    def _learn(self, origin: str, path: str, scope: str) -> None:
+        known = self.paths.setdefault(origin, {})
+        changed = False
+        for learned in (path.split("?", 1)[0] or "/", directory_of(path)):
+            if known.get(learned) != scope:
+                known[learned] = scope
+                changed = True
+                self._later(self.store.learn_path(origin, learned, scope, self.clock()))
+        if changed:
+            log.debug(f"l402: {origin}{path} belongs to {scope}")
+
+    def _later(self, job: Coroutine[Any, Any, None]) -> None:
+        """Write-behind for bookkeeping the answer does not wait for; failures are logged."""
+
+        async def run() -> None:
+            try:
+                await job
+            except StoreError as exc:
+                log.warning(f"l402: client store write failed: {exc}")
+
+        task = asyncio.get_running_loop().create_task(run())
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _refuse(
+        self, origin: str, url: str, refused: Refused, offer: _Offer | None
+    ) -> Refused:
+        log.warning(f"l402: not paying {url}: {refused.code}: {refused.message}")
+        key = (origin, url, refused.code)
+        now = self.clock()
+        if now - self.recent_refusals.get(key, float("-inf")) >= REFUSAL_RECORD_SECONDS:
+            if len(self.recent_refusals) > 10_000:
+                self.recent_refusals.clear()
+            self.recent_refusals[key] = now
+            amount = None
+            payment_hash = None
+            service = None
+            if offer is not None:
+                service = ",".join(offer.info.services) or None
+                payment_hash = offer.info.identifier.payment_hash
+                try:
+                    amount = decode_invoice(offer.challenge.invoice).amount_msat
+                except ValueError:
+                    amount = None
+            self._later(
+                self.store.refuse(
+                    origin=origin,
+                    url=url,
+                    service=service,
+                    reason=refused.code,
+                    message=refused.message,
+                    amount_msat=amount,
+                    payment_hash=payment_hash,
+                    now=now,
+                )
+            )
+        return refused
