@@ -1,0 +1,251 @@
+"""L402 for Python programs: an httpx.Auth that pays 402 challenges like the client proxy does.
+
+    from l402proxy.sdk import L402Auth
+
+    with L402Auth(max_price_sat=50) as auth, httpx.Client(auth=auth) as client:
+        episode = client.get("http://127.0.0.1:8081/episodes/ep1.mp3")
+
+Same limits, ledger and token store as `addons/client.py` (by default the same files), so
+what one bought the other uses, and both count against the same budgets.
+"""
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import AsyncGenerator, Coroutine, Generator, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from . import paths
+from .lightning import open_wallet
+from .payer import Limits, Outcome, Payer, Refused, Token, about_token, has_challenge, split_url
+from .store.client import ClientStore
+
+CLOSE_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass
+class _Io:
+    """A step of the flow that runs on the payer's event loop."""
+
+    job: Coroutine[Any, Any, Any]
+
+
+class L402Auth(httpx.Auth):
+    """Pays L402 challenges for an httpx.Client or httpx.AsyncClient.
+
+    The payment logic runs on a private event loop in one background thread, so one instance
+    serves sync and async clients alike and never blocks the caller's loop on SQLite.
+    Call close() (or use `with`) when done.
+    """
+
+    requires_request_body = True  # a paid request is sent again, body and all
+
+    def __init__(
+        self,
+        wallet: str = "dev",
+        *,
+        max_price_sat: int = 100,
+        max_fee_sat: int = 10,
+        budget_daily_sat: int = 1000,
+        budget_total_sat: int | None = None,
+        allow: Iterable[str] = (),
+        store: str | None = None,
+        dev_ledger: str | None = None,
+        pay_timeout: float = 60.0,
+    ) -> None:
+        self.limits = Limits(
+            max_price_sat=max_price_sat,
+            max_fee_sat=max_fee_sat,
+            budget_daily_sat=budget_daily_sat,
+            budget_total_sat=budget_total_sat,
+            allow=tuple(allow),
+        )
+        self.store_uri = store or paths.default_client_store()
+        # Opening a wallet is cheap and checks the URI now, not at the first request.
+        self._wallet = open_wallet(wallet, dev_ledger=dev_ledger or paths.default_dev_ledger())
+        self.pay_timeout = pay_timeout
+        self._payer: Payer | None = None
+        self._starting: asyncio.Task[Payer] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- the flow, written once for both kinds of client ------------------------------------
+
+    def _flow(self, request: httpx.Request) -> Generator[_Io | httpx.Request, Any, None]:
+        url = str(request.url)
+        try:
+            split_url(url)
+        except ValueError:
+            yield request
+            return
+        sent: Token | None = yield _Io(self._before(request))
+        response: httpx.Response = yield request
+        if (
+            response.status_code == 401
+            and sent is not None
+            and has_challenge(response.headers.get_list("WWW-Authenticate"))
+        ):
+            # Pay only on 402: drop the refused token and ask again without it.
+            yield _Io(self._drop(sent))
+            sent = None
+            del request.headers["Authorization"]
+            response = yield request
+        if response.status_code != 402:
+            return
+        outcome: Outcome | None = yield _Io(self._handle(url, response, sent))
+        if outcome is None:
+            return
+        if isinstance(outcome, Refused):
+            response.headers["X-L402-Refused"] = outcome.header()
+            return
+        request.headers["Authorization"] = outcome.token.credential
+        answer: httpx.Response = yield request
+        if answer.status_code in (401, 402) and about_token(
+            answer.headers.get_list("WWW-Authenticate"), outcome.token
+        ):
+            refused: Refused = yield _Io(self._rejected(outcome.token, url))
+            answer.headers["X-L402-Refused"] = refused.header()
+        elif outcome.paid_here:
+            answer.headers["X-L402-Paid"] = outcome.header()
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        flow = self._flow(request)
+        step = next(flow)
+        while True:
+            try:
+                if isinstance(step, _Io):
+                    step = flow.send(self._run(step.job))
+                else:
+                    step = flow.send((yield step))
+            except StopIteration:
+                return
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        flow = self._flow(request)
+        step = next(flow)
+        while True:
+            try:
+                if isinstance(step, _Io):
+                    step = flow.send(await asyncio.wrap_future(self._submit(step.job)))
+                else:
+                    step = flow.send((yield step))
+            except StopIteration:
+                return
+
+    # -- steps, on the payer's loop ----------------------------------------------------------
+
+    async def _before(self, request: httpx.Request) -> Token | None:
+        payer = await self._ready()
+        host = request.url.host
+        port = request.url.port or (443 if request.url.scheme == "https" else 80)
+        if not payer.allows(host, port):
+            return None
+        request.headers.setdefault("Accept-Authenticate", "L402")
+        if "Authorization" in request.headers:
+            return None  # the caller's own credentials win
+        origin, _, _, path = split_url(str(request.url))
+        flight = payer.flight_for(origin, path)
+        if flight is not None:
+            await asyncio.wait({flight}, timeout=payer.pay_timeout)
+        token = payer.token_for(origin, path)
+        if token is not None:
+            request.headers["Authorization"] = token.credential
+        return token
+
+    async def _drop(self, token: Token) -> None:
+        await (await self._ready()).drop(token, "the server answered 401 (invalid token)")
+
+    async def _handle(
+        self, url: str, response: httpx.Response, sent: Token | None
+    ) -> Outcome | None:
+        payer = await self._ready()
+        return await payer.handle_challenge(
+            url=url, www_authenticate=response.headers.get_list("WWW-Authenticate"), sent=sent
+        )
+
+    async def _rejected(self, token: Token, url: str) -> Refused:
+        return await (await self._ready()).rejected_after_payment(token, url)
+
+    async def _ready(self) -> Payer:
+        # One start for all: concurrent first requests must share one payer (one flight map).
+        starting = self._starting
+        if starting is None or (starting.done() and starting.exception() is not None):
+            starting = self._starting = asyncio.get_running_loop().create_task(self._start())
+        return await asyncio.shield(starting)
+
+    async def _start(self) -> Payer:
+        store = await ClientStore.open(self.store_uri)
+        payer = Payer(self._wallet, store, self.limits, pay_timeout=self.pay_timeout)
+        try:
+            await payer.start()
+        except BaseException:
+            await store.close()
+            raise
+        self._payer = payer
+        return payer
+
+    # -- the background loop -----------------------------------------------------------------
+
+    def _submit(self, job: Coroutine[Any, Any, Any]) -> "concurrent.futures.Future[Any]":
+        with self._lock:
+            if self._closed:
+                job.close()
+                raise RuntimeError("L402Auth is closed")
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(
+                    target=loop.run_forever, name="l402proxy-sdk", daemon=True
+                )
+                thread.start()
+                self._loop, self._thread = loop, thread
+            return asyncio.run_coroutine_threadsafe(job, self._loop)
+
+    def _run(self, job: Coroutine[Any, Any, Any]) -> Any:
+        return self._submit(job).result()
+
+    def close(self) -> None:
+        """Finish bookkeeping, close the wallet and the store, stop the thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+
+        async def shutdown() -> None:
+            if self._payer is not None:
+                await self._payer.close()
+            else:
+                await self._wallet.close()
+
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(CLOSE_TIMEOUT_SECONDS)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(CLOSE_TIMEOUT_SECONDS)
+            loop.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+__all__ = ["L402Auth"]
