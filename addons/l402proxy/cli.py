@@ -1,4 +1,5 @@
-"""`l402proxy`: decode L402 headers, drive the dev ledger, manage issued tokens.
+"""`l402proxy`: decode L402 headers, drive the dev ledger, manage issued tokens, show what the
+client paid.
 
 JSON on stdout; on bad input a one-line error on stderr and a non-zero exit, never a traceback.
 """
@@ -21,6 +22,8 @@ from .lightning import LightningError
 from .lightning.dev import DEFAULT_CLIENT_WALLET, DevLedger
 from .rules import RulesError, load_rules
 from .store import StoreError, open_server_store
+from .store.client import DAY_SECONDS, ClientStore, sat_number
+from .store.client import sqlite_path_from_uri as client_store_path
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -186,6 +189,48 @@ def rules_check(path: str) -> dict[str, Any]:
     }
 
 
+async def wallet_history(store_uri: str, limit: int) -> list[dict[str, Any]]:
+    store = await _existing_client_store(store_uri)
+    if store is None:
+        return []
+    try:
+        return await store.history(limit)
+    finally:
+        await store.close()
+
+
+async def wallet_tokens(store_uri: str, limit: int) -> list[dict[str, Any]]:
+    store = await _existing_client_store(store_uri)
+    if store is None:
+        return []
+    try:
+        now = time.time()
+        return [payment.token_json(now) for payment in await store.all_tokens(limit)]
+    finally:
+        await store.close()
+
+
+async def wallet_spent(store_uri: str) -> dict[str, Any]:
+    store = await _existing_client_store(store_uri)
+    if store is None:
+        return {"last_24h_sat": 0, "total_sat": 0, "pending": 0}
+    try:
+        day = await store.spent_msat(since=time.time() - DAY_SECONDS)
+        total = await store.spent_msat()
+        pending = len(await store.pending())
+    finally:
+        await store.close()
+    return {"last_24h_sat": sat_number(day), "total_sat": sat_number(total), "pending": pending}
+
+
+async def _existing_client_store(store_uri: str) -> ClientStore | None:
+    """Reading the history must not create a store where there was none."""
+    path = client_store_path(store_uri)
+    if not path.exists():
+        return None
+    return await ClientStore.open(str(path))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="l402proxy", description="L402 (LSAT) paywall and auto-pay proxy tools"
@@ -225,6 +270,20 @@ def build_parser() -> argparse.ArgumentParser:
         "revoke", help="revoke a token (the running proxy notices within ~1 s)"
     )
     revoke.add_argument("ref", help="token_id or payment_hash in hex, or a unique prefix (>= 8)")
+
+    wallet = commands.add_parser("wallet", help="what the client paid, refused and holds")
+    store_help = "client store path (default: client.sqlite under $L402PROXY_HOME or ~/.l402proxy)"
+    wallet.add_argument("--store", default=None, help=store_help)
+    wallet_commands = wallet.add_subparsers(dest="wallet_command", required=True)
+    history = wallet_commands.add_parser(
+        "history", help="payments (pending, paid, failed) and refusals, newest first"
+    )
+    tokens_held = wallet_commands.add_parser("tokens", help="tokens bought, newest first")
+    for leaf in (history, tokens_held):
+        leaf.add_argument("--store", default=argparse.SUPPRESS, help=store_help)
+        leaf.add_argument("--limit", type=int, default=100)
+    spent = wallet_commands.add_parser("spent", help="sat spent in the last 24 hours and in total")
+    spent.add_argument("--store", default=argparse.SUPPRESS, help=store_help)
     return parser
 
 
@@ -247,6 +306,13 @@ def run(args: argparse.Namespace) -> Any:
         if args.dev_command == "invoices":
             return run_async(lambda: dev_invoices(ledger))
         return run_async(lambda: dev_balance(ledger, args.wallet))
+    if args.command == "wallet":
+        client_store = args.store or paths.default_client_store()
+        if args.wallet_command == "history":
+            return run_async(lambda: wallet_history(client_store, args.limit))
+        if args.wallet_command == "tokens":
+            return run_async(lambda: wallet_tokens(client_store, args.limit))
+        return run_async(lambda: wallet_spent(client_store))
     store = args.store or paths.default_server_store()
     if args.tokens_command == "list":
         return run_async(lambda: tokens_list(store, args.service, args.limit))
