@@ -67,10 +67,14 @@ async def resend(
     async with client.stream(request.method, request.url, headers=headers, content=body) as answer:
         raw = b"".join([chunk async for chunk in answer.aiter_raw()])
     fields = [(k, v) for k, v in answer.headers.raw if k.lower() not in HOP_BY_HOP]
+    if like.http_version.startswith("HTTP/2"):
+        fields = [(k.lower(), v) for k, v in fields]  # HTTP/2 forbids upper-case names
     if request.method.upper() == "HEAD" or answer.status_code in (204, 304):
-        fields += [(k, v) for k, v in answer.headers.raw if k.lower() == b"content-length"]
+        fields += [
+            (b"content-length", v) for k, v in answer.headers.raw if k.lower() == b"content-length"
+        ]
     else:
-        fields.append((b"Content-Length", str(len(raw)).encode()))
+        fields.append((b"content-length", str(len(raw)).encode()))
     return http.Response(
         http_version=like.http_version.encode(),
         status_code=answer.status_code,
@@ -81,6 +85,12 @@ async def resend(
         timestamp_start=started,
         timestamp_end=time.time(),
     )
+
+
+def add_header(response: http.Response, name: str, value: str) -> None:
+    if response.http_version.startswith("HTTP/2"):
+        name = name.lower()  # HTTP/2 forbids upper-case names
+    response.headers.add(name, value)
 
 
 def failed_resend_response(problem: str, paid: Paid) -> http.Response:
@@ -398,7 +408,7 @@ class L402Client:
             "payment_hash": paid.token.payment_hash.hex(),
         }
         if paid.paid_here:
-            flow.response.headers["X-L402-Paid"] = paid.header()
+            add_header(flow.response, "X-L402-Paid", paid.header())
             flow.marked = PAID_MARKER
             flow.comment = f"L402 paid {paid.header()}"
         else:
@@ -406,7 +416,7 @@ class L402Client:
 
     @staticmethod
     def _mark_refused(flow: http.HTTPFlow, response: http.Response, refused: Refused) -> None:
-        response.headers["X-L402-Refused"] = refused.header()
+        add_header(response, "X-L402-Refused", refused.header())
         flow.response = response
         flow.marked = REFUSED_MARKER
         flow.comment = f"L402 not paid: {refused.code}: {refused.message}"
