@@ -299,8 +299,11 @@ class Payer:
         return await self.recover()
 
     async def close(self) -> None:
-        if self.background:
-            await asyncio.wait(self.background, timeout=5.0)
+        # Let payments under way record their outcome; one cut short stays pending and the
+        # next start asks the wallet about it.
+        unfinished = [*self.background, *self.flights.values()]
+        if unfinished:
+            await asyncio.wait(unfinished, timeout=5.0)
         await self.wallet.close()
         await self.store.close()
 
