@@ -6,10 +6,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from l402proxy.launch import (
     REPO,
     Process,
+    client_proxy_command,
     env_with_home,
     free_port,
     origin_command,
@@ -20,13 +24,20 @@ __all__ = [
     "REPO",
     "Process",
     "cli",
+    "client_proxy",
     "dev_pay",
     "env_with_home",
+    "fetch",
     "free_port",
+    "ledger_balance",
+    "ledger_invoices",
     "origin",
+    "proxied_async_client",
     "server_proxy",
     "wait_until",
 ]
+
+FETCH_TIMEOUT = 30.0
 
 
 def origin(workdir: Path, home: Path, name: str = "origin") -> Process:
@@ -60,6 +71,69 @@ def server_proxy(
         log_path=workdir / f"server-proxy-{port}.log",
         env=env_with_home(home),
     )
+
+
+def client_proxy(workdir: Path, home: Path, confdir: Path, *settings: str) -> Process:
+    """The paying client addon in regular (forward proxy) mode, as a podcast player would use it."""
+    port = free_port()
+    merged = {
+        "confdir": str(confdir),
+        "l402_store": str(home / "client.sqlite"),
+        "l402_dev_ledger": str(home / "devledger.sqlite"),
+    }
+    # One --set per option (see server_proxy).
+    merged |= dict(setting.split("=", 1) for setting in settings)
+    return Process(
+        name="client proxy",
+        command=client_proxy_command(port, settings=[f"{k}={v}" for k, v in merged.items()]),
+        port=port,
+        log_path=workdir / f"client-proxy-{port}.log",
+        env=env_with_home(home),
+    )
+
+
+def fetch(
+    proxy: Process,
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    timeout: float = FETCH_TIMEOUT,
+) -> httpx.Response:
+    """GET url through a forward proxy; the environment's own proxy settings never apply."""
+    with httpx.Client(proxy=proxy.url, trust_env=False, timeout=timeout) as client:
+        return client.get(url, headers=headers)
+
+
+def proxied_async_client(proxy: Process, timeout: float = FETCH_TIMEOUT) -> httpx.AsyncClient:
+    return httpx.AsyncClient(proxy=proxy.url, trust_env=False, timeout=timeout)
+
+
+def ledger_invoices(home: Path) -> list[dict[str, Any]]:
+    """Every invoice in the dev ledger under home, newest first (the CLI's `dev invoices`)."""
+    from l402proxy.lightning.dev import DevLedger
+
+    async def listed() -> list[dict[str, Any]]:
+        ledger = DevLedger(home / "devledger.sqlite")
+        try:
+            return await ledger.list_invoices()
+        finally:
+            await ledger.close()
+
+    return asyncio.run(listed())
+
+
+def ledger_balance(home: Path, wallet: str = "listener") -> int:
+    """A dev wallet's balance in msat."""
+    from l402proxy.lightning.dev import DevLedger
+
+    async def balance() -> int:
+        ledger = DevLedger(home / "devledger.sqlite")
+        try:
+            return await ledger.balance(wallet)
+        finally:
+            await ledger.close()
+
+    return asyncio.run(balance())
 
 
 def cli(home: Path, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
