@@ -1,12 +1,20 @@
-"""Benchmark the server addon against bare mitmdump, measured in the same run on the same origin.
+"""Benchmark the addons against bare mitmdump, measured in the same run on the same origin.
 
-Scenarios (each against bare `mitmdump --mode reverse` serving the same origin response):
+Server scenarios (each against bare `mitmdump --mode reverse` serving the same origin response):
   paid       requests with a valid token (cached verification, path rewrite to the ad-free file)
   challenge  requests that draw a fresh 402 (invoice from the dev ledger + a new macaroon)
 and micro-benchmarks of token verification (uncached) and the cached gate decision.
 
+Client scenarios (the paying forward proxy, `mitmdump -s addons/client.py`):
+  client-pass        requests that need no payment, against bare `mitmdump` in regular mode
+                     forwarding the same absolute-form requests to the same origin
+  client-first-paid  sequential fetches through client proxy -> server proxy -> origin, each of a
+                     URL in a service not paid yet (one dev-wallet payment each), paired with
+                     unpaid fetches through the same chain: the latency a first payment adds
+
 Numbers are ratios to bare mitmdump measured in this run; absolute numbers depend on the machine.
-Run with scripts/bench (it sets up the environment; wrk is used when installed).
+Run with scripts/bench (it sets up the environment; wrk is used when installed);
+--scenarios picks some of them (e.g. --scenarios client).
 """
 
 import argparse
@@ -22,9 +30,10 @@ import sys
 import tempfile
 import time
 import timeit
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
 
 from l402proxy import gate
 from l402proxy.l402.headers import format_credential, parse_challenges
@@ -33,6 +42,7 @@ from l402proxy.l402.token import caveats_for, derive_root_key, mint, verify
 from l402proxy.launch import (
     REPO,
     Process,
+    client_proxy_command,
     env_with_home,
     free_port,
     origin_command,
@@ -43,6 +53,15 @@ from l402proxy.lightning.dev import DevLedger
 from l402proxy.rules import load_rules
 
 RULES = REPO / "rules" / "podcast.yaml"
+SERVER_SCENARIOS = ("paid", "challenge")
+CLIENT_SCENARIOS = ("client-pass", "client-first-paid")
+SCENARIOS = SERVER_SCENARIOS + CLIENT_SCENARIOS
+# Ratio to bare mitmdump, at least.
+TARGETS = {"paid": 0.95, "challenge": 0.60, "client-pass": 0.95}
+FIRST_PAID_TARGET_MS = 50.0  # p50 of (first paid fetch - unpaid fetch)
+FIRST_PAID_TIME_LIMIT = 180.0  # seconds for all the sequential fetches of client-first-paid
+FETCH_TIMEOUT = 30.0  # one fetch through the proxies; the client gives up paying before that
+CLIENT_PAY_TIMEOUT = 20
 
 
 @dataclass
@@ -53,7 +72,19 @@ class Result:
     non_2xx: int  # a challenge run is all 402s by design
 
 
-LoadGenerator = Callable[[str, dict[str, str], int, int], Result]
+class LoadGenerator(Protocol):
+    def __call__(
+        self,
+        url: str,
+        headers: dict[str, str],
+        seconds: int,
+        connections: int,
+        proxy: str | None = None,
+    ) -> Result: ...
+
+
+def authority(url: str) -> str:
+    return urlsplit(url).netloc
 
 
 def parse_wrk_ms(text: str) -> float:
@@ -61,11 +92,24 @@ def parse_wrk_ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def run_wrk(url: str, headers: dict[str, str], seconds: int, connections: int) -> Result:
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
-    for name, value in headers.items():
-        command += ["-H", f"{name}: {value}"]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60).stdout
+def run_wrk(
+    url: str, headers: dict[str, str], seconds: int, connections: int, proxy: str | None = None
+) -> Result:
+    """wrk against url; with proxy, wrk talks to the proxy and asks it for url (absolute form)."""
+    with tempfile.TemporaryDirectory(prefix="l402bench-wrk-") as tmp:
+        command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+        if proxy is not None:
+            # wrk connects to the host of the URL it is given and sends wrk.path as the request
+            # target, so an absolute URI there is a forward-proxy request (RFC 9112 3.2.2).
+            script = Path(tmp) / "proxy.lua"
+            script.write_text(f"wrk.path = {json.dumps(url)}\n")  # a JSON string is Lua too
+            command += ["-s", str(script)]
+            headers = {"Host": authority(url), **headers}
+            url = proxy + "/"
+        command.append(url)
+        for name, value in headers.items():
+            command += ["-H", f"{name}: {value}"]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60).stdout
     latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -103,11 +147,17 @@ async def _one_connection(
     return not_2xx
 
 
-def run_python_load(url: str, headers: dict[str, str], seconds: int, connections: int) -> Result:
-    host_port, path = url.removeprefix("http://").split("/", 1)
-    host, port = host_port.split(":")
+def run_python_load(
+    url: str, headers: dict[str, str], seconds: int, connections: int, proxy: str | None = None
+) -> Result:
+    target = urlsplit(url)
+    # Through a forward proxy the request line carries the absolute URI (RFC 9112 3.2.2).
+    request_target = url if proxy is not None else target.path or "/"
+    connect_to = urlsplit(proxy) if proxy is not None else target
+    assert connect_to.hostname is not None and connect_to.port is not None
+    host, port = connect_to.hostname, connect_to.port
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    request = f"GET /{path} HTTP/1.1\r\nHost: {host_port}\r\n{head}\r\n".encode()
+    request = f"GET {request_target} HTTP/1.1\r\nHost: {target.netloc}\r\n{head}\r\n".encode()
 
     async def main() -> Result:
         latencies: list[float] = []
@@ -115,7 +165,7 @@ def run_python_load(url: str, headers: dict[str, str], seconds: int, connections
         started_at = time.monotonic()
         not_2xx = await asyncio.gather(
             *(
-                _one_connection(host, int(port), request, deadline, 1_000_000, latencies)
+                _one_connection(host, port, request, deadline, 1_000_000, latencies)
                 for _ in range(connections)
             )
         )
@@ -189,30 +239,65 @@ def micro_benchmarks() -> dict[str, float]:
     }
 
 
-def measure(args: argparse.Namespace, load: LoadGenerator, work: Path) -> dict[str, object]:
-    home = work / "home"
-    home.mkdir()
-    env = env_with_home(home)
-    origin_port = free_port()
-    origin = Process("origin", origin_command(origin_port), origin_port, work / "origin.log", env)
+@dataclass
+class Bench:
+    """What every scenario shares: the arguments, the load, a work directory and one origin."""
 
-    def proxy(name: str, rules: Path | None, *args: str) -> Process:
+    args: argparse.Namespace
+    load: LoadGenerator
+    work: Path
+    home: Path
+    env: dict[str, str]
+    origin: Process
+
+    def empty_hook_script(self) -> Path:
+        """mitmproxy's own cost of running any script hook, to tell it apart from an addon's."""
+        script = self.work / "empty_hook.py"
+        if not script.exists():
+            script.write_text(
+                "class EmptyHook:\n    async def request(self, flow):\n        return None\n\n"
+                "addons = [EmptyHook()]\n"
+            )
+        return script
+
+    def settings(self, *extra: str) -> list[str]:
+        # mitmproxy's CA goes to the work directory, not ~/.mitmproxy. Each option once only:
+        # mitmproxy drops every script option if one is set twice.
+        return [f"confdir={self.work / 'mitmproxy'}", "flow_detail=0", *extra]
+
+    def server_proxy(self, name: str, rules: Path | None, *args: str) -> Process:
         port = free_port()
-        command = server_proxy_command(origin.url, port, rules, settings=["flow_detail=0"])
-        return Process(name, [*command, *args], port, work / f"{name}.log", env)
+        command = server_proxy_command(self.origin.url, port, rules, settings=self.settings())
+        return Process(name, [*command, *args], port, self.work / f"{name}.log", self.env)
 
-    # mitmproxy's own cost of running any script hook, to tell it apart from the addon's work.
-    empty_script = work / "empty_hook.py"
-    empty_script.write_text(
-        "class EmptyHook:\n    async def request(self, flow):\n        return None\n\n"
-        "addons = [EmptyHook()]\n"
-    )
-    bare = proxy("bare", None)
-    empty_hook = proxy("empty-hook", None, "-s", str(empty_script))
-    addon = proxy("addon", RULES)
+    def client_proxy(
+        self, name: str, *settings: str, addon: bool = True, args: tuple[str, ...] = ()
+    ) -> Process:
+        port = free_port()
+        command = client_proxy_command(port, settings=self.settings(*settings), addon=addon)
+        return Process(name, [*command, *args], port, self.work / f"{name}.log", self.env)
+
+    def interleaved(
+        self, sides: dict[str, tuple[str, dict[str, str], str | None]]
+    ) -> dict[str, list[Result]]:
+        """Round after round, one run per side, so drift on a shared machine hits all sides."""
+        runs: dict[str, list[Result]] = {side: [] for side in sides}
+        for _ in range(self.args.rounds):
+            for side, (url, headers, proxy) in sides.items():
+                runs[side].append(
+                    self.load(url, headers, self.args.seconds, self.args.connections, proxy)
+                )
+        return runs
+
+
+def measure_server(bench: Bench, selected: list[str]) -> dict[str, object]:
+    args = bench.args
+    bare = bench.server_proxy("bare", None)
+    empty_hook = bench.server_proxy("empty-hook", None, "-s", str(bench.empty_hook_script()))
+    addon = bench.server_proxy("addon", RULES)
     results: dict[str, object] = {}
-    with started(origin, bare, empty_hook, addon):
-        authorization = asyncio.run(paid_authorization(addon.url, home / "devledger.sqlite"))
+    with started(bare, empty_hook, addon):
+        authorization = asyncio.run(paid_authorization(addon.url, bench.home / "devledger.sqlite"))
         scenarios = {
             # The same request bytes and the same origin work on both sides: the paid request
             # is rewritten to /adfree/ep1.mp3, and bare mitmdump forwards the token untouched.
@@ -226,35 +311,188 @@ def measure(args: argparse.Namespace, load: LoadGenerator, work: Path) -> dict[s
                 (addon.url + "/episodes/ep1.mp3", {"Accept-Authenticate": "L402"}),
             ),
         }
-        load(bare.url + "/", {}, 2, args.connections)  # warm up both proxies
-        load(addon.url + "/", {}, 2, args.connections)
+        bench.load(bare.url + "/", {}, 2, args.connections)  # warm up both proxies
+        bench.load(addon.url + "/", {}, 2, args.connections)
         for name, ((bare_url, bare_headers), (addon_url, addon_headers)) in scenarios.items():
-            bare_runs, addon_runs, hook_runs = [], [], []
-            for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits both
-                bare_runs.append(load(bare_url, bare_headers, args.seconds, args.connections))
-                addon_runs.append(load(addon_url, addon_headers, args.seconds, args.connections))
-                if name == "paid":
-                    hook_url = bare_url.replace(bare.url, empty_hook.url)
-                    hook_runs.append(load(hook_url, bare_headers, args.seconds, args.connections))
-            bare_rate = statistics.median(r.requests_per_s for r in bare_runs)
-            addon_rate = statistics.median(r.requests_per_s for r in addon_runs)
-            results[name] = {
-                "bare": summarize(bare_runs),
-                "addon": summarize(addon_runs),
-                "ratio": round(addon_rate / bare_rate, 3),
+            if name not in selected:
+                continue
+            sides = {
+                "bare": (bare_url, bare_headers, None),
+                "addon": (addon_url, addon_headers, None),
             }
-            if hook_runs:
-                hook_rate = statistics.median(r.requests_per_s for r in hook_runs)
-                results[name]["empty_hook"] = summarize(hook_runs)
-                results[name]["empty_hook_ratio"] = round(hook_rate / bare_rate, 3)
+            if name == "paid":
+                sides["empty_hook"] = (
+                    bare_url.replace(bare.url, empty_hook.url),
+                    bare_headers,
+                    None,
+                )
+            runs = bench.interleaved(sides)
+            results[name] = compare(runs)
         # Measured last, so the addon's caches and queues hold what this load put in them.
-        bare_rss, addon_rss = rss_mib(bare), rss_mib(addon)
-        results["memory"] = {
-            "bare_rss_mib": round(bare_rss, 1),
-            "addon_rss_mib": round(addon_rss, 1),
-            "ratio": round(addon_rss / bare_rss, 3),
-        }
+        results["memory"] = memory(bare, addon)
     return results
+
+
+def measure_client_pass(bench: Bench) -> dict[str, object]:
+    """The client addon on requests that need no payment, against bare mitmdump (regular mode)."""
+    args = bench.args
+    bare = bench.client_proxy("client-bare", addon=False)
+    empty_hook = bench.client_proxy(
+        "client-empty-hook", addon=False, args=("-s", str(bench.empty_hook_script()))
+    )
+    addon = bench.client_proxy("client-addon")
+    # Nothing priced on the way: the sample origin directly, no server proxy.
+    url = bench.origin.url + "/episodes/ep1.mp3"
+    with started(bare, empty_hook, addon):
+        for proxy in (bare, empty_hook, addon):  # warm up
+            bench.load(url, {}, 2, args.connections, proxy.url)
+        runs = bench.interleaved(
+            {
+                "bare": (url, {}, bare.url),
+                "addon": (url, {}, addon.url),
+                "empty_hook": (url, {}, empty_hook.url),
+            }
+        )
+        result = compare(runs)
+        result["memory"] = memory(bare, addon)
+    result["addon_log_problems"] = log_problems(addon)
+    return result
+
+
+def first_paid_rules(path: Path, count: int) -> Path:
+    """count paywalled services, /p<i>/* each, 1 sat: each first fetch under one pays once.
+
+    A paid fetch is rewritten to /bonus/<x>, which the sample origin serves for any name, so
+    the paid and the unpaid fetch (of /bonus/<x> itself, priced by nothing here) get the same
+    response from the same origin handler.
+    """
+    replacement = "/bonus/\\1"  # re.sub's group 1
+    lines = ["version: 1", "services:"]
+    for i in range(count):
+        lines += [
+            f"  - name: p{i}",
+            "    match:",
+            f"      path: {json.dumps(f'/p{i}/*')}",
+            "    price_sat: 1",
+            "    mode: paywall",
+            "    paid:",
+            f"      rewrite_path: {json.dumps([f'^/p{i}/(.*)$', replacement])}",
+        ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def measure_client_first_paid(bench: Bench) -> dict[str, object]:
+    """What the first paid fetch of a URL adds over an unpaid one, through the whole chain."""
+    import httpx
+
+    count = bench.args.paid_fetches
+    # One more service than samples: the first payment warms up the client's store and wallet.
+    rules = first_paid_rules(bench.work / "first-paid-rules.yaml", count + 1)
+    server = bench.server_proxy("first-paid-server", rules)
+    client = bench.client_proxy(
+        "first-paid-client",
+        f"l402_store={bench.work / 'first-paid-client.sqlite'}",
+        "l402_budget_daily_sat=1000000",
+        "l402_max_price_sat=1000",
+        f"l402_pay_timeout={CLIENT_PAY_TIMEOUT}",
+    )
+    unpaid_ms: list[float] = []
+    paid_ms: list[float] = []
+    repeat_ms: list[float] = []
+    extra_ms: list[float] = []
+    problems: list[str] = []
+
+    def fetch(http: httpx.Client, url: str, expect_paid: bool) -> float | None:
+        """Latency in ms, or None (and a problem noted) if the response is not what it should be."""
+        started_at = time.perf_counter()
+        try:
+            response = http.get(url)
+        except httpx.HTTPError as exc:
+            problems.append(f"GET {url}: {exc!r}")
+            return None
+        elapsed = (time.perf_counter() - started_at) * 1000
+        paid = response.headers.get("X-L402-Paid")
+        body = response.content
+        if response.status_code != 200 or (paid is not None) != expect_paid or b"BONUS" not in body:
+            problems.append(
+                f"GET {url}: {response.status_code}, X-L402-Paid {paid!r}, "
+                f"X-L402-Refused {response.headers.get('X-L402-Refused')!r}, body {body[:80]!r}"
+            )
+            return None
+        return elapsed
+
+    with (
+        started(server, client),
+        httpx.Client(proxy=client.url, trust_env=False, timeout=FETCH_TIMEOUT) as http,
+    ):
+        for _ in range(3):  # connections, the server's caches
+            fetch(http, f"{server.url}/bonus/warm.mp3", expect_paid=False)
+        fetch(http, f"{server.url}/p{count}/warm.mp3", expect_paid=True)
+        deadline = time.monotonic() + FIRST_PAID_TIME_LIMIT
+        for i in range(count):
+            if time.monotonic() >= deadline or len(problems) > 10:
+                problems.append(f"stopped after {i} of {count} samples (time or problems)")
+                break
+            # Paired and interleaved: each paid sample is compared with the unpaid one next to it.
+            unpaid = fetch(http, f"{server.url}/bonus/x{i}.mp3", expect_paid=False)
+            paid = fetch(http, f"{server.url}/p{i}/x{i}.mp3", expect_paid=True)
+            # The same URL again: the stored token is attached, nothing is paid.
+            repeat = fetch(http, f"{server.url}/p{i}/x{i}.mp3", expect_paid=False)
+            if unpaid is None or paid is None:
+                continue
+            unpaid_ms.append(unpaid)
+            paid_ms.append(paid)
+            extra_ms.append(paid - unpaid)
+            if repeat is not None:
+                repeat_ms.append(repeat)
+    return {
+        "samples": len(extra_ms),
+        "extra_ms": percentiles(extra_ms),
+        "unpaid_ms": percentiles(unpaid_ms),
+        "paid_ms": percentiles(paid_ms),
+        "repeat_ms": percentiles(repeat_ms),
+        "target_extra_p50_ms": FIRST_PAID_TARGET_MS,
+        "problems": problems[:12],
+        "client_log_problems": log_problems(client),
+        "server_log_problems": log_problems(server),
+    }
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if len(values) < 2:
+        return {"p50": round(values[0], 2) if values else None, "p90": None}
+    return {
+        "p50": round(statistics.median(values), 2),
+        "p90": round(statistics.quantiles(values, n=10)[8], 2),
+    }
+
+
+def log_problems(process: Process, limit: int = 5) -> list[str]:
+    """Lines of a proxy's log that look like errors, as evidence next to the numbers."""
+    pattern = re.compile(r"Traceback|\berror\b|exception", re.IGNORECASE)
+    return [line for line in process.log().splitlines() if pattern.search(line)][:limit]
+
+
+def compare(runs: dict[str, list[Result]]) -> dict[str, object]:
+    bare_rate = statistics.median(r.requests_per_s for r in runs["bare"])
+    result: dict[str, object] = {}
+    for side, side_runs in runs.items():
+        result[side] = summarize(side_runs)
+        if side != "bare":
+            rate = statistics.median(r.requests_per_s for r in side_runs)
+            key = "ratio" if side == "addon" else f"{side}_ratio"
+            result[key] = round(rate / bare_rate, 3)
+    return result
+
+
+def memory(bare: Process, addon: Process) -> dict[str, float]:
+    bare_rss, addon_rss = rss_mib(bare), rss_mib(addon)
+    return {
+        "bare_rss_mib": round(bare_rss, 1),
+        "addon_rss_mib": round(addon_rss, 1),
+        "ratio": round(addon_rss / bare_rss, 3),
+    }
 
 
 def rss_mib(process: Process) -> float:
@@ -275,7 +513,105 @@ def summarize(runs: list[Result]) -> dict[str, float]:
     }
 
 
-TARGETS = {"paid": 0.95, "challenge": 0.60}
+def measure(args: argparse.Namespace, load: LoadGenerator, work: Path) -> dict[str, object]:
+    home = work / "home"
+    home.mkdir()
+    env = env_with_home(home)
+    origin_port = free_port()
+    origin = Process("origin", origin_command(origin_port), origin_port, work / "origin.log", env)
+    bench = Bench(args, load, work, home, env, origin)
+    results: dict[str, object] = {}
+    # Each group starts its own proxies and stops them before the next, around one origin.
+    with started(origin):
+        if any(name in args.scenarios for name in SERVER_SCENARIOS):
+            results |= measure_server(bench, args.scenarios)
+        if "client-pass" in args.scenarios:
+            results["client-pass"] = measure_client_pass(bench)
+        if "client-first-paid" in args.scenarios:
+            results["client-first-paid"] = measure_client_first_paid(bench)
+    return results
+
+
+def scenario_list(text: str) -> list[str]:
+    """Comma-separated scenario names; `server` and `client` stand for their groups."""
+    groups = {"all": SCENARIOS, "server": SERVER_SCENARIOS, "client": CLIENT_SCENARIOS}
+    names: list[str] = []
+    for word in filter(None, (w.strip() for w in text.split(","))):
+        if word not in groups and word not in SCENARIOS:
+            raise argparse.ArgumentTypeError(
+                f"unknown scenario {word!r} (choose from {', '.join([*groups, *SCENARIOS])})"
+            )
+        names += [n for n in groups.get(word, (word,)) if n not in names]
+    if not names:
+        raise argparse.ArgumentTypeError("no scenario given")
+    return names
+
+
+def bounded_count(text: str) -> int:
+    count = int(text)
+    if not 2 <= count <= 500:
+        raise argparse.ArgumentTypeError(f"{count} is not in 2..500")
+    return count
+
+
+def print_report(report: dict, args: argparse.Namespace) -> None:
+    print(
+        f"load generator: {report['load_generator']}, {args.connections} connections, "
+        f"{args.rounds} x {args.seconds} s per side, interleaved"
+    )
+    loaded = [name for name in TARGETS if name in report]
+    if loaded:
+        print(
+            f"{'scenario':<12} {'side':<6} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}  ratio (target)"
+        )
+    for name in loaded:
+        entry = report[name]
+        for side in ("bare", "addon"):
+            r = entry[side]
+            tail = f"  {entry['ratio']:.2f} (>= {TARGETS[name]})" if side == "addon" else ""
+            print(
+                f"{name:<12} {side:<6} {r['req_per_s']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8}{tail}"
+            )
+    for name, mode in (("paid", "reverse"), ("client-pass", "regular")):
+        if name in report:
+            entry = report[name]
+            print(
+                f"for reference, bare ({mode} mode) + an empty request hook: "
+                f"{entry['empty_hook']['req_per_s']} req/s, ratio {entry['empty_hook_ratio']:.2f} "
+                "(mitmproxy's cost of any script)"
+            )
+    for label, memory_entry in (
+        ("server", report.get("memory")),
+        ("client", report.get("client-pass", {}).get("memory")),
+    ):
+        if memory_entry:
+            print(
+                f"memory after the runs (RSS, {label}): bare {memory_entry['bare_rss_mib']} MiB, "
+                f"addon {memory_entry['addon_rss_mib']} MiB, ratio {memory_entry['ratio']:.2f}"
+            )
+    if "client-first-paid" in report:
+        entry = report["client-first-paid"]
+        extra, unpaid, paid, repeat = (
+            entry[k] for k in ("extra_ms", "unpaid_ms", "paid_ms", "repeat_ms")
+        )
+        print(
+            f"client-first-paid, {entry['samples']} sequential fetches paying 1 sat each "
+            f"(dev wallet): first paid - unpaid p50 {extra['p50']} ms, p90 {extra['p90']} ms "
+            f"(target p50 < {FIRST_PAID_TARGET_MS:g} ms)"
+        )
+        print(
+            f"  unpaid p50 {unpaid['p50']} ms, first paid p50 {paid['p50']} ms, "
+            f"same URL again with the stored token p50 {repeat['p50']} ms"
+        )
+    for name in CLIENT_SCENARIOS:
+        entry = report.get(name, {})
+        for key in ("problems", "addon_log_problems", "client_log_problems", "server_log_problems"):
+            for line in entry.get(key, []):
+                print(f"{name}: {key.replace('_', ' ')}: {line}")
+    if "micro" in report:
+        micro = report["micro"]
+        print(f"token verify, uncached: {micro['verify_uncached_us']:.1f} us (target < 50 us)")
+        print(f"gate decision, cached token: {micro['decide_cached_us']:.2f} us")
 
 
 def main() -> int:
@@ -284,50 +620,41 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved runs per side")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--tool", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument(
+        "--scenarios",
+        type=scenario_list,
+        default=list(SCENARIOS),
+        help=f"comma-separated, from {', '.join(SCENARIOS)}, or server, client, all (default)",
+    )
+    parser.add_argument(
+        "--paid-fetches",
+        type=bounded_count,
+        default=30,
+        metavar="N",
+        help="client-first-paid samples, 2..500 (default %(default)s)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON only")
     args = parser.parse_args()
     use_wrk = args.tool == "wrk" or (args.tool == "auto" and shutil.which("wrk"))
     load = run_wrk if use_wrk else run_python_load
 
-    micro = micro_benchmarks()
+    micro = micro_benchmarks() if any(n in args.scenarios for n in SERVER_SCENARIOS) else None
     with tempfile.TemporaryDirectory(prefix="l402bench-") as tmp:
         results = measure(args, load, Path(tmp))
-    report = {
+    report: dict = {
         "load_generator": "wrk" if use_wrk else "python asyncio",
         "seconds": args.seconds,
         "rounds": args.rounds,
         "connections": args.connections,
+        "scenarios": args.scenarios,
         **results,
-        "micro": {k: round(v, 2) for k, v in micro.items()},
     }
+    if micro is not None:
+        report["micro"] = {k: round(v, 2) for k, v in micro.items()}
     if args.json:
         print(json.dumps(report, indent=2))
-        return 0
-    print(
-        f"load generator: {report['load_generator']}, {args.connections} connections, "
-        f"{args.rounds} x {args.seconds} s per side, interleaved"
-    )
-    print(f"{'scenario':<10} {'side':<6} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}  ratio (target)")
-    for name, target in TARGETS.items():
-        entry = results[name]
-        for side in ("bare", "addon"):
-            r = entry[side]
-            tail = f"  {entry['ratio']:.2f} (>= {target})" if side == "addon" else ""
-            print(
-                f"{name:<10} {side:<6} {r['req_per_s']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8}{tail}"
-            )
-    reference = results["paid"]
-    print(
-        f"for reference, bare + an empty request hook: {reference['empty_hook']['req_per_s']} "
-        f"req/s, ratio {reference['empty_hook_ratio']:.2f} (mitmproxy's cost of any script)"
-    )
-    memory = results["memory"]
-    print(
-        f"memory after the runs (RSS): bare {memory['bare_rss_mib']} MiB, "
-        f"addon {memory['addon_rss_mib']} MiB, ratio {memory['ratio']:.2f}"
-    )
-    print(f"token verify, uncached: {micro['verify_uncached_us']:.1f} us (target < 50 us)")
-    print(f"gate decision, cached token: {micro['decide_cached_us']:.2f} us")
+    else:
+        print_report(report, args)
     return 0
 
 
