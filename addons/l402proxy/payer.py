@@ -151,6 +151,12 @@ class Token:
         return ",".join(self.services) or self.scope
 
 
+def header_safe(text: str) -> str:
+    """One printable ASCII line: names and messages may quote what a hostile server sent."""
+    escaped = text.encode("ascii", "backslashreplace").decode("ascii")
+    return "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in " ".join(escaped.split()))
+
+
 @dataclass(frozen=True)
 class Paid:
     token: Token
@@ -161,7 +167,7 @@ class Paid:
     paid_here: bool
 
     def header(self) -> str:
-        return (
+        return header_safe(
             f"{sat_number(self.amount_msat)} sat (fee {sat_number(self.fee_msat)} sat) "
             f"for {self.token.label}"
         )
@@ -173,8 +179,7 @@ class Refused:
     message: str
 
     def header(self) -> str:
-        # A header value must stay on one line.
-        return f"{self.code}; {' '.join(self.message.split())}"
+        return header_safe(f"{self.code}; {self.message}")
 
 
 Outcome = Paid | Refused
@@ -513,8 +518,8 @@ class Payer:
             return Refused(
                 "hash_mismatch",
                 "the invoice pays for another payment hash than the macaroon names "
-                f"(invoice {invoice.payment_hash.hex()[:16]}…, macaroon "
-                f"{offer.info.identifier.payment_hash.hex()[:16]}…)",
+                f"(invoice {invoice.payment_hash.hex()[:16]}..., macaroon "
+                f"{offer.info.identifier.payment_hash.hex()[:16]}...)",
             )
         if invoice.amount_msat is None:
             return Refused("no_amount", "the invoice has no amount; it is never paid blindly")

@@ -376,6 +376,9 @@ def _parse_services(value: str, text: str) -> tuple[tuple[str, int], ...]:
         tier = tier.strip()
         if not name or not sep or not (tier.isascii() and tier.isdigit()):
             raise TokenError("malformed", f"caveat {text!r}: expected <name>:<tier>[,...]")
+        if not name.isprintable():
+            # A name ends up in headers and logs: control characters have no business there.
+            raise TokenError("malformed", f"caveat {text!r}: control characters in a name")
         entries.append((name, int(tier)))
     return tuple(entries)
 

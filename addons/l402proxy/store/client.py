@@ -241,7 +241,7 @@ class ClientStore(Database):
             )
             if existing is not None:
                 raise StoreError(
-                    f"invoice {payment.payment_hash.hex()[:16]}… is already in the ledger "
+                    f"invoice {payment.payment_hash.hex()[:16]}... is already in the ledger "
                     f"({existing[0]}); it is never paid twice"
                 )
             ((day,),) = await db.execute_fetchall(
