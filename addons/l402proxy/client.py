@@ -7,6 +7,7 @@ Glue only: what to pay, limits, tokens and the ledger live in payer.py.
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -284,11 +285,15 @@ class L402Client:
         self.started = True
         self.ready.set()
 
-    def _verify(self) -> bool | str:
+    def _verify(self) -> bool | ssl.SSLContext:
         # The retry checks certificates like mitmproxy's own upstream connections do.
         if ctx.options.ssl_insecure:
             return False
-        return ctx.options.ssl_verify_upstream_trusted_ca or True
+        cafile = ctx.options.ssl_verify_upstream_trusted_ca
+        capath = ctx.options.ssl_verify_upstream_trusted_confdir
+        if not cafile and not capath:
+            return True  # httpx's default: the certifi bundle, as mitmproxy uses
+        return ssl.create_default_context(cafile=cafile or None, capath=capath or None)
 
     async def done(self) -> None:
         for task in self.tasks:
