@@ -308,6 +308,8 @@ def run(args: argparse.Namespace) -> Any:
         return run_async(lambda: dev_balance(ledger, args.wallet))
     if args.command == "wallet":
         client_store = args.store or paths.default_client_store()
+        if getattr(args, "limit", 1) < 1:
+            raise CliError(f"limit must be at least 1, got {args.limit}")
         if args.wallet_command == "history":
             return run_async(lambda: wallet_history(client_store, args.limit))
         if args.wallet_command == "tokens":

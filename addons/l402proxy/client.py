@@ -110,6 +110,7 @@ class L402Client:
         self.payer: Payer | None = None
         self.http: httpx.AsyncClient | None = None
         self.wallet: Wallet | None = None
+        self.wallet_source: tuple[str, str] | None = None
         self.limits = Limits()
         self.ready = asyncio.Event()
         self.started = False
@@ -224,6 +225,11 @@ class L402Client:
             self._configure_wallet()
 
     def _configure_wallet(self) -> None:
+        source = (ctx.options.l402_wallet, self.dev_ledger_path)
+        if self.wallet is not None and source == self.wallet_source:
+            # mitmproxy re-applies the old value after a refused change: keep the wallet
+            # in use (and any payment it is making) rather than reopen it.
+            return
         try:
             wallet = open_wallet(ctx.options.l402_wallet, dev_ledger=self.dev_ledger_path)
         except LightningError as exc:
@@ -231,6 +237,7 @@ class L402Client:
             return
         self.misconfigured.pop("l402_wallet", None)
         previous, self.wallet = self.wallet, wallet
+        self.wallet_source = source
         if self.payer is not None:
             self.payer.wallet = wallet
             log.info(f"l402: now paying from {wallet.describe()}")
@@ -388,7 +395,7 @@ class L402Client:
             self._mark_paid(flow, outcome)
             return
         if answer.status_code in (401, 402) and about_token(
-            answer.headers.get_all("WWW-Authenticate"), outcome.token
+            answer.headers.get_all("WWW-Authenticate"), outcome.token, request.url
         ):
             refused = await payer.rejected_after_payment(outcome.token, request.url)
             self._mark_refused(flow, answer, refused)

@@ -61,12 +61,14 @@ def parse_host_pattern(text: str) -> HostPattern:
         host, sep, rest = value[1:].partition("]")
         if not sep or (rest and not rest.startswith(":")):
             raise ValueError(f"host pattern {text!r}: bad IPv6 literal")
-        port_text = rest[1:] if rest else ""
+        has_port, port_text = bool(rest), rest[1:]
     elif value.count(":") == 1:
         host, _, port_text = value.partition(":")
+        has_port = True
     else:
-        host, port_text = value, ""
-    if port_text:
+        host, port_text, has_port = value, "", False
+    if has_port:
+        # "example.com:" is a typo, not "any port".
         if not port_text.isdigit() or not 0 < int(port_text) < 65536:
             raise ValueError(f"host pattern {text!r}: port must be 1-65535")
         port = int(port_text)
@@ -254,13 +256,19 @@ def pick_challenge(values: Iterable[str], path: str) -> _Offer | Refused | None:
     return Refused("bad_challenge", "no usable macaroon in the challenge: " + "; ".join(problems))
 
 
+def wallet_identity(wallet: Wallet) -> str:
+    """Which wallet paid, precisely enough to ask the same one after a restart."""
+    return str(getattr(wallet, "identity", wallet.name))
+
+
 def has_challenge(www_authenticate: Iterable[str]) -> bool:
     return bool(parse_challenges(list(www_authenticate)))
 
 
-def about_token(www_authenticate: Iterable[str], token: Token) -> bool:
-    """Whether a 401/402 answered to `token` concerns its own scope (not another service)."""
-    offer = pick_challenge(www_authenticate, "/")
+def about_token(www_authenticate: Iterable[str], token: Token, url: str) -> bool:
+    """Whether a 401/402 to `url` answered to `token` concerns its own scope (not another
+    service): the scope is read the way it was when the token was bought, path included."""
+    offer = pick_challenge(www_authenticate, split_url(url)[3])
     return offer is None or isinstance(offer, Refused) or offer.scope == token.scope
 
 
@@ -319,8 +327,17 @@ class Payer:
         (never sent): released. Still pending, or the wallet cannot say: left for next time.
         """
         settled: list[Payment] = []
+        identity = wallet_identity(self.wallet)
         for payment in await self.store.pending():
             if payment.payment_hash in self.in_flight:
+                continue
+            if payment.wallet != identity:
+                # Another wallet may have paid it: asking this one would wrongly say "never
+                # sent" and release it. Left pending until that wallet is configured again.
+                log.warning(
+                    f"l402: payment {payment.payment_hash.hex()} ({payment.url}) was made "
+                    f"with wallet {payment.wallet}; configure that wallet again to settle it"
+                )
                 continue
             try:
                 state = await asyncio.wait_for(
@@ -489,7 +506,7 @@ class Payer:
             amount_msat=amount_msat,
             fee_limit_msat=self.limits.max_fee_sat * 1000,
             valid_until=offer.info.valid_until,
-            wallet=self.wallet.name,
+            wallet=wallet_identity(self.wallet),
         )
         try:
             reserved = await self.store.reserve(

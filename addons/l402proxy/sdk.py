@@ -107,7 +107,7 @@ class L402Auth(httpx.Auth):
         request.headers["Authorization"] = outcome.token.credential
         answer: httpx.Response = yield request
         if answer.status_code in (401, 402) and about_token(
-            answer.headers.get_list("WWW-Authenticate"), outcome.token
+            answer.headers.get_list("WWW-Authenticate"), outcome.token, url
         ):
             refused: Refused = yield _Io(self._rejected(outcome.token, url))
             answer.headers["X-L402-Refused"] = refused.header()

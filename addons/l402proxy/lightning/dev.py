@@ -626,6 +626,10 @@ class DevWallet(Wallet):
     async def lookup_payment(self, payment_hash: bytes) -> PaymentState:
         return await self.ledger.lookup_payment(self.wallet, payment_hash)
 
+    @property
+    def identity(self) -> str:
+        return f"dev:{self.wallet}@{self.ledger.path}"
+
     async def balance(self) -> int:
         return await self.ledger.balance(self.wallet)
 

@@ -362,6 +362,8 @@ class ClientStore(Database):
         return [_payment_from_row(row) for row in rows]
 
     async def all_tokens(self, limit: int = 100) -> list[Payment]:
+        if limit < 1:
+            raise StoreError(f"limit must be at least 1, got {limit}")
         rows = await self._read(
             f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE status = 'paid'"
             " ORDER BY id DESC LIMIT ?",
