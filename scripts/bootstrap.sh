@@ -18,8 +18,11 @@ python_for() {
     done
     # pyenv keeps other versions out of PATH unless selected.
     if command -v pyenv >/dev/null 2>&1; then
-        version=$(pyenv versions --bare 2>/dev/null | grep -E "^${want//./\\.}(\.[0-9]+)?$" | sort -V | tail -n 1)
-        if [ -n "$version" ] && candidate=$(PYENV_VERSION="$version" pyenv which "python$want" 2>/dev/null); then
+        # pyenv finds its versions under $PYENV_ROOT, else ~/.pyenv: with another HOME (a CI
+        # runner, sudo) it would find none, so take the root pyenv itself is installed in.
+        local root="${PYENV_ROOT:-$(cd "$(dirname "$(readlink -f "$(command -v pyenv)")")/.." && pwd)}"
+        version=$(PYENV_ROOT="$root" pyenv versions --bare 2>/dev/null | grep -E "^${want//./\\.}(\.[0-9]+)?$" | sort -V | tail -n 1)
+        if [ -n "$version" ] && candidate=$(PYENV_ROOT="$root" PYENV_VERSION="$version" pyenv which "python$want" 2>/dev/null); then
             echo "$candidate"
             return 0
         fi
