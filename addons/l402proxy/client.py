@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 PAID_MARKER = ":zap:"
 REFUSED_MARKER = ":no_entry:"
 TOKEN_KEY = "l402_client_token"
+ADVERTISED_KEY = "l402_client_advertised"
 RECOVERY_SECONDS = 30.0
 RESEND_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 LIMIT_OPTIONS = (
@@ -162,6 +163,16 @@ class L402Client:
             Hosts the client may pay (repeat the option for more): "example.com",
             "*.example.com", "127.0.0.1:8081". Only these are told the client can pay.
             Default: any host.
+            """,
+        )
+        loader.add_option(
+            "l402_fallback_free",
+            bool,
+            False,
+            """
+            When a challenge is not paid (a limit, a failed payment), ask again without
+            Accept-Authenticate, as a player that cannot pay: a server in upgrade mode then
+            answers with its free variant (the episode with ads) instead of the 402.
             """,
         )
         loader.add_option(
@@ -334,6 +345,7 @@ class L402Client:
             return
         if "Accept-Authenticate" not in request.headers:
             request.headers["Accept-Authenticate"] = "L402"
+            flow.metadata[ADVERTISED_KEY] = True
         if "Authorization" in request.headers:
             return  # the user's own credentials win
         origin = origin_of(request.scheme, request.host, request.port)
@@ -386,7 +398,7 @@ class L402Client:
         if outcome is None:
             return
         if isinstance(outcome, Refused):
-            self._mark_refused(flow, response, outcome)
+            self._mark_refused(flow, await self._free_variant(flow, response), outcome)
             return
         try:
             answer = await self._resend(request, outcome.token.credential, response)
@@ -398,10 +410,24 @@ class L402Client:
             answer.headers.get_all("WWW-Authenticate"), outcome.token, request.url
         ):
             refused = await payer.rejected_after_payment(outcome.token, request.url)
-            self._mark_refused(flow, answer, refused)
+            self._mark_refused(flow, await self._free_variant(flow, answer), refused)
             return
         flow.response = answer
         self._mark_paid(flow, outcome)
+
+    async def _free_variant(self, flow: http.HTTPFlow, refused: http.Response) -> http.Response:
+        """With l402_fallback_free: ask a challenge we drew by advertising again as a player
+        that cannot pay would, so a server in upgrade mode hands out its free variant."""
+        if not ctx.options.l402_fallback_free or not flow.metadata.get(ADVERTISED_KEY):
+            return refused
+        plain = flow.request.copy()
+        del plain.headers["Accept-Authenticate"]
+        try:
+            answer = await self._resend(plain, None, refused)
+        except httpx.HTTPError as exc:
+            log.warning(f"l402: asking {flow.request.url} for its free variant failed: {exc}")
+            return refused
+        return refused if answer.status_code == 402 else answer
 
     async def _resend(
         self, request: http.Request, authorization: str | None, like: http.Response

@@ -293,6 +293,23 @@ def test_no_payment_over_the_max_price(server: Server, clients: Clients) -> None
     assert Ledger.now(server.home).listener_msat == before.listener_msat
 
 
+def test_fallback_free_gives_the_ad_supported_episode_when_not_paying(
+    server: Server, clients: Clients
+) -> None:
+    client = clients.start("l402_max_price_sat=20", "l402_fallback_free=true")
+    before = Ledger.now(server.home)
+    # Upgrade mode: asked again as a player that cannot pay, the server gives the free variant.
+    response = procs.fetch(client, server.url("/episodes/ep2.mp3"))
+    assert response.status_code == 200, response.text + tail(client)
+    assert response.content == ad_supported("ep2")
+    assert response.headers["X-L402-Refused"].startswith("max_price; ")
+    # Paywall mode has no free variant: the player still gets the 402, marked.
+    bonus = procs.fetch(client, server.url("/bonus/b1.mp3"))
+    assert bonus.status_code == 402
+    assert bonus.headers["X-L402-Refused"].startswith("max_price; ")
+    assert settled_since(server.home, before) == []
+
+
 def test_no_payment_over_the_daily_budget(server: Server, clients: Clients) -> None:
     # 21 sat fits in 50 even with the 10 sat fee reserve; another 100 sat does not.
     client = clients.start("l402_budget_daily_sat=50")
