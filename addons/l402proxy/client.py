@@ -17,7 +17,7 @@ from mitmproxy import ctx, exceptions, http
 
 from . import paths
 from .lightning import LightningError, Wallet, open_wallet
-from .payer import Limits, Paid, Payer, Refused, Token, about_token, has_challenge, origin_of
+from .payer import Answer, Await, Limits, Paid, Payer, Refused, Verdict, origin_of
 from .store.client import ClientStore
 from .store.database import StoreError
 
@@ -36,6 +36,8 @@ LIMIT_OPTIONS = (
     "l402_budget_total_sat",
     "l402_allow",
 )
+# What httpx adds to every request unless told otherwise; the retry is the player's request.
+HTTPX_DEFAULTS = ("accept", "accept-encoding", "user-agent", "connection")
 # Headers about one hop, not the request: the retry opens its own connection.
 HOP_BY_HOP = frozenset(
     {
@@ -54,20 +56,42 @@ HOP_BY_HOP = frozenset(
 )
 
 
+def request_url(request: http.Request) -> str:
+    """The absolute URL, with an IPv6 host in brackets (mitmproxy's request.url leaves them out)."""
+    return origin_of(request.scheme, request.host, request.port) + request.path
+
+
+def answer_of(response: http.Response, url: str) -> Answer:
+    return Answer(response.status_code, tuple(response.headers.get_all("WWW-Authenticate")), url)
+
+
 async def resend(
-    client: httpx.AsyncClient, request: http.Request, authorization: str | None, like: http.Response
+    client: httpx.AsyncClient,
+    request: http.Request,
+    url: str,
+    authorization: str | None,
+    like: http.Response,
 ) -> http.Response:
     """Send the request again, with `authorization`, and return the answer as it came.
 
-    The body is kept as sent (still compressed), so the player decodes it as it would have.
+    Only the player's own headers go out (not httpx's defaults: no Accept-Encoding the player
+    never asked for), and the body comes back as sent (still compressed, if it asked).
     """
     headers = [(k, v) for k, v in request.headers.fields if k.lower() not in HOP_BY_HOP]
     if authorization is not None:
         headers.append((b"Authorization", authorization.encode()))
     body = request.raw_content or None
+    outgoing = client.build_request(request.method, url, headers=headers, content=body)
+    sent = {k.lower() for k, _ in headers}
+    for name in HTTPX_DEFAULTS:
+        if name.encode() not in sent and name in outgoing.headers:
+            del outgoing.headers[name]
     started = time.time()
-    async with client.stream(request.method, request.url, headers=headers, content=body) as answer:
+    answer = await client.send(outgoing, stream=True)
+    try:
         raw = b"".join([chunk async for chunk in answer.aiter_raw()])
+    finally:
+        await answer.aclose()
     fields = [(k, v) for k, v in answer.headers.raw if k.lower() not in HOP_BY_HOP]
     if like.http_version.startswith("HTTP/2"):
         fields = [(k.lower(), v) for k, v in fields]  # HTTP/2 forbids upper-case names
@@ -362,60 +386,52 @@ class L402Client:
         response = flow.response
         if response is None or response.status_code not in (401, 402) or self.payer is None:
             return
-        if not self.payer.allows(flow.request.host, flow.request.port):
-            if response.status_code == 402 and has_challenge(
-                response.headers.get_all("WWW-Authenticate")
-            ):
-                await self._handle(flow, response, None)
-            return
         try:
-            await self._handle(flow, response, flow.metadata.get(TOKEN_KEY))
-        except httpx.HTTPError as exc:
-            log.warning(f"l402: retrying {flow.request.url} failed: {exc}")
-        except (StoreError, LightningError) as exc:
+            await self._handle(flow, response)
+        except (StoreError, LightningError, ValueError) as exc:
             log.error(f"l402: could not handle the challenge from {flow.request.url}: {exc}")
 
-    async def _handle(
-        self, flow: http.HTTPFlow, response: http.Response, sent: Token | None
-    ) -> None:
+    async def _handle(self, flow: http.HTTPFlow, response: http.Response) -> None:
+        """Drive the payer's exchange: its Awaits run here, its Resends go out with httpx."""
         payer = self.payer
-        assert payer is not None and flow.response is not None
+        assert payer is not None
         request = flow.request
-        if response.status_code == 401:
-            if sent is None or not has_challenge(response.headers.get_all("WWW-Authenticate")):
-                return  # the origin's own 401: not ours
-            # Pay only on 402: drop the refused token and ask again without it.
-            await payer.drop(sent, "the server answered 401 (invalid token)")
-            sent = None
-            response = flow.response = await self._resend(request, None, response)
-            if response.status_code != 402:
-                return
-        outcome = await payer.handle_challenge(
-            url=request.url,
-            www_authenticate=response.headers.get_all("WWW-Authenticate"),
-            sent=sent,
-        )
-        if outcome is None:
-            return
-        if isinstance(outcome, Refused):
-            self._mark_refused(flow, await self._free_variant(flow, response), outcome)
-            return
+        url = request_url(request)
+        steps = payer.exchange(url, answer_of(response, url), flow.metadata.get(TOKEN_KEY))
+        paid: Paid | None = None
         try:
-            answer = await self._resend(request, outcome.token.credential, response)
+            step = next(steps)
+            while True:
+                if isinstance(step, Await):
+                    result = await step.job
+                    if isinstance(result, Paid):
+                        paid = result
+                    step = steps.send(result)
+                else:
+                    response = await self._resend(request, url, step.authorization, response)
+                    step = steps.send(answer_of(response, url))
+        except StopIteration as stop:
+            verdict: Verdict = stop.value
         except httpx.HTTPError as exc:
-            flow.response = failed_resend_response(str(exc) or type(exc).__name__, outcome)
-            self._mark_paid(flow, outcome)
+            log.warning(f"l402: asking {url} again failed: {exc}")
+            if paid is not None:
+                flow.response = failed_resend_response(str(exc) or type(exc).__name__, paid)
+                self._mark_paid(flow, paid)
             return
-        if answer.status_code in (401, 402) and about_token(
-            answer.headers.get_all("WWW-Authenticate"), outcome.token, request.url
-        ):
-            refused = await payer.rejected_after_payment(outcome.token, request.url)
-            self._mark_refused(flow, await self._free_variant(flow, answer), refused)
-            return
-        flow.response = answer
-        self._mark_paid(flow, outcome)
+        finally:
+            steps.close()
+        if verdict.paid is not None:
+            flow.response = response
+            self._mark_paid(flow, verdict.paid)
+        elif verdict.refused is not None:
+            refused = await self._free_variant(flow, url, response)
+            self._mark_refused(flow, refused, verdict.refused)
+        else:
+            flow.response = response
 
-    async def _free_variant(self, flow: http.HTTPFlow, refused: http.Response) -> http.Response:
+    async def _free_variant(
+        self, flow: http.HTTPFlow, url: str, refused: http.Response
+    ) -> http.Response:
         """With l402_fallback_free: ask a challenge we drew by advertising again as a player
         that cannot pay would, so a server in upgrade mode hands out its free variant."""
         if not ctx.options.l402_fallback_free or not flow.metadata.get(ADVERTISED_KEY):
@@ -423,17 +439,17 @@ class L402Client:
         plain = flow.request.copy()
         del plain.headers["Accept-Authenticate"]
         try:
-            answer = await self._resend(plain, None, refused)
+            answer = await self._resend(plain, url, None, refused)
         except httpx.HTTPError as exc:
-            log.warning(f"l402: asking {flow.request.url} for its free variant failed: {exc}")
+            log.warning(f"l402: asking {url} for its free variant failed: {exc}")
             return refused
         return refused if answer.status_code == 402 else answer
 
     async def _resend(
-        self, request: http.Request, authorization: str | None, like: http.Response
+        self, request: http.Request, url: str, authorization: str | None, like: http.Response
     ) -> http.Response:
         assert self.http is not None
-        return await resend(self.http, request, authorization, like)
+        return await resend(self.http, request, url, authorization, like)
 
     @staticmethod
     def _mark_paid(flow: http.HTTPFlow, paid: Paid) -> None:

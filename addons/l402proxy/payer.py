@@ -10,8 +10,10 @@ import asyncio
 import fnmatch
 import hashlib
 import logging
+import os
+import secrets
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Generator, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,6 +43,7 @@ REFUSAL_CODES = (
 # The same refusal (origin, url, reason) is written to the history at most this often.
 REFUSAL_RECORD_SECONDS = 60.0
 LOOKUP_TIMEOUT_SECONDS = 30.0
+OTHER_PROCESS_POLL_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -269,7 +272,57 @@ def about_token(www_authenticate: Iterable[str], token: Token, url: str) -> bool
     """Whether a 401/402 to `url` answered to `token` concerns its own scope (not another
     service): the scope is read the way it was when the token was bought, path included."""
     offer = pick_challenge(www_authenticate, split_url(url)[3])
-    return offer is None or isinstance(offer, Refused) or offer.scope == token.scope
+    if offer is None:
+        return False  # no L402 challenge: the origin's own 401/402, not about our token
+    return isinstance(offer, Refused) or offer.scope == token.scope
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a (re)sent request got back, as far as paying is concerned."""
+
+    status: int
+    www_authenticate: tuple[str, ...]
+    url: str  # the URL that answered (after redirects, for clients that follow them)
+
+
+@dataclass(frozen=True)
+class Resend:
+    """Step: send the request again, with this Authorization (None: without a token)."""
+
+    authorization: str | None
+
+
+@dataclass(frozen=True)
+class Await:
+    """Step: run this on the payer's event loop and send back its result."""
+
+    job: Coroutine[Any, Any, Any]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How to present the last answer: paid (X-L402-Paid), refused (X-L402-Refused) or as is."""
+
+    paid: Paid | None = None
+    refused: Refused | None = None
+
+
+Step = Resend | Await
+
+
+def owner_is_alive(owner: str) -> bool:
+    """Whether the process that wrote a pending payment still runs (and may be paying it)."""
+    pid_text = owner.partition(":")[0]
+    if not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
 
 
 class Payer:
@@ -293,6 +346,8 @@ class Payer:
         self.paths: dict[str, dict[str, str]] = {}
         self.flights: dict[tuple[str, str], asyncio.Task[Outcome]] = {}
         self.in_flight: set[bytes] = set()
+        # Marks this process's pending payments, so another process's recovery leaves them be.
+        self.owner = f"{os.getpid()}:{secrets.token_hex(8)}"
         self.recent_refusals: dict[tuple[str, str, str], float] = {}
         self.background: set[asyncio.Task[None]] = set()
 
@@ -331,6 +386,8 @@ class Payer:
         for payment in await self.store.pending():
             if payment.payment_hash in self.in_flight:
                 continue
+            if payment.owner != self.owner and owner_is_alive(payment.owner):
+                continue  # another live process is paying it; it records the outcome itself
             if payment.wallet != identity:
                 # Another wallet may have paid it: asking this one would wrongly say "never
                 # sent" and release it. Left pending until that wallet is configured again.
@@ -361,6 +418,8 @@ class Payer:
                     payment.payment_hash, state.preimage, state.fee_msat, now
                 )
                 self._keep(Token.from_payment(done))
+                # The URL it was bought for belongs to its scope: sent up front from now on.
+                self._learn(done.origin, split_url(done.url)[3], done.scope)
                 settled.append(done)
                 log.info(
                     f"l402: recovered the token of a payment interrupted earlier: "
@@ -426,7 +485,6 @@ class Payer:
             return None
         if isinstance(offer, Refused):
             return await self._refuse(origin, url, offer, None)
-        self._learn(origin, path, offer.scope)
         key = (origin, offer.scope)
         if sent is not None and sent.origin == origin and sent.scope == offer.scope:
             await self.drop(sent, "the server answered 402 to it")
@@ -438,12 +496,13 @@ class Payer:
             and existing.payment_hash != rejected
             and existing.usable(self.clock())
         ):
+            self._learn(origin, path, offer.scope)
             return Paid(existing, 0, 0, paid_here=False)
         flight = self.flights.get(key)
         waiting = flight is not None
         if flight is None:
             flight = asyncio.get_running_loop().create_task(
-                self._fly(key, url, offer, rejected), name=f"l402 payment {origin}"
+                self._fly(key, url, offer), name=f"l402 payment {origin}"
             )
             self.flights[key] = flight
             flight.add_done_callback(lambda _: self.flights.pop(key, None))
@@ -452,6 +511,8 @@ class Payer:
         # Shielded: a request that goes away must not cancel a payment others wait for.
         outcome = await asyncio.shield(flight)
         if isinstance(outcome, Paid):
+            # Learnt only with a token in hand: refused challenges leave no trace to grow on.
+            self._learn(origin, path, offer.scope)
             if outcome.token.payment_hash == rejected:
                 return Refused("rejected_after_payment", "the server refused the token just paid")
             if waiting:
@@ -476,20 +537,56 @@ class Payer:
         )
         return await self._refuse(token.origin, url, refused, None)
 
+    def exchange(
+        self, url: str, answer: Answer, sent: Token | None
+    ) -> Generator[Step, Any, Verdict]:
+        """After a 401 or 402 to `url`: the steps to a paid answer, for any HTTP client.
+
+        The driver (the addon, the SDK) runs each Await on this payer's loop and answers each
+        Resend with the new Answer; the Verdict says how to present the last one. At most one
+        payment per request: a token held from before that the server refuses is dropped
+        and paid afresh once; a token just bought that it refuses is not paid again.
+        """
+        asked = split_url(url)[0]
+        for attempt in range(2):
+            if split_url(answer.url)[0] != asked:
+                return Verdict(
+                    refused=Refused(
+                        "not_allowed",
+                        f"the challenge came from {split_url(answer.url)[0]} after a redirect; "
+                        f"only {asked} was asked",
+                    )
+                )
+            if answer.status == 401:
+                if sent is None or not has_challenge(answer.www_authenticate):
+                    return Verdict()  # the origin's own 401: not ours
+                # Pay only on 402: drop the refused token and ask again without it.
+                yield Await(self.drop(sent, "the server answered 401 (invalid token)"))
+                sent = None
+                answer = yield Resend(None)
+            if answer.status != 402:
+                return Verdict()
+            outcome = yield Await(
+                self.handle_challenge(url=url, www_authenticate=answer.www_authenticate, sent=sent)
+            )
+            if outcome is None or isinstance(outcome, Refused):
+                return Verdict(refused=outcome)
+            answer = yield Resend(outcome.token.credential)
+            if answer.status not in (401, 402) or not about_token(
+                answer.www_authenticate, outcome.token, url
+            ):
+                return Verdict(paid=outcome)
+            if outcome.paid_here or attempt:
+                refused = yield Await(self.rejected_after_payment(outcome.token, url))
+                return Verdict(refused=refused)
+            # A token held from before, not bought for this request, was refused: once more.
+            sent = outcome.token
+        raise AssertionError("unreachable: the loop returns on its last round")
+
     # -- paying --------------------------------------------------------------------------------
 
-    async def _fly(
-        self, key: tuple[str, str], url: str, offer: _Offer, rejected: bytes | None
-    ) -> Outcome:
+    async def _fly(self, key: tuple[str, str], url: str, offer: _Offer) -> Outcome:
         origin = key[0]
-        # Another process sharing the store (the SDK, a second proxy) may have paid already.
-        try:
-            stored = await self.store.token_for_scope(origin, offer.scope, self.clock())
-        except StoreError as exc:
-            return await self._refuse(origin, url, Refused("payment_failed", str(exc)), None)
-        if stored is not None and stored.payment_hash != rejected:
-            token = self._keep(Token.from_payment(stored))
-            return Paid(token, 0, 0, paid_here=False)
         checked = self._check_invoice(offer)
         if isinstance(checked, Refused):
             return await self._refuse(origin, url, checked, offer)
@@ -507,23 +604,53 @@ class Payer:
             fee_limit_msat=self.limits.max_fee_sat * 1000,
             valid_until=offer.info.valid_until,
             wallet=wallet_identity(self.wallet),
+            owner=self.owner,
         )
-        try:
-            reserved = await self.store.reserve(
-                payment,
-                budget_daily_msat=self.limits.budget_daily_sat * 1000,
-                budget_total_msat=(
-                    None
-                    if self.limits.budget_total_sat is None
-                    else self.limits.budget_total_sat * 1000
-                ),
-                now=self.clock(),
-            )
-        except StoreError as exc:
-            return await self._refuse(origin, url, Refused("payment_failed", str(exc)), offer)
-        if not isinstance(reserved, Payment):
+        limits = self.limits
+        for _ in range(2):
+            try:
+                reserved = await self.store.reserve(
+                    payment,
+                    budget_daily_msat=limits.budget_daily_sat * 1000,
+                    budget_total_msat=(
+                        None if limits.budget_total_sat is None else limits.budget_total_sat * 1000
+                    ),
+                    now=self.clock(),
+                )
+            except StoreError as exc:
+                return await self._refuse(origin, url, Refused("payment_failed", str(exc)), offer)
+            if isinstance(reserved, Payment):
+                break
+            pending = reserved.pending
+            if pending is None or pending.owner == self.owner:
+                return await self._refuse(
+                    origin, url, Refused(reserved.code, reserved.message), offer
+                )
+            if owner_is_alive(pending.owner):
+                # Another process (the SDK, a second proxy) is paying this scope: use its token.
+                done = await self._wait_for(pending)
+                if done is not None:
+                    return Paid(self._keep(Token.from_payment(done)), 0, 0, paid_here=False)
+            else:
+                await self.recover()  # left by a process that died: settle it now
+        else:
             return await self._refuse(origin, url, Refused(reserved.code, reserved.message), offer)
+        if reserved.status == "paid":
+            # Another process sharing the store paid this scope already.
+            return Paid(self._keep(Token.from_payment(reserved)), 0, 0, paid_here=False)
         return await self._pay(reserved)
+
+    async def _wait_for(self, pending: Payment) -> Payment | None:
+        """Poll the store until another process's payment ends: paid (its row) or not (None)."""
+        deadline = time.monotonic() + self.pay_timeout
+        while time.monotonic() < deadline:
+            await asyncio.sleep(OTHER_PROCESS_POLL_SECONDS)
+            current = await self.store.payment(pending.payment_hash)
+            if current is None or current.status == "failed":
+                return None
+            if current.status == "paid":
+                return current
+        return None
 
     def _check_invoice(self, offer: _Offer) -> int | Refused:
         """The invoice amount in msat if it may be paid, or why not."""

@@ -21,7 +21,7 @@ import httpx
 
 from . import paths
 from .lightning import open_wallet
-from .payer import Limits, Outcome, Payer, Refused, Token, about_token, has_challenge, split_url
+from .payer import Answer, Await, Limits, Payer, Token, Verdict, split_url
 from .store.client import ClientStore
 
 CLOSE_TIMEOUT_SECONDS = 30.0
@@ -86,33 +86,30 @@ class L402Auth(httpx.Auth):
             return
         sent: Token | None = yield _Io(self._before(request))
         response: httpx.Response = yield request
-        if (
-            response.status_code == 401
-            and sent is not None
-            and has_challenge(response.headers.get_list("WWW-Authenticate"))
-        ):
-            # Pay only on 402: drop the refused token and ask again without it.
-            yield _Io(self._drop(sent))
-            sent = None
-            del request.headers["Authorization"]
-            response = yield request
-        if response.status_code != 402:
+        if response.status_code not in (401, 402):
             return
-        outcome: Outcome | None = yield _Io(self._handle(url, response, sent))
-        if outcome is None:
-            return
-        if isinstance(outcome, Refused):
-            response.headers["X-L402-Refused"] = outcome.header()
-            return
-        request.headers["Authorization"] = outcome.token.credential
-        answer: httpx.Response = yield request
-        if answer.status_code in (401, 402) and about_token(
-            answer.headers.get_list("WWW-Authenticate"), outcome.token, url
-        ):
-            refused: Refused = yield _Io(self._rejected(outcome.token, url))
-            answer.headers["X-L402-Refused"] = refused.header()
-        elif outcome.paid_here:
-            answer.headers["X-L402-Paid"] = outcome.header()
+        assert self._payer is not None  # started by _before
+        steps = self._payer.exchange(url, _answer(response), sent)
+        try:
+            step = next(steps)
+            while True:
+                if isinstance(step, Await):
+                    step = steps.send((yield _Io(step.job)))
+                    continue
+                if step.authorization is None:
+                    request.headers.pop("Authorization", None)
+                else:
+                    request.headers["Authorization"] = step.authorization
+                response = yield request
+                step = steps.send(_answer(response))
+        except StopIteration as stop:
+            verdict: Verdict = stop.value
+        finally:
+            steps.close()
+        if verdict.refused is not None:
+            response.headers["X-L402-Refused"] = verdict.refused.header()
+        elif verdict.paid is not None and verdict.paid.paid_here:
+            response.headers["X-L402-Paid"] = verdict.paid.header()
 
     def sync_auth_flow(
         self, request: httpx.Request
@@ -161,20 +158,6 @@ class L402Auth(httpx.Auth):
         if token is not None:
             request.headers["Authorization"] = token.credential
         return token
-
-    async def _drop(self, token: Token) -> None:
-        await (await self._ready()).drop(token, "the server answered 401 (invalid token)")
-
-    async def _handle(
-        self, url: str, response: httpx.Response, sent: Token | None
-    ) -> Outcome | None:
-        payer = await self._ready()
-        return await payer.handle_challenge(
-            url=url, www_authenticate=response.headers.get_list("WWW-Authenticate"), sent=sent
-        )
-
-    async def _rejected(self, token: Token, url: str) -> Refused:
-        return await (await self._ready()).rejected_after_payment(token, url)
 
     async def _ready(self) -> Payer:
         # One start for all: concurrent first requests must share one payer (one flight map).
@@ -246,6 +229,15 @@ class L402Auth(httpx.Auth):
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _answer(response: httpx.Response) -> Answer:
+    # response.request: after redirects, the URL that actually answered.
+    return Answer(
+        response.status_code,
+        tuple(response.headers.get_list("WWW-Authenticate")),
+        str(response.request.url),
+    )
 
 
 __all__ = ["L402Auth"]

@@ -21,6 +21,7 @@ from l402proxy.store.database import Database, StoreError
 log = logging.getLogger("l402proxy.store")
 
 DAY_SECONDS = 24 * 3600
+MAX_REFUSALS = 10_000
 
 MIGRATIONS: list[Sequence[str]] = [
     (
@@ -42,6 +43,7 @@ MIGRATIONS: list[Sequence[str]] = [
             preimage BLOB CHECK (preimage IS NULL OR length(preimage) = 32),
             valid_until REAL,
             wallet TEXT NOT NULL,
+            owner TEXT NOT NULL,
             error TEXT,
             created_at REAL NOT NULL,
             updated_at REAL NOT NULL,
@@ -51,6 +53,7 @@ MIGRATIONS: list[Sequence[str]] = [
         """,
         "CREATE INDEX payments_created ON payments (created_at)",
         "CREATE INDEX payments_status ON payments (status)",
+        "CREATE INDEX payments_scope ON payments (origin, scope)",
         """
         CREATE TABLE scope_paths (
             origin TEXT NOT NULL,
@@ -96,6 +99,9 @@ class NewPayment:
     fee_limit_msat: int
     valid_until: float | None
     wallet: str
+    # "<pid>:<random>" of the process paying: recovery leaves a live owner's payment alone.
+    # "" (no owner) is recovered by whoever starts next.
+    owner: str = ""
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,7 @@ class Payment:
     preimage: bytes | None
     valid_until: float | None
     wallet: str
+    owner: str
     error: str | None
     created_at: float
     updated_at: float
@@ -153,15 +160,17 @@ class Payment:
 
 @dataclass(frozen=True)
 class BudgetRefusal:
-    """Why a payment would break a budget; `code` is budget_daily or budget_total."""
+    """Why a payment may not be made now: budget_daily, budget_total or payment_pending."""
 
     code: str
     message: str
+    # For payment_pending: the payment still under way for this scope.
+    pending: "Payment | None" = None
 
 
 _PAYMENT_COLUMNS = (
     "id, payment_hash, origin, url, scope, services, scheme, macaroon, bolt11, amount_msat,"
-    " fee_limit_msat, fee_msat, status, preimage, valid_until, wallet, error, created_at,"
+    " fee_limit_msat, fee_msat, status, preimage, valid_until, wallet, owner, error, created_at,"
     " updated_at, dropped_at"
 )
 # What a payment counts against a budget: its fee once known, until then the fee limit.
@@ -186,10 +195,11 @@ def _payment_from_row(row: Sequence[Any]) -> Payment:
         preimage=bytes(row[13]) if row[13] is not None else None,
         valid_until=row[14],
         wallet=row[15],
-        error=row[16],
-        created_at=row[17],
-        updated_at=row[18],
-        dropped_at=row[19],
+        owner=row[16],
+        error=row[17],
+        created_at=row[18],
+        updated_at=row[19],
+        dropped_at=row[20],
     )
 
 
@@ -228,11 +238,13 @@ class ClientStore(Database):
         budget_total_msat: int | None,
         now: float,
     ) -> Payment | BudgetRefusal:
-        """Check the budgets and write the pending row, in one write transaction.
+        """Check the scope and the budgets and write the pending row, in one write transaction.
 
-        Pending payments count with their fee limit, so two payments in flight together
-        cannot both fit in what is left for one. A payment hash seen before is refused: an
-        invoice is never paid twice.
+        Returns the new pending row; or, when the scope already has a usable token (another
+        process may have paid), that paid row: nothing is to be paid. A scope with a payment
+        still pending, or a budget it would break, is refused. Pending payments count with
+        their fee limit, so two payments in flight together cannot both fit in what is left
+        for one. A payment hash seen before raises StoreError: an invoice is never paid twice.
         """
         cost = payment.amount_msat + payment.fee_limit_msat
         async with self._transaction() as db:
@@ -243,6 +255,22 @@ class ClientStore(Database):
                 raise StoreError(
                     f"invoice {payment.payment_hash.hex()[:16]}... is already in the ledger "
                     f"({existing[0]}); it is never paid twice"
+                )
+            row = await self._one(
+                f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE origin = ? AND scope = ?"
+                " AND (status = 'pending' OR (status = 'paid' AND dropped_at IS NULL"
+                " AND (valid_until IS NULL OR valid_until > ?))) ORDER BY id DESC LIMIT 1",
+                (payment.origin, payment.scope, now),
+            )
+            if row is not None:
+                held = _payment_from_row(row)
+                if held.status == "paid":
+                    return held
+                return BudgetRefusal(
+                    "payment_pending",
+                    f"a payment for this scope is still pending ({held.payment_hash.hex()[:16]}"
+                    f"..., {held.url}); not paying a second one until it is settled",
+                    held,
                 )
             ((day,),) = await db.execute_fetchall(
                 f"SELECT coalesce(sum({_COST}), 0) FROM payments"
@@ -271,8 +299,8 @@ class ClientStore(Database):
             cursor = await db.execute(
                 "INSERT INTO payments (payment_hash, origin, url, scope, services, scheme,"
                 " macaroon, bolt11, amount_msat, fee_limit_msat, status, valid_until, wallet,"
-                " created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+                " owner, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
                 (
                     payment.payment_hash,
                     payment.origin,
@@ -286,13 +314,13 @@ class ClientStore(Database):
                     payment.fee_limit_msat,
                     payment.valid_until,
                     payment.wallet,
+                    payment.owner,
                     now,
                     now,
                 ),
             )
-            row_id = cursor.lastrowid
             row = await self._one(
-                f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE id = ?", (row_id,)
+                f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE id = ?", (cursor.lastrowid,)
             )
         return _payment_from_row(row)
 
@@ -411,6 +439,12 @@ class ClientStore(Database):
                 "INSERT INTO refusals (at, origin, url, service, reason, message, amount_msat,"
                 " payment_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (now, origin, url, service, reason, message, amount_msat, payment_hash),
+            )
+            # The history keeps the newest refusals only: a server answering every URL with
+            # a challenge we refuse must not grow the file without end.
+            await db.execute(
+                "DELETE FROM refusals WHERE id <= (SELECT max(id) FROM refusals) - ?",
+                (MAX_REFUSALS,),
             )
 
     async def spent_msat(self, since: float | None = None) -> int:
