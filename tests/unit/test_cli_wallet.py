@@ -21,11 +21,13 @@ def new_payment(
     *, amount_msat: int = 21_000, services: tuple[str, ...] = ("podcast",), **extra: Any
 ) -> tuple[NewPayment, bytes]:
     preimage = os.urandom(32)
+    payment_hash = hashlib.sha256(preimage).digest()
     fields: dict[str, Any] = {
-        "payment_hash": hashlib.sha256(preimage).digest(),
+        "payment_hash": payment_hash,
         "origin": ORIGIN,
         "url": ORIGIN + "/bonus/ep1.mp3",
-        "scope": "services:" + ",".join(services),
+        # One scope per payment: a scope with a pending or usable token takes no second one.
+        "scope": "services:" + ",".join(services) + "-" + payment_hash.hex()[:8],
         "services": services,
         "scheme": "L402",
         "macaroon": "AgEEbHNhdAJCAAD" + "A" * 20,

@@ -33,18 +33,24 @@ def new_payment(
     amount_msat: int = 21_000,
     fee_limit_msat: int = 10_000,
     origin: str = ORIGIN,
-    scope: str = SCOPE,
+    scope: str | None = None,
     services: tuple[str, ...] = ("podcast",),
     url: str = ORIGIN + "/bonus/ep1.mp3",
     valid_until: float | None = None,
+    owner: str = "",
 ) -> tuple[NewPayment, bytes]:
-    """A payment to reserve, and the preimage that settles it."""
+    """A payment to reserve, and the preimage that settles it.
+
+    Each gets a scope of its own unless one is given: a scope with a payment pending or a
+    usable token takes no second payment (tested on its own below).
+    """
     preimage = os.urandom(32)
+    payment_hash = hashlib.sha256(preimage).digest()
     payment = NewPayment(
-        payment_hash=hashlib.sha256(preimage).digest(),
+        payment_hash=payment_hash,
         origin=origin,
         url=url,
-        scope=scope,
+        scope=scope or f"services:podcast-{payment_hash.hex()[:8]}",
         services=services,
         scheme="L402",
         macaroon="AgEEbHNhdA==",
@@ -53,6 +59,7 @@ def new_payment(
         fee_limit_msat=fee_limit_msat,
         valid_until=valid_until,
         wallet="dev",
+        owner=owner,
     )
     return payment, preimage
 
@@ -105,7 +112,7 @@ async def other(db_path: Path, store: ClientStore) -> AsyncIterator[ClientStore]
 
 
 async def test_reserve_writes_a_pending_row(store: ClientStore) -> None:
-    payment, _ = new_payment(valid_until=NOW + 60)
+    payment, _ = new_payment(valid_until=NOW + 60, scope=SCOPE)
     reserved = await reserve(store, payment)
     assert isinstance(reserved, Payment)
     assert reserved.status == "pending"
@@ -317,25 +324,44 @@ async def test_tokens_are_the_usable_paid_rows_oldest_first(store: ClientStore) 
 
 
 async def test_token_for_scope_is_the_newest_usable_one(store: ClientStore) -> None:
-    older = await paid(store, now=NOW)
-    newer = await paid(store, now=NOW + 1)
+    older = await paid(store, now=NOW, scope=SCOPE)
+    await store.drop(older.payment_hash, "refused", NOW + 1)
+    newer = await paid(store, now=NOW + 1, scope=SCOPE)
     await paid(store, scope="services:other", services=("other",))
-    await paid(store, origin="http://127.0.0.1:9999")
+    await paid(store, origin="http://127.0.0.1:9999", scope=SCOPE)
     found = await store.token_for_scope(ORIGIN, SCOPE, NOW + 2)
     assert found is not None and found.payment_hash == newer.payment_hash
     await store.drop(newer.payment_hash, "refused", NOW + 3)
-    found = await store.token_for_scope(ORIGIN, SCOPE, NOW + 3)
-    assert found is not None and found.payment_hash == older.payment_hash
+    assert await store.token_for_scope(ORIGIN, SCOPE, NOW + 3) is None  # dropped stay dropped
     assert await store.token_for_scope(ORIGIN, "services:nothing", NOW) is None
     assert await store.token_for_scope("http://127.0.0.1:1", SCOPE, NOW) is None
 
 
 async def test_token_for_scope_skips_expired_and_pending(store: ClientStore) -> None:
-    await paid(store, valid_until=NOW + 10)
-    pending, _ = new_payment()
-    await reserve(store, pending)
+    await paid(store, valid_until=NOW + 10, scope=SCOPE)
+    pending, _ = new_payment(scope=SCOPE)
+    assert isinstance(await reserve(store, pending, now=NOW + 11), Payment)  # the token expired
     assert await store.token_for_scope(ORIGIN, SCOPE, NOW + 9) is not None
     assert await store.token_for_scope(ORIGIN, SCOPE, NOW + 10) is None
+
+
+async def test_a_scope_with_a_usable_token_is_not_paid_again(store: ClientStore) -> None:
+    held = await paid(store, scope=SCOPE)
+    again, _ = new_payment(scope=SCOPE)
+    assert await reserve(store, again, now=NOW + 1) == held  # that token, not a new payment
+    assert await store.payment(again.payment_hash) is None
+
+
+async def test_a_scope_with_a_payment_pending_takes_no_second_one(store: ClientStore) -> None:
+    first, _ = new_payment(scope=SCOPE, owner="123:abc")
+    pending = await reserve(store, first)
+    second, _ = new_payment(scope=SCOPE)
+    refusal = await reserve(store, second, now=NOW + 1)
+    assert isinstance(refusal, BudgetRefusal) and refusal.code == "payment_pending"
+    assert refusal.pending == pending and refusal.pending.owner == "123:abc"
+    assert "still pending" in refusal.message
+    await store.fail(first.payment_hash, "no route", NOW + 2)
+    assert isinstance(await reserve(store, second, now=NOW + 3), Payment)
 
 
 async def test_learn_path_upserts(store: ClientStore) -> None:
@@ -536,6 +562,6 @@ async def test_the_same_invoice_reserved_by_two_stores_is_paid_once(
 async def test_a_token_bought_by_another_store_is_visible(
     store: ClientStore, other: ClientStore
 ) -> None:
-    token = await paid(other)
+    token = await paid(other, scope=SCOPE)
     found = await store.token_for_scope(ORIGIN, SCOPE, NOW)
     assert found is not None and found.preimage == token.preimage

@@ -299,7 +299,7 @@ def test_about_token() -> None:
     url = f"{ORIGIN}/episodes/ep1.mp3"
     assert about_token([offline_challenge(service="podcast")], token, url)
     assert not about_token([offline_challenge(service="other")], token, url)
-    assert about_token([], token, url)  # a bare 401: about the token sent
+    assert not about_token([], token, url)  # no L402 challenge: the origin's own 401/402
     assert about_token(['L402 macaroon="bm90", invoice="x"'], token, url)  # unreadable: assume so
 
 
