@@ -1,5 +1,5 @@
-"""Adversarial review of the paying client (payer, client addon, SDK): each test here proves a
-bug and is marked xfail(strict=True) until it is fixed."""
+"""Adversarial review of the paying client (payer, client addon, SDK): each test here proved a
+bug (found by review, failing until it was fixed) and keeps it from coming back."""
 
 import asyncio
 import os
@@ -156,6 +156,27 @@ async def test_the_retry_sends_only_the_players_headers(
         assert sent["User-Agent"] == "PodPlayer/1.0"
         assert "Accept-Encoding" not in sent, sent
         assert "Accept" not in sent, sent
+    finally:
+        await stop_addon(client)
+
+
+async def test_a_paying_flow_is_marked_for_mitmweb(tmp_path: Path, home: Path, shop: Shop) -> None:
+    async def origin(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=Body(b"paid"))
+
+    client = await running_addon(tmp_path, [], origin)
+    try:
+        flow = flow_to("127.0.0.1", 8081)
+        await challenged(client, flow, shop)
+        assert flow.response is not None and flow.response.content == b"paid"
+        assert flow.marked == ":zap:"
+        assert flow.comment == "L402 paid 21 sat (fee 0 sat) for podcast"
+        assert flow.response.headers["X-L402-Paid"] == "21 sat (fee 0 sat) for podcast"
+        assert flow.metadata["l402_client"]["paid"] is True
+        again = flow_to("127.0.0.1", 8081, "/bonus/ep2.mp3")
+        await client.request(again)  # sent with the token up front: nothing to mark
+        assert again.request.headers["Authorization"].startswith("L402 ")
+        assert again.marked == "" and again.comment == ""
     finally:
         await stop_addon(client)
 
