@@ -57,8 +57,13 @@ HOP_BY_HOP = frozenset(
 
 
 def request_url(request: http.Request) -> str:
-    """The absolute URL, with an IPv6 host in brackets (mitmproxy's request.url leaves them out)."""
-    return origin_of(request.scheme, request.host, request.port) + request.path
+    """The URL the player asked for, by name: what scopes, tokens and l402_allow are about.
+
+    pretty_host prefers the Host header, so in transparent or WireGuard mode, where the
+    connection only knows an IP address, the site is still known by its name. IPv6 hosts get
+    their brackets (mitmproxy's request.url leaves them out).
+    """
+    return origin_of(request.scheme, request.pretty_host, request.port) + request.path
 
 
 def answer_of(response: http.Response, url: str) -> Answer:
@@ -66,22 +71,28 @@ def answer_of(response: http.Response, url: str) -> Answer:
 
 
 async def resend(
-    client: httpx.AsyncClient,
-    request: http.Request,
-    url: str,
-    authorization: str | None,
-    like: http.Response,
+    client: httpx.AsyncClient, request: http.Request, authorization: str | None, like: http.Response
 ) -> http.Response:
     """Send the request again, with `authorization`, and return the answer as it came.
 
-    Only the player's own headers go out (not httpx's defaults: no Accept-Encoding the player
-    never asked for), and the body comes back as sent (still compressed, if it asked).
+    It goes where the first one went (the connection's address), named as the player named
+    it (Host, and TLS server name when the address is not the name). Only the player's own
+    headers go out (not httpx's defaults: no Accept-Encoding the player never asked for), and
+    the body comes back as sent (still compressed, if it asked).
     """
     headers = [(k, v) for k, v in request.headers.fields if k.lower() not in HOP_BY_HOP]
+    if request.host_header and not any(k.lower() == b"host" for k, _ in headers):
+        headers.insert(0, (b"Host", request.host_header.encode()))  # HTTP/2 has :authority
     if authorization is not None:
         headers.append((b"Authorization", authorization.encode()))
     body = request.raw_content or None
-    outgoing = client.build_request(request.method, url, headers=headers, content=body)
+    target = origin_of(request.scheme, request.host, request.port) + request.path
+    extensions = {}
+    if request.scheme == "https" and request.pretty_host.lower() != request.host.lower():
+        extensions["sni_hostname"] = request.pretty_host
+    outgoing = client.build_request(
+        request.method, target, headers=headers, content=body, extensions=extensions
+    )
     sent = {k.lower() for k, _ in headers}
     for name in HTTPX_DEFAULTS:
         if name.encode() not in sent and name in outgoing.headers:
@@ -365,14 +376,14 @@ class L402Client:
         payer = self.payer
         assert payer is not None
         request = flow.request
-        if not payer.allows(request.host, request.port):
+        if not payer.allows(request.pretty_host, request.port):
             return
         if "Accept-Authenticate" not in request.headers:
             request.headers["Accept-Authenticate"] = "L402"
             flow.metadata[ADVERTISED_KEY] = True
         if "Authorization" in request.headers:
             return  # the user's own credentials win
-        origin = origin_of(request.scheme, request.host, request.port)
+        origin = origin_of(request.scheme, request.pretty_host, request.port)
         flight = payer.flight_for(origin, request.path)
         if flight is not None:
             # A payment for this URL's scope is under way: its token beats a fresh 402.
@@ -408,7 +419,7 @@ class L402Client:
                         paid = result
                     step = steps.send(result)
                 else:
-                    response = await self._resend(request, url, step.authorization, response)
+                    response = await self._resend(request, step.authorization, response)
                     step = steps.send(answer_of(response, url))
         except StopIteration as stop:
             verdict: Verdict = stop.value
@@ -439,17 +450,17 @@ class L402Client:
         plain = flow.request.copy()
         del plain.headers["Accept-Authenticate"]
         try:
-            answer = await self._resend(plain, url, None, refused)
+            answer = await self._resend(plain, None, refused)
         except httpx.HTTPError as exc:
             log.warning(f"l402: asking {url} for its free variant failed: {exc}")
             return refused
         return refused if answer.status_code == 402 else answer
 
     async def _resend(
-        self, request: http.Request, url: str, authorization: str | None, like: http.Response
+        self, request: http.Request, authorization: str | None, like: http.Response
     ) -> http.Response:
         assert self.http is not None
-        return await resend(self.http, request, url, authorization, like)
+        return await resend(self.http, request, authorization, like)
 
     @staticmethod
     def _mark_paid(flow: http.HTTPFlow, paid: Paid) -> None:

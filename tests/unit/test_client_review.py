@@ -181,6 +181,33 @@ async def test_a_paying_flow_is_marked_for_mitmweb(tmp_path: Path, home: Path, s
         await stop_addon(client)
 
 
+async def test_transparent_mode_knows_the_site_by_name_and_retries_to_its_address(
+    tmp_path: Path, home: Path, shop: Shop
+) -> None:
+    """Transparent/WireGuard mode: the connection has an IP, the player named the site."""
+    seen: list[httpx.Request] = []
+
+    async def origin(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, stream=Body(b"paid"))
+
+    client = await running_addon(tmp_path, ["podcast.example"], origin)
+    try:
+        flow = flow_to("10.9.8.7", 443)
+        flow.request.scheme = "https"
+        flow.request.headers["Host"] = "podcast.example"
+        await challenged(client, flow, shop)
+        assert flow.response is not None and flow.response.content == b"paid"
+        [retry] = seen
+        assert (retry.url.host, retry.url.port) == ("10.9.8.7", None)  # 443: https default
+        assert retry.headers["Host"] == "podcast.example"
+        assert retry.extensions.get("sni_hostname") == "podcast.example"
+        tokens = list(client.payer.tokens) if client.payer else []
+        assert [origin for origin, _ in tokens] == ["https://podcast.example:443"]
+    finally:
+        await stop_addon(client)
+
+
 async def test_an_origin_401_after_paying_keeps_the_token_just_paid(
     tmp_path: Path, home: Path, shop: Shop
 ) -> None:
