@@ -11,9 +11,11 @@ import ssl
 import time
 from collections.abc import Sequence
 from typing import Any, Optional
+from urllib.parse import quote
 
 import httpx
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.proxy.mode_specs import ProxyMode, UpstreamMode
 
 from . import paths
 from .lightning import LightningError, Wallet, open_wallet
@@ -122,6 +124,18 @@ async def resend(
         timestamp_start=started,
         timestamp_end=time.time(),
     )
+
+
+def upstream_proxy(modes: Sequence[str], auth: str | None) -> str | None:
+    """In `--mode upstream:URL` the retry goes through that proxy too, as the first try did."""
+    for spec in modes:
+        mode = ProxyMode.parse(spec)
+        if isinstance(mode, UpstreamMode):
+            host, port = mode.address
+            host = f"[{host}]" if ":" in host else host
+            credentials = f"{quote(auth, safe=':')}@" if auth else ""
+            return f"{mode.scheme}://{credentials}{host}:{port}"
+    return None
 
 
 def add_header(response: http.Response, name: str, value: str) -> None:
@@ -325,6 +339,7 @@ class L402Client:
         self.http = httpx.AsyncClient(
             # The proxy's own environment may point HTTP_PROXY at this very proxy.
             trust_env=False,
+            proxy=upstream_proxy(ctx.options.mode, ctx.options.upstream_auth),
             verify=self._verify(),
             follow_redirects=False,
             timeout=RESEND_TIMEOUT,
