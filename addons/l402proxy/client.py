@@ -339,7 +339,8 @@ class L402Client:
         self.http = httpx.AsyncClient(
             # The proxy's own environment may point HTTP_PROXY at this very proxy.
             trust_env=False,
-            proxy=upstream_proxy(ctx.options.mode, ctx.options.upstream_auth),
+            # upstream_auth belongs to mitmproxy's UpstreamAuth addon, absent in a bare context.
+            proxy=upstream_proxy(ctx.options.mode, getattr(ctx.options, "upstream_auth", None)),
             verify=self._verify(),
             follow_redirects=False,
             timeout=RESEND_TIMEOUT,

@@ -13,7 +13,7 @@ import pytest
 from mitmproxy import ctx, exceptions, hooks, http
 from mitmproxy.test import taddons, tflow
 
-from l402proxy.client import L402Client
+from l402proxy.client import L402Client, upstream_proxy
 from l402proxy.l402.headers import format_challenge
 from l402proxy.l402.identifier import Identifier
 from l402proxy.l402.token import mint
@@ -361,3 +361,14 @@ async def test_a_token_refused_right_after_payment_is_reported(
         assert "Authorization" not in again.request.headers
     finally:
         await shop.close()
+
+
+def test_upstream_proxy_follows_mitmproxys_upstream_mode() -> None:
+    assert upstream_proxy([], None) is None
+    assert upstream_proxy(["regular"], "u:p") is None
+    assert upstream_proxy(["upstream:http://10.1.2.3:3128"], None) == "http://10.1.2.3:3128"
+    assert (
+        upstream_proxy(["regular", "upstream:https://proxy.example:8443"], "me:p@ss")
+        == "https://me:p%40ss@proxy.example:8443"
+    )
+    assert upstream_proxy(["upstream:http://[::1]:3128"], None) == "http://[::1]:3128"
