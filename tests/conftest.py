@@ -5,6 +5,8 @@ go green by skipping the tests that need real components.
 """
 
 import os
+import sys
+import threading
 
 import pytest
 
@@ -18,3 +20,26 @@ def require(condition: bool, what: str) -> None:
     if STRICT:
         pytest.fail(f"required component missing: {what} (L402PROXY_STRICT=1)")
     pytest.skip(f"component missing: {what}")
+
+
+_exit_status: int | None = None
+LEFTOVER_THREAD_JOIN_SECONDS = 5.0
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Never hang at exit: a test that left a non-daemon thread behind (an unclosed aiosqlite
+    connection, usually after another failure) would keep the interpreter waiting forever."""
+    main = threading.main_thread()
+    leftover = [t for t in threading.enumerate() if t is not main and not t.daemon]
+    for thread in leftover:
+        thread.join(LEFTOVER_THREAD_JOIN_SECONDS / max(len(leftover), 1))
+    alive = [t.name for t in leftover if t.is_alive()]
+    if alive:
+        sys.stderr.write(f"\nthreads left running after the tests (not closed?): {alive}\n")
+        sys.stderr.flush()
+        os._exit(_exit_status or 1)
