@@ -418,6 +418,47 @@ def test_a_crash_after_the_wallet_paid_is_recovered_without_paying_twice(
     assert before.listener_msat - Ledger.now(server.home).listener_msat == EPISODE_PRICE_MSAT
 
 
+def test_a_crash_before_the_wallet_sent_the_payment_pays_exactly_once_after_restart(
+    server: Server, clients: Clients
+) -> None:
+    store = clients.work / "hold.sqlite"
+    # The wallet waits 5 s before sending anything: we kill while the payment is only pending.
+    holding = clients.start("l402_wallet=dev:listener?hold=5", store=store)
+    before = Ledger.now(server.home)
+    outcome: dict[str, object] = {}
+
+    def player() -> None:
+        try:
+            outcome["response"] = procs.fetch(holding, server.url("/episodes/ep2.mp3"))
+        except httpx.HTTPError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=player, daemon=True)
+    thread.start()
+    assert procs.wait_until(lambda: events(history(server.home, store), "pending"), 10, 0.05), tail(
+        holding
+    )
+    assert settled_since(server.home, before) == []  # written down, not sent
+    holding.kill()
+    thread.join(timeout=15)
+    assert not thread.is_alive() and "response" not in outcome, outcome
+
+    restarted = clients.start(store=store)
+    assert procs.wait_until(lambda: not events(history(server.home, store), "pending"), 10, 0.2), (
+        history(server.home, store)
+    )
+    [failed] = events(history(server.home, store), "failed")  # never sent: released
+    response = procs.fetch(restarted, server.url("/episodes/ep2.mp3"))
+    assert response.status_code == 200, response.text + tail(restarted)
+    assert response.content == ad_free("ep2")
+    assert "X-L402-Paid" in response.headers
+    settled = settled_since(server.home, before)
+    assert len(settled) == 1 and settled[0]["payment_hash"] != failed["payment_hash"]
+    [paid] = events(history(server.home, store), "paid")
+    assert paid["payment_hash"] == settled[0]["payment_hash"]
+    assert before.listener_msat - Ledger.now(server.home).listener_msat == EPISODE_PRICE_MSAT
+
+
 def test_a_token_the_server_revoked_is_dropped_and_paid_afresh_once(
     server: Server, clients: Clients
 ) -> None:

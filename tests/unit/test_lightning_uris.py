@@ -5,6 +5,7 @@ about the query part and the dev wallet's delay.
 """
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def test_bad_delays(query: str, message: str, ledger_path: Path) -> None:
 def test_unknown_wallet_parameters(uri: str, name: str, ledger_path: Path) -> None:
     with pytest.raises(LightningError) as caught:
         open_wallet(uri, dev_ledger=ledger_path)
-    assert str(caught.value) == f"dev URI: unknown parameter '{name}' (allowed: 'delay')"
+    assert str(caught.value) == (f"dev URI: unknown parameter '{name}' (allowed: 'delay', 'hold')")
 
 
 @pytest.mark.parametrize(
@@ -115,6 +116,40 @@ def test_unknown_wallet_parameters(uri: str, name: str, ledger_path: Path) -> No
 def test_the_wallet_part_is_still_checked(uri: str, problem: str, ledger_path: Path) -> None:
     with pytest.raises(LightningError, match=problem):
         open_wallet(uri, dev_ledger=ledger_path)
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("hold=later", "dev URI: hold 'later' is not a number"),
+        ("hold=-2", "dev URI: hold must be 0-600 seconds"),
+    ],
+)
+def test_bad_holds(query: str, message: str, ledger_path: Path) -> None:
+    with pytest.raises(LightningError) as caught:
+        wallet_for(f"dev:fan?{query}", ledger_path)
+    assert str(caught.value) == message
+
+
+async def test_a_holding_wallet_has_sent_nothing_until_the_hold_ends(ledger_path: Path) -> None:
+    """hold: the crash window where the client wrote "pending" and the wallet sent nothing."""
+    shop = DevLedger(ledger_path)
+    wallet = wallet_for("dev:fan?hold=0.4&delay=0", ledger_path)
+    assert (wallet.hold, wallet.delay) == (0.4, 0.0)
+    assert "holding payments 0.4 s" in wallet.describe()
+    try:
+        invoice = await shop.create_invoice("merchant", 21_000, "ep", 600)
+        paying = asyncio.create_task(wallet.pay(invoice.bolt11, 0))
+        await asyncio.sleep(0.2)
+        assert (await wallet.lookup_payment(invoice.payment_hash)).status == "unknown"
+        paying.cancel()  # the client dies in the hold: nothing was ever sent
+        with contextlib.suppress(asyncio.CancelledError):
+            await paying
+        assert (await wallet.lookup_payment(invoice.payment_hash)).status == "unknown"
+        assert not (await shop.lookup_invoice(invoice.payment_hash)).settled
+    finally:
+        await wallet.close()
+        await shop.close()
 
 
 def test_describe_mentions_the_delay(ledger_path: Path) -> None:

@@ -31,12 +31,16 @@ SUPPORTED_SCHEMES = ("dev",)
 MAX_DEV_DELAY_SECONDS = 600.0
 
 
-def _parse_dev_uri(uri: str, default: str, *, wallet: bool) -> tuple[str, float]:
-    """(dev wallet name, answer delay) from `dev`, `dev:<wallet>`, `dev:<wallet>?delay=<s>`.
+WALLET_TIMINGS = ("delay", "hold")
 
-    The delay (wallets only) makes the dev wallet answer late after paying, the way a node
-    does when the preimage takes its time to come back: tests use it to crash a client
-    mid-payment. Any other scheme is refused.
+
+def _parse_dev_uri(uri: str, default: str, *, wallet: bool) -> tuple[str, dict[str, float]]:
+    """(dev wallet name, timings) from `dev`, `dev:<wallet>`, `dev:<wallet>?delay=<s>&hold=<s>`.
+
+    Timings (wallets only) make the dev wallet behave like a slow node, so tests can crash a
+    client mid-payment: `hold` waits before paying (the payment is not sent yet), `delay`
+    waits after paying (settled, but the preimage has not come back). Any other scheme is
+    refused.
     """
     base, _, query = uri.strip().partition("?")
     scheme, sep, rest = base.partition(":")
@@ -47,18 +51,19 @@ def _parse_dev_uri(uri: str, default: str, *, wallet: bool) -> tuple[str, float]
         )
     if sep and not rest:
         raise LightningError("dev URI without a wallet name: use 'dev' or 'dev:<wallet>'")
-    delay = 0.0
+    timings: dict[str, float] = {}
     for name, values in parse_qs(query, keep_blank_values=True).items():
-        if name != "delay" or not wallet:
-            allowed = "'delay'" if wallet else "none"
+        if name not in WALLET_TIMINGS or not wallet:
+            allowed = ", ".join(f"'{t}'" for t in WALLET_TIMINGS) if wallet else "none"
             raise LightningError(f"dev URI: unknown parameter {name!r} (allowed: {allowed})")
         try:
-            delay = float(values[-1])
+            seconds = float(values[-1])
         except ValueError:
-            raise LightningError(f"dev URI: delay {values[-1]!r} is not a number") from None
-        if not 0 <= delay <= MAX_DEV_DELAY_SECONDS:
-            raise LightningError(f"dev URI: delay must be 0-{MAX_DEV_DELAY_SECONDS:g} seconds")
-    return (rest if sep else default), delay
+            raise LightningError(f"dev URI: {name} {values[-1]!r} is not a number") from None
+        if not 0 <= seconds <= MAX_DEV_DELAY_SECONDS:
+            raise LightningError(f"dev URI: {name} must be 0-{MAX_DEV_DELAY_SECONDS:g} seconds")
+        timings[name] = seconds
+    return (rest if sep else default), timings
 
 
 def open_backend(uri: str, *, dev_ledger: str | Path) -> InvoiceBackend:
@@ -69,8 +74,8 @@ def open_backend(uri: str, *, dev_ledger: str | Path) -> InvoiceBackend:
 
 def open_wallet(uri: str, *, dev_ledger: str | Path) -> Wallet:
     """The client's wallet for `uri`; cheap: connects on first use or `start()`."""
-    wallet, delay = _parse_dev_uri(uri, DEFAULT_CLIENT_WALLET, wallet=True)
-    return DevWallet(DevLedger(dev_ledger), wallet, delay=delay)
+    wallet, timings = _parse_dev_uri(uri, DEFAULT_CLIENT_WALLET, wallet=True)
+    return DevWallet(DevLedger(dev_ledger), wallet, **timings)
 
 
 __all__ = [

@@ -607,17 +607,26 @@ class DevWallet(Wallet):
     name = "dev"
 
     def __init__(
-        self, ledger: DevLedger, wallet: str = DEFAULT_CLIENT_WALLET, *, delay: float = 0.0
+        self,
+        ledger: DevLedger,
+        wallet: str = DEFAULT_CLIENT_WALLET,
+        *,
+        delay: float = 0.0,
+        hold: float = 0.0,
     ) -> None:
         self.ledger = ledger
         self.wallet = check_wallet_name(wallet)
-        # Seconds between settling and answering: a slow node, for crash tests.
+        # A slow node, for crash tests: `hold` seconds before the payment is sent, `delay`
+        # seconds between settling and answering.
         self.delay = delay
+        self.hold = hold
 
     async def start(self) -> None:
         await self.ledger.open()
 
     async def pay(self, bolt11: str, max_fee_msat: int) -> PaymentResult:
+        if self.hold:
+            await asyncio.sleep(self.hold)
         result = await self.ledger.pay(self.wallet, bolt11, max_fee_msat)
         if self.delay:
             await asyncio.sleep(self.delay)
@@ -638,6 +647,8 @@ class DevWallet(Wallet):
 
     def describe(self) -> str:
         slow = f", answering {self.delay:g} s late" if self.delay else ""
+        if self.hold:
+            slow += f", holding payments {self.hold:g} s"
         return f"{self.ledger.describe()}; paying from wallet '{self.wallet}'{slow}"
 
 
