@@ -40,8 +40,9 @@ LIMIT_OPTIONS = (
 )
 # What httpx adds to every request unless told otherwise; the retry is the player's request.
 HTTPX_DEFAULTS = ("accept", "accept-encoding", "user-agent", "connection")
-# Headers about one hop, not the request: the retry opens its own connection.
-HOP_BY_HOP = frozenset(
+# Headers not copied to the retry or back to the player: those about one hop (the retry opens
+# its own connection), the length (recomputed) and the credential (the retry sets its own).
+NOT_COPIED = frozenset(
     {
         b"connection",
         b"proxy-connection",
@@ -82,14 +83,14 @@ async def resend(
     headers go out (not httpx's defaults: no Accept-Encoding the player never asked for), and
     the body comes back as sent (still compressed, if it asked).
     """
-    headers = [(k, v) for k, v in request.headers.fields if k.lower() not in HOP_BY_HOP]
+    headers = [(k, v) for k, v in request.headers.fields if k.lower() not in NOT_COPIED]
     if request.host_header and not any(k.lower() == b"host" for k, _ in headers):
         headers.insert(0, (b"Host", request.host_header.encode()))  # HTTP/2 has :authority
     if authorization is not None:
         headers.append((b"Authorization", authorization.encode()))
     body = request.raw_content or None
     target = origin_of(request.scheme, request.host, request.port) + request.path
-    extensions = {}
+    extensions: dict[str, str] = {}
     if request.scheme == "https" and request.pretty_host.lower() != request.host.lower():
         extensions["sni_hostname"] = request.pretty_host
     outgoing = client.build_request(
@@ -105,7 +106,7 @@ async def resend(
         raw = b"".join([chunk async for chunk in answer.aiter_raw()])
     finally:
         await answer.aclose()
-    fields = [(k, v) for k, v in answer.headers.raw if k.lower() not in HOP_BY_HOP]
+    fields = [(k, v) for k, v in answer.headers.raw if k.lower() not in NOT_COPIED]
     if like.http_version.startswith("HTTP/2"):
         fields = [(k.lower(), v) for k, v in fields]  # HTTP/2 forbids upper-case names
     if request.method.upper() == "HEAD" or answer.status_code in (204, 304):

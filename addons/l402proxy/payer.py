@@ -183,6 +183,11 @@ class Refused:
     code: str
     message: str
 
+    def __post_init__(self) -> None:
+        # Players and scripts read the code: only the documented ones may reach them.
+        if self.code not in REFUSAL_CODES:
+            raise ValueError(f"unknown refusal code {self.code!r}")
+
     def header(self) -> str:
         return header_safe(f"{self.code}; {self.message}")
 

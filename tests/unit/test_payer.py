@@ -238,18 +238,22 @@ def offline_challenge(
     """A challenge with a real macaroon and a foreign (never payable here) invoice."""
     payment_hash = os.urandom(32)
     macaroon = mint(os.urandom(32), Identifier.new(payment_hash), [f"services={service}:0"])
-    invoice = encode_invoice(
+    return format_challenge(scheme, macaroon, foreign_invoice(payment_hash, amount_msat))
+
+
+def foreign_invoice(payment_hash: bytes, amount_msat: int | None, description: str = "x") -> str:
+    """A valid regtest invoice signed by a node no wallet here can reach."""
+    return encode_invoice(
         key=PrivateKey(),
         currency="bcrt",
         amount_msat=amount_msat,
         created_at=int(time.time()),
         payment_hash=payment_hash,
         payment_secret=os.urandom(32),
-        description="x",
+        description=description,
         expiry=600,
         min_final_cltv_expiry=18,
     )
-    return format_challenge(scheme, macaroon, invoice)
 
 
 def test_pick_challenge_follows_the_servers_order() -> None:
@@ -721,17 +725,7 @@ async def test_refuses_beyond_the_total_budget(shop: Shop, make_payer: PayerFact
 async def test_refuses_an_invoice_without_amount(make_payer: PayerFactory) -> None:
     payer = make_payer()
     payment_hash = os.urandom(32)
-    invoice = encode_invoice(
-        key=PrivateKey(),
-        currency="bcrt",
-        amount_msat=None,
-        created_at=int(time.time()),
-        payment_hash=payment_hash,
-        payment_secret=os.urandom(32),
-        description="donate",
-        expiry=600,
-        min_final_cltv_expiry=18,
-    )
+    invoice = foreign_invoice(payment_hash, None, "donate")
     macaroon = mint(os.urandom(32), Identifier.new(payment_hash), ["services=podcast:0"])
     refused = await assert_refused(payer, format_challenge("L402", macaroon, invoice), "no_amount")
     assert "never paid blindly" in refused.message

@@ -1,7 +1,7 @@
 """Persistence: the server's tokens and secret, the client's ledger and tokens (SQLite; a
 PostgreSQL server store later, for several proxy instances)."""
 
-from l402proxy.store.client import ClientStore, NewPayment, Payment, open_client_store
+from l402proxy.store.client import ClientStore, NewPayment, Payment
 from l402proxy.store.database import POSTGRES_UNAVAILABLE
 from l402proxy.store.sqlite import (
     MIGRATIONS,
@@ -19,7 +19,6 @@ __all__ = [
     "Payment",
     "ServerStore",
     "StoreError",
-    "open_client_store",
     "open_server_store",
     "sqlite_path_from_uri",
 ]

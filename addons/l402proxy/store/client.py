@@ -104,25 +104,14 @@ class NewPayment:
     owner: str = ""
 
 
-@dataclass(frozen=True)
-class Payment:
+@dataclass(frozen=True, kw_only=True)
+class Payment(NewPayment):
+    """A ledger row: what was known before paying, and what became of it."""
+
     id: int
-    payment_hash: bytes
-    origin: str
-    url: str
-    scope: str
-    services: tuple[str, ...]
-    scheme: str
-    macaroon: str
-    bolt11: str
-    amount_msat: int
-    fee_limit_msat: int
     fee_msat: int | None
     status: PaymentStatus
     preimage: bytes | None
-    valid_until: float | None
-    wallet: str
-    owner: str
     error: str | None
     created_at: float
     updated_at: float
@@ -168,39 +157,23 @@ class BudgetRefusal:
     pending: "Payment | None" = None
 
 
-_PAYMENT_COLUMNS = (
-    "id, payment_hash, origin, url, scope, services, scheme, macaroon, bolt11, amount_msat,"
-    " fee_limit_msat, fee_msat, status, preimage, valid_until, wallet, owner, error, created_at,"
-    " updated_at, dropped_at"
-)
+_PAYMENT_FIELDS = (
+    "id", "payment_hash", "origin", "url", "scope", "services", "scheme", "macaroon", "bolt11",
+    "amount_msat", "fee_limit_msat", "fee_msat", "status", "preimage", "valid_until", "wallet",
+    "owner", "error", "created_at", "updated_at", "dropped_at",
+)  # fmt: skip
+_PAYMENT_COLUMNS = ", ".join(_PAYMENT_FIELDS)
 # What a payment counts against a budget: its fee once known, until then the fee limit.
 _COST = "amount_msat + coalesce(fee_msat, fee_limit_msat)"
 
 
 def _payment_from_row(row: Sequence[Any]) -> Payment:
-    return Payment(
-        id=row[0],
-        payment_hash=bytes(row[1]),
-        origin=row[2],
-        url=row[3],
-        scope=row[4],
-        services=tuple(s for s in row[5].split(",") if s),
-        scheme=row[6],
-        macaroon=row[7],
-        bolt11=row[8],
-        amount_msat=row[9],
-        fee_limit_msat=row[10],
-        fee_msat=row[11],
-        status=row[12],
-        preimage=bytes(row[13]) if row[13] is not None else None,
-        valid_until=row[14],
-        wallet=row[15],
-        owner=row[16],
-        error=row[17],
-        created_at=row[18],
-        updated_at=row[19],
-        dropped_at=row[20],
-    )
+    values = dict(zip(_PAYMENT_FIELDS, row, strict=True))
+    values["payment_hash"] = bytes(values["payment_hash"])
+    values["services"] = tuple(s for s in values["services"].split(",") if s)
+    if values["preimage"] is not None:
+        values["preimage"] = bytes(values["preimage"])
+    return Payment(**values)
 
 
 def sqlite_path_from_uri(uri: str) -> Path:
@@ -399,16 +372,6 @@ class ClientStore(Database):
         )
         return [_payment_from_row(row) for row in rows]
 
-    async def token_for_scope(self, origin: str, scope: str, now: float) -> Payment | None:
-        """The newest usable token for a scope, also one another process bought."""
-        rows = await self._read(
-            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE origin = ? AND scope = ?"
-            " AND status = 'paid' AND dropped_at IS NULL"
-            " AND (valid_until IS NULL OR valid_until > ?) ORDER BY id DESC LIMIT 1",
-            (origin, scope, now),
-        )
-        return _payment_from_row(rows[0]) if rows else None
-
     async def learn_path(self, origin: str, path: str, scope: str, now: float) -> None:
         async with self._transaction() as db:
             await db.execute(
@@ -509,7 +472,3 @@ class ClientStore(Database):
             )
         events.sort(key=lambda event: event["when"], reverse=True)
         return events[:limit]
-
-
-async def open_client_store(uri: str) -> ClientStore:
-    return await ClientStore.open(uri)

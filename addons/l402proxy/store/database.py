@@ -8,6 +8,7 @@ import re
 import sqlite3
 import stat
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -100,7 +101,7 @@ def _prepare_file(path: Path) -> None:
             log.warning("cannot make %s private (mode 0600): not its owner", side)
 
 
-class Database:
+class Database(ABC):
     """One SQLite connection shared by a process's coroutines.
 
     Subclasses name their schema history in `migrations()`: entry i brings the file from
@@ -115,8 +116,9 @@ class Database:
         # could interleave statements inside each other's BEGIN ... COMMIT.
         self._lock = asyncio.Lock()
 
+    @abstractmethod
     def migrations(self) -> Sequence[Sequence[str]]:
-        raise NotImplementedError
+        """The schema history of this kind of store."""
 
     @classmethod
     async def open_path(cls, path: Path) -> Self:
