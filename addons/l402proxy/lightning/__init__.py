@@ -1,5 +1,6 @@
 """Lightning backends (server: issue invoices) and wallets (client: pay), chosen by URI."""
 
+import importlib
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -10,6 +11,9 @@ from l402proxy.lightning.base import (
     InvoiceNotFound,
     InvoiceState,
     LightningError,
+    LookupUnsupported,
+    Network,
+    NodeInfo,
     PaymentFailed,
     PaymentResult,
     PaymentState,
@@ -24,9 +28,7 @@ from l402proxy.lightning.dev import (
     DevLedger,
     DevWallet,
 )
-
-SUPPORTED_SCHEMES = ("dev",)
-
+from l402proxy.lightning.uri import module_for, redact
 
 MAX_DEV_DELAY_SECONDS = 600.0
 
@@ -43,12 +45,7 @@ def _parse_dev_uri(uri: str, default: str, *, wallet: bool) -> tuple[str, dict[s
     refused.
     """
     base, _, query = uri.strip().partition("?")
-    scheme, sep, rest = base.partition(":")
-    if scheme.strip().lower() != "dev":
-        supported = ", ".join(SUPPORTED_SCHEMES)
-        raise LightningError(
-            f"unsupported backend URI scheme {scheme.strip()!r} (supported now: {supported})"
-        )
+    _, sep, rest = base.partition(":")
     if sep and not rest:
         raise LightningError("dev URI without a wallet name: use 'dev' or 'dev:<wallet>'")
     timings: dict[str, float] = {}
@@ -66,16 +63,28 @@ def _parse_dev_uri(uri: str, default: str, *, wallet: bool) -> tuple[str, dict[s
     return (rest if sep else default), timings
 
 
+def _module(uri: str) -> object:
+    # Imported on demand: a dev setup never loads grpc, and a missing optional piece only
+    # matters to the backend that needs it.
+    return importlib.import_module(f"l402proxy.lightning.{module_for(uri)}")
+
+
 def open_backend(uri: str, *, dev_ledger: str | Path) -> InvoiceBackend:
-    """The server's invoice backend for `uri`; cheap: connects on first use or `start()`."""
-    wallet, _ = _parse_dev_uri(uri, DEFAULT_SERVER_WALLET, wallet=False)
-    return DevInvoiceBackend(DevLedger(dev_ledger), wallet)
+    """The server's invoice backend for `uri`; cheap: connects on first use, `start()` or `info()`.
+
+    Raises LightningError (secret-free) for a URI it cannot use."""
+    if module_for(uri) == "dev":
+        wallet, _ = _parse_dev_uri(uri, DEFAULT_SERVER_WALLET, wallet=False)
+        return DevInvoiceBackend(DevLedger(dev_ledger), wallet)
+    return _module(uri).backend_from_uri(uri)  # type: ignore[attr-defined,no-any-return]
 
 
 def open_wallet(uri: str, *, dev_ledger: str | Path) -> Wallet:
-    """The client's wallet for `uri`; cheap: connects on first use or `start()`."""
-    wallet, timings = _parse_dev_uri(uri, DEFAULT_CLIENT_WALLET, wallet=True)
-    return DevWallet(DevLedger(dev_ledger), wallet, **timings)
+    """The client's wallet for `uri`; cheap: connects on first use, `start()` or `info()`."""
+    if module_for(uri) == "dev":
+        wallet, timings = _parse_dev_uri(uri, DEFAULT_CLIENT_WALLET, wallet=True)
+        return DevWallet(DevLedger(dev_ledger), wallet, **timings)
+    return _module(uri).wallet_from_uri(uri)  # type: ignore[attr-defined,no-any-return]
 
 
 __all__ = [
@@ -91,6 +100,9 @@ __all__ = [
     "InvoiceNotFound",
     "InvoiceState",
     "LightningError",
+    "LookupUnsupported",
+    "Network",
+    "NodeInfo",
     "PaymentFailed",
     "PaymentResult",
     "PaymentState",
@@ -98,4 +110,5 @@ __all__ = [
     "Wallet",
     "open_backend",
     "open_wallet",
+    "redact",
 ]

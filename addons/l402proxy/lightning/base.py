@@ -31,6 +31,29 @@ class PaymentResult:
 
 PaymentStatus = Literal["pending", "succeeded", "failed", "unknown"]
 
+# BOLT11 prefixes name these; `None` where a backend cannot tell (a Lightning Address).
+Network = Literal["mainnet", "testnet", "signet", "regtest"]
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What `info()` reached: enough for one line of `l402proxy backend check` and the start log."""
+
+    backend: str  # "lnd", "cln", "eclair", "lnbits", "lnurl", "dev"
+    address: str  # where, without secrets: "127.0.0.1:10009", "/path/lightning-rpc", "alice@host"
+    alias: str | None = None  # the node alias, wallet name, or LNURL description
+    network: Network | None = None
+    pubkey: str | None = None  # hex node id, when the backend tells
+
+    def summary(self) -> str:
+        parts = [f"{self.backend} at {self.address}"]
+        if self.alias:
+            parts.append(f"alias {self.alias!r}")
+        if self.pubkey:
+            parts.append(f"node {self.pubkey[:16]}…")
+        parts.append(f"network {self.network or 'unknown'}")
+        return ", ".join(parts)
+
 
 @dataclass(frozen=True)
 class PaymentState:
@@ -56,6 +79,10 @@ class InvoiceNotFound(LightningError):
     """The backend does not know this payment hash."""
 
 
+class LookupUnsupported(LightningError):
+    """This backend cannot look invoices up (a Lightning Address only hands out invoices)."""
+
+
 @runtime_checkable
 class InvoiceBackend(Protocol):
     """Server side: issue invoices and learn whether they were paid."""
@@ -65,6 +92,10 @@ class InvoiceBackend(Protocol):
     async def create_invoice(self, amount_sat: int, memo: str, expiry: int) -> Invoice: ...
 
     async def lookup_invoice(self, payment_hash: bytes) -> InvoiceState: ...
+
+    async def info(self) -> NodeInfo:
+        """Connect if needed and say what was reached; LightningError says what failed."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -80,6 +111,10 @@ class Wallet(Protocol):
     async def pay(self, bolt11: str, max_fee_msat: int) -> PaymentResult: ...
 
     async def lookup_payment(self, payment_hash: bytes) -> PaymentState: ...
+
+    async def info(self) -> NodeInfo:
+        """Connect if needed and say what was reached; LightningError says what failed."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -30,6 +30,7 @@ from l402proxy.lightning.base import (
     InvoiceNotFound,
     InvoiceState,
     LightningError,
+    NodeInfo,
     PaymentFailed,
     PaymentResult,
     PaymentState,
@@ -166,6 +167,16 @@ class DevLedger:
         return (
             f"DEV LEDGER (fake Lightning for demos and tests only; regtest invoices, no real "
             f"bitcoin): {self.path}{node}"
+        )
+
+    async def info(self, wallet: str) -> NodeInfo:
+        await self.open()
+        return NodeInfo(
+            backend="dev",
+            address=self.path,
+            alias=f"dev wallet {wallet}",
+            network="regtest",
+            pubkey=self.node_id,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -594,6 +605,9 @@ class DevInvoiceBackend(InvoiceBackend):
     async def lookup_invoice(self, payment_hash: bytes) -> InvoiceState:
         return await self.ledger.lookup_invoice(payment_hash, wallet=self.wallet)
 
+    async def info(self) -> NodeInfo:
+        return await self.ledger.info(self.wallet)
+
     async def close(self) -> None:
         await self.ledger.close()
 
@@ -634,6 +648,9 @@ class DevWallet(Wallet):
 
     async def lookup_payment(self, payment_hash: bytes) -> PaymentState:
         return await self.ledger.lookup_payment(self.wallet, payment_hash)
+
+    async def info(self) -> NodeInfo:
+        return await self.ledger.info(self.wallet)
 
     @property
     def identity(self) -> str:
