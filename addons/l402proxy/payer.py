@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from .l402.headers import Challenge, format_credential, parse_challenges
 from .l402.invoice import decode_invoice
 from .l402.token import TokenError, TokenInfo, inspect
-from .lightning import LightningError, PaymentFailed, Wallet
+from .lightning import BackendUnavailable, LightningError, NodeInfo, PaymentFailed, Wallet
 from .store.client import ClientStore, NewPayment, Payment, sat_number
 from .store.database import StoreError
 
@@ -39,10 +39,13 @@ REFUSAL_CODES = (
     "payment_failed",
     "payment_pending",
     "rejected_after_payment",
+    "wrong_network",
 )
 # The same refusal (origin, url, reason) is written to the history at most this often.
 REFUSAL_RECORD_SECONDS = 60.0
 LOOKUP_TIMEOUT_SECONDS = 30.0
+# How long the wallet may take to say who it is at start; past that it counts as unreachable.
+INFO_TIMEOUT_SECONDS = 15.0
 OTHER_PROCESS_POLL_SECONDS = 0.05
 
 
@@ -264,6 +267,16 @@ def pick_challenge(values: Iterable[str], path: str) -> _Offer | Refused | None:
     return Refused("bad_challenge", "no usable macaroon in the challenge: " + "; ".join(problems))
 
 
+async def wallet_info(wallet: Wallet) -> NodeInfo:
+    """Who the wallet is (network, node), or BackendUnavailable saying why it cannot be reached."""
+    try:
+        return await asyncio.wait_for(wallet.info(), INFO_TIMEOUT_SECONDS)
+    except TimeoutError:
+        raise BackendUnavailable(
+            f"{wallet.describe()}: no answer within {INFO_TIMEOUT_SECONDS:g} s"
+        ) from None
+
+
 def wallet_identity(wallet: Wallet) -> str:
     """Which wallet paid, precisely enough to ask the same one after a restart."""
     return str(getattr(wallet, "identity", wallet.name))
@@ -343,6 +356,9 @@ class Payer:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.wallet = wallet
+        # What the wallet said at start(); its network guards against paying a testnet
+        # invoice from a mainnet wallet (or the reverse).
+        self.node: NodeInfo | None = None
         self.store = store
         self.limits = limits
         self.pay_timeout = pay_timeout
@@ -363,6 +379,7 @@ class Payer:
         start = getattr(self.wallet, "start", None)
         if start is not None:
             await start()
+        self.node = await wallet_info(self.wallet)
         now = self.clock()
         for payment in await self.store.tokens(now):
             token = Token.from_payment(payment)
@@ -669,6 +686,12 @@ class Payer:
                 "the invoice pays for another payment hash than the macaroon names "
                 f"(invoice {invoice.payment_hash.hex()[:16]}..., macaroon "
                 f"{offer.info.identifier.payment_hash.hex()[:16]}...)",
+            )
+        network = self.node.network if self.node is not None else None
+        if network is not None and invoice.network != network:
+            return Refused(
+                "wrong_network",
+                f"the invoice is for {invoice.network}, the wallet is on {network}",
             )
         if invoice.amount_msat is None:
             return Refused("no_amount", "the invoice has no amount; it is never paid blindly")

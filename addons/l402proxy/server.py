@@ -32,6 +32,7 @@ RULES_POLL_SECONDS = 1.0
 REVOCATION_POLL_SECONDS = 1.0
 FLUSH_SECONDS = 0.25
 RETRY_AFTER_SECONDS = 10
+BACKEND_CHECK_SECONDS = 15.0
 SEEN_PAID_LIMIT = 100_000
 
 
@@ -278,7 +279,14 @@ class L402Server:
             log.error(f"l402: cannot open token store {self.store_uri}: {exc}")
             return
         if self.backend is not None:
-            log.info(f"l402: invoices from {self.backend.describe()}")
+            try:
+                node = await asyncio.wait_for(self.backend.info(), BACKEND_CHECK_SECONDS)
+            except (LightningError, TimeoutError) as exc:
+                # Refuse to start rather than answer every priced request with a 503.
+                why = str(exc) or f"no answer within {BACKEND_CHECK_SECONDS:g} s"
+                log.error(f"l402: cannot use the invoice backend {self.backend.describe()}: {why}")
+                return
+            log.info(f"l402: invoices from {node.summary()} ({self.backend.describe()})")
         self.tasks = [
             asyncio.create_task(self._every(FLUSH_SECONDS, self._flush)),
             asyncio.create_task(self._every(REVOCATION_POLL_SECONDS, self._poll_revocations)),

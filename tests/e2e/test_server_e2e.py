@@ -419,27 +419,25 @@ def test_paid_variant_can_come_from_another_origin(
         other.stop()
 
 
-def test_when_invoices_cannot_be_made_priced_requests_get_503_and_free_ones_flow(
-    tmp_path_factory: pytest.TempPathFactory, confdir: Path, tmp_path: Path
+def test_an_unusable_invoice_backend_stops_the_proxy_from_starting(
+    tmp_path: Path, confdir: Path
 ) -> None:
-    # A directory where the ledger file should be: every invoice attempt fails.
+    # A directory where the ledger file should be: the backend cannot be opened. (A backend that
+    # fails while running gives 503s instead: see the LND stand-in tests.)
     broken_ledger = tmp_path / "ledger-is-a-dir"
     broken_ledger.mkdir()
-    stack = start_stack(
-        tmp_path_factory,
-        confdir,
-        PODCAST_RULES,
+    proxy = procs.server_proxy(
+        tmp_path, tmp_path, confdir, "http://127.0.0.1:9", PODCAST_RULES,
         f"l402_dev_ledger={broken_ledger}",
-        name="nobackend",
-    )
+    )  # fmt: skip
+    proxy.start(wait=False)
     try:
-        response = stack.get("/episodes/ep1.mp3", **OPTED_IN)
-        assert response.status_code == 503
-        assert response.headers["Retry-After"].isdigit()
-        assert "Traceback" not in response.text
-        assert stack.get("/episodes/ep1.mp3").content == b"AD-SUPPORTED episode ep1\n"
+        assert proxy.wait_exit() != 0
     finally:
-        stop_stack(stack)
+        proxy.kill()
+    log = proxy.log()
+    assert "cannot use the invoice backend DEV LEDGER" in log, log
+    assert str(broken_ledger) in log and "Traceback" not in log
 
 
 def test_decode_cli_reads_a_live_challenge_and_credential(podcast: Stack) -> None:

@@ -18,9 +18,10 @@ from l402proxy.l402.headers import format_challenge
 from l402proxy.l402.identifier import Identifier
 from l402proxy.l402.token import mint
 from l402proxy.lightning import NEW_WALLET_BALANCE_MSAT, DevLedger, DevWallet
+from l402proxy.lightning.uri import SUPPORTED_FORMS
 from l402proxy.payer import Limits, Token
 
-UNSUPPORTED = "unsupported backend URI scheme 'lnd' (supported now: dev)"
+UNSUPPORTED = f"unsupported backend URI 'btcpay'; use one of: {SUPPORTED_FORMS}"
 
 
 def load(tctx: taddons.context, client: L402Client, **options: object) -> None:
@@ -191,7 +192,7 @@ async def test_bad_wallet_at_startup_is_one_clear_error(
 ) -> None:
     client = L402Client()
     with taddons.context(client) as tctx:
-        load(tctx, client, l402_wallet="lnd://localhost:10009")
+        load(tctx, client, l402_wallet="btcpay://localhost:10009")
         assert errors(caplog) == [f"l402: l402_wallet: {UNSUPPORTED}"]
         assert client.misconfigured == {"l402_wallet": f"l402_wallet: {UNSUPPORTED}"}
         await client.running()
@@ -201,7 +202,7 @@ async def test_bad_wallet_at_startup_is_one_clear_error(
 @pytest.mark.parametrize(
     ("uri", "problem"),
     [
-        ("lnd://localhost:10009", UNSUPPORTED),
+        ("btcpay://localhost:10009", UNSUPPORTED),
         ("dev:", "dev URI without a wallet name"),
         ("dev:a b", "invalid dev wallet name 'a b'"),
         ("dev:x?delay=soon", "dev URI: delay 'soon' is not a number"),

@@ -32,6 +32,7 @@ from l402proxy.lightning import (
     open_wallet,
 )
 from l402proxy.lightning.dev import SCHEMA_VERSION
+from l402proxy.lightning.uri import SUPPORTED_FORMS
 
 MERCHANT = "merchant"
 LISTENER = "listener"
@@ -585,10 +586,15 @@ async def test_named_dev_wallets(path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("uri", "scheme"),
-    [("lnd://localhost:10009?macaroon=x", "lnd"), ("lnbits://h?key=k", "lnbits"), ("", "")],
+    [
+        ("btcpay://h?key=secret", "unsupported backend URI 'btcpay'"),
+        ("https://h/?key=secret", "unsupported backend URI 'https'"),
+        ("nonsense", "unsupported backend URI 'nonsense'"),
+        ("", "empty backend URI"),
+    ],
 )
 def test_unsupported_uri_schemes(uri: str, scheme: str, path: Path) -> None:
-    expected = f"unsupported backend URI scheme '{scheme}' (supported now: dev)"
+    expected = f"{scheme}; use one of: {SUPPORTED_FORMS}"
     for opener in (open_backend, open_wallet):
         with pytest.raises(LightningError) as caught:
             opener(uri, dev_ledger=str(path))

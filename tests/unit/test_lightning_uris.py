@@ -110,7 +110,7 @@ def test_unknown_wallet_parameters(uri: str, name: str, ledger_path: Path) -> No
     [
         ("dev:?delay=1", "dev URI without a wallet name"),
         ("dev:a b?delay=1", "invalid dev wallet name"),
-        ("lnd://host?delay=1", "unsupported backend URI scheme 'lnd'"),
+        ("btcpay://host?delay=1", "unsupported backend URI 'btcpay'"),
     ],
 )
 def test_the_wallet_part_is_still_checked(uri: str, problem: str, ledger_path: Path) -> None:

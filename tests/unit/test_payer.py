@@ -20,6 +20,7 @@ from l402proxy.lightning import (
     DevLedger,
     DevWallet,
     LightningError,
+    NodeInfo,
     PaymentFailed,
     PaymentResult,
     PaymentState,
@@ -487,6 +488,9 @@ class FakeWallet:
         if isinstance(self.state, Exception):
             raise self.state
         return self.state or PaymentState(payment_hash, "unknown", None, 0)
+
+    async def info(self) -> NodeInfo:
+        return NodeInfo(backend="fake", address="nowhere", network="regtest")
 
     async def close(self) -> None:
         pass

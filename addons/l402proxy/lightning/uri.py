@@ -15,6 +15,8 @@ PUBLIC_PARAMS = frozenset({"network", "timeout", "delay", "hold", "wallet", "tls
 # user@domain, the Lightning Address form (LUD-16).
 LIGHTNING_ADDRESS = re.compile(r"^[a-z0-9._+-]+@[a-z0-9.-]+\.[a-z]{2,}(:\d+)?$", re.IGNORECASE)
 
+SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*)(?::|\?|$)", re.IGNORECASE)
+
 # scheme -> module under l402proxy.lightning
 MODULE_FOR_SCHEME = {
     "dev": "dev",
@@ -44,12 +46,15 @@ def scheme_of(uri: str) -> str:
         return "cln"
     if LIGHTNING_ADDRESS.match(text):
         return "lnurl"
-    scheme, sep, _ = text.partition(":")
-    return scheme.lower() if sep or scheme.lower() == "dev" else ""
+    # "dev?delay=1" has no colon: a bare word before "?" or the end names the scheme too.
+    found = SCHEME.match(text)
+    return found.group(1).lower() if found else ""
 
 
 def module_for(uri: str) -> str:
     """The module name under l402proxy.lightning serving this URI; LightningError if none."""
+    if not uri.strip():
+        raise LightningError(f"empty backend URI; use one of: {SUPPORTED_FORMS}")
     scheme = scheme_of(uri)
     module = MODULE_FOR_SCHEME.get(scheme)
     if module is None:
