@@ -1,11 +1,13 @@
 """`l402proxy`: decode L402 headers, drive the dev ledger, manage issued tokens, show what the
-client paid.
+client paid, check a Lightning backend.
 
-JSON on stdout; on bad input a one-line error on stderr and a non-zero exit, never a traceback.
+JSON on stdout (`backend check`: one line, JSON with --json); on bad input a one-line error on
+stderr and a non-zero exit, never a traceback.
 """
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import json
 import sys
@@ -18,7 +20,7 @@ from .l402.headers import parse_challenges, parse_credential
 from .l402.identifier import Identifier
 from .l402.invoice import decode_invoice
 from .l402.token import TokenError, decode_macaroon
-from .lightning import LightningError
+from .lightning import LightningError, NodeInfo, open_backend, open_wallet
 from .lightning.dev import DEFAULT_CLIENT_WALLET, DevLedger
 from .rules import RulesError, load_rules
 from .store import StoreError, open_server_store
@@ -29,6 +31,13 @@ EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
 _HEADER_NAMES = ("www-authenticate:", "authorization:")
+
+
+@dataclasses.dataclass(frozen=True)
+class Line:
+    """A result meant as one line of text, not JSON."""
+
+    text: str
 
 
 class CliError(Exception):
@@ -231,6 +240,24 @@ async def _existing_client_store(store_uri: str) -> ClientStore | None:
     return await ClientStore.open(str(path))
 
 
+BACKEND_CHECK_SECONDS = 20.0
+
+
+async def backend_check(uri: str, *, wallet: bool, ledger: str) -> NodeInfo:
+    """Connect with `uri` as the server's invoice backend (or the client's wallet) and say who
+    answered; LightningError names the backend, the address and what failed."""
+    opener = open_wallet if wallet else open_backend
+    node = opener(uri, dev_ledger=ledger)
+    try:
+        return await asyncio.wait_for(node.info(), BACKEND_CHECK_SECONDS)
+    except TimeoutError:
+        raise LightningError(
+            f"{node.describe()}: no answer within {BACKEND_CHECK_SECONDS:g} s"
+        ) from None
+    finally:
+        await node.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="l402proxy", description="L402 (LSAT) paywall and auto-pay proxy tools"
@@ -271,6 +298,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     revoke.add_argument("ref", help="token_id or payment_hash in hex, or a unique prefix (>= 8)")
 
+    backend = commands.add_parser("backend", help="Lightning backends and wallets")
+    backend_commands = backend.add_subparsers(dest="backend_command", required=True)
+    backend_check_cmd = backend_commands.add_parser(
+        "check", help="connect with a backend URI and say in one line what answered"
+    )
+    backend_check_cmd.add_argument(
+        "uri", nargs="?", default="dev", help="as for l402_backend / l402_wallet (default: dev)"
+    )
+    backend_check_cmd.add_argument(
+        "--wallet", action="store_true", help="check it as the client's wallet (l402_wallet)"
+    )
+    backend_check_cmd.add_argument("--ledger", default=None, help="dev ledger path (dev URIs)")
+    backend_check_cmd.add_argument("--json", action="store_true", help="JSON instead of a line")
+
     wallet = commands.add_parser("wallet", help="what the client paid, refused and holds")
     store_help = "client store path (default: client.sqlite under $L402PROXY_HOME or ~/.l402proxy)"
     wallet.add_argument("--store", default=None, help=store_help)
@@ -299,6 +340,12 @@ def run(args: argparse.Namespace) -> Any:
         return decode_value(args.value)
     if args.command == "rules":
         return rules_check(args.path)
+    if args.command == "backend":
+        ledger = args.ledger or paths.default_dev_ledger()
+        node = run_async(lambda: backend_check(args.uri, wallet=args.wallet, ledger=ledger))
+        if args.json:
+            return {**dataclasses.asdict(node), "summary": node.summary()}
+        return Line(f"reached {node.summary()}")
     if args.command == "dev":
         ledger = args.ledger or paths.default_dev_ledger()
         if args.dev_command == "pay":
@@ -328,6 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"l402proxy: {exc}", file=sys.stderr)
         return exc.code
+    if isinstance(result, Line):
+        print(result.text)
+        return 0
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

@@ -5,12 +5,13 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 from coincurve import PrivateKey
 
+from l402proxy import payer as payer_module
 from l402proxy.l402.headers import format_challenge, parse_credential
 from l402proxy.l402.identifier import Identifier
 from l402proxy.l402.token import TokenInfo, caveats_for, mint, verify
@@ -1106,3 +1107,56 @@ async def test_drop_of_an_old_token_keeps_the_current_one(
     stale = Token(ORIGIN, paid.token.scope, paid.token.services, os.urandom(32), None, "L402 x:0")
     await payer.drop(stale, "an older token")
     assert payer.token_for(ORIGIN, "/bonus/ep1.mp3") == paid.token
+
+
+# --- the wallet's network and reachability ------------------------------------------------------
+
+
+class MainnetDevWallet(DevWallet):
+    """A dev wallet that says it is on mainnet, as a real node would."""
+
+    async def info(self) -> NodeInfo:
+        return replace(await super().info(), network="mainnet")
+
+
+async def test_refuses_an_invoice_for_another_network_than_the_wallets(
+    shop: Shop, make_payer: PayerFactory, ledger_path: Path
+) -> None:
+    payer = make_payer(wallet=MainnetDevWallet(DevLedger(ledger_path), LISTENER))
+    await payer.start()
+    assert payer.node is not None and payer.node.network == "mainnet"
+    offer = await shop.challenge()  # a regtest invoice
+    refused = await assert_refused(payer, offer, "wrong_network")
+    assert refused.message == "the invoice is for regtest, the wallet is on mainnet"
+    assert not await shop.settled(offer)
+
+
+async def test_a_wallet_on_the_invoices_network_pays_after_start(
+    shop: Shop, make_payer: PayerFactory
+) -> None:
+    payer = make_payer()
+    await payer.start()
+    assert payer.node is not None and payer.node.network == "regtest"
+    offer = await shop.challenge()
+    assert isinstance(await payer.handle_challenge(url=URL, www_authenticate=[offer.header]), Paid)
+
+
+class SilentWallet(FakeWallet):
+    async def info(self) -> NodeInfo:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+
+class RefusingWallet(FakeWallet):
+    async def info(self) -> NodeInfo:
+        raise BackendUnavailable("lnd at 127.0.0.1:9: connection refused")
+
+
+async def test_start_fails_clearly_when_the_wallet_cannot_be_reached(
+    make_payer: PayerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(BackendUnavailable, match="connection refused"):
+        await make_payer(wallet=RefusingWallet()).start()
+    monkeypatch.setattr(payer_module, "INFO_TIMEOUT_SECONDS", 0.05)
+    with pytest.raises(BackendUnavailable, match=r"fake: no answer within 0.05 s"):
+        await make_payer(wallet=SilentWallet()).start()

@@ -50,7 +50,7 @@ class NodeInfo:
         if self.alias:
             parts.append(f"alias {self.alias!r}")
         if self.pubkey:
-            parts.append(f"node {self.pubkey[:16]}…")
+            parts.append(f"node {self.pubkey[:16]}...")
         parts.append(f"network {self.network or 'unknown'}")
         return ", ".join(parts)
 

@@ -58,8 +58,9 @@ def module_for(uri: str) -> str:
     scheme = scheme_of(uri)
     module = MODULE_FOR_SCHEME.get(scheme)
     if module is None:
-        shown = scheme or redact(uri)
-        raise LightningError(f"unsupported backend URI {shown!r}; use one of: {SUPPORTED_FORMS}")
+        # Only the scheme is shown: the rest may be a key pasted in the wrong place.
+        what = f"unsupported backend URI {scheme!r}" if scheme else "backend URI without a scheme"
+        raise LightningError(f"{what}; use one of: {SUPPORTED_FORMS}")
     return module
 
 
