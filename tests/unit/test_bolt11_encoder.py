@@ -99,3 +99,17 @@ def test_bit_regrouping_and_checksum_match_the_bech32_reference(size: int) -> No
     assert groups == (bech32.convertbits(data, 8, 5, True) or [])
     assert enc._groups_to_bytes(groups) == bytes(bech32.convertbits(groups, 5, 8, True) or [])
     assert enc.bech32_encode("lnbcrt", groups) == bech32.bech32_encode("lnbcrt", groups)
+
+
+def test_a_description_hash_replaces_the_description() -> None:
+    metadata_hash = hashlib.sha256(b'[["text/plain","Pay merchant"]]').digest()
+    text = encode_invoice(
+        key=KEY, currency="bcrt", amount_msat=21_000, created_at=1_700_000_000,
+        payment_hash=os.urandom(32), payment_secret=os.urandom(32), description="ignored",
+        expiry=600, min_final_cltv_expiry=18, payee=KEY.public_key.format(),
+        description_hash=metadata_hash,
+    )  # fmt: skip
+    info = decode_invoice(text)
+    assert info.description_hash == metadata_hash
+    assert not info.description
+    assert bolt11.decode(text).description_hash == metadata_hash.hex()

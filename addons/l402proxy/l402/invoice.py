@@ -17,6 +17,8 @@ class InvoiceInfo:
     expiry: int
     description: str | None
     payee: str | None
+    # LNURL-pay invoices commit to sha256(metadata) here instead of carrying a description.
+    description_hash: bytes | None = None
 
     @property
     def expires_at(self) -> int:
@@ -44,4 +46,7 @@ def decode_invoice(value: str) -> InvoiceInfo:
         expiry=int(decoded.expiry),
         description=decoded.description,
         payee=decoded.payee,
+        description_hash=(
+            bytes.fromhex(decoded.description_hash) if decoded.description_hash else None
+        ),
     )

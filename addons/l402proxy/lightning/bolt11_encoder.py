@@ -26,6 +26,7 @@ TAG_EXPIRY = 6
 TAG_MIN_FINAL_CLTV_EXPIRY = 24
 TAG_FEATURES = 5
 TAG_PAYEE = 19
+TAG_DESCRIPTION_HASH = 23
 
 # var_onion_optin (bit 8) and payment_secret (bit 14), both required: what LND sets.
 DEFAULT_FEATURES = (1 << 8) | (1 << 14)
@@ -126,13 +127,19 @@ def encode_invoice(
     min_final_cltv_expiry: int,
     features: int = DEFAULT_FEATURES,
     payee: bytes | None = None,
+    description_hash: bytes | None = None,
 ) -> str:
-    """A signed BOLT11 string. currency is the BOLT11 prefix without "ln": bc, tb, tbs, bcrt."""
+    """A signed BOLT11 string. currency is the BOLT11 prefix without "ln": bc, tb, tbs, bcrt.
+
+    With `description_hash` (LNURL-pay: sha256 of the metadata) the `h` field replaces `d`."""
     hrp = f"ln{currency}{amount_part(amount_msat)}"
     data = _int_groups(created_at, 7)
     data += _field(TAG_PAYMENT_HASH, _byte_groups(payment_hash))
     data += _field(TAG_PAYMENT_SECRET, _byte_groups(payment_secret))
-    data += _field(TAG_DESCRIPTION, _byte_groups(description.encode()))
+    if description_hash is not None:
+        data += _field(TAG_DESCRIPTION_HASH, _byte_groups(description_hash))
+    else:
+        data += _field(TAG_DESCRIPTION, _byte_groups(description.encode()))
     data += _field(TAG_EXPIRY, _int_groups(expiry))
     data += _field(TAG_MIN_FINAL_CLTV_EXPIRY, _int_groups(min_final_cltv_expiry))
     if features:

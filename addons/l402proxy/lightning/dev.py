@@ -298,9 +298,16 @@ class DevLedger:
     # -- server side -------------------------------------------------------------------------
 
     async def create_invoice(
-        self, wallet: str, amount_msat: int, memo: str, expiry: int
+        self,
+        wallet: str,
+        amount_msat: int,
+        memo: str,
+        expiry: int,
+        *,
+        description_hash: bytes | None = None,
     ) -> Invoice:
-        """A new regtest invoice payable to `wallet`."""
+        """A new regtest invoice payable to `wallet`; with `description_hash` (LNURL-pay) the
+        invoice commits to that hash and the memo is kept only in the ledger's listing."""
         check_wallet_name(wallet)
         _check_int(amount_msat, "amount_msat", 1, MAX_AMOUNT_MSAT)
         _check_int(expiry, "expiry", 1, MAX_EXPIRY)
@@ -312,7 +319,9 @@ class DevLedger:
         preimage = secrets.token_bytes(32)
         payment_hash = hashlib.sha256(preimage).digest()
         created_at = int(self._clock())
-        text = self._encode(payment_hash, amount_msat, memo, expiry, created_at)
+        if description_hash is not None and len(description_hash) != 32:
+            raise LightningError("description_hash must be 32 bytes")
+        text = self._encode(payment_hash, amount_msat, memo, expiry, created_at, description_hash)
         if wallet not in self._known_wallets:
             async with self._session() as db:
                 # Wallets are never deleted, so once per process is enough.
@@ -367,7 +376,13 @@ class DevLedger:
                         done.set_result(None)
 
     def _encode(
-        self, payment_hash: bytes, amount_msat: int, memo: str, expiry: int, created_at: int
+        self,
+        payment_hash: bytes,
+        amount_msat: int,
+        memo: str,
+        expiry: int,
+        created_at: int,
+        description_hash: bytes | None = None,
     ) -> str:
         assert self._node_key is not None and self._node_id is not None
         # The payee field lets decoders verify the signature instead of recovering a key from it.
@@ -382,6 +397,7 @@ class DevLedger:
             expiry=expiry,
             min_final_cltv_expiry=MIN_FINAL_CLTV_EXPIRY,
             payee=bytes.fromhex(self._node_id),
+            description_hash=description_hash,
         )
 
     async def lookup_invoice(
