@@ -67,3 +67,41 @@ ensure_main_venv() {
     say "l402proxy needs Python 3.11 or newer; none found (tried python3.11, python3.12, python3.13, python3)"
     return 1
 }
+
+# ensure_lnbits_venv: a real LNbits (1.6.2) for the tests in REPO/.venv-lnbits, apart from ours
+# (it needs Python < 3.13 and pins its own dependencies). Prints the path of its `lnbits`
+# command; fails loudly (non-zero, with the reason on stderr) when it cannot be built.
+LNBITS_SPEC="lnbits==1.6.2"
+ensure_lnbits_venv() {
+    local dir="$REPO/.venv-lnbits" python="" version stamp
+    for version in 3.11 3.12; do
+        if python=$(python_for "$version"); then
+            break
+        fi
+        python=""
+    done
+    if [ -z "$python" ]; then
+        say "LNbits needs Python 3.11 or 3.12; none found (tried python3.11, python3.12, python3)"
+        return 1
+    fi
+    version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    # bolt11 (an LNbits dependency) fails to import with bitstring 5.
+    stamp="$version|$LNBITS_SPEC|bitstring<5"
+    if [ -x "$dir/bin/lnbits" ] && [ "$(cat "$dir/.l402proxy-stamp" 2>/dev/null)" = "$stamp" ]; then
+        echo "$dir/bin/lnbits"
+        return 0
+    fi
+    say "setting up $dir (Python $version, $LNBITS_SPEC) for the LNbits tests ..."
+    rm -rf "$dir"
+    # Their output goes to stderr: stdout carries only the resulting path.
+    if ! "$python" -m venv "$dir" >&2 \
+        || ! "$dir/bin/python" -m pip install --quiet --disable-pip-version-check \
+            "$LNBITS_SPEC" "bitstring<5" >&2 \
+        || [ ! -x "$dir/bin/lnbits" ]; then
+        say "could not install $LNBITS_SPEC into $dir (see the pip output above)"
+        rm -rf "$dir"
+        return 1
+    fi
+    echo "$stamp" > "$dir/.l402proxy-stamp"
+    echo "$dir/bin/lnbits"
+}
