@@ -1,141 +1,459 @@
-"""The podcast demo: a sample origin, the paywall proxy in front of it, one paid download.
+"""The podcast demo: a sample podcast with real audio, the paywall proxy in front of it and a
+paying client proxy for a player or browser, all on 127.0.0.1 with the embedded defaults.
 
 scripts/demo            # runs until Ctrl-C
 scripts/demo --once     # walk through once and stop (what the tests run)
 """
 
 import argparse
-import asyncio
+import contextlib
+import io
+import os
+import re
 import shlex
 import signal
+import socket
 import sys
+import time
+import wave
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
 
-from aiohttp import ClientSession, ClientTimeout
+import httpx
 
-from . import paths
-from .l402.headers import format_credential, parse_challenges
+from . import paths, podcast
 from .launch import (
     LOCALHOST,
     REPO,
     LaunchError,
     Process,
-    origin_command,
+    client_proxy_command,
     port_is_free,
     server_proxy_command,
     started,
 )
-from .lightning.dev import DEFAULT_CLIENT_WALLET, DevLedger
+
+DEFAULT_RULES = REPO / "rules" / "podcast.yaml"
+MEDIA_FOLDER = "demo-media"
+FETCH_TIMEOUT = 30.0
+WALK_EPISODE = "ep1"
+# A second episode fetched through the client proxy: the token bought for the first covers it.
+AGAIN_EPISODE = "ep2"
+TRY_EPISODE = "ep3"
+EXIT_WAIT = 2.0  # how long to wait for a failing child to exit before blaming the walk-through
+WATCH_SECONDS = 0.5  # how often the running demo checks that its children still run
 
 
 class DemoError(Exception):
     pass
 
 
-async def walk_through(proxy: str, ledger_path: str) -> None:
-    episode = f"{proxy}/episodes/ep1.mp3"
-    timeout = ClientTimeout(total=20)
-    async with ClientSession(timeout=timeout) as http:
-        async with http.get(episode) as response:
-            body = await response.read()
-        print(f"\n1. A player that never heard of Lightning:\n   curl -s {episode}")
-        print(f"   -> {response.status}: {body.decode().strip()}")
+@dataclass(frozen=True)
+class Ports:
+    origin: int = 8080
+    proxy: int = 8081
+    client: int = 8082
 
-        async with http.get(episode, headers={"Accept-Authenticate": "L402"}) as response:
-            challenges = parse_challenges(response.headers.getall("WWW-Authenticate", []))
-            await response.read()
-        if response.status != 402 or not challenges:
-            raise DemoError(f"expected a 402 challenge, got {response.status}")
-        challenge = challenges[0]
-        print(
-            "\n2. A player that says it can pay:\n"
-            f"   curl -si -H 'Accept-Authenticate: L402' {episode}"
-        )
-        print(
-            f"   -> 402 Payment Required: {challenge.scheme} challenge, invoice {challenge.invoice}"
+    def named(self) -> tuple[tuple[int, str], ...]:
+        return (
+            (self.origin, "--origin-port"),
+            (self.proxy, "--proxy-port"),
+            (self.client, "--client-port"),
         )
 
-        ledger = DevLedger(ledger_path)
+
+@dataclass(frozen=True)
+class Demo:
+    """The three processes of the demo, in start order."""
+
+    origin: Process
+    proxy: Process
+    client: Process
+    home: Path
+
+    @property
+    def processes(self) -> tuple[Process, Process, Process]:
+        return (self.origin, self.proxy, self.client)
+
+    @property
+    def media(self) -> Path:
+        return self.home / MEDIA_FOLDER
+
+
+def port_in_use(port: int, host: str = LOCALHOST) -> bool:
+    """Whether a server could not listen on the port now.
+
+    Checked the way the servers bind (SO_REUSEADDR), so connections of a demo that just stopped,
+    still in TIME_WAIT, do not count as a running demo.
+    """
+    if port_is_free(port, host):
+        return False
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            payment = await ledger.pay(DEFAULT_CLIENT_WALLET, challenge.invoice, 0)
-        finally:
-            await ledger.close()
-        print(
-            "\n3. It pays the invoice (here from the dev wallet):\n"
-            f"   .venv/bin/l402proxy dev pay {challenge.invoice}\n"
-            f"   -> paid {payment.amount_msat // 1000} sat, preimage {payment.preimage.hex()}"
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def port_problem(ports: Ports) -> str | None:
+    """One line saying why the demo cannot use these ports, or None."""
+    seen: dict[int, str] = {}
+    for port, flag in ports.named():
+        if port in seen:
+            return f"demo: {seen[port]} and {flag} are both {port}; give each its own port"
+        seen[port] = flag
+    taken = [(port, flag) for port, flag in ports.named() if port_in_use(port)]
+    if len(taken) == 1:
+        port, flag = taken[0]
+        return (
+            f"demo: port {port} on {LOCALHOST} is already in use (is another demo running?); "
+            f"stop it or use {flag} N"
+        )
+    if taken:
+        numbers = ", ".join(str(port) for port, _ in taken)
+        flags = ", ".join(flag for _, flag in taken)
+        return (
+            f"demo: ports {numbers} on {LOCALHOST} are already in use (is another demo "
+            f"running?); stop it or use {flags} N"
+        )
+    return None
+
+
+def demo_processes(
+    home: Path,
+    ports: Ports,
+    rules: Path = DEFAULT_RULES,
+    *,
+    env: dict[str, str] | None = None,
+    confdir: Path | None = None,
+) -> Demo:
+    """The demo's origin, paywall proxy and client proxy, not started; state and logs in home."""
+    media = home / MEDIA_FOLDER
+    common = [f"l402_dev_ledger={home / 'devledger.sqlite'}"]
+    if confdir is not None:
+        common.append(f"confdir={confdir}")
+    origin = Process(
+        "the podcast origin",
+        podcast.command(ports.origin, media, host=LOCALHOST),
+        ports.origin,
+        home / "demo-origin.log",
+        env=env,
+    )
+    proxy = Process(
+        "the paywall proxy",
+        server_proxy_command(
+            origin.url,
+            ports.proxy,
+            rules,
+            settings=[
+                *common,
+                f"l402_store={home / 'server.sqlite'}",
+                # The origin sees the Host players asked for, so the feed's episode links point
+                # at this proxy rather than past it at the origin.
+                "keep_host_header=true",
+            ],
+        ),
+        ports.proxy,
+        home / "demo-proxy.log",
+        env=env,
+    )
+    client = Process(
+        "the client proxy",
+        client_proxy_command(
+            ports.client,
+            settings=[
+                *common,
+                f"l402_store={home / 'client.sqlite'}",
+                # A demo wallet pays the demo paywall and nothing else a browser visits.
+                f"l402_allow={LOCALHOST}:{ports.proxy}",
+            ],
+        ),
+        ports.client,
+        home / "demo-client.log",
+        env=env,
+    )
+    return Demo(origin, proxy, client, home)
+
+
+def _get(url: str, proxy: str | None = None) -> httpx.Response:
+    try:
+        with httpx.Client(proxy=proxy, trust_env=False, timeout=FETCH_TIMEOUT) as http:
+            return http.get(url)
+    except httpx.HTTPError as exc:
+        via = f" through {proxy}" if proxy else ""
+        raise DemoError(f"fetching {url}{via} failed: {exc or type(exc).__name__}") from exc
+
+
+def _seconds(content: bytes) -> float:
+    """Seconds of audio in a WAV body; 0 when it is none."""
+    try:
+        with wave.open(io.BytesIO(content), "rb") as wav:
+            return wav.getnframes() / wav.getframerate()
+    except (wave.Error, EOFError):
+        return 0.0
+
+
+def walk_through(demo: Demo) -> list[str]:
+    """Fetch an episode as a plain player and through the client proxy; lines telling what came."""
+    path = f"/{podcast.AD_SUPPORTED}/{WALK_EPISODE}.wav"
+    url = demo.proxy.url + path
+    with_ad = podcast.media_path(demo.media, podcast.AD_SUPPORTED, WALK_EPISODE).read_bytes()
+    ad_free = podcast.media_path(demo.media, podcast.AD_FREE, WALK_EPISODE).read_bytes()
+
+    plain = _get(url)
+    if plain.status_code != 200 or plain.content != with_ad:
+        raise DemoError(
+            f"a plain player got {plain.status_code} with {len(plain.content)} bytes from {url}, "
+            f"not the ad-supported episode ({len(with_ad)} bytes); see {demo.home / 'demo-*.log'}"
+        )
+    paying = _get(url, demo.client.url)
+    if paying.status_code != 200 or paying.content != ad_free:
+        refused = paying.headers.get("X-L402-Refused")
+        raise DemoError(
+            f"through the client proxy {url} gave {paying.status_code} with "
+            f"{len(paying.content)} bytes, not the ad-free episode"
+            + (f" (X-L402-Refused: {refused})" if refused else "")
+            + f"; see {demo.home / 'demo-*.log'}"
+        )
+    paid = paying.headers.get("X-L402-Paid")
+    cost = f"X-L402-Paid: {paid}" if paid else "a token bought earlier, nothing paid now"
+    again_url = f"{demo.proxy.url}/{podcast.AD_SUPPORTED}/{AGAIN_EPISODE}.wav"
+    again = _get(again_url, demo.client.url)
+    again_free = podcast.media_path(demo.media, podcast.AD_FREE, AGAIN_EPISODE).read_bytes()
+    if again.status_code != 200 or again.content != again_free:
+        raise DemoError(f"through the client proxy {again_url} was not the ad-free episode")
+    again_cost = (
+        f"X-L402-Paid: {again.headers['X-L402-Paid']}"
+        if "X-L402-Paid" in again.headers
+        else "same token, nothing paid"
+    )
+    ad_seconds = _seconds(with_ad) - _seconds(ad_free)
+
+    def row(label: str, response: httpx.Response, note: str) -> str:
+        body = response.content
+        return (
+            f"  {label:<28}{response.status_code}  {len(body):>9,} bytes  "
+            f"{_seconds(body):4.1f} s  {note}"
         )
 
-        authorization = format_credential([challenge.macaroon], payment.preimage)
-        async with http.get(episode, headers={"Authorization": authorization}) as response:
-            body = await response.read()
-        print(
-            "\n4. And asks again with the token:\n"
-            f"   curl -s -H {shlex.quote('Authorization: ' + authorization)} {episode}"
-        )
-        print(f"   -> {response.status}: {body.decode().strip()}")
-        if response.status != 200:
-            raise DemoError(f"the paid request failed with {response.status}")
+    return [
+        f"Walk-through ({url}):",
+        row(
+            f"plain player, {WALK_EPISODE}",
+            plain,
+            f"with the ad ({ad_seconds:.1f} s, {len(with_ad) - len(ad_free):,} bytes more)",
+        ),
+        row(f"via the client proxy, {WALK_EPISODE}", paying, f"ad-free; {cost}"),
+        row(f"via the client proxy, {AGAIN_EPISODE}", again, f"ad-free; {again_cost}"),
+    ]
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
+def exited(demo: Demo, wait: float = 0.0) -> DemoError | None:
+    """A process of the demo that has stopped (waiting up to `wait` s for one to), as an error
+    naming it and the reason its log gives."""
+    deadline = time.monotonic() + wait
+    while True:
+        for process in demo.processes:
+            code = process.proc.poll() if process.proc is not None else None
+            if code is not None:
+                return DemoError(
+                    f"{process.name} stopped (exit status {code}){_reason(process.log())}; "
+                    f"log {process.log_path}"
+                )
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
+
+
+STARTUP_FAILED = "Error logged during startup"  # mitmdump's last word on a bad option
+TRACEBACK_PARTS = ("Traceback", "File ", "During handling", "^")
+
+
+def _reason(log: str) -> str:
+    """The line of a child's log that says why it stopped, without mitmproxy's timestamp."""
+    lines = [re.sub(r"^\[[\d:.]+\]\s*", "", line).strip() for line in log.splitlines()]
+    wanted = ("error",)
+    if any(line.startswith(STARTUP_FAILED) for line in lines):
+        # What our addon logged at start; whatever mitmproxy prints while exiting is noise.
+        lines = lines[: next(i for i, line in enumerate(lines) if line.startswith(STARTUP_FAILED))]
+        wanted = ("l402:", "error")
+    for word in wanted:
+        for line in reversed(lines):
+            if word in line.lower() and not line.startswith(TRACEBACK_PARTS):
+                return f": {line}"
+    return ""
+
+
+def _one_line(exc: LaunchError) -> str:
+    """launch.py's "<name> exited with status N; log <path>:" + the log's tail, as one line."""
+    first, _, log = str(exc).partition("\n")
+    match = re.fullmatch(r"(.*?); log (.+):", first)
+    if match is None:
+        return first
+    return f"{match[1]}{_reason(log)}; log {match[2]}"
+
+
+def _shown(path: Path) -> str:
+    """A path as a person would type it: relative to here or ~ when shorter."""
+    path = path.resolve()
+    for base, prefix in ((Path.cwd(), ""), (Path.home(), "~/")):
+        if path.is_relative_to(base) and path != base:
+            return prefix + str(path.relative_to(base))
+    return str(path)
+
+
+def _for_shell(path: Path) -> str:
+    """A path for a command line: "$HOME/..." under the home folder (a quoted ~ would not
+    expand), else quoted as it is."""
+    path = path.resolve()
+    home = Path.home().resolve()
+    if path.is_relative_to(home) and path != home:
+        relative = str(path.relative_to(home))
+        if shlex.quote(relative) == relative:
+            return f'"$HOME/{relative}"'
+    return shlex.quote(str(path))
+
+
+def _cli_command() -> str:
+    installed = Path(sys.executable).parent / "l402proxy"
+    command = _shown(installed) if installed.exists() else f"{sys.executable} -m l402proxy"
+    if "L402PROXY_HOME" in os.environ:
+        command = f"L402PROXY_HOME={_for_shell(paths.home())} {command}"
+    return command
+
+
+def try_lines(demo: Demo) -> list[str]:
+    proxy, client = demo.proxy.url, demo.client.url
+    # curl applies NO_PROXY even to -x; an empty --noproxy list overrides it.
+    noproxy = " --noproxy ''" if os.environ.get("NO_PROXY") or os.environ.get("no_proxy") else ""
+    episode = f"{proxy}/{podcast.AD_SUPPORTED}/{TRY_EPISODE}.wav"
+    browser = (
+        # Its own profile: a chromium already running would open the page without the proxy.
+        f"chromium --user-data-dir={_for_shell(demo.home / 'demo-browser')} "
+        f"--proxy-server={client} --proxy-bypass-list='<-loopback>' {proxy}/"
+    )
+    rows = [
+        ("with the ad", f"curl -s -D - -o ad.wav {episode}"),
+        ("ad-free", f"curl -s -D - -o adfree.wav -x {client}{noproxy} {episode}"),
+        ("in a browser", f"{proxy}/ through the client proxy {client}, e.g."),
+        ("", browser),
+        ("podcast feed", f"{proxy}/feed.xml (a player set to the client proxy gets it ad-free)"),
+        ("what was paid", f"{_cli_command()} wallet history"),
+        (
+            "tokens, payments",
+            f"{_shown(demo.home)}: client.sqlite, server.sqlite, devledger.sqlite; logs demo-*.log",
+        ),
+    ]
+    return ["Try:", *(f"  {label:<18}{text}".rstrip() for label, text in rows)]
+
+
+def banner(demo: Demo, rules: Path) -> list[str]:
+    return [
+        "l402proxy podcast demo (dev ledger: play money on this machine, no Lightning node)",
+        f"  podcast origin  {demo.origin.url}  real audio in {_shown(demo.media)}",
+        f"  paywall proxy   {demo.proxy.url}  rules {_shown(rules)}",
+        f"  client proxy    {demo.client.url}  dev wallet, pays only {LOCALHOST}:{demo.proxy.port}",
+    ]
+
+
+class _Signals:
+    """The first SIGINT/SIGTERM/SIGHUP ends the demo; later ones cannot cut the cleanup short."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+
+    def install(self) -> None:
+        # SIGINT is set explicitly: a shell starts background jobs with it ignored, and Python
+        # would keep that.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, _signum: int, _frame: FrameType | None) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        raise KeyboardInterrupt
+
+
+def _say(lines: Sequence[str] = ("",)) -> None:
+    # A closed terminal (SIGHUP) or pipe must not turn the shutdown into a traceback.
+    with contextlib.suppress(OSError):
+        print("\n".join(lines), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--origin-port", type=int, default=8080)
-    parser.add_argument("--proxy-port", type=int, default=8081)
-    parser.add_argument("--rules", default=str(REPO / "rules" / "podcast.yaml"))
+    parser.add_argument("--origin-port", type=int, default=Ports.origin, metavar="N")
+    parser.add_argument("--proxy-port", type=int, default=Ports.proxy, metavar="N")
+    parser.add_argument("--client-port", type=int, default=Ports.client, metavar="N")
+    parser.add_argument("--rules", type=Path, default=DEFAULT_RULES, help="the paywall's rules")
     parser.add_argument("--once", action="store_true", help="walk through once and stop")
     args = parser.parse_args(argv)
-    # Ctrl-C, kill and a closed terminal all stop the children. SIGINT is set explicitly: a
-    # shell starts background jobs with it ignored, and Python would keep that.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _interrupt)
-
-    home = paths.home()
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for port, flag in ((args.origin_port, "--origin-port"), (args.proxy_port, "--proxy-port")):
-        if not port_is_free(port):
-            print(
-                f"demo: port {port} on {LOCALHOST} is already in use (another demo running?); "
-                f"stop it or pick another with {flag}",
-                file=sys.stderr,
-            )
-            return 1
-
-    origin = Process(
-        "the sample origin",
-        origin_command(args.origin_port),
-        args.origin_port,
-        home / "demo-origin.log",
-    )
-    proxy = Process(
-        "the paywall proxy",
-        server_proxy_command(origin.url, args.proxy_port, args.rules),
-        args.proxy_port,
-        home / "demo-proxy.log",
-    )
+    ports = Ports(args.origin_port, args.proxy_port, args.client_port)
+    for port, flag in ports.named():
+        if not 0 < port < 65536:
+            parser.error(f"{flag} must be 1-65535, not {port}")
+    signals = _Signals()
+    signals.install()
     try:
-        with started(origin, proxy):
-            print(f"Sample podcast origin  {origin.url}")
-            print(f"Paywall proxy          {proxy.url}  (rules: {args.rules})")
-            asyncio.run(walk_through(proxy.url, paths.default_dev_ledger()))
-            print(
-                f"\nTokens issued:  .venv/bin/l402proxy tokens list\n"
-                f"Payments:       .venv/bin/l402proxy dev invoices\n"
-                f"State:          {home} (logs: demo-*.log)"
-            )
-            if args.once:
-                return 0
-            print("\nRunning; try the commands above. Ctrl-C stops everything.")
-            signal.pause()
-    except (DemoError, LaunchError) as exc:
-        print(f"demo: {exc}", file=sys.stderr)
-        return 1
+        return _run(ports, args.rules.resolve(), args.once, signals)
     except KeyboardInterrupt:
         pass
-    print("\nStopped.")
+    _say(["", "Stopped."])
+    return 0
+
+
+def _run(ports: Ports, rules: Path, once: bool, signals: _Signals) -> int:
+    problem = port_problem(ports)
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 1
+    home = paths.home()
+    media = home / MEDIA_FOLDER
+    # Made here, before anything starts, so a problem with the folder is one clear line; the
+    # origin checks the files again when it starts.
+    demo = demo_processes(home, ports, rules)
+    try:
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        podcast.ensure_media(media)
+        for process in demo.processes:
+            process.log_path.write_bytes(b"")  # each run's own log: errors quoted are this run's
+    except OSError as exc:
+        print(f"demo: cannot write under {home}: {exc}", file=sys.stderr)
+        return 1
+    _say(banner(demo, rules))
+    try:
+        with started(*demo.processes):
+            try:
+                try:
+                    walked = walk_through(demo)
+                except DemoError as exc:
+                    # A child that stops right after it started listening (mitmdump does, on a
+                    # bad option) is the real story, not the refused connection.
+                    raise exited(demo, wait=EXIT_WAIT) or exc from None
+                _say()
+                _say(walked)
+                _say()
+                _say(try_lines(demo))
+                if not once:
+                    _say(["", "Running. Ctrl-C stops everything."])
+                    while (stopped := exited(demo)) is None:
+                        time.sleep(WATCH_SECONDS)
+                    raise stopped
+            finally:
+                # The cleanup that follows runs to its end, whatever signal comes.
+                signals.stopping = True
+    except DemoError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
+    except LaunchError as exc:
+        print(f"demo: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    _say(["", "Stopped."])
     return 0
 
 
