@@ -1,0 +1,556 @@
+"""Eclair (ACINQ) as invoice backend and wallet, over its HTTP API.
+
+Wire facts this module relies on (ACINQ/eclair, API docs at https://acinq.github.io/eclair):
+- every call is a POST with form fields and HTTP basic auth with an empty user and the API
+  password; the API listens on 127.0.0.1:8080 by default (eclair.api.port);
+- errors are JSON `{"error": "..."}` (api/directives/ErrorResponse.scala): 401 for a wrong
+  password (after a 1 s pause, AuthDirective.scala), 404 "Not found" from getreceivedinfo
+  (completeOrNotFound), 400 for an IllegalArgumentException (ErrorDirective.scala: e.g.
+  "invoice has expired", raised before any payment is attempted), 500 for anything else,
+  including an ask timeout while a blocking payment is still in flight;
+- every call takes `timeoutSeconds` (default 30, TimeoutDirective.scala);
+- /payinvoice with blocking=true answers a PaymentEvent: type "payment-sent" (paymentPreimage,
+  recipientAmount, parts[].feesPaid) or "payment-failed", emitted only once every part has
+  settled (MultiPartPaymentLifecycle.PaymentAborted waits for pending parts);
+- /getsentinfo: a list of attempts, status.type "pending" | "failed" | "sent";
+  /getreceivedinfo: status.type "pending" | "expired" | "received" (json/JsonSerializers.scala,
+  CustomTypeHints). getreceivedinfo shows paymentPreimage even before payment: it is only
+  used here once the status says received.
+"""
+
+import hashlib
+import logging
+import math
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import unquote, urlsplit
+
+import httpx
+
+from l402proxy.l402.invoice import decode_invoice
+from l402proxy.lightning.base import (
+    BackendUnavailable,
+    Invoice,
+    InvoiceNotFound,
+    InvoiceState,
+    LightningError,
+    Network,
+    NodeInfo,
+    PaymentFailed,
+    PaymentResult,
+    PaymentState,
+)
+from l402proxy.lightning.uri import query_params
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT: Final = 8080
+DEFAULT_TIMEOUT: Final = 30.0
+MAX_TIMEOUT: Final = 600.0
+# Eclair's own time limit for a blocking payment (timeoutSeconds). Below the client's default
+# pay timeout (60 s), so Eclair's answer, not ours, ends the wait.
+PAY_TIMEOUT: Final = 40
+MAX_SHOWN_MESSAGE: Final = 300
+MAX_MEMO_BYTES: Final = 639
+MAX_CERT_BYTES: Final = 1024 * 1024
+
+SCHEMES: Final = {"eclair": "http", "eclair+http": "http", "eclair+https": "https"}
+PARAMETERS: Final = ("timeout", "cert")
+URI_FORMS: Final = "eclair://:<password>@host:port (eclair+https://... for TLS)"
+
+# getinfo "network" (NodeParams.chainFromHash) -> ours.
+NETWORKS: Final[dict[str, Network]] = {
+    "mainnet": "mainnet",
+    "testnet": "testnet",
+    "testnet3": "testnet",
+    "testnet4": "testnet",
+    "signet": "signet",
+    "regtest": "regtest",
+}
+# Older Eclair only says chainHash (genesis block hash, in Eclair's byte order).
+CHAIN_HASHES: Final[dict[str, Network]] = {
+    "6fe28c0ab6f1b372c1a6a246ae63f74f931e8365e15a089c68d6190000000000": "mainnet",
+    "43497fd7f826957108f4a30fd9cec3aeba79972084e90ead01ea330900000000": "testnet",
+    "06226e46111a0b59caaf126043eb5bbf28c34f3a5e332a1fc7b2b73cf188910f": "regtest",
+}
+
+
+def _one_line(text: object) -> str:
+    shown = " ".join(str(text).split())
+    return shown if len(shown) <= MAX_SHOWN_MESSAGE else shown[: MAX_SHOWN_MESSAGE - 1] + "…"
+
+
+@dataclass(frozen=True)
+class EclairConfig:
+    """What an Eclair URI says. `password` never goes into a message or a log line."""
+
+    base_url: str
+    address: str  # host:port, for messages
+    password: str
+    timeout: float = DEFAULT_TIMEOUT
+    ca_pem: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.base_url.startswith("https:")
+
+    def __repr__(self) -> str:
+        return f"EclairConfig({self.base_url!r}, timeout={self.timeout:g})"
+
+
+def parse_uri(uri: str) -> EclairConfig:
+    """Read `eclair[+http|+https]://[user]:<password>@host[:port][/prefix][?timeout=&cert=]`.
+
+    Messages name the host but never the password."""
+    text = uri.strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise LightningError(f"eclair URI: bad host or port; use {URI_FORMS}") from None
+    scheme = SCHEMES.get(parts.scheme.lower())
+    if scheme is None:
+        raise LightningError(f"not an eclair URI: use {URI_FORMS}")
+    host = parts.hostname
+    if not host:
+        raise LightningError(f"eclair URI without a host: use {URI_FORMS}")
+    if parts.fragment:
+        raise LightningError(f"eclair URI: unexpected '#' part; use {URI_FORMS}")
+    password = unquote(parts.password or "")
+    if not password:
+        raise LightningError(
+            f"eclair URI without the API password (eclair.api.password): use {URI_FORMS}"
+        )
+    port = port or DEFAULT_PORT
+    shown_host = f"[{host}]" if ":" in host else host
+    address = f"{shown_host}:{port}"
+    timeout = DEFAULT_TIMEOUT
+    ca_pem: str | None = None
+    for name, value in query_params(text).items():
+        if name == "timeout":
+            try:
+                timeout = float(value)
+            except ValueError:
+                raise LightningError(f"eclair URI: timeout {value!r} is not a number") from None
+            if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
+                raise LightningError(
+                    f"eclair URI: timeout must be more than 0 and at most {MAX_TIMEOUT:g} s"
+                )
+        elif name == "cert":
+            if scheme != "https":
+                raise LightningError("eclair URI: cert only makes sense with eclair+https://")
+            ca_pem = _read_cert(unquote(value))
+        else:
+            allowed = ", ".join(f"'{p}'" for p in PARAMETERS)
+            raise LightningError(f"eclair URI: unknown parameter {name!r} (allowed: {allowed})")
+    prefix = parts.path.rstrip("/")
+    return EclairConfig(
+        base_url=f"{scheme}://{address}{prefix}",
+        address=address,
+        password=password,
+        timeout=timeout,
+        ca_pem=ca_pem,
+    )
+
+
+def _read_cert(path: str) -> str:
+    """The PEM file `cert=` names (a self-signed certificate or a private CA)."""
+    if not path:
+        raise LightningError("eclair URI: cert= needs the path of a PEM file")
+    try:
+        with Path(path).expanduser().open("rb") as file:
+            raw = file.read(MAX_CERT_BYTES + 1)
+    except OSError as exc:
+        raise LightningError(
+            f"eclair URI: cannot read cert {path}: {exc.strerror or type(exc).__name__}"
+        ) from None
+    if len(raw) > MAX_CERT_BYTES or b"-----BEGIN CERTIFICATE-----" not in raw:
+        raise LightningError(f"eclair URI: cert {path} is not a PEM certificate")
+    return raw.decode("ascii", errors="replace")
+
+
+class EclairHttpError(LightningError):
+    """Eclair answered with an HTTP error; `error` is its `{"error": ...}` text."""
+
+    def __init__(self, message: str, status: int, error: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+
+
+def _bad(where: str, endpoint: str, what: str) -> LightningError:
+    return LightningError(f"{where}: bad answer to {endpoint}: {what}")
+
+
+def _amount(value: object, where: str, endpoint: str, what: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise _bad(where, endpoint, f"{what} is not an amount")
+
+
+def _hex32(value: object, where: str, endpoint: str, what: str) -> bytes:
+    if isinstance(value, str) and len(value) == 64:
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            pass
+    raise _bad(where, endpoint, f"{what} is not 32 bytes of hex")
+
+
+def _check_hash(payment_hash: bytes) -> bytes:
+    if not isinstance(payment_hash, bytes | bytearray) or len(payment_hash) != 32:
+        raise LightningError("payment_hash must be 32 bytes")
+    return bytes(payment_hash)
+
+
+def _check_int(value: object, what: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise LightningError(f"{what} must be an integer of at least {low}, got {value!r}")
+    return value
+
+
+def _status_type(item: object) -> object:
+    status = item.get("status") if isinstance(item, dict) else None
+    return status.get("type") if isinstance(status, dict) else None
+
+
+class EclairNode:
+    """An Eclair node through its HTTP API: issues invoices and pays them."""
+
+    name = "eclair"
+
+    def __init__(self, config: EclairConfig, *, pay_timeout: int = PAY_TIMEOUT) -> None:
+        self.config = config
+        self.pay_timeout = pay_timeout
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def where(self) -> str:
+        return f"eclair {self.config.address}"
+
+    @property
+    def identity(self) -> str:
+        return f"eclair:{self.config.address}"
+
+    def describe(self) -> str:
+        tls = "HTTPS" if self.config.tls else "HTTP"
+        return f"Eclair at {self.config.base_url} ({tls} API, password not shown)"
+
+    def _http(self) -> httpx.AsyncClient:
+        # Created on first use, inside the running loop (httpx clients belong to one loop).
+        if self._client is None:
+            verify: ssl.SSLContext | bool = True
+            if self.config.ca_pem is not None:
+                verify = ssl.create_default_context(cadata=self.config.ca_pem)
+            self._client = httpx.AsyncClient(
+                base_url=self.config.base_url,
+                auth=httpx.BasicAuth("", self.config.password),
+                timeout=self.config.timeout,
+                verify=verify,
+                # Never through the environment's proxy: this may run inside mitmdump.
+                trust_env=False,
+            )
+        return self._client
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def _post(
+        self, endpoint: str, form: dict[str, str], *, timeout: float | None = None
+    ) -> Any:
+        """The JSON answer of one call; typed errors that never show the password."""
+        limit = self.config.timeout if timeout is None else timeout
+        try:
+            response = await self._http().post(f"/{endpoint}", data=form, timeout=limit)
+        except httpx.TimeoutException:
+            raise BackendUnavailable(
+                f"{self.where}: no answer to {endpoint} within {limit:g} s"
+            ) from None
+        except httpx.ConnectError as exc:
+            raise BackendUnavailable(f"{self.where}: {_connect_problem(exc)}") from None
+        except httpx.HTTPError as exc:
+            raise BackendUnavailable(
+                f"{self.where}: {endpoint}: {type(exc).__name__}: {_one_line(exc)}"
+            ) from None
+        if response.status_code == 401:
+            raise BackendUnavailable(
+                f"{self.where}: authentication failed (HTTP 401): wrong API password"
+            )
+        if response.status_code != 200:
+            error = _error_text(response)
+            raise EclairHttpError(
+                f"{self.where}: {endpoint} failed: HTTP {response.status_code}: {error}",
+                response.status_code,
+                error,
+            )
+        try:
+            return response.json()
+        except ValueError:
+            # Never echo the body: it may hold a preimage.
+            raise _bad(self.where, endpoint, "not JSON") from None
+
+    async def info(self) -> NodeInfo:
+        answer = await self._post("getinfo", {})
+        if not isinstance(answer, dict):
+            raise _bad(self.where, "getinfo", "not a JSON object")
+        node_id = answer.get("nodeId")
+        if not (isinstance(node_id, str) and len(node_id) == 66):
+            raise _bad(self.where, "getinfo", "no nodeId")
+        try:
+            bytes.fromhex(node_id)
+        except ValueError:
+            raise _bad(self.where, "getinfo", "nodeId is not hex") from None
+        network = answer.get("network")
+        chain = answer.get("chainHash")
+        found: Network | None = None
+        if isinstance(network, str):
+            found = NETWORKS.get(network)
+        elif isinstance(chain, str):
+            found = CHAIN_HASHES.get(chain.lower())
+        alias = answer.get("alias")
+        return NodeInfo(
+            backend="eclair",
+            address=self.config.base_url,
+            alias=alias if isinstance(alias, str) and alias else None,
+            network=found,
+            pubkey=node_id.lower(),
+        )
+
+    # -- server side ---------------------------------------------------------------------
+
+    async def create_invoice(self, amount_sat: int, memo: str, expiry: int) -> Invoice:
+        _check_int(amount_sat, "amount_sat", 1)
+        _check_int(expiry, "expiry", 1)
+        if not isinstance(memo, str):
+            raise LightningError("memo must be a string")
+        if len(memo.encode()) > MAX_MEMO_BYTES:
+            raise LightningError(f"memo is longer than {MAX_MEMO_BYTES} bytes (UTF-8)")
+        amount_msat = amount_sat * 1000
+        answer = await self._post(
+            "createinvoice",
+            {"description": memo, "amountMsat": str(amount_msat), "expireIn": str(expiry)},
+        )
+        if not isinstance(answer, dict):
+            raise _bad(self.where, "createinvoice", "not a JSON object")
+        bolt11 = answer.get("serialized")
+        if not isinstance(bolt11, str):
+            raise _bad(self.where, "createinvoice", "no serialized invoice")
+        payment_hash = _hex32(answer.get("paymentHash"), self.where, "createinvoice", "paymentHash")
+        try:
+            decoded = decode_invoice(bolt11)
+        except ValueError:
+            raise _bad(self.where, "createinvoice", "the invoice does not decode") from None
+        if decoded.payment_hash != payment_hash or decoded.amount_msat != amount_msat:
+            raise _bad(self.where, "createinvoice", "the invoice does not match what was asked")
+        return Invoice(
+            bolt11=bolt11,
+            payment_hash=payment_hash,
+            amount_msat=amount_msat,
+            expires_at=float(decoded.expires_at),
+        )
+
+    async def lookup_invoice(self, payment_hash: bytes) -> InvoiceState:
+        payment_hash = _check_hash(payment_hash)
+        try:
+            answer = await self._post("getreceivedinfo", {"paymentHash": payment_hash.hex()})
+        except EclairHttpError as exc:
+            if exc.status == 404:
+                raise InvoiceNotFound(
+                    f"{self.where}: no invoice with payment hash {payment_hash.hex()}"
+                ) from None
+            raise
+        if not isinstance(answer, dict):
+            raise _bad(self.where, "getreceivedinfo", "not a JSON object")
+        kind = _status_type(answer)
+        if kind == "received":
+            preimage = _hex32(
+                answer.get("paymentPreimage"), self.where, "getreceivedinfo", "paymentPreimage"
+            )
+            if hashlib.sha256(preimage).digest() != payment_hash:
+                raise _bad(self.where, "getreceivedinfo", "the preimage does not match the hash")
+            received = answer["status"].get("amount")
+            return InvoiceState(
+                payment_hash=payment_hash,
+                settled=True,
+                preimage=preimage,
+                amount_msat=_amount(received, self.where, "getreceivedinfo", "status.amount"),
+            )
+        if kind in ("pending", "expired"):
+            # Eclair shows the preimage of an unpaid invoice too: it must not leave here.
+            invoice = answer.get("invoice", answer.get("paymentRequest"))
+            amount = invoice.get("amount") if isinstance(invoice, dict) else None
+            return InvoiceState(
+                payment_hash=payment_hash,
+                settled=False,
+                preimage=None,
+                amount_msat=0
+                if amount is None
+                else _amount(amount, self.where, "getreceivedinfo", "invoice amount"),
+            )
+        raise _bad(self.where, "getreceivedinfo", f"unknown status {_one_line(kind)!r}")
+
+    # -- client side ---------------------------------------------------------------------
+
+    async def pay(self, bolt11: str, max_fee_msat: int) -> PaymentResult:
+        """A blocking /payinvoice; PaymentFailed only when Eclair says nothing is in flight."""
+        _check_int(max_fee_msat, "max_fee_msat", 0)
+        if not isinstance(bolt11, str):
+            raise PaymentFailed("invalid BOLT11 invoice: not a string")
+        text = bolt11.strip()
+        if text.lower().startswith("lightning:"):
+            text = text[len("lightning:") :]
+        try:
+            decoded = decode_invoice(text)
+        except ValueError as exc:
+            raise PaymentFailed(str(exc)) from None
+        if decoded.amount_msat is None:
+            raise PaymentFailed("invoice has no amount: l402proxy never pays amountless invoices")
+        form = {
+            "invoice": text,
+            "blocking": "true",
+            # Eclair accepts a route whose fee is below max(maxFeeFlatSat, maxFeePct of the
+            # amount): the flat part, rounded down to whole sat, is the whole limit.
+            "maxFeeFlatSat": str(max_fee_msat // 1000),
+            "maxFeePct": "0",
+            "timeoutSeconds": str(self.pay_timeout),
+        }
+        try:
+            answer = await self._post(
+                "payinvoice", form, timeout=self.pay_timeout + self.config.timeout
+            )
+        except EclairHttpError as exc:
+            if exc.status == 400:
+                # An IllegalArgumentException: the request was refused before any attempt.
+                raise PaymentFailed(f"{self.where}: payment refused: {exc.error}") from None
+            raise LightningError(f"{exc}; the payment may still complete") from None
+        if not isinstance(answer, dict):
+            raise LightningError(
+                f"{self.where}: payinvoice did not answer a payment event; the payment may "
+                "still complete"
+            )
+        kind = answer.get("type")
+        if kind == "payment-failed":
+            raise PaymentFailed(f"{self.where}: payment failed: {_failure_summary(answer)}")
+        if kind not in ("payment-sent", None) or "paymentPreimage" not in answer:
+            raise LightningError(
+                f"{self.where}: payinvoice answered {_one_line(kind)!r}; the payment may still "
+                "complete"
+            )
+        preimage = _hex32(
+            answer.get("paymentPreimage"), self.where, "payinvoice", "paymentPreimage"
+        )
+        if hashlib.sha256(preimage).digest() != decoded.payment_hash:
+            raise _bad(self.where, "payinvoice", "the preimage does not match the invoice")
+        amount = answer.get("recipientAmount", decoded.amount_msat)
+        return PaymentResult(
+            payment_hash=decoded.payment_hash,
+            preimage=preimage,
+            amount_msat=_amount(amount, self.where, "payinvoice", "recipientAmount"),
+            fee_msat=_fees(answer, self.where),
+        )
+
+    async def lookup_payment(self, payment_hash: bytes) -> PaymentState:
+        """From /getsentinfo: "unknown" only when Eclair lists no attempt for the hash."""
+        payment_hash = _check_hash(payment_hash)
+        answer = await self._post("getsentinfo", {"paymentHash": payment_hash.hex()})
+        if not isinstance(answer, list):
+            raise _bad(self.where, "getsentinfo", "not a list of attempts")
+        if not answer:
+            return PaymentState(payment_hash, "unknown", None, 0)
+        kinds = [_status_type(item) for item in answer]
+        if "sent" in kinds:
+            done = answer[kinds.index("sent")]
+            preimage = _hex32(
+                done["status"].get("paymentPreimage"), self.where, "getsentinfo", "paymentPreimage"
+            )
+            if hashlib.sha256(preimage).digest() != payment_hash:
+                raise _bad(self.where, "getsentinfo", "the preimage does not match the hash")
+            # A multi-part payment lists each part, each with its own fee.
+            parent = done.get("parentId")
+            fee = 0
+            for item, kind in zip(answer, kinds, strict=True):
+                if kind == "sent" and item.get("parentId") == parent:
+                    fees = item["status"].get("feesPaid", 0)
+                    fee += _amount(fees, self.where, "getsentinfo", "feesPaid")
+            return PaymentState(payment_hash, "succeeded", preimage, fee)
+        if "pending" in kinds:
+            return PaymentState(payment_hash, "pending", None, 0)
+        if all(kind == "failed" for kind in kinds):
+            return PaymentState(payment_hash, "failed", None, 0)
+        unknown = next(k for k in kinds if k not in ("sent", "pending", "failed"))
+        raise _bad(self.where, "getsentinfo", f"unknown status {_one_line(unknown)!r}")
+
+
+def _connect_problem(exc: httpx.ConnectError) -> str:
+    """What went wrong, from the innermost cause (httpx wraps the OSError twice)."""
+    cause: BaseException | None = exc
+    innermost: BaseException = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS error: {_one_line(getattr(cause, 'reason', None) or cause)}"
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused (is Eclair running with eclair.api.enabled=true?)"
+        innermost = cause
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(innermost, OSError) and innermost.strerror:
+        return f"cannot connect: {_one_line(innermost.strerror)}"
+    return f"cannot connect: {_one_line(innermost) or type(innermost).__name__}"
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return "no JSON error"
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        return _one_line(body["error"])
+    return "no JSON error"
+
+
+def _failure_summary(answer: dict[str, Any]) -> str:
+    failures = answer.get("failures")
+    if not isinstance(failures, list) or not failures:
+        return "no attempt succeeded"
+    last = failures[-1]
+    reason = None
+    if isinstance(last, dict):
+        for key in ("t", "failureMessage", "message"):
+            if isinstance(last.get(key), str):
+                reason = last[key]
+                break
+    attempts = f"{len(failures)} attempt{'s' if len(failures) != 1 else ''}"
+    return f"{_one_line(reason)} ({attempts})" if reason else f"{attempts} failed"
+
+
+def _fees(answer: dict[str, Any], where: str) -> int:
+    parts = answer.get("parts")
+    if isinstance(parts, list) and parts:
+        total = 0
+        for part in parts:
+            fees = part.get("feesPaid", 0) if isinstance(part, dict) else None
+            total += _amount(fees, where, "payinvoice", "parts[].feesPaid")
+        return total
+    fees = answer.get("feesPaid", 0)
+    return _amount(fees, where, "payinvoice", "feesPaid")
+
+
+def backend_from_uri(uri: str) -> EclairNode:
+    return EclairNode(parse_uri(uri))
+
+
+def wallet_from_uri(uri: str) -> EclairNode:
+    return EclairNode(parse_uri(uri))
+
+
+__all__ = [
+    "EclairConfig",
+    "EclairHttpError",
+    "EclairNode",
+    "backend_from_uri",
+    "parse_uri",
+    "wallet_from_uri",
+]
