@@ -11,19 +11,20 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, http
 
-from . import gate, paths
-from .l402.headers import format_challenge
+from . import gate, paths, paywall
+from .l402.headers import Credential, accepts_l402, format_challenge
 from .l402.identifier import Identifier
-from .l402.token import caveats_for, derive_root_key, mint
+from .l402.token import TokenError, caveats_for, derive_root_key, mint
 from .lightning import InvoiceBackend, LightningError, open_backend
-from .rules import PaidVariant, Rule, RulesError, RuleSet, load_rules
+from .lightning.base import InvoiceNotFound, LookupUnsupported
+from .rules import PaidVariant, Rule, RulesError, RuleSet, load_rules, normalize_path
 from .store import IssuedToken, ServerStore, StoreError, open_server_store
 
 log = logging.getLogger(__name__)
@@ -67,14 +68,6 @@ def warn_about_unchanged_upgrades(rules: RuleSet) -> None:
             )
 
 
-def wants_text(accept: str | None) -> bool:
-    """A person's client (browser, curl asking for text) rather than an API client."""
-    if not accept:
-        return False
-    accept = accept.lower()
-    return ("text/html" in accept or "text/plain" in accept) and "application/json" not in accept
-
-
 def challenge_body(
     rule: Rule, status: int, reason: str, detail: str, bolt11: str, macaroon: str, expires_at: float
 ) -> dict[str, Any]:
@@ -109,9 +102,19 @@ def challenge_text(body: Mapping[str, Any]) -> str:
 
 
 def make_challenge_response(
-    status: int, body: Mapping[str, Any], as_text: bool, macaroon: str, bolt11: str
+    status: int,
+    body: Mapping[str, Any],
+    kind: paywall.BodyKind,
+    macaroon: str,
+    bolt11: str,
+    page: str | None = None,
 ) -> http.Response:
-    if as_text:
+    """The 402/401 with both challenge lines; the body as JSON, text or the HTML `page`."""
+    extra: list[tuple[bytes, bytes]] = []
+    if kind == "html" and page is not None:
+        content, content_type = page.encode(), "text/html; charset=utf-8"
+        extra = [(name.encode(), value.encode()) for name, value in paywall.PAGE_HEADERS]
+    elif kind == "text":
         content, content_type = challenge_text(body).encode(), "text/plain; charset=utf-8"
     else:
         content, content_type = json.dumps(body).encode(), "application/json"
@@ -125,9 +128,33 @@ def make_challenge_response(
             ),
             (b"Cache-Control", b"no-store"),
             (b"Content-Type", content_type.encode()),
+            *extra,
         ]
     )
     return http.Response.make(status, content, headers)
+
+
+def json_response(
+    status: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None
+) -> http.Response:
+    """An answer of the proxy's own endpoints: JSON, never cached."""
+    return http.Response.make(
+        status,
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json", "Cache-Control": "no-store", **(headers or {})},
+    )
+
+
+def page_response(status: int, title: str, message: str) -> http.Response:
+    return http.Response.make(
+        status,
+        paywall.render_message_page(title, message).encode(),
+        {
+            "Content-Type": "text/html; charset=utf-8",
+            "Cache-Control": "no-store",
+            **dict(paywall.PAGE_HEADERS),
+        },
+    )
 
 
 def unavailable_response(message: str) -> http.Response:
@@ -150,6 +177,37 @@ def headers_only_for_head(response: http.Response, method: str) -> http.Response
         response.content = b""
         response.headers["Content-Length"] = str(length)
     return response
+
+
+def is_https(flow: http.HTTPFlow) -> bool:
+    """Did the browser reach us over TLS (then our cookies are Secure)?"""
+    return bool(flow.client_conn.tls_established)
+
+
+def take_our_cookies(request: http.Request) -> dict[str, str]:
+    """Remove our cookies from the request (the origin's stay as they were); return ours."""
+    kept, found = paywall.split_cookies(request.headers.get_all("cookie"))
+    if found:
+        if kept:
+            request.headers.set_all("cookie", kept)
+        else:
+            del request.headers["cookie"]
+    return found
+
+
+def offer_upgrade(response: http.Response, banner: str) -> None:
+    """Put the upgrade offer into a free HTML page; anything we cannot read is left alone."""
+    if response.status_code != 200 or response.stream or response.raw_content is None:
+        return
+    if not response.headers.get("Content-Type", "").lower().startswith("text/html"):
+        return
+    try:
+        text = response.get_text(strict=True)
+    except ValueError:  # an encoding or charset we cannot decode
+        return
+    if text is None:
+        return
+    response.text = paywall.insert_banner(text, banner)
 
 
 class L402Server:
@@ -206,6 +264,15 @@ class L402Server:
             Path of the dev Lightning ledger (SQLite) used by the "dev" backend.
             Default: devledger.sqlite under $L402PROXY_HOME or ~/.l402proxy, the same file the
             l402proxy CLI's dev commands use.
+            """,
+        )
+        loader.add_option(
+            "l402_offer_upgrade",
+            bool,
+            True,
+            """
+            In upgrade mode, add a small "<description> for <price> sats" link to the free
+            variant's HTML pages that browsers get, leading to the paywall page.
             """,
         )
 
@@ -313,16 +380,21 @@ class L402Server:
                 unavailable_response("the paywall is misconfigured"), flow.request.method
             )
             return
+        request = flow.request
+        if paywall.is_endpoint(request.path):
+            await self._endpoint(flow)
+            return
+        # Our cookies hold paid credentials: they never reach the origin, priced path or not.
+        cookies = take_our_cookies(request) if "cookie" in request.headers else {}
         if self.rules is None:
             return
-        request = flow.request
         rule = self.rules.match(request.pretty_host, request.path, request.method)
         if rule is None:
             return
         if not self.ready.is_set():
             await self.ready.wait()
         try:
-            await self._judge(flow, rule)
+            await self._judge(flow, rule, cookies)
         except Exception:
             # Fail closed: forwarding a priced request we could not judge would give it away.
             log.exception(f"l402: internal error on {request.method} {request.path}")
@@ -330,11 +402,30 @@ class L402Server:
                 unavailable_response("internal error in the paywall"), request.method
             )
 
-    async def _judge(self, flow: http.HTTPFlow, rule: Rule) -> None:
+    def response(self, flow: http.HTTPFlow) -> None:
+        note = flow.metadata.get("l402")
+        if note is None or note.get("variant") != "free" or flow.response is None:
+            return
+        clear = note.get("clear_cookie")
+        if clear:
+            flow.response.headers.add("Set-Cookie", clear)
+        offer = note.get("offer")
+        if offer and ctx.options.l402_offer_upgrade and flow.request.method.upper() != "HEAD":
+            offer_upgrade(flow.response, offer)
+
+    async def _judge(
+        self, flow: http.HTTPFlow, rule: Rule, cookies: Mapping[str, str] | None = None
+    ) -> None:
         request = flow.request
+        authorization = request.headers.get("Authorization")
+        cookie = cookies.get(paywall.cookie_name(rule.name)) if cookies else None
+        # An Authorization header wins; the cookie is the same credential a browser keeps.
+        from_cookie = cookie is not None and not gate.is_l402_authorization(authorization)
+        if from_cookie:
+            authorization = f"L402 {cookie}"
         decision = gate.decide(
             rule=rule,
-            authorization=request.headers.get("Authorization"),
+            authorization=authorization,
             accept_authenticate=request.headers.get("Accept-Authenticate"),
             root_key_for=self.root_key_for,
             revoked=self.revoked,
@@ -342,20 +433,45 @@ class L402Server:
             method=request.method,
             cache=self.cache,
         )
+        clear_cookie = None
+        if from_cookie and isinstance(decision, gate.Challenge):
+            # The browser would send it again and again: make it forget it.
+            clear_cookie = paywall.clearing_cookie(
+                rule.name, path=paywall.scope_path(rule), secure=is_https(flow)
+            )
+            if rule.mode == "upgrade" and not accepts_l402(
+                request.headers.get("Accept-Authenticate")
+            ):
+                # Upgrade mode keeps unpaid browsers on the free variant: a stale cookie is no
+                # request to pay (an <audio> fetch would only break on a 402).
+                decision = gate.Free(rule)
         match decision:
             case gate.Grant():
-                self._grant(flow, decision)
+                self._grant(flow, decision, from_cookie=from_cookie)
             case gate.Challenge():
-                await self._challenge(flow, decision)
+                await self._challenge(
+                    flow, decision, set_cookies=(clear_cookie,) if clear_cookie else ()
+                )
             case gate.Free():
-                flow.metadata["l402"] = {"service": rule.name, "variant": "free"}
+                note: dict[str, Any] = {"service": rule.name, "variant": "free"}
+                if clear_cookie:
+                    note["clear_cookie"] = clear_cookie
+                if (
+                    rule.mode == "upgrade"
+                    and ctx.options.l402_offer_upgrade
+                    and paywall.body_kind(request.headers.get("Accept")) == "html"
+                ):
+                    note["offer"] = paywall.upgrade_banner(rule, request.path)
+                flow.metadata["l402"] = note
 
     def root_key_for(self, token_id: bytes) -> bytes:
         return derive_root_key(self.secret, token_id)
 
-    def _grant(self, flow: http.HTTPFlow, grant: gate.Grant) -> None:
-        # The credential is ours, not the origin's: never forward it.
-        del flow.request.headers["Authorization"]
+    def _grant(self, flow: http.HTTPFlow, grant: gate.Grant, from_cookie: bool = False) -> None:
+        if not from_cookie:
+            # The credential is ours, not the origin's: never forward it. (With a cookie the
+            # Authorization header, if any, belongs to the origin.)
+            del flow.request.headers["Authorization"]
         apply_paid_variant(flow.request, grant.rule.paid)
         token_id = grant.token.identifier.token_id
         flow.metadata["l402"] = {
@@ -363,7 +479,12 @@ class L402Server:
             "variant": "paid",
             "token_id": token_id.hex(),
         }
+        if from_cookie:
+            flow.metadata["l402"]["credential"] = "cookie"
         flow.comment = f"L402 paid: {grant.rule.name}"
+        self._note_paid(token_id)
+
+    def _note_paid(self, token_id: bytes) -> None:
         if token_id not in self.seen_paid and self.store is not None:
             if len(self.seen_paid) >= SEEN_PAID_LIMIT:
                 # Forgetting only costs a repeated note; the store keeps the first sighting.
@@ -371,7 +492,15 @@ class L402Server:
             self.seen_paid.add(token_id)
             self.store.note_paid(token_id, time.time())
 
-    async def _challenge(self, flow: http.HTTPFlow, challenge: gate.Challenge) -> None:
+    async def _challenge(
+        self,
+        flow: http.HTTPFlow,
+        challenge: gate.Challenge,
+        *,
+        return_to: str | None = None,
+        set_cookies: Sequence[str] = (),
+        kind: paywall.BodyKind | None = None,
+    ) -> None:
         rule = challenge.rule
         assert self.backend is not None and self.store is not None
         try:
@@ -417,22 +546,244 @@ class L402Server:
             macaroon,
             invoice.expires_at,
         )
-        flow.response = headers_only_for_head(
-            make_challenge_response(
-                challenge.status,
-                body,
-                wants_text(flow.request.headers.get("Accept")),
-                macaroon,
-                invoice.bolt11,
-            ),
-            flow.request.method,
+        if kind is None:
+            kind = paywall.body_kind(flow.request.headers.get("Accept"))
+        page = None
+        if kind == "html":
+            page = paywall.render_page(
+                paywall.PageFacts(
+                    service=rule.name,
+                    description=rule.description,
+                    price_sat=rule.price_sat,
+                    valid_for=rule.valid_for,
+                    scope=paywall.scope_path(rule),
+                    bolt11=invoice.bolt11,
+                    macaroon=macaroon,
+                    expires_at=invoice.expires_at,
+                    now=now,
+                    status=challenge.status,
+                    reason=challenge.reason,
+                    return_to=return_to,
+                )
+            )
+        response = make_challenge_response(
+            challenge.status, body, kind, macaroon, invoice.bolt11, page
         )
+        for cookie in set_cookies:
+            response.headers.add("Set-Cookie", cookie)
+        flow.response = headers_only_for_head(response, flow.request.method)
         flow.metadata["l402"] = {
             "service": rule.name,
             "variant": "challenge",
             "status": challenge.status,
             "reason": challenge.reason,
         }
+
+    # -- the paywall page's own endpoints (never forwarded) ------------------------------------
+
+    async def _endpoint(self, flow: http.HTTPFlow) -> None:
+        request = flow.request
+        path = normalize_path(request.path)
+        if not self.ready.is_set():
+            await self.ready.wait()
+        try:
+            if path == paywall.UNLOCK_PATH:
+                if request.method.upper() != "POST":
+                    flow.response = json_response(
+                        405,
+                        {"error": "method_not_allowed", "message": "use POST"},
+                        {"Allow": "POST"},
+                    )
+                else:
+                    await self._unlock(flow)
+            elif path == paywall.PAY_PATH:
+                if request.method.upper() not in ("GET", "HEAD"):
+                    flow.response = page_response(405, "Method not allowed", "Use GET.")
+                    flow.response.headers["Allow"] = "GET, HEAD"
+                else:
+                    await self._pay_page(flow)
+            else:
+                flow.response = page_response(404, "Not found", "No such paywall page.")
+        except Exception:
+            log.exception(f"l402: internal error on {request.method} {paywall.ENDPOINT_PREFIX}")
+            flow.response = unavailable_response("internal error in the paywall")
+        assert flow.response is not None
+        flow.response = headers_only_for_head(flow.response, request.method)
+        flow.metadata.setdefault("l402", {"variant": "endpoint"})
+
+    async def _unlock(self, flow: http.HTTPFlow) -> None:
+        """POST /.l402/unlock: the page asks whether its invoice is paid; if so, the cookie."""
+        request = flow.request
+        if request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site":
+            # Only the paywall page itself (same origin) may store a credential in this browser.
+            flow.response = json_response(
+                403, {"error": "cross_site", "message": "unlock requests must come from this site"}
+            )
+            return
+        try:
+            asked = paywall.parse_unlock_body(
+                request.raw_content or b"", request.headers.get("Content-Type")
+            )
+        except paywall.BadUnlockRequest as exc:
+            flow.response = json_response(exc.status, {"error": "bad_request", "message": str(exc)})
+            return
+        try:
+            # Signature first: a forged or foreign macaroon never costs a backend lookup.
+            identifier, info = paywall.verify_signature(asked.macaroon, self.root_key_for)
+        except TokenError as exc:
+            flow.response = json_response(
+                401,
+                {
+                    "error": "invalid_token",
+                    "reason": exc.reason,
+                    "message": "This payment request was not issued here: reload for a new one.",
+                },
+            )
+            return
+        rule = self._rule_named(info.services)
+        if rule is None:
+            flow.response = json_response(
+                404,
+                {
+                    "error": "unknown_service",
+                    "message": "What this invoice paid for is no longer sold here.",
+                },
+            )
+            return
+        flow.metadata["l402"] = {"service": rule.name, "variant": "unlock", "unlocked": False}
+        if identifier.token_id in self.revoked:
+            flow.response = json_response(
+                403,
+                {"error": "refused", "reason": "revoked", "message": "This token was revoked."},
+            )
+            return
+        preimage = asked.preimage
+        if preimage is None:
+            assert self.backend is not None
+            try:
+                state = await self.backend.lookup_invoice(identifier.payment_hash)
+            except LookupUnsupported:
+                flow.response = json_response(
+                    501,
+                    {
+                        "error": "lookup_unsupported",
+                        "message": (
+                            "This paywall cannot see QR payments: pay with a WebLN wallet."
+                        ),
+                    },
+                )
+                return
+            except InvoiceNotFound:
+                flow.response = json_response(
+                    404,
+                    {
+                        "error": "unknown_invoice",
+                        "message": "The Lightning node does not know this invoice: reload.",
+                    },
+                )
+                return
+            except LightningError as exc:
+                log.warning(f"l402: cannot look up an invoice for {rule.name}: {exc}")
+                flow.response = json_response(
+                    503,
+                    {
+                        "error": "backend_unavailable",
+                        "message": "The Lightning node did not answer; trying again.",
+                    },
+                    {"Retry-After": str(RETRY_AFTER_SECONDS)},
+                )
+                return
+            if not state.settled or state.preimage is None:
+                flow.response = json_response(202, {"unlocked": False})
+                return
+            preimage = state.preimage
+        now = time.time()
+        try:
+            token = gate.check_credential(
+                Credential("L402", (asked.macaroon,), preimage),
+                service=rule.name,
+                root_key_for=self.root_key_for,
+                revoked=self.revoked,
+                now=now,
+            )
+        except TokenError as exc:
+            flow.response = json_response(
+                401 if exc.invalid else 403,
+                {"error": "refused", "reason": exc.reason, "message": f"Not unlocked: {exc}."},
+            )
+            return
+        cookie = paywall.credential_cookie(
+            rule.name,
+            asked.macaroon,
+            preimage,
+            path=paywall.scope_path(rule),
+            max_age=paywall.cookie_max_age(token.valid_until, now),
+            secure=is_https(flow),
+        )
+        expires_at = None if token.valid_until is None else int(token.valid_until)
+        flow.response = json_response(
+            200,
+            {"unlocked": True, "service": rule.name, "expires_at": expires_at},
+            {"Set-Cookie": cookie},
+        )
+        flow.metadata["l402"]["unlocked"] = True
+        flow.comment = f"L402 unlocked: {rule.name}"
+        self._note_paid(token.identifier.token_id)
+
+    def _rule_named(self, services: Sequence[str]) -> Rule | None:
+        """The priced rule a token was sold for (its services= caveat names it)."""
+        if self.rules is None:
+            return None
+        for rule in self.rules.rules:
+            if rule.name in services and rule.mode != "free":
+                return rule
+        return None
+
+    async def _pay_page(self, flow: http.HTTPFlow) -> None:
+        """GET /.l402/pay?path=<priced path>[&return=<local path>]: a fresh paywall page."""
+        request = flow.request
+        target = paywall.safe_local_path(request.query.get("path"))
+        rule = None
+        if target is not None and self.rules is not None:
+            rule = self.rules.match(request.pretty_host, target, "GET")
+        if target is None or rule is None or rule.mode == "free":
+            flow.response = page_response(
+                404, "Nothing to pay for", "This site sells nothing at that address."
+            )
+            return
+        return_to = paywall.safe_local_path(request.query.get("return")) or target
+        cookies = take_our_cookies(request) if "cookie" in request.headers else {}
+        cookie = cookies.get(paywall.cookie_name(rule.name))
+        if cookie is not None:
+            held = gate.decide(
+                rule=rule,
+                authorization=f"L402 {cookie}",
+                accept_authenticate=None,
+                root_key_for=self.root_key_for,
+                revoked=self.revoked,
+                now=time.time(),
+                method="GET",
+                cache=self.cache,
+            )
+            if isinstance(held, gate.Grant):
+                # Already paid: nothing to sell twice.
+                flow.response = http.Response.make(
+                    303, b"", {"Location": return_to, "Cache-Control": "no-store"}
+                )
+                return
+        accept = request.headers.get("Accept")
+        kind = paywall.body_kind(accept)
+        if kind == "json" and "application/json" not in (accept or "").lower():
+            kind = "html"  # this address is linked from pages: the page unless JSON is asked for
+        await self._challenge(
+            flow,
+            gate.Challenge(
+                rule, 402, "payment_required", f"{rule.name} costs {rule.price_sat} sat"
+            ),
+            return_to=return_to,
+            kind=kind,
+        )
+        flow.metadata.setdefault("l402", {})["endpoint"] = "pay"
 
     async def _every(self, seconds: float, job: Any) -> None:
         while True:

@@ -1,14 +1,33 @@
 """The server addon in-process, with mitmproxy's own test helpers (no sockets)."""
 
+import base64
+import hashlib
+import json
+import logging
+import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 from mitmproxy import ctx, exceptions, http
-from mitmproxy.test import taddons, tflow
+from mitmproxy.test import taddons, tflow, tutils
 
-from l402proxy import gate
+from l402proxy import gate, paywall
+from l402proxy.l402.headers import parse_challenges
+from l402proxy.l402.identifier import Identifier
+from l402proxy.l402.token import caveats_for, derive_root_key, mint
 from l402proxy.launch import REPO
+from l402proxy.lightning import DevLedger, InvoiceBackend
+from l402proxy.lightning.base import (
+    BackendUnavailable,
+    Invoice,
+    InvoiceNotFound,
+    InvoiceState,
+    LookupUnsupported,
+    NodeInfo,
+)
 from l402proxy.server import L402Server
 
 RULES = REPO / "rules" / "podcast.yaml"
@@ -29,8 +48,38 @@ async def addon(tmp_path: Path) -> AsyncIterator[L402Server]:
         await server.done()
 
 
+FREE_RULES = """
+services:
+  - name: bonus
+    match: {path: "/bonus/*"}
+    price_sat: 100
+  - name: paused
+    match: {path: "/free/*"}
+    price_sat: 0
+    mode: free
+"""
+
+
+@pytest.fixture
+async def addon_with_free(tmp_path: Path) -> AsyncIterator[L402Server]:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(FREE_RULES)
+    server = L402Server()
+    with taddons.context(server) as tctx:
+        tctx.configure(
+            server,
+            l402_rules=str(rules),
+            l402_store=str(tmp_path / "server.sqlite"),
+            l402_dev_ledger=str(tmp_path / "devledger.sqlite"),
+        )
+        await server.running()
+        yield server
+        await server.done()
+
+
 def flow_for(path: str, **headers: str) -> http.HTTPFlow:
     flow = tflow.tflow()
+    flow.client_conn.timestamp_tls_setup = None  # plain HTTP unless a test says otherwise
     flow.request.path = path
     for name, value in headers.items():
         flow.request.headers[name.replace("_", "-")] = value
@@ -101,3 +150,529 @@ async def test_bad_options_while_running_are_rejected(addon: L402Server, tmp_pat
         ctx.options.update(l402_backend="carrier-pigeon://x")
     assert addon.rules == rules_before and not addon.misconfigured
     assert ctx.options.l402_rules == str(RULES)  # mitmproxy kept the previous value
+
+
+# -- the paywall page, the unlock endpoint and the L402 cookie --------------------------------
+
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+class CountingBackend:
+    """The dev backend for invoices; lookups counted and, when told, failing."""
+
+    name = "counting"
+
+    def __init__(self, real: InvoiceBackend) -> None:
+        self.real = real
+        self.lookups = 0
+        self.fail_with: Exception | None = None
+
+    async def create_invoice(self, amount_sat: int, memo: str, expiry: int) -> Invoice:
+        return await self.real.create_invoice(amount_sat, memo, expiry)
+
+    async def lookup_invoice(self, payment_hash: bytes) -> InvoiceState:
+        self.lookups += 1
+        if self.fail_with is not None:
+            raise self.fail_with
+        return await self.real.lookup_invoice(payment_hash)
+
+    async def info(self) -> NodeInfo:
+        return await self.real.info()
+
+    async def close(self) -> None:
+        await self.real.close()
+
+    def describe(self) -> str:
+        return "counting " + self.real.describe()
+
+
+@pytest.fixture
+async def counting(addon: L402Server) -> CountingBackend:
+    assert addon.backend is not None
+    backend = CountingBackend(addon.backend)
+    addon.backend = backend  # type: ignore[assignment]
+    return backend
+
+
+@pytest.fixture
+async def payer(tmp_path: Path) -> AsyncIterator[DevLedger]:
+    ledger = DevLedger(tmp_path / "devledger.sqlite")
+    yield ledger
+    await ledger.close()
+
+
+async def challenge(
+    addon: L402Server, path: str = "/bonus/x.mp3", **headers: str
+) -> tuple[str, str]:
+    """(macaroon, invoice) of a fresh challenge for `path`."""
+    flow = flow_for(path, Accept_Authenticate="L402", **headers)
+    await addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 402
+    parsed = parse_challenges(flow.response.headers.get_all("WWW-Authenticate"))
+    return parsed[0].macaroon, parsed[0].invoice
+
+
+def unlock_flow(
+    body: object, content_type: str = "application/json", **headers: str
+) -> http.HTTPFlow:
+    flow = flow_for("/.l402/unlock", Content_Type=content_type, **headers)
+    flow.request.method = "POST"
+    flow.request.content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return flow
+
+
+async def unlock(addon: L402Server, macaroon: str, preimage: bytes | None = None) -> http.Response:
+    flow = unlock_flow({"macaroon": macaroon, "preimage": preimage.hex() if preimage else None})
+    await addon.request(flow)
+    assert flow.response is not None
+    return flow.response
+
+
+def cookie_value(set_cookie: str) -> str:
+    return set_cookie.split(";", 1)[0].split("=", 1)[1]
+
+
+async def bought_cookie(addon: L402Server, payer: DevLedger, path: str = "/bonus/x.mp3") -> str:
+    macaroon, invoice = await challenge(addon, path)
+    await payer.pay("listener", invoice, 0)
+    response = await unlock(addon, macaroon)
+    assert response.status_code == 200, response.text
+    return response.headers["Set-Cookie"]
+
+
+def expired_cookie(addon: L402Server, service: str = "bonus") -> str:
+    preimage = os.urandom(32)
+    identifier = Identifier.new(hashlib.sha256(preimage).digest())
+    caveats = caveats_for(service, valid_until=int(time.time()) - 10, capabilities=None)
+    macaroon = mint(addon.root_key_for(identifier.token_id), identifier, caveats)
+    return f"{macaroon}:{preimage.hex()}"
+
+
+async def test_unpaid_invoice_answers_202_after_one_lookup(
+    addon: L402Server, counting: CountingBackend
+) -> None:
+    macaroon, _ = await challenge(addon)
+    response = await unlock(addon, macaroon)
+    assert response.status_code == 202
+    assert json.loads(response.content) == {"unlocked": False}
+    assert counting.lookups == 1
+    assert "Set-Cookie" not in response.headers
+    assert response.headers["Cache-Control"] == "no-store"
+
+
+async def test_paid_invoice_unlocks_with_an_httponly_cookie_for_the_scope(
+    addon: L402Server, counting: CountingBackend, payer: DevLedger
+) -> None:
+    macaroon, invoice = await challenge(addon)
+    paid = await payer.pay("listener", invoice, 0)
+    before = time.time()
+    response = await unlock(addon, macaroon)
+    assert response.status_code == 200, response.text
+    body = json.loads(response.content)
+    assert body["unlocked"] is True and body["service"] == "bonus"
+    # bonus: valid_for 7d, invoice_expiry default 600 s, counted from the invoice's expiry.
+    assert before + 7 * 86400 <= body["expires_at"] <= time.time() + 7 * 86400 + 601
+    cookie = response.headers["Set-Cookie"]
+    name_value, *attributes = cookie.split("; ")
+    assert name_value == f"L402_bonus={macaroon}:{paid.preimage.hex()}"
+    assert "Path=/bonus/" in attributes and "HttpOnly" in attributes
+    assert "SameSite=Lax" in attributes and "Secure" not in attributes
+    max_age = int(next(a for a in attributes if a.startswith("Max-Age=")).split("=")[1])
+    assert abs(max_age - (body["expires_at"] - before)) <= 2
+    assert paid.preimage.hex() not in response.text  # the credential lives in the cookie only
+    assert counting.lookups == 1
+
+
+async def test_cookie_is_secure_when_the_browser_came_over_https(
+    addon: L402Server, payer: DevLedger
+) -> None:
+    macaroon, invoice = await challenge(addon)
+    await payer.pay("listener", invoice, 0)
+    flow = unlock_flow({"macaroon": macaroon})
+    flow.client_conn.timestamp_tls_setup = time.time()  # the browser came over TLS
+    await addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 200
+    assert flow.response.headers["Set-Cookie"].endswith("; Secure")
+
+
+async def test_webln_preimage_unlocks_without_asking_the_backend(
+    addon: L402Server, counting: CountingBackend, payer: DevLedger
+) -> None:
+    macaroon, invoice = await challenge(addon)
+    paid = await payer.pay("listener", invoice, 0)
+    wrong = await unlock(addon, macaroon, os.urandom(32))
+    assert wrong.status_code == 401
+    assert json.loads(wrong.content)["reason"] == "preimage_mismatch"
+    right = await unlock(addon, macaroon, paid.preimage)
+    assert right.status_code == 200
+    assert right.headers["Set-Cookie"].startswith(f"L402_bonus={macaroon}:{paid.preimage.hex()};")
+    assert counting.lookups == 0
+
+
+@pytest.mark.parametrize("forge", ["tampered", "foreign"])
+async def test_forged_or_foreign_macaroon_gets_401_without_a_backend_call(
+    addon: L402Server, counting: CountingBackend, forge: str
+) -> None:
+    macaroon, _ = await challenge(addon)
+    if forge == "tampered":
+        raw = bytearray(base64.b64decode(macaroon))
+        raw[-1] ^= 1
+        macaroon = base64.b64encode(bytes(raw)).decode()
+    else:
+        identifier = Identifier.new(os.urandom(32))
+        key = derive_root_key(b"another server" * 3, identifier.token_id)
+        macaroon = mint(key, identifier, caveats_for("bonus", valid_until=None, capabilities=None))
+    for preimage in (None, os.urandom(32)):
+        response = await unlock(addon, macaroon, preimage)
+        assert response.status_code == 401
+        assert json.loads(response.content)["error"] == "invalid_token"
+    assert counting.lookups == 0
+
+
+@pytest.mark.parametrize(
+    ("failure", "status"),
+    [
+        (LookupUnsupported("a Lightning Address cannot look invoices up"), 501),
+        (BackendUnavailable("lnd at 127.0.0.1:10009: connection refused"), 503),
+        (InvoiceNotFound("no such invoice"), 404),
+    ],
+)
+async def test_backend_answers_become_page_messages(
+    addon: L402Server, counting: CountingBackend, failure: Exception, status: int
+) -> None:
+    macaroon, _ = await challenge(addon)
+    counting.fail_with = failure
+    response = await unlock(addon, macaroon)
+    assert response.status_code == status
+    body = json.loads(response.content)
+    assert body["message"]
+    if status == 501:
+        assert "WebLN" in body["message"]
+    if status == 503:
+        assert response.headers["Retry-After"].isdigit()
+    assert "Set-Cookie" not in response.headers
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status"),
+    [
+        (b"not json", "application/json", 400),
+        ({"macaroon": 1}, "application/json", 400),
+        ({"macaroon": "AgE", "preimage": "xyz"}, "application/json", 400),
+        ({"macaroon": "AgE"}, "application/x-www-form-urlencoded", 400),
+        (b'{"macaroon": "' + b"A" * 17000 + b'"}', "application/json", 413),
+    ],
+)
+async def test_bad_unlock_bodies_are_refused_without_a_backend_call(
+    addon: L402Server, counting: CountingBackend, body: object, content_type: str, status: int
+) -> None:
+    flow = unlock_flow(body, content_type)
+    await addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == status
+    assert json.loads(flow.response.content)["error"] == "bad_request"
+    assert counting.lookups == 0
+
+
+async def test_unlock_only_takes_same_site_posts(addon: L402Server) -> None:
+    macaroon, _ = await challenge(addon)
+    get = flow_for("/.l402/unlock")
+    await addon.request(get)
+    assert get.response is not None and get.response.status_code == 405
+    assert get.response.headers["Allow"] == "POST"
+    cross = unlock_flow({"macaroon": macaroon}, Sec_Fetch_Site="cross-site")
+    await addon.request(cross)
+    assert cross.response is not None and cross.response.status_code == 403
+
+
+async def test_endpoints_are_answered_by_the_proxy_however_spelled(addon: L402Server) -> None:
+    for path in ("/.l402/nothing", "/%2El402/unlock", "//.l402/pay?path=/feed.xml"):
+        flow = flow_for(path)
+        await addon.request(flow)
+        assert flow.response is not None, path  # never forwarded to the origin
+        assert flow.response.status_code in (404, 405), path
+
+
+async def test_cookie_is_accepted_like_authorization_and_never_reaches_the_origin(
+    addon: L402Server, payer: DevLedger
+) -> None:
+    value = cookie_value(await bought_cookie(addon, payer))
+    flow = flow_for(
+        "/bonus/x.mp3",
+        Cookie=f"theme=dark;  L402_bonus={value}; sid=a%3Db",
+        Authorization="Basic dXNlcjpwdw==",
+    )
+    await addon.request(flow)
+    assert flow.response is None  # forwarded: paid
+    assert flow.metadata["l402"]["variant"] == "paid"
+    assert flow.metadata["l402"]["credential"] == "cookie"
+    assert flow.request.headers.get_all("Cookie") == ["theme=dark; sid=a%3Db"]
+    # The origin's own Authorization stays: the credential came from the cookie.
+    assert flow.request.headers["Authorization"] == "Basic dXNlcjpwdw=="
+
+    as_header = flow_for("/bonus/y.mp3", Authorization=f"L402 {value}")
+    await addon.request(as_header)
+    assert as_header.response is None and as_header.metadata["l402"]["variant"] == "paid"
+    assert "Authorization" not in as_header.request.headers
+
+
+async def test_cookie_unlocks_upgrade_mode_paid_variant(
+    addon: L402Server, payer: DevLedger
+) -> None:
+    value = cookie_value(await bought_cookie(addon, payer, "/episodes/ep1.mp3"))
+    flow = flow_for("/episodes/ep1.mp3", Cookie=f"L402_podcast={value}", Accept=BROWSER_ACCEPT)
+    await addon.request(flow)
+    assert flow.response is None
+    assert flow.request.path == "/adfree/ep1.mp3"
+    assert "Cookie" not in flow.request.headers
+
+
+async def test_our_cookies_are_stripped_on_unpriced_paths_too(addon: L402Server) -> None:
+    flow = flow_for("/feed.xml", Cookie="L402_bonus=m:p; a=1")
+    await addon.request(flow)
+    assert flow.response is None and flow.request.headers["Cookie"] == "a=1"
+    only = flow_for("/feed.xml", Cookie="L402_podcast=m:p")
+    await addon.request(only)
+    assert "Cookie" not in only.request.headers
+    untouched = flow_for("/feed.xml", Cookie="a=1;b=2")
+    await addon.request(untouched)
+    assert untouched.request.headers["Cookie"] == "a=1;b=2"
+
+
+async def test_authorization_header_wins_over_the_cookie(
+    addon: L402Server, payer: DevLedger
+) -> None:
+    value = cookie_value(await bought_cookie(addon, payer))
+    flow = flow_for(
+        "/bonus/x.mp3",
+        Cookie=f"L402_bonus={value}",
+        Authorization=f"L402 {value.split(':')[0]}:{os.urandom(32).hex()}",
+    )
+    await addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("make", "status"),
+    [
+        (lambda addon: "garbage", 401),
+        (lambda addon: f"{expired_cookie(addon).split(':')[0]}:{os.urandom(32).hex()}", 401),
+        (expired_cookie, 402),
+    ],
+)
+async def test_invalid_or_expired_cookie_gets_the_page_and_is_cleared(
+    addon: L402Server, make: object, status: int
+) -> None:
+    cookie = make(addon)  # type: ignore[operator]
+    flow = flow_for("/bonus/x.mp3", Cookie=f"L402_bonus={cookie}", Accept=BROWSER_ACCEPT)
+    await addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == status
+    assert flow.response.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert flow.response.headers["Set-Cookie"] == (
+        "L402_bonus=; Path=/bonus/; Max-Age=0; HttpOnly; SameSite=Lax"
+    )
+    assert len(flow.response.headers.get_all("WWW-Authenticate")) == 2
+
+
+async def test_stale_cookie_in_upgrade_mode_gets_the_free_variant_and_is_cleared(
+    addon: L402Server,
+) -> None:
+    flow = flow_for("/episodes/ep1.mp3", Cookie=f"L402_podcast={expired_cookie(addon, 'podcast')}")
+    await addon.request(flow)
+    assert flow.response is None and flow.request.path == "/episodes/ep1.mp3"
+    flow.response = tutils.tresp(content=b"AD-SUPPORTED", headers=http.Headers())
+    addon.response(flow)
+    assert flow.response.headers["Set-Cookie"].startswith("L402_podcast=; Path=/episodes/;")
+
+
+async def test_revoked_token_cookie_is_refused(addon: L402Server, payer: DevLedger) -> None:
+    value = cookie_value(await bought_cookie(addon, payer))
+    macaroon = value.split(":")[0]
+    identifier, _ = paywall.verify_signature(macaroon, addon.root_key_for)
+    addon.revoked = addon.revoked | {identifier.token_id}
+    flow = flow_for("/bonus/x.mp3", Cookie=f"L402_bonus={value}")
+    await addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 402
+    assert json.loads(flow.response.content)["reason"] == "revoked"
+    again = await unlock(addon, macaroon)
+    assert again.status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("accept", "content_type"),
+    [
+        (None, "application/json"),
+        ("application/json", "application/json"),
+        ("*/*", "application/json"),
+        ("text/plain", "text/plain; charset=utf-8"),
+        (BROWSER_ACCEPT, "text/html; charset=utf-8"),
+    ],
+)
+async def test_402_body_follows_accept(
+    addon: L402Server, accept: str | None, content_type: str
+) -> None:
+    headers = {"Accept": accept} if accept else {}
+    flow = flow_for("/bonus/x.mp3", **headers)
+    await addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 402
+    assert flow.response.headers["Content-Type"] == content_type
+    assert flow.response.headers["Cache-Control"] == "no-store"
+    lines = flow.response.headers.get_all("WWW-Authenticate")
+    assert [line.split()[0] for line in lines] == ["LSAT", "L402"]
+    invoice = parse_challenges(lines)[0].invoice
+    if content_type == "application/json":
+        assert json.loads(flow.response.content)["invoice"] == invoice
+    else:
+        assert invoice in flow.response.text
+
+
+async def test_html_page_for_head_has_no_body(addon: L402Server) -> None:
+    flow = flow_for("/bonus/x.mp3", Accept=BROWSER_ACCEPT)
+    flow.request.method = "HEAD"
+    await addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 402
+    assert flow.response.content == b""
+    assert int(flow.response.headers["Content-Length"]) > 1000
+    assert flow.response.headers["Content-Type"].startswith("text/html")
+
+
+async def test_pay_endpoint_serves_a_fresh_page_for_a_priced_path(addon: L402Server) -> None:
+    flow = flow_for("/.l402/pay?path=/episodes/ep1.mp3&return=/episodes/ep1.mp3%3Ft%3D1")
+    await addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 402
+    assert flow.response.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "frame-ancestors 'none'" in flow.response.headers["Content-Security-Policy"]
+    data = json.loads(
+        flow.response.text.split('id="l402-data">')[1].split("</script>")[0]  # type: ignore[union-attr]
+    )
+    assert data["return_to"] == "/episodes/ep1.mp3?t=1"
+    invoice = parse_challenges(flow.response.headers.get_all("WWW-Authenticate"))[0].invoice
+    assert data["bolt11"] == invoice
+
+
+@pytest.mark.parametrize("bad_return", ["//evil.example/", "https://evil.example/", "/\\evil"])
+async def test_pay_endpoint_ignores_a_return_to_another_site(
+    addon: L402Server, bad_return: str
+) -> None:
+    flow = flow_for(f"/.l402/pay?{urlencode({'path': '/bonus/b1.mp3', 'return': bad_return})}")
+    await addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 402
+    assert '"return_to":"/bonus/b1.mp3"' in flow.response.text  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("path", ["/feed.xml", "/free/x", "", "https://evil.example/bonus/x"])
+async def test_pay_endpoint_404s_without_a_priced_rule(
+    addon_with_free: L402Server, path: str
+) -> None:
+    flow = flow_for(f"/.l402/pay?{urlencode({'path': path})}")
+    await addon_with_free.request(flow)
+    assert flow.response is not None and flow.response.status_code == 404
+    assert "WWW-Authenticate" not in flow.response.headers
+
+
+async def test_pay_endpoint_sends_a_paying_browser_straight_back(
+    addon: L402Server, payer: DevLedger
+) -> None:
+    value = cookie_value(await bought_cookie(addon, payer))
+    flow = flow_for("/.l402/pay?path=/bonus/x.mp3&return=/bonus/", Cookie=f"L402_bonus={value}")
+    await addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 303
+    assert flow.response.headers["Location"] == "/bonus/"
+
+
+def html_response(body: bytes, **headers: str) -> http.Response:
+    return http.Response.make(200, body, {"Content-Type": "text/html; charset=utf-8", **headers})
+
+
+async def free_page_flow(addon: L402Server, accept: str = BROWSER_ACCEPT) -> http.HTTPFlow:
+    flow = flow_for("/episodes/index.html", Accept=accept)
+    await addon.request(flow)
+    assert flow.response is None and flow.metadata["l402"]["variant"] == "free"
+    return flow
+
+
+async def test_upgrade_banner_is_offered_on_free_html_pages(addon: L402Server) -> None:
+    flow = await free_page_flow(addon)
+    flow.response = html_response(b"<html><body><h1>Episode</h1></body></html>")
+    addon.response(flow)
+    text = flow.response.text
+    assert text is not None and text.startswith(
+        '<html><body><h1>Episode</h1><div id="l402-upgrade"'
+    )
+    assert text.endswith("</body></html>")
+    assert "Ad-free episode for 21 sats" in text
+    assert "/.l402/pay?path=%2Fepisodes%2Findex.html&amp;return=%2Fepisodes%2Findex.html" in text
+    assert int(flow.response.headers["Content-Length"]) == len(flow.response.content or b"")
+
+
+async def test_upgrade_banner_survives_compression(addon: L402Server) -> None:
+    flow = await free_page_flow(addon)
+    flow.response = html_response(b"")
+    flow.response.headers["Content-Encoding"] = "gzip"
+    flow.response.content = b"<body>ok</body>"  # encoded with gzip by mitmproxy
+    addon.response(flow)
+    assert flow.response.headers["Content-Encoding"] == "gzip"
+    assert b"l402-upgrade" in (flow.response.content or b"")
+    assert b"l402-upgrade" not in (flow.response.raw_content or b"")
+
+
+async def test_upgrade_banner_leaves_what_it_cannot_read_alone(addon: L402Server) -> None:
+    flow = await free_page_flow(addon)
+    flow.response = html_response(b"", **{"Content-Encoding": "gzip"})
+    flow.response.raw_content = b"\x1f\x8b garbage"  # not what the header promises
+    addon.response(flow)
+    assert flow.response.raw_content == b"\x1f\x8b garbage"
+
+    audio = await free_page_flow(addon)
+    audio.response = http.Response.make(200, b"<body>", {"Content-Type": "audio/mpeg"})
+    addon.response(audio)
+    assert audio.response.content == b"<body>"
+
+    missing = await free_page_flow(addon)
+    missing.response = html_response(b"<body>gone</body>")
+    missing.response.status_code = 404
+    addon.response(missing)
+    assert missing.response.content == b"<body>gone</body>"
+
+
+async def test_upgrade_banner_not_for_api_clients_head_or_when_switched_off(
+    addon: L402Server,
+) -> None:
+    page = b"<body>x</body>"
+    api = await free_page_flow(addon, accept="application/json")
+    api.response = html_response(page)
+    addon.response(api)
+    assert api.response.content == page
+
+    head = await free_page_flow(addon)
+    head.request.method = "HEAD"
+    head.response = html_response(b"")
+    addon.response(head)
+    assert head.response.content == b""
+
+    ctx.options.update(l402_offer_upgrade=False)
+    off = await free_page_flow(addon)
+    off.response = html_response(page)
+    addon.response(off)
+    assert off.response.content == page
+
+
+async def test_paywall_page_is_not_decorated_with_the_banner(addon: L402Server) -> None:
+    flow = flow_for("/bonus/x.mp3", Accept=BROWSER_ACCEPT)
+    await addon.request(flow)
+    assert flow.response is not None
+    before = flow.response.content
+    addon.response(flow)
+    assert flow.response.content == before
+
+
+async def test_credentials_never_reach_the_log(
+    addon: L402Server, payer: DevLedger, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    set_cookie = await bought_cookie(addon, payer)
+    value = cookie_value(set_cookie)
+    flow = flow_for("/bonus/x.mp3", Cookie=f"L402_bonus={value}")
+    await addon.request(flow)
+    preimage = value.split(":")[1]
+    assert preimage not in caplog.text
+    assert preimage not in json.dumps(flow.metadata)
