@@ -1,11 +1,13 @@
-"""Core Lightning and Eclair end to end: the real proxies, with lightningd and Eclair stand-ins.
+"""LND, Core Lightning and Eclair end to end: the real proxies, with node stand-ins.
 
 A podcast player behind the client proxy (mitmdump -s addons/client.py) fetches an episode
 from the server proxy (mitmdump -s addons/server.py, reverse mode, in front of the origin).
-The server takes its invoices from one node, the client pays from another; the two stand-ins
-run as processes (tests/standins/cln.py on a unix socket, tests/standins/eclair.py over HTTP
-with basic auth) on one dev ledger, so the payment is real: one invoice settled, 21 sat moved
-from "listener" to "merchant". First CLN invoices paid by Eclair, then the other way round.
+The server takes its invoices from one node, the client pays from another; the stand-ins run
+as processes (tests/standins/lnd.py: gRPC over TLS with macaroons; tests/standins/cln.py on a
+unix socket; tests/standins/eclair.py over HTTP with basic auth) on one dev ledger, so the
+payment is real: one invoice settled, 21 sat moved from "listener" to "merchant". LND pays LND
+(lnd:// with files for the server, lndconnect:// for the client), CLN invoices are paid by
+Eclair, then the other way round.
 """
 
 import contextlib
@@ -20,8 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from l402proxy.launch import started
+from tests.standins.lnd import b64url
 
 from . import procs
 
@@ -42,6 +47,7 @@ class Node:
     wallet: str
     log_path: Path
     shown_as: str  # how the proxies name it in their logs (describe())
+    secrets: tuple[str, ...] = ()  # what must never reach a proxy's log
 
 
 @contextlib.contextmanager
@@ -106,6 +112,43 @@ def eclair_node(work: Path, home: Path, wallet: str) -> Iterator[Node]:
             wallet,
             process.log_path,
             f"Eclair at http://127.0.0.1:{port}",
+        )
+
+
+@contextlib.contextmanager
+def lnd_node(work: Path, home: Path, wallet: str, *, lndconnect: bool) -> Iterator[Node]:
+    """The LND stand-in as a process; the server side uses invoice.macaroon from files
+    (lnd://), the client side admin.macaroon inline (lndconnect://, as Zeus exports it)."""
+    port = procs.free_port()
+    directory = work / f"lnd-{wallet}"
+    command = [
+        sys.executable, "-m", "tests.standins.lnd", "--port", str(port),
+        "--ledger", str(home / "devledger.sqlite"), "--wallet", wallet, "--dir", str(directory),
+    ]  # fmt: skip
+    process = procs.Process(
+        name=f"lnd stand-in {wallet}",
+        command=command,
+        port=port,
+        log_path=work / f"lnd-{wallet}.log",
+        env=procs.env_with_home(home),
+    )
+    with started(process):
+        cert = directory / "tls.cert"
+        if lndconnect:
+            macaroon = (directory / "admin.macaroon").read_bytes()
+            der = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(Encoding.DER)
+            uri = f"lndconnect://127.0.0.1:{port}?cert={b64url(der)}&macaroon={b64url(macaroon)}"
+            source = "inline"
+        else:
+            macaroon = (directory / "invoice.macaroon").read_bytes()
+            uri = f"lnd://127.0.0.1:{port}?cert={cert}&macaroon={directory / 'invoice.macaroon'}"
+            source = str(cert)
+        yield Node(
+            uri,
+            wallet,
+            process.log_path,
+            f"LND at 127.0.0.1:{port} (cert {source})",
+            secrets=(macaroon.hex(), b64url(macaroon)),
         )
 
 
@@ -204,9 +247,19 @@ def pay_for_an_episode(world: World, backend: Node, wallet: Node, name: str) -> 
         assert "X-L402-Paid" not in again.headers
         assert Snapshot.now(world.home).listener_msat == after.listener_msat
 
-    # The API password never reaches a log line.
+    # The API password and the macaroons never reach a log line.
     for log_path in (server.log_path, client.log_path):
-        assert PASSWORD not in log_path.read_text(errors="replace")
+        text = log_path.read_text(errors="replace")
+        for secret in (PASSWORD, *backend.secrets, *wallet.secrets):
+            assert secret not in text, f"a secret is in {log_path}"
+
+
+def test_lnd_invoices_paid_from_lnd(world: World) -> None:
+    with (
+        lnd_node(world.work, world.home, "merchant", lndconnect=False) as backend,
+        lnd_node(world.work, world.home, "listener", lndconnect=True) as wallet,
+    ):
+        pay_for_an_episode(world, backend, wallet, "ep3")
 
 
 def test_cln_invoices_paid_from_eclair(world: World) -> None:
