@@ -23,6 +23,27 @@ def require(condition: bool, what: str) -> None:
 
 
 _exit_status: int | None = None
+_screenshots: list[tuple[str, str]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # Tests attach screenshots with record_property("screenshot", path).
+    if report.when == "call":
+        _screenshots.extend(
+            (report.nodeid, str(value))
+            for name, value in report.user_properties
+            if name == "screenshot"
+        )
+
+
+def pytest_terminal_summary(terminalreporter: "pytest.TerminalReporter") -> None:
+    """Screenshots the tests took, with their paths, passed or not (they are for people)."""
+    if _screenshots:
+        terminalreporter.section("screenshots")
+        for nodeid, path in _screenshots:
+            terminalreporter.write_line(f"{path}  ({nodeid})")
+
+
 LEFTOVER_THREAD_JOIN_SECONDS = 5.0
 
 

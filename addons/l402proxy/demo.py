@@ -386,7 +386,9 @@ def _say(lines: Sequence[str] = ("",)) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="scripts/demo", description=" ".join(__doc__.split("\n\n")[0].split())
+    )
     parser.add_argument("--origin-port", type=int, default=Ports.origin, metavar="N")
     parser.add_argument("--proxy-port", type=int, default=Ports.proxy, metavar="N")
     parser.add_argument("--client-port", type=int, default=Ports.client, metavar="N")
