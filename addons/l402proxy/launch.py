@@ -164,7 +164,9 @@ def started(*processes: Process) -> Iterator[tuple[Process, ...]]:
     done: list[Process] = []
     try:
         for process in processes:
-            done.append(process.start())
+            # Counted before it is ready: a signal while it starts must stop it too.
+            done.append(process)
+            process.start()
         yield processes
     finally:
         for process in reversed(done):
