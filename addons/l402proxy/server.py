@@ -172,8 +172,9 @@ def unavailable_response(message: str) -> http.Response:
 def headers_only_for_head(response: http.Response, method: str) -> http.Response:
     """A response to HEAD must not carry a body: a keep-alive client would read it as the next
     response. Content-Length still tells what a GET would get."""
-    if method.upper() == "HEAD":
-        length = len(response.raw_content or b"")
+    # Only a body is taken away, so a second call keeps the length the first one kept.
+    if method.upper() == "HEAD" and response.raw_content:
+        length = len(response.raw_content)
         response.content = b""
         response.headers["Content-Length"] = str(length)
     return response

@@ -535,6 +535,15 @@ async def test_html_page_for_head_has_no_body(addon: L402Server) -> None:
     assert flow.response.headers["Content-Type"].startswith("text/html")
 
 
+async def test_pay_page_for_head_keeps_the_length_a_get_would_get(addon: L402Server) -> None:
+    flow = flow_for("/.l402/pay?path=/episodes/ep1.mp3")
+    flow.request.method = "HEAD"
+    await addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 402
+    assert flow.response.content == b""
+    assert int(flow.response.headers["Content-Length"]) > 1000
+
+
 async def test_pay_endpoint_serves_a_fresh_page_for_a_priced_path(addon: L402Server) -> None:
     flow = flow_for("/.l402/pay?path=/episodes/ep1.mp3&return=/episodes/ep1.mp3%3Ft%3D1")
     await addon.request(flow)
