@@ -22,7 +22,7 @@ from .l402.invoice import decode_invoice
 from .l402.token import TokenError, decode_macaroon
 from .lightning import LightningError, NodeInfo, open_backend, open_wallet
 from .lightning.dev import DEFAULT_CLIENT_WALLET, DevLedger
-from .rules import RulesError, load_rules
+from .rules import RulesError, load_rules, rule_warnings
 from .store import StoreError, open_server_store
 from .store.client import DAY_SECONDS, ClientStore, sat_number
 from .store.client import sqlite_path_from_uri as client_store_path
@@ -195,6 +195,7 @@ def rules_check(path: str) -> dict[str, Any]:
             }
             for rule in rules.rules
         ],
+        "warnings": rule_warnings(rules),
     }
 
 

@@ -20,6 +20,13 @@ class Pass:
 
 
 @dataclass(frozen=True)
+class Deny:
+    """Reachable only through a paid rewrite (mode: deny): answered 404, never forwarded."""
+
+    rule: Rule
+
+
+@dataclass(frozen=True)
 class Free:
     """Priced content, but the client never said it can pay: serve the free variant."""
 
@@ -45,7 +52,7 @@ class Challenge:
     detail: str
 
 
-Decision = Pass | Free | Grant | Challenge
+Decision = Pass | Deny | Free | Grant | Challenge
 
 
 def is_l402_authorization(value: str | None) -> bool:
@@ -151,6 +158,8 @@ def decide(
 ) -> Decision:
     if rule is None or rule.mode == "free":
         return Pass()
+    if rule.mode == "deny":
+        return Deny(rule)
     if is_l402_authorization(authorization):
         assert authorization is not None
         capability = rule.capability_for(method)

@@ -22,7 +22,7 @@ from pymacaroons.exceptions import MacaroonException
 from .l402.encoding import b64decode_any, b64encode_std
 from .l402.identifier import Identifier, UnknownVersionError
 from .l402.token import TokenError, TokenInfo, decode_macaroon, inspect
-from .rules import Rule
+from .rules import PLAIN_PATH, Rule, scope_path
 
 __all__ = [
     "COOKIE_PREFIX",
@@ -83,12 +83,6 @@ PAGE_HEADERS = (
 
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _HEX_PREIMAGE = re.compile(r"[0-9a-fA-F]{64}")
-# What fnmatch.translate makes of a glob (3.11-3.13 end in \Z, 3.14 in \z).
-_FNMATCH_FORM = re.compile(r"\(\?s:(?P<body>.*)\)\\[Zz]", re.DOTALL)
-_REGEX_SPECIAL = frozenset(".^$*+?{}[]|()")
-_QUANTIFIERS = frozenset("*+?{")
-# RFC 6265 path-value minus what would need care in a header or a cookie (';', ',', quotes).
-_COOKIE_PATH_CHARS = re.compile(r"/[A-Za-z0-9/._~!$&'()*+=:@%-]*")
 # RFC 6265 cookie-octet: base64 (either alphabet), ':' and hex all qualify.
 _COOKIE_VALUE_CHARS = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]+")
 _BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)
@@ -125,51 +119,6 @@ def safe_local_path(value: str | None) -> str | None:
     if parts.scheme or parts.netloc:
         return None
     return value
-
-
-def scope_path(rule: Rule) -> str:
-    """The cookie Path for a rule: its glob's literal prefix up to the last '/' ("/episodes/*"
-    -> "/episodes/"). Regular-expression rules, and anything unusual, get "/"."""
-    match = _FNMATCH_FORM.fullmatch(rule.path.pattern)
-    if match is None:
-        return "/"
-    body = match["body"]
-    literal: list[str] = []
-    i = 0
-    while i < len(body):
-        char = body[i]
-        if char == "\\":
-            following = body[i + 1 : i + 2]
-            if not following or following.isalnum():
-                break  # \d, \w...: a class, not a literal character
-            literal.append(following)
-            i += 2
-            continue
-        if char in _REGEX_SPECIAL:
-            if char in _QUANTIFIERS and literal:
-                literal.pop()  # the quantifier makes the previous character optional
-            break
-        literal.append(char)
-        i += 1
-    if _has_alternation(body):
-        return "/"  # "re:" text that only looks like a glob: no single prefix covers it
-    prefix = "".join(literal)
-    cut = prefix[: prefix.rfind("/") + 1]
-    if not cut or not _COOKIE_PATH_CHARS.fullmatch(cut):
-        return "/"
-    return cut
-
-
-def _has_alternation(body: str) -> bool:
-    escaped = False
-    for char in body:
-        if escaped:
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == "|":
-            return True
-    return False
 
 
 def upgrade_link(path: str) -> str:
@@ -278,7 +227,7 @@ def clearing_cookie(service: str, *, path: str, secure: bool) -> str:
 def _cookie(name: str, value: str, path: str, max_age: int, secure: bool) -> str:
     if not _SERVICE_NAME.fullmatch(name[len(COOKIE_PREFIX) :]):
         raise ValueError(f"cookie name {name!r} is not ours")
-    if not _COOKIE_PATH_CHARS.fullmatch(path):
+    if not PLAIN_PATH.fullmatch(path):
         raise ValueError("cookie path must be a plain path")
     parts = [f"{name}={value}", f"Path={path}", f"Max-Age={max_age}", "HttpOnly", "SameSite=Lax"]
     if secure:

@@ -24,6 +24,8 @@ __all__ = [
     "DEFAULT_VALID_FOR",
     "MIN_INVOICE_EXPIRY",
     "MODES",
+    "PLAIN_PATH",
+    "PRICED_MODES",
     "Mode",
     "PaidVariant",
     "Rule",
@@ -33,9 +35,11 @@ __all__ = [
     "normalize_path",
     "parse_duration",
     "parse_rules",
+    "rule_warnings",
+    "scope_path",
 ]
 
-Mode = Literal["paywall", "upgrade", "free"]
+Mode = Literal["paywall", "upgrade", "free", "deny"]
 MODES: tuple[str, ...] = get_args(Mode)
 
 DEFAULT_VALID_FOR = 3600
@@ -43,6 +47,14 @@ DEFAULT_INVOICE_EXPIRY = 600
 # Below a minute a payer (a person, or a wallet with a slow route) cannot settle in time.
 MIN_INVOICE_EXPIRY = 60
 SUPPORTED_VERSIONS = (1,)
+# What fnmatch.translate makes of a glob (3.11-3.13 end in \Z, 3.14 in \z).
+_FNMATCH_FORM = re.compile(r"\(\?s:(?P<body>.*)\)\\[Zz]", re.DOTALL)
+_REGEX_SPECIAL = frozenset(".^$*+?{}[]|()")
+_QUANTIFIERS = frozenset("*+?{")
+# RFC 6265 path-value minus what would need care in a header or a cookie (';', ',', quotes).
+PLAIN_PATH = re.compile(r"/[A-Za-z0-9/._~!$&'()*+=:@%-]*")
+# Priced modes: a request they match costs something (or a token).
+PRICED_MODES = frozenset({"paywall", "upgrade"})
 # 21 million BTC: anything above is a typo, and a huge price would only fail later in the backend.
 MAX_PRICE_SAT = 21_000_000 * 100_000_000
 # The BOLT11 description field holds at most 639 bytes (10-bit length of 5-bit groups); keep
@@ -211,6 +223,97 @@ class RuleSet:
             if rule._matches_normalized(host, normalized, method):
                 return rule
         return None
+
+
+def scope_path(rule: Rule) -> str:
+    """The directory a rule covers: its glob's literal prefix up to the last '/' ("/episodes/*"
+    -> "/episodes/"), the paywall cookie's Path. Regular-expression rules, and anything
+    unusual, get "/"."""
+    match = _FNMATCH_FORM.fullmatch(rule.path.pattern)
+    if match is None:
+        return "/"
+    body = match["body"]
+    literal: list[str] = []
+    i = 0
+    while i < len(body):
+        char = body[i]
+        if char == "\\":
+            following = body[i + 1 : i + 2]
+            if not following or following.isalnum():
+                break  # \d, \w...: a class, not a literal character
+            literal.append(following)
+            i += 2
+            continue
+        if char in _REGEX_SPECIAL:
+            if char in _QUANTIFIERS and literal:
+                literal.pop()  # the quantifier makes the previous character optional
+            break
+        literal.append(char)
+        i += 1
+    if _has_alternation(body):
+        return "/"  # "re:" text that only looks like a glob: no single prefix covers it
+    prefix = "".join(literal)
+    cut = prefix[: prefix.rfind("/") + 1]
+    if not cut or not PLAIN_PATH.fullmatch(cut):
+        return "/"
+    return cut
+
+
+def _has_alternation(body: str) -> bool:
+    escaped = False
+    for char in body:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "|":
+            return True
+    return False
+
+
+# A path under a rule's directory for trying out its rewrite (no real request has it).
+_PROBE_NAME = "l402-probe"
+
+
+def rule_warnings(rules: RuleSet) -> list[str]:
+    """Mistakes the file allows but a user would not want, one line each (logged at start and
+    by `l402proxy rules check`): a paid variant anyone can fetch without paying, or an upgrade
+    that upgrades nothing."""
+    found: list[str] = []
+    for rule in rules.rules:
+        if rule.mode == "upgrade" and rule.paid == PaidVariant():
+            found.append(
+                f"service '{rule.name}' (line {rule.line}) is in upgrade mode but has no "
+                "'paid:' variant; "
+                "paying clients get the same content as everyone else"
+            )
+        exposed = _exposed_paid_path(rules, rule)
+        if exposed is not None:
+            found.append(
+                f"service '{rule.name}' (line {rule.line}): its paid variant {exposed} can be "
+                "fetched through the proxy without paying; add a service with mode: deny for it"
+            )
+    return found
+
+
+def _exposed_paid_path(rules: RuleSet, rule: Rule) -> str | None:
+    """Where the rewrite of a sample path under the rule lands, if no priced or deny rule
+    covers that place. Another upstream is another origin: not reachable through this one."""
+    if rule.mode not in PRICED_MODES or rule.paid.rewrite is None or rule.paid.upstream:
+        return None
+    sample = scope_path(rule) + _PROBE_NAME
+    if not rule.matches("", sample, "GET"):
+        return None  # a regular expression we cannot sample
+    target = normalize_path(rule.paid.apply_path(sample))
+    if target == sample:
+        return None
+    covering = [r for r in rules.rules if r.host is None or r.host == rule.host]
+    for other in covering:
+        if other.path.fullmatch(target) and (other.methods is None or "GET" in other.methods):
+            if other.mode in PRICED_MODES or other.mode == "deny":
+                return None
+            break
+    return target.replace(_PROBE_NAME, "...")
 
 
 def normalize_path(path: str) -> str:
@@ -540,6 +643,13 @@ class _Parser:
 
         price_node = self.value_node(entries, "price_sat")
         price_sat = 0
+        if mode == "deny":
+            for key in ("price_sat", "paid", "capabilities", "valid_for", "invoice_expiry"):
+                if key in entries:
+                    self.fail(
+                        entries[key][0],
+                        f"'{key}' has no meaning with mode: deny (nothing is sold there)",
+                    )
         if price_node is not None:
             price_sat = self.price(price_node)
             if price_sat == 0 and mode != "free":
@@ -548,7 +658,7 @@ class _Parser:
                     f"price_sat is 0 but mode is '{mode}': a 0 sat invoice cannot be paid; "
                     "set a price, or use mode: free to let these requests through",
                 )
-        elif mode != "free":
+        elif mode in PRICED_MODES:
             self.fail(item, f"missing 'price_sat' (price in satoshis; required for mode {mode})")
 
         paid = PaidVariant()
@@ -700,7 +810,7 @@ class _Parser:
         if value not in MODES:
             self.fail(
                 node,
-                f"unknown mode {_show(value)} (expected paywall, upgrade or free)"
+                f"unknown mode {_show(value)} (expected paywall, upgrade, free or deny)"
                 + (_suggest(value, MODES) if isinstance(value, str) else ""),
             )
         return cast(Mode, value)

@@ -24,7 +24,16 @@ from .l402.identifier import Identifier
 from .l402.token import TokenError, caveats_for, derive_root_key, mint
 from .lightning import InvoiceBackend, LightningError, open_backend
 from .lightning.base import InvoiceNotFound, LookupUnsupported
-from .rules import PaidVariant, Rule, RulesError, RuleSet, load_rules, normalize_path
+from .rules import (
+    PRICED_MODES,
+    PaidVariant,
+    Rule,
+    RulesError,
+    RuleSet,
+    load_rules,
+    normalize_path,
+    rule_warnings,
+)
 from .store import IssuedToken, ServerStore, StoreError, open_server_store
 
 log = logging.getLogger(__name__)
@@ -59,13 +68,9 @@ def apply_paid_variant(request: http.Request, paid: PaidVariant) -> None:
         request.headers[name] = value
 
 
-def warn_about_unchanged_upgrades(rules: RuleSet) -> None:
-    for rule in rules.rules:
-        if rule.mode == "upgrade" and rule.paid == PaidVariant():
-            log.warning(
-                f"l402: service '{rule.name}' is in upgrade mode but has no 'paid:' variant; "
-                "paying clients get the same content as everyone else"
-            )
+def warn_about_rules(rules: RuleSet) -> None:
+    for warning in rule_warnings(rules):
+        log.warning(f"l402: {rules.source}: {warning}")
 
 
 def challenge_body(
@@ -166,6 +171,15 @@ def unavailable_response(message: str) -> http.Response:
             "Cache-Control": "no-store",
             "Content-Type": "text/plain; charset=utf-8",
         },
+    )
+
+
+def not_found_response() -> http.Response:
+    """A path only a paid rewrite may reach (mode: deny): as if it did not exist."""
+    return http.Response.make(
+        404,
+        b"Not found.\n",
+        {"Cache-Control": "no-store", "Content-Type": "text/plain; charset=utf-8"},
     )
 
 
@@ -326,7 +340,7 @@ class L402Server:
         rules = load_rules(path)
         self.rules_signature = file_signature(path)
         log.info(f"l402: {len(rules.rules)} priced service(s) from {path}")
-        warn_about_unchanged_upgrades(rules)
+        warn_about_rules(rules)
         return rules
 
     @property
@@ -447,6 +461,9 @@ class L402Server:
                 # request to pay (an <audio> fetch would only break on a 402).
                 decision = gate.Free(rule)
         match decision:
+            case gate.Deny():
+                flow.response = headers_only_for_head(not_found_response(), request.method)
+                flow.metadata["l402"] = {"service": rule.name, "variant": "denied"}
             case gate.Grant():
                 self._grant(flow, decision, from_cookie=from_cookie)
             case gate.Challenge():
@@ -736,7 +753,7 @@ class L402Server:
         if self.rules is None:
             return None
         for rule in self.rules.rules:
-            if rule.name in services and rule.mode != "free":
+            if rule.name in services and rule.mode in PRICED_MODES:
                 return rule
         return None
 
@@ -747,7 +764,7 @@ class L402Server:
         rule = None
         if target is not None and self.rules is not None:
             rule = self.rules.match(request.pretty_host, target, "GET")
-        if target is None or rule is None or rule.mode == "free":
+        if target is None or rule is None or rule.mode not in PRICED_MODES:
             flow.response = page_response(
                 404, "Nothing to pay for", "This site sells nothing at that address."
             )
@@ -821,5 +838,5 @@ class L402Server:
             log.warning(f"l402: kept the previous rules; the edited file is broken: {exc}")
             return
         self.rules = rules
-        warn_about_unchanged_upgrades(rules)
+        warn_about_rules(rules)
         log.info(f"l402: reloaded {len(rules.rules)} priced service(s) from {Path(path)}")

@@ -182,6 +182,18 @@ def test_paying_unlocks_the_ad_free_file_and_the_origin_never_sees_the_token(
         assert again.content == b"AD-FREE episode ep2\n", authorization
 
 
+def test_the_ad_free_files_cannot_be_fetched_without_paying(podcast: Stack) -> None:
+    # The paid rewrite's target (mode: deny in rules/podcast.yaml): 404, the origin never asked.
+    for headers in ({}, OPTED_IN, {"Accept": "text/html"}):
+        response = podcast.get("/adfree/ep1.mp3", **headers)
+        assert response.status_code == 404, response.text
+        assert "X-Origin-Path" not in response.headers
+        assert b"AD-FREE" not in response.content
+    # However it is spelled.
+    assert podcast.get("/episodes/../adfree/ep1.mp3").status_code == 404
+    assert podcast.get("/%61dfree/ep1.mp3").status_code == 404
+
+
 def test_a_token_for_one_service_never_opens_another(podcast: Stack) -> None:
     paid = pay_for(podcast, "/episodes/ep1.mp3")
     response = podcast.get("/bonus/extra.mp3", Authorization=paid.authorization())
@@ -570,11 +582,18 @@ def test_demo_stops_everything_it_started(tmp_path: Path, signum: int) -> None:
 def test_rules_check_cli(tmp_path: Path) -> None:
     good = procs.cli(tmp_path, "rules", "check", str(PODCAST_RULES))
     assert good.returncode == 0, good.stderr
-    services = json.loads(good.stdout)["services"]
-    assert [(s["name"], s["mode"], s["price_sat"]) for s in services] == [
+    checked = json.loads(good.stdout)
+    assert [(s["name"], s["mode"], s["price_sat"]) for s in checked["services"]] == [
         ("podcast", "upgrade", 21),
         ("bonus", "paywall", 100),
+        ("adfree", "deny", 0),
     ]
+    assert checked["warnings"] == []
+    exposed = tmp_path / "exposed.yaml"
+    exposed.write_text(PODCAST_RULES.read_text().split("  # ---- The ad-free files themselves")[0])
+    warned = json.loads(procs.cli(tmp_path, "rules", "check", str(exposed)).stdout)
+    assert [w.split(":", 1)[0] for w in warned["warnings"]] == ["service 'podcast' (line 24)"]
+    assert "/adfree/... can be fetched through the proxy without paying" in warned["warnings"][0]
     broken = tmp_path / "broken.yaml"
     broken.write_text("services:\n  - name: podcast\n    match: {path: /e/*}\n    prise_sat: 5\n")
     bad = procs.cli(tmp_path, "rules", "check", str(broken))

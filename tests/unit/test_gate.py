@@ -28,6 +28,9 @@ services:
     match: {path: "/open/*"}
     price_sat: 0
     mode: free
+  - name: hidden
+    match: {path: "/adfree/*"}
+    mode: deny
 """,
     "test.yaml",
 )
@@ -61,6 +64,12 @@ def decide(
 def test_unmatched_and_free_rules_pass() -> None:
     assert decide("/feed.xml") == gate.Pass()
     assert decide("/open/x", accept="L402") == gate.Pass()
+
+
+def test_deny_rules_are_denied_whatever_the_client_sends() -> None:
+    assert isinstance(decide("/adfree/1.mp3"), gate.Deny)
+    assert isinstance(decide("/adfree/1.mp3", accept="L402"), gate.Deny)
+    assert isinstance(decide("/adfree/1.mp3", credential_for("podcast")), gate.Deny)
 
 
 def test_upgrade_mode_serves_the_free_variant_unless_the_client_can_pay() -> None:

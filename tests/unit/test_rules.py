@@ -16,6 +16,7 @@ from l402proxy.rules import (
     normalize_path,
     parse_duration,
     parse_rules,
+    rule_warnings,
 )
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "rules"
@@ -56,7 +57,11 @@ services:
 def test_podcast_example() -> None:
     ruleset = load_rules(RULES_DIR / "podcast.yaml")
     assert ruleset.source == str(RULES_DIR / "podcast.yaml")
-    podcast, bonus = ruleset.rules
+    podcast, bonus, adfree = ruleset.rules
+    # The paid files are not reachable without paying; nothing to warn about.
+    assert (adfree.name, adfree.mode, adfree.price_sat) == ("adfree", "deny", 0)
+    assert ruleset.match("h", "/adfree/ep1.wav", "GET") is adfree
+    assert rule_warnings(ruleset) == []
 
     assert podcast.name == "podcast"
     assert podcast.description == "Ad-free episode"
@@ -77,7 +82,7 @@ def test_podcast_example() -> None:
 
     assert ruleset.match("pod.example", "/episodes/ep1.mp3", "GET") is podcast
     assert ruleset.match("pod.example", "/bonus/extra.mp3", "GET") is bonus
-    for free_path in ("/", "/feed.xml", "/adfree/ep1.mp3"):
+    for free_path in ("/", "/feed.xml"):
         assert ruleset.match("pod.example", free_path, "GET") is None
     # Rule.line points at the service, so later tools can cite it.
     lines = (RULES_DIR / "podcast.yaml").read_text().splitlines()
@@ -827,7 +832,7 @@ ERRORS = [
     pytest.param(
         "services:\n  - name: a\n    match: {path: /a}\n    price_sat: 1\n    mode: payall\n",
         5,
-        "unknown mode 'payall' (expected paywall, upgrade or free) (did you mean 'paywall'?)",
+        "unknown mode 'payall' (expected paywall, upgrade, free or deny) (did you mean 'paywall'?)",
         id="mode-unknown",
     ),
     pytest.param(
@@ -1262,3 +1267,68 @@ def test_load_rules_reads_utf8_and_names_path(tmp_path: Path) -> None:
 def test_parse_is_pure_and_repeatable() -> None:
     text = yaml_text(MINIMAL)
     assert parse_rules(text) == parse_rules(text)
+
+
+# ---- mode: deny, and the warnings ---------------------------------------------------------------
+
+EXPOSED = """
+services:
+  - name: podcast
+    match: {path: "/episodes/*"}
+    price_sat: 21
+    mode: upgrade
+    paid:
+      rewrite_path: ["^/episodes/(.*)$", "/adfree/\\\\1"]
+"""
+
+
+def test_a_paid_variant_anyone_can_fetch_is_warned_about() -> None:
+    warnings = rule_warnings(parse(EXPOSED))
+    assert warnings == [
+        "service 'podcast' (line 2): its paid variant /adfree/... can be fetched through the "
+        "proxy without paying; add a service with mode: deny for it"
+    ]
+
+
+@pytest.mark.parametrize(
+    "guard",
+    [
+        '  - name: adfree\n    match: {path: "/adfree/*"}\n    mode: deny\n',
+        '  - name: adfree\n    match: {path: "/adfree/*"}\n    price_sat: 50\n',
+    ],
+    ids=["deny", "priced"],
+)
+def test_a_paid_variant_behind_a_deny_or_priced_rule_is_fine(guard: str) -> None:
+    assert rule_warnings(parse(EXPOSED + guard)) == []
+
+
+def test_a_free_rule_in_front_of_the_paid_files_is_still_a_warning() -> None:
+    free = '  - name: open\n    match: {path: "/adfree/*"}\n    mode: free\n'
+    assert len(rule_warnings(parse(EXPOSED + free))) == 1
+
+
+def test_a_paid_variant_on_another_upstream_is_not_warned_about() -> None:
+    text = EXPOSED + "      upstream: http://127.0.0.1:9\n"
+    assert rule_warnings(parse(text)) == []
+
+
+def test_an_upgrade_without_a_paid_variant_is_warned_about() -> None:
+    text = MINIMAL + "    mode: upgrade\n"
+    assert rule_warnings(parse(text)) == [
+        "service 'podcast' (line 2) is in upgrade mode but has no 'paid:' variant; paying "
+        "clients get the same content as everyone else"
+    ]
+
+
+def test_deny_needs_no_price_and_matches_like_any_rule() -> None:
+    rule = one('services:\n  - name: hidden\n    match: {path: "/adfree/*"}\n    mode: deny\n')
+    assert (rule.mode, rule.price_sat) == ("deny", 0)
+    assert rule.matches("h", "/adfree/x.wav", "GET")
+
+
+@pytest.mark.parametrize("key", ["price_sat: 5", "paid: {set_headers: {X: y}}", "valid_for: 1h"])
+def test_deny_refuses_keys_that_sell_something_naming_their_line(key: str) -> None:
+    text = f'services:\n  - name: hidden\n    match: {{path: "/a/*"}}\n    mode: deny\n    {key}\n'
+    exc = error(text)
+    assert exc.line == 5, str(exc)
+    assert "has no meaning with mode: deny" in str(exc)

@@ -120,6 +120,17 @@ async def test_free_variant_is_marked_and_untouched(addon: L402Server) -> None:
     assert flow.metadata["l402"] == {"service": "podcast", "variant": "free"}
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_paid_files_are_not_found_without_the_rewrite(addon: L402Server, method: str) -> None:
+    flow = flow_for("/adfree/ep1.mp3", Accept_Authenticate="L402")
+    flow.request.method = method
+    await addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 404
+    assert flow.response.headers["Cache-Control"] == "no-store"
+    assert flow.response.content == (b"" if method == "HEAD" else b"Not found.\n")
+    assert flow.metadata["l402"] == {"service": "adfree", "variant": "denied"}
+
+
 async def test_bad_options_at_startup_log_one_line_and_fail_closed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
