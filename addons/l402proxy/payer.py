@@ -10,6 +10,7 @@ import asyncio
 import fnmatch
 import hashlib
 import logging
+import math
 import os
 import secrets
 import time
@@ -47,6 +48,8 @@ LOOKUP_TIMEOUT_SECONDS = 30.0
 # How long the wallet may take to say who it is at start; past that it counts as unreachable.
 INFO_TIMEOUT_SECONDS = 15.0
 OTHER_PROCESS_POLL_SECONDS = 0.05
+# What recovery waits for when a wallet states an unusable `settles_within`.
+SETTLES_WITHIN_UNREADABLE = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -277,6 +280,20 @@ async def wallet_info(wallet: Wallet) -> NodeInfo:
         ) from None
 
 
+def settles_within(wallet: Wallet) -> float:
+    """Seconds after a payment starts during which the wallet's "failed"/"unknown" is not final.
+
+    A wallet written before `Wallet.settles_within` existed promised final lookups (0); a
+    value that is not a finite number >= 0 cannot be trusted either way, so it counts as a day.
+    """
+    value = getattr(wallet, "settles_within", 0.0)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return SETTLES_WITHIN_UNREADABLE
+    if not math.isfinite(value) or value < 0:
+        return SETTLES_WITHIN_UNREADABLE
+    return float(value)
+
+
 def wallet_identity(wallet: Wallet) -> str:
     """Which wallet paid, precisely enough to ask the same one after a restart."""
     return str(getattr(wallet, "identity", wallet.name))
@@ -401,10 +418,13 @@ class Payer:
         """Ask the wallet about every pending payment not being paid by this process now.
 
         Succeeded: the token is stored (never paid again). Failed, or unknown to the wallet
-        (never sent): released. Still pending, or the wallet cannot say: left for next time.
+        (never sent): released, once the wallet's node can no longer start a new attempt on
+        its own (`settles_within` after the payment began). Still pending, or the wallet
+        cannot say: left for next time.
         """
         settled: list[Payment] = []
         identity = wallet_identity(self.wallet)
+        horizon = settles_within(self.wallet)
         for payment in await self.store.pending():
             if payment.payment_hash in self.in_flight:
                 continue
@@ -449,6 +469,16 @@ class Payer:
                 )
             elif state.status in ("failed", "unknown"):
                 why = "failed" if state.status == "failed" else "was never sent"
+                final_at = payment.created_at + horizon
+                if horizon > 0 and now < final_at:
+                    # Core Lightning and Eclair go on paying without us and show nothing, or
+                    # only failed parts, between two attempts: releasing now could pay twice.
+                    log.info(
+                        f"l402: interrupted payment {payment.payment_hash.hex()} looks like it "
+                        f"{why}, but {self.wallet.name} may still be trying for "
+                        f"{final_at - now:.0f} s; checking again later"
+                    )
+                    continue
                 await self.store.fail(payment.payment_hash, f"the payment {why}", now)
                 log.info(f"l402: interrupted payment {payment.payment_hash.hex()} {why}")
         return settled

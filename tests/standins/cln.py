@@ -6,9 +6,12 @@ listpays with the fields of CLN's doc/schemas/*.json and the error codes of
 common/jsonrpc_errors.h. Invoices are real regtest BOLT11 from the dev ledger, so any other
 wallet on the same ledger can pay them.
 
-Knobs for tests: `pay_hang` (pay stays in flight until `release()`), `pay_error` (answer pay
-with this error and send nothing), `garbage` (answer every call with these bytes), `silent`
-(never answer). As a process:
+Knobs for tests: `pay_hang` (pay stays in flight until `release()`), `pay_gap` ("nothing" or
+"failed": pay stays under way until `release()` pays it or `give_up()` fails it, while
+listpays shows no payment, or only a failed part, as lightningd does before its first
+sendonion and between two attempts),
+`pay_error` (answer pay with this error and send nothing), `garbage` (answer every call with
+these bytes), `silent` (never answer). As a process:
 
     python -m tests.standins.cln --socket PATH --ledger PATH --wallet NAME
 """
@@ -38,6 +41,7 @@ JSONRPC2_INVALID_PARAMS = -32602
 PAY_DESTINATION_PERM_FAIL = 203
 PAY_ROUTE_NOT_FOUND = 205
 PAY_INVOICE_EXPIRED = 207
+PAY_STOPPED_RETRYING = 210
 INVOICE_LABEL_ALREADY_EXISTS = 900
 
 NODE_VERSION = "v25.05"
@@ -69,6 +73,9 @@ class ClnStandin:
         self.alias = alias
         self.network = network
         self.pay_hang = False
+        self.pay_gap: str | None = None
+        # payment hash -> what listpays shows while pay is between attempts (pay_gap)
+        self.gaps: dict[str, dict[str, Any]] = {}
         self.pay_error: tuple[int, str, dict[str, Any] | None] | None = None
         self.garbage: bytes | None = None
         self.silent = False
@@ -76,6 +83,7 @@ class ClnStandin:
         self.labels: set[str] = set()
         self.pending: dict[str, dict[str, Any]] = {}
         self._release = asyncio.Event()
+        self._gave_up = False
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -122,7 +130,12 @@ class ClnStandin:
             os.unlink(self.socket_path)
 
     def release(self) -> None:
-        """Let payments held by `pay_hang` go through now."""
+        """Let payments held by `pay_hang` or `pay_gap` go through now."""
+        self._release.set()
+
+    def give_up(self) -> None:
+        """End payments held by `pay_gap` as lightningd does after its last attempt: failed."""
+        self._gave_up = True
         self._release.set()
 
     # -- connection handling -------------------------------------------------------------
@@ -307,6 +320,29 @@ class ClnStandin:
             code, message, data = self.pay_error
             raise RpcError(code, message, data)
         created_at = time.time()
+        if self.pay_gap is not None:
+            if self.pay_gap not in ("nothing", "failed"):
+                raise ValueError("pay_gap must be 'nothing' or 'failed'")
+            # Still trying, but no part is out: only the failed ones (or none) are listed.
+            gap = {
+                "bolt11": text,
+                "destination": info.payee,
+                "created_at": int(created_at),
+                "listed": self.pay_gap,
+            }
+            self.gaps[info.payment_hash.hex()] = gap
+            try:
+                await self._release.wait()
+            finally:
+                if not self._gave_up:
+                    self.gaps.pop(info.payment_hash.hex(), None)
+            if self._gave_up:
+                gap["listed"] = "failed"  # its last part failed: listpays says so from now on
+                raise RpcError(
+                    PAY_STOPPED_RETRYING,
+                    "Ran out of routes to try after 2 attempts: see `paystatus`",
+                    {"attempts": [{"status": "failed", "partid": 1}]},
+                )
         if self.pay_hang:
             # In flight: listpays says "pending" until the test lets it through.
             self.pending[info.payment_hash.hex()] = {
@@ -355,6 +391,23 @@ class ClnStandin:
         wanted = params.get("payment_hash")
         if not isinstance(wanted, str):
             raise RpcError(JSONRPC2_INVALID_PARAMS, "this stand-in only lists by payment_hash")
+        gap = self.gaps.get(wanted)
+        if gap is not None:
+            if gap["listed"] == "nothing":
+                return {"pays": []}
+            return {
+                "pays": [
+                    {
+                        "payment_hash": wanted,
+                        "status": "failed",
+                        "created_at": gap["created_at"],
+                        "created_index": 1,
+                        "bolt11": gap["bolt11"],
+                        "destination": gap["destination"],
+                        "amount_sent_msat": 0,
+                    }
+                ]
+            }
         held = self.pending.get(wanted)
         if held is not None:
             return {

@@ -8,6 +8,9 @@ status.type hints "pending" / "received" / "expired" / "sent" / "failed"), and e
 ledger, so any other wallet on the same ledger can pay them.
 
 Knobs for tests: `pay_hang` (a blocking payinvoice stays in flight until `release()`),
+`pay_gap` ("nothing" or "failed": payinvoice stays under way until `release()` pays it or
+`give_up()` fails it, while getsentinfo lists no attempt, or one failed attempt, as Eclair
+does before its first route and while MultiPartPaymentLifecycle waits for new routes),
 `pay_fail` (answer payment-failed and send nothing), `pay_error_after_paying` (pay, then
 answer 500 like an ask timeout), `garbage` (answer every call with non-JSON). As a process:
 
@@ -94,6 +97,9 @@ class EclairStandin:
         self.network = network
         self.ssl_context = ssl_context
         self.pay_hang = False
+        self.pay_gap: str | None = None
+        # payment hash -> what getsentinfo lists while the payment waits for routes (pay_gap)
+        self.gaps: dict[str, list[dict[str, Any]]] = {}
         self.pay_fail: str | None = None
         self.pay_error_after_paying = False
         self.garbage = False
@@ -102,6 +108,7 @@ class EclairStandin:
         self.attempts: dict[str, list[dict[str, Any]]] = {}
         self.pending: set[str] = set()
         self._release = asyncio.Event()
+        self._gave_up = False
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -144,7 +151,12 @@ class EclairStandin:
             self._runner = None
 
     def release(self) -> None:
-        """Let payments held by `pay_hang` go through now."""
+        """Let payments held by `pay_hang` or `pay_gap` go through now."""
+        self._release.set()
+
+    def give_up(self) -> None:
+        """End payments held by `pay_gap` as Eclair does after its last attempt: failed."""
+        self._gave_up = True
         self._release.set()
 
     # -- plumbing --------------------------------------------------------------------------
@@ -315,6 +327,30 @@ class EclairStandin:
                     "timestamp": _timestamp_milli(time.time()),
                 }
             )
+        if self.pay_gap is not None:
+            if self.pay_gap not in ("nothing", "failed"):
+                raise ValueError("pay_gap must be 'nothing' or 'failed'")
+            failure = {"amount": info.amount_msat, "route": [], "t": "temporary channel failure"}
+            failed = attempt | {
+                "id": str(uuid.uuid4()),
+                "status": {"type": "failed", "failures": [failure]},
+            }
+            self.gaps[hash_hex] = [] if self.pay_gap == "nothing" else [failed]
+            try:
+                await self._release.wait()
+            finally:
+                self.gaps.pop(hash_hex, None)
+            if self._gave_up:
+                self.attempts.setdefault(hash_hex, []).append(failed)
+                return web.json_response(
+                    {
+                        "type": "payment-failed",
+                        "id": parent,
+                        "paymentHash": hash_hex,
+                        "failures": [failure],
+                        "timestamp": _timestamp_milli(time.time()),
+                    }
+                )
         if self.pay_hang:
             self.pending.add(hash_hex)
             try:
@@ -376,6 +412,8 @@ class EclairStandin:
 
     async def _getsentinfo(self, form: dict[str, str]) -> web.StreamResponse:
         wanted = form.get("paymentHash", "")
+        if wanted in self.gaps:
+            return web.json_response(self.gaps[wanted])
         if wanted in self.pending:
             return web.json_response(
                 [

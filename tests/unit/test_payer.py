@@ -2,6 +2,7 @@
 ledger and a real client store in tmp_path, and challenges minted here."""
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,8 @@ from l402proxy.lightning import (
     PaymentFailed,
     PaymentResult,
     PaymentState,
+    Wallet,
+    open_wallet,
 )
 from l402proxy.lightning.bolt11_encoder import encode_invoice
 from l402proxy.payer import (
@@ -47,6 +50,8 @@ from l402proxy.payer import (
     wallet_identity,
 )
 from l402proxy.store.client import ClientStore, NewPayment, Payment
+from tests.standins.cln import ClnStandin
+from tests.standins.eclair import EclairStandin
 
 ORIGIN = "http://127.0.0.1:8081"
 URL = ORIGIN + "/bonus/ep1.mp3"
@@ -462,6 +467,7 @@ class FakeWallet:
     """A wallet whose pay() and lookup_payment() behave as a test needs."""
 
     name = "fake"
+    settles_within = 0.0
 
     def __init__(
         self,
@@ -1013,6 +1019,148 @@ async def test_recovery_leaves_a_payment_of_another_wallet_alone(
     # The same wallet configured again settles it.
     (settled,) = await other.start()
     assert settled.payment_hash == offer.payment_hash and settled.status == "paid"
+
+
+# --- recovery while the node may still be trying (Core Lightning, Eclair) ------------------------
+
+
+@contextlib.asynccontextmanager
+async def node_between_attempts(
+    kind: str, listed: str, tmp_path: Path, ledger_path: Path
+) -> AsyncIterator[tuple[ClnStandin | EclairStandin, Wallet]]:
+    """A stand-in node paying from LISTENER whose `pay` stays under way while its lookup shows
+    no attempt ("nothing") or only a failed one ("failed"), and a wallet on it."""
+    ledger = DevLedger(ledger_path)
+    node: ClnStandin | EclairStandin
+    if kind == "cln":
+        (tmp_path / "cln").mkdir()
+        node = ClnStandin(tmp_path / "cln" / "lightning-rpc", ledger, LISTENER)
+        uri = node.socket_path
+    else:
+        node = EclairStandin(ledger, LISTENER, "eclair-password")
+    await node.start()
+    if isinstance(node, EclairStandin):
+        uri = node.uri
+    node.pay_gap = listed
+    wallet = open_wallet(uri, dev_ledger=ledger_path)
+    try:
+        yield node, wallet
+    finally:
+        await wallet.close()
+        await node.close()
+        await ledger.close()
+
+
+def pay_calls(node: ClnStandin | EclairStandin) -> int:
+    if isinstance(node, ClnStandin):
+        return sum(1 for r in node.requests if r.get("method") == "pay")
+    return sum(1 for name, _ in node.requests if name == "payinvoice")
+
+
+async def wait_for_lookup(wallet: Wallet, payment_hash: bytes, status: str) -> str:
+    """Ask the wallet until it says `status` (bounded: 100 tries, ~5 s)."""
+    seen = ""
+    for _ in range(100):
+        seen = (await wallet.lookup_payment(payment_hash)).status
+        if seen == status:
+            break
+        await asyncio.sleep(0.05)
+    return seen
+
+
+NODES_BETWEEN_ATTEMPTS = [
+    ("cln", "nothing", "unknown"),
+    ("cln", "failed", "failed"),
+    ("eclair", "nothing", "unknown"),
+    ("eclair", "failed", "failed"),
+]
+
+
+@pytest.mark.parametrize(("kind", "listed", "looks"), NODES_BETWEEN_ATTEMPTS)
+async def test_recovery_keeps_a_payment_the_node_may_still_be_making(
+    shop: Shop,
+    make_payer: PayerFactory,
+    store: ClientStore,
+    tmp_path: Path,
+    ledger_path: Path,
+    kind: str,
+    listed: str,
+    looks: str,
+) -> None:
+    """lightningd and Eclair keep paying after our call was cut off; between two attempts their
+    lookup says "unknown" or "failed". Releasing the row then would pay the next 402 again."""
+    async with node_between_attempts(kind, listed, tmp_path, ledger_path) as (node, wallet):
+        payer = make_payer(wallet=wallet, pay_timeout=0.3)
+        await payer.start()
+        balance = await shop.ledger.balance(LISTENER)
+        offer = await shop.challenge()
+        outcome = await payer.handle_challenge(url=URL, www_authenticate=[offer.header])
+        assert isinstance(outcome, Refused) and outcome.code == "payment_pending"
+        assert await wait_for_lookup(wallet, offer.payment_hash, looks) == looks
+
+        assert await payer.recover() == []
+        assert (await store.payment(offer.payment_hash)).status == "pending"  # type: ignore[union-attr]
+        fresh = await shop.challenge()
+        again = await payer.handle_challenge(url=URL, www_authenticate=[fresh.header])
+        assert isinstance(again, Refused) and again.code == "payment_pending"
+        assert pay_calls(node) == 1
+
+        # The node's next attempt goes through: recovery finds the preimage.
+        node.release()
+        assert await wait_for_lookup(wallet, offer.payment_hash, "succeeded") == "succeeded"
+        (settled,) = await payer.recover()
+        assert settled.payment_hash == offer.payment_hash and settled.status == "paid"
+        assert await shop.settled(offer) and not await shop.settled(fresh)
+        assert await shop.ledger.balance(LISTENER) == balance - 21_000
+        assert pay_calls(node) == 1
+
+
+@pytest.mark.parametrize(("kind", "listed", "looks"), NODES_BETWEEN_ATTEMPTS)
+async def test_recovery_releases_such_a_payment_once_the_node_cannot_try_any_more(
+    shop: Shop,
+    make_payer: PayerFactory,
+    store: ClientStore,
+    clock: Clock,
+    tmp_path: Path,
+    ledger_path: Path,
+    kind: str,
+    listed: str,
+    looks: str,
+) -> None:
+    async with node_between_attempts(kind, listed, tmp_path, ledger_path) as (node, wallet):
+        assert wallet.settles_within > 40  # the node's own retry limit, and a margin
+        payer = make_payer(wallet=wallet, pay_timeout=0.3)
+        await payer.start()
+        offer = await shop.challenge()
+        outcome = await payer.handle_challenge(url=URL, www_authenticate=[offer.header])
+        assert isinstance(outcome, Refused) and outcome.code == "payment_pending"
+        node.give_up()
+        assert await wait_for_lookup(wallet, offer.payment_hash, "failed") == "failed"
+
+        clock.now += wallet.settles_within - 1
+        assert await payer.recover() == []
+        assert (await store.payment(offer.payment_hash)).status == "pending"  # type: ignore[union-attr]
+
+        clock.now += 2
+        assert await payer.recover() == []
+        row = await store.payment(offer.payment_hash)
+        assert row is not None and row.status == "failed"
+        assert row.error == "the payment failed"
+        assert await store.spent_msat() == 0
+        assert not await shop.settled(offer)
+
+
+async def test_recovery_waits_a_day_for_a_wallet_with_an_unusable_horizon(
+    shop: Shop, make_payer: PayerFactory, store: ClientStore, ledger_path: Path
+) -> None:
+    assert DevWallet(DevLedger(ledger_path), LISTENER).settles_within == 0
+    wallet = FakeWallet(state=PaymentState(bytes(32), "failed", None, 0))
+    wallet.settles_within = float("nan")  # unusable: counts as a day, never as "final now"
+    payer = make_payer(wallet=wallet)
+    offer = await shop.challenge()
+    await reserve_pending(store, offer, payer)
+    assert await payer.start() == []
+    assert (await store.payment(offer.payment_hash)).status == "pending"  # type: ignore[union-attr]
 
 
 # --- the token the request carried -------------------------------------------------------------

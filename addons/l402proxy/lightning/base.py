@@ -107,6 +107,12 @@ class Wallet(Protocol):
     """Client side: pay invoices and, after a crash, find out what happened to a payment."""
 
     name: str
+    # Seconds after a pay() call starts during which the node may still start new attempts
+    # on its own (after our call was cut off, even after this process died). Until then a
+    # lookup_payment() that says "failed" or "unknown" may be a gap between attempts, not the
+    # end: recovery keeps such a payment pending. 0 for wallets whose lookup is final at
+    # once (the payment is recorded before anything is sent, and a failure is final).
+    settles_within: float
 
     async def pay(self, bolt11: str, max_fee_msat: int) -> PaymentResult: ...
 

@@ -44,6 +44,12 @@ MAX_TIMEOUT: Final = 600.0
 # How long `pay` keeps trying routes before it gives a definite answer. Below the client's
 # default pay timeout (60 s), so a payment that cannot be routed comes back as a failure.
 PAY_RETRY_FOR: Final = 40
+# After `pay` starts, lightningd may begin new attempts until retry_for has passed (the pay
+# plugin's deadline), also after our connection closed or this process died; meanwhile
+# `listpays` shows nothing (before the first sendonion) or only failed parts (between
+# attempts). The margin covers a request that reached lightningd late and an attempt being
+# prepared at the deadline.
+SETTLE_MARGIN_SECONDS: Final = 60.0
 MAX_REPLY_BYTES: Final = 16 * 1024 * 1024
 READ_CHUNK: Final = 65536
 # sockaddr_un.sun_path holds 108 bytes including the final NUL.
@@ -365,6 +371,8 @@ class ClnNode:
         self.socket_path = socket_path
         self.rpc = ClnRpc(socket_path, timeout)
         self.pay_retry_for = pay_retry_for
+        # Until then an empty or all-failed listpays may be a gap between attempts.
+        self.settles_within = pay_retry_for + SETTLE_MARGIN_SECONDS
 
     @property
     def where(self) -> str:
@@ -520,7 +528,10 @@ class ClnNode:
         )
 
     async def lookup_payment(self, payment_hash: bytes) -> PaymentState:
-        """From `listpays`: "unknown" only when lightningd lists no payment for the hash."""
+        """From `listpays`: "unknown" only when lightningd lists no payment for the hash.
+
+        listpays only sums up sendpay parts, so within `settles_within` of the pay call
+        "unknown" and "failed" may still turn into a payment (see SETTLE_MARGIN_SECONDS)."""
         payment_hash = _check_hash(payment_hash)
         wanted = payment_hash.hex()
         result = await self.rpc.call("listpays", {"payment_hash": wanted})

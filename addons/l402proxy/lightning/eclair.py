@@ -52,6 +52,12 @@ MAX_TIMEOUT: Final = 600.0
 # Eclair's own time limit for a blocking payment (timeoutSeconds). Below the client's default
 # pay timeout (60 s), so Eclair's answer, not ours, ends the wait.
 PAY_TIMEOUT: Final = 40
+# Eclair keeps paying after the blocking call ended or this process died: between attempts
+# (MultiPartPaymentLifecycle back in WAIT_FOR_ROUTES) getsentinfo lists only failed parts,
+# and before the first route none at all. Its lifecycle has no deadline of its own, only
+# eclair.max-payment-attempts route searches, which take well under PAY_TIMEOUT; the margin
+# covers a slow router and a request that reached Eclair late.
+SETTLE_MARGIN_SECONDS: Final = 60.0
 MAX_SHOWN_MESSAGE: Final = 300
 MAX_MEMO_BYTES: Final = 639
 MAX_CERT_BYTES: Final = 1024 * 1024
@@ -224,6 +230,8 @@ class EclairNode:
     def __init__(self, config: EclairConfig, *, pay_timeout: int = PAY_TIMEOUT) -> None:
         self.config = config
         self.pay_timeout = pay_timeout
+        # Until then an empty or all-failed getsentinfo may be a gap between attempts.
+        self.settles_within = pay_timeout + SETTLE_MARGIN_SECONDS
         self._client: httpx.AsyncClient | None = None
 
     @property
@@ -454,7 +462,10 @@ class EclairNode:
         )
 
     async def lookup_payment(self, payment_hash: bytes) -> PaymentState:
-        """From /getsentinfo: "unknown" only when Eclair lists no attempt for the hash."""
+        """From /getsentinfo: "unknown" only when Eclair lists no attempt for the hash.
+
+        Within `settles_within` of the pay call "unknown" and "failed" may still turn into a
+        payment (see SETTLE_MARGIN_SECONDS)."""
         payment_hash = _check_hash(payment_hash)
         answer = await self._post("getsentinfo", {"paymentHash": payment_hash.hex()})
         if not isinstance(answer, list):

@@ -447,6 +447,9 @@ class LNbitsWallet(Wallet):
     """
 
     name = "lnbits"
+    # LNbits writes the outgoing payment row (pending) before it calls its funding source and
+    # marks it failed only once the funding source said so: its lookup is final at once.
+    settles_within = 0.0
 
     def __init__(
         self, config: LNbitsConfig, *, clock: Callable[[], float] = time.monotonic

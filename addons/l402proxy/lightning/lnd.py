@@ -664,6 +664,9 @@ class LndWallet(Wallet):
     stream is not `cancelable`, so cancelling `pay` leaves LND to finish the payment."""
 
     name = "lnd"
+    # LND records the payment (InitPayment) before SendPaymentV2 sends anything and keeps it
+    # IN_FLIGHT until its last attempt ends, so TrackPaymentV2's NOT_FOUND and FAILED are final.
+    settles_within = 0.0
 
     def __init__(
         self,
