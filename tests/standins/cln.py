@@ -39,7 +39,6 @@ MAX_SUN_PATH = 107
 JSONRPC2_METHOD_NOT_FOUND = -32601
 JSONRPC2_INVALID_PARAMS = -32602
 PAY_DESTINATION_PERM_FAIL = 203
-PAY_ROUTE_NOT_FOUND = 205
 PAY_INVOICE_EXPIRED = 207
 PAY_STOPPED_RETRYING = 210
 INVOICE_LABEL_ALREADY_EXISTS = 900
@@ -48,11 +47,21 @@ NODE_VERSION = "v25.05"
 
 
 class RpcError(Exception):
-    def __init__(self, code: int, message: str, data: dict[str, Any] | None = None) -> None:
+    """An error reply. The pay plugin writes its details beside code and message (`fields`,
+    libplugin's jsonrpc_stream_fail); lightningd's own commands put them under `data`."""
+
+    def __init__(
+        self,
+        code: int,
+        message: str,
+        data: dict[str, Any] | None = None,
+        fields: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.data = data
+        self.fields = fields or {}
 
 
 class ClnStandin:
@@ -77,6 +86,8 @@ class ClnStandin:
         # payment hash -> what listpays shows while pay is between attempts (pay_gap)
         self.gaps: dict[str, dict[str, Any]] = {}
         self.pay_error: tuple[int, str, dict[str, Any] | None] | None = None
+        # Written beside code and message of pay_error, as the pay plugin does.
+        self.pay_error_fields: dict[str, Any] | None = None
         self.garbage: bytes | None = None
         self.silent = False
         self.requests: list[dict[str, Any]] = []
@@ -197,7 +208,7 @@ class ClnStandin:
                 str(request.get("method")), request.get("params") or {}
             )
         except RpcError as exc:
-            error: dict[str, Any] = {"code": exc.code, "message": exc.message}
+            error: dict[str, Any] = {"code": exc.code, "message": exc.message, **exc.fields}
             if exc.data is not None:
                 error["data"] = exc.data
             reply["error"] = error
@@ -318,7 +329,7 @@ class ClnStandin:
             raise RpcError(JSONRPC2_INVALID_PARAMS, "maxfee: should be a millisatoshi amount")
         if self.pay_error is not None:
             code, message, data = self.pay_error
-            raise RpcError(code, message, data)
+            raise RpcError(code, message, data, self.pay_error_fields)
         created_at = time.time()
         if self.pay_gap is not None:
             if self.pay_gap not in ("nothing", "failed"):
@@ -341,7 +352,7 @@ class ClnStandin:
                 raise RpcError(
                     PAY_STOPPED_RETRYING,
                     "Ran out of routes to try after 2 attempts: see `paystatus`",
-                    {"attempts": [{"status": "failed", "partid": 1}]},
+                    fields={"attempts": _failed_attempts(info.amount_msat, 2)},
                 )
         if self.pay_hang:
             # In flight: listpays says "pending" until the test lets it through.
@@ -363,18 +374,24 @@ class ClnStandin:
         try:
             result = await self.ledger.pay(self.wallet, text, maxfee)
         except PaymentFailed as exc:
-            # What lightningd says for the same situations: an invoice it cannot route to
-            # (205), or one the destination refuses (203, e.g. already paid).
+            # What the pay plugin says for the same situations (libplugin-pay.c,
+            # payment_finished): one the destination refuses (the failure's code, 203, with the
+            # payment's status), or one it cannot route to (210, every attempt listed).
             if "already paid" in str(exc):
                 raise RpcError(
                     PAY_DESTINATION_PERM_FAIL,
                     "failed: WIRE_INCORRECT_OR_UNKNOWN_PAYMENT_DETAILS",
-                    {"status": "failed", "payment_hash": info.payment_hash.hex()},
+                    fields={
+                        "status": "failed",
+                        "payment_hash": info.payment_hash.hex(),
+                        "failcode": 16399,
+                        "failcodename": "WIRE_INCORRECT_OR_UNKNOWN_PAYMENT_DETAILS",
+                    },
                 ) from None
             raise RpcError(
-                PAY_ROUTE_NOT_FOUND,
-                f"Ran out of routes to try after 1 attempt: {exc}",
-                {"attempts": []},
+                PAY_STOPPED_RETRYING,
+                "Ran out of routes to try after 1 attempt: see `paystatus`",
+                fields={"attempts": _failed_attempts(info.amount_msat or 0, 1, str(exc))},
             ) from None
         return {
             "destination": info.payee,
@@ -454,6 +471,23 @@ class ClnStandin:
             if invoice["payment_hash"] == payment_hash_hex:
                 return int(invoice["amount_msat"])
         return 0
+
+
+def _failed_attempts(amount_msat: int, count: int, reason: str = "") -> list[dict[str, Any]]:
+    """The "attempts" of a pay error (libplugin-pay.c payment_add_attempt): the root, then one
+    entry per attempt, each "failed" once it resolved."""
+    why = f'Error computing a route: "Could not find a route" (205){": " if reason else ""}'
+    root = {"status": "failed", "partid": 0, "amount_msat": amount_msat}
+    return [root] + [
+        {
+            "status": "failed",
+            "failreason": why + reason,
+            "partid": part,
+            "amount_msat": amount_msat,
+            "parent_partid": 0,
+        }
+        for part in range(1, count + 1)
+    ]
 
 
 async def _run(socket_path: str, ledger_path: str, wallet: str, alias: str) -> None:

@@ -314,6 +314,76 @@ async def test_uncertain_pay_errors_are_not_payment_failed(
     assert "may still complete" in str(caught.value)
 
 
+FAILED_PART = {"status": "failed", "partid": 1, "amount_msat": 21_000, "parent_partid": 0}
+PENDING_PART = {"status": "pending", "partid": 2, "amount_msat": 21_000, "parent_partid": 0}
+ROOT = {"status": "failed", "partid": 0, "amount_msat": 21_000}
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "fields", "data"),
+    [
+        # An abort (deadline passed, or a part's final failure) answers while another part is
+        # still out: the pay plugin lists it "pending" among the attempts.
+        (210, "Ran out of routes to try after 2 attempts: see `paystatus`",
+         {"attempts": [ROOT, FAILED_PART, PENDING_PART]}, None),
+        (205, "Could not find a route", {"attempts": [ROOT, PENDING_PART]}, None),
+        (206, "Fee exceeds our fee budget", {"attempts": [ROOT, FAILED_PART, PENDING_PART]},
+         None),
+        (207, "Invoice expired", {"attempts": [ROOT, FAILED_PART, PENDING_PART]}, None),
+        (203, "failed: WIRE_INCORRECT_OR_UNKNOWN_PAYMENT_DETAILS", {"status": "pending"}, None),
+        (210, "Ran out of routes", None, {"attempts": [FAILED_PART, PENDING_PART]}),
+        # Shapes we do not know: not proof that nothing is out.
+        (210, "Ran out of routes", {"attempts": "all of them"}, None),
+        (210, "Ran out of routes", {"attempts": [ROOT, "part 1"]}, None),
+        (210, "Ran out of routes", {"attempts": [ROOT, {"partid": 1}]}, None),
+        (210, "Ran out of routes", {"attempts": [ROOT, {**FAILED_PART, "status": "success"}]},
+         None),
+        (210, "Ran out of routes", None, ["pending"]),
+    ],
+)  # fmt: skip
+async def test_a_final_code_with_a_part_still_out_is_not_payment_failed(
+    backend: ClnNode,
+    wallet: ClnNode,
+    listener: ClnStandin,
+    code: int,
+    message: str,
+    fields: dict[str, object] | None,
+    data: object,
+) -> None:
+    invoice = await backend.create_invoice(PRICE_SAT, "episode", 600)
+    listener.pay_error = (code, message, data)  # type: ignore[assignment]
+    listener.pay_error_fields = fields
+    with pytest.raises(LightningError) as caught:
+        await wallet.pay(invoice.bolt11, 1_000)
+    assert not isinstance(caught.value, PaymentFailed)
+    assert f"code {code}" in str(caught.value)
+    assert "may still complete" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("fields", "data"),
+    [
+        ({"attempts": [ROOT, FAILED_PART, {**FAILED_PART, "partid": 2}]}, None),
+        (None, {"attempts": [FAILED_PART]}),
+        ({"attempts": []}, None),
+        (None, None),
+    ],
+)
+async def test_stopped_retrying_with_every_part_failed_is_payment_failed(
+    backend: ClnNode,
+    wallet: ClnNode,
+    listener: ClnStandin,
+    fields: dict[str, object] | None,
+    data: dict[str, object] | None,
+) -> None:
+    invoice = await backend.create_invoice(PRICE_SAT, "episode", 600)
+    listener.pay_error = (210, "Ran out of routes to try after 2 attempts: see `paystatus`", data)
+    listener.pay_error_fields = fields
+    with pytest.raises(PaymentFailed) as caught:
+        await wallet.pay(invoice.bolt11, 1_000)
+    assert "code 210" in str(caught.value)
+
+
 async def test_an_unroutable_invoice_fails_and_nothing_is_listed(
     wallet: ClnNode, tmp_path: Path
 ) -> None:
@@ -324,7 +394,9 @@ async def test_an_unroutable_invoice_fails_and_nothing_is_listed(
         await elsewhere.close()
     with pytest.raises(PaymentFailed) as caught:
         await wallet.pay(invoice.bolt11, 0)
-    assert "code 205" in str(caught.value)
+    # lightningd's pay plugin: PAY_STOPPED_RETRYING, every attempt listed as failed.
+    assert "Ran out of routes to try after 1 attempt" in str(caught.value)
+    assert "code 210" in str(caught.value)
     # No route, so no part was ever sent: lightningd lists nothing for the hash.
     assert (await wallet.lookup_payment(invoice.payment_hash)).status == "unknown"
 

@@ -68,11 +68,11 @@ PAY_ROUTE_TOO_EXPENSIVE: Final = 206
 PAY_INVOICE_EXPIRED: Final = 207
 PAY_STOPPED_RETRYING: Final = 210
 
-# After these `pay` answers nothing of this payment is in flight (lightning-pay(7): 203
-# permanent failure at destination, 205 no route, 206 too expensive for maxfee, 207 invoice
-# expired, 210 "timed out without a payment in progress"; the JSON-RPC codes mean the request
-# was refused before anything was sent). Everything else (-1, 200 in progress, 201, 209, ...)
-# leaves the outcome open.
+# After these `pay` answers nothing of this payment is in flight, provided no part is listed
+# as still pending (see _nothing_in_flight): lightning-pay(7): 203 permanent failure at
+# destination, 205 no route, 206 too expensive for maxfee, 207 invoice expired, 210 "Ran out
+# of routes to try" / stopped retrying; the JSON-RPC codes mean the request was refused before
+# anything was sent. Everything else (-1, 200 in progress, 201, 209, ...) leaves it open.
 DEFINITE_PAY_FAILURES: Final = frozenset(
     {
         JSONRPC2_INVALID_REQUEST,
@@ -100,12 +100,16 @@ URI_FORMS: Final = "cln:///path/to/lightning-rpc (or just the absolute path)"
 
 
 class ClnRpcError(LightningError):
-    """lightningd answered with a JSON-RPC error object."""
+    """lightningd answered with a JSON-RPC error object (`error`, kept whole: the pay plugin
+    puts its fields beside code and message, lightningd itself under `data`)."""
 
-    def __init__(self, message: str, code: int | None, data: object) -> None:
+    def __init__(
+        self, message: str, code: int | None, data: object, error: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.data = data
+        self.error: dict[str, Any] = error if error is not None else {}
 
 
 def _one_line(text: object) -> str:
@@ -314,7 +318,10 @@ class ClnRpc:
             code = code if isinstance(code, int) and not isinstance(code, bool) else None
             message = _one_line(error.get("message", "no message"))
             raise ClnRpcError(
-                f"{self.where}: {method} failed: {message} (code {code})", code, error.get("data")
+                f"{self.where}: {method} failed: {message} (code {code})",
+                code,
+                error.get("data"),
+                error,
             )
         result = reply.get("result")
         if not isinstance(result, dict):
@@ -506,7 +513,7 @@ class ClnNode:
                 "pay", params, timeout=self.pay_retry_for + self.rpc.timeout
             )
         except ClnRpcError as exc:
-            if exc.code in DEFINITE_PAY_FAILURES and _nothing_in_flight(exc.data):
+            if exc.code in DEFINITE_PAY_FAILURES and _nothing_in_flight(exc.code, exc.error):
                 raise PaymentFailed(str(exc)) from None
             raise LightningError(f"{exc}; the payment may still complete") from None
         status = result.get("status")
@@ -563,12 +570,38 @@ class ClnNode:
         raise _bad(self.where, "listpays", f"unknown payment status {_one_line(unknown)!r}")
 
 
-def _nothing_in_flight(data: object) -> bool:
-    """A pay error may carry the payment's status (plugins/libplugin-pay.c, payment_finished):
-    "pending" while some parts are still out, or even "complete"."""
-    if not isinstance(data, dict) or "status" not in data:
+# Refused while reading the request: nothing can have been sent, whatever else the error says.
+_REQUEST_REFUSED: Final = frozenset(
+    {JSONRPC2_INVALID_REQUEST, JSONRPC2_METHOD_NOT_FOUND, JSONRPC2_INVALID_PARAMS}
+)
+
+
+def _nothing_in_flight(code: int | None, error: dict[str, Any]) -> bool:
+    """Whether a pay error says that no part of the payment is still out.
+
+    plugins/libplugin-pay.c (payment_finished) answers once root->abort is set, even while
+    parts are still pending, and writes beside code and message either "attempts" (one entry
+    per part, "pending" until it resolves) or the payment's "status" ("pending" while some
+    leaf is not failed, or even "complete"); lightningd's own errors put such fields under
+    "data". Only when every status given is "failed" is the payment over; anything else,
+    or a shape we do not know, leaves it open. (A payment split in parts lists its root as
+    "pending" whatever its parts did: it stays open here, and recovery reads listpays.)"""
+    if code in _REQUEST_REFUSED:
         return True
-    return data.get("status") == "failed"
+    data = error.get("data")
+    if data is not None and not isinstance(data, dict):
+        return False
+    for place in (error, data or {}):
+        if "status" in place and place["status"] != "failed":
+            return False
+        if "attempts" in place:
+            attempts = place["attempts"]
+            if not isinstance(attempts, list):
+                return False
+            for attempt in attempts:
+                if not isinstance(attempt, dict) or attempt.get("status") != "failed":
+                    return False
+    return True
 
 
 def backend_from_uri(uri: str) -> ClnNode:
