@@ -33,6 +33,7 @@ from l402proxy.lightning.lnbits import (
     parse_uri,
 )
 from tests.lnbits_server import LNbitsServer, WalletKeys, lnbits  # noqa: F401 (fixture)
+from tests.standins.proxy import environment_proxy
 
 from . import procs
 
@@ -170,6 +171,26 @@ async def test_info(pair: Pair) -> None:
     assert node.network is None and node.pubkey is None
     paying = await pair.wallet.info()
     assert paying.alias == pair.b.name
+
+
+async def test_the_environments_proxy_is_never_used(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY / HTTPS_PROXY would carry X-Api-Key through someone else (inside mitmdump:
+    the client proxy itself); LNbits is always reached directly."""
+    async with environment_proxy(monkeypatch) as proxy:
+        backend = open_backend(pair.server.uri(pair.a.inkey), dev_ledger=UNUSED_LEDGER)
+        wallet = open_wallet(pair.server.uri(pair.b.adminkey), dev_ledger=UNUSED_LEDGER)
+        try:
+            await backend.info()
+            await wallet.info()
+            invoice = await backend.create_invoice(3, "direct", 600)
+            result = await wallet.pay(invoice.bolt11, 10_000)
+            assert result.payment_hash == invoice.payment_hash
+        finally:
+            await backend.close()
+            await wallet.close()
+        assert proxy.seen == []
 
 
 async def test_https_to_a_plain_http_lnbits(lnbits: LNbitsServer) -> None:  # noqa: F811

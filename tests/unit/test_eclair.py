@@ -35,6 +35,7 @@ from l402proxy.lightning import (
 from l402proxy.lightning.dev import DevLedger
 from l402proxy.lightning.eclair import EclairNode, parse_uri
 from tests.standins.eclair import EclairStandin, _stored_preimage
+from tests.standins.proxy import environment_proxy
 
 PASSWORD = "s3cr3t-API-pw"
 PRICE_SAT = 21
@@ -588,3 +589,18 @@ async def test_odd_payment_answers_stay_uncertain(ledger: DevLedger, answer: obj
         await node.close()
     assert not isinstance(caught.value, PaymentFailed)
     assert "33" * 32 not in str(caught.value)
+
+
+async def test_the_environments_proxy_is_never_used(
+    merchant: EclairStandin, listener: EclairStandin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with environment_proxy(monkeypatch) as proxy:
+        backend = open_backend(merchant.uri, dev_ledger="unused")
+        wallet = open_wallet(listener.uri, dev_ledger="unused")
+        try:
+            invoice = await backend.create_invoice(PRICE_SAT, "direct", 600)
+            await wallet.pay(invoice.bolt11, 0)
+        finally:
+            await backend.close()
+            await wallet.close()
+        assert proxy.seen == []

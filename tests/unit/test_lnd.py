@@ -40,6 +40,7 @@ from tests.standins.lnd import (
     bake_macaroon,
     make_tls_cert,
 )
+from tests.standins.proxy import environment_proxy
 
 PRICE_SAT = 21
 
@@ -719,3 +720,22 @@ async def test_failure_messages_are_distinct_one_line_and_secret_free(
         assert "\n" not in text and len(text) < 300, (kind, text)
         for macaroon in secrets_shown:
             assert_no_secret(text, macaroon)
+
+
+async def test_the_environments_proxy_is_never_used(
+    merchant: StandinLnd,
+    listener: StandinLnd,
+    ledger_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """grpc_proxy / https_proxy would send every call (inside mitmdump: to the client proxy
+    itself) through someone else; the node is always reached directly."""
+    async with environment_proxy(monkeypatch) as proxy:
+        backend = backend_from_uri(merchant.uri())
+        wallet = wallet_from_uri(listener.lndconnect_uri())
+        async with closing(backend, wallet):
+            await backend.info()
+            invoice = await backend.create_invoice(PRICE_SAT, "direct", 600)
+            result = await wallet.pay(invoice.bolt11, 0)
+            assert result.payment_hash == invoice.payment_hash
+        assert proxy.seen == []

@@ -40,6 +40,7 @@ from l402proxy.lightning.lnurl import (
     parse_uri,
 )
 from tests.standins.lnurl import LnurlService
+from tests.standins.proxy import environment_proxy
 
 # LUD-01's own example.
 LUD01_LNURL = (
@@ -549,3 +550,18 @@ def test_metadata_hash_is_sha256_of_the_raw_string() -> None:
     request = PayRequest("https://x/cb", 1, 2, raw, 0, "spaced")
     assert request.description_hash == hashlib.sha256(raw.encode()).digest()
     assert request.description_hash != hashlib.sha256(json.dumps(json.loads(raw)).encode()).digest()
+
+
+async def test_the_environments_proxy_is_never_used(
+    service: LnurlService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP(S)_PROXY inside mitmdump may point at the client proxy itself: never used."""
+    async with environment_proxy(monkeypatch) as proxy:
+        backend = open_backend(f"lnurl:{service.address}", dev_ledger="unused.sqlite")
+        try:
+            await backend.info()
+            invoice = await backend.create_invoice(21, "direct", 600)
+            assert invoice.amount_msat == 21_000
+        finally:
+            await backend.close()
+        assert proxy.seen == []

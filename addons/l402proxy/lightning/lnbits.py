@@ -224,6 +224,9 @@ class _LNbitsAPI:
                 headers={"X-Api-Key": self.config.key, "Accept": "application/json"},
                 timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
                 follow_redirects=False,
+                # Never through HTTP(S)_PROXY: the key would pass a third party, or (inside
+                # mitmdump) the client proxy itself.
+                trust_env=False,
             )
             self._loop = loop
         return self._client

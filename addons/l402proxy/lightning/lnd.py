@@ -414,6 +414,8 @@ class LndNode:
         options: list[tuple[str, Any]] = [
             # A restarted node is found again within seconds, not after minutes of backoff.
             ("grpc.max_reconnect_backoff_ms", 5_000),
+            # Never through grpc_proxy/https_proxy: inside mitmdump that may be this proxy.
+            ("grpc.enable_http_proxy", 0),
         ]
         if target.name_override is not None:
             options.append(("grpc.ssl_target_name_override", target.name_override))

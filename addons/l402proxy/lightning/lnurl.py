@@ -284,6 +284,8 @@ class LnurlPayBackend(InvoiceBackend):
                 timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 5.0)),
                 follow_redirects=False,
                 headers={"Accept": "application/json"},
+                # Never through HTTP(S)_PROXY: inside mitmdump it may be this proxy itself.
+                trust_env=False,
             )
             self._loop = loop
             self._lock = asyncio.Lock()
