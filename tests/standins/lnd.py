@@ -14,7 +14,8 @@ Subprocess:  `python -m tests.standins.lnd --ledger PATH --wallet NAME --dir DIR
 
 Knobs (`mode`): "normal"; "hang" (SendPaymentV2 never ends: the payment stays in flight);
 "no_route" (every payment fails with FAILURE_REASON_NO_ROUTE); "locked" (every call is refused
-as by a locked wallet).
+as by a locked wallet). `check_permissions = False` answers CheckMacaroonPermissions as an LND
+that predates it does (UNIMPLEMENTED).
 """
 
 import argparse
@@ -80,6 +81,7 @@ LND_CERT_IPS: Final = ("127.0.0.1", "::1")
 # readPermissions / invoicePermissions; admin has everything).
 METHOD_PERMISSION: Final = {
     "/lnrpc.Lightning/GetInfo": ("info", "read"),
+    "/lnrpc.Lightning/CheckMacaroonPermissions": ("macaroon", "read"),
     "/lnrpc.Lightning/AddInvoice": ("invoices", "write"),
     "/lnrpc.Lightning/LookupInvoice": ("invoices", "read"),
     "/routerrpc.Router/SendPaymentV2": ("offchain", "write"),
@@ -98,7 +100,17 @@ ROLE_PERMISSIONS: Final = {
         }
     ),
     "readonly": frozenset((e, "read") for e in (*_ENTITIES, "macaroon")),
+    # Baked ones (`lncli bakemacaroon info:read offchain:read offchain:write`, and without
+    # offchain:write): no macaroon:read, so they may not ask CheckMacaroonPermissions.
+    "pay": frozenset({("info", "read"), ("offchain", "read"), ("offchain", "write")}),
+    "track": frozenset({("info", "read"), ("offchain", "read")}),
 }
+# grpc-go's answer for a method the server does not have (LND before 0.13 lacks
+# CheckMacaroonPermissions).
+UNKNOWN_METHOD: Final = "unknown method {} for service lnrpc.Lightning"
+# routerrpc extractIntentFromSendRequest's first checks, before anything is sent.
+TIME_PREF_RANGE: Final = "time preference out of range"
+NO_DESTINATION: Final = "invalid vertex length of 0, want 33"
 
 _PAYMENT = lightning_pb2.Payment
 _REASON = lightning_pb2.PaymentFailureReason
@@ -217,6 +229,7 @@ class StandinLnd:
         # What each payment sent was for, so TrackPaymentV2 reports value_msat as LND does.
         self.amounts: dict[bytes, int] = {}
         self.add_index = 0
+        self.check_permissions = True
         self._server: grpc.aio.Server | None = None
 
     # -- files and addresses ---------------------------------------------------------------------
@@ -334,11 +347,15 @@ class StandinLnd:
         if hex_error is not None:
             await context.abort(grpc.StatusCode.UNKNOWN, hex_error)
         presented = bytes.fromhex(text)
-        role = next((r for r, m in self.macaroons.items() if m == presented), None)
+        role = self.role_of(presented)
         if role is None:
             await context.abort(grpc.StatusCode.UNKNOWN, SIGNATURE_MISMATCH)
         if METHOD_PERMISSION[method] not in ROLE_PERMISSIONS[role]:
             await context.abort(grpc.StatusCode.UNKNOWN, PERMISSION_DENIED)
+
+    def role_of(self, macaroon: bytes) -> str | None:
+        """Which of this node's macaroons it is (None: not baked here)."""
+        return next((r for r, m in self.macaroons.items() if m == macaroon), None)
 
     def payment(
         self,
@@ -401,6 +418,28 @@ class _Lightning(lightning_pb2_grpc.LightningServicer):
             chains=[lightning_pb2.Chain(chain="bitcoin", network="regtest")],
             uris=[f"{pubkey}@{node.address}"],
         )
+
+    async def CheckMacaroonPermissions(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> Any:
+        """rpcserver.go CheckMacaroonPermissions: macService.CheckMacAuth on the macaroon in
+        the request; any failure is INVALID_ARGUMENT with the bakery's text."""
+        node = self.node
+        if not node.check_permissions:
+            node.calls.append("/lnrpc.Lightning/CheckMacaroonPermissions")
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, UNKNOWN_METHOD.format("CheckMacaroonPermissions")
+            )
+        await node.admit(context, "/lnrpc.Lightning/CheckMacaroonPermissions")
+        role = node.role_of(bytes(request.macaroon))
+        if role is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, SIGNATURE_MISMATCH)
+        wanted = {(p.entity, p.action) for p in request.permissions}
+        # Broad permissions first, then the special "uri:<method>" one (no macaroon here
+        # is baked with those).
+        if not wanted <= ROLE_PERMISSIONS[role]:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, PERMISSION_DENIED)
+        return lightning_pb2.CheckMacPermResponse(valid=True)
 
     async def AddInvoice(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         node = self.node
@@ -481,7 +520,11 @@ class _Router(router_pb2_grpc.RouterServicer):
     ) -> AsyncIterator[Any]:
         node = self.node
         await node.admit(context, "/routerrpc.Router/SendPaymentV2")
+        if not -1 <= request.time_pref <= 1:
+            await context.abort(grpc.StatusCode.UNKNOWN, TIME_PREF_RANGE)
         bolt11 = request.payment_request
+        if not bolt11 and not request.dest:
+            await context.abort(grpc.StatusCode.UNKNOWN, NO_DESTINATION)
         try:
             invoice = decode_invoice(bolt11)
         except ValueError as exc:

@@ -541,21 +541,75 @@ async def test_a_readonly_macaroon_is_caught_at_start_on_the_server(
         assert await merchant.ledger.list_invoices(wallet="merchant") == []
 
 
-async def test_a_readonly_macaroon_cannot_pay_and_nothing_is_sent(
-    backend: LndInvoiceBackend, listener: StandinLnd, ledger_path: Path
+def may_not_pay(node: StandinLnd) -> str:
+    return (
+        f"lnd at {node.address}: the macaroon may not pay (SendPaymentV2) (permission denied); "
+        "use admin.macaroon or one baked with offchain:read and offchain:write"
+    )
+
+
+@pytest.mark.parametrize("asks", [True, False], ids=["CheckMacaroonPermissions", "old-lnd-probe"])
+async def test_a_readonly_macaroon_is_refused_at_start_and_nothing_is_sent(
+    backend: LndInvoiceBackend, listener: StandinLnd, ledger_path: Path, asks: bool
 ) -> None:
+    """readonly.macaroon may GetInfo, so without a permission check the client would start
+    and then fail every payment: it is refused at info(), where the client checks at start."""
+    listener.check_permissions = asks
     wallet = wallet_from_uri(listener.uri("readonly"))
     async with closing(wallet):
-        assert (await wallet.info()).alias == "standin-listener"  # readonly may read
         before = await balance(ledger_path, "listener")
+        error = await error_of(wallet.info())
+        assert type(error) is BackendUnavailable
+        assert str(error) == may_not_pay(listener)
+        assert "may still complete" not in str(error)
+        assert "/lnrpc.Lightning/CheckMacaroonPermissions" in listener.calls
+        # Paying anyway is refused the same way, and this node never saw a payment.
         invoice = await backend.create_invoice(PRICE_SAT, "ep", 600)
         error = await error_of(wallet.pay(invoice.bolt11, 0))
         assert type(error) is BackendUnavailable
         assert "the macaroon may not pay (SendPaymentV2) (permission denied)" in str(error)
-        assert "may still complete" not in str(error)
-        # Safe for recovery: this node never saw the payment.
         assert (await wallet.lookup_payment(invoice.payment_hash)).status == "unknown"
         assert await balance(ledger_path, "listener") == before
+
+
+async def test_admin_macaroon_passes_the_permission_check_without_paying(
+    listener: StandinLnd, ledger_path: Path
+) -> None:
+    wallet = wallet_from_uri(listener.uri("admin"))
+    async with closing(wallet):
+        before = await balance(ledger_path, "listener")
+        assert (await wallet.info()).alias == "standin-listener"
+        assert listener.calls.count("/lnrpc.Lightning/CheckMacaroonPermissions") == 2
+        assert "/routerrpc.Router/SendPaymentV2" not in listener.calls
+        assert await balance(ledger_path, "listener") == before
+
+
+@pytest.mark.parametrize("asks", [True, False], ids=["no-macaroon-read", "old-lnd"])
+async def test_a_macaroon_baked_for_paying_passes_by_probing(
+    backend: LndInvoiceBackend, listener: StandinLnd, ledger_path: Path, asks: bool
+) -> None:
+    """Without macaroon:read (or on an LND without CheckMacaroonPermissions) the RPCs are
+    probed with requests LND refuses after the macaroon check, before doing anything."""
+    listener.check_permissions = asks
+    wallet = wallet_from_uri(listener.uri("pay"))
+    async with closing(wallet):
+        before = await balance(ledger_path, "listener")
+        assert (await wallet.info()).alias == "standin-listener"
+        assert "/routerrpc.Router/SendPaymentV2" in listener.calls
+        assert "/routerrpc.Router/TrackPaymentV2" in listener.calls
+        assert await balance(ledger_path, "listener") == before
+        invoice = await backend.create_invoice(PRICE_SAT, "ep", 600)
+        assert (await wallet.pay(invoice.bolt11, 0)).payment_hash == invoice.payment_hash
+
+
+async def test_a_macaroon_that_may_only_track_is_refused_by_the_probe(
+    listener: StandinLnd,
+) -> None:
+    wallet = wallet_from_uri(listener.uri("track"))
+    async with closing(wallet):
+        error = await error_of(wallet.info())
+        assert type(error) is BackendUnavailable
+        assert str(error) == may_not_pay(listener)
 
 
 async def test_another_nodes_macaroon_is_rejected(

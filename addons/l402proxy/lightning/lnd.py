@@ -61,6 +61,17 @@ PAYMENT_STREAM_MARGIN_SECONDS: Final = 30.0
 MAX_STREAM_UPDATES: Final = 10_000
 MAX_DETAIL_CHARS: Final = 200
 PARAMETERS: Final = ("cert", "macaroon", "timeout")
+# What paying needs (routerrpc macPermissions): (method, entity, action, what it is for).
+# Checked by info(), so a read-only macaroon stops the client at start, not at every 402.
+PAY_PERMISSIONS: Final = (
+    ("/routerrpc.Router/SendPaymentV2", "offchain", "write", "pay (SendPaymentV2)"),
+    (
+        "/routerrpc.Router/TrackPaymentV2",
+        "offchain",
+        "read",
+        "look up payments (TrackPaymentV2)",
+    ),
+)
 
 # LND's chains[0].network (lncfg.NormalizeNetwork folds testnet3 into "testnet").
 _NETWORKS: Final[dict[str, Network | None]] = {
@@ -811,7 +822,69 @@ class LndWallet(Wallet):
         raise LightningError(f"{where}: unexpected payment status {update.status}")
 
     async def info(self) -> NodeInfo:
-        return self.node.node_info(await self.node.get_info())
+        """GetInfo, and whether the macaroon may pay and look payments up at all."""
+        info = self.node.node_info(await self.node.get_info())
+        for method, entity, action, what in PAY_PERMISSIONS:
+            await self._check_permission(method, entity, action, what)
+        return info
+
+    def _may_not(self, what: str, details: str) -> BackendUnavailable:
+        reason = "permission denied" if "permission denied" in details.lower() else details
+        return BackendUnavailable(
+            f"{self.node.where}: the macaroon may not {what} ({_one_line(reason)}); use "
+            "admin.macaroon or one baked with offchain:read and offchain:write"
+        )
+
+    async def _check_permission(self, method: str, entity: str, action: str, what: str) -> None:
+        """Ask LND (CheckMacaroonPermissions, its own macaroon check) whether our macaroon may
+        call `method`; without macaroon:read, or on an LND without that call, probe instead."""
+        request = lightning_pb2.CheckMacPermRequest(
+            macaroon=self.node.target.macaroon,
+            permissions=[lightning_pb2.MacaroonPermission(entity=entity, action=action)],
+            fullMethod=method,
+        )
+        try:
+            answer = await self.node.lightning.CheckMacaroonPermissions(
+                request, timeout=self.node.target.timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                # CheckMacAuth's verdict on the macaroon in the request.
+                raise self._may_not(what, exc.details() or "refused") from None
+            if _classify(exc) != "permission" and exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise self.node.error(
+                    exc, "check the macaroon's permissions (CheckMacaroonPermissions)"
+                ) from None
+            await self._probe(method, what)
+            return
+        if not answer.valid:
+            raise self._may_not(what, "permission denied")
+
+    async def _probe(self, method: str, what: str) -> None:
+        """Call `method` with a request LND refuses after the macaroon check and before it
+        does anything: no invoice and no destination (and a time preference out of range,
+        LND's first check) cannot pay, no payment hash cannot be tracked."""
+        if method.endswith("/SendPaymentV2"):
+            call = self.node.router.SendPaymentV2(
+                router_pb2.SendPaymentRequest(time_pref=2.0, no_inflight_updates=True),
+                timeout=self.node.target.timeout,
+            )
+        else:
+            call = self.node.router.TrackPaymentV2(
+                router_pb2.TrackPaymentRequest(payment_hash=b""),
+                timeout=self.node.target.timeout,
+            )
+        try:
+            await call.read()
+        except grpc.aio.AioRpcError as exc:
+            kind = _classify(exc)
+            if kind == "permission":
+                raise self._may_not(what, "permission denied") from None
+            if kind in _NEVER_REACHED_LND or kind in ("timeout", "unreachable"):
+                raise self.node.error(exc, what) from None
+            # Refused for the request itself: the macaroon got through.
+        finally:
+            call.cancel()
 
     async def close(self) -> None:
         await self.node.close()
