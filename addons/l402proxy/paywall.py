@@ -6,6 +6,8 @@ whether the invoice was paid and receives the credential as an HttpOnly cookie, 
 then accepts exactly like an `Authorization: L402` header.
 """
 
+import hashlib
+import hmac
 import html
 import json
 import re
@@ -25,6 +27,7 @@ from .l402.token import TokenError, TokenInfo, decode_macaroon, inspect
 from .rules import PLAIN_PATH, Rule, scope_path
 
 __all__ = [
+    "CLAIM_GRACE_SECONDS",
     "COOKIE_PREFIX",
     "ENDPOINT_PREFIX",
     "MAX_UNLOCK_BODY",
@@ -37,10 +40,14 @@ __all__ = [
     "PageFacts",
     "UnlockRequest",
     "body_kind",
-    "clearing_cookie",
+    "claim_cookie",
+    "claim_value",
+    "clearing_claim_cookie",
+    "clearing_cookies",
     "cookie_max_age",
     "cookie_name",
-    "credential_cookie",
+    "credential_cookies",
+    "holds_claim",
     "insert_banner",
     "is_endpoint",
     "parse_unlock_body",
@@ -206,33 +213,94 @@ def cookie_max_age(valid_until: float | None, now: float) -> int:
     return max(0, min(MAX_COOKIE_AGE, int(valid_until - now)))
 
 
-def credential_cookie(
+def _cookie_paths(scope: str) -> tuple[str, ...]:
+    # The scope for the content, and a copy for our own pages, so the pay page can see that
+    # this browser has paid already (a cookie for /episodes/ is never sent to /.l402/pay).
+    return (scope,) if ENDPOINT_PREFIX.startswith(scope) else (scope, ENDPOINT_PREFIX)
+
+
+def credential_cookies(
     service: str, macaroon: str, preimage: bytes, *, path: str, max_age: int, secure: bool
-) -> str:
-    """A Set-Cookie value holding `<macaroon>:<preimage hex>` for one service's scope."""
+) -> list[str]:
+    """Set-Cookie values holding `<macaroon>:<preimage hex>` for one service's scope `path`
+    (and the same for the proxy's own pages)."""
     if len(preimage) != 32:
         raise ValueError("preimage must be 32 bytes")
     # Standard base64 from whatever flavour the page sent: the value is always cookie-safe.
     value = f"{b64encode_std(b64decode_any(macaroon))}:{preimage.hex()}"
     if not _COOKIE_VALUE_CHARS.fullmatch(value):
         raise ValueError("credential has characters a cookie cannot carry")
-    return _cookie(cookie_name(service), value, path, max_age, secure)
+    name = _service_cookie_name(service)
+    return [_cookie(name, value, each, max_age, secure) for each in _cookie_paths(path)]
 
 
-def clearing_cookie(service: str, *, path: str, secure: bool) -> str:
-    """A Set-Cookie value that makes the browser drop a service's cookie."""
-    return _cookie(cookie_name(service), "", path, 0, secure)
+def clearing_cookies(service: str, *, path: str, secure: bool) -> list[str]:
+    """Set-Cookie values that make the browser drop a service's cookies."""
+    name = _service_cookie_name(service)
+    return [_cookie(name, "", each, 0, secure) for each in _cookie_paths(path)]
 
 
-def _cookie(name: str, value: str, path: str, max_age: int, secure: bool) -> str:
-    if not _SERVICE_NAME.fullmatch(name[len(COOKIE_PREFIX) :]):
-        raise ValueError(f"cookie name {name!r} is not ours")
+def _service_cookie_name(service: str) -> str:
+    if not _SERVICE_NAME.fullmatch(service):
+        raise ValueError(f"service name {service!r} cannot name a cookie")
+    return cookie_name(service)
+
+
+def _cookie(
+    name: str, value: str, path: str, max_age: int, secure: bool, same_site: str = "Lax"
+) -> str:
     if not PLAIN_PATH.fullmatch(path):
         raise ValueError("cookie path must be a plain path")
-    parts = [f"{name}={value}", f"Path={path}", f"Max-Age={max_age}", "HttpOnly", "SameSite=Lax"]
+    parts = [f"{name}={value}", f"Path={path}", f"Max-Age={max_age}", "HttpOnly"]
+    parts.append(f"SameSite={same_site}")
     if secure:
         parts.append("Secure")
     return "; ".join(parts)
+
+
+# -- the claim: which browser was shown an invoice --------------------------------------------
+#
+# A macaroon is no secret (it travels in every 402), so "this macaroon's invoice is paid" must
+# not hand its preimage to whoever asks: only to the browser the paywall page was shown to. That
+# browser holds an HttpOnly claim cookie, sent only to the unlock endpoint. (With the preimage,
+# as WebLN gives it, no claim is needed: the preimage is the proof.)
+
+CLAIM_PREFIX = "L402claim."
+_CLAIM_ID_BYTES = 8
+# The invoice can be paid until it expires; the page asks once more right after that.
+CLAIM_GRACE_SECONDS = 120
+
+
+def _claim_name(token_id: bytes) -> str:
+    # One per token, so several open paywall pages each keep their own.
+    return CLAIM_PREFIX + token_id[:_CLAIM_ID_BYTES].hex()
+
+
+def claim_value(secret: bytes, token_id: bytes) -> str:
+    """What the claim cookie for a token holds: derived from the server secret, not stored."""
+    return hmac.new(secret, b"l402proxy claim\x00" + token_id, hashlib.sha256).hexdigest()
+
+
+def claim_cookie(secret: bytes, token_id: bytes, *, max_age: int, secure: bool) -> str:
+    """The Set-Cookie value that lets this browser unlock the token without its preimage."""
+    value = claim_value(secret, token_id)
+    name = _claim_name(token_id)
+    return _cookie(name, value, UNLOCK_PATH, max_age, secure, same_site="Strict")
+
+
+def clearing_claim_cookie(token_id: bytes, *, secure: bool) -> str:
+    return _cookie(_claim_name(token_id), "", UNLOCK_PATH, 0, secure, same_site="Strict")
+
+
+def holds_claim(cookie_headers: Sequence[str], secret: bytes, token_id: bytes) -> bool:
+    """Whether the request carries the claim cookie for this token."""
+    name, expected = _claim_name(token_id), claim_value(secret, token_id)
+    for header in cookie_headers:
+        for piece in header.split(";"):
+            key, sep, value = piece.strip().partition("=")
+            if sep and key.strip() == name and hmac.compare_digest(value.strip(), expected):
+                return True
+    return False
 
 
 # -- the unlock request ------------------------------------------------------------------------

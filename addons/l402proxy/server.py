@@ -421,9 +421,8 @@ class L402Server:
         note = flow.metadata.get("l402")
         if note is None or note.get("variant") != "free" or flow.response is None:
             return
-        clear = note.get("clear_cookie")
-        if clear:
-            flow.response.headers.add("Set-Cookie", clear)
+        for cookie in note.get("clear_cookies", ()):
+            flow.response.headers.add("Set-Cookie", cookie)
         offer = note.get("offer")
         if offer and ctx.options.l402_offer_upgrade and flow.request.method.upper() != "HEAD":
             offer_upgrade(flow.response, offer)
@@ -448,10 +447,10 @@ class L402Server:
             method=request.method,
             cache=self.cache,
         )
-        clear_cookie = None
+        clear_cookies: list[str] = []
         if from_cookie and isinstance(decision, gate.Challenge):
             # The browser would send it again and again: make it forget it.
-            clear_cookie = paywall.clearing_cookie(
+            clear_cookies = paywall.clearing_cookies(
                 rule.name, path=paywall.scope_path(rule), secure=is_https(flow)
             )
             if rule.mode == "upgrade" and not accepts_l402(
@@ -467,13 +466,11 @@ class L402Server:
             case gate.Grant():
                 self._grant(flow, decision, from_cookie=from_cookie)
             case gate.Challenge():
-                await self._challenge(
-                    flow, decision, set_cookies=(clear_cookie,) if clear_cookie else ()
-                )
+                await self._challenge(flow, decision, set_cookies=clear_cookies)
             case gate.Free():
                 note: dict[str, Any] = {"service": rule.name, "variant": "free"}
-                if clear_cookie:
-                    note["clear_cookie"] = clear_cookie
+                if clear_cookies:
+                    note["clear_cookies"] = clear_cookies
                 if (
                     rule.mode == "upgrade"
                     and ctx.options.l402_offer_upgrade
@@ -589,6 +586,15 @@ class L402Server:
         )
         for cookie in set_cookies:
             response.headers.add("Set-Cookie", cookie)
+        if kind == "html":
+            # Only this browser may later collect the token by the invoice being paid.
+            claim_age = int(invoice.expires_at - now) + paywall.CLAIM_GRACE_SECONDS
+            response.headers.add(
+                "Set-Cookie",
+                paywall.claim_cookie(
+                    self.secret, identifier.token_id, max_age=claim_age, secure=is_https(flow)
+                ),
+            )
         flow.response = headers_only_for_head(response, flow.request.method)
         flow.metadata["l402"] = {
             "service": rule.name,
@@ -676,6 +682,20 @@ class L402Server:
             )
             return
         preimage = asked.preimage
+        if preimage is None and not paywall.holds_claim(
+            request.headers.get_all("cookie"), self.secret, identifier.token_id
+        ):
+            flow.response = json_response(
+                403,
+                {
+                    "error": "not_this_browser",
+                    "message": (
+                        "Only the browser this invoice was shown to can open it without the "
+                        "payment's preimage."
+                    ),
+                },
+            )
+            return
         if preimage is None:
             assert self.backend is not None
             try:
@@ -730,20 +750,22 @@ class L402Server:
                 {"error": "refused", "reason": exc.reason, "message": f"Not unlocked: {exc}."},
             )
             return
-        cookie = paywall.credential_cookie(
+        secure = is_https(flow)
+        cookies = paywall.credential_cookies(
             rule.name,
             asked.macaroon,
             preimage,
             path=paywall.scope_path(rule),
             max_age=paywall.cookie_max_age(token.valid_until, now),
-            secure=is_https(flow),
+            secure=secure,
         )
+        cookies.append(paywall.clearing_claim_cookie(identifier.token_id, secure=secure))
         expires_at = None if token.valid_until is None else int(token.valid_until)
         flow.response = json_response(
-            200,
-            {"unlocked": True, "service": rule.name, "expires_at": expires_at},
-            {"Set-Cookie": cookie},
+            200, {"unlocked": True, "service": rule.name, "expires_at": expires_at}
         )
+        for cookie in cookies:
+            flow.response.headers.add("Set-Cookie", cookie)
         flow.metadata["l402"]["unlocked"] = True
         flow.comment = f"L402 unlocked: {rule.name}"
         self._note_paid(token.identifier.token_id)

@@ -186,6 +186,7 @@ class Upgraded:
     after_url: str
     fetched: dict[str, Any]  # after paying
     media: dict[str, Any]
+    again_url: str  # the same link followed once more, after paying
 
 
 async def upgrade_from_the_page(demo: Demo) -> Upgraded:
@@ -214,7 +215,11 @@ async def upgrade_from_the_page(demo: Demo) -> Upgraded:
         src = await page.get_attribute("audio", "src")
         media = await page.evaluate(LOAD_AUDIO, MEDIA_TIMEOUT_MS)
         fetched = await page.evaluate(FETCH_SRC, src)
-        return Upgraded(before, pay_page.url, pay_page.status, page.url, fetched, media)
+        after_url = page.url
+        # Paid already: the link leads straight back instead of selling it again.
+        async with page.expect_navigation(url=index_url):
+            await page.click("text=Go ad-free for 21 sats")
+        return Upgraded(before, pay_page.url, pay_page.status, after_url, fetched, media, page.url)
 
 
 def test_chromium_without_the_client_proxy_goes_ad_free_from_the_page_link(demo: Demo) -> None:
@@ -234,5 +239,6 @@ def test_chromium_without_the_client_proxy_goes_ad_free_from_the_page_link(demo:
     assert seen.media["duration"] == pytest.approx(ad_free, abs=0.05), logs(demo)
     assert seen.fetched["sha256"] == sha256_of_origin(demo, f"/adfree/{EPISODE}.wav")
     assert seen.fetched["paid"] is None  # paid by the listener, not by a client proxy
+    assert seen.again_url == demo.proxy.url + "/"
     new = settled(demo.home) - before
     assert len(new) == 1, logs(demo)

@@ -119,6 +119,11 @@ def test_unlock_after_dev_pay_sets_a_cookie_that_opens_the_scope(stack: Stack) -
         assert paid.returncode == 0, paid.stderr
         preimage = json.loads(paid.stdout)["preimage"]
 
+        # Only this browser (it holds the page's claim cookie) may collect the credential.
+        with stack.client() as stranger:
+            other = stranger.post("/.l402/unlock", json={"macaroon": macaroon, "preimage": None})
+            assert other.status_code == 403 and other.json()["error"] == "not_this_browser"
+
         unlocked = client.post("/.l402/unlock", json={"macaroon": macaroon, "preimage": None})
         assert unlocked.status_code == 200, unlocked.text
         assert unlocked.json()["unlocked"] is True and unlocked.json()["service"] == "bonus"
@@ -222,7 +227,9 @@ def test_our_cookie_never_reaches_the_origin(tmp_path: Path) -> None:
         with started(proxy):
             stack = Stack(home, None, proxy)
             with stack.client() as client:
-                macaroon, invoice = challenge(client.get("/bonus/x"))
+                macaroon, invoice = challenge(
+                    client.get("/bonus/x", headers={"Accept": BROWSER_ACCEPT})
+                )
                 procs.dev_pay(home, invoice)
                 unlocked = client.post("/.l402/unlock", json={"macaroon": macaroon})
                 cookie = unlocked.headers["Set-Cookie"].split(";", 1)[0]

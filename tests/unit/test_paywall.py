@@ -203,36 +203,55 @@ def test_cookies_that_only_look_like_ours_stay() -> None:
 def test_credential_cookie_attributes() -> None:
     macaroon = macaroon_for()
     urlsafe = macaroon.rstrip("=").replace("+", "-").replace("/", "_")
-    value = paywall.credential_cookie(
+    scoped, for_our_pages = paywall.credential_cookies(
         "bonus", urlsafe, PREIMAGE, path="/bonus/", max_age=3600, secure=False
     )
-    assert value == (
+    assert scoped == (
         f"L402_bonus={macaroon}:{PREIMAGE.hex()}; Path=/bonus/; Max-Age=3600; HttpOnly; "
         "SameSite=Lax"
     )
-    secure = paywall.credential_cookie(
+    # The same credential for /.l402/, so the pay page knows this browser has paid.
+    assert for_our_pages == scoped.replace("Path=/bonus/", "Path=/.l402/")
+    (secure,) = paywall.credential_cookies(
         "bonus", macaroon, PREIMAGE, path="/", max_age=1, secure=True
     )
-    assert secure.endswith("; HttpOnly; SameSite=Lax; Secure")
+    assert secure.endswith("; Path=/; Max-Age=1; HttpOnly; SameSite=Lax; Secure")
 
 
 def test_credential_cookie_refuses_bad_input() -> None:
     with pytest.raises(ValueError):
-        paywall.credential_cookie("bonus", "AgE", b"short", path="/", max_age=1, secure=False)
+        paywall.credential_cookies("bonus", "AgE", b"short", path="/", max_age=1, secure=False)
     with pytest.raises(ValueError):
-        paywall.credential_cookie(
+        paywall.credential_cookies(
             "bonus", macaroon_for(), PREIMAGE, path="/a;b", max_age=1, secure=False
         )
     with pytest.raises(ValueError):
-        paywall.credential_cookie(
+        paywall.credential_cookies(
             "a b", macaroon_for(), PREIMAGE, path="/", max_age=1, secure=False
         )
 
 
-def test_clearing_cookie() -> None:
-    assert paywall.clearing_cookie("bonus", path="/bonus/", secure=True) == (
-        "L402_bonus=; Path=/bonus/; Max-Age=0; HttpOnly; SameSite=Lax; Secure"
-    )
+def test_clearing_cookies() -> None:
+    assert paywall.clearing_cookies("bonus", path="/bonus/", secure=True) == [
+        "L402_bonus=; Path=/bonus/; Max-Age=0; HttpOnly; SameSite=Lax; Secure",
+        "L402_bonus=; Path=/.l402/; Max-Age=0; HttpOnly; SameSite=Lax; Secure",
+    ]
+
+
+def test_the_claim_cookie_belongs_to_one_token_and_one_secret() -> None:
+    secret, token_id = b"s" * 32, bytes(range(32))
+    cookie = paywall.claim_cookie(secret, token_id, max_age=720, secure=False)
+    name_value, *attributes = cookie.split("; ")
+    assert attributes == ["Path=/.l402/unlock", "Max-Age=720", "HttpOnly", "SameSite=Strict"]
+    assert name_value.startswith("L402claim.0001020304050607=")
+    assert not paywall.is_our_cookie(name_value.split("=")[0])  # never a service's cookie
+    assert paywall.holds_claim(["a=b; " + name_value], secret, token_id)
+    assert not paywall.holds_claim([name_value], b"t" * 32, token_id)
+    other = bytes(range(32))[:8] + bytes(24)  # same name, another token
+    assert not paywall.holds_claim([name_value], secret, other)
+    assert not paywall.holds_claim([], secret, token_id)
+    cleared = paywall.clearing_claim_cookie(token_id, secure=True)
+    assert cleared.startswith("L402claim.0001020304050607=; Path=/.l402/unlock; Max-Age=0;")
 
 
 def test_cookie_max_age() -> None:

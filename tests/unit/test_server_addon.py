@@ -17,7 +17,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from l402proxy import gate, paywall
 from l402proxy.l402.headers import parse_challenges
 from l402proxy.l402.identifier import Identifier
-from l402proxy.l402.token import caveats_for, derive_root_key, mint
+from l402proxy.l402.token import caveats_for, decode_macaroon, derive_root_key, mint
 from l402proxy.launch import REPO
 from l402proxy.lightning import DevLedger, InvoiceBackend
 from l402proxy.lightning.base import (
@@ -223,6 +223,11 @@ async def challenge(
     return parsed[0].macaroon, parsed[0].invoice
 
 
+def challenge_of(response: http.Response) -> tuple[str, str]:
+    parsed = parse_challenges(response.headers.get_all("WWW-Authenticate"))
+    return parsed[0].macaroon, parsed[0].invoice
+
+
 def unlock_flow(
     body: object, content_type: str = "application/json", **headers: str
 ) -> http.HTTPFlow:
@@ -232,8 +237,21 @@ def unlock_flow(
     return flow
 
 
-async def unlock(addon: L402Server, macaroon: str, preimage: bytes | None = None) -> http.Response:
-    flow = unlock_flow({"macaroon": macaroon, "preimage": preimage.hex() if preimage else None})
+def claim_for(addon: L402Server, macaroon: str) -> str:
+    """The Cookie pair of the claim the paywall page gave the browser it was shown to."""
+    identifier = Identifier.decode(decode_macaroon(macaroon).identifier_bytes)
+    set_cookie = paywall.claim_cookie(addon.secret, identifier.token_id, max_age=1, secure=False)
+    return set_cookie.split(";", 1)[0]
+
+
+async def unlock(
+    addon: L402Server, macaroon: str, preimage: bytes | None = None, *, claim: bool = True
+) -> http.Response:
+    """POST /.l402/unlock as the page does, from the browser the page was shown to (`claim`)."""
+    headers = {"Cookie": claim_for(addon, macaroon)} if claim else {}
+    flow = unlock_flow(
+        {"macaroon": macaroon, "preimage": preimage.hex() if preimage else None}, **headers
+    )
     await addon.request(flow)
     assert flow.response is not None
     return flow.response
@@ -248,7 +266,7 @@ async def bought_cookie(addon: L402Server, payer: DevLedger, path: str = "/bonus
     await payer.pay("listener", invoice, 0)
     response = await unlock(addon, macaroon)
     assert response.status_code == 200, response.text
-    return response.headers["Set-Cookie"]
+    return response.headers.get_all("Set-Cookie")[0]
 
 
 def expired_cookie(addon: L402Server, service: str = "bonus") -> str:
@@ -283,13 +301,15 @@ async def test_paid_invoice_unlocks_with_an_httponly_cookie_for_the_scope(
     assert body["unlocked"] is True and body["service"] == "bonus"
     # bonus: valid_for 7d, invoice_expiry default 600 s, counted from the invoice's expiry.
     assert before + 7 * 86400 <= body["expires_at"] <= time.time() + 7 * 86400 + 601
-    cookie = response.headers["Set-Cookie"]
+    cookie, for_our_pages, claim_cleared = response.headers.get_all("Set-Cookie")
     name_value, *attributes = cookie.split("; ")
     assert name_value == f"L402_bonus={macaroon}:{paid.preimage.hex()}"
     assert "Path=/bonus/" in attributes and "HttpOnly" in attributes
     assert "SameSite=Lax" in attributes and "Secure" not in attributes
     max_age = int(next(a for a in attributes if a.startswith("Max-Age=")).split("=")[1])
     assert abs(max_age - (body["expires_at"] - before)) <= 2
+    assert for_our_pages == cookie.replace("Path=/bonus/", "Path=/.l402/")
+    assert claim_cleared.startswith("L402claim.") and "Max-Age=0" in claim_cleared
     assert paid.preimage.hex() not in response.text  # the credential lives in the cookie only
     assert counting.lookups == 1
 
@@ -299,11 +319,12 @@ async def test_cookie_is_secure_when_the_browser_came_over_https(
 ) -> None:
     macaroon, invoice = await challenge(addon)
     await payer.pay("listener", invoice, 0)
-    flow = unlock_flow({"macaroon": macaroon})
+    flow = unlock_flow({"macaroon": macaroon}, Cookie=claim_for(addon, macaroon))
     flow.client_conn.timestamp_tls_setup = time.time()  # the browser came over TLS
     await addon.request(flow)
     assert flow.response is not None and flow.response.status_code == 200
-    assert flow.response.headers["Set-Cookie"].endswith("; Secure")
+    cookies = flow.response.headers.get_all("Set-Cookie")
+    assert len(cookies) == 3 and all(cookie.endswith("; Secure") for cookie in cookies)
 
 
 async def test_webln_preimage_unlocks_without_asking_the_backend(
@@ -314,10 +335,50 @@ async def test_webln_preimage_unlocks_without_asking_the_backend(
     wrong = await unlock(addon, macaroon, os.urandom(32))
     assert wrong.status_code == 401
     assert json.loads(wrong.content)["reason"] == "preimage_mismatch"
-    right = await unlock(addon, macaroon, paid.preimage)
+    # The preimage is the proof: no claim cookie needed (a WebLN wallet, another browser).
+    right = await unlock(addon, macaroon, paid.preimage, claim=False)
     assert right.status_code == 200
-    assert right.headers["Set-Cookie"].startswith(f"L402_bonus={macaroon}:{paid.preimage.hex()};")
+    assert right.headers.get_all("Set-Cookie")[0].startswith(
+        f"L402_bonus={macaroon}:{paid.preimage.hex()};"
+    )
     assert counting.lookups == 0
+
+
+async def test_the_page_gives_its_browser_a_claim_and_only_it_unlocks_without_the_preimage(
+    addon: L402Server, counting: CountingBackend, payer: DevLedger
+) -> None:
+    flow = flow_for("/bonus/x.mp3", Accept=BROWSER_ACCEPT)
+    await addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 402
+    (claim,) = [c for c in flow.response.headers.get_all("Set-Cookie") if "L402claim." in c]
+    name_value, *attributes = claim.split("; ")
+    assert "Path=/.l402/unlock" in attributes and "HttpOnly" in attributes
+    assert "SameSite=Strict" in attributes
+    max_age = int(next(a for a in attributes if a.startswith("Max-Age=")).split("=")[1])
+    assert 600 <= max_age <= 600 + paywall.CLAIM_GRACE_SECONDS  # the invoice's life, and a bit
+    macaroon, invoice = challenge_of(flow.response)
+    assert name_value == claim_for(addon, macaroon)
+    await payer.pay("listener", invoice, 0)
+
+    # Someone else who read the macaroon (it is in every 402) gets nothing, and costs no lookup.
+    stranger = await unlock(addon, macaroon, claim=False)
+    assert stranger.status_code == 403
+    assert json.loads(stranger.content)["error"] == "not_this_browser"
+    assert "Set-Cookie" not in stranger.headers
+    wrong_claim = unlock_flow({"macaroon": macaroon}, Cookie=name_value[:-4] + "0000")
+    await addon.request(wrong_claim)
+    assert wrong_claim.response is not None and wrong_claim.response.status_code == 403
+    assert counting.lookups == 0
+
+    browser = await unlock(addon, macaroon)
+    assert browser.status_code == 200 and counting.lookups == 1
+
+
+async def test_api_clients_get_no_claim_cookie(addon: L402Server) -> None:
+    flow = flow_for("/bonus/x.mp3", Accept_Authenticate="L402")
+    await addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 402
+    assert "Set-Cookie" not in flow.response.headers
 
 
 @pytest.mark.parametrize("forge", ["tampered", "foreign"])
@@ -478,9 +539,10 @@ async def test_invalid_or_expired_cookie_gets_the_page_and_is_cleared(
     await addon.request(flow)
     assert flow.response is not None and flow.response.status_code == status
     assert flow.response.headers["Content-Type"] == "text/html; charset=utf-8"
-    assert flow.response.headers["Set-Cookie"] == (
-        "L402_bonus=; Path=/bonus/; Max-Age=0; HttpOnly; SameSite=Lax"
-    )
+    cleared, cleared_for_our_pages, claim = flow.response.headers.get_all("Set-Cookie")
+    assert cleared == "L402_bonus=; Path=/bonus/; Max-Age=0; HttpOnly; SameSite=Lax"
+    assert cleared_for_our_pages == cleared.replace("Path=/bonus/", "Path=/.l402/")
+    assert claim.startswith("L402claim.")  # the page's fresh invoice
     assert len(flow.response.headers.get_all("WWW-Authenticate")) == 2
 
 
@@ -492,7 +554,12 @@ async def test_stale_cookie_in_upgrade_mode_gets_the_free_variant_and_is_cleared
     assert flow.response is None and flow.request.path == "/episodes/ep1.mp3"
     flow.response = tutils.tresp(content=b"AD-SUPPORTED", headers=http.Headers())
     addon.response(flow)
-    assert flow.response.headers["Set-Cookie"].startswith("L402_podcast=; Path=/episodes/;")
+    assert [
+        cookie.split(" Max-Age")[0] for cookie in flow.response.headers.get_all("Set-Cookie")
+    ] == [
+        "L402_podcast=; Path=/episodes/;",
+        "L402_podcast=; Path=/.l402/;",
+    ]
 
 
 async def test_revoked_token_cookie_is_refused(addon: L402Server, payer: DevLedger) -> None:
@@ -592,11 +659,16 @@ async def test_pay_endpoint_404s_without_a_priced_rule(
 async def test_pay_endpoint_sends_a_paying_browser_straight_back(
     addon: L402Server, payer: DevLedger
 ) -> None:
-    value = cookie_value(await bought_cookie(addon, payer))
-    flow = flow_for("/.l402/pay?path=/bonus/x.mp3&return=/bonus/", Cookie=f"L402_bonus={value}")
+    macaroon, invoice = await challenge(addon, "/episodes/ep1.mp3")
+    await payer.pay("listener", invoice, 0)
+    unlocked = await unlock(addon, macaroon)
+    # What a browser sends to /.l402/pay: only the cookies whose Path covers it.
+    sent = [c.split(";")[0] for c in unlocked.headers.get_all("Set-Cookie") if "Path=/.l402/;" in c]
+    assert len(sent) == 1
+    flow = flow_for("/.l402/pay?path=/episodes/ep1.mp3&return=/", Cookie=sent[0])
     await addon.request(flow)
     assert flow.response is not None and flow.response.status_code == 303
-    assert flow.response.headers["Location"] == "/bonus/"
+    assert flow.response.headers["Location"] == "/"
 
 
 def html_response(body: bytes, **headers: str) -> http.Response:
