@@ -194,6 +194,33 @@ def headers_only_for_head(response: http.Response, method: str) -> http.Response
     return response
 
 
+# What decides between a priced URL's free and paid answers.
+VARIANT_VARY = ("Authorization", "Cookie", "Accept-Authenticate")
+# Directives that let a shared cache keep an answer for everyone.
+_SHARED_CACHE_DIRECTIVES = ("public", "s-maxage")
+
+
+def mark_variant(headers: http.Headers, *, paid: bool, by_accept: bool = False) -> None:
+    """Tell caches that a priced URL's answer depends on who asks, so a browser that just paid
+    does not replay its cached free copy, and a shared cache never hands a paid answer (bought
+    with a cookie, which shared caches do store) to someone else."""
+    vary = [v.strip() for v in headers.get("Vary", "").split(",") if v.strip()]
+    if "*" not in vary:
+        have = {v.lower() for v in vary}
+        wanted = (*VARIANT_VARY, "Accept") if by_accept else VARIANT_VARY
+        vary += [v for v in wanted if v.lower() not in have]
+        headers["Vary"] = ", ".join(vary)
+    if paid:
+        directives = [
+            d.strip()
+            for d in headers.get("Cache-Control", "").split(",")
+            if d.strip() and d.split("=", 1)[0].strip().lower() not in _SHARED_CACHE_DIRECTIVES
+        ]
+        if not any(d.lower() in ("private", "no-store") for d in directives):
+            directives.insert(0, "private")
+        headers["Cache-Control"] = ", ".join(directives)
+
+
 def is_https(flow: http.HTTPFlow) -> bool:
     """Did the browser reach us over TLS (then our cookies are Secure)?"""
     return bool(flow.client_conn.tls_established)
@@ -419,11 +446,18 @@ class L402Server:
 
     def response(self, flow: http.HTTPFlow) -> None:
         note = flow.metadata.get("l402")
-        if note is None or note.get("variant") != "free" or flow.response is None:
+        if note is None or flow.response is None:
             return
+        variant = note.get("variant")
+        if variant == "paid":
+            mark_variant(flow.response.headers, paid=True)
+            return
+        if variant != "free":
+            return
+        offer = note.get("offer")
+        mark_variant(flow.response.headers, paid=False, by_accept=bool(offer))
         for cookie in note.get("clear_cookies", ()):
             flow.response.headers.add("Set-Cookie", cookie)
-        offer = note.get("offer")
         if offer and ctx.options.l402_offer_upgrade and flow.request.method.upper() != "HEAD":
             offer_upgrade(flow.response, offer)
 

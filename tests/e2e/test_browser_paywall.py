@@ -10,8 +10,11 @@ the server proxy, a real origin behind it, the dev ledger as the Lightning netwo
 """
 
 import asyncio
+import contextlib
+import http.server
 import re
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from l402proxy.launch import env_with_home
+from l402proxy.launch import env_with_home, started
 from l402proxy.lightning.dev import DevLedger
 
 from . import procs
@@ -268,3 +271,70 @@ async def test_4_a_qr_payment_out_of_band_opens_the_page_by_itself(
     await assert_paid_content(tab, await unlocked.value)
     await assert_paid_content(tab, await reload(tab))
     assert tab.errors == []
+
+
+class CachingOrigin(http.server.BaseHTTPRequestHandler):
+    """An origin that lets browsers keep every answer for an hour, as many CDNs do."""
+
+    def do_GET(self) -> None:
+        body = f"{self.path.split('/')[1].upper()} {self.path}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Cache-Control", "public, max-age=3600")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def caching_origin() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CachingOrigin)
+    thread = threading.Thread(target=server.serve_forever, name="caching-origin", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+FETCH_TEXT = """async (url) => {
+    const response = await fetch(url);
+    return [response.status, await response.text()];
+}"""
+
+
+async def test_paying_takes_effect_although_the_origin_lets_browsers_cache(
+    tmp_path: Path, open_tab: Callable[..., Any]
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    with caching_origin() as origin_url:
+        proxy = procs.server_proxy(tmp_path, home, tmp_path / "conf", origin_url, PODCAST_RULES)
+        with started(proxy):
+            tab = await open_tab()
+            await tab.page.goto(proxy.url + "/feed.xml")
+            episode = "/episodes/x.wav"
+            before = await tab.page.evaluate(FETCH_TEXT, episode)
+            assert before == [200, "EPISODES /episodes/x.wav\n"]  # the free copy, now cached
+
+            response = await tab.page.goto(f"{proxy.url}/.l402/pay?path={episode}&return=/feed.xml")
+            assert response is not None and response.status == 402
+            invoice = await invoice_in_header(response)
+            async with tab.page.expect_navigation(
+                url=proxy.url + "/feed.xml", wait_until="commit", timeout=UNLOCK_WAIT_MS
+            ):
+                ledger = DevLedger(home / "devledger.sqlite")
+                try:
+                    await ledger.pay("listener", invoice, 0)
+                finally:
+                    await ledger.close()
+
+            # The browser's cache keys on the Cookie now (Vary), so it asks again.
+            after = await tab.page.evaluate(FETCH_TEXT, episode)
+            assert after == [200, "ADFREE /adfree/x.wav\n"]
+            assert tab.errors == []

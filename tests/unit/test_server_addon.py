@@ -28,7 +28,7 @@ from l402proxy.lightning.base import (
     LookupUnsupported,
     NodeInfo,
 )
-from l402proxy.server import L402Server
+from l402proxy.server import L402Server, mark_variant
 
 RULES = REPO / "rules" / "podcast.yaml"
 
@@ -768,3 +768,65 @@ async def test_credentials_never_reach_the_log(
     preimage = value.split(":")[1]
     assert preimage not in caplog.text
     assert preimage not in json.dumps(flow.metadata)
+
+
+# -- caches: a priced URL's answer depends on who asks -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ({}, {"Vary": "Authorization, Cookie, Accept-Authenticate", "Cache-Control": "private"}),
+        (
+            {
+                "Vary": "accept-encoding, cookie",
+                "Cache-Control": "public, max-age=3600, s-maxage=60",
+            },
+            {
+                "Vary": "accept-encoding, cookie, Authorization, Accept-Authenticate",
+                "Cache-Control": "private, max-age=3600",
+            },
+        ),
+        ({"Vary": "*", "Cache-Control": "no-store"}, {"Vary": "*", "Cache-Control": "no-store"}),
+        ({"Cache-Control": "private, max-age=60"}, {"Cache-Control": "private, max-age=60"}),
+    ],
+)
+def test_paid_answers_vary_and_stay_private(before: dict[str, str], after: dict[str, str]) -> None:
+    headers = http.Headers(**{k.replace("-", "_"): v for k, v in before.items()})
+    mark_variant(headers, paid=True)
+    for name, value in after.items():
+        assert headers[name] == value
+
+
+def test_free_answers_vary_but_keep_their_caching() -> None:
+    headers = http.Headers(Cache_Control="public, max-age=3600")
+    mark_variant(headers, paid=False, by_accept=True)
+    assert headers["Vary"] == "Authorization, Cookie, Accept-Authenticate, Accept"
+    assert headers["Cache-Control"] == "public, max-age=3600"
+
+
+async def test_the_response_hook_marks_free_and_paid_answers(
+    addon: L402Server, payer: DevLedger
+) -> None:
+    free = flow_for("/episodes/ep1.mp3")
+    await addon.request(free)
+    free.response = tutils.tresp(headers=http.Headers(Cache_Control="max-age=3600"))
+    addon.response(free)
+    assert free.response.headers["Vary"] == "Authorization, Cookie, Accept-Authenticate"
+    assert free.response.headers["Cache-Control"] == "max-age=3600"
+
+    value = cookie_value(await bought_cookie(addon, payer))
+    paid = flow_for("/bonus/x.mp3", Cookie=f"L402_bonus={value}")
+    await addon.request(paid)
+    assert paid.metadata["l402"]["variant"] == "paid"
+    paid.response = tutils.tresp(headers=http.Headers(Cache_Control="public, max-age=3600"))
+    addon.response(paid)
+    assert paid.response.headers["Cache-Control"] == "private, max-age=3600"
+    assert "Cookie" in paid.response.headers["Vary"]
+
+    unpriced = flow_for("/feed.xml")
+    await addon.request(unpriced)
+    unpriced.response = tutils.tresp(headers=http.Headers(Cache_Control="public, max-age=60"))
+    addon.response(unpriced)
+    assert "Vary" not in unpriced.response.headers
+    assert unpriced.response.headers["Cache-Control"] == "public, max-age=60"
