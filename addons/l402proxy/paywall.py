@@ -477,8 +477,9 @@ def render_page(facts: PageFacts) -> str:
 <p class="hint">Scan with a Lightning wallet. This page opens the content by itself once paid.</p>
 <div class="actions">
 <button id="webln-pay" class="primary" type="button" hidden>Pay with WebLN</button>
-<a class="button" href="{e(lightning_uri)}">Open wallet</a>
+<a id="open-wallet" class="button" href="{e(lightning_uri)}">Open wallet</a>
 <button id="copy" type="button">Copy invoice</button>
+<button id="renew" class="primary" type="button" hidden>Get a new invoice</button>
 </div>
 <p id="status" class="status" role="status" aria-live="polite"></p>
 <p class="expiry">The invoice expires <span id="expiry">at <time datetime="{e(expires_iso)}">\
@@ -625,12 +626,18 @@ _JS = """
   var statusLine = document.getElementById("status");
   var payButton = document.getElementById("webln-pay");
   var copyButton = document.getElementById("copy");
+  var renewButton = document.getElementById("renew");
   var expiry = document.getElementById("expiry");
   var deadline = Date.now() + data.expires_in * 1000;
   var finished = false;
   var polling = true;
   var pollTimer = null;
   var tickTimer = null;
+  // Set once a WebLN wallet paid: from then on every unlock carries it, and nothing on this
+  // page may say "not paid" again.
+  var preimageHex = null;
+  var paidPolls = 0;
+  var MAX_PAID_POLLS = 150;
 
   function say(text, kind) {
     statusLine.textContent = text;
@@ -676,15 +683,30 @@ _JS = """
       pollTimer = setTimeout(poll, ms);
     }
   }
+  function pollNow() {
+    clearTimeout(pollTimer);
+    polling = true;
+    poll();
+  }
   function poll() {
     pollTimer = null;
     if (finished) { return; }
-    if (Date.now() >= deadline) { expire(); return; }
-    unlock(null).then(function (answer) {
+    if (preimageHex) {
+      // The invoice's expiry no longer matters; only how long the site takes to answer.
+      if (++paidPolls > MAX_PAID_POLLS) {
+        stop();
+        say("Paid, but this site does not answer. Reload the page in a moment.", "error");
+        return;
+      }
+    } else if (Date.now() >= deadline) {
+      expire();
+      return;
+    }
+    unlock(preimageHex).then(function (answer) {
       if (finished) { return; }
       if (unlocked(answer)) { proceed(); return; }
       if (answer.status === 202) { schedule(data.poll_ms); return; }
-      if (answer.status === 503) {
+      if (answer.status === 503 || (preimageHex && answer.status >= 500)) {
         schedule(Math.max(data.poll_ms, answer.retry * 1000));
         return;
       }
@@ -700,18 +722,23 @@ _JS = """
     });
   }
   function expire() {
-    if (finished) { return; }
+    if (finished || preimageHex) { return; }
     stop();
     document.body.classList.add("expired");
     payButton.disabled = true;
+    copyButton.hidden = true;
+    document.getElementById("open-wallet").hidden = true;
+    document.querySelector("a.qr").removeAttribute("href");
+    renewButton.hidden = false;
     expiry.textContent = "now";
-    say("Invoice expired: reload for a new one.", "error");
+    say("This invoice has expired: nothing can be paid with it now.", "error");
     // A payment made in the last seconds is still worth its content.
     unlock(null).then(function (answer) {
       if (unlocked(answer)) { finished = false; proceed(); }
     }, function () {});
   }
   function tick() {
+    if (preimageHex) { return; }
     var left = Math.ceil((deadline - Date.now()) / 1000);
     if (left <= 0) { expire(); return; }
     var minutes = Math.floor(left / 60);
@@ -725,7 +752,7 @@ _JS = """
   }
   payButton.addEventListener("click", function () {
     var webln = window.webln;
-    if (finished || !webln) { return; }
+    if (finished || !webln || preimageHex) { return; }
     payButton.disabled = true;
     say("Confirm the payment in your wallet\\u2026");
     Promise.resolve(webln.enable ? webln.enable() : null).then(function () {
@@ -733,18 +760,20 @@ _JS = """
     }).then(function (result) {
       var preimage = result && result.preimage;
       if (!preimage) { throw new Error("the wallet returned no preimage"); }
-      say("Paid. Unlocking\\u2026");
-      return unlock(preimage);
-    }).then(function (answer) {
+      return preimage;
+    }).then(function (preimage) {
       if (finished) { return; }
-      if (unlocked(answer)) { proceed(); return; }
-      say(explain(answer), "error");
+      // Paid: the poll now carries the preimage and keeps asking until the site takes it.
+      preimageHex = preimage;
+      say("Paid. Unlocking\\u2026");
+      pollNow();
     }, function (error) {
       if (finished) { return; }
       payButton.disabled = false;
       say("Not paid: " + ((error && error.message) || String(error)), "error");
     });
   });
+  renewButton.addEventListener("click", function () { window.location.reload(); });
   copyButton.addEventListener("click", function () {
     function copied(ok) {
       copyButton.textContent = ok ? "Copied" : "Copy failed: select the invoice below";

@@ -273,6 +273,71 @@ async def test_4_a_qr_payment_out_of_band_opens_the_page_by_itself(
     assert tab.errors == []
 
 
+# Every status line the page shows, reported to the test as it appears (the page navigates
+# away once unlocked, so its own state cannot be read afterwards).
+STATUS_LOG = """
+new MutationObserver(() => {
+  const line = document.getElementById("status");
+  if (line && line.textContent) { window.l402Status(line.textContent); }
+}).observe(document, {subtree: true, childList: true, characterData: true});
+"""
+
+
+async def test_5_webln_paid_but_the_site_missed_the_first_unlock_the_page_keeps_trying(
+    stack: Stack, open_tab: Callable[..., Any]
+) -> None:
+    ledger = DevLedger(stack.ledger_path)
+    statuses: list[str] = []
+    aborted: list[str] = []
+
+    async def dev_pay(bolt11: str) -> str:
+        return (await ledger.pay("listener", bolt11, 0)).preimage.hex()
+
+    async def lose_the_first_paid_unlock(route: Any) -> None:
+        if '"preimage":null' not in (route.request.post_data or "") and not aborted:
+            aborted.append(route.request.post_data)
+            await route.abort()  # the network drops it after the wallet has paid
+        else:
+            await route.continue_()
+
+    try:
+        tab = await open_tab(WEBLN + STATUS_LOG)
+        await tab.page.expose_function("l402DevPay", dev_pay)
+        await tab.page.expose_function("l402Status", lambda text: statuses.append(text))
+        await tab.page.route("**/.l402/unlock", lose_the_first_paid_unlock)
+        await show_paywall(tab, stack, "/bonus/ep5.mp3")
+        await tab.page.wait_for_selector("#webln-pay", state="visible")
+        async with tab.page.expect_navigation(
+            url=stack.url("/bonus/ep5.mp3"), wait_until="commit", timeout=UNLOCK_WAIT_MS
+        ):
+            await tab.page.click("#webln-pay")
+        assert len(aborted) == 1
+        assert not [s for s in statuses if "Not paid" in s], statuses
+        assert tab.errors == []
+    finally:
+        await ledger.close()
+
+
+async def test_6_an_expired_invoice_is_not_offered_and_a_new_one_is(
+    stack: Stack, open_tab: Callable[..., Any]
+) -> None:
+    tab = await open_tab()
+    await tab.page.clock.install()
+    _, old_invoice = await show_paywall(tab, stack, "/bonus/ep6.mp3")
+    assert await tab.page.is_hidden("#renew")
+    await tab.page.clock.fast_forward("11:00")  # bonus invoices live 10 minutes
+    await tab.page.wait_for_selector("#renew", state="visible")
+    assert await tab.page.is_hidden("#copy") and await tab.page.is_hidden("#open-wallet")
+    assert await tab.page.get_attribute("a.qr", "href") is None
+    assert "expired" in await tab.page.inner_text("#status")
+    async with tab.page.expect_navigation(wait_until="commit") as renewed:
+        await tab.page.click("#renew")
+    response = await renewed.value
+    assert response.status == 402
+    assert await invoice_in_header(response) != old_invoice
+    assert tab.errors == []
+
+
 class CachingOrigin(http.server.BaseHTTPRequestHandler):
     """An origin that lets browsers keep every answer for an hour, as many CDNs do."""
 
