@@ -34,6 +34,7 @@ from .launch import (
     server_proxy_command,
     started,
 )
+from .rules import PRICED_MODES, RulesError, load_rules
 
 DEFAULT_RULES = REPO / "rules" / "podcast.yaml"
 MEDIA_FOLDER = "demo-media"
@@ -123,6 +124,18 @@ def port_problem(ports: Ports) -> str | None:
     return None
 
 
+def episode_price(rules: Path) -> int:
+    """What the rules ask for an ad-free episode, for the index page's "Go ad-free" links.
+    A broken file is the paywall proxy's to report (it refuses to start, naming the line)."""
+    try:
+        rule = load_rules(rules).match(LOCALHOST, f"/{podcast.AD_SUPPORTED}/ep1.wav", "GET")
+    except RulesError:
+        return podcast.DEFAULT_PRICE_SAT
+    if rule is None or rule.mode not in PRICED_MODES:
+        return podcast.DEFAULT_PRICE_SAT
+    return rule.price_sat
+
+
 def demo_processes(
     home: Path,
     ports: Ports,
@@ -138,7 +151,7 @@ def demo_processes(
         common.append(f"confdir={confdir}")
     origin = Process(
         "the podcast origin",
-        podcast.command(ports.origin, media, host=LOCALHOST),
+        podcast.command(ports.origin, media, host=LOCALHOST, price_sat=episode_price(rules)),
         ports.origin,
         home / "demo-origin.log",
         env=env,
@@ -339,6 +352,7 @@ def try_lines(demo: Demo) -> list[str]:
     rows = [
         ("with the ad", f"curl -s -D - -o ad.wav {episode}"),
         ("ad-free", f"curl -s -D - -o adfree.wav -x {client}{noproxy} {episode}"),
+        ("", "(nothing more to pay: the token bought above covers every episode)"),
         ("in a browser", f"{proxy}/ through the client proxy {client}, e.g."),
         ("", browser),
         ("podcast feed", f"{proxy}/feed.xml (a player set to the client proxy gets it ad-free)"),

@@ -304,11 +304,14 @@ def make_app(media: Path, price_sat: int = DEFAULT_PRICE_SAT) -> web.Application
     return app
 
 
-def command(port: int, media: Path, *, host: str = "127.0.0.1") -> list[str]:
+def command(
+    port: int, media: Path, *, host: str = "127.0.0.1", price_sat: int = DEFAULT_PRICE_SAT
+) -> list[str]:
     """How to start this origin as its own process (what the demo and the tests run)."""
     return [
         sys.executable, "-m", "l402proxy.podcast",
         "--host", host, "--port", str(port), "--media", str(media),
+        "--price-sat", str(price_sat),
     ]  # fmt: skip
 
 

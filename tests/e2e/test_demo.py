@@ -149,6 +149,7 @@ def test_once_walks_through_prints_what_to_try_and_makes_real_audio(tmp_path: Pa
     )
     assert f"http://127.0.0.1:{proxy}/feed.xml" in try_part
     assert "l402proxy wallet history" in try_part
+    assert "nothing more to pay: the token bought above covers every episode" in try_part
     assert "client.sqlite, server.sqlite, devledger.sqlite" in try_part
     assert f"http://127.0.0.1:{origin}" in out
     assert lines[-1] == "Stopped."
@@ -273,12 +274,15 @@ def test_second_demo_fails_on_the_port_and_a_signal_stops_everything(
         part = http.get(
             f"http://127.0.0.1:{proxy}/episodes/ep2.wav", headers={"Range": "bytes=0-99"}
         )
+        # The ad-free files are sold, not served to anyone who knows their address.
+        direct = http.get(f"http://127.0.0.1:{proxy}/adfree/ep2.wav")
     assert feed.status_code == 200
     enclosures = re.findall(r'<enclosure url="([^"]+)" type="audio/wav" length="(\d+)"', feed.text)
     assert [url for url, _ in enclosures] == [
         f"http://127.0.0.1:{proxy}/episodes/{e.name}.wav" for e in podcast.EPISODES
     ]
     assert page.status_code == 200
+    assert direct.status_code == 404 and b"RIFF" not in direct.content
     # Players and <audio> ask for ranges.
     assert part.status_code == 206
     assert part.headers["Content-Type"] == "audio/wav"
