@@ -296,14 +296,18 @@ class L402Client:
         except LightningError as exc:
             self._refuse("l402_wallet", str(exc))
             return
+        if self.started:
+            # A wallet is checked (reachable, may pay, which network) only at start, and
+            # payments under way belong to the wallet making them.
+            self._refuse(
+                "l402_wallet",
+                "cannot change while running: restart mitmproxy with the new wallet "
+                "(it is checked at start)",
+            )
+            return
         self.misconfigured.pop("l402_wallet", None)
-        previous, self.wallet = self.wallet, wallet
+        self.wallet = wallet
         self.wallet_source = source
-        if self.payer is not None:
-            self.payer.wallet = wallet
-            log.info(f"l402: now paying from {wallet.describe()}")
-            if previous is not None:
-                asyncio.get_running_loop().create_task(previous.close())
 
     def _refuse(self, option: str, problem: str) -> None:
         """Same contract as the server addon: OptionsError while running (the old value

@@ -257,6 +257,7 @@ class L402Server:
         self.rules: RuleSet | None = None
         self.rules_signature: tuple[int, int] | None = None
         self.backend: InvoiceBackend | None = None
+        self.backend_source: tuple[str, str] | None = None
         self.store: ServerStore | None = None
         self.secret: bytes = b""
         self.revoked: set[bytes] = set()
@@ -327,15 +328,33 @@ class L402Server:
             else:
                 self.misconfigured.pop("l402_rules", None)
         if "l402_backend" in updated or "l402_dev_ledger" in updated:
-            try:
-                backend = open_backend(ctx.options.l402_backend, dev_ledger=self.dev_ledger_path)
-            except LightningError as exc:
-                self._refuse("l402_backend", str(exc))
-                return
-            self.misconfigured.pop("l402_backend", None)
-            previous, self.backend = self.backend, backend
-            if previous is not None:
-                self._close_later(previous)
+            self._configure_backend(
+                "l402_backend" if "l402_backend" in updated else "l402_dev_ledger"
+            )
+
+    def _configure_backend(self, option: str) -> None:
+        source = (ctx.options.l402_backend, self.dev_ledger_path)
+        if self.backend is not None and source == self.backend_source:
+            return  # mitmproxy re-applying the value in use after a refused change
+        try:
+            backend = open_backend(ctx.options.l402_backend, dev_ledger=self.dev_ledger_path)
+        except LightningError as exc:
+            self._refuse("l402_backend", str(exc))
+            return
+        if self.started:
+            # A backend is checked (who it is, whether it may make invoices) only at start;
+            # swapping in an unchecked one would answer 503 to every priced request.
+            self._refuse(
+                option,
+                "cannot change while running: restart mitmproxy with the new value "
+                "(the backend is checked at start)",
+            )
+            return
+        self.misconfigured.pop("l402_backend", None)
+        previous, self.backend = self.backend, backend
+        self.backend_source = source
+        if previous is not None:
+            self._close_later(previous)
 
     def _refuse(self, option: str, problem: str) -> None:
         """Reject a bad option value.

@@ -224,9 +224,13 @@ async def test_bad_wallet_while_running_is_rejected(
     assert addon.misconfigured == {}
 
 
-async def test_wallet_change_while_running_reaches_the_payer(addon: L402Client) -> None:
-    ctx.options.update(l402_wallet="dev:second")
-    assert isinstance(addon.wallet, DevWallet) and addon.wallet.wallet == "second"
+async def test_wallet_change_while_running_is_refused(addon: L402Client) -> None:
+    # A wallet is checked only at start (reachable, may pay, network), and pending payments
+    # belong to the wallet making them: switching means a restart.
+    with pytest.raises(exceptions.OptionsError, match="cannot change while running: restart"):
+        ctx.options.update(l402_wallet="dev:second")
+    assert ctx.options.l402_wallet == "dev"
+    assert isinstance(addon.wallet, DevWallet) and addon.wallet.wallet == "listener"
     assert addon.payer is not None and addon.payer.wallet is addon.wallet
 
 

@@ -159,6 +159,11 @@ async def test_bad_options_while_running_are_rejected(addon: L402Server, tmp_pat
         ctx.options.update(l402_rules=str(broken))
     with pytest.raises(exceptions.OptionsError, match="l402_backend"):
         ctx.options.update(l402_backend="carrier-pigeon://x")
+    backend = addon.backend
+    # A good backend is checked only at start: switching means a restart.
+    with pytest.raises(exceptions.OptionsError, match="cannot change while running: restart"):
+        ctx.options.update(l402_backend="dev:someone-else")
+    assert addon.backend is backend and ctx.options.l402_backend == "dev"
     assert addon.rules == rules_before and not addon.misconfigured
     assert ctx.options.l402_rules == str(RULES)  # mitmproxy kept the previous value
 
