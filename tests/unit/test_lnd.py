@@ -723,10 +723,23 @@ async def any_invoice(tmp_path: Path) -> str:
         await ledger.close()
 
 
-async def test_a_node_that_never_answers_times_out(files: dict[str, Path]) -> None:
-    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    port = silent.sockets[0].getsockname()[1]
+@contextlib.asynccontextmanager
+async def silent_node() -> AsyncIterator[int]:
+    """The port of a node that accepts connections and never answers."""
+    writers: list[asyncio.StreamWriter] = []
+    server = await asyncio.start_server(lambda _r, w: writers.append(w), "127.0.0.1", 0)
     try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        # Python 3.12's wait_closed() also waits for open connections: close them first.
+        for writer in writers:
+            writer.close()
+        await asyncio.wait_for(server.wait_closed(), 10)
+
+
+async def test_a_node_that_never_answers_times_out(files: dict[str, Path]) -> None:
+    async with silent_node() as port:
         backend = backend_from_uri(lnd_uri(f"127.0.0.1:{port}", files, "&timeout=1"))
         async with closing(backend):
             error = await error_of(backend.create_invoice(1, "", 600))
@@ -734,9 +747,6 @@ async def test_a_node_that_never_answers_times_out(files: dict[str, Path]) -> No
             assert str(error) == (
                 f"lnd at 127.0.0.1:{port}: no answer to create an invoice (AddInvoice) within 1 s"
             )
-    finally:
-        silent.close()
-        await silent.wait_closed()
 
 
 async def test_failure_messages_are_distinct_one_line_and_secret_free(
@@ -758,15 +768,10 @@ async def test_failure_messages_are_distinct_one_line_and_secret_free(
         backend = backend_from_uri(uri)
         async with closing(backend):
             messages[kind] = str(await error_of(backend.info()))
-    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    try:
-        port = silent.sockets[0].getsockname()[1]
+    async with silent_node() as port:
         backend = backend_from_uri(lnd_uri(f"127.0.0.1:{port}", files, "&timeout=1"))
         async with closing(backend):
             messages["timeout"] = str(await error_of(backend.info()))
-    finally:
-        silent.close()
-        await silent.wait_closed()
     assert len(set(messages.values())) == len(messages), messages
     secrets_shown = [*merchant.macaroons.values(), *listener.macaroons.values()]
     for kind, text in messages.items():
