@@ -1,13 +1,30 @@
 """Which module serves a backend URI, redaction of secrets, and `l402proxy backend check`."""
 
+import base64
 import json
 from pathlib import Path
 
 import pytest
 
 from l402proxy import cli
-from l402proxy.lightning import LightningError, open_backend
-from l402proxy.lightning.uri import module_for, query_params, redact, scheme_of
+from l402proxy.lightning import (
+    LightningError,
+    cln,
+    eclair,
+    lnbits,
+    lnd,
+    lnurl,
+    open_backend,
+    open_wallet,
+)
+from l402proxy.lightning.uri import (
+    looks_like_secret,
+    module_for,
+    query_params,
+    redact,
+    scheme_of,
+)
+from tests.standins.lnd import bake_macaroon
 
 
 @pytest.mark.parametrize(
@@ -51,7 +68,23 @@ SECRET = "0201036c6e6402f801030a10"
         (f"lnd://h:10009?cert=/c&macaroon={SECRET}", "lnd://h:10009?cert=***&macaroon=***"),
         (f"lndconnect://h:10009?macaroon={SECRET}", "lndconnect://h:10009?macaroon=***"),
         (f"eclair://:{SECRET}@127.0.0.1:8080", "eclair://:***@127.0.0.1:8080"),
-        (f"eclair://user:{SECRET}@h", "eclair://user:***@h"),
+        (f"eclair://user:{SECRET}@h", "eclair://***:***@h"),
+        # Pasted in the wrong place: user info without a colon, the host, the path, the port,
+        # a bare parameter name, a URL inside an lnurl: URI.
+        (f"lnbits://{SECRET}@127.0.0.1:1?key=x", "lnbits://***@127.0.0.1:1?key=***"),
+        (f"lnbits://{SECRET}", "lnbits://***"),
+        (f"lnbits+http://h:5000/{SECRET}", "lnbits+http://h:5000/***"),
+        (f"lnbits://h?{SECRET}", "lnbits://h?***"),
+        (f"lnbits://h?{SECRET}=1&timeout=3", "lnbits://h?***&timeout=3"),
+        (f"lnd://h:{SECRET}?macaroon=/m", "lnd://h:***?macaroon=***"),
+        (f"lnurl:https://user:{SECRET}@h.example/x", "lnurl:https://***:***@h.example/x"),
+        (f"cln:///run/{SECRET}/rpc", "cln:/run/***/rpc"),
+        # Not secrets: names with dots (onion hosts too), ordinary paths and file names.
+        ("lnd://" + "a2" * 28 + ".onion:10009", "lnd://" + "a2" * 28 + ".onion:10009"),
+        (
+            "lnbits://h/api/tls-2024-01-01-renewed?key=k",
+            "lnbits://h/api/tls-2024-01-01-renewed?key=***",
+        ),
         (
             f"lnbits://h/path?key={SECRET}&network=regtest",
             "lnbits://h/path?key=***&network=regtest",
@@ -124,3 +157,148 @@ def test_backend_check_failures_are_one_line_without_secrets(
     assert code == cli.EXIT_FAILED and out == ""
     assert err.startswith(f"l402proxy: cannot open dev ledger {tmp_path}")
     assert "Traceback" not in err
+
+
+# --- secrets pasted in the wrong place never show -------------------------------------------------
+
+MACAROON = bake_macaroon("admin")
+MAC_HEX = MACAROON.hex()
+MAC_B64 = base64.urlsafe_b64encode(MACAROON).decode().rstrip("=")
+KEY = "3c5b1f9e0d7a4c2b8e6f1a9d0c3b5e7f"  # the shape of an LNbits key
+PASSWORD = "Zx81Qv7Lk2Mn4Rs9Tw3Yp6"
+MARKERS = (MAC_HEX, MAC_B64, KEY, PASSWORD)
+
+MISPLACED = [
+    # LND: a macaroon where a file path, a parameter name, the path, the port or the host goes.
+    "lnd://127.0.0.1:1?cert=/x&macaroon={MAC_HEX}",
+    "lnd://127.0.0.1:1?cert=/x&macaroon={MAC_B64}",
+    "lnd://127.0.0.1:1?macaroon={MACFILE}&cert={MAC_B64}",
+    "lnd://127.0.0.1:1/{MAC_B64}?macaroon={MACFILE}",
+    "lnd://127.0.0.1:1?{MAC_B64}",
+    "lnd://127.0.0.1:1?{MAC_B64}=1&macaroon={MACFILE}",
+    "lnd://127.0.0.1:{MAC_HEX}?macaroon={MACFILE}",
+    "lnd://{MAC_B64}:10009?macaroon={MACFILE}",
+    "lnd://{MAC_B64}?macaroon={MACFILE}",
+    "lnd://[{MAC_HEX}]:1?macaroon={MACFILE}",
+    "lnd://{MAC_HEX}:{MAC_HEX}:1?macaroon={MACFILE}",
+    "lnd://[::1]{MAC_HEX}?macaroon={MACFILE}",
+    "lnd://{PASSWORD}@127.0.0.1:1?macaroon={MACFILE}",
+    "lnd://127.0.0.1:1?macaroon={MACFILE}&timeout={KEY}",
+    "lndconnect://127.0.0.1:1/{MAC_B64}",
+    "lndconnect://127.0.0.1:1?{MAC_B64}",
+    "lndconnect://127.0.0.1:1?macaroon={MAC_B64}&{KEY}",
+    "lndconnect://{MAC_B64}?macaroon={MAC_B64}",
+    # LNbits: the key before the host, as the host, as the path, as a bare parameter.
+    "lnbits://{KEY}@127.0.0.1:1?key=x",
+    "lnbits://{KEY}",
+    "lnbits+http://127.0.0.1:5000/{KEY}",
+    "lnbits+http://127.0.0.1:5000/{KEY}?key=abc",
+    "lnbits://{KEY}?key=abc",
+    "lnbits://127.0.0.1?{KEY}",
+    "lnbits://127.0.0.1?key=abc&{KEY}=1",
+    "lnbits://127.0.0.1?key=abc&timeout={KEY}",
+    "lnbits://127.0.0.1:{KEY}?key=abc",
+    "lnbits://127.0.0.1?key=abc&key={KEY}",
+    # LNURL: user info, key-like hosts and paths.
+    "lnurl:https://user:{PASSWORD}@pay.example.com/x",
+    "lnurl:https://pay.example.com/{KEY}",
+    "lnurl:http://{KEY}/x",
+    "lnurl:https://{PASSWORD}@pay.example.com:{KEY}/x",
+    # Eclair: parameter values and names, the cert, a key-like host or prefix.
+    "eclair://:pw@127.0.0.1:8080?timeout={KEY}",
+    "eclair://:pw@127.0.0.1:8080?{KEY}",
+    "eclair+https://:pw@127.0.0.1:8080?cert={MAC_B64}",
+    "eclair+https://:pw@127.0.0.1:8080?cert=/etc/{KEY}/eclair.pem",
+    "eclair://:{PASSWORD}@{KEY}:8080",
+    "eclair://:{PASSWORD}@127.0.0.1:8080/{KEY}",
+    "eclair://{KEY}@127.0.0.1",
+    "eclair://:{PASSWORD}@127.0.0.1:{KEY}",
+    # Core Lightning: a key as host, as relative path, as parameter.
+    "cln://{KEY}/rpc",
+    "cln://{PASSWORD}@host/rpc",
+    "cln:{KEY}",
+    "cln:///run/rpc?{KEY}",
+    "cln:///run/rpc?timeout={KEY}",
+    "cln://[{KEY}]/rpc",
+    # dev and no scheme at all.
+    "dev?{KEY}",
+    "dev?hold={KEY}",
+    "dev:fan?{KEY}=1",
+    "{MAC_B64}",
+    "{MAC_B64}:x",
+    "{MAC_HEX}",
+    "btcpay://h?key={KEY}",
+]
+
+
+def assert_no_marker(text: str, uri: str) -> None:
+    for marker in MARKERS:
+        assert marker.lower() not in text.lower(), (uri, text)
+        assert marker[4:24].lower() not in text.lower(), (uri, text)
+
+
+@pytest.mark.parametrize("template", MISPLACED)
+def test_no_parser_message_or_description_shows_a_misplaced_secret(
+    template: str, tmp_path: Path
+) -> None:
+    macaroon_file = tmp_path / "admin.macaroon"
+    macaroon_file.write_bytes(MACAROON)
+    uri = template.format(
+        MAC_HEX=MAC_HEX, MAC_B64=MAC_B64, KEY=KEY, PASSWORD=PASSWORD, MACFILE=macaroon_file
+    )
+    assert_no_marker(redact(uri), uri)
+    ledger = tmp_path / "devledger.sqlite"
+    for opener in (open_backend, open_wallet):
+        try:
+            opened = opener(uri, dev_ledger=ledger)
+        except LightningError as exc:
+            text = str(exc)
+            assert "\n" not in text, (uri, text)
+        else:
+            text = f"{opened.describe()} {getattr(opened, 'identity', '')} {opened!r}"
+        assert_no_marker(text, uri)
+    for parse in (lnd.parse_uri, cln.parse_uri, eclair.parse_uri, lnbits.parse_uri):
+        try:
+            parsed = parse(uri)
+        except LightningError as exc:
+            assert_no_marker(str(exc), uri)
+        else:
+            if not isinstance(parsed, tuple):  # cln's (socket path, timeout) is no message
+                assert_no_marker(repr(parsed), uri)
+    try:
+        target = lnurl.parse_uri(uri)
+    except LightningError as exc:
+        assert_no_marker(str(exc), uri)
+    else:
+        assert_no_marker(target.shown, uri)
+
+
+def test_an_lnd_macaroon_given_inline_says_how_to_give_it() -> None:
+    for value in (MAC_HEX, MAC_B64):
+        with pytest.raises(LightningError) as caught:
+            lnd.parse_uri(f"lnd://127.0.0.1:1?cert=/x&macaroon={value}")
+        assert str(caught.value) == (
+            "lnd URI: parameter 'macaroon' looks like an inline macaroon (hex or base64), not a "
+            "file path; lnd:// takes the path of the file LND writes, lndconnect://host:port"
+            "?cert=<base64url DER>&macaroon=<base64url> takes them inline"
+        )
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        (KEY, True),
+        (MAC_HEX, True),
+        (MAC_B64, True),
+        (PASSWORD, True),
+        ("admin.macaroon", False),
+        ("lightning-rpc", False),
+        ("tls-2024-01-01-renewed.cert", False),
+        ("a2" * 28 + ".onion", True),  # a label alone; shown_host keeps names with dots
+        ("node.example.com", False),
+        ("my_lightning_node_2", False),
+        ("127.0.0.1", False),
+    ],
+)
+def test_looks_like_secret(text: str, secret: bool) -> None:
+    assert looks_like_secret(text) is secret

@@ -28,7 +28,7 @@ from l402proxy.lightning.dev import (
     DevLedger,
     DevWallet,
 )
-from l402proxy.lightning.uri import module_for, redact
+from l402proxy.lightning.uri import module_for, redact, shown_name, shown_value
 
 MAX_DEV_DELAY_SECONDS = 600.0
 
@@ -52,11 +52,15 @@ def _parse_dev_uri(uri: str, default: str, *, wallet: bool) -> tuple[str, dict[s
     for name, values in parse_qs(query, keep_blank_values=True).items():
         if name not in WALLET_TIMINGS or not wallet:
             allowed = ", ".join(f"'{t}'" for t in WALLET_TIMINGS) if wallet else "none"
-            raise LightningError(f"dev URI: unknown parameter {name!r} (allowed: {allowed})")
+            raise LightningError(
+                f"dev URI: unknown parameter {shown_name(name)} (allowed: {allowed})"
+            )
         try:
             seconds = float(values[-1])
         except ValueError:
-            raise LightningError(f"dev URI: {name} {values[-1]!r} is not a number") from None
+            raise LightningError(
+                f"dev URI: {name} {shown_value(values[-1])} is not a number"
+            ) from None
         if not 0 <= seconds <= MAX_DEV_DELAY_SECONDS:
             raise LightningError(f"dev URI: {name} must be 0-{MAX_DEV_DELAY_SECONDS:g} seconds")
         timings[name] = seconds

@@ -35,7 +35,13 @@ from l402proxy.lightning.base import (
     PaymentResult,
     PaymentState,
 )
-from l402proxy.lightning.uri import query_params
+from l402proxy.lightning.uri import (
+    query_params,
+    shown_name,
+    shown_netloc,
+    shown_path,
+    shown_value,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +133,15 @@ def parse_uri(uri: str) -> tuple[str, float]:
         return text, DEFAULT_TIMEOUT
     try:
         parts = urlsplit(text)
-    except ValueError as exc:
-        raise LightningError(f"cln URI: cannot parse it ({exc}); use {URI_FORMS}") from None
+    except ValueError:
+        # urlsplit's message may quote the host, which may be a key: not shown.
+        raise LightningError(f"cln URI: cannot parse it; use {URI_FORMS}") from None
     if parts.scheme.lower() != "cln":
         raise LightningError(f"not a cln URI: use {URI_FORMS}")
     if parts.netloc:
         raise LightningError(
-            f"cln URI names a host ({parts.netloc!r}); lightningd is reached through a local "
-            f"socket: use {URI_FORMS}, with three slashes"
+            f"cln URI names a host ({shown_netloc(parts.netloc)!r}); lightningd is reached "
+            f"through a local socket: use {URI_FORMS}, with three slashes"
         )
     if parts.fragment:
         raise LightningError(f"cln URI: unexpected '#' part; use {URI_FORMS}")
@@ -142,15 +149,19 @@ def parse_uri(uri: str) -> tuple[str, float]:
     if not path:
         raise LightningError(f"cln URI without a socket path: use {URI_FORMS}")
     if not path.startswith("/"):
-        raise LightningError(f"cln URI: the socket path {path!r} must be absolute; use {URI_FORMS}")
+        raise LightningError(
+            f"cln URI: the socket path {shown_path(path)!r} must be absolute; use {URI_FORMS}"
+        )
     timeout = DEFAULT_TIMEOUT
     for name, value in query_params(text).items():
         if name != "timeout":
-            raise LightningError(f"cln URI: unknown parameter {name!r} (allowed: 'timeout')")
+            raise LightningError(
+                f"cln URI: unknown parameter {shown_name(name)} (allowed: 'timeout')"
+            )
         try:
             timeout = float(value)
         except ValueError:
-            raise LightningError(f"cln URI: timeout {value!r} is not a number") from None
+            raise LightningError(f"cln URI: timeout {shown_value(value)} is not a number") from None
         if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
             raise LightningError(
                 f"cln URI: timeout must be more than 0 and at most {MAX_TIMEOUT:g} s"

@@ -42,7 +42,15 @@ from l402proxy.lightning.base import (
     PaymentResult,
     PaymentState,
 )
-from l402proxy.lightning.uri import query_params
+from l402proxy.lightning.uri import (
+    looks_like_secret,
+    query_params,
+    redact,
+    shown_host,
+    shown_name,
+    shown_path,
+    shown_value,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +101,7 @@ class EclairConfig:
     """What an Eclair URI says. `password` never goes into a message or a log line."""
 
     base_url: str
-    address: str  # host:port, for messages
+    address: str  # host:port, for messages (a host that looks like a key is not shown)
     password: str
     timeout: float = DEFAULT_TIMEOUT
     ca_pem: str | None = None
@@ -102,8 +110,13 @@ class EclairConfig:
     def tls(self) -> bool:
         return self.base_url.startswith("https:")
 
+    @property
+    def shown_url(self) -> str:
+        """`base_url` for messages: a host or path part that looks like a key is not shown."""
+        return redact(self.base_url)
+
     def __repr__(self) -> str:
-        return f"EclairConfig({self.base_url!r}, timeout={self.timeout:g})"
+        return f"EclairConfig({self.shown_url!r}, timeout={self.timeout:g})"
 
 
 def parse_uri(uri: str) -> EclairConfig:
@@ -130,8 +143,8 @@ def parse_uri(uri: str) -> EclairConfig:
             f"eclair URI without the API password (eclair.api.password): use {URI_FORMS}"
         )
     port = port or DEFAULT_PORT
-    shown_host = f"[{host}]" if ":" in host else host
-    address = f"{shown_host}:{port}"
+    url_host = f"[{host}]" if ":" in host else host
+    address = f"{url_host if ':' in host else shown_host(host)}:{port}"
     timeout = DEFAULT_TIMEOUT
     ca_pem: str | None = None
     for name, value in query_params(text).items():
@@ -139,7 +152,9 @@ def parse_uri(uri: str) -> EclairConfig:
             try:
                 timeout = float(value)
             except ValueError:
-                raise LightningError(f"eclair URI: timeout {value!r} is not a number") from None
+                raise LightningError(
+                    f"eclair URI: timeout {shown_value(value)} is not a number"
+                ) from None
             if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
                 raise LightningError(
                     f"eclair URI: timeout must be more than 0 and at most {MAX_TIMEOUT:g} s"
@@ -150,10 +165,12 @@ def parse_uri(uri: str) -> EclairConfig:
             ca_pem = _read_cert(unquote(value))
         else:
             allowed = ", ".join(f"'{p}'" for p in PARAMETERS)
-            raise LightningError(f"eclair URI: unknown parameter {name!r} (allowed: {allowed})")
+            raise LightningError(
+                f"eclair URI: unknown parameter {shown_name(name)} (allowed: {allowed})"
+            )
     prefix = parts.path.rstrip("/")
     return EclairConfig(
-        base_url=f"{scheme}://{address}{prefix}",
+        base_url=f"{scheme}://{url_host}:{port}{prefix}",
         address=address,
         password=password,
         timeout=timeout,
@@ -165,15 +182,21 @@ def _read_cert(path: str) -> str:
     """The PEM file `cert=` names (a self-signed certificate or a private CA)."""
     if not path:
         raise LightningError("eclair URI: cert= needs the path of a PEM file")
+    shown = shown_path(path)
     try:
         with Path(path).expanduser().open("rb") as file:
             raw = file.read(MAX_CERT_BYTES + 1)
     except OSError as exc:
+        if looks_like_secret(path):
+            raise LightningError(
+                "eclair URI: cert= looks like certificate text, not a file path; give the path "
+                "of the PEM file"
+            ) from None
         raise LightningError(
-            f"eclair URI: cannot read cert {path}: {exc.strerror or type(exc).__name__}"
+            f"eclair URI: cannot read cert {shown}: {exc.strerror or type(exc).__name__}"
         ) from None
     if len(raw) > MAX_CERT_BYTES or b"-----BEGIN CERTIFICATE-----" not in raw:
-        raise LightningError(f"eclair URI: cert {path} is not a PEM certificate")
+        raise LightningError(f"eclair URI: cert {shown} is not a PEM certificate")
     return raw.decode("ascii", errors="replace")
 
 
@@ -244,7 +267,7 @@ class EclairNode:
 
     def describe(self) -> str:
         tls = "HTTPS" if self.config.tls else "HTTP"
-        return f"Eclair at {self.config.base_url} ({tls} API, password not shown)"
+        return f"Eclair at {self.config.shown_url} ({tls} API, password not shown)"
 
     def _http(self) -> httpx.AsyncClient:
         # Created on first use, inside the running loop (httpx clients belong to one loop).
@@ -322,7 +345,7 @@ class EclairNode:
         alias = answer.get("alias")
         return NodeInfo(
             backend="eclair",
-            address=self.config.base_url,
+            address=self.config.shown_url,
             alias=alias if isinstance(alias, str) and alias else None,
             network=found,
             pubkey=node_id.lower(),

@@ -37,7 +37,7 @@ from l402proxy.lightning.base import (
     PaymentState,
     Wallet,
 )
-from l402proxy.lightning.uri import query_params, redact
+from l402proxy.lightning.uri import query_params, redact, shown_name, shown_value
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,17 @@ class LNbitsConfig:
     timeout: float
 
     @property
+    def shown_url(self) -> str:
+        """`base_url` for messages: a host or path part that looks like a key is not shown."""
+        return redact(self.base_url)
+
+    @property
     def key_id(self) -> str:
         """A short, stable name for the key (a sha256 prefix): tells keys apart, reveals nothing."""
         return hashlib.sha256(self.key.encode()).hexdigest()[:12]
 
     def __repr__(self) -> str:
-        return f"LNbitsConfig({self.base_url!r}, key=***, timeout={self.timeout:g})"
+        return f"LNbitsConfig({self.shown_url!r}, key=***, timeout={self.timeout:g})"
 
 
 def parse_uri(uri: str) -> LNbitsConfig:
@@ -123,7 +128,7 @@ def parse_uri(uri: str) -> LNbitsConfig:
     unknown = sorted(set(params) - set(URI_PARAMS))
     if unknown:
         raise LightningError(
-            f"LNbits URI: unknown parameter(s) {', '.join(map(repr, unknown))} "
+            f"LNbits URI: unknown parameter(s) {', '.join(map(shown_name, unknown))} "
             f"(allowed: {', '.join(URI_PARAMS)})"
         )
     key = params.get("key", "")
@@ -143,7 +148,7 @@ def parse_uri(uri: str) -> LNbitsConfig:
         if not 0 < timeout <= MAX_TIMEOUT:
             raise LightningError(
                 f"LNbits URI: timeout must be a number of seconds from 0 to {MAX_TIMEOUT:g}, "
-                f"got {params['timeout']!r}"
+                f"got {shown_value(params['timeout'])}"
             )
     shown_host = f"[{host}]" if ":" in host else host
     netloc = f"{shown_host}:{port}" if port is not None else shown_host
@@ -205,10 +210,11 @@ class _LNbitsAPI:
 
     @property
     def address(self) -> str:
-        return self.config.base_url
+        """Where LNbits is, for messages (requests go to `config.base_url`)."""
+        return self.config.shown_url
 
     def _where(self) -> str:
-        return f"LNbits at {self.config.base_url}"
+        return f"LNbits at {self.address}"
 
     def scrub(self, text: str) -> str:
         """Never let the key through, whatever a server or library put into a message."""

@@ -46,6 +46,14 @@ from l402proxy.lightning.base import (
     PaymentState,
     Wallet,
 )
+from l402proxy.lightning.uri import (
+    SHOWN_SCHEME,
+    looks_like_secret,
+    shown_host,
+    shown_name,
+    shown_path,
+    shown_value,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +125,18 @@ class LndTarget:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
+    @property
+    def shown_address(self) -> str:
+        """`address` for messages: a host that looks like a key is not shown."""
+        host = f"[{self.host}]" if ":" in self.host else shown_host(self.host)
+        return f"{host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return (
+            f"LndTarget({self.scheme}://{self.shown_address}, cert {self.cert_source}, "
+            f"macaroon ***, timeout {self.timeout:g})"
+        )
+
 
 # -- URI parsing ---------------------------------------------------------------------------------
 
@@ -128,15 +148,20 @@ def parse_uri(uri: str) -> LndTarget:
     text = uri.strip()
     try:
         parts = urlsplit(text)
-    except ValueError as exc:
-        raise LightningError(f"LND URI: cannot parse it ({exc})") from None
+    except ValueError:
+        # urlsplit's message may quote the host: never shown, it may be a macaroon.
+        raise LightningError("LND URI: cannot parse it (a bad host in [brackets]?)") from None
     scheme = parts.scheme.lower()
     if scheme not in ("lnd", "lndconnect"):
-        raise LightningError(f"LND URI: scheme must be lnd:// or lndconnect://, not {scheme!r}")
+        shown = repr(scheme) if SHOWN_SCHEME.fullmatch(scheme) else "something else"
+        raise LightningError(f"LND URI: scheme must be lnd:// or lndconnect://, not {shown}")
     what = f"{scheme} URI"
     host, port = _host_port(parts.netloc, what)
     if parts.path not in ("", "/"):
-        raise LightningError(f"{what}: unexpected path {parts.path!r} after host:port")
+        raise LightningError(
+            f"{what}: unexpected path {shown_path(parts.path)!r} after host:port (the cert "
+            "and macaroon go in ?cert=...&macaroon=...)"
+        )
     if parts.fragment:
         raise LightningError(f"{what}: unexpected '#' part")
     params = _query(parts.query, what)
@@ -167,23 +192,33 @@ def _host_port(netloc: str, what: str) -> tuple[str, int]:
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise LightningError(f"{what}: {host!r} in brackets is not an IPv6 address") from None
+            raise LightningError(
+                f"{what}: {shown_host(host)!r} in brackets is not an IPv6 address"
+            ) from None
         if rest and not rest.startswith(":"):
-            raise LightningError(f"{what}: unexpected {rest!r} after the IPv6 host")
+            raise LightningError(f"{what}: unexpected text after the IPv6 host")
         raw_port = rest[1:] if rest else None
     else:
         host, sep, raw = netloc.rpartition(":")
         if not sep:
             host, raw = netloc, ""
         if ":" in host:
-            raise LightningError(f"{what}: put an IPv6 host in brackets: [{netloc}]:port")
+            looks_ipv6 = all(c in "0123456789abcdefABCDEF:." for c in netloc)
+            if looks_ipv6 and not looks_like_secret(netloc):
+                example = f"[{netloc}]:port"
+            else:
+                example = "[host]:port"
+            raise LightningError(f"{what}: put an IPv6 host in brackets: {example}")
         raw_port = raw if sep else None
     if not host:
         raise LightningError(f"{what}: no host before the port")
     if raw_port is None:
         return host.lower(), DEFAULT_PORT
     if not raw_port.isdigit() or not 1 <= int(raw_port) <= 65535:
-        raise LightningError(f"{what}: bad port {raw_port!r}: use a number from 1 to 65535")
+        # A long "port" is more likely a macaroon pasted after the colon: not shown.
+        raise LightningError(
+            f"{what}: bad port {shown_value(raw_port)}: use a number from 1 to 65535"
+        )
     return host.lower(), int(raw_port)
 
 
@@ -198,7 +233,9 @@ def _query(query: str, what: str) -> dict[str, str]:
         name = unquote(raw_name)
         if name not in PARAMETERS:
             allowed = ", ".join(PARAMETERS)
-            raise LightningError(f"{what}: unknown parameter {name!r} (allowed: {allowed})")
+            raise LightningError(
+                f"{what}: unknown parameter {shown_name(name)} (allowed: {allowed})"
+            )
         if name in params:
             raise LightningError(f"{what}: parameter {name!r} given twice")
         params[name] = unquote(raw_value)
@@ -219,13 +256,29 @@ def _timeout(value: str | None, what: str) -> float:
     return seconds
 
 
+# What a value given inline (lndconnect's form) instead of a file path is, and where it goes.
+_INLINE_FORMS: Final = {
+    "macaroon": "an inline macaroon (hex or base64)",
+    "cert": "an inline certificate (base64 DER or PEM text)",
+}
+
+
 def _read(path_text: str, name: str, what: str) -> tuple[bytes, str]:
     path = Path(path_text).expanduser()
     try:
-        return path.read_bytes(), str(path)
+        return path.read_bytes(), shown_path(str(path))
     except OSError as exc:
+        if looks_like_secret(path_text):
+            # Not a file, and shaped like the secret itself: never echoed.
+            raise LightningError(
+                f"{what}: parameter {name!r} looks like {_INLINE_FORMS[name]}, not a file "
+                f"path; lnd:// takes the path of the file LND writes, lndconnect://host:port"
+                f"?cert=<base64url DER>&macaroon=<base64url> takes them inline"
+            ) from None
         reason = exc.strerror or type(exc).__name__
-        raise LightningError(f"{what}: cannot read the {name} file {path}: {reason}") from None
+        raise LightningError(
+            f"{what}: cannot read the {name} file {shown_path(str(path))}: {reason}"
+        ) from None
 
 
 def _macaroon_file(path_text: str, what: str) -> bytes:
@@ -402,7 +455,8 @@ class LndNode:
 
     @property
     def address(self) -> str:
-        return self.target.address
+        """Where the node is, for messages (the channel dials `target.address`)."""
+        return self.target.shown_address
 
     @property
     def where(self) -> str:

@@ -43,6 +43,7 @@ from l402proxy.lightning.base import (
     Wallet,
 )
 from l402proxy.lightning.bolt11_encoder import bech32_checksum
+from l402proxy.lightning.uri import SHOWN_SCHEME, shown_host, shown_hostport, shown_path
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +148,22 @@ def check_url(url: str, what: str) -> str:
         return url
     if scheme == "http":
         raise LightningError(
-            f"{what}: plain http to {host} (LNURL needs https; http only for 127.0.0.1/localhost)"
+            f"{what}: plain http to {shown_host(host)} (LNURL needs https; http only for "
+            "127.0.0.1/localhost)"
         )
     raise LightningError(f"{what}: not an https URL")
 
 
 def _short(url: str) -> str:
-    """A URL without its query and fragment, which may carry one-time tokens."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+    """A URL for messages: without user info, query and fragment (passwords, one-time tokens),
+    and with host or path parts that look like keys replaced by `***`."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a URL that does not parse)"
+    scheme = parts.scheme if SHOWN_SCHEME.fullmatch(parts.scheme.lower()) else "***"
+    netloc = shown_hostport(parts.netloc.rpartition("@")[2])
+    return urlunsplit((scheme, netloc, shown_path(parts.path), "", ""))
 
 
 def decode_lnurl(text: str) -> str:

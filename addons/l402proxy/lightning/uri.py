@@ -1,7 +1,10 @@
 """Backend URIs: which module serves a URI, its query parameters, and a form safe to log.
 
 Secrets (macaroons, keys, passwords) travel inside these URIs, so nothing outside this module
-prints a URI as given: `redact()` first.
+prints a URI as given: `redact()` first. A secret pasted in the wrong place (a key where the
+host goes, a macaroon as the path or as a parameter name) must not show either, so messages
+about URI parts go through `shown_name`, `shown_host`, `shown_path`: anything that looks like a
+key is replaced by `***`, and parameter values are never shown at all.
 """
 
 import re
@@ -16,6 +19,16 @@ PUBLIC_PARAMS = frozenset({"network", "timeout", "delay", "hold", "wallet", "tls
 LIGHTNING_ADDRESS = re.compile(r"^[a-z0-9._+-]+@[a-z0-9.-]+\.[a-z]{2,}(:\d+)?$", re.IGNORECASE)
 
 SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*)(?::|\?|$)", re.IGNORECASE)
+# A scheme worth naming in an error; anything longer may be a key without a scheme.
+SHOWN_SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,15}")
+# Parameter names we name in messages: short identifiers (any case: a case typo is worth
+# showing). Anything else may be a key pasted as `?<key>`.
+SHOWN_NAME = re.compile(r"[a-z_]{1,16}", re.IGNORECASE)
+# Parameter values are shown only this short (a typo like "soon" or "1s"), never a key.
+SHOWN_VALUE_CHARS = 8
+# Runs of base64/hex characters; long ones that mix letters and digits are taken for keys.
+_RUN = re.compile(r"[A-Za-z0-9+=_-]+")
+SECRET_RUN_CHARS = 20
 
 # scheme -> module under l402proxy.lightning
 MODULE_FOR_SCHEME = {
@@ -51,6 +64,72 @@ def scheme_of(uri: str) -> str:
     return found.group(1).lower() if found else ""
 
 
+def looks_like_secret(text: str) -> bool:
+    """Whether `text` holds what may be a key, macaroon or password: a run of 20 or more
+    base64/hex characters mixing letters and digits, with few separators (so that file names
+    like "tls-2024-01-01-renewed" and host labels do not count)."""
+    for run in _RUN.findall(text):
+        if len(run) < SECRET_RUN_CHARS:
+            continue
+        separators = sum(c in "+=_-" for c in run)
+        if separators * 10 > len(run):
+            continue
+        if any(c.isdigit() for c in run) and any(c.isalpha() for c in run):
+            return True
+    return False
+
+
+def shown_name(name: str) -> str:
+    """A parameter name for a message: quoted if it is a short identifier, else not shown."""
+    return repr(name) if SHOWN_NAME.fullmatch(name) else "(name not shown: it may be a key)"
+
+
+def shown_value(value: str) -> str:
+    """A parameter value for a message: quoted if it is short and not key-like, else not."""
+    if len(value) <= SHOWN_VALUE_CHARS and not looks_like_secret(value):
+        return repr(value)
+    return "(value not shown)"
+
+
+def shown_host(host: str) -> str:
+    """A host for a message; a single label that looks like a key (`lnbits://<key>`) is not
+    shown. Names with dots (onion addresses too) and IP addresses always are."""
+    return "***" if "." not in host and looks_like_secret(host) else host
+
+
+def shown_path(path: str) -> str:
+    """A path for a message, each segment that looks like a key replaced by `***`."""
+    return "/".join("***" if looks_like_secret(part) else part for part in path.split("/"))
+
+
+def shown_hostport(hostport: str) -> str:
+    """host:port for a message; a key-like host, or a port that is no port, is not shown."""
+    if hostport.startswith("["):
+        host, sep, rest = hostport.partition("]")
+        host = f"{host}{sep}" if sep and not looks_like_secret(host) else "[***]"
+    else:
+        host, sep, port = hostport.rpartition(":")
+        if not sep:
+            host, port = hostport, ""
+        rest = f":{port}" if sep else ""
+        host = shown_host(host)
+    if rest and not (rest[1:].isdigit() and len(rest) <= 6):
+        rest = ":***"  # a port that is no port: maybe a key
+    return host + rest
+
+
+def _masked_userinfo(userinfo: str) -> str:
+    # Users, passwords and keys alike: `lnbits://<key>@host` has no colon but is a secret.
+    return ":".join("***" if part else "" for part in userinfo.split(":", 1))
+
+
+def shown_netloc(netloc: str) -> str:
+    """user:password@host:port for a message: user info masked, a key-like host or port too."""
+    userinfo, at, hostport = netloc.rpartition("@")
+    shown = shown_hostport(hostport)
+    return f"{_masked_userinfo(userinfo)}@{shown}" if at else shown
+
+
 def module_for(uri: str) -> str:
     """The module name under l402proxy.lightning serving this URI; LightningError if none."""
     if not uri.strip():
@@ -58,8 +137,11 @@ def module_for(uri: str) -> str:
     scheme = scheme_of(uri)
     module = MODULE_FOR_SCHEME.get(scheme)
     if module is None:
-        # Only the scheme is shown: the rest may be a key pasted in the wrong place.
-        what = f"unsupported backend URI {scheme!r}" if scheme else "backend URI without a scheme"
+        # Only a scheme-like scheme is shown: the rest, or a long "scheme", may be a key.
+        if scheme and SHOWN_SCHEME.fullmatch(scheme) and not looks_like_secret(scheme):
+            what = f"unsupported backend URI {scheme!r}"
+        else:
+            what = "backend URI without a scheme"
         raise LightningError(f"{what}; use one of: {SUPPORTED_FORMS}")
     return module
 
@@ -70,32 +152,42 @@ def query_params(uri: str) -> dict[str, str]:
     params: dict[str, str] = {}
     for name, value in parse_qsl(query, keep_blank_values=True):
         if name in params:
-            raise LightningError(f"backend URI: parameter {name!r} given twice")
+            raise LightningError(f"backend URI: parameter {shown_name(name)} given twice")
         params[name] = value
     return params
 
 
+def _public(name: str, value: str) -> bool:
+    # timeout=<a key> is a key in the wrong place all the same.
+    return name in PUBLIC_PARAMS and len(value) <= 16 and not looks_like_secret(value)
+
+
 def redact(uri: str) -> str:
-    """The URI with every secret replaced by `***`: passwords, and query values not known to
-    be public. Safe for logs, errors, flow metadata and 402 bodies."""
+    """The URI with every secret replaced by `***`: user info, query values not known to be
+    public, and hosts, ports, paths and parameter names that look like keys. Safe for logs,
+    errors, flow metadata and 402 bodies."""
     text = uri.strip()
-    if text.startswith("/") or LIGHTNING_ADDRESS.match(text):
+    if LIGHTNING_ADDRESS.match(text):
         return text
+    if text.startswith("/"):
+        return shown_path(text)
     try:
         parts = urlsplit(text)
     except ValueError:
         return "<unparsable URI>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user = userinfo.partition(":")[0]
-        netloc = f"{user}:***@{hostport}" if ":" in userinfo else f"{user}@{hostport}"
     query = "&".join(
-        f"{name}={value if name in PUBLIC_PARAMS else '***'}"
+        f"{name}={value if _public(name, value) else '***'}"
+        if SHOWN_NAME.fullmatch(name)
+        else "***"
         for name, value in parse_qsl(parts.query, keep_blank_values=True)
     )
+    scheme = parts.scheme if SHOWN_SCHEME.fullmatch(parts.scheme.lower()) else "***"
     if parts.netloc:
-        shown = f"{parts.scheme}://{netloc}{parts.path}"
+        shown = f"{scheme}://{shown_netloc(parts.netloc)}{shown_path(parts.path)}"
+    elif "://" in parts.path:
+        # A URL inside the URI (lnurl:https://user:pw@host/...): redacted the same way.
+        inner = f"{parts.path}?{parts.query}" if parts.query else parts.path
+        return f"{scheme}:{redact(inner)}"
     else:
-        shown = f"{parts.scheme}:{parts.path}"
+        shown = f"{scheme}:{shown_path(parts.path)}"
     return f"{shown}?{query}" if query else shown
