@@ -302,3 +302,51 @@ def test_an_lnd_macaroon_given_inline_says_how_to_give_it() -> None:
 )
 def test_looks_like_secret(text: str, secret: bool) -> None:
     assert looks_like_secret(text) is secret
+
+
+# --- bad input is one LightningError line, never a traceback --------------------------------------
+
+BROKEN = [
+    ("lnurl:https://[::1/x", "not a valid URL"),
+    ("lnurl:https://xn--a.com/x", "'xn--a.com' is not a valid host name"),
+    ("lnurl:https://pay.example.com:0/x", "bad port 0"),
+    ("alice@xn--a.com", "not a valid domain name"),
+    ("lnbits+http://xn--a.com?key=k", "not a valid host name"),
+    ("lnbits://xn--a.com/lnbits?key=k", "not a valid host name"),
+    ("lnbits+http://127.0.0.1:0?key=k", "bad port 0"),
+    ("lnbits://[::1?key=k", "bad host or port"),
+    ("eclair://:pw@xn--a.com", "'xn--a.com' is not a valid host name"),
+    ("eclair://:pw@127.0.0.1:0", "bad port 0"),
+    ("eclair://:pw@[::1", "bad host or port"),
+    ("eclair+https://:pw@127.0.0.1?cert=%00", "contains a NUL character"),
+    ("lnd://127.0.0.1:1?macaroon=%00", "contains a NUL character"),
+    ("lnd://[::1?macaroon=/m", "cannot parse it"),
+    ("cln:///run/%00/rpc", "contains a NUL character"),
+    ("cln://[::1/rpc", "cannot parse it"),
+]
+
+
+@pytest.mark.parametrize(("uri", "problem"), BROKEN)
+def test_unusable_uris_are_one_lightning_error_line(uri: str, problem: str, tmp_path: Path) -> None:
+    for opener in (open_backend, open_wallet):
+        try:
+            opener(uri, dev_ledger=tmp_path / "devledger.sqlite")
+        except LightningError as exc:
+            text = str(exc)
+        else:
+            raise AssertionError(f"{uri} was accepted")
+        if opener is open_wallet and text.startswith("a Lightning Address can only receive"):
+            continue
+        assert problem in text, text
+        assert "\n" not in text and len(text) < 400, text
+
+
+def test_backend_check_prints_one_line_for_an_idna_invalid_host(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = run_cli(capsys, "backend", "check", "eclair://:pw@xn--a.com")
+    assert code == cli.EXIT_FAILED and out == ""
+    assert err == (
+        "l402proxy: eclair URI: 'xn--a.com' is not a valid host name; use "
+        "eclair://:<password>@host:port (eclair+https://... for TLS)\n"
+    )

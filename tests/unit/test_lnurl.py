@@ -339,6 +339,10 @@ async def test_amount_out_of_range(ledger: DevLedger, low: int, high: int, messa
         ({"minSendable": 0}, "1 <= min <= max"),
         ({"maxSendable": "1000"}, "1 <= min <= max"),
         ({"metadata": [["text/plain", "x"]]}, "metadata must be a JSON string"),
+        # Hosts httpx cannot use (an invalid IDNA label, a broken IPv6 literal, port 0).
+        ({"callback": "https://xn--a.com/cb"}, "callback: 'xn--a.com' is not a valid host name"),
+        ({"callback": "https://[::1/cb"}, "callback: not a valid URL"),
+        ({"callback": "https://pay.example.com:0/cb"}, "callback: bad port 0"),
     ],
 )
 async def test_bad_pay_requests_are_refused(

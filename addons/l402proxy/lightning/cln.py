@@ -146,6 +146,8 @@ def parse_uri(uri: str) -> tuple[str, float]:
     if parts.fragment:
         raise LightningError(f"cln URI: unexpected '#' part; use {URI_FORMS}")
     path = unquote(parts.path)
+    if "\x00" in path:
+        raise LightningError("cln URI: the socket path contains a NUL character")
     if not path:
         raise LightningError(f"cln URI without a socket path: use {URI_FORMS}")
     if not path.startswith("/"):

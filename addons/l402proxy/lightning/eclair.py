@@ -50,6 +50,7 @@ from l402proxy.lightning.uri import (
     shown_name,
     shown_path,
     shown_value,
+    usable_http_url,
 )
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,11 @@ def parse_uri(uri: str) -> EclairConfig:
         raise LightningError(
             f"eclair URI without the API password (eclair.api.password): use {URI_FORMS}"
         )
-    port = port or DEFAULT_PORT
+    if port is None:
+        port = DEFAULT_PORT
+    elif port == 0:
+        # `port or DEFAULT_PORT` would quietly reach another port than the one written.
+        raise LightningError("eclair URI: bad port 0: use a number from 1 to 65535")
     url_host = f"[{host}]" if ":" in host else host
     address = f"{url_host if ':' in host else shown_host(host)}:{port}"
     timeout = DEFAULT_TIMEOUT
@@ -169,8 +174,13 @@ def parse_uri(uri: str) -> EclairConfig:
                 f"eclair URI: unknown parameter {shown_name(name)} (allowed: {allowed})"
             )
     prefix = parts.path.rstrip("/")
+    base_url = f"{scheme}://{url_host}:{port}{prefix}"
+    if not usable_http_url(base_url):
+        raise LightningError(
+            f"eclair URI: {shown_host(host)!r} is not a valid host name; use {URI_FORMS}"
+        )
     return EclairConfig(
-        base_url=f"{scheme}://{url_host}:{port}{prefix}",
+        base_url=base_url,
         address=address,
         password=password,
         timeout=timeout,
@@ -182,6 +192,8 @@ def _read_cert(path: str) -> str:
     """The PEM file `cert=` names (a self-signed certificate or a private CA)."""
     if not path:
         raise LightningError("eclair URI: cert= needs the path of a PEM file")
+    if "\x00" in path:
+        raise LightningError("eclair URI: the cert= path contains a NUL character")
     shown = shown_path(path)
     try:
         with Path(path).expanduser().open("rb") as file:
@@ -307,6 +319,9 @@ class EclairNode:
             raise BackendUnavailable(
                 f"{self.where}: {endpoint}: {type(exc).__name__}: {_one_line(exc)}"
             ) from None
+        except (httpx.InvalidURL, UnicodeError):
+            # parse_uri checked the host; whatever slips through is still one line.
+            raise LightningError(f"{self.where}: {endpoint}: not a usable URL") from None
         if response.status_code == 401:
             raise BackendUnavailable(
                 f"{self.where}: authentication failed (HTTP 401): wrong API password"

@@ -37,7 +37,13 @@ from l402proxy.lightning.base import (
     PaymentState,
     Wallet,
 )
-from l402proxy.lightning.uri import query_params, redact, shown_name, shown_value
+from l402proxy.lightning.uri import (
+    query_params,
+    redact,
+    shown_name,
+    shown_value,
+    usable_http_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +156,14 @@ def parse_uri(uri: str) -> LNbitsConfig:
                 f"LNbits URI: timeout must be a number of seconds from 0 to {MAX_TIMEOUT:g}, "
                 f"got {shown_value(params['timeout'])}"
             )
-    shown_host = f"[{host}]" if ":" in host else host
-    netloc = f"{shown_host}:{port}" if port is not None else shown_host
-    return LNbitsConfig(f"{scheme}://{netloc}{parts.path.rstrip('/')}", key, timeout)
+    if port == 0:
+        raise LightningError("LNbits URI: bad port 0: use a number from 1 to 65535")
+    url_host = f"[{host}]" if ":" in host else host
+    netloc = f"{url_host}:{port}" if port is not None else url_host
+    base_url = f"{scheme}://{netloc}{parts.path.rstrip('/')}"
+    if not usable_http_url(base_url):
+        raise LightningError(f"LNbits URI {redact(text)!r}: not a valid host name; use {form}")
+    return LNbitsConfig(base_url, key, timeout)
 
 
 def _detail(response: httpx.Response) -> str:
@@ -279,6 +290,9 @@ class _LNbitsAPI:
             return await self.send(method, path, json=json, params=params)
         except httpx.HTTPError as exc:
             raise self.unreachable(exc, doing) from None
+        except (httpx.InvalidURL, UnicodeError):
+            # parse_uri checked the host; whatever slips through is still one line.
+            raise LightningError(f"{self._where()}: {doing}: not a usable URL") from None
 
     async def send(
         self,

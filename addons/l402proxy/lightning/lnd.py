@@ -264,6 +264,8 @@ _INLINE_FORMS: Final = {
 
 
 def _read(path_text: str, name: str, what: str) -> tuple[bytes, str]:
+    if "\x00" in path_text:
+        raise LightningError(f"{what}: the {name} file path contains a NUL character")
     path = Path(path_text).expanduser()
     try:
         return path.read_bytes(), shown_path(str(path))

@@ -43,7 +43,13 @@ from l402proxy.lightning.base import (
     Wallet,
 )
 from l402proxy.lightning.bolt11_encoder import bech32_checksum
-from l402proxy.lightning.uri import SHOWN_SCHEME, shown_host, shown_hostport, shown_path
+from l402proxy.lightning.uri import (
+    SHOWN_SCHEME,
+    shown_host,
+    shown_hostport,
+    shown_path,
+    usable_http_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,13 +143,17 @@ def check_url(url: str, what: str) -> str:
     """`url` if it is https, or http to a loopback host; else LightningError."""
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
+        port = parts.port
     except ValueError:
         raise LightningError(f"{what}: not a valid URL") from None
     scheme = parts.scheme.lower()
     host = parts.hostname or ""
     if not host:
         raise LightningError(f"{what}: URL without a host")
+    if port == 0:
+        raise LightningError(f"{what}: bad port 0")
+    if not usable_http_url(url):
+        raise LightningError(f"{what}: {shown_host(host)!r} is not a valid host name")
     if scheme == "https" or (scheme == "http" and is_loopback(host)):
         return url
     if scheme == "http":
@@ -215,8 +225,11 @@ def parse_uri(uri: str) -> LnurlTarget:
             raise LightningError(f"Lightning Address {body!r}: bad port {port}")
         netloc = f"{host}:{port}" if port else host
         scheme = "http" if is_loopback(host) else "https"
+        url = f"{scheme}://{netloc}/.well-known/lnurlp/{user}"
+        if not usable_http_url(url):
+            raise LightningError(f"Lightning Address {body!r}: not a valid domain name")
         return LnurlTarget(
-            url=f"{scheme}://{netloc}/.well-known/lnurlp/{user}",
+            url=url,
             shown=f"{user}@{netloc}",
             address=f"{user}@{netloc}",
         )
@@ -334,6 +347,9 @@ class LnurlPayBackend(InvoiceBackend):
                 )
         except httpx.HTTPError as exc:
             raise self._unreachable(exc, doing) from None
+        except (httpx.InvalidURL, UnicodeError):
+            # A redirect or callback httpx cannot use (check_url catches most first).
+            raise LightningError(f"{self.target.shown}: {doing}: not a usable URL") from None
         try:
             body = json.loads(b"".join(chunks))
         except ValueError:

@@ -10,6 +10,8 @@ key is replaced by `***`, and parameter values are never shown at all.
 import re
 from urllib.parse import parse_qsl, urlsplit
 
+import httpx
+
 from l402proxy.lightning.base import LightningError
 
 # Query parameters that are never secret and help when reading a log.
@@ -128,6 +130,17 @@ def shown_netloc(netloc: str) -> str:
     userinfo, at, hostport = netloc.rpartition("@")
     shown = shown_hostport(hostport)
     return f"{_masked_userinfo(userinfo)}@{shown}" if at else shown
+
+
+def usable_http_url(url: str) -> bool:
+    """Whether httpx can make requests to `url`: its host must be a valid (IDNA) host name,
+    which `urlsplit` does not check (httpx raises idna's errors, not an httpx.HTTPError)."""
+    try:
+        parsed = httpx.URL(url)
+        # Decoding the host is where an invalid IDNA label (xn--a) fails.
+        return bool(parsed.host) and bool(parsed.raw_host)
+    except (httpx.InvalidURL, ValueError):  # idna.IDNAError is a UnicodeError
+        return False
 
 
 def module_for(uri: str) -> str:
