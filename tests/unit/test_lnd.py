@@ -8,7 +8,9 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from urllib.parse import quote
@@ -798,3 +800,54 @@ async def test_the_environments_proxy_is_never_used(
             result = await wallet.pay(invoice.bolt11, 0)
             assert result.payment_hash == invoice.payment_hash
         assert proxy.seen == []
+
+
+async def run_python(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    """A child Python (bounded: 60 s), without blocking the loop the stand-in serves on."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    try:
+        out, err = await asyncio.wait_for(child.communicate(), 60)
+    except TimeoutError:
+        child.kill()
+        await child.wait()
+        raise
+    assert child.returncode is not None
+    return child.returncode, out.decode(), err.decode()
+
+
+async def test_backend_check_prints_one_line_for_a_tls_failure(
+    merchant: StandinLnd, tmp_path: Path
+) -> None:
+    """gRPC core logs "Handshake failed ..." to stderr by itself; only our line may show."""
+    other, _ = make_tls_cert()
+    wrong = tmp_path / "other-tls.cert"
+    wrong.write_bytes(other)
+    uri = f"lnd://{merchant.address}?cert={wrong}&macaroon={merchant.macaroon_path()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")}
+    code, out, err = await run_python("-m", "l402proxy", "backend", "check", uri, env=env)
+    assert (code, out) == (1, "")
+    assert err == (
+        f"l402proxy: lnd at {merchant.address}: TLS handshake failed: the node's certificate "
+        f"does not match cert {wrong}\n"
+    )
+
+
+async def test_grpc_verbosity_is_set_only_around_the_grpc_import() -> None:
+    probe = (
+        "import os, sys; import l402proxy.lightning.lnd; "
+        "print(os.environ.get('GRPC_VERBOSITY'), 'grpc' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")}
+    assert await run_python("-c", probe, env=env) == (0, "None True\n", "")
+    # A verbosity the user chose is left alone.
+    assert await run_python("-c", probe, env={**env, "GRPC_VERBOSITY": "INFO"}) == (
+        0,
+        "INFO True\n",
+        "",
+    )

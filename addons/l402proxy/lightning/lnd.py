@@ -26,6 +26,10 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
+# Before grpc (and lndgrpc, which imports it) loads: see grpc_logging.
+from l402proxy.lightning import grpc_logging  # noqa: F401
+
+# isort: split
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
