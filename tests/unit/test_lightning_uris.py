@@ -6,6 +6,7 @@ about the query part and the dev wallet's delay.
 
 import asyncio
 import contextlib
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from l402proxy.lightning import (
     DEFAULT_CLIENT_WALLET,
     DEFAULT_SERVER_WALLET,
+    BackendUnavailable,
     DevInvoiceBackend,
     DevLedger,
     DevWallet,
@@ -199,3 +201,18 @@ async def test_a_caller_gone_during_the_delay_leaves_the_payment_settled(
     finally:
         await wallet.close()
         await merchant.close()
+
+
+def test_a_ledger_that_cannot_open_leaves_no_worker_thread_behind(tmp_path: Path) -> None:
+    """`l402proxy backend check dev --ledger <a directory>`: aiosqlite's worker thread must be
+    done before asyncio.run closes the loop, or it dies on "Event loop is closed"."""
+    before = set(threading.enumerate())
+
+    async def attempt() -> None:
+        with pytest.raises(BackendUnavailable, match="cannot open dev ledger"):
+            await DevLedger(tmp_path).open()
+
+    for _ in range(5):
+        asyncio.run(attempt())
+        left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        assert left == []

@@ -53,6 +53,8 @@ MAX_MEMO_BYTES: Final = 639
 MAX_AMOUNT_MSAT: Final = 21_000_000 * 100_000_000 * 1000
 MAX_EXPIRY: Final = 365 * 24 * 3600
 BUSY_TIMEOUT_MS: Final = 10_000
+# How long a failed open waits for aiosqlite's worker thread to finish.
+WORKER_STOP_SECONDS: Final = 5.0
 
 _WALLET_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -119,6 +121,16 @@ def _daemonize(connection: aiosqlite.Connection) -> None:
     thread = getattr(connection, "_thread", None)
     if isinstance(thread, threading.Thread) and not thread.is_alive():
         thread.daemon = True
+
+
+async def _worker_stopped(connection: aiosqlite.Connection) -> None:
+    # After a failed connect aiosqlite stops its worker thread without waiting for it; the
+    # thread's last act is a callback on this loop, which must still be running then (a CLI's
+    # asyncio.run would otherwise have closed it: "Event loop is closed" in that thread).
+    thread = getattr(connection, "_thread", None)
+    if isinstance(thread, threading.Thread) and thread.is_alive():
+        await asyncio.to_thread(thread.join, WORKER_STOP_SECONDS)
+        await asyncio.sleep(0)  # let that last callback run
 
 
 def _check_hash(payment_hash: bytes) -> bytes:
@@ -188,6 +200,7 @@ class DevLedger:
                 return
             fresh = not Path(self.path).exists()
             db: aiosqlite.Connection | None = None
+            connection: aiosqlite.Connection | None = None
             try:
                 ensure_parent(self.path)
                 # isolation_level=None: we issue BEGIN IMMEDIATE ourselves; sqlite3's implicit
@@ -203,6 +216,8 @@ class DevLedger:
             except (sqlite3.Error, OSError) as exc:
                 if db is not None:
                     await db.close()
+                elif connection is not None:
+                    await _worker_stopped(connection)
                 raise BackendUnavailable(f"cannot open dev ledger {self.path}: {exc}") from None
             except BaseException:
                 if db is not None:
