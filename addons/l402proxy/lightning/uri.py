@@ -3,8 +3,9 @@
 Secrets (macaroons, keys, passwords) travel inside these URIs, so nothing outside this module
 prints a URI as given: `redact()` first. A secret pasted in the wrong place (a key where the
 host goes, a macaroon as the path or as a parameter name) must not show either, so messages
-about URI parts go through `shown_name`, `shown_host`, `shown_path`: anything that looks like a
-key is replaced by `***`, and parameter values are never shown at all.
+about URI parts go through `shown_name`, `shown_host`, `shown_path`, `shown_value`: anything
+that looks like a key is replaced by `***`, and a parameter value is shown only when it is a
+few characters (a typo like "soon"), never when it could be a key.
 """
 
 import re
