@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -200,10 +201,24 @@ VARIANT_VARY = ("Authorization", "Cookie", "Accept-Authenticate")
 _SHARED_CACHE_DIRECTIVES = ("public", "s-maxage")
 
 
+_VARY_FIELD = (b"Vary", ", ".join(VARIANT_VARY).encode())
+_VARY_ACCEPT_FIELD = (b"Vary", ", ".join((*VARIANT_VARY, "Accept")).encode())
+_PRIVATE_FIELD = (b"Cache-Control", b"private")
+
+
 def mark_variant(headers: http.Headers, *, paid: bool, by_accept: bool = False) -> None:
     """Tell caches that a priced URL's answer depends on who asks, so a browser that just paid
     does not replay its cached free copy, and a shared cache never hands a paid answer (bought
     with a cookie, which shared caches do store) to someone else."""
+    # On every paid response: one pass over the raw fields when the origin set neither header
+    # (mitmproxy's header lookups cost microseconds each).
+    names = {name.lower() for name, _ in headers.fields}
+    if b"vary" not in names and (not paid or b"cache-control" not in names):
+        added = [_VARY_ACCEPT_FIELD if by_accept else _VARY_FIELD]
+        if paid:
+            added.append(_PRIVATE_FIELD)
+        headers.fields = (*headers.fields, *added)
+        return
     vary = [v.strip() for v in headers.get("Vary", "").split(",") if v.strip()]
     if "*" not in vary:
         have = {v.lower() for v in vary}
@@ -219,6 +234,38 @@ def mark_variant(headers: http.Headers, *, paid: bool, by_accept: bool = False) 
         if not any(d.lower() in ("private", "no-store") for d in directives):
             directives.insert(0, "private")
         headers["Cache-Control"] = ", ".join(directives)
+
+
+@dataclass(frozen=True)
+class WatchedHeaders:
+    """The request headers the paywall reads on every request, found in one pass over the
+    raw fields (each mitmproxy header lookup costs a microsecond or more)."""
+
+    authorization: str | None
+    accept_authenticate: str | None
+    cookie: bool
+
+    @classmethod
+    def of(cls, headers: http.Headers) -> "WatchedHeaders":
+        authorization: list[bytes] = []
+        accept: list[bytes] = []
+        cookie = False
+        for name, value in headers.fields:
+            lower = name.lower()
+            if lower == b"authorization":
+                authorization.append(value)
+            elif lower == b"accept-authenticate":
+                accept.append(value)
+            elif lower == b"cookie":
+                cookie = True
+        # Several lines of one header read as one list, as mitmproxy's headers.get() has them.
+        return cls(_joined(authorization), _joined(accept), cookie)
+
+
+def _joined(values: list[bytes]) -> str | None:
+    if not values:
+        return None
+    return b", ".join(values).decode("utf-8", "surrogateescape")
 
 
 def is_https(flow: http.HTTPFlow) -> bool:
@@ -445,8 +492,9 @@ class L402Server:
         if paywall.is_endpoint(request.path):
             await self._endpoint(flow)
             return
+        seen = WatchedHeaders.of(request.headers)
         # Our cookies hold paid credentials: they never reach the origin, priced path or not.
-        cookies = take_our_cookies(request) if "cookie" in request.headers else {}
+        cookies = take_our_cookies(request) if seen.cookie else {}
         if self.rules is None:
             return
         rule = self.rules.match(request.pretty_host, request.path, request.method)
@@ -455,7 +503,7 @@ class L402Server:
         if not self.ready.is_set():
             await self.ready.wait()
         try:
-            await self._judge(flow, rule, cookies)
+            await self._judge(flow, rule, seen, cookies)
         except Exception:
             # Fail closed: forwarding a priced request we could not judge would give it away.
             log.exception(f"l402: internal error on {request.method} {request.path}")
@@ -481,10 +529,14 @@ class L402Server:
             offer_upgrade(flow.response, offer)
 
     async def _judge(
-        self, flow: http.HTTPFlow, rule: Rule, cookies: Mapping[str, str] | None = None
+        self,
+        flow: http.HTTPFlow,
+        rule: Rule,
+        seen: WatchedHeaders,
+        cookies: Mapping[str, str] | None = None,
     ) -> None:
         request = flow.request
-        authorization = request.headers.get("Authorization")
+        authorization = seen.authorization
         cookie = cookies.get(paywall.cookie_name(rule.name)) if cookies else None
         # An Authorization header wins; the cookie is the same credential a browser keeps.
         from_cookie = cookie is not None and not gate.is_l402_authorization(authorization)
@@ -493,7 +545,7 @@ class L402Server:
         decision = gate.decide(
             rule=rule,
             authorization=authorization,
-            accept_authenticate=request.headers.get("Accept-Authenticate"),
+            accept_authenticate=seen.accept_authenticate,
             root_key_for=self.root_key_for,
             revoked=self.revoked,
             now=time.time(),
@@ -506,9 +558,7 @@ class L402Server:
             clear_cookies = paywall.clearing_cookies(
                 rule.name, path=paywall.scope_path(rule), secure=is_https(flow)
             )
-            if rule.mode == "upgrade" and not accepts_l402(
-                request.headers.get("Accept-Authenticate")
-            ):
+            if rule.mode == "upgrade" and not accepts_l402(seen.accept_authenticate):
                 # Upgrade mode keeps unpaid browsers on the free variant: a stale cookie is no
                 # request to pay (an <audio> fetch would only break on a 402).
                 decision = gate.Free(rule)
@@ -538,8 +588,10 @@ class L402Server:
     def _grant(self, flow: http.HTTPFlow, grant: gate.Grant, from_cookie: bool = False) -> None:
         if not from_cookie:
             # The credential is ours, not the origin's: never forward it. (With a cookie the
-            # Authorization header, if any, belongs to the origin.)
-            del flow.request.headers["Authorization"]
+            # Authorization header, if any, belongs to the origin.) Filtered on the raw fields:
+            # mitmproxy's `del headers[...]` costs microseconds on every paid request.
+            headers = flow.request.headers
+            headers.fields = tuple(f for f in headers.fields if f[0].lower() != b"authorization")
         apply_paid_variant(flow.request, grant.rule.paid)
         token_id = grant.token.identifier.token_id
         flow.metadata["l402"] = {
