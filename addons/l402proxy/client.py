@@ -174,8 +174,11 @@ class L402Client:
             str,
             "dev",
             """
-            Wallet that pays L402 challenges. "dev" (default) is the embedded dev ledger's
+            Wallet that pays L402 challenges, as a URI: lnd://host:port?cert=<file>&macaroon=<file>,
+            lndconnect://..., cln:///path/to/lightning-rpc, eclair://:<password>@host:port,
+            lnbits://host?key=<admin key>. "dev" (default) is the embedded dev ledger's
             "listener" wallet, for demos and tests; "dev:<wallet>" pays from another dev wallet.
+            Checked at start; cannot change while running.
             """,
         )
         loader.add_option(

@@ -24,7 +24,7 @@ from .l402.headers import Credential, accepts_l402, format_challenge
 from .l402.identifier import Identifier
 from .l402.token import TokenError, caveats_for, derive_root_key, mint
 from .lightning import InvoiceBackend, LightningError, open_backend
-from .lightning.base import InvoiceNotFound, LookupUnsupported
+from .lightning.base import InvoiceNotFound, LookupUnsupported, NodeInfo
 from .rules import (
     PRICED_MODES,
     PaidVariant,
@@ -67,6 +67,19 @@ def apply_paid_variant(request: http.Request, paid: PaidVariant) -> None:
         request.port = target.port or (443 if target.scheme == "https" else 80)
     for name, value in paid.set_headers.items():
         request.headers[name] = value
+
+
+def prices_out_of_range(rules: RuleSet | None, node: NodeInfo | None) -> list[str]:
+    """Priced services the backend cannot invoice for (a Lightning Address's min/max)."""
+    if rules is None or node is None or node.invoice_range_msat is None:
+        return []
+    low, high = node.invoice_range_msat
+    return [
+        f"service '{rule.name}' (line {rule.line}) costs {rule.price_sat} sat, but "
+        f"{node.backend} at {node.address} accepts {low / 1000:g} to {high / 1000:g} sat"
+        for rule in rules.rules
+        if rule.mode in PRICED_MODES and not low <= rule.price_sat * 1000 <= high
+    ]
 
 
 def warn_about_rules(rules: RuleSet) -> None:
@@ -305,6 +318,8 @@ class L402Server:
         self.rules_signature: tuple[int, int] | None = None
         self.backend: InvoiceBackend | None = None
         self.backend_source: tuple[str, str] | None = None
+        # What the backend said it is at start (its invoice limits are checked against rules).
+        self.node: NodeInfo | None = None
         self.store: ServerStore | None = None
         self.secret: bytes = b""
         self.revoked: set[bytes] = set()
@@ -333,8 +348,11 @@ class L402Server:
             str,
             "dev",
             """
-            Lightning invoice backend URI. "dev" (default) is the embedded dev ledger, for demos and
-            tests only; "dev:<wallet>" credits another dev wallet.
+            Where invoices come from, as a URI: lnd://host:port?cert=<file>&macaroon=<file>,
+            lndconnect://..., cln:///path/to/lightning-rpc, eclair://:<password>@host:port,
+            lnbits://host?key=<invoice key>, or a Lightning Address user@domain. "dev" (default)
+            is the embedded dev ledger, for demos and tests only; "dev:<wallet>" credits another
+            dev wallet. Checked at start; cannot change while running.
             """,
         )
         loader.add_option(
@@ -369,10 +387,15 @@ class L402Server:
     def configure(self, updated: set[str]) -> None:
         if "l402_rules" in updated:
             try:
-                self.rules = self._load_rules_option()
+                rules = self._load_rules_option()
             except RulesError as exc:
                 self._refuse("l402_rules", str(exc))
             else:
+                problems = prices_out_of_range(rules, self.node)
+                if problems:
+                    self._refuse("l402_rules", "; ".join(problems))
+                    return
+                self.rules = rules
                 self.misconfigured.pop("l402_rules", None)
         if "l402_backend" in updated or "l402_dev_ledger" in updated:
             self._configure_backend(
@@ -462,6 +485,12 @@ class L402Server:
                 log.error(f"l402: cannot use the invoice backend {self.backend.describe()}: {why}")
                 return
             log.info(f"l402: invoices from {node.summary()} ({self.backend.describe()})")
+            problems = prices_out_of_range(self.rules, node)
+            for problem in problems:
+                log.error(f"l402: l402_rules: {problem}")
+            if problems:
+                return  # every 402 for those services would be a 503
+            self.node = node
         self.tasks = [
             asyncio.create_task(self._every(FLUSH_SECONDS, self._flush)),
             asyncio.create_task(self._every(REVOCATION_POLL_SECONDS, self._poll_revocations)),
@@ -963,6 +992,10 @@ class L402Server:
             rules = await asyncio.to_thread(load_rules, path)
         except RulesError as exc:
             log.warning(f"l402: kept the previous rules; the edited file is broken: {exc}")
+            return
+        problems = prices_out_of_range(rules, self.node)
+        if problems:
+            log.warning(f"l402: kept the previous rules; the edited file: {'; '.join(problems)}")
             return
         self.rules = rules
         warn_about_rules(rules)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from l402proxy.launch import started
+
 from . import procs
 
 pytestmark = pytest.mark.e2e
@@ -19,11 +21,11 @@ pytestmark = pytest.mark.e2e
 PODCAST_RULES = procs.REPO / "rules" / "podcast.yaml"
 
 
-def lnurl_service(workdir: Path, home: Path) -> procs.Process:
+def lnurl_service(workdir: Path, home: Path, *extra: str) -> procs.Process:
     port = procs.free_port()
     ledger = str(home / "devledger.sqlite")
     command = [sys.executable, "-m", "tests.standins.lnurl", "--ledger", ledger]
-    command += ["--wallet", "merchant", "--user", "merchant", "--port", str(port)]
+    command += ["--wallet", "merchant", "--user", "merchant", "--port", str(port), *extra]
     return procs.Process(
         name="lnurl service",
         command=command,
@@ -103,3 +105,32 @@ def test_server_refuses_to_start_when_the_address_does_not_answer(tmp_path: Path
         origin.stop()
     assert status != 0
     assert f"nobody@127.0.0.1:{port}: payRequest: connection refused" in server.log()
+
+
+def test_server_refuses_to_start_when_a_price_is_outside_what_the_address_accepts(
+    tmp_path: Path,
+) -> None:
+    home, confdir = tmp_path / "home", tmp_path / "conf"
+    home.mkdir()
+    confdir.mkdir()
+    # At most 50 sat: the podcast (21 sat) fits, the bonus episodes (100 sat) do not.
+    with started(lnurl_service(tmp_path, home, "--max-sendable", "50000")) as (service,):
+        server = procs.server_proxy(
+            tmp_path,
+            home,
+            confdir,
+            "http://127.0.0.1:9",
+            PODCAST_RULES,
+            f"l402_backend=lnurl:merchant@127.0.0.1:{service.port}",
+        )
+        server.start(wait=False)
+        try:
+            status = server.wait_exit(timeout=60)
+        finally:
+            server.stop()
+    assert status != 0
+    assert (
+        "service 'bonus' (line 63) costs 100 sat, but lnurl at "
+        f"merchant@127.0.0.1:{service.port} accepts 1 to 50 sat"
+    ) in server.log()
+    assert "'podcast'" not in server.log()

@@ -203,6 +203,7 @@ async def _serve(args: argparse.Namespace) -> None:
         wallet=args.wallet,
         user=args.user,
         port=args.port,
+        max_sendable=args.max_sendable,
         knobs=Knobs(verify=not args.no_verify),
     )
     stop = asyncio.Event()
@@ -224,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--user", default="merchant", help="the address is <user>@127.0.0.1:<port>")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--no-verify", action="store_true", help="offer no LUD-21 verify URL")
+    parser.add_argument("--max-sendable", type=int, default=100_000_000, help="msat")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(parser.parse_args(argv)))
 

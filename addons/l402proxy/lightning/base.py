@@ -44,6 +44,9 @@ class NodeInfo:
     alias: str | None = None  # the node alias, wallet name, or LNURL description
     network: Network | None = None
     pubkey: str | None = None  # hex node id, when the backend tells
+    # The amounts it can issue invoices for, when it has limits: a Lightning Address's
+    # minSendable..maxSendable. None: any amount.
+    invoice_range_msat: tuple[int, int] | None = None
 
     def summary(self) -> str:
         parts = [f"{self.backend} at {self.address}"]

@@ -411,6 +411,7 @@ class LnurlPayBackend(InvoiceBackend):
             address=self.target.address or _short(self.target.url),
             alias=alias,
             network=None,  # nothing in LNURL-pay names the chain
+            invoice_range_msat=(request.min_sendable, request.max_sendable),
         )
 
     async def create_invoice(self, amount_sat: int, memo: str, expiry: int) -> Invoice:
