@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from l402proxy.l402.headers import parse_challenges
 from l402proxy.launch import started
 from tests.standins.lnd import b64url
 
@@ -115,41 +117,50 @@ def eclair_node(work: Path, home: Path, wallet: str) -> Iterator[Node]:
         )
 
 
-@contextlib.contextmanager
-def lnd_node(work: Path, home: Path, wallet: str, *, lndconnect: bool) -> Iterator[Node]:
-    """The LND stand-in as a process; the server side uses invoice.macaroon from files
-    (lnd://), the client side admin.macaroon inline (lndconnect://, as Zeus exports it)."""
-    port = procs.free_port()
-    directory = work / f"lnd-{wallet}"
+def lnd_process(work: Path, home: Path, wallet: str, port: int) -> procs.Process:
+    """The LND stand-in; it keeps its cert and macaroons in work/lnd-<wallet> across restarts."""
     command = [
         sys.executable, "-m", "tests.standins.lnd", "--port", str(port),
-        "--ledger", str(home / "devledger.sqlite"), "--wallet", wallet, "--dir", str(directory),
+        "--ledger", str(home / "devledger.sqlite"), "--wallet", wallet,
+        "--dir", str(work / f"lnd-{wallet}"),
     ]  # fmt: skip
-    process = procs.Process(
+    return procs.Process(
         name=f"lnd stand-in {wallet}",
         command=command,
         port=port,
         log_path=work / f"lnd-{wallet}.log",
         env=procs.env_with_home(home),
     )
+
+
+def lnd_as_node(process: procs.Process, wallet: str, *, lndconnect: bool) -> Node:
+    """The server side uses invoice.macaroon from files (lnd://), the client side
+    admin.macaroon inline (lndconnect://, as Zeus exports it)."""
+    directory = process.log_path.parent / f"lnd-{wallet}"
+    cert, port = directory / "tls.cert", process.port
+    if lndconnect:
+        macaroon = (directory / "admin.macaroon").read_bytes()
+        der = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(Encoding.DER)
+        uri = f"lndconnect://127.0.0.1:{port}?cert={b64url(der)}&macaroon={b64url(macaroon)}"
+        source = "inline"
+    else:
+        macaroon = (directory / "invoice.macaroon").read_bytes()
+        uri = f"lnd://127.0.0.1:{port}?cert={cert}&macaroon={directory / 'invoice.macaroon'}"
+        source = str(cert)
+    return Node(
+        uri,
+        wallet,
+        process.log_path,
+        f"LND at 127.0.0.1:{port} (cert {source})",
+        secrets=(macaroon.hex(), b64url(macaroon)),
+    )
+
+
+@contextlib.contextmanager
+def lnd_node(work: Path, home: Path, wallet: str, *, lndconnect: bool) -> Iterator[Node]:
+    process = lnd_process(work, home, wallet, procs.free_port())
     with started(process):
-        cert = directory / "tls.cert"
-        if lndconnect:
-            macaroon = (directory / "admin.macaroon").read_bytes()
-            der = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(Encoding.DER)
-            uri = f"lndconnect://127.0.0.1:{port}?cert={b64url(der)}&macaroon={b64url(macaroon)}"
-            source = "inline"
-        else:
-            macaroon = (directory / "invoice.macaroon").read_bytes()
-            uri = f"lnd://127.0.0.1:{port}?cert={cert}&macaroon={directory / 'invoice.macaroon'}"
-            source = str(cert)
-        yield Node(
-            uri,
-            wallet,
-            process.log_path,
-            f"LND at 127.0.0.1:{port} (cert {source})",
-            secrets=(macaroon.hex(), b64url(macaroon)),
-        )
+        yield lnd_as_node(process, wallet, lndconnect=lndconnect)
 
 
 @dataclass(frozen=True)
@@ -276,3 +287,51 @@ def test_eclair_invoices_paid_from_cln(world: World) -> None:
         cln_node(world.work, world.home, "listener") as wallet,
     ):
         pay_for_an_episode(world, backend, wallet, "ep2")
+
+
+def test_while_the_node_is_down_priced_requests_get_503_and_the_rest_keeps_working(
+    world: World,
+) -> None:
+    """The invoice backend dies while the proxy runs: no new invoices (503, Retry-After),
+    but the free episode and an already paid token keep working; when the node is back,
+    so are new invoices."""
+    node = lnd_process(world.work, world.home, "merchant-outage", procs.free_port())
+    with started(node):
+        backend = lnd_as_node(node, "merchant-outage", lndconnect=False)
+        server = procs.server_proxy(
+            world.work, world.home, world.confdir, world.origin.url, PODCAST_RULES,
+            f"l402_backend={backend.uri}",
+            f"l402_store={world.work / 'server-outage.sqlite'}",
+        )  # fmt: skip
+        with started(server), httpx.Client(base_url=server.url, timeout=30) as http:
+            challenge = http.get("/episodes/ep1.mp3", headers={"Accept-Authenticate": "L402"})
+            assert challenge.status_code == 402, challenge.text + tail(server)
+            (first, *_) = parse_challenges(challenge.headers.get_list("WWW-Authenticate"))
+            macaroon, invoice = first.macaroon, first.invoice
+            preimage = procs.dev_pay(world.home, invoice)
+            paid = {"Authorization": f"L402 {macaroon}:{preimage.hex()}"}
+
+            node.stop()
+            down = http.get("/episodes/ep2.mp3", headers={"Accept-Authenticate": "L402"})
+            assert down.status_code == 503, down.text + tail(server)
+            assert down.headers["Retry-After"].isdigit()
+            assert down.headers["Content-Type"].startswith("text/plain")
+            assert "Payment is unavailable right now" in down.text
+            free = http.get("/episodes/ep2.mp3")
+            assert free.status_code == 200 and free.content == b"AD-SUPPORTED episode ep2\n"
+            token = http.get("/episodes/ep2.mp3", headers=paid)
+            assert token.status_code == 200 and token.content == b"AD-FREE episode ep2\n"
+            assert "connection refused" in server.log(), tail(server)
+
+            node.start()  # same port, same cert and macaroons: the channel reconnects
+            again = procs.wait_until(
+                lambda: (
+                    http.get(
+                        "/episodes/ep3.mp3", headers={"Accept-Authenticate": "L402"}
+                    ).status_code
+                    == 402
+                ),
+                timeout=30,
+                interval=0.5,
+            )
+            assert again, tail(server)

@@ -441,7 +441,7 @@ def test_an_unusable_invoice_backend_stops_the_proxy_from_starting(
     tmp_path: Path, confdir: Path
 ) -> None:
     # A directory where the ledger file should be: the backend cannot be opened. (A backend that
-    # fails while running gives 503s instead: see the LND stand-in tests.)
+    # fails while running gives 503s instead: see tests/e2e/test_node_backends_e2e.py.)
     broken_ledger = tmp_path / "ledger-is-a-dir"
     broken_ledger.mkdir()
     proxy = procs.server_proxy(
