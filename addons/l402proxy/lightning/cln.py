@@ -35,6 +35,14 @@ from l402proxy.lightning.base import (
     PaymentResult,
     PaymentState,
 )
+from l402proxy.lightning.common import (
+    bad_answer,
+    check_hash,
+    check_int,
+    hex32,
+    one_line,
+    payable_invoice,
+)
 from l402proxy.lightning.uri import (
     query_params,
     shown_name,
@@ -60,7 +68,6 @@ MAX_REPLY_BYTES: Final = 16 * 1024 * 1024
 READ_CHUNK: Final = 65536
 # sockaddr_un.sun_path holds 108 bytes including the final NUL.
 MAX_SUN_PATH: Final = 107
-MAX_SHOWN_MESSAGE: Final = 300
 MAX_MEMO_BYTES: Final = 639
 
 # common/jsonrpc_errors.h
@@ -116,11 +123,6 @@ class ClnRpcError(LightningError):
         self.code = code
         self.data = data
         self.error: dict[str, Any] = error if error is not None else {}
-
-
-def _one_line(text: object) -> str:
-    shown = " ".join(str(text).split())
-    return shown if len(shown) <= MAX_SHOWN_MESSAGE else shown[: MAX_SHOWN_MESSAGE - 1] + "…"
 
 
 def parse_uri(uri: str) -> tuple[str, float]:
@@ -329,7 +331,7 @@ class ClnRpc:
                 raise LightningError(f"{self.where}: bad answer to {method}: malformed error")
             code = error.get("code")
             code = code if isinstance(code, int) and not isinstance(code, bool) else None
-            message = _one_line(error.get("message", "no message"))
+            message = one_line(error.get("message", "no message"))
             raise ClnRpcError(
                 f"{self.where}: {method} failed: {message} (code {code})",
                 code,
@@ -342,38 +344,13 @@ class ClnRpc:
         return result
 
 
-def _bad(where: str, method: str, what: str) -> LightningError:
-    return LightningError(f"{where}: bad answer to {method}: {what}")
-
-
 def _msat(value: object, where: str, method: str, what: str) -> int:
     """A CLN `msat`: an integer, or (deprecated) a string like "1000msat"."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     if isinstance(value, str) and value.endswith("msat") and value[:-4].isdigit():
         return int(value[:-4])
-    raise _bad(where, method, f"{what} is not an amount")
-
-
-def _hex32(value: object, where: str, method: str, what: str) -> bytes:
-    if isinstance(value, str) and len(value) == 64:
-        try:
-            return bytes.fromhex(value)
-        except ValueError:
-            pass
-    raise _bad(where, method, f"{what} is not 32 bytes of hex")
-
-
-def _check_hash(payment_hash: bytes) -> bytes:
-    if not isinstance(payment_hash, bytes | bytearray) or len(payment_hash) != 32:
-        raise LightningError("payment_hash must be 32 bytes")
-    return bytes(payment_hash)
-
-
-def _check_int(value: object, what: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise LightningError(f"{what} must be an integer of at least {low}, got {value!r}")
-    return value
+    raise bad_answer(where, method, f"{what} is not an amount")
 
 
 class ClnNode:
@@ -412,11 +389,11 @@ class ClnNode:
         result = await self.rpc.call("getinfo", {})
         node_id = result.get("id")
         if not (isinstance(node_id, str) and len(node_id) == 66):
-            raise _bad(self.where, "getinfo", "no node id")
+            raise bad_answer(self.where, "getinfo", "no node id")
         try:
             bytes.fromhex(node_id)
         except ValueError:
-            raise _bad(self.where, "getinfo", "node id is not hex") from None
+            raise bad_answer(self.where, "getinfo", "node id is not hex") from None
         alias = result.get("alias")
         network = result.get("network")
         return NodeInfo(
@@ -430,8 +407,8 @@ class ClnNode:
     # -- server side ---------------------------------------------------------------------
 
     async def create_invoice(self, amount_sat: int, memo: str, expiry: int) -> Invoice:
-        _check_int(amount_sat, "amount_sat", 1)
-        _check_int(expiry, "expiry", 1)
+        check_int(amount_sat, "amount_sat", 1)
+        check_int(expiry, "expiry", 1)
         if not isinstance(memo, str):
             raise LightningError("memo must be a string")
         if len(memo.encode()) > MAX_MEMO_BYTES:
@@ -445,17 +422,17 @@ class ClnNode:
         )
         bolt11 = result.get("bolt11")
         if not isinstance(bolt11, str):
-            raise _bad(self.where, "invoice", "no bolt11")
-        payment_hash = _hex32(result.get("payment_hash"), self.where, "invoice", "payment_hash")
+            raise bad_answer(self.where, "invoice", "no bolt11")
+        payment_hash = hex32(result.get("payment_hash"), self.where, "invoice", "payment_hash")
         expires_at = result.get("expires_at")
         if isinstance(expires_at, bool) or not isinstance(expires_at, int):
-            raise _bad(self.where, "invoice", "no expires_at")
+            raise bad_answer(self.where, "invoice", "no expires_at")
         try:
             decoded = decode_invoice(bolt11)
         except ValueError:
-            raise _bad(self.where, "invoice", "bolt11 does not decode") from None
+            raise bad_answer(self.where, "invoice", "bolt11 does not decode") from None
         if decoded.payment_hash != payment_hash or decoded.amount_msat != amount_msat:
-            raise _bad(self.where, "invoice", "bolt11 does not match the invoice asked for")
+            raise bad_answer(self.where, "invoice", "bolt11 does not match the invoice asked for")
         return Invoice(
             bolt11=bolt11,
             payment_hash=payment_hash,
@@ -464,12 +441,12 @@ class ClnNode:
         )
 
     async def lookup_invoice(self, payment_hash: bytes) -> InvoiceState:
-        payment_hash = _check_hash(payment_hash)
+        payment_hash = check_hash(payment_hash)
         wanted = payment_hash.hex()
         result = await self.rpc.call("listinvoices", {"payment_hash": wanted})
         invoices = result.get("invoices")
         if not isinstance(invoices, list):
-            raise _bad(self.where, "listinvoices", "no invoices list")
+            raise bad_answer(self.where, "listinvoices", "no invoices list")
         mine = [
             i
             for i in invoices
@@ -480,11 +457,11 @@ class ClnNode:
         invoice = mine[0]
         status = invoice.get("status")
         if status == "paid":
-            preimage = _hex32(
+            preimage = hex32(
                 invoice.get("payment_preimage"), self.where, "listinvoices", "payment_preimage"
             )
             if hashlib.sha256(preimage).digest() != payment_hash:
-                raise _bad(self.where, "listinvoices", "the preimage does not match the hash")
+                raise bad_answer(self.where, "listinvoices", "the preimage does not match the hash")
             received = invoice.get("amount_received_msat", invoice.get("amount_msat"))
             return InvoiceState(
                 payment_hash=payment_hash,
@@ -502,24 +479,14 @@ class ClnNode:
                 if amount is None
                 else _msat(amount, self.where, "listinvoices", "amount_msat"),
             )
-        raise _bad(self.where, "listinvoices", f"unknown invoice status {_one_line(status)!r}")
+        raise bad_answer(self.where, "listinvoices", f"unknown invoice status {one_line(status)!r}")
 
     # -- client side ---------------------------------------------------------------------
 
     async def pay(self, bolt11: str, max_fee_msat: int) -> PaymentResult:
         """Pay with `pay`; PaymentFailed only for answers after which nothing is in flight."""
-        _check_int(max_fee_msat, "max_fee_msat", 0)
-        if not isinstance(bolt11, str):
-            raise PaymentFailed("invalid BOLT11 invoice: not a string")
-        text = bolt11.strip()
-        if text.lower().startswith("lightning:"):
-            text = text[len("lightning:") :]
-        try:
-            decoded = decode_invoice(text)
-        except ValueError as exc:
-            raise PaymentFailed(str(exc)) from None
-        if decoded.amount_msat is None:
-            raise PaymentFailed("invoice has no amount: l402proxy never pays amountless invoices")
+        check_int(max_fee_msat, "max_fee_msat", 0)
+        text, decoded = payable_invoice(bolt11)
         params = {"bolt11": text, "maxfee": max_fee_msat, "retry_for": self.pay_retry_for}
         try:
             result = await self.rpc.call(
@@ -532,12 +499,12 @@ class ClnNode:
         status = result.get("status")
         if status != "complete":
             raise LightningError(
-                f"{self.where}: pay answered status {_one_line(status)!r}; the payment may "
+                f"{self.where}: pay answered status {one_line(status)!r}; the payment may "
                 "still complete"
             )
-        preimage = _hex32(result.get("payment_preimage"), self.where, "pay", "payment_preimage")
+        preimage = hex32(result.get("payment_preimage"), self.where, "pay", "payment_preimage")
         if hashlib.sha256(preimage).digest() != decoded.payment_hash:
-            raise _bad(self.where, "pay", "the preimage does not match the invoice")
+            raise bad_answer(self.where, "pay", "the preimage does not match the invoice")
         amount = _msat(result.get("amount_msat"), self.where, "pay", "amount_msat")
         sent = _msat(result.get("amount_sent_msat"), self.where, "pay", "amount_sent_msat")
         return PaymentResult(
@@ -552,12 +519,12 @@ class ClnNode:
 
         listpays only sums up sendpay parts, so within `settles_within` of the pay call
         "unknown" and "failed" may still turn into a payment (see SETTLE_MARGIN_SECONDS)."""
-        payment_hash = _check_hash(payment_hash)
+        payment_hash = check_hash(payment_hash)
         wanted = payment_hash.hex()
         result = await self.rpc.call("listpays", {"payment_hash": wanted})
         pays = result.get("pays")
         if not isinstance(pays, list):
-            raise _bad(self.where, "listpays", "no pays list")
+            raise bad_answer(self.where, "listpays", "no pays list")
         mine = [
             p
             for p in pays
@@ -568,9 +535,9 @@ class ClnNode:
         statuses = [p.get("status") for p in mine]
         if "complete" in statuses:
             done = mine[statuses.index("complete")]
-            preimage = _hex32(done.get("preimage"), self.where, "listpays", "preimage")
+            preimage = hex32(done.get("preimage"), self.where, "listpays", "preimage")
             if hashlib.sha256(preimage).digest() != payment_hash:
-                raise _bad(self.where, "listpays", "the preimage does not match the hash")
+                raise bad_answer(self.where, "listpays", "the preimage does not match the hash")
             sent = _msat(done.get("amount_sent_msat"), self.where, "listpays", "amount_sent_msat")
             amount = done.get("amount_msat")
             fee = sent - _msat(amount, self.where, "listpays", "amount_msat") if amount else 0
@@ -580,7 +547,7 @@ class ClnNode:
         if all(s == "failed" for s in statuses):
             return PaymentState(payment_hash, "failed", None, 0)
         unknown = next(s for s in statuses if s not in ("complete", "pending", "failed"))
-        raise _bad(self.where, "listpays", f"unknown payment status {_one_line(unknown)!r}")
+        raise bad_answer(self.where, "listpays", f"unknown payment status {one_line(unknown)!r}")
 
 
 # Refused while reading the request: nothing can have been sent, whatever else the error says.

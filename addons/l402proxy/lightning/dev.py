@@ -38,6 +38,7 @@ from l402proxy.lightning.base import (
     Wallet,
 )
 from l402proxy.lightning.bolt11_encoder import encode_invoice
+from l402proxy.lightning.common import check_hash
 from l402proxy.paths import ensure_parent
 
 DEFAULT_SERVER_WALLET: Final = "merchant"
@@ -131,12 +132,6 @@ async def _worker_stopped(connection: aiosqlite.Connection) -> None:
     if isinstance(thread, threading.Thread) and thread.is_alive():
         await asyncio.to_thread(thread.join, WORKER_STOP_SECONDS)
         await asyncio.sleep(0)  # let that last callback run
-
-
-def _check_hash(payment_hash: bytes) -> bytes:
-    if not isinstance(payment_hash, bytes | bytearray) or len(payment_hash) != 32:
-        raise LightningError("payment_hash must be 32 bytes")
-    return bytes(payment_hash)
 
 
 def _check_int(value: int, what: str, low: int, high: int) -> int:
@@ -419,7 +414,7 @@ class DevLedger:
         self, payment_hash: bytes, *, wallet: str | None = None
     ) -> InvoiceState:
         """State of one invoice; with `wallet`, only that wallet's invoices are visible."""
-        payment_hash = _check_hash(payment_hash)
+        payment_hash = check_hash(payment_hash)
         if wallet is not None:
             check_wallet_name(wallet)
         async with self._session() as db:
@@ -584,7 +579,7 @@ class DevLedger:
     async def lookup_payment(self, wallet: str, payment_hash: bytes) -> PaymentState:
         """What happened to `wallet`'s payment of `payment_hash` ("unknown": never attempted)."""
         check_wallet_name(wallet)
-        payment_hash = _check_hash(payment_hash)
+        payment_hash = check_hash(payment_hash)
         async with self._session() as db:
             rows = await db.execute_fetchall(
                 "SELECT status, preimage, fee_msat FROM payments"

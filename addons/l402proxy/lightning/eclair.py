@@ -42,6 +42,14 @@ from l402proxy.lightning.base import (
     PaymentResult,
     PaymentState,
 )
+from l402proxy.lightning.common import (
+    bad_answer,
+    check_hash,
+    check_int,
+    hex32,
+    one_line,
+    payable_invoice,
+)
 from l402proxy.lightning.uri import (
     looks_like_secret,
     query_params,
@@ -67,7 +75,6 @@ PAY_TIMEOUT: Final = 40
 # eclair.max-payment-attempts route searches, which take well under PAY_TIMEOUT; the margin
 # covers a slow router and a request that reached Eclair late.
 SETTLE_MARGIN_SECONDS: Final = 60.0
-MAX_SHOWN_MESSAGE: Final = 300
 MAX_MEMO_BYTES: Final = 639
 MAX_CERT_BYTES: Final = 1024 * 1024
 
@@ -90,11 +97,6 @@ CHAIN_HASHES: Final[dict[str, Network]] = {
     "43497fd7f826957108f4a30fd9cec3aeba79972084e90ead01ea330900000000": "testnet",
     "06226e46111a0b59caaf126043eb5bbf28c34f3a5e332a1fc7b2b73cf188910f": "regtest",
 }
-
-
-def _one_line(text: object) -> str:
-    shown = " ".join(str(text).split())
-    return shown if len(shown) <= MAX_SHOWN_MESSAGE else shown[: MAX_SHOWN_MESSAGE - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -221,35 +223,10 @@ class EclairHttpError(LightningError):
         self.error = error
 
 
-def _bad(where: str, endpoint: str, what: str) -> LightningError:
-    return LightningError(f"{where}: bad answer to {endpoint}: {what}")
-
-
 def _amount(value: object, where: str, endpoint: str, what: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
-    raise _bad(where, endpoint, f"{what} is not an amount")
-
-
-def _hex32(value: object, where: str, endpoint: str, what: str) -> bytes:
-    if isinstance(value, str) and len(value) == 64:
-        try:
-            return bytes.fromhex(value)
-        except ValueError:
-            pass
-    raise _bad(where, endpoint, f"{what} is not 32 bytes of hex")
-
-
-def _check_hash(payment_hash: bytes) -> bytes:
-    if not isinstance(payment_hash, bytes | bytearray) or len(payment_hash) != 32:
-        raise LightningError("payment_hash must be 32 bytes")
-    return bytes(payment_hash)
-
-
-def _check_int(value: object, what: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise LightningError(f"{what} must be an integer of at least {low}, got {value!r}")
-    return value
+    raise bad_answer(where, endpoint, f"{what} is not an amount")
 
 
 def _status_type(item: object) -> object:
@@ -317,7 +294,7 @@ class EclairNode:
             raise BackendUnavailable(f"{self.where}: {_connect_problem(exc)}") from None
         except httpx.HTTPError as exc:
             raise BackendUnavailable(
-                f"{self.where}: {endpoint}: {type(exc).__name__}: {_one_line(exc)}"
+                f"{self.where}: {endpoint}: {type(exc).__name__}: {one_line(exc)}"
             ) from None
         except (httpx.InvalidURL, UnicodeError):
             # parse_uri checked the host; whatever slips through is still one line.
@@ -337,19 +314,19 @@ class EclairNode:
             return response.json()
         except ValueError:
             # Never echo the body: it may hold a preimage.
-            raise _bad(self.where, endpoint, "not JSON") from None
+            raise bad_answer(self.where, endpoint, "not JSON") from None
 
     async def info(self) -> NodeInfo:
         answer = await self._post("getinfo", {})
         if not isinstance(answer, dict):
-            raise _bad(self.where, "getinfo", "not a JSON object")
+            raise bad_answer(self.where, "getinfo", "not a JSON object")
         node_id = answer.get("nodeId")
         if not (isinstance(node_id, str) and len(node_id) == 66):
-            raise _bad(self.where, "getinfo", "no nodeId")
+            raise bad_answer(self.where, "getinfo", "no nodeId")
         try:
             bytes.fromhex(node_id)
         except ValueError:
-            raise _bad(self.where, "getinfo", "nodeId is not hex") from None
+            raise bad_answer(self.where, "getinfo", "nodeId is not hex") from None
         network = answer.get("network")
         chain = answer.get("chainHash")
         found: Network | None = None
@@ -369,8 +346,8 @@ class EclairNode:
     # -- server side ---------------------------------------------------------------------
 
     async def create_invoice(self, amount_sat: int, memo: str, expiry: int) -> Invoice:
-        _check_int(amount_sat, "amount_sat", 1)
-        _check_int(expiry, "expiry", 1)
+        check_int(amount_sat, "amount_sat", 1)
+        check_int(expiry, "expiry", 1)
         if not isinstance(memo, str):
             raise LightningError("memo must be a string")
         if len(memo.encode()) > MAX_MEMO_BYTES:
@@ -381,17 +358,19 @@ class EclairNode:
             {"description": memo, "amountMsat": str(amount_msat), "expireIn": str(expiry)},
         )
         if not isinstance(answer, dict):
-            raise _bad(self.where, "createinvoice", "not a JSON object")
+            raise bad_answer(self.where, "createinvoice", "not a JSON object")
         bolt11 = answer.get("serialized")
         if not isinstance(bolt11, str):
-            raise _bad(self.where, "createinvoice", "no serialized invoice")
-        payment_hash = _hex32(answer.get("paymentHash"), self.where, "createinvoice", "paymentHash")
+            raise bad_answer(self.where, "createinvoice", "no serialized invoice")
+        payment_hash = hex32(answer.get("paymentHash"), self.where, "createinvoice", "paymentHash")
         try:
             decoded = decode_invoice(bolt11)
         except ValueError:
-            raise _bad(self.where, "createinvoice", "the invoice does not decode") from None
+            raise bad_answer(self.where, "createinvoice", "the invoice does not decode") from None
         if decoded.payment_hash != payment_hash or decoded.amount_msat != amount_msat:
-            raise _bad(self.where, "createinvoice", "the invoice does not match what was asked")
+            raise bad_answer(
+                self.where, "createinvoice", "the invoice does not match what was asked"
+            )
         return Invoice(
             bolt11=bolt11,
             payment_hash=payment_hash,
@@ -400,7 +379,7 @@ class EclairNode:
         )
 
     async def lookup_invoice(self, payment_hash: bytes) -> InvoiceState:
-        payment_hash = _check_hash(payment_hash)
+        payment_hash = check_hash(payment_hash)
         try:
             answer = await self._post("getreceivedinfo", {"paymentHash": payment_hash.hex()})
         except EclairHttpError as exc:
@@ -410,14 +389,16 @@ class EclairNode:
                 ) from None
             raise
         if not isinstance(answer, dict):
-            raise _bad(self.where, "getreceivedinfo", "not a JSON object")
+            raise bad_answer(self.where, "getreceivedinfo", "not a JSON object")
         kind = _status_type(answer)
         if kind == "received":
-            preimage = _hex32(
+            preimage = hex32(
                 answer.get("paymentPreimage"), self.where, "getreceivedinfo", "paymentPreimage"
             )
             if hashlib.sha256(preimage).digest() != payment_hash:
-                raise _bad(self.where, "getreceivedinfo", "the preimage does not match the hash")
+                raise bad_answer(
+                    self.where, "getreceivedinfo", "the preimage does not match the hash"
+                )
             received = answer["status"].get("amount")
             return InvoiceState(
                 payment_hash=payment_hash,
@@ -437,24 +418,14 @@ class EclairNode:
                 if amount is None
                 else _amount(amount, self.where, "getreceivedinfo", "invoice amount"),
             )
-        raise _bad(self.where, "getreceivedinfo", f"unknown status {_one_line(kind)!r}")
+        raise bad_answer(self.where, "getreceivedinfo", f"unknown status {one_line(kind)!r}")
 
     # -- client side ---------------------------------------------------------------------
 
     async def pay(self, bolt11: str, max_fee_msat: int) -> PaymentResult:
         """A blocking /payinvoice; PaymentFailed only when Eclair says nothing is in flight."""
-        _check_int(max_fee_msat, "max_fee_msat", 0)
-        if not isinstance(bolt11, str):
-            raise PaymentFailed("invalid BOLT11 invoice: not a string")
-        text = bolt11.strip()
-        if text.lower().startswith("lightning:"):
-            text = text[len("lightning:") :]
-        try:
-            decoded = decode_invoice(text)
-        except ValueError as exc:
-            raise PaymentFailed(str(exc)) from None
-        if decoded.amount_msat is None:
-            raise PaymentFailed("invoice has no amount: l402proxy never pays amountless invoices")
+        check_int(max_fee_msat, "max_fee_msat", 0)
+        text, decoded = payable_invoice(bolt11)
         form = {
             "invoice": text,
             "blocking": "true",
@@ -483,14 +454,12 @@ class EclairNode:
             raise PaymentFailed(f"{self.where}: payment failed: {_failure_summary(answer)}")
         if kind not in ("payment-sent", None) or "paymentPreimage" not in answer:
             raise LightningError(
-                f"{self.where}: payinvoice answered {_one_line(kind)!r}; the payment may still "
+                f"{self.where}: payinvoice answered {one_line(kind)!r}; the payment may still "
                 "complete"
             )
-        preimage = _hex32(
-            answer.get("paymentPreimage"), self.where, "payinvoice", "paymentPreimage"
-        )
+        preimage = hex32(answer.get("paymentPreimage"), self.where, "payinvoice", "paymentPreimage")
         if hashlib.sha256(preimage).digest() != decoded.payment_hash:
-            raise _bad(self.where, "payinvoice", "the preimage does not match the invoice")
+            raise bad_answer(self.where, "payinvoice", "the preimage does not match the invoice")
         amount = answer.get("recipientAmount", decoded.amount_msat)
         return PaymentResult(
             payment_hash=decoded.payment_hash,
@@ -504,20 +473,20 @@ class EclairNode:
 
         Within `settles_within` of the pay call "unknown" and "failed" may still turn into a
         payment (see SETTLE_MARGIN_SECONDS)."""
-        payment_hash = _check_hash(payment_hash)
+        payment_hash = check_hash(payment_hash)
         answer = await self._post("getsentinfo", {"paymentHash": payment_hash.hex()})
         if not isinstance(answer, list):
-            raise _bad(self.where, "getsentinfo", "not a list of attempts")
+            raise bad_answer(self.where, "getsentinfo", "not a list of attempts")
         if not answer:
             return PaymentState(payment_hash, "unknown", None, 0)
         kinds = [_status_type(item) for item in answer]
         if "sent" in kinds:
             done = answer[kinds.index("sent")]
-            preimage = _hex32(
+            preimage = hex32(
                 done["status"].get("paymentPreimage"), self.where, "getsentinfo", "paymentPreimage"
             )
             if hashlib.sha256(preimage).digest() != payment_hash:
-                raise _bad(self.where, "getsentinfo", "the preimage does not match the hash")
+                raise bad_answer(self.where, "getsentinfo", "the preimage does not match the hash")
             # A multi-part payment lists each part, each with its own fee.
             parent = done.get("parentId")
             fee = 0
@@ -531,7 +500,7 @@ class EclairNode:
         if all(kind == "failed" for kind in kinds):
             return PaymentState(payment_hash, "failed", None, 0)
         unknown = next(k for k in kinds if k not in ("sent", "pending", "failed"))
-        raise _bad(self.where, "getsentinfo", f"unknown status {_one_line(unknown)!r}")
+        raise bad_answer(self.where, "getsentinfo", f"unknown status {one_line(unknown)!r}")
 
 
 def _connect_problem(exc: httpx.ConnectError) -> str:
@@ -540,14 +509,14 @@ def _connect_problem(exc: httpx.ConnectError) -> str:
     innermost: BaseException = exc
     while cause is not None:
         if isinstance(cause, ssl.SSLError):
-            return f"TLS error: {_one_line(getattr(cause, 'reason', None) or cause)}"
+            return f"TLS error: {one_line(getattr(cause, 'reason', None) or cause)}"
         if isinstance(cause, ConnectionRefusedError):
             return "connection refused (is Eclair running with eclair.api.enabled=true?)"
         innermost = cause
         cause = cause.__cause__ or cause.__context__
     if isinstance(innermost, OSError) and innermost.strerror:
-        return f"cannot connect: {_one_line(innermost.strerror)}"
-    return f"cannot connect: {_one_line(innermost) or type(innermost).__name__}"
+        return f"cannot connect: {one_line(innermost.strerror)}"
+    return f"cannot connect: {one_line(innermost) or type(innermost).__name__}"
 
 
 def _error_text(response: httpx.Response) -> str:
@@ -556,7 +525,7 @@ def _error_text(response: httpx.Response) -> str:
     except ValueError:
         return "no JSON error"
     if isinstance(body, dict) and isinstance(body.get("error"), str):
-        return _one_line(body["error"])
+        return one_line(body["error"])
     return "no JSON error"
 
 
@@ -572,7 +541,7 @@ def _failure_summary(answer: dict[str, Any]) -> str:
                 reason = last[key]
                 break
     attempts = f"{len(failures)} attempt{'s' if len(failures) != 1 else ''}"
-    return f"{_one_line(reason)} ({attempts})" if reason else f"{attempts} failed"
+    return f"{one_line(reason)} ({attempts})" if reason else f"{attempts} failed"
 
 
 def _fees(answer: dict[str, Any], where: str) -> int:

@@ -13,8 +13,6 @@ import asyncio
 import hashlib
 import logging
 import re
-import socket
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ from l402proxy.lightning.base import (
     PaymentState,
     Wallet,
 )
+from l402proxy.lightning.common import payable_invoice, transport_failure
 from l402proxy.lightning.uri import (
     query_params,
     redact,
@@ -63,28 +62,6 @@ WALLET_NOT_FOUND: Final = "wallet not found"
 # Printable ASCII without spaces: an HTTP header value, and nothing that could split it.
 _KEY_CHARS = re.compile(r"[\x21-\x7e]+")
 _HASH_HEX = re.compile(r"[0-9a-f]{64}")
-
-
-def transport_failure(exc: httpx.HTTPError, timeout: float) -> str:
-    """What went wrong, in a few words: refused / TLS / name lookup / timeout / lost."""
-    if isinstance(exc, httpx.TimeoutException):
-        return f"no answer within {timeout:g} s"
-    # httpx says "All connection attempts failed"; the cause underneath says which.
-    cause: BaseException | None = exc
-    for _ in range(8):
-        if cause is None:
-            break
-        if isinstance(cause, ConnectionRefusedError):
-            return "connection refused"
-        if isinstance(cause, ssl.SSLError):
-            return f"TLS handshake failed ({getattr(cause, 'reason', None) or cause})"
-        if isinstance(cause, socket.gaierror):
-            return f"cannot resolve the host name ({cause.strerror or cause})"
-        cause = cause.__cause__ or cause.__context__
-    reason = str(exc) or type(exc).__name__
-    if isinstance(exc, httpx.ConnectError):
-        return f"cannot connect ({reason})"
-    return f"connection failed ({reason})"
 
 
 @dataclass(frozen=True)
@@ -499,16 +476,8 @@ class LNbitsWallet(Wallet):
         return await self.api.node_info()
 
     async def pay(self, bolt11: str, max_fee_msat: int) -> PaymentResult:
-        try:
-            invoice = decode_invoice(bolt11)
-        except ValueError as exc:
-            raise PaymentFailed(str(exc)) from None
-        if invoice.amount_msat is None:
-            raise PaymentFailed("the invoice has no amount; LNbits never pays those")
+        text, invoice = payable_invoice(bolt11)
         payment_hash = invoice.payment_hash
-        text = bolt11.strip()
-        if text.lower().startswith("lightning:"):
-            text = text[len("lightning:") :]
         await self._check_fee_reserve(text, max_fee_msat)
         doing = f"paying invoice {payment_hash.hex()}"
         try:

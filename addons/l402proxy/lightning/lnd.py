@@ -50,6 +50,7 @@ from l402proxy.lightning.base import (
     PaymentState,
     Wallet,
 )
+from l402proxy.lightning.common import one_line
 from l402proxy.lightning.uri import (
     SHOWN_SCHEME,
     looks_like_secret,
@@ -71,7 +72,6 @@ PAYMENT_TIMEOUT_SECONDS: Final = 45
 PAYMENT_STREAM_MARGIN_SECONDS: Final = 30.0
 # A payment stream carries a handful of updates; this only stops a misbehaving server.
 MAX_STREAM_UPDATES: Final = 10_000
-MAX_DETAIL_CHARS: Final = 200
 PARAMETERS: Final = ("cert", "macaroon", "timeout")
 # What paying needs (routerrpc macPermissions): (method, entity, action, what it is for).
 # Checked by info(), so a read-only macaroon stops the client at start, not at every 402.
@@ -406,11 +406,6 @@ class _MacaroonMetadata(grpc.AuthMetadataPlugin):
         return "_MacaroonMetadata(***)"
 
 
-def _one_line(text: str) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= MAX_DETAIL_CHARS else flat[: MAX_DETAIL_CHARS - 1] + "…"
-
-
 def _classify(exc: grpc.aio.AioRpcError) -> str:
     """What went wrong, from a gRPC error: the code, and for LND's UNKNOWNs, the text."""
     code = exc.code()
@@ -525,7 +520,7 @@ class LndNode:
     ) -> LightningError:
         """One secret-free line for a gRPC error: which node, what failed, why."""
         kind = _classify(exc)
-        details = _one_line(exc.details() or exc.code().name)
+        details = one_line(exc.details() or exc.code().name)
         where, target = self.where, self.target
         if kind == "refused":
             return BackendUnavailable(
@@ -814,7 +809,7 @@ class LndWallet(Wallet):
             update = await call.read()
         except grpc.aio.AioRpcError as exc:
             raise BackendUnavailable(
-                f"{where}: refused to pay again ({_one_line(refused.details() or '')}) and "
+                f"{where}: refused to pay again ({one_line(refused.details() or '')}) and "
                 f"cannot follow the earlier payment: {self.node.error(exc, 'TrackPaymentV2')}"
             ) from None
         finally:
@@ -822,7 +817,7 @@ class LndWallet(Wallet):
         if update is grpc.aio.EOF or update.status in _STILL_GOING:
             raise BackendUnavailable(
                 f"{where}: this invoice is being paid already "
-                f"({_one_line(refused.details() or '')}); checked again later"
+                f"({one_line(refused.details() or '')}); checked again later"
             )
         return self._outcome(update, payment_hash, amount_msat, "TrackPaymentV2")
 
@@ -891,7 +886,7 @@ class LndWallet(Wallet):
     def _may_not(self, what: str, details: str) -> BackendUnavailable:
         reason = "permission denied" if "permission denied" in details.lower() else details
         return BackendUnavailable(
-            f"{self.node.where}: the macaroon may not {what} ({_one_line(reason)}); use "
+            f"{self.node.where}: the macaroon may not {what} ({one_line(reason)}); use "
             "admin.macaroon or one baked with offchain:read and offchain:write"
         )
 

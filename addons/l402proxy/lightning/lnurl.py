@@ -19,8 +19,6 @@ import ipaddress
 import json
 import logging
 import re
-import socket
-import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -43,6 +41,7 @@ from l402proxy.lightning.base import (
     Wallet,
 )
 from l402proxy.lightning.bolt11_encoder import bech32_checksum
+from l402proxy.lightning.common import transport_failure
 from l402proxy.lightning.uri import (
     SHOWN_SCHEME,
     shown_host,
@@ -71,28 +70,6 @@ _ADDRESS = re.compile(
 )
 _BECH32_CHARSET: Final = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
 _HEX32 = re.compile(r"[0-9a-fA-F]{64}")
-
-
-def transport_failure(exc: httpx.HTTPError, timeout: float) -> str:
-    """What went wrong, in a few words: refused / TLS / name lookup / timeout / lost."""
-    if isinstance(exc, httpx.TimeoutException):
-        return f"no answer within {timeout:g} s"
-    # httpx says "All connection attempts failed"; the cause underneath says which.
-    cause: BaseException | None = exc
-    for _ in range(8):
-        if cause is None:
-            break
-        if isinstance(cause, ConnectionRefusedError):
-            return "connection refused"
-        if isinstance(cause, ssl.SSLError):
-            return f"TLS handshake failed ({getattr(cause, 'reason', None) or cause})"
-        if isinstance(cause, socket.gaierror):
-            return f"cannot resolve the host name ({cause.strerror or cause})"
-        cause = cause.__cause__ or cause.__context__
-    reason = str(exc) or type(exc).__name__
-    if isinstance(exc, httpx.ConnectError):
-        return f"cannot connect ({reason})"
-    return f"connection failed ({reason})"
 
 
 class ServiceError(LightningError):
