@@ -1,10 +1,13 @@
 """The real processes the end-to-end tests talk to, started as a user would start them."""
 
 import asyncio
+import contextlib
+import http.server
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ __all__ = [
     "env_with_home",
     "fetch",
     "free_port",
+    "in_process_origin",
     "ledger_balance",
     "ledger_invoices",
     "origin",
@@ -168,3 +172,20 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
             return True
         time.sleep(interval)
     return predicate()
+
+
+@contextlib.contextmanager
+def in_process_origin(
+    handler: type[http.server.BaseHTTPRequestHandler], name: str = "origin"
+) -> Iterator[str]:
+    """A small origin on a thread of this process (for answers the sample origins never give);
+    yields its URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

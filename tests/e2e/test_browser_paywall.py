@@ -10,11 +10,9 @@ the server proxy, a real origin behind it, the dev ledger as the Lightning netwo
 """
 
 import asyncio
-import contextlib
 import http.server
 import re
 import sys
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -354,19 +352,6 @@ class CachingOrigin(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@contextlib.contextmanager
-def caching_origin() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CachingOrigin)
-    thread = threading.Thread(target=server.serve_forever, name="caching-origin", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-
-
 FETCH_TEXT = """async (url) => {
     const response = await fetch(url);
     return [response.status, await response.text()];
@@ -378,7 +363,7 @@ async def test_paying_takes_effect_although_the_origin_lets_browsers_cache(
 ) -> None:
     home = tmp_path / "home"
     home.mkdir()
-    with caching_origin() as origin_url:
+    with procs.in_process_origin(CachingOrigin, "caching-origin") as origin_url:
         proxy = procs.server_proxy(tmp_path, home, tmp_path / "conf", origin_url, PODCAST_RULES)
         with started(proxy):
             tab = await open_tab()

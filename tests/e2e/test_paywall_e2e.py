@@ -4,11 +4,9 @@ Like a curl user would: read the 402 page, ask the proxy to unlock, pay with `l4
 then send the cookie back.
 """
 
-import contextlib
 import http.server
 import json
 import re
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,25 +202,12 @@ class EchoCookies(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@contextlib.contextmanager
-def echo_origin() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EchoCookies)
-    thread = threading.Thread(target=server.serve_forever, name="echo-origin", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-
-
 def test_our_cookie_never_reaches_the_origin(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
-    with echo_origin() as origin_url:
+    with procs.in_process_origin(EchoCookies, "echo-origin") as origin_url:
         proxy = procs.server_proxy(tmp_path, home, tmp_path / "conf", origin_url, rules)
         with started(proxy):
             stack = Stack(home, None, proxy)

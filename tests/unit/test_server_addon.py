@@ -1,6 +1,7 @@
 """The server addon in-process, with mitmproxy's own test helpers (no sockets)."""
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -849,14 +850,14 @@ class LimitedBackend(CountingBackend):
                         invoice_range_msat=(1_000, 50_000))  # fmt: skip
 
 
-async def test_a_price_the_backend_cannot_invoice_stops_the_start(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+@contextlib.asynccontextmanager
+async def limited_server(tmp_path: Path, rules: Path) -> AsyncIterator[L402Server]:
+    """The server addon, started on a backend that invoices only 1 to 50 sat."""
     server = L402Server()
     with taddons.context(server) as tctx:
         tctx.configure(
             server,
-            l402_rules=str(RULES),
+            l402_rules=str(rules),
             l402_store=str(tmp_path / "server.sqlite"),
             l402_dev_ledger=str(tmp_path / "devledger.sqlite"),
         )
@@ -864,14 +865,21 @@ async def test_a_price_the_backend_cannot_invoice_stops_the_start(
         server.backend = LimitedBackend(server.backend)  # type: ignore[assignment]
         await server.running()
         try:
-            assert not server.started
-            errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-            assert errors == [
-                "l402: l402_rules: service 'bonus' (line 63) costs 100 sat, but lnurl at "
-                "alice@example.com accepts 1 to 50 sat"
-            ]
+            yield server
         finally:
             await server.done()
+
+
+async def test_a_price_the_backend_cannot_invoice_stops_the_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with limited_server(tmp_path, RULES) as server:
+        assert not server.started
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == [
+            "l402: l402_rules: service 'bonus' (line 63) costs 100 sat, but lnurl at "
+            "alice@example.com accepts 1 to 50 sat"
+        ]
 
 
 async def test_rules_the_backend_cannot_invoice_are_refused_while_running(
@@ -879,27 +887,14 @@ async def test_rules_the_backend_cannot_invoice_are_refused_while_running(
 ) -> None:
     cheap = tmp_path / "cheap.yaml"
     cheap.write_text('services:\n  - name: tip\n    match: {path: "/tip/*"}\n    price_sat: 5\n')
-    server = L402Server()
-    with taddons.context(server) as tctx:
-        tctx.configure(
-            server,
-            l402_rules=str(cheap),
-            l402_store=str(tmp_path / "server.sqlite"),
-            l402_dev_ledger=str(tmp_path / "devledger.sqlite"),
-        )
-        assert server.backend is not None
-        server.backend = LimitedBackend(server.backend)  # type: ignore[assignment]
-        await server.running()
-        try:
-            assert server.started and server.node is not None
-            before = server.rules
-            with pytest.raises(exceptions.OptionsError, match="costs 100 sat, but lnurl"):
-                ctx.options.update(l402_rules=str(RULES))
-            assert server.rules == before
-            # The same edit made to the watched file is kept out too.
-            cheap.write_text(RULES.read_text())
-            os.utime(cheap, (time.time() + 5, time.time() + 5))
-            await server._reload_rules_if_changed()
-            assert server.rules == before
-        finally:
-            await server.done()
+    async with limited_server(tmp_path, cheap) as server:
+        assert server.started and server.node is not None
+        before = server.rules
+        with pytest.raises(exceptions.OptionsError, match="costs 100 sat, but lnurl"):
+            ctx.options.update(l402_rules=str(RULES))
+        assert server.rules == before
+        # The same edit made to the watched file is kept out too.
+        cheap.write_text(RULES.read_text())
+        os.utime(cheap, (time.time() + 5, time.time() + 5))
+        await server._reload_rules_if_changed()
+        assert server.rules == before
