@@ -6,10 +6,7 @@ produce (older Eclair versions, multi-part payments) are fed through httpx.MockT
 """
 
 import asyncio
-import datetime
 import hashlib
-import ipaddress
-import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -17,10 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from l402proxy.launch import free_port
 from l402proxy.lightning import (
@@ -36,6 +29,7 @@ from l402proxy.lightning.dev import DevLedger
 from l402proxy.lightning.eclair import EclairNode, parse_uri
 from tests.standins.eclair import EclairStandin, _stored_preimage
 from tests.standins.proxy import environment_proxy
+from tests.standins.tls import server_context
 
 PASSWORD = "s3cr3t-API-pw"
 PRICE_SAT = 21
@@ -419,41 +413,8 @@ async def test_garbage_is_a_bad_answer_never_a_failed_payment(
         await wallet.info()
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "eclair stand-in")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "eclair.pem", directory / "eclair.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 async def test_https_with_a_pinned_certificate(tmp_path: Path, ledger: DevLedger) -> None:
-    cert_path, key_path = _self_signed(tmp_path)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert_path, key_path)
+    context, cert_path = server_context(tmp_path, "eclair")
     async with EclairStandin(ledger, "merchant", PASSWORD, ssl_context=context) as standin:
         pinned = EclairNode(parse_uri(f"{standin.uri}?cert={cert_path}"))
         untrusted = EclairNode(parse_uri(standin.uri))

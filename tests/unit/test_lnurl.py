@@ -5,21 +5,14 @@ committing to the payRequest metadata, plus knobs that make it lie.
 """
 
 import asyncio
-import datetime
 import hashlib
-import ipaddress
 import json
 import secrets
-import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from l402proxy.l402.invoice import decode_invoice
 from l402proxy.launch import free_port
@@ -41,6 +34,7 @@ from l402proxy.lightning.lnurl import (
 )
 from tests.standins.lnurl import LnurlService
 from tests.standins.proxy import environment_proxy
+from tests.standins.tls import server_context
 
 # LUD-01's own example.
 LUD01_LNURL = (
@@ -493,46 +487,15 @@ async def test_odd_answers(
     assert str(caught.value) == f"LNURL {odd_server}{path}: {message}"
 
 
-def self_signed(directory: Path) -> ssl.SSLContext:
-    """A server TLS context with a fresh self-signed certificate for 127.0.0.1."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert_path, key_path)
-    return context
-
-
 async def test_an_untrusted_certificate_is_a_tls_error(
     service: LnurlService, tmp_path: Path
 ) -> None:
     runner = web.AppRunner(service.app(), access_log=None)
     await runner.setup()
     port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=self_signed(tmp_path)).start()
+    await web.TCPSite(
+        runner, "127.0.0.1", port, ssl_context=server_context(tmp_path, "lnurl")[0]
+    ).start()
     backend = LnurlPayBackend(parse_uri(f"lnurl:https://127.0.0.1:{port}/.well-known/lnurlp/x"))
     try:
         with pytest.raises(BackendUnavailable) as caught:
