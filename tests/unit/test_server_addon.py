@@ -7,8 +7,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import pytest
@@ -34,19 +36,32 @@ from l402proxy.server import L402Server, mark_variant
 RULES = REPO / "rules" / "podcast.yaml"
 
 
-@pytest.fixture
-async def addon(tmp_path: Path) -> AsyncIterator[L402Server]:
+@contextlib.asynccontextmanager
+async def server_on(
+    tmp_path: Path, rules: Path, wrap_backend: Callable[[Any], Any] | None = None
+) -> AsyncIterator[L402Server]:
+    """The server addon in a mitmproxy test context, `running()` done (started or not)."""
     server = L402Server()
     with taddons.context(server) as tctx:
         tctx.configure(
             server,
-            l402_rules=str(RULES),
+            l402_rules=str(rules),
             l402_store=str(tmp_path / "server.sqlite"),
             l402_dev_ledger=str(tmp_path / "devledger.sqlite"),
         )
+        if wrap_backend is not None:
+            server.backend = wrap_backend(server.backend)
         await server.running()
+        try:
+            yield server
+        finally:
+            await server.done()
+
+
+@pytest.fixture
+async def addon(tmp_path: Path) -> AsyncIterator[L402Server]:
+    async with server_on(tmp_path, RULES) as server:
         yield server
-        await server.done()
 
 
 FREE_RULES = """
@@ -65,17 +80,8 @@ services:
 async def addon_with_free(tmp_path: Path) -> AsyncIterator[L402Server]:
     rules = tmp_path / "rules.yaml"
     rules.write_text(FREE_RULES)
-    server = L402Server()
-    with taddons.context(server) as tctx:
-        tctx.configure(
-            server,
-            l402_rules=str(rules),
-            l402_store=str(tmp_path / "server.sqlite"),
-            l402_dev_ledger=str(tmp_path / "devledger.sqlite"),
-        )
-        await server.running()
+    async with server_on(tmp_path, rules) as server:
         yield server
-        await server.done()
 
 
 def flow_for(path: str, **headers: str) -> http.HTTPFlow:
@@ -850,24 +856,9 @@ class LimitedBackend(CountingBackend):
                         invoice_range_msat=(1_000, 50_000))  # fmt: skip
 
 
-@contextlib.asynccontextmanager
-async def limited_server(tmp_path: Path, rules: Path) -> AsyncIterator[L402Server]:
-    """The server addon, started on a backend that invoices only 1 to 50 sat."""
-    server = L402Server()
-    with taddons.context(server) as tctx:
-        tctx.configure(
-            server,
-            l402_rules=str(rules),
-            l402_store=str(tmp_path / "server.sqlite"),
-            l402_dev_ledger=str(tmp_path / "devledger.sqlite"),
-        )
-        assert server.backend is not None
-        server.backend = LimitedBackend(server.backend)  # type: ignore[assignment]
-        await server.running()
-        try:
-            yield server
-        finally:
-            await server.done()
+def limited_server(tmp_path: Path, rules: Path) -> AbstractAsyncContextManager[L402Server]:
+    """The server addon on a backend that invoices only 1 to 50 sat."""
+    return server_on(tmp_path, rules, LimitedBackend)
 
 
 async def test_a_price_the_backend_cannot_invoice_stops_the_start(
