@@ -22,8 +22,8 @@ from pymacaroons import Verifier
 from pymacaroons.exceptions import MacaroonException
 
 from .l402.encoding import b64decode_any, b64encode_std
-from .l402.identifier import Identifier, UnknownVersionError
-from .l402.token import TokenError, TokenInfo, decode_macaroon, inspect
+from .l402.identifier import Identifier
+from .l402.token import TokenError, TokenInfo, decode_macaroon, identifier_of, inspect
 from .rules import PLAIN_PATH, Rule, scope_path
 
 __all__ = [
@@ -357,12 +357,7 @@ def verify_signature(
     known. This only keeps forged or foreign macaroons away from the invoice backend.
     """
     macaroon = decode_macaroon(macaroon_b64)
-    try:
-        identifier = Identifier.decode(macaroon.identifier_bytes)
-    except UnknownVersionError as exc:
-        raise TokenError("unknown_version", str(exc)) from None
-    except ValueError as exc:
-        raise TokenError("malformed", str(exc)) from None
+    identifier = identifier_of(macaroon)
     if any(not caveat.first_party() for caveat in macaroon.caveats):
         raise TokenError("unknown_caveat", "third-party caveat unsupported")
     verifier = Verifier()

@@ -63,17 +63,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("browser")
     home = work / "home"
     home.mkdir()
-    origin = procs.origin(work, home).start()
-    try:
-        proxy = procs.server_proxy(work, home, work / "conf", origin.url, PODCAST_RULES).start()
-    except Exception:
-        origin.stop()
-        raise
-    try:
+    origin = procs.origin(work, home)
+    proxy = procs.server_proxy(work, home, work / "conf", origin.url, PODCAST_RULES)
+    with started(origin, proxy):
         yield Stack(home, origin, proxy)
-    finally:
-        proxy.stop()
-        origin.stop()
 
 
 @dataclass

@@ -55,17 +55,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home.mkdir()
     rules = work / "rules.yaml"
     rules.write_text(RULES)
-    origin = procs.origin(work, home).start()
-    try:
-        proxy = procs.server_proxy(work, home, work / "conf", origin.url, rules).start()
-    except Exception:
-        origin.stop()
-        raise
-    try:
+    origin = procs.origin(work, home)
+    proxy = procs.server_proxy(work, home, work / "conf", origin.url, rules)
+    with started(origin, proxy):
         yield Stack(home, origin, proxy)
-    finally:
-        proxy.stop()
-        origin.stop()
 
 
 def challenge(response: httpx.Response) -> tuple[str, str]:

@@ -234,15 +234,20 @@ def derive_root_key(secret: bytes, token_id: bytes) -> bytes:
 _Parsed = tuple[Macaroon, Identifier, tuple[str, ...], tuple[str, str] | None]
 
 
-def _parse(value: str) -> _Parsed:
-    """Decode once what verify needs; a caveat problem is returned, to be raised in order."""
-    macaroon = decode_macaroon(value)
+def identifier_of(macaroon: Macaroon) -> Identifier:
+    """The macaroon's Aperture identifier; TokenError (unknown_version, malformed) otherwise."""
     try:
-        identifier = Identifier.decode(macaroon.identifier_bytes)
+        return Identifier.decode(macaroon.identifier_bytes)
     except UnknownVersionError as exc:
         raise TokenError("unknown_version", str(exc)) from None
     except ValueError as exc:
         raise TokenError("malformed", str(exc)) from None
+
+
+def _parse(value: str) -> _Parsed:
+    """Decode once what verify needs; a caveat problem is returned, to be raised in order."""
+    macaroon = decode_macaroon(value)
+    identifier = identifier_of(macaroon)
     caveats: list[str] = []
     for caveat in macaroon.caveats:
         if not caveat.first_party():
