@@ -452,17 +452,7 @@ def render_page(facts: PageFacts) -> str:
         "expires_in": max(0, int(facts.expires_at - facts.now)),
         "poll_ms": POLL_SECONDS * 1000,
     }
-    return f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="robots" content="noindex">
-<title>{e(facts.description)}: {e(price)}</title>
-<style>{_CSS}</style>
-</head>
-<body>
-<main class="card">
+    return f"""{_page_start(f"{facts.description}: {price}")}
 <p class="lead">{e(lead)}</p>
 <h1>{e(facts.description)}</h1>
 <p class="price">{e(price)}</p>
@@ -496,8 +486,8 @@ def render_page(facts: PageFacts) -> str:
 """
 
 
-def render_message_page(title: str, message: str) -> str:
-    """A plain page for the proxy's own answers (no such priced path, ...)."""
+def _page_start(title: str) -> str:
+    """Every page of ours up to the opening of its card: head, title, style."""
     return f"""<!doctype html>
 <html lang="en">
 <head>
@@ -508,7 +498,12 @@ def render_message_page(title: str, message: str) -> str:
 <style>{_CSS}</style>
 </head>
 <body>
-<main class="card">
+<main class="card">"""
+
+
+def render_message_page(title: str, message: str) -> str:
+    """A plain page for the proxy's own answers (no such priced path, ...)."""
+    return f"""{_page_start(title)}
 <h1>{_escape(title)}</h1>
 <p class="what">{_escape(message)}</p>
 </main>
