@@ -1,5 +1,8 @@
+import json
 import re
+from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import pytest
 
@@ -18,31 +21,28 @@ from l402proxy.l402.headers import (
 from l402proxy.l402.identifier import Identifier
 from l402proxy.l402.invoice import decode_invoice
 from l402proxy.l402.token import decode_macaroon
+from tests.challenge_origin import SHAPES, Parts
 
-# Real values (lsat-js test fixtures): a Go-minted macaroon with '+', '/' and '=' padding,
-# and the testnet invoice for the same payment hash.
-MAC = (
-    "AgESMy4xMzYuMTc4LjE1OjM0MjM4AkIAAD2b0rX78LATiVo8bKgHuurefeF5OeX2H5ZuacBIK3+RAR1PKU1oZpfCZFib4zd"
-    "Doj0pOpgPmhtuzNllU+y//D0AAAYgcWFs9FIteCzpCcEPSwmXKBpcx97hyL5Yt99cbLjRHzU="
-)
-INV = (
-    "lntb20n1psza5dwpp58kda9d0m7zcp8z2683k2spa6at08mcte88jlv8ukde5uqjpt07gsdzjfp85gnpqd9h8vmmfvdjjqu"
-    "rp09kk2mn5ypn8ymmdyppksctfdecx76twwssyxmmjv5sxcmny8gcnqvps8ycqzpgsp5m7xru8dlhrhmwjp8gynsj2l9mwa"
-    "n2jk52ah5xucrn9kc3p0pj5ns9qy9qsq7jjxypyyc7hvvs8srh6c3lvcp5l5wka94htnfxak99hd5qrx69sya9sj4zm3w5l"
-    "ncw0tksf944q73tduhlhs5apd63m9dte9dhva5dgqaceunx"
-)
-MAC_URLSAFE = MAC.replace("+", "-").replace("/", "_")
-# Aperture's challenge, verbatim (lsat-js test fixtures).
-APERTURE_CHALLENGE = (
-    'LSAT macaroon="AgEEbHNhdAJCAAAwpHpumws6ufQoDwiTLNcge0QPUIWA0+tVY+tKPYAJ/zSfmEGlIpNm3VzxuzCqLhE'
-    "p5KGiyPLUM9L+kcB7uzS+AAIPc2VydmljZXM9bWVtZTowAAISbWVtZV9jYXBhYmlsaXRpZXM9AAAGILA1VCEIExukt4n"
-    'G+XR9tX8WJ2BVMiHG3UNt1uYJ+NRD", invoice="lnbcrt100n1p3qqkygpp5xzj85m5mpvatnapgpuyfxtxhypa5gr6s'
-    "skqd8664v04550vqp8lsdq8f3f5z4qcqzpgsp5tpzvsq5pckqgln3ltpy3e9cf6tf2aj82ffa2tted77ltweuaweks9qyys"
-    "sq0w5da3k40wtdukac7hp5s58hsxf8k8f52c5qneezu4xg3xh87xrnkl5jwtw098d2gjywx20nmkxl2y4vq9fr89kg5kzcw"
-    'upv9xpdaggp4fc4ms"'
-)
+# The challenge shapes both client parsers must read (this one and the Go SDK's) live in one JSON
+# table, so the two cannot drift. Its values are real (lsat-js test fixtures): a Go-minted macaroon
+# with '+', '/' and '=' padding, the testnet invoice for the same payment hash, and Aperture's
+# challenge verbatim.
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "challenge_shapes.json"
+TABLE: dict[str, Any] = json.loads(FIXTURE.read_text(encoding="utf-8"))
+VALUES: dict[str, str] = TABLE["values"]
+MAC = VALUES["MAC"]
+INV = VALUES["INV"]
+MAC_URLSAFE = VALUES["MAC_URLSAFE"]
+APERTURE_CHALLENGE = VALUES["APERTURE_CHALLENGE"]
 PREIMAGE = bytes.fromhex("2ca931a1c36b48f54948b898a271a53ed91ff7d0081939a5fa511249e81cba5c")
 PREIMAGE_HEX = PREIMAGE.hex()
+
+
+def expand(text: str) -> str:
+    """A table string with every {NAME} replaced by VALUES[NAME]."""
+    for name, value in VALUES.items():
+        text = text.replace("{" + name + "}", value)
+    return text
 
 
 def only(values: str | list[str]) -> Challenge:
@@ -51,170 +51,48 @@ def only(values: str | list[str]) -> Challenge:
     return challenges[0]
 
 
-# --- the shapes from PROTOCOL.md "Client parsing" --------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("header", "scheme", "version"),
-    [
-        (f'L402 version="0", token="{MAC}", invoice="{INV}"', "L402", "0"),
-        (f'LSAT macaroon="{MAC}", invoice="{INV}"', "LSAT", None),
-        (f'L402 macaroon="{MAC}", invoice="{INV}"', "L402", None),
-        (f'l402 macaroon="{MAC}", invoice="{INV}"', "L402", None),
-        (f'lsat macaroon="{MAC}", invoice="{INV}"', "LSAT", None),
-        (f'LsAt token="{MAC}", invoice="{INV}"', "LSAT", None),
-        (f"L402 macaroon={MAC}, invoice={INV}", "L402", None),
-        (f"L402 macaroon='{MAC}', invoice='{INV}', version='0'", "L402", "0"),
-        (f'L402 macaroon="{MAC}",invoice="{INV}"', "L402", None),
-        (f'L402 macaroon="{MAC}" invoice="{INV}"', "L402", None),
-        (f"L402 macaroon={MAC} invoice={INV} version=0", "L402", "0"),
-        (f'L402 invoice="{INV}", macaroon="{MAC}"', "L402", None),
-        (f'L402 invoice="{INV}", version="0", token="{MAC}"', "L402", "0"),
-        (f'L402 MACAROON="{MAC}", Invoice="{INV}"', "L402", None),
-        (f'L402 macaroon = "{MAC}" , invoice= "{INV}"', "L402", None),
-        (f'  L402   macaroon="{MAC}"  ,  invoice="{INV}"  ', "L402", None),
-        (f'L402 address="bc1qxyz", macaroon="{MAC}", foo=bar, invoice="{INV}", x=""', "L402", None),
-        (f'L402 macaroon="{MAC}", invoice="{INV}", version="0", token="{MAC}"', "L402", "0"),
-    ],
-    ids=[
-        "spec-token-version",
-        "aperture-lsat",
-        "aperture-l402",
-        "lower-l402",
-        "lower-lsat",
-        "mixed-case-token",
-        "unquoted",
-        "single-quoted",
-        "no-space-after-comma",
-        "space-separated",
-        "space-separated-unquoted",
-        "reordered",
-        "reordered-spec",
-        "upper-case-names",
-        "spaces-around-equals",
-        "extra-whitespace",
-        "unknown-params",
-        "both-forms",
-    ],
-)
-def test_challenge_shapes(header: str, scheme: str, version: str | None) -> None:
-    challenge = only(header)
-    assert challenge.scheme == scheme
-    assert challenge.macaroon == MAC
-    assert challenge.invoice == INV
-    assert challenge.version == version
-
-
-def test_unknown_params_are_kept_in_params() -> None:
-    challenge = only(f'L402 address="bc1qxyz", macaroon="{MAC}", foo=bar, invoice="{INV}"')
-    assert challenge.params["address"] == "bc1qxyz"
-    assert challenge.params["foo"] == "bar"
-
-
-@pytest.mark.parametrize(
-    "mac",
-    [MAC, MAC.rstrip("="), MAC_URLSAFE, MAC_URLSAFE.rstrip("=")],
-    ids=["std-padded", "std-unpadded", "urlsafe-padded", "urlsafe-unpadded"],
-)
-@pytest.mark.parametrize("quote", ['"', "'", ""])
-def test_base64_flavours_survive_every_quoting(mac: str, quote: str) -> None:
-    challenge = only(f"L402 macaroon={quote}{mac}{quote}, invoice={quote}{INV}{quote}")
-    assert challenge.macaroon == mac
-    assert decode_macaroon(challenge.macaroon).signature == decode_macaroon(MAC).signature
-
-
-@pytest.mark.parametrize(
-    "header",
-    [
-        f'Bearer realm="api", L402 macaroon="{MAC}", invoice="{INV}"',
-        f'Bearer realm="api",L402 macaroon="{MAC}",invoice="{INV}"',
-        f'Bearer realm="api" L402 macaroon="{MAC}" invoice="{INV}"',
-        f'Bearer realm="api", token="NOT-IT", L402 macaroon="{MAC}", invoice="{INV}"',
-        f'Bearer token="NOT-IT", invoice="NOT-IT", L402 token="{MAC}", invoice="{INV}"',
-        f'Bearer abc123==, L402 macaroon="{MAC}", invoice="{INV}"',
-        f'Bearer abc123== L402 macaroon="{MAC}", invoice="{INV}"',
-        f'Bearer abc123 L402 macaroon="{MAC}", invoice="{INV}"',
-        f'Negotiate, Basic realm="x", LSAT macaroon="{MAC}", invoice="{INV}"',
-        f'Negotiate L402 macaroon="{MAC}", invoice="{INV}"',
-        f'Payment id="p1", method="lightning", intent="charge", request="eyJhIjoxfQ==", '
-        f'L402 macaroon="{MAC}", invoice="{INV}"',
-        f'L402 macaroon="{MAC}", invoice="{INV}", Bearer realm="x", token="NOT-IT"',
-        f'Basic realm="a, L402 macaroon=\\"nope\\"", L402 macaroon="{MAC}", invoice="{INV}"',
-    ],
-    ids=[
-        "bearer-first",
-        "bearer-first-no-spaces",
-        "no-commas",
-        "bearer-token-param",
-        "bearer-token-and-invoice",
-        "bearer-token68-padded",
-        "bearer-token68-padded-no-comma",
-        "bearer-token68-no-comma",
-        "several-others",
-        "bare-scheme-before",
-        "payment-scheme",
-        "l402-first",
-        "quoted-comma-and-scheme",
-    ],
-)
-def test_other_schemes_first_and_no_leaking(header: str) -> None:
-    challenge = only(header)
-    assert challenge.macaroon == MAC
-    assert challenge.invoice == INV
-    assert "NOT-IT" not in challenge.params.values()
-
-
-@pytest.mark.parametrize(
-    "header",
-    [
-        f'Bearer token="{MAC}", invoice="{INV}"',
-        f'Bearer token="{MAC}", L402 invoice="{INV}"',
-        f'L402 macaroon="{MAC}", Bearer invoice="{INV}"',
-        f'L402 macaroon="{MAC}" Basic invoice="{INV}"',
-        f'macaroon="{MAC}", invoice="{INV}"',
-        f'L402 macaroon="{MAC}"',
-        f'L402 invoice="{INV}"',
-        f'L402 macaroon="", invoice="{INV}"',
-        "L402",
-        f"L402 {MAC}",
-    ],
-)
-def test_params_of_other_schemes_never_complete_a_challenge(header: str) -> None:
-    assert parse_challenges(header) == []
-
-
-def test_several_challenges_in_one_line_keep_their_order() -> None:
-    header = f'LSAT macaroon="{MAC}", invoice="{INV}", L402 token="{MAC_URLSAFE}", invoice="lnbc1x"'
-    first, second = parse_challenges(header)
-    assert (first.scheme, first.macaroon, first.invoice) == ("LSAT", MAC, INV)
-    assert (second.scheme, second.macaroon, second.invoice) == ("L402", MAC_URLSAFE, "lnbc1x")
-
-
-def test_several_header_lines_other_schemes_first() -> None:
-    lines = [
-        'Bearer realm="api"',
-        f'LSAT macaroon="{MAC}", invoice="{INV}"',
-        'Basic realm="x"',
-        f'L402 macaroon="{MAC}", invoice="{INV}", version="0"',
+def table_cases() -> list[Any]:
+    return [
+        pytest.param(group, case, id=f"{group}/{case['id']}")
+        for group, cases in TABLE["challenges"].items()
+        for case in cases
     ]
-    challenges = parse_challenges(lines)
-    assert [c.scheme for c in challenges] == ["LSAT", "L402"]
-    assert [c.version for c in challenges] == [None, "0"]
 
 
-def test_params_never_cross_header_lines() -> None:
-    assert parse_challenges([f'L402 macaroon="{MAC}"', f'invoice="{INV}"']) == []
-    assert parse_challenges(iter([f'L402 macaroon="{MAC}",', f'invoice="{INV}"'])) == []
+# --- the shapes from PROTOCOL.md "Client parsing" (tests/fixtures/challenge_shapes.json) ------
 
 
-def test_macaroon_param_wins_over_token() -> None:
-    challenge = only(f'L402 token="{MAC_URLSAFE}", macaroon="{MAC}", invoice="{INV}"')
-    assert challenge.macaroon == MAC
+@pytest.mark.parametrize(("group", "case"), table_cases())
+def test_challenge_table(group: str, case: dict[str, Any]) -> None:
+    lines = [expand(line) for line in case["headers"]]
+    expected = [
+        (e["scheme"], expand(e["macaroon"]), expand(e["invoice"]), e["version"])
+        for e in case["expect"]
+    ]
+    for given in (lines, iter(lines)):
+        challenges = parse_challenges(given)
+        assert [(c.scheme, c.macaroon, c.invoice, c.version) for c in challenges] == expected
+    if len(lines) == 1:
+        assert parse_challenges(lines[0]) == challenges
+    for challenge in challenges:
+        assert set(case.get("absent", ())).isdisjoint(challenge.params.values())
+    for name, value in case.get("params", {}).items():
+        assert challenges[0].params[name] == value
+    if group == "base64-flavours":
+        # Every flavour decodes to the same macaroon.
+        assert decode_macaroon(challenges[0].macaroon).signature == decode_macaroon(MAC).signature
 
 
-def test_first_of_duplicate_params_wins() -> None:
-    challenge = only(f'L402 macaroon="{MAC}", invoice="{INV}", macaroon="other"')
-    assert challenge.macaroon == MAC
+def test_table_has_the_origin_shapes_as_the_challenge_origin_sends_them() -> None:
+    """The Go SDK reads the SDK tests' origin shapes from the table: they must stay the same."""
+    cases = {case["id"]: case for case in TABLE["challenges"]["origin-shapes"]}
+    assert set(cases) == set(SHAPES)
+    decoy_mac, decoy_inv = VALUES["DECOY_MAC"], VALUES["DECOY_INV"]
+    for name, shape in SHAPES.items():
+        parts = Parts(shape.encode(MAC), INV, shape.encode(decoy_mac), decoy_inv)
+        assert [expand(line) for line in cases[name]["headers"]] == shape.headers(parts), name
+        first = cases[name]["expect"][0]
+        assert (first["scheme"], expand(first["macaroon"])) == (shape.scheme, shape.encode(MAC))
 
 
 def test_aperture_challenge_invoice_matches_macaroon() -> None:
@@ -239,63 +117,24 @@ def test_challenge_params_are_read_only_and_challenge_hashable() -> None:
 
 
 @pytest.mark.parametrize(
-    ("header", "expected"),
-    [
-        ("Bearer abc==", [("Bearer", {"": "abc=="})]),
-        ("Bearer abc", [("Bearer", {"": "abc"})]),
-        ("Bearer a/b+c=", [("Bearer", {"": "a/b+c="})]),
-        ("Negotiate", [("Negotiate", {})]),
-        ("Basic, Negotiate", [("Basic", {}), ("Negotiate", {})]),
-        ('Basic realm="x"', [("Basic", {"realm": "x"})]),
-        ('Basic REALM="a\\"b\\\\c"', [("Basic", {"realm": 'a"b\\c'})]),
-        ("Basic realm='it''s'", [("Basic", {"realm": "it"})]),  # no escapes in '...'
-        ("Basic realm='a\\'", [("Basic", {"realm": "a\\"})]),
-        ('Basic realm=""', [("Basic", {"realm": ""})]),
-        ("Basic realm=, x=1", [("Basic", {"realm": "", "x": "1"})]),
-        ('L402 version= macaroon="m"', [("L402", {"version": "", "macaroon": "m"})]),
-        ('Basic realm="x", Bearer', [("Basic", {"realm": "x"}), ("Bearer", {})]),
-        ('realm="x", L402', [("L402", {})]),
-    ],
+    "row", TABLE["auth_header"], ids=[row["header"][:40] for row in TABLE["auth_header"]]
 )
-def test_parse_auth_header(header: str, expected: list[tuple[str, dict[str, str]]]) -> None:
-    assert parse_auth_header(header) == expected
+def test_parse_auth_header(row: dict[str, Any]) -> None:
+    # Schemes are kept as sent, parameter names lower-cased; an unterminated value is dropped.
+    expected = [(scheme, params) for scheme, params in row["expect"]]
+    assert parse_auth_header(row["header"]) == expected
 
 
-def test_scheme_kept_as_sent_and_names_lower_cased() -> None:
-    assert parse_auth_header('lSaT MacAroon="M"') == [("lSaT", {"macaroon": "M"})]
+def garbage_value(entry: str | dict[str, Any]) -> str:
+    if isinstance(entry, str):
+        return entry
+    return entry["prefix"] + entry["repeat"] * entry["times"]
 
 
-@pytest.mark.parametrize(
-    "garbage",
-    [
-        "",
-        " ",
-        ",,,",
-        "=",
-        "==x",
-        '"',
-        "'",
-        '"unterminated',
-        "L402 macaroon='unterminated, invoice='x",
-        'L402 macaroon="x\\',
-        "L402 ====",
-        "L402 =x",
-        "\x00\x01\x02",
-        "é ü=ö, 💸",
-        "a=b=c=d",
-        ", L402 , , macaroon",
-        "L402 macaroon==x invoice==y",
-        "L402 " + "a=1 " * 2000,
-        '"' * 1000,
-    ],
-)
+@pytest.mark.parametrize("garbage", [garbage_value(entry) for entry in TABLE["garbage"]])
 def test_garbage_never_raises(garbage: str) -> None:
     parse_auth_header(garbage)
     assert isinstance(parse_challenges(garbage), list)
-
-
-def test_unterminated_value_is_dropped_not_guessed() -> None:
-    assert parse_auth_header('L402 invoice="x", macaroon="abc') == [("L402", {"invoice": "x"})]
 
 
 # --- format_challenge ------------------------------------------------------------------------

@@ -1,0 +1,3 @@
+module l402proxy/sdk/go
+
+go 1.19

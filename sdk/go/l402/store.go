@@ -1,0 +1,595 @@
+package l402
+
+import (
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"time"
+)
+
+const (
+	statusPending = "pending"
+	statusPaid    = "paid"
+	statusFailed  = "failed"
+	day           = 24 * time.Hour
+	storeVersion  = 1
+)
+
+// Store is the transport's ledger of payments, which is also its token store, and the URL
+// paths it learned belong to a scope. NewMemoryStore keeps them for the life of the process;
+// OpenFileStore keeps them in a JSON file that survives restarts and crashes.
+//
+// The order on disk is what makes a crash safe: a payment is written as "pending" before the
+// wallet is asked to pay, and turns "paid", with its preimage, before the request is retried.
+// A pending payment found at start is settled by asking the wallet (Wallet.Lookup); until it is
+// settled its scope is never paid again. Budgets are sums over the ledger, checked and reserved
+// in one step under the store's lock.
+//
+// A Store may be shared by several Transports in one process. A file store takes an exclusive
+// lock on "<file>.lock" (on Unix systems), so a second process opening the same file gets an
+// error instead of a ledger that two processes would overwrite.
+type Store struct {
+	mu      sync.Mutex
+	path    string // "" for a memory store
+	unlock  func() error
+	closed  bool
+	records []*record
+	byHash  map[[32]byte]*record
+	paths   map[string]map[string]string // origin -> path -> scope
+	// inFlight: payments a transport is paying or settling now; the channel closes when that
+	// ends, so another transport sharing the store can wait for the outcome.
+	inFlight map[[32]byte]chan struct{}
+	// current: the newest paid, not dropped token of each (origin, scope).
+	current map[string]*record
+}
+
+func scopeKey(origin, scope string) string { return origin + "\x00" + scope }
+
+// record is one payment as the file stores it.
+type record struct {
+	PaymentHash  string   `json:"payment_hash"`
+	Origin       string   `json:"origin"`
+	URL          string   `json:"url"`
+	Scope        string   `json:"scope"`
+	Services     []string `json:"services"`
+	Scheme       string   `json:"scheme"`
+	Macaroon     string   `json:"macaroon"`
+	Bolt11       string   `json:"bolt11"`
+	AmountMsat   int64    `json:"amount_msat"`
+	FeeLimitMsat int64    `json:"fee_limit_msat"`
+	Status       string   `json:"status"`
+	Preimage     string   `json:"preimage,omitempty"`
+	ValidUntil   *float64 `json:"valid_until"`
+	Wallet       string   `json:"wallet"`
+	Error        string   `json:"error,omitempty"`
+	CreatedAt    float64  `json:"created_at"`
+	UpdatedAt    float64  `json:"updated_at"`
+	DroppedAt    *float64 `json:"dropped_at,omitempty"`
+	DropReason   string   `json:"drop_reason,omitempty"`
+
+	hash     [32]byte
+	preimage Preimage
+}
+
+type learnedPath struct {
+	Origin string `json:"origin"`
+	Path   string `json:"path"`
+	Scope  string `json:"scope"`
+}
+
+type storeFile struct {
+	Version  int           `json:"version"`
+	Payments []*record     `json:"payments"`
+	Paths    []learnedPath `json:"paths"`
+}
+
+// Payment is one payment of the ledger as Store.Payments shows it; never its preimage.
+type Payment struct {
+	PaymentHash  [32]byte
+	Origin       string
+	URL          string
+	Scope        string
+	Services     []string
+	AmountMsat   int64
+	FeeLimitMsat int64
+	// Status is "pending", "paid" or "failed".
+	Status string
+	// ValidUntil is the token's expiry; zero if it names none.
+	ValidUntil time.Time
+	CreatedAt  time.Time
+	Dropped    bool
+	Error      string
+}
+
+func unix(t time.Time) float64 { return float64(t.UnixNano()) / 1e9 }
+
+// maxUnix is the last second of the year 9999: later expiries are "never" for any purpose.
+const maxUnix = 253402300799
+
+func fromUnix(seconds float64) time.Time {
+	if seconds > maxUnix {
+		seconds = maxUnix
+	}
+	whole := math.Floor(seconds)
+	return time.Unix(int64(whole), int64((seconds-whole)*1e9))
+}
+
+func (r *record) cost() int64 { return r.AmountMsat + r.FeeLimitMsat }
+
+func (r *record) usable(now time.Time) bool {
+	return r.Status == statusPaid && r.DroppedAt == nil &&
+		(r.ValidUntil == nil || *r.ValidUntil > unix(now))
+}
+
+func (r *record) payment() Payment {
+	p := Payment{
+		PaymentHash:  r.hash,
+		Origin:       r.Origin,
+		URL:          r.URL,
+		Scope:        r.Scope,
+		Services:     append([]string(nil), r.Services...),
+		AmountMsat:   r.AmountMsat,
+		FeeLimitMsat: r.FeeLimitMsat,
+		Status:       r.Status,
+		CreatedAt:    fromUnix(r.CreatedAt),
+		Dropped:      r.DroppedAt != nil,
+		Error:        r.Error,
+	}
+	if r.ValidUntil != nil {
+		p.ValidUntil = fromUnix(*r.ValidUntil)
+	}
+	return p
+}
+
+// check reads the hex fields of a record loaded from a file.
+func (r *record) check() error {
+	raw, err := hex.DecodeString(r.PaymentHash)
+	if err != nil || len(raw) != 32 {
+		return fmt.Errorf("payment_hash %q is not 64 hex characters", r.PaymentHash)
+	}
+	copy(r.hash[:], raw)
+	switch r.Status {
+	case statusPending, statusFailed:
+	case statusPaid:
+		raw, err := hex.DecodeString(r.Preimage)
+		if err != nil || len(raw) != 32 {
+			return fmt.Errorf("payment %s is paid but has no 32-byte preimage", r.PaymentHash)
+		}
+		copy(r.preimage[:], raw)
+		if r.preimage.Hash() != r.hash {
+			return fmt.Errorf("payment %s: the preimage does not match the payment hash", r.PaymentHash)
+		}
+	default:
+		return fmt.Errorf("payment %s has unknown status %q", r.PaymentHash, r.Status)
+	}
+	if r.AmountMsat <= 0 || r.FeeLimitMsat < 0 {
+		return fmt.Errorf("payment %s has a bad amount or fee limit", r.PaymentHash)
+	}
+	return nil
+}
+
+// NewMemoryStore is a ledger kept in memory: tokens and budgets last as long as the process.
+func NewMemoryStore() *Store {
+	return &Store{
+		byHash:   map[[32]byte]*record{},
+		paths:    map[string]map[string]string{},
+		inFlight: map[[32]byte]chan struct{}{},
+		current:  map[string]*record{},
+	}
+}
+
+// OpenFileStore opens (or creates) the JSON ledger at path. A file that cannot be read is an
+// error, never an empty ledger: starting afresh would forget pending payments and budgets.
+// Close releases it.
+func OpenFileStore(path string) (*Store, error) {
+	if path == "" {
+		return nil, errors.New("l402: OpenFileStore needs a file path")
+	}
+	path = filepath.Clean(path)
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("l402: store %s: %w", path, err)
+	}
+	unlock, err := lockFile(path + ".lock")
+	if err != nil {
+		return nil, fmt.Errorf("l402: store %s: %w", path, err)
+	}
+	s := NewMemoryStore()
+	s.path, s.unlock = path, unlock
+	if err := s.load(); err != nil {
+		_ = unlock()
+		return nil, fmt.Errorf("l402: store %s: %w", path, err)
+	}
+	return s, nil
+}
+
+func (s *Store) load() error {
+	data, err := os.ReadFile(s.path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var file storeFile
+	if err := json.Unmarshal(data, &file); err != nil {
+		return fmt.Errorf("not a ledger file (%v)", err)
+	}
+	if file.Version != storeVersion {
+		return fmt.Errorf("ledger version %d; this SDK reads version %d", file.Version, storeVersion)
+	}
+	for _, r := range file.Payments {
+		if r == nil {
+			return errors.New("empty payment entry")
+		}
+		if err := r.check(); err != nil {
+			return err
+		}
+		if s.byHash[r.hash] != nil {
+			return fmt.Errorf("payment %s is in the ledger twice", r.PaymentHash)
+		}
+		s.records = append(s.records, r)
+		s.byHash[r.hash] = r
+		if r.Status == statusPaid && r.DroppedAt == nil {
+			s.current[scopeKey(r.Origin, r.Scope)] = r // oldest first: the newest wins
+		}
+	}
+	for _, p := range file.Paths {
+		s.learn(p.Origin, p.Path, p.Scope)
+	}
+	return nil
+}
+
+// save writes the ledger atomically: a temporary file in the same directory, synced, then
+// renamed over the old one, then the directory synced. A crash leaves the old or the new file.
+func (s *Store) save(now time.Time) error {
+	if s.path == "" {
+		return nil
+	}
+	if s.closed {
+		// The lock is released: the file may be another Store's now, and writing this one's
+		// ledger over it would lose that one's pending payments.
+		return errStoreClosed
+	}
+	file := storeFile{Version: storeVersion, Payments: make([]*record, 0, len(s.records))}
+	for _, r := range s.records {
+		// Failed payments count against nothing: a day later they are history no one needs.
+		if r.Status == statusFailed && r.UpdatedAt < unix(now.Add(-day)) {
+			continue
+		}
+		file.Payments = append(file.Payments, r)
+	}
+	for origin, paths := range s.paths {
+		for path, scope := range paths {
+			file.Paths = append(file.Paths, learnedPath{origin, path, scope})
+		}
+	}
+	sort.Slice(file.Paths, func(i, j int) bool {
+		a, b := file.Paths[i], file.Paths[j]
+		return a.Origin < b.Origin || a.Origin == b.Origin && a.Path < b.Path
+	})
+	data, err := json.MarshalIndent(file, "", " ")
+	if err != nil {
+		return err
+	}
+	dir, base := filepath.Split(s.path)
+	if dir == "" {
+		// A bare file name: the temporary file must still be made next to it, not in
+		// CreateTemp's default $TMPDIR, from where the rename fails on another file system
+		// (tmpfs) and which is no place for a file of preimages.
+		dir = "."
+	}
+	tmp, err := os.CreateTemp(dir, base+".tmp*")
+	if err != nil {
+		return err
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			_ = tmp.Close()
+			_ = os.Remove(tmp.Name())
+		}
+	}()
+	// The file holds preimages: bearer secrets.
+	if err := tmp.Chmod(0o600); err != nil {
+		return err
+	}
+	if _, err := tmp.Write(append(data, '\n')); err != nil {
+		return err
+	}
+	if err := tmp.Sync(); err != nil {
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp.Name(), s.path); err != nil {
+		return err
+	}
+	ok = true
+	syncDir(dir)
+	return nil
+}
+
+func syncDir(dir string) {
+	if dir == "" {
+		dir = "."
+	}
+	if d, err := os.Open(dir); err == nil {
+		_ = d.Sync() // not every system can sync a directory; the rename is done either way
+		_ = d.Close()
+	}
+}
+
+// Close releases a file store's lock; the store must not be used afterwards.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	s.closed = true
+	if s.unlock != nil {
+		return s.unlock()
+	}
+	return nil
+}
+
+// Path is the file a file store writes; "" for a memory store.
+func (s *Store) Path() string { return s.path }
+
+// Payments lists the ledger, oldest first, without preimages.
+func (s *Store) Payments() []Payment {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]Payment, 0, len(s.records))
+	for _, r := range s.records {
+		out = append(out, r.payment())
+	}
+	return out
+}
+
+// SpentMsat is what the ledger counts against the budgets since the given time (the zero time:
+// in total): amounts plus fee limits of every payment that did not fail.
+func (s *Store) SpentMsat(since time.Time) int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.spent(since)
+}
+
+func (s *Store) spent(since time.Time) int64 {
+	var total int64
+	after := unix(since)
+	for _, r := range s.records {
+		if r.Status != statusFailed && (since.IsZero() || r.CreatedAt > after) {
+			total += r.cost()
+		}
+	}
+	return total
+}
+
+var errStoreClosed = errors.New("l402: the store is closed")
+
+// reservation is the outcome of reserve: a new pending record to pay, a paid record that
+// makes paying unnecessary, or a refusal (payment_pending with the pending record, or a budget).
+type reservation struct {
+	fresh   *record
+	paid    *record
+	pending *record
+	refusal *Refusal
+}
+
+// reserve checks the scope and the budgets and writes the pending record, in one step.
+func (s *Store) reserve(r *record, dailyMsat, totalMsat int64, now time.Time) (reservation, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return reservation{}, errStoreClosed
+	}
+	if held := s.byHash[r.hash]; held != nil {
+		return reservation{}, fmt.Errorf("invoice %s... is already in the ledger (%s); it is never paid twice",
+			r.PaymentHash[:16], held.Status)
+	}
+	for i := len(s.records) - 1; i >= 0; i-- {
+		held := s.records[i]
+		if held.Origin != r.Origin || held.Scope != r.Scope {
+			continue
+		}
+		if held.usable(now) {
+			return reservation{paid: held}, nil
+		}
+		if held.Status == statusPending {
+			return reservation{pending: held, refusal: &Refusal{"payment_pending", fmt.Sprintf(
+				"a payment for this scope is still pending (%s..., %s); not paying a second one until it is settled",
+				held.PaymentHash[:16], held.URL)}}, nil
+		}
+	}
+	cost := r.cost()
+	if spent := s.spent(now.Add(-day)); spent+cost > dailyMsat {
+		return reservation{refusal: &Refusal{"budget_daily", fmt.Sprintf(
+			"paying %s sat (+ up to %s sat fee) would exceed DailyBudgetSat %s sat: %s sat spent in the last 24 hours",
+			satText(r.AmountMsat), satText(r.FeeLimitMsat), satText(dailyMsat), satText(spent))}}, nil
+	}
+	if totalMsat > 0 {
+		if spent := s.spent(time.Time{}); spent+cost > totalMsat {
+			return reservation{refusal: &Refusal{"budget_total", fmt.Sprintf(
+				"paying %s sat (+ up to %s sat fee) would exceed TotalBudgetSat %s sat: %s sat spent so far",
+				satText(r.AmountMsat), satText(r.FeeLimitMsat), satText(totalMsat), satText(spent))}}, nil
+		}
+	}
+	r.Status = statusPending
+	r.CreatedAt, r.UpdatedAt = unix(now), unix(now)
+	s.records = append(s.records, r)
+	s.byHash[r.hash] = r
+	if err := s.save(now); err != nil {
+		// Not on disk, so not paid: a crash now must not leave a payment nobody knows of.
+		s.records = s.records[:len(s.records)-1]
+		delete(s.byHash, r.hash)
+		return reservation{}, fmt.Errorf("cannot write the pending payment to %s: %w", s.path, err)
+	}
+	s.inFlight[r.hash] = make(chan struct{})
+	return reservation{fresh: r}, nil
+}
+
+// settle turns a pending (or failed: a wallet may report a late success) payment into a paid
+// one with its preimage. The record is returned even if the file could not be written: the
+// wallet still knows the preimage, so the next start recovers it.
+func (s *Store) settle(hash [32]byte, preimage Preimage, now time.Time) (*record, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	defer s.done(hash)
+	r := s.byHash[hash]
+	if r == nil {
+		return nil, fmt.Errorf("no payment %x in the ledger", hash)
+	}
+	if r.Status == statusPaid {
+		return r, nil
+	}
+	r.Status, r.preimage, r.Preimage = statusPaid, preimage, preimage.Hex()
+	r.Error, r.UpdatedAt = "", unix(now)
+	if r.DroppedAt == nil {
+		s.current[scopeKey(r.Origin, r.Scope)] = r
+	}
+	if err := s.save(now); err != nil {
+		return r, fmt.Errorf("paid, but cannot write the token to %s: %w", s.path, err)
+	}
+	return r, nil
+}
+
+// fail releases a pending payment: nothing was paid.
+func (s *Store) fail(hash [32]byte, why string, now time.Time) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	defer s.done(hash)
+	r := s.byHash[hash]
+	if r == nil || r.Status != statusPending {
+		return nil
+	}
+	r.Status, r.Error, r.UpdatedAt = statusFailed, why, unix(now)
+	return s.save(now)
+}
+
+// unresolved keeps a payment pending (its outcome is not known) and says why.
+func (s *Store) unresolved(hash [32]byte, why string, now time.Time) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	defer s.done(hash)
+	r := s.byHash[hash]
+	if r == nil {
+		return nil
+	}
+	r.Error, r.UpdatedAt = why, unix(now)
+	return s.save(now)
+}
+
+// drop marks a token the server no longer accepts: it is never sent again.
+func (s *Store) drop(hash [32]byte, reason string, now time.Time) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r := s.byHash[hash]
+	if r == nil || r.DroppedAt != nil {
+		return nil
+	}
+	at := unix(now)
+	r.DroppedAt, r.DropReason = &at, reason
+	if key := scopeKey(r.Origin, r.Scope); s.current[key] == r {
+		delete(s.current, key)
+	}
+	return s.save(now)
+}
+
+// currentToken is the newest usable token of (origin, scope), or nil.
+func (s *Store) currentToken(origin, scope string, now time.Time) *record {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if r := s.current[scopeKey(origin, scope)]; r != nil && r.usable(now) {
+		return r
+	}
+	return nil
+}
+
+// done ends a payment's time in flight and wakes whoever waits for it; s.mu is held.
+func (s *Store) done(hash [32]byte) {
+	if ch, ok := s.inFlight[hash]; ok {
+		close(ch)
+		delete(s.inFlight, hash)
+	}
+}
+
+// busy returns a channel that closes when the payment stops being paid or settled by some
+// transport, or nil if none is doing so.
+func (s *Store) busy(hash [32]byte) <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.inFlight[hash]
+}
+
+// claimPending returns the pending payments no transport is paying or settling now, and marks
+// them as being settled, so two transports never ask the wallet about one at once; each must
+// end with settle, fail or release.
+func (s *Store) claimPending(only func(*record) bool) []*record {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []*record
+	for _, r := range s.records {
+		if _, busy := s.inFlight[r.hash]; r.Status == statusPending && !busy && (only == nil || only(r)) {
+			s.inFlight[r.hash] = make(chan struct{})
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// release ends a claim without changing the payment.
+func (s *Store) release(hash [32]byte) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.done(hash)
+}
+
+func (s *Store) learn(origin, path, scope string) bool {
+	known := s.paths[origin]
+	if known == nil {
+		known = map[string]string{}
+		s.paths[origin] = known
+	}
+	if known[path] == scope {
+		return false
+	}
+	known[path] = scope
+	return true
+}
+
+// learnPaths records that these paths of origin belong to scope.
+func (s *Store) learnPaths(origin string, paths []string, scope string, now time.Time) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	changed := false
+	for _, path := range paths {
+		changed = s.learn(origin, path, scope) || changed
+	}
+	if !changed {
+		return nil
+	}
+	return s.save(now)
+}
+
+func (s *Store) scopeFor(origin, path string) (string, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	known := s.paths[origin]
+	if known == nil {
+		return "", false
+	}
+	for _, candidate := range pathCandidates(path) {
+		if scope, ok := known[candidate]; ok {
+			return scope, true
+		}
+	}
+	return "", false
+}
