@@ -2,17 +2,27 @@
 client paid, check a Lightning backend.
 
 JSON on stdout (`backend check`: one line, JSON with --json); on bad input a one-line error on
-stderr and a non-zero exit, never a traceback.
+stderr and a non-zero exit, never a traceback. Every epoch time in the JSON (`when`,
+`valid_until`, `*_at`) has a `<name>_iso` twin in UTC ISO 8601 ("2026-12-06T05:21:42Z").
+
+Exit status: 0 done; 1 failed (store, ledger or backend); 2 bad input (usage, a value that is no
+L402 challenge or credential, a broken rules file); 3 `decode` read the value but nothing in it
+is usable (the JSON says why); 141 the reader of stdout went away (`| head -1`), as for a tool
+killed by SIGPIPE.
 """
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import datetime
 import hashlib
 import json
+import math
+import os
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 from . import paths
@@ -27,8 +37,13 @@ from .store import StoreError, open_server_store
 from .store.client import DAY_SECONDS, ClientStore, sat_number
 from .store.client import sqlite_path_from_uri as client_store_path
 
-EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+# `decode`: challenge- or credential-shaped, but no macaroon/invoice/preimage in it fits.
+EXIT_UNUSABLE = 3
+# 128 + SIGPIPE: what a shell reports for a tool killed by SIGPIPE (`cat big | head -1`), so
+# `set -o pipefail` scripts see the same as for any other tool whose reader left early.
+EXIT_BROKEN_PIPE = 141
 
 _HEADER_NAMES = ("www-authenticate:", "authorization:")
 
@@ -38,6 +53,14 @@ class Line:
     """A result meant as one line of text, not JSON."""
 
     text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """JSON to print, with the exit status to print it with."""
+
+    value: Any
+    code: int = 0
 
 
 class CliError(Exception):
@@ -102,6 +125,9 @@ def decode_value(value: str) -> dict[str, Any]:
             entry["payment_hash_matches"] = hash_in_token is not None and hash_in_token == entry[
                 "invoice_details"
             ].get("payment_hash")
+            # Payable: the macaroon and the invoice both read and name the same payment. An
+            # expired invoice still counts (see "expired"): decode is for looking at old ones.
+            entry["usable"] = entry["payment_hash_matches"]
             entry["params"] = dict(challenge.params)
             decoded.append(entry)
         return {"kind": "challenge", "challenges": decoded}
@@ -115,6 +141,8 @@ def decode_value(value: str) -> dict[str, Any]:
         macaroon["preimage_matches"] = (
             macaroon.get("identifier", {}).get("payment_hash") == preimage_hash
         )
+        # Presentable: the macaroon reads and the preimage pays for its payment hash.
+        macaroon["usable"] = macaroon["preimage_matches"]
     return {
         "kind": "credential",
         "credentials": [
@@ -126,6 +154,16 @@ def decode_value(value: str) -> dict[str, Any]:
             }
         ],
     }
+
+
+def decode_answer(value: str) -> Answer:
+    """`decode`: the JSON, and EXIT_UNUSABLE when no challenge or credential in it is usable."""
+    decoded = decode_value(value)
+    if decoded["kind"] == "challenge":
+        usable = any(entry["usable"] for entry in decoded["challenges"])
+    else:
+        usable = any(m["usable"] for c in decoded["credentials"] for m in c["macaroons"])
+    return Answer(decoded, 0 if usable else EXIT_UNUSABLE)
 
 
 async def dev_pay(ledger_path: str, wallet: str, bolt11: str, max_fee_msat: int) -> dict[str, Any]:
@@ -259,6 +297,55 @@ async def backend_check(uri: str, *, wallet: bool, ledger: str) -> NodeInfo:
         await node.close()
 
 
+def iso_time(epoch: object) -> str | None:
+    """An epoch time in UTC ISO 8601 to the second ("2026-12-06T05:21:42Z"); None for what is
+    no such time (None, NaN, beyond year 9999)."""
+    if isinstance(epoch, bool) or not isinstance(epoch, int | float) or not math.isfinite(epoch):
+        return None
+    try:
+        moment = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(
+            seconds=math.floor(epoch)
+        )
+    except OverflowError:
+        return None
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def is_epoch_field(name: str) -> bool:
+    """The JSON fields holding epoch seconds, by the names every output uses for them."""
+    return name in ("when", "valid_until") or name.endswith("_at")
+
+
+def with_iso_times(value: Any) -> Any:
+    """`value` with a `<name>_iso` field after every epoch field, at any depth; the epoch
+    fields stay as they are for scripts."""
+    if isinstance(value, list):
+        return [with_iso_times(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        out[key] = with_iso_times(item)
+        if isinstance(key, str) and is_epoch_field(key) and f"{key}_iso" not in value:
+            out[f"{key}_iso"] = iso_time(item)
+    return out
+
+
+def shared_option(
+    group: argparse.ArgumentParser,
+    subcommands: Iterable[argparse.ArgumentParser],
+    *flags: str,
+    **kwargs: Any,
+) -> None:
+    """An option of a command group, taken before or after its subcommand: `tokens --store X
+    list` and `tokens list --store X`. argparse takes a group's options only before the
+    subcommand; each subcommand gets a copy whose default (SUPPRESS) leaves the group's value
+    alone when it is not given there. Call it after the group's last subcommand is added."""
+    group.add_argument(*flags, default=None, **kwargs)
+    for subcommand in subcommands:
+        subcommand.add_argument(*flags, default=argparse.SUPPRESS, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="l402proxy", description="L402 (LSAT) paywall and auto-pay proxy tools"
@@ -271,7 +358,6 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("value", help="the header value (a leading header name is tolerated)")
 
     dev = commands.add_parser("dev", help="the embedded dev Lightning ledger (demos and tests)")
-    dev.add_argument("--ledger", default=None, help="dev ledger path (default: %(default)s)")
     dev_commands = dev.add_subparsers(dest="dev_command", required=True)
     pay = dev_commands.add_parser("pay", help="pay a BOLT11 invoice from a dev wallet")
     pay.add_argument("bolt11")
@@ -280,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     dev_commands.add_parser("invoices", help="list the ledger's invoices")
     balance = dev_commands.add_parser("balance", help="a dev wallet's balance")
     balance.add_argument("--wallet", default=DEFAULT_CLIENT_WALLET)
+    ledger_help = (
+        "dev ledger path (default: devledger.sqlite under $L402PROXY_HOME or ~/.l402proxy)"
+    )
+    shared_option(dev, dev_commands.choices.values(), "--ledger", help=ledger_help)
 
     rules = commands.add_parser("rules", help="rules files")
     rules_commands = rules.add_subparsers(dest="rules_command", required=True)
@@ -289,7 +379,6 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path")
 
     tokens = commands.add_parser("tokens", help="tokens issued by the server addon")
-    tokens.add_argument("--store", default=None, help="server store path or URI")
     tokens_commands = tokens.add_subparsers(dest="tokens_command", required=True)
     listing = tokens_commands.add_parser("list", help="issued tokens, newest first")
     listing.add_argument("--service", default=None)
@@ -298,6 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
         "revoke", help="revoke a token (the running proxy notices within ~1 s)"
     )
     revoke.add_argument("ref", help="token_id or payment_hash in hex, or a unique prefix (>= 8)")
+    server_store_help = (
+        "server store path or URI (default: server.sqlite under $L402PROXY_HOME or ~/.l402proxy)"
+    )
+    shared_option(tokens, tokens_commands.choices.values(), "--store", help=server_store_help)
 
     backend = commands.add_parser("backend", help="Lightning backends and wallets")
     backend_commands = backend.add_subparsers(dest="backend_command", required=True)
@@ -314,18 +407,16 @@ def build_parser() -> argparse.ArgumentParser:
     backend_check_cmd.add_argument("--json", action="store_true", help="JSON instead of a line")
 
     wallet = commands.add_parser("wallet", help="what the client paid, refused and holds")
-    store_help = "client store path (default: client.sqlite under $L402PROXY_HOME or ~/.l402proxy)"
-    wallet.add_argument("--store", default=None, help=store_help)
     wallet_commands = wallet.add_subparsers(dest="wallet_command", required=True)
     history = wallet_commands.add_parser(
         "history", help="payments (pending, paid, failed) and refusals, newest first"
     )
     tokens_held = wallet_commands.add_parser("tokens", help="tokens bought, newest first")
     for leaf in (history, tokens_held):
-        leaf.add_argument("--store", default=argparse.SUPPRESS, help=store_help)
         leaf.add_argument("--limit", type=int, default=100)
-    spent = wallet_commands.add_parser("spent", help="sat spent in the last 24 hours and in total")
-    spent.add_argument("--store", default=argparse.SUPPRESS, help=store_help)
+    wallet_commands.add_parser("spent", help="sat spent in the last 24 hours and in total")
+    store_help = "client store path (default: client.sqlite under $L402PROXY_HOME or ~/.l402proxy)"
+    shared_option(wallet, wallet_commands.choices.values(), "--store", help=store_help)
     return parser
 
 
@@ -338,7 +429,7 @@ def run_async(job: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
 
 def run(args: argparse.Namespace) -> Any:
     if args.command == "decode":
-        return decode_value(args.value)
+        return decode_answer(args.value)
     if args.command == "rules":
         return rules_check(args.path)
     if args.command == "backend":
@@ -370,6 +461,22 @@ def run(args: argparse.Namespace) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)  # or SystemExit, from argparse (--help, usage errors)
+        finally:
+            sys.stdout.flush()  # here, so a closed pipe is caught below and not at exit
+    except BrokenPipeError:
+        # `l402proxy tokens list | head -1`: the reader has what it wanted. No traceback, and
+        # Python's own flush at exit must not hit the closed pipe again. (Not SIG_DFL for
+        # SIGPIPE: a closed socket to a backend would then kill the process silently.)
+        # (ValueError, OSError: stdout is no file, as in tests; then nothing flushes to it.)
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = run(args)
@@ -379,6 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(result, Line):
         print(result.text)
         return 0
-    json.dump(result, sys.stdout, indent=2)
+    answer = result if isinstance(result, Answer) else Answer(result)
+    json.dump(with_iso_times(answer.value), sys.stdout, indent=2)
     sys.stdout.write("\n")
-    return 0
+    return answer.code

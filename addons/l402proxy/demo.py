@@ -283,6 +283,7 @@ def exited(demo: Demo, wait: float = 0.0) -> DemoError | None:
 
 
 STARTUP_FAILED = "Error logged during startup"  # mitmdump's last word on a bad option
+LISTENING = " listening at "  # mitmdump's line once a proxy mode listens
 TRACEBACK_PARTS = ("Traceback", "File ", "During handling", "^")
 
 
@@ -293,6 +294,10 @@ def _reason(log: str) -> str:
     if any(line.startswith(STARTUP_FAILED) for line in lines):
         # What our addon logged at start; whatever mitmproxy prints while exiting is noise.
         lines = lines[: next(i for i, line in enumerate(lines) if line.startswith(STARTUP_FAILED))]
+        wanted = ("l402:", "error")
+    elif not any(LISTENING in line for line in lines):
+        # Stopped before it listened: our addon's refusal ("l402: l402_rules: ...: No such
+        # file or directory") is the reason, whether or not mitmproxy adds its own last word.
         wanted = ("l402:", "error")
     for word in wanted:
         for line in reversed(lines):
@@ -339,7 +344,8 @@ def _cli_command() -> str:
     return command
 
 
-def try_lines(demo: Demo) -> list[str]:
+def _try_rows(demo: Demo) -> list[str]:
+    """What to try against the running servers, one labelled row each."""
     proxy, client = demo.proxy.url, demo.client.url
     # curl applies NO_PROXY even to -x; an empty --noproxy list overrides it.
     noproxy = " --noproxy ''" if os.environ.get("NO_PROXY") or os.environ.get("no_proxy") else ""
@@ -362,7 +368,34 @@ def try_lines(demo: Demo) -> list[str]:
             f"{_shown(demo.home)}: client.sqlite, server.sqlite, devledger.sqlite; logs demo-*.log",
         ),
     ]
-    return ["Try:", *(f"  {label:<18}{text}".rstrip() for label, text in rows)]
+    return [f"  {label:<18}{text}".rstrip() for label, text in rows]
+
+
+def try_lines(demo: Demo) -> list[str]:
+    """What to try now, the servers running."""
+    return ["Try:", *_try_rows(demo)]
+
+
+def rerun_command(ports: Ports, rules: Path) -> str:
+    """scripts/demo with this run's ports and rules, without --once."""
+    words = [_shown(REPO / "scripts" / "demo")]
+    for (port, flag), (default, _) in zip(ports.named(), Ports().named(), strict=True):
+        if port != default:
+            words += [flag, str(port)]
+    if rules.resolve() != DEFAULT_RULES.resolve():
+        words += ["--rules", _for_shell(rules)]
+    return " ".join(words)
+
+
+def once_lines(demo: Demo, rerun: str) -> list[str]:
+    """After --once: the servers are gone, so no "Try:" with their addresses as if they were
+    there; what to run to keep them, and what to try then."""
+    return [
+        "--once: the servers are stopped. To keep them running and try them yourself, run",
+        f"  {rerun}",
+        "and then:",
+        *_try_rows(demo),
+    ]
 
 
 def banner(demo: Demo, rules: Path) -> list[str]:
@@ -453,9 +486,9 @@ def _run(ports: Ports, rules: Path, once: bool, signals: _Signals) -> int:
                     raise exited(demo, wait=EXIT_WAIT) or exc from None
                 _say()
                 _say(walked)
-                _say()
-                _say(try_lines(demo))
                 if not once:
+                    _say()
+                    _say(try_lines(demo))
                     _say(["", "Running. Ctrl-C stops everything."])
                     while (stopped := exited(demo)) is None:
                         time.sleep(WATCH_SECONDS)
@@ -469,7 +502,9 @@ def _run(ports: Ports, rules: Path, once: bool, signals: _Signals) -> int:
     except LaunchError as exc:
         print(f"demo: {_one_line(exc)}", file=sys.stderr)
         return 1
-    _say(["", "Stopped."])
+    # Only --once gets here (a running demo ends by a signal or a stopped child), and only
+    # now, `started` having stopped them, is it true that the servers are stopped.
+    _say(["", *once_lines(demo, rerun_command(ports, rules))])
     return 0
 
 

@@ -135,10 +135,15 @@ def test_once_walks_through_prints_what_to_try_and_makes_real_audio(tmp_path: Pa
     assert re.search(r"plain player, ep1 +200 +[\d,]+ bytes +[\d.]+ s +with the ad", out), out
     assert "X-L402-Paid: 21 sat (fee 0 sat) for podcast" in out
     assert "same token, nothing paid" in out
-    # The try-lines, with the ports it was given.
+    # The servers are gone after --once: no "Try:" as if they were there, but the command that
+    # keeps them running, then the try-lines with the ports it was given.
     lines = out.splitlines()
-    assert "Try:" in lines
-    try_part = "\n".join(lines[lines.index("Try:") :])
+    assert "Try:" not in lines
+    assert lines[lines.index("and then:") - 2 :][:2] == [
+        "--once: the servers are stopped. To keep them running and try them yourself, run",
+        f"  scripts/demo --origin-port {origin} --proxy-port {proxy} --client-port {client}",
+    ]
+    try_part = "\n".join(lines[lines.index("and then:") :])
     assert f"curl -s -D - -o ad.wav http://127.0.0.1:{proxy}/episodes/" in try_part
     assert (
         f"-x http://127.0.0.1:{client} --noproxy '' http://127.0.0.1:{proxy}/episodes/" in try_part
@@ -152,7 +157,7 @@ def test_once_walks_through_prints_what_to_try_and_makes_real_audio(tmp_path: Pa
     assert "nothing more to pay: the token bought above covers every episode" in try_part
     assert "client.sqlite, server.sqlite, devledger.sqlite" in try_part
     assert f"http://127.0.0.1:{origin}" in out
-    assert lines[-1] == "Stopped."
+    assert lines[-1].startswith("  tokens, payments  ")
 
     # Real audio: valid WAV, mono 16-bit, 8-16 kHz; the ad-supported copy is the ad jingle
     # followed by exactly the ad-free copy.
