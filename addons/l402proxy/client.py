@@ -1,11 +1,16 @@
 """The mitmproxy client addon: a local proxy that pays L402 challenges for a player or browser.
 
-    mitmdump -s addons/client.py --set l402_max_price_sat=50 --set l402_budget_daily_sat=500
+    mitmdump --listen-host 127.0.0.1 -s addons/client.py \
+        --set l402_max_price_sat=50 --set l402_budget_daily_sat=500
+
+It spends only for clients in l402_clients (default: this machine).
 
 Glue only: what to pay, limits, tokens and the ledger live in payer.py.
 """
 
 import asyncio
+import functools
+import ipaddress
 import logging
 import ssl
 import time
@@ -14,11 +19,13 @@ from typing import Any, Optional
 from urllib.parse import quote
 
 import httpx
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import ctx, http
 from mitmproxy.proxy.mode_specs import ProxyMode, UpstreamMode
 
 from . import paths
+from .l402.headers import parse_challenges
 from .lightning import LightningError, Wallet, open_wallet
+from .options import OptionGuard
 from .payer import Answer, Await, Limits, Paid, Payer, Refused, Verdict, origin_of
 from .store.client import ClientStore
 from .store.database import StoreError
@@ -57,6 +64,77 @@ NOT_COPIED = frozenset(
         b"authorization",
     }
 )
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Who may make the proxy pay when l402_clients is empty: this machine only. (An IPv4 client on a
+# dual-stack socket shows as ::ffff:127.x.y.z: client_allowed maps it back.)
+LOOPBACK: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1"))
+# Foreign clients warned about once each (bounded: anyone may connect).
+WARNED_CLIENTS_LIMIT = 1000
+
+
+def parse_clients(value: str) -> tuple[Network, ...]:
+    """l402_clients: comma-separated addresses or networks; empty means LOOPBACK.
+
+    Raises ValueError naming the entry: a host name, or a network written with host bits
+    (10.0.0.1/8 is refused, not read as 10.0.0.0/8: the user meant one or the other).
+    """
+    networks: list[Network] = []
+    for entry in (part.strip() for part in value.split(",")):
+        if not entry:
+            continue
+        try:
+            network = ipaddress.ip_network(entry)
+        except ValueError as exc:
+            if "host bits set" in str(exc):
+                meant = ipaddress.ip_network(entry, strict=False)
+                raise ValueError(
+                    f"l402_clients: {entry} is not a network (host bits set): "
+                    f"write {meant} for the network or {entry.split('/')[0]} for the address"
+                ) from None
+            raise ValueError(
+                f"l402_clients: {entry!r} is not an IP address or network "
+                "(like 192.168.1.0/24, 10.0.0.5 or fd00::/8)"
+            ) from None
+        mapped = network.network_address.ipv4_mapped if network.version == 6 else None
+        if mapped is not None and network.prefixlen >= 96:
+            # ::ffff:10.0.0.0/104 is 10.0.0.0/8: peers are compared in their IPv4 form too.
+            network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+        networks.append(network)
+    return tuple(networks) or LOOPBACK
+
+
+def clients_text(networks: Sequence[Network]) -> str:
+    """The networks as the user writes them: 127.0.0.0/8, ::1 (no /32 or /128)."""
+    return ", ".join(str(n.network_address) if n.num_addresses == 1 else str(n) for n in networks)
+
+
+def describe_clients(networks: Sequence[Network]) -> str:
+    return f"paying for clients on {clients_text(networks)} only"
+
+
+@functools.lru_cache(maxsize=4096)
+def client_allowed(networks: tuple[Network, ...], host: str | None) -> bool:
+    """May the client at `host` (a peer address as mitmproxy reports it) make the proxy pay?"""
+    if not host:
+        return False  # no peer address: never pay for an unknown client
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.scope_id is not None:
+            candidates.append(ipaddress.IPv6Address(host.split("%", 1)[0]))
+        if address.ipv4_mapped is not None:
+            candidates.append(address.ipv4_mapped)
+    return any(a in n for a in candidates for n in networks if a.version == n.version)
+
+
+def client_host(flow: http.HTTPFlow) -> str | None:
+    peer = flow.client_conn.peername
+    return str(peer[0]) if peer else None
 
 
 def request_url(request: http.Request) -> str:
@@ -166,7 +244,11 @@ class L402Client:
         self.ready = asyncio.Event()
         self.started = False
         self.tasks: list[asyncio.Task[None]] = []
+        # option -> why its value was refused at startup; while any is set, nothing is paid.
         self.misconfigured: dict[str, str] = {}
+        self.guard = OptionGuard("client", self.misconfigured)
+        self.clients: tuple[Network, ...] = LOOPBACK
+        self.warned_clients: set[str] = set()
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -219,6 +301,17 @@ class L402Client:
             """,
         )
         loader.add_option(
+            "l402_clients",
+            str,
+            "",
+            """
+            Who may make this proxy pay: comma-separated client addresses or networks, like
+            "127.0.0.1, 192.168.1.0/24, fd00::/8". Requests from anyone else pass through as
+            from a plain proxy: nothing paid, no token attached, a 402 comes back with
+            X-L402-Refused: client_not_allowed. Default: this machine only (127.0.0.0/8, ::1).
+            """,
+        )
+        loader.add_option(
             "l402_fallback_free",
             bool,
             False,
@@ -256,37 +349,53 @@ class L402Client:
             payment stays pending and is checked again, so a late success still yields the token.
             """,
         )
+        self.guard.take_deferred(loader)
 
     def configure(self, updated: set[str]) -> None:
-        if updated & set(LIMIT_OPTIONS):
-            try:
-                self.limits = Limits(
-                    max_price_sat=ctx.options.l402_max_price_sat,
-                    max_fee_sat=ctx.options.l402_max_fee_sat,
-                    budget_daily_sat=ctx.options.l402_budget_daily_sat,
-                    budget_total_sat=ctx.options.l402_budget_total_sat,
-                    allow=tuple(ctx.options.l402_allow),
-                )
-            except ValueError as exc:
-                self._refuse("limits", str(exc))
-            else:
-                self.misconfigured.pop("limits", None)
-                if self.payer is not None:
-                    self.payer.limits = self.limits
-                    log.info(f"l402: limits now {self.limits.describe()}")
-        if "l402_pay_timeout" in updated:
-            if ctx.options.l402_pay_timeout < 1:
-                self._refuse("l402_pay_timeout", "must be at least 1 second")
-            else:
-                self.misconfigured.pop("l402_pay_timeout", None)
-                if self.payer is not None:
-                    self.payer.pay_timeout = ctx.options.l402_pay_timeout
-        if "l402_store" in updated and self.started:
-            raise exceptions.OptionsError(
-                "l402_store cannot change while running: restart mitmproxy with the new store"
+        with self.guard.configuring(updated):
+            if updated & set(LIMIT_OPTIONS):
+                self._configure_limits()
+            if "l402_clients" in updated:
+                self._configure_clients()
+            if "l402_pay_timeout" in updated:
+                if ctx.options.l402_pay_timeout < 1:
+                    self._refuse("l402_pay_timeout", "must be at least 1 second")
+                else:
+                    self.guard.accept("l402_pay_timeout")
+                    if self.payer is not None:
+                        self.payer.pay_timeout = ctx.options.l402_pay_timeout
+            if "l402_wallet" in updated or "l402_dev_ledger" in updated:
+                self._configure_wallet()
+
+    def _configure_limits(self) -> None:
+        try:
+            self.limits = Limits(
+                max_price_sat=ctx.options.l402_max_price_sat,
+                max_fee_sat=ctx.options.l402_max_fee_sat,
+                budget_daily_sat=ctx.options.l402_budget_daily_sat,
+                budget_total_sat=ctx.options.l402_budget_total_sat,
+                allow=tuple(ctx.options.l402_allow),
             )
-        if "l402_wallet" in updated or "l402_dev_ledger" in updated:
-            self._configure_wallet()
+        except ValueError as exc:
+            self._refuse("limits", str(exc))
+            return
+        self.guard.accept("limits")
+        if self.payer is not None:
+            self.payer.limits = self.limits
+            log.info(f"l402: limits now {self.limits.describe()}")
+
+    def _configure_clients(self) -> None:
+        try:
+            clients = parse_clients(ctx.options.l402_clients)
+        except ValueError as exc:
+            self._refuse("l402_clients", str(exc))
+            return
+        self.guard.accept("l402_clients")
+        if clients != self.clients:
+            self.clients = clients
+            self.warned_clients.clear()
+            if self.started:
+                log.info(f"l402: now {describe_clients(clients)}")
 
     def _configure_wallet(self) -> None:
         source = (ctx.options.l402_wallet, self.dev_ledger_path)
@@ -308,18 +417,14 @@ class L402Client:
                 "(it is checked at start)",
             )
             return
-        self.misconfigured.pop("l402_wallet", None)
+        self.guard.accept("l402_wallet")
         self.wallet = wallet
         self.wallet_source = source
 
     def _refuse(self, option: str, problem: str) -> None:
-        """Same contract as the server addon: OptionsError while running (the old value
-        stays); at startup one error line, and mitmproxy exits before it listens."""
-        message = problem if problem.startswith("l402_") else f"{option}: {problem}"
-        if self.started:
-            raise exceptions.OptionsError(message)
-        log.error(f"l402: {message}")
-        self.misconfigured[option] = message
+        """Reject a bad option value: an OptionsError while running (the previous value stays);
+        at startup one error line, and mitmproxy stops (see options.py)."""
+        self.guard.refuse(option, problem, running=self.started)
 
     @property
     def dev_ledger_path(self) -> str:
@@ -359,7 +464,10 @@ class L402Client:
             f"{len(self.payer.tokens)} token(s) in {store.path}"
             + (f"; recovered {len(recovered)} interrupted payment(s)" if recovered else "")
         )
+        log.info(f"l402: {describe_clients(self.clients)} (l402_clients)")
         self.started = True
+        # Opened only at start: another store needs a restart.
+        self.guard.pin("l402_store")
         self.ready.set()
 
     def _verify(self) -> bool | ssl.SSLContext:
@@ -392,8 +500,16 @@ class L402Client:
             except (LightningError, StoreError) as exc:
                 log.warning(f"l402: checking pending payments failed: {exc}")
 
+    def pays_for(self, flow: http.HTTPFlow) -> bool:
+        """Is this flow's client one the proxy spends for (l402_clients)?"""
+        return client_allowed(self.clients, client_host(flow))
+
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
+            return
+        if not self.pays_for(flow):
+            # Someone else reached the proxy: not a word about paying, and never the user's
+            # tokens (paid credentials) on their requests.
             return
         if not self.ready.is_set():
             await self.ready.wait()
@@ -419,7 +535,12 @@ class L402Client:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         response = flow.response
-        if response is None or response.status_code not in (401, 402) or self.payer is None:
+        if response is None or response.status_code not in (401, 402):
+            return
+        if not self.pays_for(flow):
+            self._refuse_foreign(flow, response)
+            return
+        if self.payer is None:
             return
         try:
             await self._handle(flow, response)
@@ -463,6 +584,26 @@ class L402Client:
             self._mark_refused(flow, refused, verdict.refused)
         else:
             flow.response = response
+
+    def _refuse_foreign(self, flow: http.HTTPFlow, response: http.Response) -> None:
+        """A challenge for a client outside l402_clients passes back unpaid, saying why."""
+        if response.status_code != 402:
+            return
+        if not parse_challenges(response.headers.get_all("WWW-Authenticate")):
+            return  # no L402 challenge: nothing we would have paid either
+        host = client_host(flow) or "an unknown address"
+        allowed = clients_text(self.clients)
+        refused = Refused("client_not_allowed", f"client {host} is not in l402_clients ({allowed})")
+        self._mark_refused(flow, response, refused)
+        if host not in self.warned_clients:
+            # Once per client: anyone who can reach the proxy could fill the log otherwise.
+            if len(self.warned_clients) >= WARNED_CLIENTS_LIMIT:
+                self.warned_clients.clear()
+            self.warned_clients.add(host)
+            log.warning(
+                f"l402: not paying for client {host}: not in l402_clients ({allowed}); "
+                "add it there if this proxy should pay for it"
+            )
 
     async def _free_variant(
         self, flow: http.HTTPFlow, url: str, refused: http.Response

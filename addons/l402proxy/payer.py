@@ -30,6 +30,8 @@ log = logging.getLogger("l402proxy.payer")
 
 REFUSAL_CODES = (
     "not_allowed",
+    # The client addon's: a request from a client outside l402_clients is never paid for.
+    "client_not_allowed",
     "max_price",
     "budget_daily",
     "budget_total",
