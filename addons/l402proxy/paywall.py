@@ -114,7 +114,10 @@ def safe_local_path(value: str | None) -> str | None:
     """`value` if it is a path on this site a page may send the browser to, else None.
 
     Browsers read `//host`, `/\\host` and paths with tabs or newlines (which they drop) as
-    other sites, so those are refused along with anything that has a scheme.
+    other sites, so those are refused along with anything that has a scheme. Encoded, the same
+    (`/%2F%2Fhost`, `/%5Chost`, doubly encoded too) stays on this site for a browser but not for
+    an origin that decodes a path before redirecting to it (a trailing-slash redirect); and a
+    path the proxy itself refuses (`%00`, `%zz`, overlong UTF-8) is no place to send anyone.
     """
     if not value or len(value) > MAX_LOCAL_PATH:
         return None
@@ -125,6 +128,18 @@ def safe_local_path(value: str | None) -> str | None:
     parts = urlsplit(value)
     if parts.scheme or parts.netloc:
         return None
+    if "%" in parts.path:
+        from urllib.parse import unquote
+
+        from .rules import PathError, path_forms
+
+        try:
+            path_forms(parts.path)
+        except PathError:
+            return None
+        once = unquote(parts.path)
+        if once.startswith(("//", "/\\")) or unquote(once).startswith(("//", "/\\")):
+            return None
     return value
 
 
@@ -294,13 +309,20 @@ def clearing_claim_cookie(token_id: bytes, *, secure: bool) -> str:
 
 def holds_claim(cookie_headers: Sequence[str], secret: bytes, token_id: bytes) -> bool:
     """Whether the request carries the claim cookie for this token."""
-    name, expected = _claim_name(token_id), claim_value(secret, token_id)
+    name, expected = _claim_name(token_id), claim_value(secret, token_id).encode()
     for header in cookie_headers:
         for piece in header.split(";"):
             key, sep, value = piece.strip().partition("=")
-            if sep and key.strip() == name and hmac.compare_digest(value.strip(), expected):
+            if sep and key.strip() == name and _same_secret(value.strip(), expected):
                 return True
     return False
+
+
+def _same_secret(given: str, expected: bytes) -> bool:
+    """A constant-time comparison that takes any text a client sent: compare_digest refuses a
+    str with non-ASCII characters (TypeError), and header values are whatever bytes came.
+    surrogatepass encodes every str, lone surrogates included."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected)
 
 
 # -- the unlock request ------------------------------------------------------------------------

@@ -15,19 +15,25 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn, cast, get_args
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 import yaml
+
+from .l402.token import UNLISTED_CAPABILITY
 
 __all__ = [
     "DEFAULT_INVOICE_EXPIRY",
     "DEFAULT_VALID_FOR",
+    "MAX_READ_PATH",
     "MIN_INVOICE_EXPIRY",
     "MODES",
     "PLAIN_PATH",
     "PRICED_MODES",
+    "AmbiguousPath",
+    "MalformedPath",
     "Mode",
     "PaidVariant",
+    "PathError",
     "Rule",
     "RuleSet",
     "RulesError",
@@ -35,6 +41,7 @@ __all__ = [
     "normalize_path",
     "parse_duration",
     "parse_rules",
+    "path_forms",
     "rule_warnings",
     "scope_path",
 ]
@@ -74,7 +81,7 @@ _DURATION_HINT = "use seconds or a number with s, m, h, d or w: '30s', '15m', '1
 _FORBIDDEN_HEADERS = frozenset(
     {"content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade"}
 )
-_PCT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
+_PCT_RUN_RE = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 
 _TOP_KEYS = ("version", "services")
@@ -165,13 +172,19 @@ class PaidVariant:
 
         The rewrite runs on the normalised path, the same one the rule was matched on, so
         `/episodes/../bonus/x` cannot be bought at the episode price and rewritten elsewhere.
+        RuleSet.match refuses a path (`%2F`, `;`, `\\`) whose readings the rewrite would send
+        to different places, so the strict form stands for every reading here.
         """
         if self.rewrite is None:
             return path
         base, sep, query = path.partition("?")
         pattern, replacement = self.rewrite
         # count=1: a rewrite moves the path once; it is not a search-and-replace over it.
-        return pattern.sub(replacement, normalize_path(base), count=1) + sep + query
+        rewritten = pattern.sub(replacement, normalize_path(base), count=1)
+        if not rewritten.isascii():
+            # normalize_path decodes escaped UTF-8 text; on the wire a path is ASCII.
+            rewritten = quote(rewritten, safe=_WIRE_SAFE, errors="surrogateescape")
+        return rewritten + sep + query
 
 
 @dataclass(frozen=True)
@@ -192,15 +205,28 @@ class Rule:
     capability_methods: tuple[tuple[str, frozenset[str]], ...] = ()
 
     def capability_for(self, method: str) -> str | None:
-        """The capability a request with this method needs from the token, if any."""
+        """The capability a request with this method needs from a token restricted to some
+        capabilities; None when the rule checks none (no mapping form of `capabilities`).
+
+        A method the mapping does not list needs UNLISTED_CAPABILITY, which no restricted token
+        grants: a read-only copy of a token must not open OPTIONS, PROPFIND or MOVE because
+        nobody thought of them. HEAD, unless listed itself, needs what GET needs (it is a GET
+        without the body). A token without a capabilities caveat opens every method.
+        """
         method = method.upper()
         for capability, methods in self.capability_methods:
             if method in methods:
                 return capability
-        return None
+        if not self.capability_methods:
+            return None
+        if method == "HEAD":
+            return self.capability_for("GET")
+        return UNLISTED_CAPABILITY
 
     def matches(self, host: str, path: str, method: str) -> bool:
-        """Whether a request falls under this rule (the query string is ignored)."""
+        """Whether a request falls under this rule (the query string is ignored), read strictly
+        (`normalize_path`): for tools; requests are admitted by RuleSet.match, which also
+        refuses paths that origins may read as another place."""
         return self._matches_normalized(host, normalize_path(path), method)
 
     def _matches_normalized(self, host: str, path: str, method: str) -> bool:
@@ -217,12 +243,60 @@ class RuleSet:
     source: str
 
     def match(self, host: str, path: str, method: str) -> Rule | None:
-        """The first rule covering the request, in file order, or None."""
-        normalized = normalize_path(path)
+        """The first rule covering the request, in file order, or None.
+
+        A path with `%`, `\\`, `;`, a dot segment (or a raw '#', a control or non-printable
+        character) is matched in every form origins may route it to (`path_forms`):
+        AmbiguousPath when the forms fall under different rules (a free rule counts as none),
+        MalformedPath when it is no well-formed path. Any other path, nearly every request,
+        has one form (`//` merged): the fast path.
+        """
+        base = path.partition("?")[0]
+        if (
+            "%" in base
+            or "\\" in base
+            or ";" in base
+            or "#" in base
+            or not base.isprintable()
+            or ("/." in base and _DOT_SEGMENT_RE.search(base))
+        ):
+            return self._match_forms(host, path, method)
+        if "//" in base and base.startswith("/"):
+            base = _resolved(base.split("/")[1:])
+        for rule in self.rules:
+            if rule._matches_normalized(host, base, method):
+                return rule
+        return None
+
+    def _first(self, host: str, normalized: str, method: str) -> Rule | None:
         for rule in self.rules:
             if rule._matches_normalized(host, normalized, method):
                 return rule
         return None
+
+    def _match_forms(self, host: str, path: str, method: str) -> Rule | None:
+        forms = _interpretations(path)
+        found = {form: self._first(host, form, method) for form in dict.fromkeys(forms)}
+        rule = found[forms[0]]
+        decisive = _free_or(rule)
+        for form, other in found.items():
+            if _free_or(other) is not decisive:
+                raise AmbiguousPath(
+                    f"ambiguous request path: servers may read it as {_describe(forms[0], rule)}"
+                    f" or as {_describe(form, other)}; send the plain path (no '.' or '..' "
+                    "segments, no encoded '/' or '\\', no ';' parameters, no double encoding)"
+                )
+        if (
+            decisive is not None
+            and decisive.paid.rewrite is not None
+            and len(found) > 1
+            and not _rewrite_agrees(decisive.paid, path, forms)
+        ):
+            raise AmbiguousPath(
+                f"ambiguous request path: the paid variant of service '{decisive.name}' "
+                "would depend on how the server reads its encoded '/', '\\' or ';'"
+            )
+        return rule
 
 
 def scope_path(rule: Rule) -> str:
@@ -321,14 +395,24 @@ def normalize_path(path: str) -> str:
 
     The origin decodes `%65` to `e`, resolves `..` and (usually) merges `//`; matching the raw
     text instead would let `/%62onus/x.mp3` or `/free/../bonus/x.mp3` past a `/bonus/*` rule.
-    Escapes of reserved characters (`%2F`) keep their meaning and stay encoded.
+    Escapes of reserved characters (`%2F`) keep their meaning and stay encoded. Escaped UTF-8
+    text becomes characters (the IRI normal form, RFC 3987 5.3.2.3): browsers send `/café` as
+    `/caf%C3%A9`, curl may send the raw bytes, and a `/café/*` rule must cover both.
+
+    This is the strict reading only; `RuleSet.match` also weighs how origins that decode more
+    (`%2F`, `\\`, `;`) read a path (see `path_forms`).
     """
     path = path.split("?", 1)[0].split("#", 1)[0]
     if "%" in path:
-        path = _PCT_RE.sub(_unquote_unreserved, path)
+        path = _PCT_RUN_RE.sub(_unquote_run, path)
     if not path.startswith("/") or ("//" not in path and "/." not in path):
         return path
-    segments = path.split("/")[1:]
+    return _resolved(path.split("/")[1:])
+
+
+def _resolved(segments: list[str]) -> str:
+    """'/'-joined segments with `.`, `..` and empty ones resolved (RFC 3986 5.2.4, and `//`
+    merged as most origins do)."""
     out: list[str] = []
     for segment in segments:
         if segment == "..":
@@ -340,10 +424,215 @@ def normalize_path(path: str) -> str:
     return "/" + "/".join(out) + ("/" if trailing_slash else "")
 
 
-def _unquote_unreserved(match: re.Match[str]) -> str:
-    char = chr(int(match[1], 16))
-    # Upper-case the hex of the escapes we keep so `%2f` and `%2F` match the same rules.
-    return char if char in _UNRESERVED else "%" + match[1].upper()
+def _unquote_run(match: re.Match[str]) -> str:
+    """A run of escapes in normal form: unreserved characters and UTF-8 text decoded, anything
+    else (reserved characters, controls, bytes that are not UTF-8) kept with upper-case hex."""
+    run = match[0]
+    if len(run) == 3:  # one escape: by far the most common case
+        char = chr(int(run[1:], 16))
+        # Upper-case the hex of the escapes we keep so `%2f` and `%2F` match the same rules.
+        return char if char in _UNRESERVED else run.upper()
+    text = bytes.fromhex(run.replace("%", "")).decode("utf-8", "surrogateescape")
+    return "".join(
+        char if char in _UNRESERVED or _is_text_char(char) else _escaped(char) for char in text
+    )
+
+
+def _is_text_char(char: str) -> bool:
+    # Non-ASCII, not a C1 control, not a byte that failed to decode (surrogateescape).
+    code = ord(char)
+    return code >= 0xA0 and not 0xD800 <= code <= 0xDFFF
+
+
+def _escaped(char: str) -> str:
+    return "".join(f"%{byte:02X}" for byte in char.encode("utf-8", "surrogateescape"))
+
+
+# -- how origins read a path: one rule for every reading, or the request is refused ------------
+
+
+class PathError(ValueError):
+    """A request path the proxy refuses to judge (400, never forwarded, no invoice); the message
+    is one line for the client."""
+
+
+class MalformedPath(PathError):
+    """Not a well-formed URI path: a broken escape, NUL or another control character, bytes
+    that are not UTF-8 (overlong `%C0%AF`, raw Latin-1), a raw '#'."""
+
+
+class AmbiguousPath(PathError):
+    """Origins may route the path to places the rules treat differently."""
+
+
+# The longest path read in every way origins may read it (nginx's default request line limit).
+MAX_READ_PATH = 8192
+# A '%' that does not start an escape: `%zz`, a trailing `%`.
+_BAD_ESCAPE_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# C0 and C1 controls, DEL, and lone surrogates (raw bytes that were not UTF-8).
+_BAD_CHAR_RE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# The canonical spelling of a decoded path: RFC 3986 pchar and '/' stay as they are (the '%' of
+# escapes does not); other ASCII and C1 are escaped, as normalize_path leaves them; other
+# non-ASCII stays text. A translation table: str.translate runs in C.
+_PCHAR = frozenset(string.ascii_letters + string.digits + "/-._~!$&'()*+,;=:@")
+_CANONICAL = str.maketrans(
+    {chr(code): _escaped(chr(code)) for code in range(0xA0) if chr(code) not in _PCHAR}
+)
+# Printable ASCII: what a rewritten path keeps when its non-ASCII text is escaped for the wire.
+_WIRE_SAFE = "".join(chr(code) for code in range(0x21, 0x7F))
+# A `.` or `..` segment (the fast path leaves `/.well-known` alone).
+_DOT_SEGMENT_RE = re.compile(r"/\.\.?(?:/|$)")
+# How dot segments are read: resolved after merging `//` (RFC 3986 plus merging, as nginx and
+# Python's http.server do), resolved with empty segments kept (RFC 3986 5.2.4 exactly: `..`
+# after `//` only climbs out of the empty segment), or not at all (Werkzeug routes
+# `/priced/../free/x` to the `/priced/` handler).
+_DOT_MODES = ("merge", "rfc", "literal")
+# The readings of a path, aligned: level 0 (escapes decoded as normalize_path decodes them) in
+# each dot mode, then levels 1 and 2 (every escape decoded once, twice), each in every
+# combination of '\\' kept or made '/', ';params' kept or dropped, and dot mode. The first is
+# the strict form, normalize_path's.
+_FORM_COUNT = len(_DOT_MODES) * (1 + 2 * 4)
+
+
+def path_forms(path: str) -> tuple[str, ...]:
+    """Where origins may route `path` (the query is ignored): the strict form first, then the
+    other distinct forms. Raises MalformedPath for what is not a well-formed URI path.
+
+    Origins read paths differently. Werkzeug (Flask), aiohttp, nginx and Python's http.server
+    decode `%2F` and route on the result; Werkzeug routes `..` segments unresolved; Tomcat drops
+    `;params` from segments (`/a/..;/b` is `/b`); IIS and WHATWG-style parsers take `\\` for
+    `/`; some decode twice (`%252F`). So besides the strict RFC 3986 form (`normalize_path`) a
+    path has a form for each combination of: escapes decoded as normalize_path does, all of them
+    once or twice; `\\` kept or made `/`; `;params` kept or dropped; dot segments resolved after
+    merging `//`, resolved as RFC 3986 says, or left alone. Fully decoded forms are spelled
+    canonically (pchar characters as they are, other ASCII escaped, non-ASCII as text) so one
+    pattern matches every spelling of the same place.
+    """
+    return tuple(dict.fromkeys(_interpretations(path)))
+
+
+def _interpretations(path: str) -> list[str]:
+    """path_forms aligned as _FORM_COUNT says (duplicates kept)."""
+    base = path.partition("?")[0]
+    if len(base) > MAX_READ_PATH:
+        # Every reading costs a pass over the path; nginx refuses such request lines anyway.
+        raise MalformedPath(
+            f"malformed request path: longer than {MAX_READ_PATH} characters "
+            "with escapes, '\\', ';' or dot segments"
+        )
+    if "#" in base:
+        raise MalformedPath("malformed request path: a raw '#' (a fragment is never sent)")
+    if _BAD_ESCAPE_RE.search(base):
+        raise MalformedPath("malformed request path: a '%' that is not followed by two hex digits")
+    if _BAD_CHAR_RE.search(base):
+        raise MalformedPath(
+            "malformed request path: a NUL or control character, or bytes that are not UTF-8"
+        )
+    once = _decoded(base, "")
+    twice = _decoded(once, "double-encoded ") if "%" in once else once
+    if not base.startswith("/"):
+        return [normalize_path(base)] * _FORM_COUNT  # '*' (OPTIONS) or an odd request target
+    strict = _PCT_RUN_RE.sub(_unquote_run, base) if "%" in base else base
+    forms = _level_forms(strict, variants=False)
+    decoded = _level_forms(once, variants=True)
+    return forms + decoded + (decoded if twice == once else _level_forms(twice, variants=True))
+
+
+def _level_forms(text: str, *, variants: bool) -> list[str]:
+    """The forms of one decoding level, aligned: for each ('\\' as '/', ';params' dropped)
+    when `variants`, the dot modes. Variants that cannot differ are computed once."""
+    choices = (False, True) if variants else (False,)
+    made: dict[tuple[bool, bool], list[str]] = {}
+    forms: list[str] = []
+    for backslash in choices:
+        for params in choices:
+            key = (backslash and "\\" in text, params and ";" in text)
+            if key not in made:
+                segments = _segments(text, *key)
+                modes = _DOT_MODES if "." in segments or ".." in segments else ("merge",)
+                shaped = [_shaped(segments, dots) for dots in modes]
+                if variants:
+                    # Level 0 keeps its escapes as normalize_path does; decoded text is re-spelled.
+                    shaped = [form.translate(_CANONICAL) for form in shaped]
+                made[key] = shaped * (len(_DOT_MODES) // len(modes))
+            forms += made[key]
+    return forms
+
+
+def _segments(text: str, backslash: bool, params: bool) -> list[str]:
+    if backslash:
+        text = text.replace("\\", "/")
+    segments = text.split("/")[1:]
+    if params:
+        segments = [segment.split(";", 1)[0] for segment in segments]
+    return segments
+
+
+def _shaped(segments: list[str], dots: str) -> str:
+    """The path of `segments` with dot segments read as `dots` says and `//` merged."""
+    if dots == "merge":
+        return _resolved(segments)
+    out: list[str] = []
+    if dots == "literal":
+        out = segments
+    else:
+        for segment in segments:
+            if segment == "..":
+                if out:
+                    out.pop()
+            elif segment != ".":
+                out.append(segment)
+    kept = [segment for segment in out if segment]
+    trailing = bool(kept) and segments[-1] in (("",) if dots == "literal" else ("", ".", ".."))
+    return "/" + "/".join(kept) + ("/" if trailing else "")
+
+
+def _decoded(text: str, what: str) -> str:
+    """`text` (checked already) with every valid escape decoded, checked in turn to be UTF-8 text
+    without controls."""
+    if "%" not in text:
+        return text
+    try:
+        decoded = unquote_to_bytes(text).decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedPath(
+            f"malformed request path: its {what}escapes are not UTF-8 text "
+            "(such as the overlong '%C0%AF')"
+        ) from None
+    if _BAD_CHAR_RE.search(decoded):
+        raise MalformedPath(
+            f"malformed request path: its {what}escapes decode to a NUL or control character"
+        )
+    return decoded
+
+
+def _free_or(rule: Rule | None) -> Rule | None:
+    """What decides a request's fate: a free rule forwards it just as no rule does."""
+    return None if rule is None or rule.mode == "free" else rule
+
+
+def _describe(form: str, rule: Rule | None) -> str:
+    decisive = _free_or(rule)
+    return f"{form} ({'free' if decisive is None else f'service {decisive.name!r}'})"
+
+
+def _rewrite_agrees(paid: PaidVariant, path: str, forms: list[str]) -> bool:
+    """Whether the origin, however it reads the rewritten path, lands where the rewrite of its
+    reading of `path` goes. A rewrite that changes the depth (`/a/x` -> `/p/q/x`) would
+    otherwise let encoded `..` segments that stayed under the rule climb elsewhere."""
+    assert paid.rewrite is not None
+    pattern, replacement = paid.rewrite
+    try:
+        after = _interpretations(paid.apply_path(path))
+    except MalformedPath:
+        return False
+    # Compared resolved: the readings that resolve `..` are the ones that can climb out of the
+    # rewritten prefix; one that keeps `..` routes on that prefix, the same for every reading.
+    return all(
+        normalize_path(after[kind])
+        == normalize_path(pattern.sub(replacement, forms[kind], count=1))
+        for kind in range(1, len(forms))
+    )
 
 
 def _host_matches(pattern: re.Pattern[str], host: str) -> bool:
@@ -382,20 +671,127 @@ def parse_duration(value: str | int) -> int:
 def load_rules(path: str | os.PathLike[str]) -> RuleSet:
     """Read and parse a rules file (UTF-8); errors name the path as given."""
     source = os.fspath(path)
+    shown = _one_line(os.fsdecode(source))
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as file:
+            # Bounded: a device or a runaway file must not fill the memory of a running proxy.
+            data = file.read(MAX_RULES_BYTES + 1)
+    except OSError as exc:
+        raise RulesError(
+            f"cannot read rules file: {_one_line(exc.strerror or str(exc))}", source=shown
+        ) from None
+    if len(data) > MAX_RULES_BYTES:
+        raise RulesError(
+            f"cannot read rules file: larger than {MAX_RULES_BYTES // 1024} KiB", source=shown
+        )
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RulesError(
-            f"cannot read rules file: not UTF-8 ({exc.reason} at byte {exc.start})", source=source
+            f"cannot read rules file: not UTF-8 ({exc.reason} at byte {exc.start})",
+            source=shown,
+            line=data.count(b"\n", 0, exc.start) + 1,
         ) from None
-    except OSError as exc:
-        raise RulesError(f"cannot read rules file: {exc.strerror or exc}", source=source) from None
     return parse_rules(text, source)
 
 
 def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
-    """Parse and validate rules from YAML text; raises RulesError naming `source` and the line."""
-    return _Parser(source).parse(text)
+    """Parse and validate rules from YAML text; raises RulesError naming `source` and the line.
+
+    Nothing else escapes: a proxy reloading an edited file, or `l402proxy rules check`, must
+    get one line to show, never a traceback.
+    """
+    parser = _Parser(source)
+    try:
+        return parser.parse(text)
+    except RulesError:
+        raise
+    except RecursionError:
+        raise parser.error(None, "the file is nested too deeply to read") from None
+    except Exception as exc:
+        # A case the checks above do not know yet: still one line, and the proxy refuses the
+        # file (fails closed) instead of crashing.
+        raise parser.error(None, f"cannot read the rules ({type(exc).__name__}: {exc})") from exc
+
+
+# At most this much YAML: 1000 services take ~200 KiB.
+MAX_RULES_BYTES = 1024 * 1024
+# Collections inside collections: a rules file needs 6 (services > service > match > methods);
+# the YAML composer and the merge-key code recurse once per level.
+MAX_NESTING = 50
+# Values the file amounts to when every alias is expanded: a few thousand for a large file;
+# a "billion laughs" file is billions.
+MAX_EXPANDED_VALUES = 1_000_000
+# The longest number any key needs (price_sat is at most 2.1e15); a longer one would only make
+# a message thousands of digits long (or fail Python's int/str conversion limit).
+_MAX_NUMBER_CHARS = 30
+# A problem message longer than this is cut in the middle (a quoted 1 MiB string, say).
+_MAX_PROBLEM_CHARS = 400
+# Durations beyond 100 years are typos; 'never' says "no expiry" on purpose.
+MAX_DURATION = 100 * 365 * 86400
+_INT_TAG = "tag:yaml.org,2002:int"
+
+
+def _one_line(text: str) -> str:
+    """`text` with line breaks, control and format characters and lone surrogates escaped, so
+    an error is one printable line (PyYAML resolves "\\n" and "\\ud800" in quoted strings)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _is_text(value: str) -> bool:
+    """False for a string with a lone surrogate, which no encoder accepts."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    """A long value shortened for a message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _problem_line(problem: str) -> str:
+    problem = _one_line(problem)
+    if len(problem) > _MAX_PROBLEM_CHARS:
+        keep = _MAX_PROBLEM_CHARS // 2
+        problem = f"{problem[:keep]} ... {problem[-keep:]}"
+    return problem
+
+
+class _TooDeep(Exception):
+    def __init__(self, mark: yaml.Mark | None) -> None:
+        super().__init__("nested too deeply")
+        self.mark = mark
+
+
+class _RulesLoader(yaml.SafeLoader):
+    """SafeLoader whose composer stops at MAX_NESTING levels instead of recursing until
+    Python's stack runs out ("[" * 10000 is a RecursionError otherwise)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_NESTING:
+                raise _TooDeep(self.peek_event().start_mark)
+            return cast(yaml.Node, super().compose_node(parent, index))
+        finally:
+            self._depth -= 1
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
 
 
 def _show(value: object) -> str:
@@ -424,21 +820,42 @@ class _Parser:
     def __init__(self, source: str) -> None:
         self.source = source
         self.service: str | None = None
+        # The line of the service being read: where an unforeseen failure is reported.
+        self.line: int | None = None
         self._constructor = yaml.constructor.SafeConstructor()
 
     # -- errors --------------------------------------------------------------------------------
 
     def fail(self, node: yaml.Node | None, problem: str) -> NoReturn:
-        line = node.start_mark.line + 1 if node is not None and node.start_mark else None
-        raise RulesError(problem, source=self.source, line=line, service=self.service)
+        raise self.error(node, problem)
+
+    def error(
+        self,
+        where: yaml.Node | yaml.Mark | None,
+        problem: str,
+        *,
+        line: int | None = None,
+        in_service: bool = True,
+    ) -> RulesError:
+        """The one place a RulesError is made: one printable line of bounded length, whatever
+        the file holds (keys and values are quoted into messages)."""
+        mark = where.start_mark if isinstance(where, yaml.Node) else where
+        if line is None:
+            line = mark.line + 1 if mark is not None else self.line
+        return RulesError(
+            _problem_line(problem),
+            source=_one_line(os.fsdecode(self.source)),
+            line=line,
+            service=self.service if in_service else None,
+        )
 
     def _yaml_fail(self, exc: yaml.MarkedYAMLError) -> NoReturn:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or "invalid YAML"
         if exc.context:
             problem = f"{problem} ({exc.context})"
-        line = mark.line + 1 if mark is not None else None
-        raise RulesError(f"YAML syntax error: {problem}", source=self.source, line=line) from None
+        # A syntax error is the file's, not the service's being read.
+        raise self.error(mark, f"YAML syntax error: {problem}", in_service=False) from None
 
     # -- node access ---------------------------------------------------------------------------
 
@@ -448,10 +865,17 @@ class _Parser:
             return {}
         if isinstance(node, yaml.SequenceNode):
             return []
+        if node.tag == _INT_TAG and len(node.value) > _MAX_NUMBER_CHARS:
+            self.fail(node, f"number {_clip(node.value, 24)} is too large")
         try:
             return self._constructor.construct_object(node)
         except yaml.MarkedYAMLError as exc:
             self._yaml_fail(exc)
+        except Exception as exc:
+            # An explicit tag on a value it does not fit (`!!int abc`, `!!bool maybe`,
+            # `!!timestamp soon`): PyYAML raises ValueError, KeyError, AttributeError...
+            kind = node.tag.rsplit(":", 1)[-1]
+            self.fail(node, f"cannot read {_clip(node.value)!r} as {kind} ({type(exc).__name__})")
 
     def describe(self, node: yaml.Node) -> str:
         return _show(self.scalar(node))
@@ -531,22 +955,26 @@ class _Parser:
 
     def parse(self, text: str) -> RuleSet:
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            root = yaml.compose(text, Loader=_RulesLoader)
         except yaml.MarkedYAMLError as exc:
             self._yaml_fail(exc)
         except yaml.reader.ReaderError as exc:
-            line = text.count("\n", 0, exc.position) + 1
-            raise RulesError(
+            raise self.error(
+                None,
                 f"YAML syntax error: character {exc.character!r} is not allowed ({exc.reason})",
-                source=self.source,
-                line=line,
+                line=text.count("\n", 0, exc.position) + 1,
+            ) from None
+        except yaml.YAMLError as exc:
+            raise self.error(None, f"YAML syntax error: {exc}") from None
+        except _TooDeep as exc:
+            raise self.error(
+                exc.mark, f"collections nested more than {MAX_NESTING} levels deep"
             ) from None
         if root is None:
-            raise RulesError(
-                "the rules file is empty: expected a mapping with a 'services' list",
-                source=self.source,
-                line=1,
+            raise self.error(
+                None, "the rules file is empty: expected a mapping with a 'services' list", line=1
             )
+        self.check_graph(root)
         if not isinstance(root, yaml.MappingNode):
             self.fail(
                 root,
@@ -581,11 +1009,64 @@ class _Parser:
         lines_by_name: dict[str, int] = {}
         for index, item in enumerate(items, start=1):
             self.service = None
+            self.line = item.start_mark.line + 1
             rule = self.service_rule(item, index, lines_by_name)
             lines_by_name[rule.name] = rule.line
             rules.append(rule)
         self.service = None
+        self.line = None
         return RuleSet(tuple(rules), self.source)
+
+    def check_graph(self, root: yaml.Node) -> None:
+        """What the composed document must not be, before anything walks it: an alias that
+        contains itself (the merge-key code would recurse forever), aliases that expand to
+        more than MAX_EXPANDED_VALUES values or nest more than MAX_NESTING levels ("billion
+        laughs"), or a string with a lone surrogate ("\\ud800": not text; it cannot be
+        encoded into an invoice memo, a header or a log line).
+
+        Iterative, each node visited once: aliases share their node, so sizes and heights are
+        computed once per node, not once per use.
+        """
+        size: dict[int, int] = {}
+        height: dict[int, int] = {}
+        on_path: set[int] = set()
+        stack: list[tuple[yaml.Node, Iterator[yaml.Node]]] = []
+
+        def enter(node: yaml.Node) -> None:
+            if isinstance(node, yaml.ScalarNode):
+                if isinstance(node.value, str) and not _is_text(node.value):
+                    bad = next(c for c in node.value if 0xD800 <= ord(c) <= 0xDFFF)
+                    self.fail(
+                        node,
+                        f"{_clip(ascii(node.value))} contains {ascii(bad)[1:-1]}, a lone "
+                        "surrogate: not a character (write the character itself)",
+                    )
+                size[id(node)] = height[id(node)] = 1
+                return
+            on_path.add(id(node))
+            stack.append((node, iter(_children(node))))
+
+        enter(root)
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                on_path.discard(id(node))
+                kids = _children(node)
+                size[id(node)] = 1 + sum(size[id(kid)] for kid in kids)
+                height[id(node)] = 1 + max((height[id(kid)] for kid in kids), default=0)
+                if size[id(node)] > MAX_EXPANDED_VALUES:
+                    self.fail(
+                        node,
+                        f"aliases here expand to more than {MAX_EXPANDED_VALUES:,} values",
+                    )
+                if height[id(node)] > MAX_NESTING:
+                    self.fail(node, f"aliases here nest collections more than {MAX_NESTING} deep")
+            elif id(child) in on_path:
+                self.fail(child, "an alias refers to a collection that contains it")
+            elif id(child) not in size:
+                enter(child)
 
     # -- one service ---------------------------------------------------------------------------
 
@@ -753,14 +1234,29 @@ class _Parser:
             expression = text[3:]
             if not expression:
                 self.fail(node, f"{what}: empty regular expression after 're:'")
-            try:
-                return re.compile(expression, flags)
-            except re.error as exc:
-                self.fail(node, f"{what}: invalid regular expression {expression!r}: {exc}")
+            return self.compile(node, what, expression, flags)
         problem = self.glob_problem(text, host=what == "match.host")
         if problem:
             self.fail(node, f"{what}: bad glob {text!r}: {problem}")
-        return re.compile(fnmatch.translate(text), flags)
+        return self.compile(node, what, fnmatch.translate(text), flags, shown=text)
+
+    def compile(
+        self, node: yaml.Node, what: str, expression: str, flags: int = 0, shown: str | None = None
+    ) -> re.Pattern[str]:
+        """re.compile, its every failure a RulesError: re.error, but also OverflowError
+        (`a{99999999999}`) and RecursionError (thousands of nested groups)."""
+        try:
+            return re.compile(expression, flags)
+        except re.error as exc:
+            reason = str(exc)
+        except OverflowError as exc:
+            reason = str(exc) or "a number in it is too large"
+        except RecursionError:
+            reason = "it is nested too deeply"
+        except (ValueError, TypeError) as exc:
+            reason = str(exc) or type(exc).__name__
+        kind = "glob" if shown is not None else "regular expression"
+        self.fail(node, f"{what}: invalid {kind} {_clip(shown or expression)!r}: {reason}")
 
     @staticmethod
     def glob_problem(glob: str, *, host: bool) -> str | None:
@@ -823,21 +1319,23 @@ class _Parser:
             self.fail(node, f"price_sat {value} is more than 21 million bitcoin")
         return value
 
-    def duration(self, node: yaml.Node, what: str) -> int:
+    def duration(self, node: yaml.Node, what: str, never: str = "") -> int:
         value = self.scalar(node)
         try:
-            return parse_duration(value)
+            seconds = parse_duration(value)
         except ValueError as exc:
-            self.fail(node, f"{what}: {exc}")
+            self.fail(node, f"{what}: {exc}{never}")
+        if seconds > MAX_DURATION:
+            # Expiry times far past year 9999 break every date conversion (and SQLite's
+            # 64-bit integers) downstream.
+            self.fail(node, f"{what}: {seconds} seconds is more than 100 years{never}")
+        return seconds
 
     def valid_for(self, node: yaml.Node) -> int | None:
         value = self.scalar(node)
         if value is None or value == "never":
             return None
-        try:
-            return parse_duration(value)
-        except ValueError as exc:
-            self.fail(node, f"valid_for: {exc}, or 'never'")
+        return self.duration(node, "valid_for", ", or 'never'")
 
     def capabilities(self, node: yaml.Node) -> tuple[str, ...]:
         items = self.items(node, "capabilities")
@@ -915,18 +1413,22 @@ class _Parser:
             self.fail(node, f"{shape}, got {len(items)} item(s)")
         expression = self.string(items[0], "paid.rewrite_path regex")
         replacement = self.string(items[1], "paid.rewrite_path replacement")
-        try:
-            pattern = re.compile(expression)
-        except re.error as exc:
+        pattern = self.compile(items[0], "paid.rewrite_path", expression)
+        if any(c.isspace() or not c.isprintable() for c in replacement):
+            # It goes into the request line: a space or CR/LF there would split the request.
             self.fail(
-                items[0], f"paid.rewrite_path: invalid regular expression {expression!r}: {exc}"
+                items[1],
+                f"paid.rewrite_path: replacement {_clip(replacement)!r} contains whitespace or "
+                "control characters (write a space as %20)",
             )
         # Substituting into "" parses the template eagerly: a reference to a group that does not
         # exist fails here, at load, instead of on the first paid request.
         try:
             pattern.sub(replacement, "")
-        except (re.error, IndexError) as exc:
-            self.fail(items[1], f"paid.rewrite_path: invalid replacement {replacement!r}: {exc}")
+        except (re.error, IndexError, OverflowError, ValueError) as exc:
+            self.fail(
+                items[1], f"paid.rewrite_path: invalid replacement {_clip(replacement)!r}: {exc}"
+            )
         if expression.startswith(("^", "\\A")) and not replacement.startswith(("/", "\\")):
             # An anchored pattern replaces the start of the path, so the result must start anew.
             self.fail(

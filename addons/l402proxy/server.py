@@ -7,6 +7,7 @@ Glue only: decisions live in gate.py, the protocol in l402/, state in store/ and
 """
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import ctx, http
 
 from . import gate, paths, paywall
 from .l402.headers import Credential, accepts_l402, format_challenge
@@ -25,9 +26,12 @@ from .l402.identifier import Identifier
 from .l402.token import TokenError, caveats_for, derive_root_key, mint
 from .lightning import InvoiceBackend, LightningError, open_backend
 from .lightning.base import InvoiceNotFound, LookupUnsupported, NodeInfo
+from .options import OptionGuard
 from .rules import (
     PRICED_MODES,
+    AmbiguousPath,
     PaidVariant,
+    PathError,
     Rule,
     RulesError,
     RuleSet,
@@ -36,6 +40,7 @@ from .rules import (
     rule_warnings,
 )
 from .store import IssuedToken, ServerStore, StoreError, open_server_store
+from .upstream import DEFAULT_TIMEOUT, UpstreamGuard, upstream_timeout_problem
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +202,39 @@ def not_found_response() -> http.Response:
     )
 
 
+def bad_path_response(problem: PathError) -> http.Response:
+    """A path the proxy cannot judge: origins may read it as a place the rules price otherwise,
+    or it is no well-formed path. Never forwarded, and no invoice is made for it."""
+    return http.Response.make(
+        400,
+        f"{problem}\n".encode(),
+        {"Cache-Control": "no-store", "Content-Type": "text/plain; charset=utf-8"},
+    )
+
+
+_OUR_SCHEMES = (b"l402", b"lsat")
+
+
+def is_our_authorization(value: bytes) -> bool:
+    """An Authorization value in our schemes (L402, LSAT; any case): a credential of ours."""
+    parts = value.split(None, 1)
+    return bool(parts) and parts[0].lower() in _OUR_SCHEMES
+
+
+def drop_our_authorization(headers: http.Headers) -> None:
+    """Remove every Authorization field in our schemes; other schemes (Basic, Bearer) are the
+    origin's and stay. One pass over the raw fields: mitmproxy's header lookups cost
+    microseconds each."""
+    fields = headers.fields
+    kept = tuple(
+        field
+        for field in fields
+        if field[0].lower() != b"authorization" or not is_our_authorization(field[1])
+    )
+    if len(kept) != len(fields):
+        headers.fields = kept
+
+
 def headers_only_for_head(response: http.Response, method: str) -> http.Response:
     """A response to HEAD must not carry a body: a keep-alive client would read it as the next
     response. Content-Length still tells what a GET would get."""
@@ -334,13 +372,16 @@ class L402Server:
         self.misconfigured: dict[str, str] = {}
 
     def load(self, loader: Any) -> None:
+        # The shared option lifecycle (options.py); it fills the dict request() checks.
+        self.guard = OptionGuard("server", self.misconfigured)
         loader.add_option(
             "l402_rules",
             str,
             "",
             """
             Path of the YAML rules file: which requests are priced, how much, and what paying
-            unlocks. Edits are picked up while running; a broken edit keeps the previous rules.
+            unlocks. Required: without it the proxy does not start. Edits are picked up while
+            running; a broken edit keeps the previous rules.
             """,
         )
         loader.add_option(
@@ -383,24 +424,83 @@ class L402Server:
             variant's HTML pages that browsers get, leading to the paywall page.
             """,
         )
+        loader.add_option(
+            "l402_upstream_timeout",
+            int,
+            DEFAULT_TIMEOUT,
+            """
+            Seconds the origin has to start answering a forwarded request (connecting, then
+            its response headers); past that the client gets a 504. 0 waits for ever.
+            """,
+        )
+        self.guard.take_deferred(loader)
 
     def configure(self, updated: set[str]) -> None:
-        if "l402_rules" in updated:
-            try:
-                rules = self._load_rules_option()
-            except RulesError as exc:
-                self._refuse("l402_rules", str(exc))
-            else:
-                problems = prices_out_of_range(rules, self.node)
-                if problems:
-                    self._refuse("l402_rules", "; ".join(problems))
-                    return
-                self.rules = rules
-                self.misconfigured.pop("l402_rules", None)
-        if "l402_backend" in updated or "l402_dev_ledger" in updated:
-            self._configure_backend(
-                "l402_backend" if "l402_backend" in updated else "l402_dev_ledger"
+        with self.guard.configuring(updated):
+            if "l402_rules" in updated:
+                try:
+                    rules = self._load_rules_option()
+                    problems = prices_out_of_range(rules, self.node)
+                    if problems:
+                        raise RulesError("; ".join(problems))
+                except RulesError as exc:
+                    self._refuse("l402_rules", str(exc))
+                else:
+                    self.rules = rules
+                    self.guard.accept("l402_rules")
+            if "l402_backend" in updated or "l402_dev_ledger" in updated:
+                self._configure_backend(
+                    "l402_backend" if "l402_backend" in updated else "l402_dev_ledger"
+                )
+            self._configure_upstream(updated)
+            self._configure_streaming(updated)
+
+    def _configure_streaming(self, updated: set[str]) -> None:
+        """mitmproxy's stream_large_bodies sends a large request body (a POST to a priced API)
+        on to the origin before the `request` hook, where the paywall judges: the request would
+        reach the origin unpaid. Refused, at start and while running."""
+        if "stream_large_bodies" in updated and ctx.options.stream_large_bodies:
+            self._refuse(
+                "stream_large_bodies",
+                "not with the paywall: mitmproxy would send a large request body to the origin "
+                "before the paywall has judged the request; leave it unset",
             )
+
+    def _configure_upstream(self, updated: set[str]) -> None:
+        """l402_upstream_timeout, and the connection strategy the paywall needs (upstream.py)."""
+        if "l402_upstream_timeout" in updated:
+            value = ctx.options.l402_upstream_timeout
+            problem = upstream_timeout_problem(value)
+            if problem is not None:
+                self._refuse("l402_upstream_timeout", problem)
+            else:
+                self.upstream.timeout = value
+                self.guard.accept("l402_upstream_timeout")
+        if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
+            # With mitmproxy's default "eager", reverse mode connects to the origin before it
+            # reads a request, and drops the client when that fails: no 402 (which never needs
+            # the origin) and no error, only a closed connection. "lazy" connects when a request
+            # is forwarded, so an origin that is down costs only forwarded requests, with a 502.
+            if self.started:
+                self._refuse("connection_strategy", "the paywall needs lazy (see the log at start)")
+            # Debug, not info: at start it is the default's fate on every run, not news (and a
+            # refused option's error line must stay the last thing logged).
+            log.debug(
+                "l402: connection_strategy set to lazy: a 402 never needs the origin, and a "
+                "client of an origin that is down gets a 502, not a dropped connection"
+            )
+            ctx.options.update(connection_strategy="lazy")
+
+    @functools.cached_property
+    def upstream(self) -> UpstreamGuard:
+        """502 and 504 answers for a failing origin, and the upstream deadline (upstream.py)."""
+        return UpstreamGuard()
+
+    @functools.cached_property
+    def addons(self) -> list[Any]:
+        """Child addons: mitmproxy runs their hooks after this one's, so the upstream guard sees
+        only what the paywall forwards."""
+        return [self.upstream]
 
     def _configure_backend(self, option: str) -> None:
         source = (ctx.options.l402_backend, self.dev_ledger_path)
@@ -420,24 +520,16 @@ class L402Server:
                 "(the backend is checked at start)",
             )
             return
-        self.misconfigured.pop("l402_backend", None)
+        self.guard.accept("l402_backend")
         previous, self.backend = self.backend, backend
         self.backend_source = source
         if previous is not None:
             self._close_later(previous)
 
     def _refuse(self, option: str, problem: str) -> None:
-        """Reject a bad option value.
-
-        While running, OptionsError makes mitmproxy keep the previous value. At startup the
-        script loader would print it with a traceback; one logged error line says the same and
-        mitmproxy still exits before it listens. Until then the addon fails closed.
-        """
-        message = f"{option}: {problem}"
-        if self.started:
-            raise exceptions.OptionsError(message)
-        log.error(f"l402: {message}")
-        self.misconfigured[option] = message
+        """Reject a bad option value: an OptionsError while running (the previous value stays);
+        at startup one error line, and mitmproxy stops (see options.py)."""
+        self.guard.refuse(option, problem, running=self.started)
 
     def _close_later(self, backend: InvoiceBackend) -> None:
         """configure() is sync; a replaced backend's connection is closed on the event loop."""
@@ -448,11 +540,13 @@ class L402Server:
         self.closing.add(task)
         task.add_done_callback(self.closing.discard)
 
-    def _load_rules_option(self) -> RuleSet | None:
+    def _load_rules_option(self) -> RuleSet:
         path = ctx.options.l402_rules
         if not path:
-            log.warning("l402: no l402_rules set; every request passes through unpriced")
-            return None
+            # Without rules nothing is priced: a paywall that gives everything away.
+            raise RulesError(
+                "not set: give the rules file, --set l402_rules=<file> (see rules/*.yaml)"
+            )
         rules = load_rules(path)
         self.rules_signature = file_signature(path)
         log.info(f"l402: {len(rules.rules)} priced service(s) from {path}")
@@ -497,6 +591,8 @@ class L402Server:
             asyncio.create_task(self._every(RULES_POLL_SECONDS, self._reload_rules_if_changed)),
         ]
         self.started = True
+        # The store is opened only here: another one needs a restart.
+        self.guard.pin("l402_store")
         self.ready.set()
 
     async def done(self) -> None:
@@ -522,11 +618,22 @@ class L402Server:
             await self._endpoint(flow)
             return
         seen = WatchedHeaders.of(request.headers)
-        # Our cookies hold paid credentials: they never reach the origin, priced path or not.
+        # Our credentials (cookies, L402/LSAT Authorization) never reach the origin, whatever
+        # the path: a token sent to a free path, to one no rule covers or with no rules at all
+        # would otherwise leak to whoever runs or logs that origin. `seen` keeps what we read.
+        if seen.authorization is not None:
+            drop_our_authorization(request.headers)
         cookies = take_our_cookies(request) if seen.cookie else {}
         if self.rules is None:
             return
-        rule = self.rules.match(request.pretty_host, request.path, request.method)
+        try:
+            rule = self.rules.match(request.pretty_host, request.path, request.method)
+        except PathError as exc:
+            # Origins may read the path as a place priced otherwise (`/free/..%2Fpaid/x`), or
+            # it is not a path at all: refuse before any invoice, never forward.
+            flow.response = headers_only_for_head(bad_path_response(exc), request.method)
+            flow.metadata["l402"] = {"variant": "refused", "reason": type(exc).__name__}
+            return
         if rule is None:
             return
         if not self.ready.is_set():
@@ -615,12 +722,8 @@ class L402Server:
         return derive_root_key(self.secret, token_id)
 
     def _grant(self, flow: http.HTTPFlow, grant: gate.Grant, from_cookie: bool = False) -> None:
-        if not from_cookie:
-            # The credential is ours, not the origin's: never forward it. (With a cookie the
-            # Authorization header, if any, belongs to the origin.) Filtered on the raw fields:
-            # mitmproxy's `del headers[...]` costs microseconds on every paid request.
-            headers = flow.request.headers
-            headers.fields = tuple(f for f in headers.fields if f[0].lower() != b"authorization")
+        # The credential that paid is already off the request: `request` drops every L402/LSAT
+        # Authorization field and our cookies; any other Authorization belongs to the origin.
         apply_paid_variant(flow.request, grant.rule.paid)
         token_id = grant.token.identifier.token_id
         flow.metadata["l402"] = {
@@ -919,7 +1022,13 @@ class L402Server:
         target = paywall.safe_local_path(request.query.get("path"))
         rule = None
         if target is not None and self.rules is not None:
-            rule = self.rules.match(request.pretty_host, target, "GET")
+            try:
+                rule = self.rules.match(request.pretty_host, target, "GET")
+            except PathError as exc:
+                # The same judgement as the request itself would get: nothing sold for it.
+                title = "Ambiguous address" if isinstance(exc, AmbiguousPath) else "Bad address"
+                flow.response = page_response(400, title, str(exc))
+                return
         if target is None or rule is None or rule.mode not in PRICED_MODES:
             flow.response = page_response(
                 404, "Nothing to pay for", "This site sells nothing at that address."
@@ -991,11 +1100,22 @@ class L402Server:
         try:
             rules = await asyncio.to_thread(load_rules, path)
         except RulesError as exc:
+            # str(exc) is "<file>:<line>: ...": the file is named.
             log.warning(f"l402: kept the previous rules; the edited file is broken: {exc}")
+            return
+        except Exception as exc:
+            # load_rules promises RulesError; should anything else come out of the thread it
+            # is still one line naming the file, and the rules in force stay.
+            problem = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+            log.warning(
+                f"l402: kept the previous rules; the edited file is broken: {path}: {problem}"
+            )
             return
         problems = prices_out_of_range(rules, self.node)
         if problems:
-            log.warning(f"l402: kept the previous rules; the edited file: {'; '.join(problems)}")
+            log.warning(
+                f"l402: kept the previous rules; the edited file {path}: {'; '.join(problems)}"
+            )
             return
         self.rules = rules
         warn_about_rules(rules)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from l402proxy.l402.token import UNLISTED_CAPABILITY
 from l402proxy.rules import (
     DEFAULT_INVOICE_EXPIRY,
     DEFAULT_VALID_FOR,
@@ -101,7 +102,8 @@ def test_api_example() -> None:
     assert (premium.name, premium.mode, premium.price_sat) == ("premium", "paywall", 50)
     assert premium.capabilities == ("read", "write")
     assert premium.capability_for("get") == "read" and premium.capability_for("DELETE") == "write"
-    assert premium.capability_for("OPTIONS") is None
+    # A method no capability lists is refused to restricted tokens (see test_limits.py).
+    assert premium.capability_for("OPTIONS") == UNLISTED_CAPABILITY
     assert dict(premium.paid.set_headers) == {"X-L402-Tier": "premium"}
     assert premium.paid.rewrite is None and premium.paid.upstream is None
 
@@ -1332,3 +1334,209 @@ def test_deny_refuses_keys_that_sell_something_naming_their_line(key: str) -> No
     exc = error(text)
     assert exc.line == 5, str(exc)
     assert "has no meaning with mode: deny" in str(exc)
+
+
+# ---- hostile or broken files: always one RulesError line, never another exception ------------
+
+
+def service(extra: str = "", *, path: str = '"/a/*"', price: str = "1") -> str:
+    """One service (lines 1-4, `extra` from line 5 on)."""
+    return f"services:\n  - name: a\n    match: {{path: {path}}}\n    price_sat: {price}\n{extra}"
+
+
+def laughs(levels: int, fan_out: int = 9) -> str:
+    """ "Billion laughs": each anchor a list of `fan_out` aliases of the one before."""
+    lines = ["l0: &l0 [lol]"]
+    for level in range(1, levels):
+        lines.append(f"l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * fan_out)}]")
+    return "\n".join(lines) + f"\nservices: *l{levels - 1}\n"
+
+
+def merge_bomb(levels: int, fan_out: int = 9) -> str:
+    """The same with merge keys, which PyYAML's flatten_mapping really copies."""
+    anchors = ["&m0 {k0: 1, k1: 2, k2: 3}"]
+    for level in range(1, levels):
+        anchors.append(f"&m{level} {{<<: [{', '.join([f'*m{level - 1}'] * fan_out)}]}}")
+    return f"services:\n  - <<: [{', '.join(anchors)}]\n    name: a\n"
+
+
+def alias_chain(length: int) -> str:
+    """Each anchor a one-item list of the one before: nested `length` deep, through aliases."""
+    items = ["&c0 [x]"] + [f"&c{i} [*c{i - 1}]" for i in range(1, length)]
+    return f"services: [{', '.join(items)}]\n"
+
+
+# (text, line, part of the message). Each of these crashed parse_rules with something other
+# than RulesError, or let through what later fails (an unencodable string, a date past 9999),
+# or made a message of several lines.
+HOSTILE = [
+    pytest.param(service(path='"/a\\ud800"'), 3, "lone surrogate", id="surrogate-in-path"),
+    pytest.param(
+        service('    description: "caf\\udce9"\n'), 5, "lone surrogate", id="surrogate-in-text"
+    ),
+    pytest.param(service('    "pr\\ud800ice": 1\n'), 5, "lone surrogate", id="surrogate-in-key"),
+    pytest.param(
+        service('    paid: {set_headers: {X-A: "\\udfff"}}\n'),
+        5,
+        "lone surrogate",
+        id="surrogate-in-header",
+    ),
+    pytest.param(
+        service(path="'re:a{99999999999}'"),
+        3,
+        "match.path: invalid regular expression 'a{99999999999}': the repetition number is too",
+        id="regex-repeat-count-too-large",
+    ),
+    pytest.param(
+        service(path="'re:" + "(" * 5000 + "a" + ")" * 5000 + "'"),
+        3,
+        "match.path: invalid regular expression '(((",
+        id="regex-nested-5000-deep",
+    ),
+    pytest.param(
+        service(
+            "    match: {path: /a, host: 're:" + "(?:" * 3000 + "a" + ")" * 3000 + "'}\n"
+        ).replace('    match: {path: "/a/*"}\n', ""),
+        4,
+        "nested too deeply",
+        id="host-regex-nested-deep",
+    ),
+    pytest.param(
+        service('    paid: {rewrite_path: ["a{99999999999}", "/b"]}\n'),
+        5,
+        "paid.rewrite_path: invalid regular expression",
+        id="rewrite-regex-repeat-count-too-large",
+    ),
+    pytest.param(
+        service('    paid: {rewrite_path: ["^/a/(.*)$", "/b/\\\\1\\n"]}\n'),
+        5,
+        "contains whitespace or control characters",
+        id="rewrite-replacement-with-a-line-break",
+    ),
+    pytest.param("[" * 10000, 1, "collections nested more than 50 levels deep", id="flow-lists"),
+    pytest.param("{a: " * 10000, 1, "nested more than 50 levels deep", id="flow-mappings"),
+    pytest.param(
+        "".join("  " * i + "-\n" for i in range(100)), 51, "nested more than 50", id="block-lists"
+    ),
+    pytest.param(alias_chain(3000), 1, "nest collections more than 50 deep", id="alias-chain"),
+    pytest.param(laughs(10), 7, "expand to more than 1,000,000 values", id="billion-laughs"),
+    pytest.param(merge_bomb(9), 2, "expand to more than 1,000,000 values", id="merge-bomb"),
+    pytest.param(
+        "services:\n  - &s {<<: *s, name: a}\n",
+        2,
+        "an alias refers to a collection that contains it",
+        id="merge-of-itself",
+    ),
+    pytest.param(
+        "services: &s [*s]\n", 1, "an alias refers to a collection that contains it", id="cycle"
+    ),
+    pytest.param(service(price="9" * 5000), 4, "number 99999", id="int-past-str-limit"),
+    pytest.param(
+        "version: " + "59:" * 3000 + "1\n" + service(), 1, "is too large", id="sexagesimal-int"
+    ),
+    pytest.param(service(price="!!int xyz"), 4, "cannot read 'xyz' as int", id="int-tag"),
+    pytest.param(service(price="!!float xyz"), 4, "cannot read 'xyz' as float", id="float-tag"),
+    pytest.param(service(price="!!bool maybe"), 4, "cannot read 'maybe' as bool", id="bool-tag"),
+    pytest.param(
+        service(price="!!timestamp soon"), 4, "cannot read 'soon' as timestamp", id="time-tag"
+    ),
+    pytest.param(
+        service("    valid_for: 999999999999999999999999999\n"),
+        5,
+        "valid_for: 999999999999999999999999999 seconds is more than 100 years, or 'never'",
+        id="valid-for-past-year-9999",
+    ),
+    pytest.param(
+        service("    invoice_expiry: 99999999999w\n"),
+        5,
+        "invoice_expiry: 60479999999395200 seconds is more than 100 years",
+        id="invoice-expiry-past-year-9999",
+    ),
+    pytest.param(
+        service('    "pr\\nice": 1\n'), 5, "unknown key 'pr\\nice'", id="line-break-in-a-key"
+    ),
+    pytest.param(
+        service('    "\\u202eprice": 1\n'), 5, "unknown key '\\u202eprice'", id="bidi-in-a-key"
+    ),
+    pytest.param(
+        "services: !<tag:%0Ax> []\n", 1, "unsupported YAML tag 'tag:\\nx'", id="line-break-in-tag"
+    ),
+    pytest.param(service("    mode: " + "x" * 100_000 + "\n"), 5, "unknown mode 'xxx", id="huge"),
+    pytest.param("", 1, "the rules file is empty", id="empty"),
+    pytest.param("# nothing\n# here\n", 1, "the rules file is empty", id="only-comments"),
+    pytest.param("services: []\nservices: []\n", 2, "duplicate key 'services'", id="dup-keys"),
+    pytest.param("a: &x 1\nb: &x 2\nservices: []\n", 2, "duplicate anchor", id="dup-anchor"),
+    pytest.param(service(price="1.0e+400"), 4, "got inf", id="float-overflow"),
+    pytest.param(service(price=".nan"), 4, "got nan", id="nan"),
+    pytest.param(service(price="!!binary aGk="), 4, "got b'hi'", id="binary"),
+    pytest.param(service("    2: x\n"), 5, "unknown key '2'", id="int-key"),
+    pytest.param("? [a]\n: 1\nservices: []\n", 1, "keys must be plain names", id="list-key"),
+]
+
+
+@pytest.mark.parametrize(("text", "line", "message"), HOSTILE)
+def test_hostile_files_give_one_rules_error_line(text: str, line: int, message: str) -> None:
+    with pytest.raises(RulesError) as info:
+        parse_rules(text, "rules/test.yaml")
+    shown = str(info.value)
+    assert shown.startswith(f"rules/test.yaml:{line}: "), shown[:300]
+    assert message in shown, shown[:300]
+    # One printable line of reasonable length: what a log, a terminal or mitmproxy shows.
+    assert shown.isprintable() and len(shown) < 1000, shown[:300]
+    shown.encode("utf-8")
+
+
+def test_an_unforeseen_failure_is_still_one_rules_error_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*_: object) -> None:
+        raise LookupError("surprise\nsecond line")
+
+    monkeypatch.setattr("l402proxy.rules._Parser.description", broken)
+    with pytest.raises(RulesError) as info:
+        parse_rules(service("    description: x\n"), "rules/test.yaml")
+    assert str(info.value) == (
+        "rules/test.yaml:2: service 'a': cannot read the rules "
+        "(LookupError: surprise\\nsecond line)"
+    )
+
+
+def test_load_rules_not_utf8_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("services:\n  - name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(RulesError) as info:
+        load_rules(path)
+    assert str(info.value) == (
+        f"{path}:2: cannot read rules file: not UTF-8 (invalid continuation byte at byte 23)"
+    )
+
+
+def test_load_rules_refuses_a_huge_file_without_reading_it_all(tmp_path: Path) -> None:
+    path = tmp_path / "huge.yaml"
+    path.write_text("# filler\n" * (1024 * 1024 // 9 + 1))
+    with pytest.raises(RulesError) as info:
+        load_rules(path)
+    assert str(info.value) == f"{path}: cannot read rules file: larger than 1024 KiB"
+
+
+@pytest.mark.parametrize("content", ["", "# just a comment\n"])
+def test_load_rules_empty_file(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text(content)
+    with pytest.raises(RulesError, match=r":1: the rules file is empty"):
+        load_rules(path)
+
+
+def test_load_rules_odd_file_names_stay_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "new\nline.yaml"
+    with pytest.raises(RulesError) as info:
+        load_rules(missing)
+    assert str(info.value) == (
+        f"{tmp_path}/new\\nline.yaml: cannot read rules file: No such file or directory"
+    )
+    weird = tmp_path / "x\udce9.yaml"  # a non-UTF-8 file name, as os.listdir gives it
+    weird.write_text(service(price="-1"))
+    with pytest.raises(RulesError) as info:
+        load_rules(weird)
+    assert str(info.value).startswith(f"{tmp_path}/x\\udce9.yaml:4: service 'a': price_sat")
+    str(info.value).encode("utf-8")
