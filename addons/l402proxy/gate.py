@@ -4,6 +4,7 @@ No I/O and no mitmproxy types here, so the same decisions can back an ASGI middl
 benchmark.
 """
 
+import sys
 from collections.abc import Callable, Container
 from dataclasses import dataclass
 
@@ -102,11 +103,43 @@ class TokenCache:
 
     Keyed by the exact Authorization value and service: an identical string verifies identically,
     except for time and revocation, which `lookup` re-checks on every hit.
+
+    Bounded by entries and by bytes: anyone holding one cheap token can attenuate it into as many
+    distinct valid credentials as they like (each up to headers.MAX_CREDENTIAL_SIZE), so a bound
+    on entries alone would let them pin entries x credential size. The oldest entries go first, a
+    slice at a time when a store overflows; a hit only reads a dict, so paid requests pay nothing
+    for this.
     """
 
-    def __init__(self, max_entries: int = 65536) -> None:
+    # What one entry holds besides its strings: the key and value tuples, the Credential,
+    # VerifiedToken and Identifier objects, the preimage, the dict slot (measured with
+    # tracemalloc: about 1 KiB; a typical token's whole entry is 2 KiB).
+    ENTRY_OVERHEAD = 1024
+    # A store that overflows frees down to this share of each bound, so evictions come in batches.
+    LOW_WATER = 0.9
+
+    def __init__(self, max_entries: int = 65536, max_bytes: int = 32 * 1024 * 1024) -> None:
+        if max_entries < 1 or max_bytes < 1:
+            raise ValueError("a token cache needs room for at least one entry")
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        # Insertion order is age: the first key is the oldest.
         self._entries: dict[tuple[str, str], tuple[VerifiedToken, Credential]] = {}
+        self._bytes = 0
+
+    @classmethod
+    def entry_size(
+        cls, authorization: str, service: str, token: VerifiedToken, credential: Credential
+    ) -> int:
+        """A fair estimate of the memory one entry keeps alive, in bytes."""
+        # getsizeof is exact for a str (and O(1)): caveats may hold characters of 4 bytes each.
+        return (
+            cls.ENTRY_OVERHEAD
+            + sys.getsizeof(authorization)
+            + sys.getsizeof(service)
+            + sum(sys.getsizeof(macaroon) for macaroon in credential.macaroons)
+            + sum(sys.getsizeof(caveat) for caveat in token.caveats)
+        )
 
     def lookup(
         self,
@@ -129,17 +162,50 @@ class TokenCache:
         if token.identifier.token_id in revoked or (
             token.valid_until is not None and token.valid_until <= now
         ):
-            del self._entries[(authorization, service)]
+            self._remove((authorization, service))
             return None
         return hit
 
     def store(
         self, authorization: str, service: str, token: VerifiedToken, credential: Credential
     ) -> None:
-        if len(self._entries) >= self.max_entries:
-            # Dropping everything is crude but bounded and cheap; a miss only costs one verify.
-            self._entries.clear()
-        self._entries[(authorization, service)] = (token, credential)
+        key = (authorization, service)
+        size = self.entry_size(authorization, service, token, credential)
+        if size > self.max_bytes * (1 - self.LOW_WATER):
+            return  # one entry that would take a whole eviction batch is not worth keeping
+        self._remove(key)
+        if len(self._entries) >= self.max_entries or self._bytes + size > self.max_bytes:
+            self._evict(
+                entries=int(self.max_entries * self.LOW_WATER),
+                size=int(self.max_bytes * self.LOW_WATER) - size,
+            )
+        self._entries[key] = (token, credential)
+        self._bytes += size
+
+    def _remove(self, key: tuple[str, str]) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= self.entry_size(*key, *entry)
+
+    def _evict(self, *, entries: int, size: int) -> None:
+        """Drop the oldest entries until at most `entries` remain, using at most `size` bytes."""
+        count, remaining_bytes = len(self._entries), self._bytes
+        victims: list[tuple[str, str]] = []
+        # One pass from the oldest end; deleting while iterating is not allowed.
+        for key, entry in self._entries.items():
+            if count < entries and remaining_bytes <= size:
+                break
+            victims.append(key)
+            count -= 1
+            remaining_bytes -= self.entry_size(*key, *entry)
+        for key in victims:
+            del self._entries[key]
+        self._bytes = remaining_bytes
+
+    @property
+    def size(self) -> int:
+        """The estimated bytes held (see entry_size)."""
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -168,6 +234,8 @@ def decide(
         ):
             return Grant(rule, *hit)
         try:
+            # Its size is checked first: a credential over MAX_CREDENTIAL_SIZE gets no base64 or
+            # macaroon work (the cache, which only holds valid ones, simply missed it).
             credential = parse_credential(authorization)
         except CredentialError as exc:
             return Challenge(rule, 401, "malformed", str(exc))

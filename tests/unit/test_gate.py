@@ -237,8 +237,11 @@ def test_methods_need_the_capability_the_rule_names(use_cache: bool) -> None:
     cache = gate.TokenCache() if use_cache else None
     full = capable_credential()
     read_only = attenuated(full, "premium_capabilities=read")
-    for method in ("GET", "POST", "DELETE", "OPTIONS"):
+    for method in ("GET", "HEAD", "POST", "DELETE"):
         assert isinstance(decide_caps(method, full, cache=cache), gate.Grant), method
+    # The minted token is restricted to read and write: a method neither lists is refused
+    # (test_limits.py has the rest of the capability rules).
+    assert decide_caps("OPTIONS", full, cache=cache).reason == "missing_capability"
     assert isinstance(decide_caps("GET", read_only, cache=cache), gate.Grant)
     assert isinstance(decide_caps("HEAD", read_only, cache=cache), gate.Grant)
     refused = decide_caps("POST", read_only, cache=cache)

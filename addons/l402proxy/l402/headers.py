@@ -14,6 +14,13 @@ from .encoding import b64decode_any
 
 SCHEMES = frozenset({"L402", "LSAT"})
 PREIMAGE_SIZE = 32
+# The largest credential the server reads: an Authorization value, or "L402 " and a credential
+# cookie's value, in bytes. Aperture's tokens with several caveats are 0.5-2 KB, so this leaves
+# room for several macaroons or a long chain of attenuations; it is what Node.js accepts for all
+# of a request's headers (nginx and Apache stop at 8 KiB per line). Anything longer is refused
+# before any base64 or macaroon work, so a stranger cannot make the server decode, verify and
+# cache large values.
+MAX_CREDENTIAL_SIZE = 16 * 1024
 
 _WHITESPACE = " \t\r\n"
 # A "word" is a scheme, a parameter name, a token68 or an unquoted value up to one of these.
@@ -236,9 +243,24 @@ def _check_quotable(what: str, text: str) -> None:
         raise ValueError(f"{what} is empty or has characters not allowed in a header value")
 
 
+def credential_size(value: str) -> int:
+    """The size in bytes of a header value as it was sent (decoded with surrogateescape)."""
+    return len(value) if value.isascii() else len(value.encode("utf-8", "surrogateescape"))
+
+
+def check_credential_size(value: str) -> None:
+    """CredentialError if `value` is longer than MAX_CREDENTIAL_SIZE bytes."""
+    size = credential_size(value)
+    if size > MAX_CREDENTIAL_SIZE:
+        raise CredentialError(
+            f"credential too large: {size} bytes, the limit is {MAX_CREDENTIAL_SIZE}"
+        )
+
+
 def parse_credential(value: str) -> Credential:
     """`L402|LSAT <b64>[,<b64>...]:<64 hex>`; CredentialError says what is wrong."""
     # Messages never echo the value: it is a bearer credential.
+    check_credential_size(value)  # first: nothing is split or decoded in an oversized value
     parts = value.split(None, 1)
     if not parts:
         raise CredentialError("empty Authorization value")

@@ -42,6 +42,12 @@ _FORBIDDEN_IN_CAPABILITY = frozenset(", \t\r\n")
 
 _CACHE_MAX_CHARS = 2048
 
+# What `verify(capability=...)` is given for a request whose method no capability of the service
+# lists: a token restricted to some capabilities (it has a `<service>_capabilities` caveat) never
+# grants it, since caveat values are split on "," and no capability can contain one; a token
+# without that caveat is unrestricted and still opens it.
+UNLISTED_CAPABILITY = ","
+
 _SERIALIZER = BinarySerializer()
 
 
@@ -280,6 +286,8 @@ def verify(
 
     `root_key` may also be a function of the token_id, so a caller that derives keys per
     token does not have to decode the macaroon a second time to learn the token_id.
+    `capability` is what the request needs (rules.Rule.capability_for): a token restricted to
+    capabilities must grant it; a token without a capabilities caveat opens everything.
     """
     if len(macaroon_b64) <= _CACHE_MAX_CHARS:
         macaroon, identifier, caveats, problem = _parse_cached(macaroon_b64)
@@ -355,6 +363,12 @@ def _check_caveats(
     if capability_sets:
         capabilities = frozenset.intersection(*capability_sets)
         if capability is not None and capability not in capabilities:
+            if capability == UNLISTED_CAPABILITY:
+                raise TokenError(
+                    "missing_capability",
+                    "no capability covers this request's method, and the token is restricted "
+                    f"to {', '.join(sorted(capabilities)) or 'no capabilities'}",
+                )
             raise TokenError("missing_capability", f"token does not grant {capability!r}")
 
     services = service_lists[-1]

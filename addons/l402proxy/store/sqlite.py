@@ -173,11 +173,18 @@ def _check_id(name: str, value: bytes) -> None:
 class ServerStore(Database):
     """One SQLite connection shared by the proxy's coroutines; see the module docstring."""
 
+    # Records queued and not yet written, at most, of each kind. Every 402 queues one (anyone
+    # can ask for 402s), and a failing store keeps its batches for the next try, so without a
+    # bound a stranger could grow this while the database is unwritable. A flush every 0.25 s
+    # never comes near it; when it is reached the oldest records go (see _trim).
+    max_pending = 100_000
+
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         super().__init__(db, path)
         self._secret: bytes | None = None
         self._pending_issued: list[IssuedToken] = []
         self._pending_paid: list[tuple[bytes, float]] = []
+        self.dropped = 0  # records dropped at the bound since the store was opened
 
     def migrations(self) -> Sequence[Sequence[str]]:
         return MIGRATIONS  # looked up per call, so tests can extend the history
@@ -226,13 +233,37 @@ class ServerStore(Database):
         _check_id("payment_hash", token.payment_hash)
         if token.price_sat < 0:
             raise ValueError("price_sat must be >= 0")
+        if len(self._pending_issued) >= self.max_pending:
+            self._trim(self._pending_issued, "issued-token")
         self._pending_issued.append(token)
 
     def note_paid(self, token_id: bytes, when: float) -> None:
         """Queue "first seen paid at `when`"; `flush()` writes it. Never waits."""
         self._live()
         _check_id("token_id", token_id)
+        if len(self._pending_paid) >= self.max_pending:
+            self._trim(self._pending_paid, "paid-token")
         self._pending_paid.append((token_id, when))
+
+    def _trim(self, pending: list[Any], what: str) -> None:
+        """Drop the oldest tenth of a full queue (at least one record), in one slice so that
+        a queue held at its bound costs O(1) per note.
+
+        Losing an issuance record loses a row of `tokens list` and revoking by payment hash
+        (revoking by token id still works); losing a paid note loses paid_at. Tokens still
+        verify: verifying never reads the store.
+        """
+        count = max(1, len(pending) - self.max_pending + 1, self.max_pending // 10)
+        del pending[:count]
+        self.dropped += count
+        log.warning(
+            "store %s: not written for a while; dropped the %d oldest queued %s records "
+            "(%d dropped since start)",
+            self.path,
+            count,
+            what,
+            self.dropped,
+        )
 
     @property
     def pending(self) -> int:
@@ -278,6 +309,11 @@ class ServerStore(Database):
         except BaseException:
             self._pending_issued[:0] = issued
             self._pending_paid[:0] = paid
+            # Kept for the next try, within the bound like everything queued.
+            if len(self._pending_issued) > self.max_pending:
+                self._trim(self._pending_issued, "issued-token")
+            if len(self._pending_paid) > self.max_pending:
+                self._trim(self._pending_paid, "paid-token")
             raise
 
     async def revoke(self, ref: str, when: float) -> list[IssuedToken]:
