@@ -369,3 +369,47 @@ def test_once_running_mitmproxy_is_not_stopped(
 
 def test_mitmproxys_test_context_is_no_startup(tctx: taddons.context) -> None:
     assert not mitmproxy_is_starting()
+
+
+# -- mitmproxy options the paywall cannot run with -----------------------------------------------
+
+
+@pytest.fixture
+def with_streaming_option(tctx: taddons.context) -> None:
+    # Declared by mitmproxy's proxyserver addon, which the test context does not load.
+    tctx.options.add_option("stream_large_bodies", str | None, None, "as mitmproxy's")
+
+
+@pytest.mark.usefixtures("with_streaming_option")
+def test_stream_large_bodies_is_refused_at_start(
+    tmp_path: Path, tctx: taddons.context, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With it, mitmproxy streams a large request body to the origin before the paywall's
+    request hook: a POST to a priced API reached the origin unpaid."""
+    server = L402Server()
+    deferred(tctx, server, *rules_set(f"l402_store={tmp_path / 'server.sqlite'}"))
+    tctx.options.update(stream_large_bodies="1k")
+    assert "stream_large_bodies" in server.misconfigured
+    assert errors(caplog)[-1].startswith("l402: stream_large_bodies: not with the paywall")
+
+
+@pytest.mark.usefixtures("with_streaming_option")
+async def test_stream_large_bodies_is_refused_while_running(
+    tmp_path: Path, tctx: taddons.context
+) -> None:
+    server = L402Server()
+    deferred(
+        tctx,
+        server,
+        *rules_set(
+            f"l402_store={tmp_path / 'server.sqlite'}",
+            f"l402_dev_ledger={tmp_path / 'devledger.sqlite'}",
+        ),
+    )
+    await server.running()
+    try:
+        with pytest.raises(exceptions.OptionsError, match="stream_large_bodies: not with"):
+            ctx.options.update(stream_large_bodies="1k")
+        assert not ctx.options.stream_large_bodies
+    finally:
+        await server.done()

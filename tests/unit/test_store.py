@@ -605,3 +605,37 @@ async def test_open_server_store_with_sqlite_uri(db_path: Path) -> None:
     finally:
         await opened.close()
     assert db_path.exists()
+
+
+async def test_a_flush_cancelled_during_begin_leaves_no_transaction_open(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy shutting down cancels its flush task; if that lands while aiosqlite's thread
+    runs BEGIN, the connection must not stay inside the transaction: close() flushes the queue
+    and would fail with "cannot start a transaction within a transaction", losing it."""
+    store = await ServerStore.open(str(db_path))
+    db = store._live()
+    real_execute = db.execute
+    begun = asyncio.Event()
+
+    async def slow_begin(sql: str, *args: object) -> object:
+        result = await real_execute(sql, *args)
+        if sql == "BEGIN IMMEDIATE":
+            begun.set()
+            await asyncio.sleep(10)  # the BEGIN has run; the await is still pending
+        return result
+
+    monkeypatch.setattr(db, "execute", slow_begin)
+    token = make_token()
+    store.note_issued(token)
+    flushing = asyncio.create_task(store.flush())
+    await asyncio.wait_for(begun.wait(), 5)
+    flushing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await flushing
+    monkeypatch.setattr(db, "execute", real_execute)
+    await store.close()  # flushes the queue in a transaction of its own
+
+    reopened = await ServerStore.open(str(db_path))
+    assert await reopened.list_tokens() == [token]
+    await reopened.close()

@@ -223,7 +223,14 @@ class Database(ABC):
         async with self._lock:
             db = self._live()
             try:
-                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    await db.execute("BEGIN IMMEDIATE")
+                except BaseException:
+                    # Cancelled while aiosqlite's thread ran the BEGIN (a proxy shutting down
+                    # cancels its flush task): the transaction may have begun all the same, and
+                    # the next BEGIN (close's own flush) would fail "within a transaction".
+                    await self._rollback(db)
+                    raise
                 try:
                     yield db
                     await db.execute("COMMIT")
