@@ -205,9 +205,14 @@ def not_found_response() -> http.Response:
 def bad_path_response(problem: PathError) -> http.Response:
     """A path the proxy cannot judge: origins may read it as a place the rules price otherwise,
     or it is no well-formed path. Never forwarded, and no invoice is made for it."""
+    return bad_request_response(str(problem))
+
+
+def bad_request_response(message: str) -> http.Response:
+    """400, one plain line: a request the paywall will not judge or forward."""
     return http.Response.make(
         400,
-        f"{problem}\n".encode(),
+        f"{message}\n".encode(),
         {"Cache-Control": "no-store", "Content-Type": "text/plain; charset=utf-8"},
     )
 
@@ -295,12 +300,15 @@ class WatchedHeaders:
     authorization: str | None
     accept_authenticate: str | None
     cookie: bool
+    hosts: tuple[bytes, ...] = ()
+    upgrade: bool = False
 
     @classmethod
     def of(cls, headers: http.Headers) -> "WatchedHeaders":
         authorization: list[bytes] = []
         accept: list[bytes] = []
-        cookie = False
+        hosts: list[bytes] = []
+        cookie = upgrade = False
         for name, value in headers.fields:
             lower = name.lower()
             if lower == b"authorization":
@@ -309,8 +317,59 @@ class WatchedHeaders:
                 accept.append(value)
             elif lower == b"cookie":
                 cookie = True
+            elif lower == b"host":
+                hosts.append(value)
+            elif lower == b"upgrade":
+                upgrade = True
         # Several lines of one header read as one list, as mitmproxy's headers.get() has them.
-        return cls(_joined(authorization), _joined(accept), cookie)
+        return cls(_joined(authorization), _joined(accept), cookie, tuple(hosts), upgrade)
+
+
+def target_problem(request: http.Request, hosts: Sequence[bytes], keep_host: bool) -> str | None:
+    """Why the host the paywall judges by may not be the one the origin routes by, if it may.
+
+    An HTTP/1 request line in absolute form (`GET http://paid.example/x`) names its own host, and
+    RFC 9112 tells the origin to ignore Host then; two Host fields leave the choice to the origin.
+    Rules are matched on Host, so either could open a host-scoped service at the price of another.
+    """
+    if len(hosts) > 1:
+        return "Bad request: more than one Host header."
+    authority = request.data.authority
+    if not authority:
+        return None
+    host = hosts[0] if hosts else b""
+    if request.is_http2 or request.is_http3:
+        # :authority is h2's Host; a Host field beside it must say the same.
+        if host and host.lower() != authority.lower():
+            return "Bad request: the Host header and :authority name different hosts."
+        return None
+    if keep_host and host.lower() != authority.lower():
+        return "Bad request: the request target names another host than the Host header."
+    # Forwarded in origin form, so the origin routes by the Host the rules were matched on
+    # (mitmproxy does the same in regular mode: some servers do not take absolute form).
+    request.authority = ""
+    return None
+
+
+def drop_upgrade(headers: http.Headers) -> None:
+    """Remove an Upgrade to anything but WebSocket (h2c, above all), with its Connection tokens
+    and HTTP2-Settings. After a 101 mitmproxy tunnels the connection's raw bytes: the requests
+    sent through it would never be judged. mitmproxy's own disable_h2c strips only a lower-case
+    `h2c`; origins accept `H2C` too."""
+    upgrade = [v.strip().lower() for v in headers.get("Upgrade", "").split(",") if v.strip()]
+    if upgrade and all(token == "websocket" for token in upgrade):
+        return
+    for name in ("Upgrade", "HTTP2-Settings"):
+        headers.pop(name, None)
+    connection = [
+        token.strip()
+        for token in headers.get("Connection", "").split(",")
+        if token.strip() and token.strip().lower() not in ("upgrade", "http2-settings")
+    ]
+    if connection:
+        headers["Connection"] = ", ".join(connection)
+    else:
+        headers.pop("Connection", None)
 
 
 def _joined(values: list[bytes]) -> str | None:
@@ -454,6 +513,26 @@ class L402Server:
                 )
             self._configure_upstream(updated)
             self._configure_streaming(updated)
+            self._check_host_rules(updated)
+
+    def _check_host_rules(self, updated: set[str]) -> None:
+        """In reverse mode mitmproxy puts the origin's name into Host before any addon sees
+        the request unless keep_host_header is on; a `match.host` rule would then never match,
+        and what it prices would be served free. Refused, at start and while running."""
+        if not updated & {"l402_rules", "keep_host_header", "mode"} or self.rules is None:
+            return
+        modes = getattr(ctx.options, "mode", ())
+        reverse = any(str(mode).startswith("reverse") for mode in modes)
+        if not reverse or getattr(ctx.options, "keep_host_header", True):
+            return
+        hosted = [rule for rule in self.rules.rules if rule.host is not None]
+        if hosted:
+            rule = hosted[0]
+            self._refuse(
+                "l402_rules" if "l402_rules" in updated else "keep_host_header",
+                f"service '{rule.name}' (line {rule.line}) matches host:, but in reverse mode "
+                "mitmproxy replaces Host with the origin's name: add --set keep_host_header=true",
+            )
 
     def _configure_streaming(self, updated: set[str]) -> None:
         """mitmproxy's stream_large_bodies sends a large request body (a POST to a priced API)
@@ -618,6 +697,15 @@ class L402Server:
             await self._endpoint(flow)
             return
         seen = WatchedHeaders.of(request.headers)
+        if seen.upgrade:
+            drop_upgrade(request.headers)
+        problem = target_problem(
+            request, seen.hosts, bool(getattr(ctx.options, "keep_host_header", False))
+        )
+        if problem is not None:
+            flow.response = headers_only_for_head(bad_request_response(problem), request.method)
+            flow.metadata["l402"] = {"variant": "refused", "reason": "target"}
+            return
         # Our credentials (cookies, L402/LSAT Authorization) never reach the origin, whatever
         # the path: a token sent to a free path, to one no rule covers or with no rules at all
         # would otherwise leak to whoever runs or logs that origin. `seen` keeps what we read.
@@ -646,6 +734,16 @@ class L402Server:
             flow.response = headers_only_for_head(
                 unavailable_response("internal error in the paywall"), request.method
             )
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """A 101 to anything but WebSocket would turn the connection into a raw tunnel past the
+        paywall (see drop_upgrade, which should have kept it from being asked for)."""
+        response = flow.response
+        if response is not None and response.status_code == 101:
+            upgrade = response.headers.get("Upgrade", "").strip().lower()
+            if upgrade != "websocket":
+                log.warning(f"l402: refused the origin's switch to {upgrade or 'another protocol'}")
+                flow.kill()
 
     def response(self, flow: http.HTTPFlow) -> None:
         note = flow.metadata.get("l402")

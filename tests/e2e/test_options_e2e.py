@@ -106,6 +106,8 @@ def client(tmp_path: Path, confdir: Path, *settings: str) -> procs.Process:
         # no such option
         (("l402_rule=other.yaml",), "l402: unknown option l402_rule (did you mean l402_rules?)"),
         (("l402_wallet=dev",), "l402: l402_wallet is a client option (addons/client.py)"),
+        # mitmproxy would stream a large request body to the origin before it is judged
+        (("stream_large_bodies=1k",), "l402: stream_large_bodies: not with the paywall"),
     ],
 )
 def test_a_bad_server_option_stops_mitmdump_before_it_serves(
