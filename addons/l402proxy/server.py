@@ -217,7 +217,8 @@ def bad_request_response(message: str) -> http.Response:
     )
 
 
-_OUR_SCHEMES = (b"l402", b"lsat")
+# gate.L402_SCHEMES as the raw header bytes are compared: one list of our schemes.
+_OUR_SCHEMES = frozenset(scheme.lower().encode() for scheme in gate.L402_SCHEMES)
 
 
 def is_our_authorization(value: bytes) -> bool:
@@ -325,8 +326,9 @@ class WatchedHeaders:
         return cls(_joined(authorization), _joined(accept), cookie, tuple(hosts), upgrade)
 
 
-def target_problem(request: http.Request, hosts: Sequence[bytes], keep_host: bool) -> str | None:
-    """Why the host the paywall judges by may not be the one the origin routes by, if it may.
+def check_target(request: http.Request, hosts: Sequence[bytes], keep_host: bool) -> str | None:
+    """Why the host the paywall judges by may not be the one the origin routes by, if it may;
+    None when it is, after turning an HTTP/1 absolute-form target into origin form.
 
     An HTTP/1 request line in absolute form (`GET http://paid.example/x`) names its own host, and
     RFC 9112 tells the origin to ignore Host then; two Host fields leave the choice to the origin.
@@ -699,7 +701,7 @@ class L402Server:
         seen = WatchedHeaders.of(request.headers)
         if seen.upgrade:
             drop_upgrade(request.headers)
-        problem = target_problem(
+        problem = check_target(
             request, seen.hosts, bool(getattr(ctx.options, "keep_host_header", False))
         )
         if problem is not None:

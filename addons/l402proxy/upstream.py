@@ -123,7 +123,8 @@ class UpstreamGuard:
         """Expire the flows past their deadline, checking a few times per timeout (at least
         once a second): a 504 comes at most that much after the deadline."""
         while True:
-            await asyncio.sleep(min(1.0, max(self.timeout, 1) / 4))
+            # With no timeout nothing is ever waiting: look once a second, in case one is set.
+            await asyncio.sleep(min(1.0, self.timeout / 4) if self.timeout else 1.0)
             now = time.monotonic()
             expired = [flow for deadline, flow in self._waiting.values() if deadline <= now]
             for flow in expired:
@@ -154,6 +155,15 @@ class UpstreamGuard:
         cancelled = False
         for connection, io in list(getattr(handler, "transports", {}).items()):
             if connection is flow.client_conn or getattr(io, "handler", None) is None:
+                continue
+            if connection.alpn == b"h2":
+                # One HTTP/2 connection to the origin carries other requests too: cancelling it
+                # would fail them all. This one waits for mitmproxy's own timeout instead.
+                log.info(
+                    f"l402: {flow.request.path}: past l402_upstream_timeout on an HTTP/2 origin "
+                    "connection shared with other requests; not cancelled"
+                )
+                cancelled = True  # handled: nothing is missing
                 continue
             if connection is flow.server_conn or (
                 not connection.connected and connection.address == target

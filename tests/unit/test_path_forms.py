@@ -47,6 +47,9 @@ services:
   - name: shout
     match: {path: "re:(?i)/shout/.*"}
     price_sat: 5
+  - name: exact
+    match: {path: "/exact/secret.txt"}
+    price_sat: 5
   - name: moved
     match: {path: "/moved/*"}
     price_sat: 5
@@ -143,6 +146,12 @@ FORMS: list[tuple[str, str | None]] = [
     ("/free/%2500", MALFORMED),
     ("/free/%25C0%25AF", MALFORMED),
     ("/priced/secret.txt#x", MALFORMED),
+    # A rule with no wildcard: Python's http.server serves the file for a trailing dot segment
+    # (posixpath.normpath drops the '/' the other readings keep).
+    ("/exact/secret.txt", "exact"),
+    ("/exact/secret.txt/.", AMBIGUOUS),
+    ("/exact/secret.txt/x/..", AMBIGUOUS),
+    ("/exact/./secret.txt", AMBIGUOUS),
 ]
 
 

@@ -5,7 +5,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
-from l402proxy.server import L402Server, WatchedHeaders, drop_upgrade, target_problem
+from l402proxy.server import L402Server, WatchedHeaders, check_target, drop_upgrade
 
 
 def request(
@@ -17,7 +17,7 @@ def request(
 
 
 def problem(req: http.Request, keep_host: bool = True) -> str | None:
-    return target_problem(req, WatchedHeaders.of(req.headers).hosts, keep_host)
+    return check_target(req, WatchedHeaders.of(req.headers).hosts, keep_host)
 
 
 def test_origin_form_with_one_host_is_fine() -> None:
