@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import http.server
+import socketserver
 import subprocess
 import sys
 import threading
@@ -176,15 +177,24 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
 
 @contextlib.contextmanager
 def in_process_origin(
-    handler: type[http.server.BaseHTTPRequestHandler], name: str = "origin"
+    handler: type[socketserver.BaseRequestHandler],
+    name: str = "origin",
+    server_class: type[socketserver.TCPServer] = http.server.ThreadingHTTPServer,
 ) -> Iterator[str]:
     """A small origin on a thread of this process (for answers the sample origins never give);
     yields its URL."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    with serving(server_class(("127.0.0.1", 0), handler), name) as port:
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def serving(server: socketserver.BaseServer, name: str) -> Iterator[int]:
+    """Run a socketserver-style `server` (serve_forever/shutdown) on a thread; yields its
+    port, and stops it and waits for the thread (bounded) on the way out."""
     thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield server.server_address[1]  # type: ignore[index]
     finally:
         server.shutdown()
         server.server_close()

@@ -167,15 +167,8 @@ def werkzeug_origin(root: Path) -> Iterator[str]:
             return exc
         return Response(bodies[area] + b"\n", content_type="text/plain")
 
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, name="werkzeug-origin", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with procs.serving(make_server("127.0.0.1", 0, app, threaded=True), "werkzeug-origin") as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @contextlib.contextmanager

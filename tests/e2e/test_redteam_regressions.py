@@ -20,7 +20,6 @@ import contextlib
 import http.server
 import socket
 import socketserver
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,15 +144,8 @@ class ThreadingServer(socketserver.ThreadingTCPServer):
 
 @contextlib.contextmanager
 def h2c_origin() -> Iterator[str]:
-    server = ThreadingServer(("127.0.0.1", 0), H2cOrigin)
-    thread = threading.Thread(target=server.serve_forever, name="h2c-origin", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with procs.in_process_origin(H2cOrigin, "h2c-origin", ThreadingServer) as url:
+        yield url
 
 
 def through_h2c_upgrade(port: int, free: str, wanted: str, upgrade: str) -> bytes:
