@@ -557,10 +557,12 @@ def test_a_read_only_copy_of_a_token_cannot_write(api: Stack) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_demo_stops_everything_it_started(tmp_path: Path, signum: int) -> None:
-    origin_port, proxy_port = procs.free_port(), procs.free_port()
+    # Every port its own: the default client port (8082) may be another demo's at the moment.
+    origin_port, proxy_port, client_port = procs.free_port(), procs.free_port(), procs.free_port()
     command = [
         sys.executable, "-m", "l402proxy.demo",
         "--origin-port", str(origin_port), "--proxy-port", str(proxy_port),
+        "--client-port", str(client_port),
     ]  # fmt: skip
     log = (tmp_path / "demo.log").open("w")
     demo = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
@@ -574,7 +576,7 @@ def test_demo_stops_everything_it_started(tmp_path: Path, signum: int) -> None:
             demo.kill()
         log.close()
     assert "Stopped." in (tmp_path / "demo.log").read_text()
-    for port in (origin_port, proxy_port):
+    for port in (origin_port, proxy_port, client_port):
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still served"
 
