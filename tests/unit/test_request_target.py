@@ -17,7 +17,7 @@ def request(
 
 
 def problem(req: http.Request, keep_host: bool = True) -> str | None:
-    return check_target(req, WatchedHeaders.of(req.headers).hosts, keep_host)
+    return check_target(req, WatchedHeaders.of(req.headers.fields).hosts, keep_host)
 
 
 def test_origin_form_with_one_host_is_fine() -> None:
@@ -63,7 +63,7 @@ def test_upgrades_to_anything_but_websocket_are_removed(upgrade: bytes) -> None:
         (b"Upgrade", upgrade),
         (b"HTTP2-Settings", b"AAMAAABkAAQCAAAAAAIAAAAA"),
     )
-    assert WatchedHeaders.of(req.headers).upgrade
+    assert WatchedHeaders.of(req.headers.fields).upgrade
     drop_upgrade(req.headers)
     assert "Upgrade" not in req.headers and "HTTP2-Settings" not in req.headers
     assert req.headers["Connection"] == "keep-alive"

@@ -95,7 +95,7 @@ async def test_whatever_load_rules_raises_the_reload_names_the_file(
         def explode(_: object) -> None:
             raise RecursionError("maximum recursion depth exceeded")
 
-        monkeypatch.setattr("l402proxy.server.load_rules", explode)
+        monkeypatch.setattr("l402proxy.engine.core.load_rules", explode)
         caplog.clear()
         edit(live, RULES.read_text() + "\n")
         await server._reload_rules_if_changed()

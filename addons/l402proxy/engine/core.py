@@ -1,0 +1,506 @@
+"""The Paywall engine: rules, backend, store, secret, revocations and the token cache, their
+lifecycle, and the judgement of one request (answer it, or forward it changed)."""
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import gate, paths, paywall
+from ..l402.headers import accepts_l402
+from ..l402.identifier import Identifier
+from ..l402.token import caveats_for, derive_root_key, mint
+from ..lightning import InvoiceBackend, LightningError, open_backend
+from ..lightning.base import NodeInfo
+from ..rules import PRICED_MODES, PathError, Rule, RulesError, RuleSet, load_rules, rule_warnings
+from ..store import IssuedToken, ServerStore, StoreError, open_server_store
+from .answers import (
+    Answer,
+    Forward,
+    Outcome,
+    bad_path_answer,
+    bad_request_answer,
+    challenge_answer,
+    challenge_body,
+    not_found_answer,
+    unavailable_answer,
+)
+from .request import (
+    Fields,
+    Request,
+    WatchedHeaders,
+    drop_our_authorization,
+    drop_upgrade,
+    get,
+    set_one,
+    take_our_cookies,
+)
+
+log = logging.getLogger(__name__)
+
+RULES_POLL_SECONDS = 1.0
+REVOCATION_POLL_SECONDS = 1.0
+FLUSH_SECONDS = 0.25
+BACKEND_CHECK_SECONDS = 15.0
+SEEN_PAID_LIMIT = 100_000
+
+
+class Refused(Exception):
+    """A configuration value the engine will not take; the door turns it into its own error
+    (mitmproxy: an OptionsError while running, one error line at start)."""
+
+
+class StartError(Exception):
+    """open() could not start the paywall; each line of `problems` is one reason."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
+
+
+def file_signature(path: str) -> tuple[int, int] | None:
+    """What tells us a rules file changed: (mtime_ns, size); None if it is gone."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size)
+
+
+def prices_out_of_range(rules: RuleSet | None, node: NodeInfo | None) -> list[str]:
+    """Priced services the backend cannot invoice for (a Lightning Address's min/max)."""
+    if rules is None or node is None or node.invoice_range_msat is None:
+        return []
+    low, high = node.invoice_range_msat
+    return [
+        f"service '{rule.name}' (line {rule.line}) costs {rule.price_sat} sat, but "
+        f"{node.backend} at {node.address} accepts {low / 1000:g} to {high / 1000:g} sat"
+        for rule in rules.rules
+        if rule.mode in PRICED_MODES and not low <= rule.price_sat * 1000 <= high
+    ]
+
+
+def warn_about_rules(rules: RuleSet) -> None:
+    for warning in rule_warnings(rules):
+        log.warning(f"l402: {rules.source}: {warning}")
+
+
+class Paywall:
+    """One paywall, whatever door it is reached through. Configure it (use_rules_file,
+    use_backend, store_uri, offer_upgrade), `await open()`, then `await handle(request)` per
+    request; `await close()` at the end. Not thread-safe: one event loop drives it."""
+
+    def __init__(self) -> None:
+        self.rules: RuleSet | None = None
+        self.rules_path = ""
+        self.rules_signature: tuple[int, int] | None = None
+        self.backend: InvoiceBackend | None = None
+        self.backend_source: tuple[str, str] | None = None
+        # What the backend said it is at start (its invoice limits are checked against rules).
+        self.node: NodeInfo | None = None
+        self.store_uri = ""
+        self.store: ServerStore | None = None
+        self.secret: bytes = b""
+        self.revoked: set[bytes] = set()
+        self.revocation_cursor = 0
+        self.cache = gate.TokenCache()
+        self.seen_paid: set[bytes] = set()
+        self.offer_upgrade = True
+        self.ready = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.closing: set[asyncio.Task[None]] = set()
+        self.started = False
+
+    # -- configuration ---------------------------------------------------------------------
+
+    def use_rules_file(self, path: str) -> RuleSet:
+        """Load the rules file and put it in force; RulesError (one line naming the file) if
+        it is missing, broken or prices what the backend cannot invoice."""
+        if not path:
+            # Without rules nothing is priced: a paywall that gives everything away.
+            raise RulesError(
+                "not set: give the rules file, --set l402_rules=<file> (see rules/*.yaml)"
+            )
+        rules = load_rules(path)
+        signature = file_signature(path)
+        log.info(f"l402: {len(rules.rules)} priced service(s) from {path}")
+        warn_about_rules(rules)
+        problems = prices_out_of_range(rules, self.node)
+        if problems:
+            raise RulesError("; ".join(problems))
+        self.rules, self.rules_path, self.rules_signature = rules, path, signature
+        return rules
+
+    def use_backend(self, uri: str, dev_ledger: str) -> bool:
+        """Open the invoice backend `uri` (False: it is the one in use already). LightningError
+        for a bad URI; Refused once running (a backend is checked only at start)."""
+        source = (uri, dev_ledger)
+        if self.backend is not None and source == self.backend_source:
+            return False
+        backend = open_backend(uri, dev_ledger=dev_ledger)
+        if self.started:
+            # Swapping in an unchecked backend would answer 503 to every priced request.
+            raise Refused(
+                "cannot change while running: restart mitmproxy with the new value "
+                "(the backend is checked at start)"
+            )
+        previous, self.backend = self.backend, backend
+        self.backend_source = source
+        if previous is not None:
+            self._close_later(previous)
+        return True
+
+    def _close_later(self, backend: InvoiceBackend) -> None:
+        """Configuration is sync; a replaced backend's connection is closed on the event loop."""
+        try:
+            task = asyncio.get_running_loop().create_task(backend.close())
+        except RuntimeError:  # no loop yet: nothing was opened either
+            return
+        self.closing.add(task)
+        task.add_done_callback(self.closing.discard)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the store, check the backend, start the background jobs. StartError (nothing
+        started) if the store cannot be opened or the backend cannot serve the rules."""
+        store_uri = self.store_uri or paths.default_server_store()
+        try:
+            self.store = await open_server_store(store_uri)
+            self.secret = await self.store.secret()
+            self.revocation_cursor, self.revoked = await self.store.revocations_since(0)
+        except (StoreError, OSError) as exc:
+            raise StartError([f"cannot open token store {store_uri}: {exc}"]) from exc
+        if self.backend is not None:
+            try:
+                node = await asyncio.wait_for(self.backend.info(), BACKEND_CHECK_SECONDS)
+            except (LightningError, TimeoutError) as exc:
+                # Refuse to start rather than answer every priced request with a 503.
+                why = str(exc) or f"no answer within {BACKEND_CHECK_SECONDS:g} s"
+                raise StartError(
+                    [f"cannot use the invoice backend {self.backend.describe()}: {why}"]
+                ) from exc
+            log.info(f"l402: invoices from {node.summary()} ({self.backend.describe()})")
+            problems = prices_out_of_range(self.rules, node)
+            if problems:
+                raise StartError([f"l402_rules: {problem}" for problem in problems])
+            self.node = node
+        self.tasks = [
+            asyncio.create_task(self._every(FLUSH_SECONDS, self._flush)),
+            asyncio.create_task(self._every(REVOCATION_POLL_SECONDS, self._poll_revocations)),
+            asyncio.create_task(self._every(RULES_POLL_SECONDS, self.reload_rules_if_changed)),
+        ]
+        self.started = True
+        self.ready.set()
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.store is not None:
+            await self.store.close()
+        if self.backend is not None:
+            await self.backend.close()
+
+    async def _every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await job()
+            except Exception as exc:  # a background job must never die silently or take us down
+                log.warning(f"l402: background {getattr(job, '__name__', job)} failed: {exc}")
+
+    async def _flush(self) -> None:
+        assert self.store is not None
+        await self.store.flush()
+
+    async def _poll_revocations(self) -> None:
+        assert self.store is not None
+        self.revocation_cursor, new = await self.store.revocations_since(self.revocation_cursor)
+        if new:
+            self.revoked |= new
+            log.info(f"l402: {len(new)} token(s) revoked")
+
+    async def reload_rules_if_changed(self) -> None:
+        path = self.rules_path
+        if not path:
+            return
+        signature = await asyncio.to_thread(file_signature, path)
+        if signature is None or signature == self.rules_signature:
+            return
+        self.rules_signature = signature
+        try:
+            rules = await asyncio.to_thread(load_rules, path)
+        except RulesError as exc:
+            # str(exc) is "<file>:<line>: ...": the file is named.
+            log.warning(f"l402: kept the previous rules; the edited file is broken: {exc}")
+            return
+        except Exception as exc:
+            # load_rules promises RulesError; should anything else come out of the thread it
+            # is still one line naming the file, and the rules in force stay.
+            problem = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+            log.warning(
+                f"l402: kept the previous rules; the edited file is broken: {path}: {problem}"
+            )
+            return
+        problems = prices_out_of_range(rules, self.node)
+        if problems:
+            log.warning(
+                f"l402: kept the previous rules; the edited file {path}: {'; '.join(problems)}"
+            )
+            return
+        self.rules = rules
+        warn_about_rules(rules)
+        log.info(f"l402: reloaded {len(rules.rules)} priced service(s) from {Path(path)}")
+
+    # -- one request ---------------------------------------------------------------------------
+
+    def root_key_for(self, token_id: bytes) -> bytes:
+        return derive_root_key(self.secret, token_id)
+
+    async def handle(self, request: Request) -> Outcome:
+        """Answer the request, or say how to forward it. Never raises for a request: what the
+        engine cannot judge is answered (503, fail closed), never forwarded."""
+        if paywall.is_endpoint(request.target):
+            from .endpoints import endpoint  # the endpoints import this module
+
+            return await endpoint(self, request)
+        fields = request.fields
+        seen = WatchedHeaders.of(fields)
+        if seen.upgrade:
+            fields = drop_upgrade(fields)
+        if request.target_check is not None:
+            problem = request.target_check(seen.hosts)
+            if problem is not None:
+                answer = bad_request_answer(problem).for_method(request.method)
+                answer.note = {"variant": "refused", "reason": "target"}
+                return answer
+        # Our credentials (cookies, L402/LSAT Authorization) never reach the origin, whatever
+        # the path: a token sent to a free path, to one no rule covers or with no rules at all
+        # would otherwise leak to whoever runs or logs that origin. `seen` keeps what we read.
+        if seen.authorization is not None:
+            fields = drop_our_authorization(fields)
+        cookies: dict[str, str] = {}
+        if seen.cookie:
+            fields, cookies = take_our_cookies(fields)
+        if self.rules is None:
+            return Forward(fields)
+        try:
+            rule = self.rules.match(request.host, request.target, request.method)
+        except PathError as exc:
+            # Origins may read the path as a place priced otherwise (`/free/..%2Fpaid/x`), or
+            # it is not a path at all: refuse before any invoice, never forward.
+            answer = bad_path_answer(exc).for_method(request.method)
+            answer.note = {"variant": "refused", "reason": type(exc).__name__}
+            return answer
+        if rule is None:
+            return Forward(fields)
+        if not self.ready.is_set():
+            await self.ready.wait()
+        try:
+            return await self._judge(request, fields, rule, seen, cookies)
+        except Exception:
+            # Fail closed: forwarding a priced request we could not judge would give it away.
+            log.exception(f"l402: internal error on {request.method} {request.target}")
+            return unavailable_answer("internal error in the paywall").for_method(request.method)
+
+    async def _judge(
+        self,
+        request: Request,
+        fields: Fields,
+        rule: Rule,
+        seen: WatchedHeaders,
+        cookies: Mapping[str, str],
+    ) -> Outcome:
+        authorization = seen.authorization
+        cookie = cookies.get(paywall.cookie_name(rule.name)) if cookies else None
+        # An Authorization header wins; the cookie is the same credential a browser keeps.
+        from_cookie = cookie is not None and not gate.is_l402_authorization(authorization)
+        if from_cookie:
+            authorization = f"L402 {cookie}"
+        decision = gate.decide(
+            rule=rule,
+            authorization=authorization,
+            accept_authenticate=seen.accept_authenticate,
+            root_key_for=self.root_key_for,
+            revoked=self.revoked,
+            now=time.time(),
+            method=request.method,
+            cache=self.cache,
+        )
+        clear_cookies: list[str] = []
+        if from_cookie and isinstance(decision, gate.Challenge):
+            # The browser would send it again and again: make it forget it.
+            clear_cookies = paywall.clearing_cookies(
+                rule.name, path=paywall.scope_path(rule), secure=request.secure
+            )
+            if rule.mode == "upgrade" and not accepts_l402(seen.accept_authenticate):
+                # Upgrade mode keeps unpaid browsers on the free variant: a stale cookie is no
+                # request to pay (an <audio> fetch would only break on a 402).
+                decision = gate.Free(rule)
+        match decision:
+            case gate.Deny():
+                answer = not_found_answer().for_method(request.method)
+                answer.note = {"service": rule.name, "variant": "denied"}
+                return answer
+            case gate.Grant():
+                return self._grant(request, fields, decision, from_cookie=from_cookie)
+            case gate.Challenge():
+                return await self.challenge(request, decision, set_cookies=clear_cookies)
+            case gate.Free():
+                note: dict[str, Any] = {"service": rule.name, "variant": "free"}
+                if clear_cookies:
+                    note["clear_cookies"] = clear_cookies
+                if (
+                    rule.mode == "upgrade"
+                    and self.offer_upgrade
+                    and paywall.body_kind(get(fields, "Accept")) == "html"
+                ):
+                    note["offer"] = paywall.upgrade_banner(rule, request.target)
+                return Forward(fields, note=note)
+        # gate.Pass and anything else: forwarded as it is, with no note for the response phase.
+        return Forward(fields)
+
+    def _grant(
+        self, request: Request, fields: Fields, grant: gate.Grant, from_cookie: bool = False
+    ) -> Forward:
+        # The credential that paid is already off the request: `handle` drops every L402/LSAT
+        # Authorization field and our cookies; any other Authorization belongs to the origin.
+        paid = grant.rule.paid
+        path = paid.apply_path(request.target) if paid.rewrite is not None else None
+        set_headers = tuple(paid.set_headers.items())
+        for name, value in set_headers:
+            fields = set_one(fields, name, value)
+        token_id = grant.token.identifier.token_id
+        note: dict[str, Any] = {
+            "service": grant.rule.name,
+            "variant": "paid",
+            "token_id": token_id.hex(),
+        }
+        if from_cookie:
+            note["credential"] = "cookie"
+        self.note_paid(token_id)
+        return Forward(
+            fields,
+            path=path,
+            upstream=paid.upstream,
+            set_headers=set_headers,
+            note=note,
+            comment=f"L402 paid: {grant.rule.name}",
+        )
+
+    def note_paid(self, token_id: bytes) -> None:
+        if token_id not in self.seen_paid and self.store is not None:
+            if len(self.seen_paid) >= SEEN_PAID_LIMIT:
+                # Forgetting only costs a repeated note; the store keeps the first sighting.
+                self.seen_paid.clear()
+            self.seen_paid.add(token_id)
+            self.store.note_paid(token_id, time.time())
+
+    # -- minting: invoice, identifier, macaroon, the token row, and the 402 around them ----------
+
+    async def challenge(
+        self,
+        request: Request,
+        challenge: gate.Challenge,
+        *,
+        return_to: str | None = None,
+        set_cookies: Sequence[str] = (),
+        kind: paywall.BodyKind | None = None,
+    ) -> Answer:
+        rule = challenge.rule
+        assert self.backend is not None and self.store is not None
+        try:
+            invoice = await self.backend.create_invoice(
+                rule.price_sat, f"{rule.name}: {rule.description}", rule.invoice_expiry
+            )
+        except LightningError as exc:
+            log.warning(f"l402: cannot create an invoice for {rule.name}: {exc}")
+            return unavailable_answer("the Lightning backend did not answer").for_method(
+                request.method
+            )
+        now = time.time()
+        identifier = Identifier.new(invoice.payment_hash)
+        # Counted from the last moment the invoice can be paid: paying late never buys a token
+        # that is already expired (or has less than valid_for left).
+        valid_until = (
+            None if rule.valid_for is None else int(now) + rule.invoice_expiry + rule.valid_for
+        )
+        macaroon = mint(
+            self.root_key_for(identifier.token_id),
+            identifier,
+            caveats_for(rule.name, valid_until=valid_until, capabilities=rule.capabilities),
+        )
+        self.store.note_issued(
+            IssuedToken(
+                token_id=identifier.token_id,
+                payment_hash=invoice.payment_hash,
+                service=rule.name,
+                price_sat=rule.price_sat,
+                created_at=now,
+                valid_until=valid_until,
+                paid_at=None,
+                revoked_at=None,
+            )
+        )
+        body = challenge_body(
+            rule,
+            challenge.status,
+            challenge.reason,
+            challenge.detail,
+            invoice.bolt11,
+            macaroon,
+            invoice.expires_at,
+        )
+        if kind is None:
+            kind = paywall.body_kind(get(request.fields, "Accept"))
+        page = None
+        if kind == "html":
+            page = paywall.render_page(
+                paywall.PageFacts(
+                    service=rule.name,
+                    description=rule.description,
+                    price_sat=rule.price_sat,
+                    valid_for=rule.valid_for,
+                    scope=paywall.scope_path(rule),
+                    bolt11=invoice.bolt11,
+                    macaroon=macaroon,
+                    expires_at=invoice.expires_at,
+                    now=now,
+                    status=challenge.status,
+                    reason=challenge.reason,
+                    return_to=return_to,
+                )
+            )
+        answer = challenge_answer(challenge.status, body, kind, macaroon, invoice.bolt11, page)
+        for cookie in set_cookies:
+            answer.add("Set-Cookie", cookie)
+        if kind == "html":
+            # Only this browser may later collect the token by the invoice being paid.
+            claim_age = int(invoice.expires_at - now) + paywall.CLAIM_GRACE_SECONDS
+            answer.add(
+                "Set-Cookie",
+                paywall.claim_cookie(
+                    self.secret, identifier.token_id, max_age=claim_age, secure=request.secure
+                ),
+            )
+        answer = answer.for_method(request.method)
+        answer.note = {
+            "service": rule.name,
+            "variant": "challenge",
+            "status": challenge.status,
+            "reason": challenge.reason,
+        }
+        return answer
+
+    def rule_named(self, services: Sequence[str]) -> Rule | None:
+        """The priced rule a token was sold for (its services= caveat names it)."""
+        if self.rules is None:
+            return None
+        for rule in self.rules.rules:
+            if rule.name in services and rule.mode in PRICED_MODES:
+                return rule
+        return None
