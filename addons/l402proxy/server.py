@@ -25,6 +25,7 @@ from .engine import answers as engine_answers
 from .engine.request import (
     WatchedHeaders,
     is_our_authorization,
+    take_our_cookies,
 )
 from .engine.request import (
     drop_our_authorization as drop_our_fields,
@@ -388,6 +389,11 @@ class L402Server:
             flow.comment = outcome.comment
         if isinstance(outcome, Answer):
             flow.response = to_response(outcome)
+            # Not forwarded, but the flow is still recorded (flow files, mitmweb, other
+            # addons): our credential and cookies leave it as they would a forwarded one.
+            kept, _ = take_our_cookies(drop_our_fields(fields))
+            if kept is not fields:
+                flow.request.headers.fields = kept
             return
         request = flow.request
         if outcome.headers is not fields:

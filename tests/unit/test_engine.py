@@ -2,9 +2,11 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 from l402proxy.engine.answers import Answer, mark_variant
 from l402proxy.engine.request import drop_upgrade, set_one, take_our_cookies
+from tests.unit.test_server_addon import RULES, flow_for, server_on
 
 
 def test_engine_imports_without_mitmproxy() -> None:
@@ -38,3 +40,24 @@ def test_plain_helpers_leave_unrelated_fields_alone() -> None:
     assert take_our_cookies(((b"Cookie", b"a=b"),)) == (((b"Cookie", b"a=b"),), {})
     marked = mark_variant(((b"Content-Type", b"text/html"),), paid=True)
     assert (b"Cache-Control", b"private") in marked
+
+
+def test_an_answer_header_may_carry_raw_bytes() -> None:
+    # /.l402/pay?return=/%FF: the Location of the 303 holds the byte as mitmproxy decoded it;
+    # a strict encode made that a 503 with a traceback.
+    answer = Answer.make(303, b"", {"Location": "/\udcff"})
+    assert (b"Location", b"/\xff") in answer.headers
+
+
+async def test_a_request_the_engine_answers_keeps_no_credential_of_ours(tmp_path: Path) -> None:
+    """Not forwarded, but recorded (flow files, mitmweb, other addons): our Authorization and
+    cookies leave the flow as they leave a forwarded one; the origin's Basic stays."""
+    async with server_on(tmp_path, RULES) as addon:
+        flow = flow_for("/episodes/ep1.mp3")
+        flow.request.headers.add("Authorization", "L402 bogus:00")
+        flow.request.headers.add("Authorization", "Basic dTpw")
+        flow.request.headers["Cookie"] = "L402_podcast=x:00; theme=dark"
+        await addon.request(flow)
+        assert flow.response is not None and flow.response.status_code == 401
+        assert flow.request.headers.get_all("Authorization") == ["Basic dTpw"]
+        assert flow.request.headers["Cookie"] == "theme=dark"

@@ -38,7 +38,11 @@ class Answer:
         headers: Mapping[str, str] | Sequence[tuple[bytes, bytes]] = (),
     ) -> "Answer":
         if isinstance(headers, Mapping):
-            fields = [(name.encode(), value.encode()) for name, value in headers.items()]
+            # surrogateescape: a Location built from a query may carry raw bytes (`/%FF`).
+            fields = [
+                (name.encode(), value.encode("utf-8", "surrogateescape"))
+                for name, value in headers.items()
+            ]
         else:
             fields = list(headers)
         # Where mitmproxy's Response.make puts it, so every door sends the same bytes.
