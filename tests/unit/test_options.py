@@ -5,8 +5,9 @@ load() declares them; `deferred()` below puts them there as mitmdump's command l
 registers the addon as mitmproxy's script loader does.
 """
 
+import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,25 @@ def deferred(tctx: taddons.context, addon: Addon, *specs: str, **config: object)
 
 def rules_set(*specs: str) -> tuple[str, ...]:
     return (f"l402_rules={RULES}", *specs)
+
+
+@contextlib.asynccontextmanager
+async def running_server(tmp_path: Path, tctx: taddons.context) -> AsyncIterator[L402Server]:
+    """The server addon started as mitmdump starts it (deferred options, then running)."""
+    server = L402Server()
+    deferred(
+        tctx,
+        server,
+        *rules_set(
+            f"l402_store={tmp_path / 'server.sqlite'}",
+            f"l402_dev_ledger={tmp_path / 'devledger.sqlite'}",
+        ),
+    )
+    await server.running()
+    try:
+        yield server
+    finally:
+        await server.done()
 
 
 # -- what each addon declares ------------------------------------------------------------------
@@ -274,17 +294,7 @@ def test_before_running_a_refusal_is_logged_and_accept_clears_it(
 async def test_a_server_cleared_of_its_rules_while_running_keeps_them(
     tmp_path: Path, tctx: taddons.context
 ) -> None:
-    server = L402Server()
-    deferred(
-        tctx,
-        server,
-        *rules_set(
-            f"l402_store={tmp_path / 'server.sqlite'}",
-            f"l402_dev_ledger={tmp_path / 'devledger.sqlite'}",
-        ),
-    )
-    await server.running()
-    try:
+    async with running_server(tmp_path, tctx) as server:
         assert server.started
         rules = server.rules
         with pytest.raises(exceptions.OptionsError, match="l402_rules: not set"):
@@ -295,8 +305,6 @@ async def test_a_server_cleared_of_its_rules_while_running_keeps_them(
             ctx.options.update(l402_store=str(tmp_path / "other.sqlite"))
         assert ctx.options.l402_store == str(tmp_path / "server.sqlite")
         assert not server.misconfigured
-    finally:
-        await server.done()
 
 
 # -- stopping mitmproxy at startup ---------------------------------------------------------------
@@ -397,19 +405,7 @@ def test_stream_large_bodies_is_refused_at_start(
 async def test_stream_large_bodies_is_refused_while_running(
     tmp_path: Path, tctx: taddons.context
 ) -> None:
-    server = L402Server()
-    deferred(
-        tctx,
-        server,
-        *rules_set(
-            f"l402_store={tmp_path / 'server.sqlite'}",
-            f"l402_dev_ledger={tmp_path / 'devledger.sqlite'}",
-        ),
-    )
-    await server.running()
-    try:
+    async with running_server(tmp_path, tctx):
         with pytest.raises(exceptions.OptionsError, match="stream_large_bodies: not with"):
             ctx.options.update(stream_large_bodies="1k")
         assert not ctx.options.stream_large_bodies
-    finally:
-        await server.done()
