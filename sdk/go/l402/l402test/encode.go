@@ -149,6 +149,8 @@ func appendTagged(data []byte, tag byte, value []byte) []byte {
 	return append(data, value...)
 }
 
+// polymod is bech32's checksum, written here again on purpose: an encoder that borrowed the
+// decoder's code would agree with a bug in it, and the tests would not see it.
 func polymod(values []byte) uint32 {
 	generator := [5]uint32{0x3b6a57b2, 0x26508e6d, 0x1ea119fa, 0x3d4233dd, 0x2a1462b3}
 	chk := uint32(1)
