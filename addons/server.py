@@ -6,6 +6,6 @@ from pathlib import Path
 # Running from a checkout without `pip install`: make the package beside this file importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from l402proxy.server import L402Server
+from l402proxy.doors.mitmproxy import L402Server
 
 addons = [L402Server()]

@@ -7,6 +7,7 @@ objects, and every `RulesError` names the file and the line.
 
 import difflib
 import fnmatch
+import functools
 import ipaddress
 import os
 import re
@@ -241,6 +242,15 @@ class Rule:
 class RuleSet:
     rules: tuple[Rule, ...]
     source: str
+
+    @functools.cached_property
+    def vouched_headers(self) -> frozenset[bytes]:
+        """Lower-case names of the headers some rule's paid variant sets (paid.set_headers).
+        The paywall vouches for them: a client must never send one to the origin itself, or
+        `X-Ad-Free: 1` would buy the paid variant for nothing."""
+        return frozenset(
+            name.lower().encode() for rule in self.rules for name in rule.paid.set_headers
+        )
 
     def match(self, host: str, path: str, method: str) -> Rule | None:
         """The first rule covering the request, in file order, or None.

@@ -14,7 +14,7 @@ import pytest
 from mitmproxy import http
 
 from l402proxy import paywall
-from l402proxy.server import L402Server
+from l402proxy.doors.mitmproxy import L402Server
 
 from .test_server_addon import RULES, challenge, claim_for, flow_for, server_on
 

@@ -4,9 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from l402proxy.engine import Forward, Paywall, Request
 from l402proxy.engine.answers import Answer, mark_variant
 from l402proxy.engine.request import drop_upgrade, set_one, take_our_cookies
-from tests.unit.test_server_addon import RULES, flow_for, server_on
+from tests.unit.test_server_addon import REPO, RULES, flow_for, server_on
 
 
 def test_engine_imports_without_mitmproxy() -> None:
@@ -61,3 +62,31 @@ async def test_a_request_the_engine_answers_keeps_no_credential_of_ours(tmp_path
         assert flow.response is not None and flow.response.status_code == 401
         assert flow.request.headers.get_all("Authorization") == ["Basic dTpw"]
         assert flow.request.headers["Cookie"] == "theme=dark"
+
+
+async def test_a_header_the_paid_variant_sets_never_comes_from_the_client(tmp_path: Path) -> None:
+    """rules/api.yaml's premium variant sets X-L402-Tier: premium. A client that sends it itself
+    must not get the premium tier from the origin: on a free rule, a path no rule covers, or a
+    request with a (forged) credential, in any spelling and any number of fields."""
+    engine = Paywall()
+    engine.use_rules_file(str(REPO / "rules" / "api.yaml"))
+    engine.use_backend("dev", dev_ledger=str(tmp_path / "devledger.sqlite"))
+    engine.store_uri = str(tmp_path / "server.sqlite")
+    await engine.open()
+    try:
+        for path in ("/api/health", "/elsewhere", "/api/quotes/1"):
+            fields = (
+                (b"Host", b"api.example"),
+                (b"x-l402-tier", b"premium"),
+                (b"X-L402-TIER", b"premium"),
+                (b"Accept", b"*/*"),
+            )
+            outcome = await engine.handle(
+                Request(method="GET", target=path, host="api.example", fields=fields)
+            )
+            if isinstance(outcome, Forward):
+                assert outcome.headers == ((b"Host", b"api.example"), (b"Accept", b"*/*")), path
+            else:
+                assert outcome.status == 402, path
+    finally:
+        await engine.close()

@@ -36,7 +36,7 @@ from l402proxy.l402.headers import (
 from l402proxy.l402.identifier import Identifier
 from l402proxy.l402.token import UNLISTED_CAPABILITY, caveats_for, mint, verify
 from l402proxy.rules import parse_rules
-from l402proxy.server import L402Server
+from l402proxy.doors.mitmproxy import L402Server
 from l402proxy.store import ServerStore, StoreError, open_server_store
 from l402proxy.upstream import DEFAULT_TIMEOUT, METADATA, UpstreamGuard, gateway_response
 

@@ -27,7 +27,7 @@ from l402proxy.options import (
     mitmproxy_is_starting,
     unknown_option,
 )
-from l402proxy.server import L402Server
+from l402proxy.doors.mitmproxy import L402Server
 
 RULES = REPO / "rules" / "podcast.yaml"
 Addon = L402Server | L402Client

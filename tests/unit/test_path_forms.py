@@ -20,7 +20,7 @@ from l402proxy.rules import (
     parse_rules,
     path_forms,
 )
-from l402proxy.server import L402Server, drop_our_authorization, is_our_authorization
+from l402proxy.doors.mitmproxy import L402Server, drop_our_authorization, is_our_authorization
 from tests.unit.test_server_addon import CountingBackend, flow_for, server_on
 
 RULES = r"""

@@ -5,7 +5,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
-from l402proxy.server import L402Server, WatchedHeaders, check_target, drop_upgrade
+from l402proxy.doors.mitmproxy import L402Server, WatchedHeaders, check_target, drop_upgrade
 
 
 def request(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mitmproxy.test import taddons
 
-from l402proxy.server import L402Server
+from l402proxy.doors.mitmproxy import L402Server
 from tests.unit.test_server_addon import RULES, limited_server, server_on
 
 # (file content, line the message must name): each crashed load_rules with something other

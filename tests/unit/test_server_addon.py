@@ -31,7 +31,7 @@ from l402proxy.lightning.base import (
     LookupUnsupported,
     NodeInfo,
 )
-from l402proxy.server import L402Server, mark_variant
+from l402proxy.doors.mitmproxy import L402Server, mark_variant
 
 RULES = REPO / "rules" / "podcast.yaml"
 

@@ -34,6 +34,7 @@ from .request import (
     WatchedHeaders,
     drop_our_authorization,
     drop_upgrade,
+    drop_vouched,
     get,
     set_one,
     take_our_cookies,
@@ -93,7 +94,11 @@ class Paywall:
     use_backend, store_uri, offer_upgrade), `await open()`, then `await handle(request)` per
     request; `await close()` at the end. Not thread-safe: one event loop drives it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, door: str = "mitmproxy", no_upstream: str | None = None) -> None:
+        # The front door, for messages; `no_upstream` says why a paid variant cannot switch to
+        # another origin through this door (None: it can), so such rules are refused.
+        self.door = door
+        self.no_upstream = no_upstream
         self.rules: RuleSet | None = None
         self.rules_path = ""
         self.rules_signature: tuple[int, int] | None = None
@@ -125,6 +130,9 @@ class Paywall:
                 "not set: give the rules file, --set l402_rules=<file> (see rules/*.yaml)"
             )
         rules = load_rules(path)
+        refused = self.unsupported_rule(rules)
+        if refused is not None:
+            raise refused
         signature = file_signature(path)
         log.info(f"l402: {len(rules.rules)} priced service(s) from {path}")
         warn_about_rules(rules)
@@ -133,6 +141,21 @@ class Paywall:
             raise RulesError("; ".join(problems))
         self.rules, self.rules_path, self.rules_signature = rules, path, signature
         return rules
+
+    def unsupported_rule(self, rules: RuleSet) -> RulesError | None:
+        """The first rule this door cannot serve as written (a paid variant on another origin
+        where the door has only one), as the error naming its file and line."""
+        if self.no_upstream is None:
+            return None
+        for rule in rules.rules:
+            if rule.paid.upstream is not None:
+                return RulesError(
+                    f"paid.upstream is not possible with the {self.door} door: {self.no_upstream}",
+                    source=rules.source,
+                    line=rule.line,
+                    service=rule.name,
+                )
+        return None
 
     def use_backend(self, uri: str, dev_ledger: str) -> bool:
         """Open the invoice backend `uri` (False: it is the one in use already). LightningError
@@ -246,7 +269,8 @@ class Paywall:
                 f"l402: kept the previous rules; the edited file is broken: {path}: {problem}"
             )
             return
-        problems = prices_out_of_range(rules, self.node)
+        refused = self.unsupported_rule(rules)
+        problems = [str(refused)] if refused is not None else prices_out_of_range(rules, self.node)
         if problems:
             log.warning(
                 f"l402: kept the previous rules; the edited file {path}: {'; '.join(problems)}"
@@ -261,9 +285,13 @@ class Paywall:
     def root_key_for(self, token_id: bytes) -> bytes:
         return derive_root_key(self.secret, token_id)
 
-    async def handle(self, request: Request) -> Outcome:
+    async def handle(self, request: Request, *, mint: bool = True) -> Outcome:
         """Answer the request, or say how to forward it. Never raises for a request: what the
-        engine cannot judge is answered (503, fail closed), never forwarded."""
+        engine cannot judge is answered (503, fail closed), never forwarded.
+
+        mint=False judges without making an invoice: a request that would get a challenge gets
+        an Answer with the challenge's status, no headers, no body and note["deferred"] set
+        (nginx's auth_request asks first, then fetches the real answer in a second request)."""
         if paywall.is_endpoint(request.target):
             from .endpoints import endpoint  # the endpoints import this module
 
@@ -288,6 +316,10 @@ class Paywall:
             fields, cookies = take_our_cookies(fields)
         if self.rules is None:
             return Forward(fields)
+        vouched = self.rules.vouched_headers
+        if vouched:
+            # Headers a paid variant sets come from the paywall only, on every request.
+            fields = drop_vouched(fields, vouched)
         try:
             rule = self.rules.match(request.host, request.target, request.method)
         except PathError as exc:
@@ -301,7 +333,7 @@ class Paywall:
         if not self.ready.is_set():
             await self.ready.wait()
         try:
-            return await self._judge(request, fields, rule, seen, cookies)
+            return await self._judge(request, fields, rule, seen, cookies, mint)
         except Exception:
             # Fail closed: forwarding a priced request we could not judge would give it away.
             log.exception(f"l402: internal error on {request.method} {request.target}")
@@ -314,6 +346,7 @@ class Paywall:
         rule: Rule,
         seen: WatchedHeaders,
         cookies: Mapping[str, str],
+        mint: bool = True,
     ) -> Outcome:
         authorization = seen.authorization
         cookie = cookies.get(paywall.cookie_name(rule.name)) if cookies else None
@@ -348,6 +381,12 @@ class Paywall:
                 return answer
             case gate.Grant():
                 return self._grant(request, fields, decision, from_cookie=from_cookie)
+            case gate.Challenge() if not mint:
+                return Answer(
+                    decision.status,
+                    [],
+                    note={"service": rule.name, "variant": "challenge", "deferred": True},
+                )
             case gate.Challenge():
                 return await self.challenge(request, decision, set_cookies=clear_cookies)
             case gate.Free():

@@ -149,6 +149,13 @@ def drop_our_authorization(fields: Fields) -> Fields:
     return fields if len(kept) == len(fields) else kept
 
 
+def drop_vouched(fields: Fields, names: frozenset[bytes]) -> Fields:
+    """Remove every field whose lower-case name is in `names` (the headers a paid variant
+    sets: only the paywall may send them to the origin). The same tuple back if none was there."""
+    kept = tuple(field for field in fields if field[0].lower() not in names)
+    return fields if len(kept) == len(fields) else kept
+
+
 def drop_upgrade(fields: Fields) -> Fields:
     """Remove an Upgrade to anything but WebSocket (h2c, above all), with its Connection tokens
     and HTTP2-Settings. After a 101 a proxy tunnels the connection's raw bytes: the requests

@@ -19,26 +19,26 @@ from urllib.parse import urlsplit
 from mitmproxy import ctx, http
 from mitmproxy.net.http import status_codes
 
-from . import gate, paths, paywall
-from .engine import Answer, Outcome, Paywall, Refused, Request, StartError
-from .engine import answers as engine_answers
-from .engine.request import (
+from .. import gate, paths, paywall
+from ..engine import Answer, Outcome, Paywall, Refused, Request, StartError
+from ..engine import answers as engine_answers
+from ..engine.request import (
     WatchedHeaders,
     is_our_authorization,
     take_our_cookies,
 )
-from .engine.request import (
+from ..engine.request import (
     drop_our_authorization as drop_our_fields,
 )
-from .engine.request import (
+from ..engine.request import (
     drop_upgrade as drop_upgrade_fields,
 )
-from .lightning import InvoiceBackend, LightningError
-from .lightning.base import NodeInfo
-from .options import OptionGuard
-from .rules import RulesError, RuleSet
-from .store import ServerStore
-from .upstream import DEFAULT_TIMEOUT, UpstreamGuard, upstream_timeout_problem
+from ..lightning import InvoiceBackend, LightningError
+from ..lightning.base import NodeInfo
+from ..options import OptionGuard
+from ..rules import RulesError, RuleSet
+from ..store import ServerStore
+from ..upstream import DEFAULT_TIMEOUT, UpstreamGuard, upstream_timeout_problem
 
 log = logging.getLogger(__name__)
 
