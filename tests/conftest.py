@@ -126,3 +126,17 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         sys.stderr.write(f"\nthreads left running after the tests (not closed?): {alive}\n")
         sys.stderr.flush()
         os._exit(_exit_status or 1)
+
+
+# A real PostgreSQL for the whole session, started on first use (tests/postgres.py). Imported
+# here, at the end, so that the fixtures and hooks above come first.
+from collections.abc import Iterator  # noqa: E402
+
+from tests.postgres import PostgresServer, running_postgres  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A running PostgreSQL cluster: skipped here, failed in CI, when PostgreSQL is missing."""
+    with running_postgres() as server:
+        yield server

@@ -12,10 +12,17 @@ from l402proxy.store import (
     IssuedToken,
     ServerStore,
     StoreError,
+    TokenStore,
     open_server_store,
     sqlite_path_from_uri,
 )
 from l402proxy.store import sqlite as store_sqlite
+from tests.postgres import PostgresServer
+
+# The contract: what every server store does, whatever its database. Tests that take `store`,
+# `other` or `store_uri` run once per store; the SQLite-only ones take `db_path` or
+# `sqlite_store`. PostgreSQL-only behaviour is in test_postgres_store.py.
+STORES = ["sqlite", "postgresql"]
 
 
 def make_token(
@@ -51,16 +58,32 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "server.sqlite"
 
 
+@pytest.fixture(params=STORES)
+async def store_uri(request: pytest.FixtureRequest, db_path: Path) -> str:
+    """A fresh store's `l402_store` value: a SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(db_path)
+    postgres: PostgresServer = request.getfixturevalue("postgres")
+    return await postgres.new_database()
+
+
 @pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[ServerStore]:
-    opened = await ServerStore.open(str(db_path))
+async def store(store_uri: str) -> AsyncIterator[TokenStore]:
+    opened = await open_server_store(store_uri)
     yield opened
     await opened.close()
 
 
 @pytest.fixture
-async def other(db_path: Path, store: ServerStore) -> AsyncIterator[ServerStore]:
-    """A second instance on the same file, standing in for the CLI or another proxy."""
+async def other(store_uri: str, store: TokenStore) -> AsyncIterator[TokenStore]:
+    """A second instance on the same store, standing in for the CLI or another proxy."""
+    opened = await open_server_store(store_uri)
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+async def sqlite_store(db_path: Path) -> AsyncIterator[ServerStore]:
     opened = await ServerStore.open(str(db_path))
     yield opened
     await opened.close()
@@ -69,22 +92,22 @@ async def other(db_path: Path, store: ServerStore) -> AsyncIterator[ServerStore]
 # --- secret -------------------------------------------------------------------------------
 
 
-async def test_secret_is_stable_across_reopen(db_path: Path) -> None:
-    first = await ServerStore.open(str(db_path))
+async def test_secret_is_stable_across_reopen(store_uri: str) -> None:
+    first = await open_server_store(store_uri)
     secret = await first.secret()
     assert len(secret) == 32
     assert await first.secret() == secret
     await first.close()
 
-    second = await ServerStore.open(str(db_path))
+    second = await open_server_store(store_uri)
     assert await second.secret() == secret
     await second.close()
 
 
-async def test_instances_opening_a_fresh_file_together_agree_on_the_secret(
-    db_path: Path,
+async def test_instances_opening_a_fresh_store_together_agree_on_the_secret(
+    store_uri: str,
 ) -> None:
-    stores = await asyncio.gather(*(ServerStore.open(str(db_path)) for _ in range(4)))
+    stores = await asyncio.gather(*(open_server_store(store_uri) for _ in range(4)))
     try:
         secrets = await asyncio.gather(*(s.secret() for s in stores))
     finally:
@@ -92,10 +115,11 @@ async def test_instances_opening_a_fresh_file_together_agree_on_the_secret(
     assert len(set(secrets)) == 1
 
 
-async def test_processes_opening_a_fresh_file_together_agree_on_the_secret(
-    db_path: Path,
+async def test_processes_opening_a_fresh_store_together_agree_on_the_secret(
+    store_uri: str,
 ) -> None:
-    # Separate processes take SQLite's file locks for real (one process shares them).
+    # Separate processes take SQLite's file locks for real (one process shares them), and
+    # PostgreSQL's advisory locks from separate sessions.
     script = (
         "import asyncio, sys\n"
         "from l402proxy.store import open_server_store\n"
@@ -110,7 +134,7 @@ async def test_processes_opening_a_fresh_file_together_agree_on_the_secret(
             sys.executable,
             "-c",
             script,
-            str(db_path),
+            store_uri,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -119,7 +143,7 @@ async def test_processes_opening_a_fresh_file_together_agree_on_the_secret(
     outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), 20)
     assert [p.returncode for p in procs] == [0, 0], [err.decode() for _, err in outputs]
     secrets = {out.decode().strip() for out, _ in outputs}
-    mine = await ServerStore.open(str(db_path))
+    mine = await open_server_store(store_uri)
     secrets.add((await mine.secret()).hex())
     await mine.close()
     assert len(secrets) == 1
@@ -129,7 +153,7 @@ async def test_processes_opening_a_fresh_file_together_agree_on_the_secret(
 
 
 async def test_note_issued_is_written_by_flush_and_listed_newest_first(
-    store: ServerStore, other: ServerStore
+    store: TokenStore, other: TokenStore
 ) -> None:
     tokens = [make_token(created_at=1_000.0 + i, valid_until=5_000.0 + i) for i in range(3)]
     for token in tokens:
@@ -143,7 +167,7 @@ async def test_note_issued_is_written_by_flush_and_listed_newest_first(
     assert await other.list_tokens() == list(reversed(tokens))
 
 
-async def test_list_tokens_filters_by_service_and_limits(store: ServerStore) -> None:
+async def test_list_tokens_filters_by_service_and_limits(store: TokenStore) -> None:
     for i in range(5):
         store.note_issued(make_token(service="podcast", created_at=100.0 + i))
         store.note_issued(make_token(service="api", created_at=100.5 + i))
@@ -162,15 +186,16 @@ async def test_list_tokens_filters_by_service_and_limits(store: ServerStore) -> 
         await store.list_tokens(limit=0)
 
 
-async def test_list_tokens_includes_this_process_queue(store: ServerStore) -> None:
+async def test_list_tokens_includes_this_process_queue(store: TokenStore) -> None:
     token = make_token()
     store.note_issued(token)
     assert await store.list_tokens() == [token]
 
 
 async def test_flush_writes_the_whole_queue_in_one_transaction(
-    store: ServerStore, db_path: Path
+    sqlite_store: ServerStore, db_path: Path
 ) -> None:
+    store = sqlite_store
     tokens = [make_token(created_at=float(i)) for i in range(50)]
     for token in tokens:
         store.note_issued(token)
@@ -193,8 +218,9 @@ async def test_flush_writes_the_whole_queue_in_one_transaction(
 
 
 async def test_flush_keeps_the_queue_when_the_database_is_busy(
-    store: ServerStore, db_path: Path
+    sqlite_store: ServerStore, db_path: Path
 ) -> None:
+    store = sqlite_store
     first = [make_token(created_at=float(i)) for i in range(3)]
     for token in first:
         store.note_issued(token)
@@ -202,12 +228,14 @@ async def test_flush_keeps_the_queue_when_the_database_is_busy(
     assert store._db is not None
     await store._db.execute("PRAGMA busy_timeout = 0")  # fail at once instead of after 5 s
 
+    assert store.healthy
     blocker = sqlite3.connect(db_path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     try:
         with pytest.raises(StoreError, match="locked"):
             await store.flush()
         assert store.pending == 4
+        assert not store.healthy
         later = make_token(created_at=10.0)
         store.note_issued(later)
     finally:
@@ -216,17 +244,18 @@ async def test_flush_keeps_the_queue_when_the_database_is_busy(
 
     await store.flush()
     assert store.pending == 0
+    assert store.healthy
     listed = await store.list_tokens()
     assert [t.token_id for t in listed] == [later.token_id] + [t.token_id for t in reversed(first)]
     assert {t.token_id: t.paid_at for t in listed}[first[0].token_id] == 1_500.0
 
 
-async def test_flush_is_a_no_op_when_nothing_is_queued(store: ServerStore) -> None:
+async def test_flush_is_a_no_op_when_nothing_is_queued(store: TokenStore) -> None:
     await store.flush()
     assert await store.list_tokens() == []
 
 
-async def test_note_paid_keeps_the_earliest_sighting(store: ServerStore) -> None:
+async def test_note_paid_keeps_the_earliest_sighting(store: TokenStore) -> None:
     token = make_token()
     store.note_issued(token)
     store.note_paid(token.token_id, 2_000.0)
@@ -240,8 +269,8 @@ async def test_note_paid_keeps_the_earliest_sighting(store: ServerStore) -> None
     assert listed.paid_at == 1_500.0
 
 
-async def test_close_flushes_the_queue(db_path: Path) -> None:
-    first = await ServerStore.open(str(db_path))
+async def test_close_flushes_the_queue(store_uri: str) -> None:
+    first = await open_server_store(store_uri)
     token = make_token()
     first.note_issued(token)
     await first.close()
@@ -249,12 +278,12 @@ async def test_close_flushes_the_queue(db_path: Path) -> None:
     with pytest.raises(StoreError, match="closed"):
         first.note_issued(make_token())
 
-    second = await ServerStore.open(str(db_path))
+    second = await open_server_store(store_uri)
     assert await second.list_tokens() == [token]
     await second.close()
 
 
-async def test_bad_records_are_rejected_when_queued(store: ServerStore) -> None:
+async def test_bad_records_are_rejected_when_queued(store: TokenStore) -> None:
     with pytest.raises(ValueError, match="token_id"):
         store.note_issued(make_token(token_id=b"short"))
     with pytest.raises(ValueError, match="payment_hash"):
@@ -273,7 +302,7 @@ async def test_bad_records_are_rejected_when_queued(store: ServerStore) -> None:
     "form",
     ["token_id", "TOKEN_ID", "payment_hash", "token_prefix", "hash_prefix_odd", "padded"],
 )
-async def test_revoke_by_every_reference_form(store: ServerStore, form: str) -> None:
+async def test_revoke_by_every_reference_form(store: TokenStore, form: str) -> None:
     token = make_token(valid_until=9e12)
     decoy = make_token(valid_until=9e12)
     store.note_issued(token)
@@ -298,7 +327,7 @@ async def test_revoke_by_every_reference_form(store: ServerStore, form: str) -> 
     assert statuses == {token.token_id: "revoked", decoy.token_id: "unpaid"}
 
 
-async def test_revoke_prefix_bounds_are_exact(store: ServerStore) -> None:
+async def test_revoke_prefix_bounds_are_exact(store: TokenStore) -> None:
     inside = make_token(token_id=bytes.fromhex("abcdef01") + os.urandom(28))
     below = make_token(token_id=bytes.fromhex("abcdef00") + b"\xff" * 28)
     above = make_token(token_id=bytes.fromhex("abcdef02") + bytes(28))
@@ -312,7 +341,7 @@ async def test_revoke_prefix_bounds_are_exact(store: ServerStore) -> None:
     assert [t.token_id for t in await store.revoke("fffffffff", 1.0)] == [top.token_id]
 
 
-async def test_revoke_ambiguous_prefix_says_how_many_match(store: ServerStore) -> None:
+async def test_revoke_ambiguous_prefix_says_how_many_match(store: TokenStore) -> None:
     shared = bytes.fromhex("0123456789")
     tokens = [make_token(token_id=shared + os.urandom(27)) for _ in range(3)]
     for token in tokens:
@@ -327,7 +356,7 @@ async def test_revoke_ambiguous_prefix_says_how_many_match(store: ServerStore) -
     assert one.token_id == tokens[1].token_id
 
 
-async def test_revoke_with_no_match_or_bad_reference(store: ServerStore) -> None:
+async def test_revoke_with_no_match_or_bad_reference(store: TokenStore) -> None:
     store.note_issued(make_token(token_id=bytes(32), payment_hash=bytes(32)))
     await store.flush()
     with pytest.raises(StoreError) as no_match:
@@ -341,7 +370,7 @@ async def test_revoke_with_no_match_or_bad_reference(store: ServerStore) -> None
         await store.revoke("0" * 65, 1.0)
 
 
-async def test_revoke_is_idempotent_and_keeps_the_first_time(store: ServerStore) -> None:
+async def test_revoke_is_idempotent_and_keeps_the_first_time(store: TokenStore) -> None:
     token = make_token()
     store.note_issued(token)
     await store.flush()
@@ -355,7 +384,7 @@ async def test_revoke_is_idempotent_and_keeps_the_first_time(store: ServerStore)
     assert await store.revocations_since(cursor) == (cursor, set())
 
 
-async def test_revoke_unrecorded_full_token_id(store: ServerStore) -> None:
+async def test_revoke_unrecorded_full_token_id(store: TokenStore) -> None:
     # The issuance note may have been lost in a crash; the token must still be rejected.
     token_id = os.urandom(32)
     [revoked] = await store.revoke(token_id.hex().upper(), 50.0)
@@ -374,7 +403,7 @@ async def test_revoke_unrecorded_full_token_id(store: ServerStore) -> None:
     assert await store.revocations_since(cursor) == (cursor, set())
 
 
-async def test_revocations_since_across_instances(store: ServerStore, other: ServerStore) -> None:
+async def test_revocations_since_across_instances(store: TokenStore, other: TokenStore) -> None:
     tokens = [make_token(created_at=float(i)) for i in range(3)]
     for token in tokens:
         store.note_issued(token)
@@ -395,6 +424,37 @@ async def test_revocations_since_across_instances(store: ServerStore, other: Ser
     assert ids == {tokens[1].token_id, tokens[2].token_id}
     assert newer > cursor
     assert await store.revocations_since(0) == (newer, {t.token_id for t in tokens})
+
+
+async def test_wait_for_revocations_then_revocations_since_sees_another_instance(
+    store: TokenStore, other: TokenStore
+) -> None:
+    """How the engine follows revocations: wait (SQLite: a sleep; PostgreSQL: until notified,
+    or its listening connection is up), then read what is new since its cursor."""
+    token = make_token()
+    store.note_issued(token)
+    await store.flush()
+    cursor, _ = await store.revocations_since(0)
+
+    await other.revoke(token.token_id.hex(), 1.0)
+    await asyncio.wait_for(store.wait_for_revocations(0.2), 10)
+
+    assert (await store.revocations_since(cursor))[1] == {token.token_id}
+
+
+async def test_a_working_store_is_healthy(store: TokenStore) -> None:
+    assert store.healthy
+    store.note_issued(make_token())
+    await store.flush()
+    await store.flush()  # nothing queued
+    assert store.healthy
+
+
+async def test_a_closed_store_refuses_to_wait(store_uri: str) -> None:
+    opened = await open_server_store(store_uri)
+    await opened.close()
+    with pytest.raises(StoreError, match="closed"):
+        await opened.wait_for_revocations(0.1)
 
 
 # --- IssuedToken.to_json ------------------------------------------------------------------
@@ -452,7 +512,8 @@ async def test_existing_loose_file_is_made_private(db_path: Path) -> None:
     assert mode(db_path) == 0o600
 
 
-async def test_pragmas(store: ServerStore) -> None:
+async def test_pragmas(sqlite_store: ServerStore) -> None:
+    store = sqlite_store
     assert store._db is not None
 
     async def pragma(name: str) -> object:
@@ -583,18 +644,13 @@ def test_uri_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ("sqlite:///a.sqlite?mode=ro", "query parameters"),
         ("mysql://db/tokens", "unsupported store URI scheme 'mysql'"),
         (":memory:", "must persist"),
+        # A file path is wanted here: only open_server_store takes PostgreSQL URIs.
+        ("postgresql://db/l402", "is a SQLite file"),
     ],
 )
 def test_bad_uris(uri: str, message: str) -> None:
     with pytest.raises(StoreError, match=message):
         sqlite_path_from_uri(uri)
-
-
-@pytest.mark.parametrize("uri", ["postgres://u@db/l402", "postgresql://db/l402", "POSTGRES://x"])
-async def test_postgres_is_not_available_yet(uri: str) -> None:
-    with pytest.raises(StoreError) as error:
-        await open_server_store(uri)
-    assert str(error.value) == "PostgreSQL store is not available yet; use a SQLite path"
 
 
 async def test_open_server_store_with_sqlite_uri(db_path: Path) -> None:

@@ -213,7 +213,7 @@ class Paywall:
             self.node = node
         self.tasks = [
             asyncio.create_task(self._every(FLUSH_SECONDS, self._flush)),
-            asyncio.create_task(self._every(REVOCATION_POLL_SECONDS, self._poll_revocations)),
+            asyncio.create_task(self._follow_revocations()),
             asyncio.create_task(self._every(RULES_POLL_SECONDS, self.reload_rules_if_changed)),
         ]
         self.started = True
@@ -229,12 +229,45 @@ class Paywall:
             await self.backend.close()
 
     async def _every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+        await self._repeat(job, lambda: asyncio.sleep(seconds))
+
+    async def _follow_revocations(self) -> None:
+        """Revocations reach this instance as soon as the store hears of them (PostgreSQL's
+        LISTEN/NOTIFY), at the latest after REVOCATION_POLL_SECONDS (SQLite: a poll)."""
+        assert self.store is not None
+        store = self.store
+        await self._repeat(
+            self._poll_revocations,
+            lambda: store.wait_for_revocations(REVOCATION_POLL_SECONDS),
+            pause=REVOCATION_POLL_SECONDS,
+        )
+
+    @staticmethod
+    async def _repeat(
+        job: Callable[[], Awaitable[None]],
+        wait: Callable[[], Awaitable[None]],
+        pause: float = 0.0,
+    ) -> None:
+        """Run `job` after each `wait`, for ever. A failure is logged once when it starts and
+        once when it ends (a database that is down for minutes must not flood the log), and
+        never ends the loop or takes the paywall down."""
+        name = getattr(job, "__name__", repr(job)).lstrip("_")
+        failing = False
         while True:
-            await asyncio.sleep(seconds)
             try:
+                await wait()
                 await job()
-            except Exception as exc:  # a background job must never die silently or take us down
-                log.warning(f"l402: background {getattr(job, '__name__', job)} failed: {exc}")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not failing:
+                    log.warning(f"l402: background {name} failed: {exc} (retrying quietly)")
+                    failing = True
+                await asyncio.sleep(pause)
+            else:
+                if failing:
+                    log.warning(f"l402: background {name} works again")
+                    failing = False
 
     async def _flush(self) -> None:
         assert self.store is not None
@@ -452,6 +485,10 @@ class Paywall:
     ) -> Answer:
         rule = challenge.rule
         assert self.backend is not None and self.store is not None
+        if not self.store.healthy:
+            # The token row could not be recorded (revocation, listing, the unlock endpoint):
+            # sell nothing until the store is back. Tokens sold before keep working.
+            return unavailable_answer("the token store is unreachable").for_method(request.method)
         try:
             invoice = await self.backend.create_invoice(
                 rule.price_sat, f"{rule.name}: {rule.description}", rule.invoice_expiry

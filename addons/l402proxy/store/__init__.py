@@ -1,8 +1,9 @@
-"""Persistence: the server's tokens and secret, the client's ledger and tokens (SQLite; a
-PostgreSQL server store later, for several proxy instances)."""
+"""Persistence: the server's tokens and secret (SQLite, or PostgreSQL for several instances
+sharing one state), the client's ledger and tokens (SQLite)."""
 
+from l402proxy.lightning.uri import redact
 from l402proxy.store.client import ClientStore, NewPayment, Payment
-from l402proxy.store.database import POSTGRES_UNAVAILABLE
+from l402proxy.store.database import TokenStore
 from l402proxy.store.sqlite import (
     MIGRATIONS,
     IssuedToken,
@@ -19,15 +20,31 @@ __all__ = [
     "Payment",
     "ServerStore",
     "StoreError",
+    "TokenStore",
+    "is_postgres_uri",
     "open_server_store",
+    "shown_store_uri",
     "sqlite_path_from_uri",
 ]
 
 
-async def open_server_store(uri: str) -> ServerStore:
-    """Open the store a `l402_store` value names: "" (default file), a path, or a URI."""
-    scheme = uri.strip().split(":", 1)[0].lower()
-    # Dispatch here so a PostgreSQL store can slot in beside SQLite without touching callers.
-    if scheme in ("postgres", "postgresql"):
-        raise StoreError(POSTGRES_UNAVAILABLE)
+def is_postgres_uri(uri: str) -> bool:
+    """Whether a `l402_store` value names a PostgreSQL database (postgres:// or postgresql://)."""
+    return uri.strip().split(":", 1)[0].lower() in ("postgres", "postgresql")
+
+
+def shown_store_uri(uri: str) -> str:
+    """A `l402_store` value fit for messages and logs: a PostgreSQL URI without its password
+    (redacted as backend URIs are); a SQLite path as given."""
+    return redact(uri) if is_postgres_uri(uri) else uri
+
+
+async def open_server_store(uri: str) -> TokenStore:
+    """Open the store a `l402_store` value names: "" (default file), a path, a sqlite:/// URI,
+    or a postgresql:// URI (see store/postgres.py)."""
+    if is_postgres_uri(uri):
+        # Imported here: asyncpg takes a tenth of a second to import, and SQLite is the default.
+        from l402proxy.store.postgres import PostgresServerStore
+
+        return await PostgresServerStore.open(uri)
     return await ServerStore.open(uri)

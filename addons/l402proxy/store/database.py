@@ -1,5 +1,7 @@
-"""What the server and client stores share: one private SQLite file, WAL, a versioned schema,
-and one transaction at a time on one aiosqlite connection."""
+"""What the stores share: for the SQLite stores (server and client), one private file, WAL, a
+versioned schema and one transaction at a time on one aiosqlite connection; for the two server
+stores (SQLite and PostgreSQL), their records, token references, the write-behind queue and the
+interface the engine and the CLI use (`TokenStore`)."""
 
 import asyncio
 import logging
@@ -11,8 +13,9 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Protocol, Self
 from urllib.parse import unquote, urlsplit
 
 import aiosqlite
@@ -22,8 +25,6 @@ from l402proxy.paths import ensure_parent
 log = logging.getLogger("l402proxy.store")
 
 BUSY_TIMEOUT_MS = 5000
-
-POSTGRES_UNAVAILABLE = "PostgreSQL store is not available yet; use a SQLite path"
 
 # A scheme needs two or more letters so that "C:" style prefixes are not taken for one.
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
@@ -49,7 +50,11 @@ def sqlite_path_from_uri(uri: str, default: str) -> Path:
         return Path(text).expanduser().absolute()
     scheme = match.group(1).lower()
     if scheme in ("postgres", "postgresql"):
-        raise StoreError(POSTGRES_UNAVAILABLE)
+        # Only the server's token store can live in PostgreSQL (open_server_store), and it
+        # never comes here: this store is one user's file.
+        raise StoreError(
+            "this store is a SQLite file; give a path (PostgreSQL holds only the server's tokens)"
+        )
     if scheme != "sqlite":
         raise StoreError(
             f"unsupported store URI scheme '{scheme}' (use a SQLite file path or "
@@ -259,3 +264,266 @@ class Database(ABC):
             return
         db, self._db = self._db, None
         await db.close()
+
+
+# --- what the two server stores (SQLite, PostgreSQL) share ------------------------------------
+
+SECRET_SIZE = 32
+ID_SIZE = 32
+MIN_PREFIX_LEN = 8
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token_id: bytes
+    payment_hash: bytes
+    service: str
+    price_sat: int
+    created_at: float
+    valid_until: float | None
+    paid_at: float | None = None
+    revoked_at: float | None = None
+    # False only for a revocation of a token this store never saw issued (its issuance
+    # note was lost); payment_hash, service, price_sat and created_at are then placeholders.
+    recorded: bool = True
+
+    def status(self, now: float | None = None) -> str:
+        """revoked | expired | paid | unpaid, as of `now` (default: the current time)."""
+        if self.revoked_at is not None:
+            return "revoked"
+        now = time.time() if now is None else now
+        # Expiry wins over paid: the status says whether the token still opens anything;
+        # paid_at still tells whether it was ever paid.
+        if self.valid_until is not None and self.valid_until <= now:
+            return "expired"
+        return "paid" if self.paid_at is not None else "unpaid"
+
+    def to_json(self, now: float | None = None) -> dict[str, Any]:
+        known = self.recorded
+        return {
+            "token_id": self.token_id.hex(),
+            "payment_hash": self.payment_hash.hex() if known else None,
+            "service": self.service if known else None,
+            "price_sat": self.price_sat if known else None,
+            "created_at": self.created_at if known else None,
+            "valid_until": self.valid_until,
+            "paid_at": self.paid_at,
+            "revoked_at": self.revoked_at,
+            "recorded": known,
+            "status": self.status(now),
+        }
+
+
+def token_from_row(row: Sequence[Any]) -> IssuedToken:
+    """An IssuedToken from (token_id, payment_hash, service, price_sat, created_at,
+    valid_until, paid_at, revoked_at)."""
+    return IssuedToken(
+        token_id=bytes(row[0]),
+        payment_hash=bytes(row[1]),
+        service=row[2],
+        price_sat=row[3],
+        created_at=row[4],
+        valid_until=row[5],
+        paid_at=row[6],
+        revoked_at=row[7],
+    )
+
+
+def prefix_range(prefix: str) -> tuple[bytes, bytes | None]:
+    """Hex prefix -> [low, high) bounds on 32-byte ids, so the lookup can use an index.
+
+    Both databases compare blobs (bytea) byte by byte, and a longer one sorts after its own
+    prefix, so every id starting with the prefix lies in [low, high). high is None when the
+    prefix is all 'f' (no upper bound).
+    """
+    pad = len(prefix) % 2  # an odd prefix ends mid-byte: extend it with a zero nibble
+    size = (len(prefix) + pad) // 2
+    value = int(prefix, 16)
+    low = (value << (4 * pad)).to_bytes(size, "big")
+    if value + 1 >= 16 ** len(prefix):
+        return low, None
+    return low, ((value + 1) << (4 * pad)).to_bytes(size, "big")
+
+
+def normalize_ref(ref: str) -> str:
+    """A token reference as given (token id, payment hash, or a prefix of either) -> lower-case
+    hex; StoreError says what is wrong with it."""
+    text = ref.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]+", text):
+        raise StoreError(f"token reference '{ref}' is not hexadecimal")
+    if len(text) < MIN_PREFIX_LEN:
+        raise StoreError(
+            f"token reference '{ref}' is too short: give at least {MIN_PREFIX_LEN} hex "
+            "characters of a token id or payment hash"
+        )
+    if len(text) > 2 * ID_SIZE:
+        raise StoreError(f"token reference '{ref}' is longer than a token id (64 hex characters)")
+    return text
+
+
+def revocation_target(ref: str, prefix: str, matches: Sequence[IssuedToken]) -> IssuedToken:
+    """The one token `ref` (normalized: `prefix`) names among the issued tokens it matches.
+
+    An unknown full 64-hex ref is taken as a token id anyway, since its issuance record may be
+    lost; the result then has recorded=False.
+    """
+    if len(matches) > 1:
+        raise StoreError(
+            f"'{ref}' is ambiguous: it matches {len(matches)} issued tokens; give more characters"
+        )
+    if matches:
+        return matches[0]
+    if len(prefix) == 2 * ID_SIZE:
+        return IssuedToken(
+            token_id=bytes.fromhex(prefix),
+            payment_hash=b"",
+            service="",
+            price_sat=0,
+            created_at=0.0,
+            valid_until=None,
+            recorded=False,
+        )
+    raise StoreError(f"no issued token matches '{ref}'")
+
+
+def warn_unrecorded(token: IssuedToken, prefix: str) -> None:
+    if not token.recorded:
+        log.warning(
+            "no issued token matches %s; revoked it as a token id anyway "
+            "(if it is a payment hash, this has no effect)",
+            prefix,
+        )
+
+
+def check_id(name: str, value: bytes) -> None:
+    if not isinstance(value, bytes) or len(value) != ID_SIZE:
+        raise ValueError(f"{name} must be {ID_SIZE} bytes")
+
+
+class RecordQueue(ABC):
+    """The server stores' write-behind queue: the 402 path and the paid path only append here
+    (never waiting on the database); `flush()` writes a batch and puts it back on failure.
+
+    Subclasses set `shown` (the store as messages name it), implement `_check_open()` and call
+    `_take_batch`, `_give_back` and `_flushed` from their flush.
+    """
+
+    # Records queued and not yet written, at most, of each kind. Every 402 queues one (anyone
+    # can ask for 402s), and a failing store keeps its batches for the next try, so without a
+    # bound a stranger could grow this while the database is unwritable. A flush every 0.25 s
+    # never comes near it; when it is reached the oldest records go (see _trim).
+    max_pending = 100_000
+
+    shown: str
+
+    def __init__(self) -> None:
+        self._pending_issued: list[IssuedToken] = []
+        self._pending_paid: list[tuple[bytes, float]] = []
+        self.dropped = 0  # records dropped at the bound since the store was opened
+        self._healthy = True
+
+    @abstractmethod
+    def _check_open(self) -> None:
+        """StoreError if the store is closed."""
+
+    def note_issued(self, token: IssuedToken) -> None:
+        """Queue a record of an issued token; `flush()` writes it. Never waits."""
+        self._check_open()
+        # Reject bad records now: one queued record failing a constraint would block every
+        # later flush, since failed batches are kept for the next try.
+        check_id("token_id", token.token_id)
+        check_id("payment_hash", token.payment_hash)
+        if token.price_sat < 0:
+            raise ValueError("price_sat must be >= 0")
+        if len(self._pending_issued) >= self.max_pending:
+            self._trim(self._pending_issued, "issued-token")
+        self._pending_issued.append(token)
+
+    def note_paid(self, token_id: bytes, when: float) -> None:
+        """Queue "first seen paid at `when`"; `flush()` writes it. Never waits."""
+        self._check_open()
+        check_id("token_id", token_id)
+        if len(self._pending_paid) >= self.max_pending:
+            self._trim(self._pending_paid, "paid-token")
+        self._pending_paid.append((token_id, when))
+
+    def _trim(self, pending: list[Any], what: str) -> None:
+        """Drop the oldest tenth of a full queue (at least one record), in one slice so that
+        a queue held at its bound costs O(1) per note.
+
+        Losing an issuance record loses a row of `tokens list` and revoking by payment hash
+        (revoking by token id still works); losing a paid note loses paid_at. Tokens still
+        verify: verifying never reads the store.
+        """
+        count = max(1, len(pending) - self.max_pending + 1, self.max_pending // 10)
+        del pending[:count]
+        self.dropped += count
+        log.warning(
+            "store %s: not written for a while; dropped the %d oldest queued %s records "
+            "(%d dropped since start)",
+            self.shown,
+            count,
+            what,
+            self.dropped,
+        )
+
+    @property
+    def pending(self) -> int:
+        """Records queued and not yet written."""
+        return len(self._pending_issued) + len(self._pending_paid)
+
+    @property
+    def healthy(self) -> bool:
+        """False from a failed `flush()` until one succeeds (PostgreSQL: also as soon as its
+        notification connection is lost). While False, records still queue (bounded) and
+        nothing queued is lost; `flush()` with nothing queued then checks the database, so
+        calling it periodically is what brings this back to True."""
+        return self._healthy
+
+    def _take_batch(self) -> tuple[list[IssuedToken], list[tuple[bytes, float]]]:
+        # Take the batch first: notes queued while a flush awaits go into the next one.
+        issued, self._pending_issued = self._pending_issued, []
+        paid, self._pending_paid = self._pending_paid, []
+        return issued, paid
+
+    def _give_back(self, issued: list[IssuedToken], paid: list[tuple[bytes, float]]) -> None:
+        """Put a batch that could not be written back in front of newer notes."""
+        self._pending_issued[:0] = issued
+        self._pending_paid[:0] = paid
+        # Kept for the next try, within the bound like everything queued.
+        if len(self._pending_issued) > self.max_pending:
+            self._trim(self._pending_issued, "issued-token")
+        if len(self._pending_paid) > self.max_pending:
+            self._trim(self._pending_paid, "paid-token")
+
+    def _set_healthy(self, ok: bool) -> None:
+        self._healthy = ok
+
+
+class TokenStore(Protocol):
+    """What the engine and the CLI use of a server store: `open_server_store(uri)` returns one
+    (store/sqlite.py's ServerStore or store/postgres.py's PostgresServerStore).
+
+    Every method that reaches the database raises StoreError (one line, no password) when it
+    cannot; note_issued/note_paid never wait and raise only ValueError for a malformed record
+    (or StoreError once closed).
+    """
+
+    max_pending: int
+    dropped: int
+
+    @property
+    def pending(self) -> int: ...
+    @property
+    def healthy(self) -> bool: ...
+    async def secret(self) -> bytes: ...
+    def note_issued(self, token: IssuedToken) -> None: ...
+    def note_paid(self, token_id: bytes, when: float) -> None: ...
+    async def flush(self) -> None: ...
+    async def revoke(self, ref: str, when: float) -> list[IssuedToken]: ...
+    async def revocations_since(self, cursor: int) -> tuple[int, set[bytes]]: ...
+    async def wait_for_revocations(self, timeout: float) -> None: ...
+    async def list_tokens(
+        self, *, service: str | None = None, limit: int = 100
+    ) -> list[IssuedToken]: ...
+    async def close(self) -> None: ...

@@ -1,0 +1,451 @@
+"""The PostgreSQL server store's own behaviour, on a real PostgreSQL (tests/postgres.py): several
+instances on one database, notifications, schema versions, losing the database and getting it
+back, and URIs that cannot work. The behaviour it shares with SQLite is test_store.py's
+contract suite."""
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from l402proxy.launch import free_port
+from l402proxy.store import StoreError, open_server_store, shown_store_uri
+from l402proxy.store import postgres as store_postgres
+from l402proxy.store.postgres import PostgresServerStore
+from tests.postgres import PostgresServer
+from tests.unit.test_store import make_token
+
+# Bounds for waits that end as soon as what they wait for happens: generous, since the machine
+# may be busy; never what a test asserts about speed.
+BOUND = 15.0
+
+
+def database_of(uri: str) -> str:
+    return uri.rsplit("/", 1)[1]
+
+
+@pytest.fixture
+async def uri(postgres: PostgresServer) -> str:
+    return await postgres.new_database()
+
+
+async def opened(uri: str) -> PostgresServerStore:
+    store = await open_server_store(uri)
+    assert isinstance(store, PostgresServerStore)
+    return store
+
+
+@pytest.fixture
+async def store(uri: str) -> AsyncIterator[PostgresServerStore]:
+    first = await opened(uri)
+    yield first
+    await first.close()
+
+
+@pytest.fixture
+async def other(uri: str, store: PostgresServerStore) -> AsyncIterator[PostgresServerStore]:
+    """Another instance (another proxy, or the CLI) on the same database."""
+    second = await opened(uri)
+    yield second
+    await second.close()
+
+
+async def listening(store: PostgresServerStore) -> None:
+    """Start `store` listening; the first wait returns once the connection is up."""
+    await asyncio.wait_for(store.wait_for_revocations(BOUND * 4), BOUND)
+    assert store.listening
+
+
+def assert_one_clean_line(error: BaseException, *secrets: str) -> None:
+    text = str(error)
+    assert text and "\n" not in text, text
+    for secret in secrets:
+        assert secret not in text, text
+
+
+# --- several instances, one state -----------------------------------------------------------
+
+
+async def test_two_instances_share_secret_tokens_and_revocations(
+    store: PostgresServerStore, other: PostgresServerStore
+) -> None:
+    assert await store.secret() == await other.secret()
+    token = make_token(valid_until=9e12)
+    store.note_issued(token)
+    await store.flush()
+    assert [t.token_id for t in await other.list_tokens()] == [token.token_id]
+
+    other.note_paid(token.token_id, 1_234.0)
+    await other.flush()
+    [listed] = await store.list_tokens()
+    assert listed.paid_at == 1_234.0
+
+    [revoked] = await other.revoke(token.payment_hash.hex()[:12], 2_000.0)
+    assert revoked.token_id == token.token_id
+    assert (await store.revocations_since(0))[1] == {token.token_id}
+
+
+async def test_a_revocation_wakes_the_other_instance(
+    store: PostgresServerStore, other: PostgresServerStore
+) -> None:
+    token = make_token()
+    other.note_issued(token)
+    await other.flush()
+    await listening(store)
+    cursor, _ = await store.revocations_since(0)
+
+    # Its own timeout is far beyond the bound: returning within the bound means notified.
+    waiting = asyncio.create_task(store.wait_for_revocations(BOUND * 10))
+    await other.revoke(token.token_id.hex(), 1.0)
+    await asyncio.wait_for(waiting, BOUND)
+
+    assert (await store.revocations_since(cursor))[1] == {token.token_id}
+
+
+async def test_revocations_become_visible_in_sequence_order(
+    uri: str, store: PostgresServerStore, other: PostgresServerStore
+) -> None:
+    """A cursor must never pass a revocation still being committed: otherwise the instance
+    reading it would never learn of that one. Hold one revoker just before its commit while
+    another revokes: the second must wait for the first."""
+    slow, fast = make_token(), make_token()
+    for token in (slow, fast):
+        store.note_issued(token)
+    await store.flush()
+    entered, release = asyncio.Event(), asyncio.Event()
+    announce = store._announce
+
+    async def held(conn: object, seq: int) -> None:
+        entered.set()
+        await release.wait()
+        await announce(conn, seq)
+
+    store._announce = held  # type: ignore[method-assign]
+    reader = await opened(uri)
+    try:
+        first = asyncio.create_task(store.revoke(slow.token_id.hex(), 1.0))
+        await asyncio.wait_for(entered.wait(), BOUND)
+        second = asyncio.create_task(other.revoke(fast.token_id.hex(), 2.0))
+        # Give the second revoker every chance to commit ahead of the first.
+        await asyncio.wait({second}, timeout=1.0)
+        cursor, seen = await reader.revocations_since(0)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, second), BOUND)
+        _, later = await reader.revocations_since(cursor)
+    finally:
+        release.set()
+        await reader.close()
+    assert seen | later == {slow.token_id, fast.token_id}
+
+
+# --- schema ---------------------------------------------------------------------------------
+
+
+async def test_a_newer_schema_is_refused_and_left_untouched(
+    postgres: PostgresServer, uri: str
+) -> None:
+    first = await opened(uri)
+    await first.secret()
+    await first.close()
+    newer = len(store_postgres.MIGRATIONS) + 1
+    database = database_of(uri)
+    await postgres.admin(f"UPDATE l402_schema_version SET version = {newer}", database)
+
+    with pytest.raises(StoreError, match=f"schema version {newer}, newer than") as error:
+        await opened(uri)
+
+    assert_one_clean_line(error.value, postgres.password)
+    version = await postgres.admin_value("SELECT version FROM l402_schema_version", database)
+    assert version == newer
+
+
+async def test_instances_starting_together_migrate_once(
+    uri: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="l402proxy.store")
+    stores = await asyncio.gather(*(opened(uri) for _ in range(6)))
+    try:
+        secrets = await asyncio.gather(*(s.secret() for s in stores))
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+    migrated = [r for r in caplog.records if "migrated to schema version 1" in r.getMessage()]
+    assert len(migrated) == 1
+    assert len(set(secrets)) == 1
+
+
+async def test_a_new_migration_is_one_list_entry(
+    postgres: PostgresServer, uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = await opened(uri)
+    token = make_token()
+    first.note_issued(token)
+    await first.close()
+    version_2 = ("ALTER TABLE l402_issued_tokens ADD COLUMN note text",)
+    monkeypatch.setattr(store_postgres, "MIGRATIONS", [*store_postgres.MIGRATIONS, version_2])
+
+    second = await opened(uri)
+    assert [t.token_id for t in await second.list_tokens()] == [token.token_id]
+    await second.close()
+
+    database = database_of(uri)
+    assert await postgres.admin_value("SELECT version FROM l402_schema_version", database) == 2
+    column = await postgres.admin_value(
+        "SELECT count(*) FROM information_schema.columns"
+        " WHERE table_name = 'l402_issued_tokens' AND column_name = 'note'",
+        database,
+    )
+    assert column == 1
+
+
+async def test_a_failed_migration_leaves_the_previous_version(
+    postgres: PostgresServer, uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await (await opened(uri)).close()
+    broken = ("CREATE TABLE l402_half_done (a int)", "THIS IS NOT SQL")
+    monkeypatch.setattr(store_postgres, "MIGRATIONS", [*store_postgres.MIGRATIONS, broken])
+
+    with pytest.raises(StoreError, match="migration to schema version 2 failed") as error:
+        await opened(uri)
+
+    assert_one_clean_line(error.value, postgres.password)
+    database = database_of(uri)
+    assert await postgres.admin_value("SELECT version FROM l402_schema_version", database) == 1
+    assert await postgres.admin_value("SELECT to_regclass('l402_half_done')", database) is None
+
+
+# --- losing the database --------------------------------------------------------------------
+
+
+async def test_losing_the_database_and_getting_it_back(
+    postgres: PostgresServer,
+    store: PostgresServerStore,
+    other: PostgresServerStore,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    before = make_token(created_at=1.0)
+    store.note_issued(before)
+    await store.flush()
+    await listening(store)
+    during = [make_token(created_at=2.0), make_token(created_at=3.0)]
+
+    async with postgres.down():
+        store.note_issued(during[0])
+        store.note_paid(before.token_id, 50.0)
+        with pytest.raises(StoreError) as flush_error:
+            await store.flush()
+        assert_one_clean_line(flush_error.value, postgres.password)
+        assert store.pending == 2  # kept for the next flush
+        assert not store.healthy
+        store.note_issued(during[1])  # still queues
+        with pytest.raises(StoreError) as list_error:
+            await store.list_tokens()
+        assert_one_clean_line(list_error.value, postgres.password)
+        with pytest.raises(StoreError):
+            await store.revocations_since(0)
+        # Waiting never fails for a database that is away: it times out (and reconnects).
+        await asyncio.wait_for(store.wait_for_revocations(0.1), BOUND)
+        assert store.pending == 3
+
+    await store.flush()
+    assert store.pending == 0
+    assert store.healthy
+    listed = {t.token_id: t for t in await other.list_tokens()}
+    assert set(listed) == {before.token_id, *(t.token_id for t in during)}
+    assert listed[before.token_id].paid_at == 50.0
+
+    # Listening again: the reconnection wakes the waiter (to catch up), then a revocation does.
+    await listening(store)
+    cursor, _ = await store.revocations_since(0)
+    waiting = asyncio.create_task(store.wait_for_revocations(BOUND * 10))
+    await other.revoke(during[0].token_id.hex(), 5.0)
+    await asyncio.wait_for(waiting, BOUND)
+    assert (await store.revocations_since(cursor))[1] == {during[0].token_id}
+
+    logged = [record.getMessage() for record in caplog.records]
+    assert any("listening for revocations again" in line for line in logged)
+    assert not [line for line in logged if postgres.password in line]
+
+
+async def test_a_lost_listener_marks_the_store_unhealthy_until_a_flush_gets_through(
+    postgres: PostgresServer, store: PostgresServerStore
+) -> None:
+    """With nothing queued the next flush would have nothing to fail on: losing the listening
+    connection is what tells of the outage, and the flush checks the database to recover."""
+    await listening(store)
+    async with postgres.down():
+        for _ in range(int(BOUND / 0.05)):
+            if not store.healthy:
+                break
+            await asyncio.sleep(0.05)
+        assert not store.healthy
+        with pytest.raises(StoreError):
+            await store.flush()
+        assert not store.healthy
+    await store.flush()
+    assert store.healthy
+
+
+async def test_a_revocation_made_while_the_listener_was_away_is_caught_up(
+    uri: str, store: PostgresServerStore, other: PostgresServerStore, postgres: PostgresServer
+) -> None:
+    """Notifications sent while the listening connection is down are lost for good: its
+    reconnection must wake the waiter, which then reads revocations_since."""
+    token = make_token()
+    store.note_issued(token)
+    await store.flush()
+    store.keepalive_seconds = 3600  # so the listener's last statement stays its LISTEN
+    await listening(store)
+    cursor, _ = await store.revocations_since(0)
+    reconnect = asyncio.Event()
+    open_listener = store._open_listener
+
+    async def held() -> tuple[object, asyncio.Event]:
+        await reconnect.wait()
+        return await open_listener()
+
+    store._open_listener = held  # type: ignore[method-assign]
+    waiting = asyncio.create_task(store.wait_for_revocations(BOUND * 10))
+    # Cut only the listening connection (and wait until its backend is gone): the database
+    # stays up, and the revocation below is notified to nobody.
+    await postgres.admin(
+        "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
+        f" WHERE datname = '{database_of(uri)}' AND query LIKE 'LISTEN%'"
+    )
+    await other.revoke(token.token_id.hex(), 1.0)
+    assert not waiting.done()
+    reconnect.set()
+    await asyncio.wait_for(waiting, BOUND)
+
+    assert (await store.revocations_since(cursor))[1] == {token.token_id}
+
+
+class FreezingRelay:
+    """A TCP relay to the database that can stop passing bytes without closing anything: a
+    database host that hangs, or a network that drops packets."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.frozen = asyncio.Event()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            while data := await reader.read(65536):
+                if self.frozen.is_set():
+                    await asyncio.Event().wait()  # hold it for ever: cancelled at the end
+                writer.write(data)
+                await writer.drain()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        for a, b in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(a, b))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+
+@pytest.fixture
+async def relay(postgres: PostgresServer) -> AsyncIterator[tuple[FreezingRelay, int]]:
+    relay = FreezingRelay(postgres.port)
+    server = await asyncio.start_server(relay._serve, "127.0.0.1", 0)
+    try:
+        yield relay, server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for task in list(relay.tasks):
+            task.cancel()
+        await asyncio.gather(*relay.tasks, return_exceptions=True)
+
+
+async def test_a_database_that_stops_answering_never_hangs_the_store(
+    uri: str,
+    postgres: PostgresServer,
+    relay: tuple[FreezingRelay, int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(PostgresServerStore, "operation_timeout", 0.5)
+    freezer, port = relay
+    store = await opened(uri.replace(f":{postgres.port}/", f":{port}/"))
+    try:
+        await listening(store)
+        store.note_issued(make_token())
+        freezer.frozen.set()
+        for operation in (store.flush, store.list_tokens, lambda: store.revocations_since(0)):
+            with pytest.raises(StoreError, match="no answer within") as error:
+                await asyncio.wait_for(operation(), BOUND)
+            assert_one_clean_line(error.value, postgres.password)
+        assert not store.healthy
+        assert store.pending == 1
+        # The waiter is not stuck either: it times out as asked.
+        await asyncio.wait_for(store.wait_for_revocations(0.1), BOUND)
+        with pytest.raises(StoreError, match="no answer within"):
+            await asyncio.wait_for(store.close(), BOUND)  # its record cannot be written
+    finally:
+        with contextlib.suppress(StoreError):
+            await asyncio.wait_for(store.close(), BOUND)
+
+
+# --- URIs that cannot work ------------------------------------------------------------------
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A port that accepts TCP connections and never says anything (a hung database)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)  # the kernel completes handshakes; nobody ever reads or answers
+        yield sock.getsockname()[1]
+
+
+async def test_a_silent_server_times_out_in_one_line(silent_server: int) -> None:
+    uri = f"postgresql://l402:Sekr1tPassw0rd@127.0.0.1:{silent_server}/db?connect_timeout=0.5"
+    with pytest.raises(StoreError, match=r"no answer within 0\.5 s") as error:
+        await asyncio.wait_for(open_server_store(uri), BOUND)
+    assert_one_clean_line(error.value, "Sekr1tPassw0rd")
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("wrong password", "password authentication failed"),
+        ("wrong password in the query", "password authentication failed"),
+        ("nothing listening", "database unreachable"),
+        ("no such database", 'database "no_such_database" does not exist'),
+        ("port is no port", "malformed host or port"),
+        ("no database", "no database name"),
+        ("bad connect_timeout", "connect_timeout must be a number of seconds"),
+        ("connect_timeout twice", "connect_timeout given twice"),
+    ],
+)
+async def test_unusable_uris_fail_in_one_line_without_the_password(
+    postgres: PostgresServer, case: str, message: str
+) -> None:
+    secret = "Sekr1t-" + os.urandom(8).hex()
+    here = f"127.0.0.1:{postgres.port}"
+    uri = {
+        "wrong password": postgres.uri("postgres", password=secret),
+        "wrong password in the query": f"postgresql://l402@{here}/postgres?password={secret}",
+        "nothing listening": f"postgresql://l402:{secret}@127.0.0.1:{free_port()}/db",
+        "no such database": postgres.uri("no_such_database"),
+        "port is no port": f"postgresql://l402:{secret}@127.0.0.1:{secret}/db",
+        "no database": f"postgres://l402:{secret}@{here}",
+        "bad connect_timeout": f"postgresql://l402:{secret}@{here}/db?connect_timeout=soon",
+        "connect_timeout twice": (
+            f"postgresql://l402:{secret}@{here}/db?connect_timeout=1&connect_timeout=2"
+        ),
+    }[case]
+    with pytest.raises(StoreError, match=message) as error:
+        await asyncio.wait_for(open_server_store(uri), BOUND)
+    assert_one_clean_line(error.value, secret, postgres.password)
+    assert "***" in str(error.value)  # the URI is named, redacted
+
+
+def test_uris_are_shown_without_their_password() -> None:
+    shown = shown_store_uri("postgresql://l402:Sekr1tPassw0rd@db.example:5432/tokens")
+    assert shown == "postgresql://***:***@db.example:5432/tokens"
+    assert shown_store_uri("/var/lib/l402/server.sqlite") == "/var/lib/l402/server.sqlite"
