@@ -199,7 +199,8 @@ def split_cookies(values: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     kept: list[str] = []
     found: dict[str, str] = {}
     for value in values:
-        if COOKIE_PREFIX not in value:
+        # Both prefixes (L402_, L402claim.) start so: one test keeps the common case fast.
+        if _OUR_COOKIES_START not in value:
             kept.append(value)
             continue
         pieces = value.split(";")
@@ -212,7 +213,9 @@ def split_cookies(values: Sequence[str]) -> tuple[list[str], dict[str, str]]:
                 if len(content) >= 2 and content[0] == content[-1] == '"':
                     content = content[1:-1]
                 found.setdefault(name, content)
-            else:
+            elif not (sep and name.startswith(CLAIM_PREFIX)):
+                # A claim cookie (Path=/.l402/, so only a hand-made request sends it here) is
+                # ours too: it never reaches the origin, and it is read at /.l402/unlock only.
                 remaining.append(piece)
         if len(remaining) == len(pieces):
             kept.append(value)
@@ -281,6 +284,7 @@ def _cookie(
 # as WebLN gives it, no claim is needed: the preimage is the proof.)
 
 CLAIM_PREFIX = "L402claim."
+_OUR_COOKIES_START = "L402"
 _CLAIM_ID_BYTES = 8
 # The invoice can be paid until it expires; the page asks once more right after that.
 CLAIM_GRACE_SECONDS = 120

@@ -7,7 +7,9 @@ from pathlib import Path
 from l402proxy.engine import Forward, Paywall, Request
 from l402proxy.engine.answers import Answer, mark_variant
 from l402proxy.engine.request import drop_upgrade, set_one, take_our_cookies
-from tests.unit.test_server_addon import REPO, RULES, flow_for, server_on
+from l402proxy.l402.headers import format_credential
+from l402proxy.lightning.dev import DevLedger
+from tests.unit.test_server_addon import REPO, RULES, challenge, flow_for, server_on
 
 
 def test_engine_imports_without_mitmproxy() -> None:
@@ -90,3 +92,55 @@ async def test_a_header_the_paid_variant_sets_never_comes_from_the_client(tmp_pa
                 assert outcome.status == 402, path
     finally:
         await engine.close()
+
+
+async def test_an_origin_basic_authorization_beside_our_token_does_not_spoil_it(
+    tmp_path: Path,
+) -> None:
+    """Two Authorization fields, L402 for us and Basic for the origin: ours is judged alone
+    (joined, the two made one unreadable credential: a 401), and the Basic goes on."""
+    async with server_on(tmp_path, RULES) as addon:
+        payer = DevLedger(tmp_path / "devledger.sqlite")
+        try:
+            macaroon, invoice = await challenge(addon)
+            payment = await payer.pay("listener", invoice, 0)
+        finally:
+            await payer.close()
+        flow = flow_for("/bonus/x.mp3")
+        flow.request.headers.add("Authorization", "Basic dTpw")
+        flow.request.headers.add("Authorization", format_credential([macaroon], payment.preimage))
+        await addon.request(flow)
+        assert flow.response is None, flow.response and flow.response.text
+        assert flow.request.headers.get_all("Authorization") == ["Basic dTpw"]
+
+
+async def test_a_claim_cookie_never_reaches_the_origin(tmp_path: Path) -> None:
+    async with server_on(tmp_path, RULES) as addon:
+        flow = flow_for("/elsewhere", Cookie="L402claim.0011223344556677=ab; theme=dark")
+        await addon.request(flow)
+        assert flow.response is None and flow.request.headers["Cookie"] == "theme=dark"
+
+
+async def test_an_unhealthy_store_sells_nothing_but_honours_what_it_sold(tmp_path: Path) -> None:
+    """While the token store cannot record a sale (PostgreSQL down), a new challenge is a 503
+    with Retry-After and no invoice is made; a token sold before keeps working from memory."""
+    async with server_on(tmp_path, RULES) as addon:
+        payer = DevLedger(tmp_path / "devledger.sqlite")
+        try:
+            macaroon, invoice = await challenge(addon)
+            payment = await payer.pay("listener", invoice, 0)
+            assert addon.store is not None
+            addon.store._set_healthy(False)  # type: ignore[attr-defined]
+            before = len(await payer.list_invoices())
+            flow = flow_for("/bonus/y.mp3", Accept_Authenticate="L402")
+            await addon.request(flow)
+            assert flow.response is not None and flow.response.status_code == 503
+            assert flow.response.headers["Retry-After"] and "token store" in flow.response.text
+            assert len(await payer.list_invoices()) == before
+            paid = flow_for(
+                "/bonus/y.mp3", Authorization=format_credential([macaroon], payment.preimage)
+            )
+            await addon.request(paid)
+            assert paid.response is None
+        finally:
+            await payer.close()

@@ -37,7 +37,7 @@ from ..lightning import InvoiceBackend, LightningError
 from ..lightning.base import NodeInfo
 from ..options import OptionGuard
 from ..rules import RulesError, RuleSet
-from ..store import ServerStore
+from ..store import TokenStore
 from ..upstream import DEFAULT_TIMEOUT, UpstreamGuard, upstream_timeout_problem
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class L402Server:
     rules: RuleSet | None = _engine_attribute("rules")
     backend: InvoiceBackend | None = _engine_attribute("backend")
     node: NodeInfo | None = _engine_attribute("node")
-    store: ServerStore | None = _engine_attribute("store")
+    store: TokenStore | None = _engine_attribute("store")
     secret: bytes = _engine_attribute("secret")
     revoked: set[bytes] = _engine_attribute("revoked")
     cache: gate.TokenCache = _engine_attribute("cache")

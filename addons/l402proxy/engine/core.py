@@ -16,7 +16,7 @@ from ..l402.token import caveats_for, derive_root_key, mint
 from ..lightning import InvoiceBackend, LightningError, open_backend
 from ..lightning.base import NodeInfo
 from ..rules import PRICED_MODES, PathError, Rule, RulesError, RuleSet, load_rules, rule_warnings
-from ..store import IssuedToken, ServerStore, StoreError, open_server_store
+from ..store import IssuedToken, StoreError, TokenStore, open_server_store, shown_store_uri
 from .answers import (
     Answer,
     Forward,
@@ -107,7 +107,7 @@ class Paywall:
         # What the backend said it is at start (its invoice limits are checked against rules).
         self.node: NodeInfo | None = None
         self.store_uri = ""
-        self.store: ServerStore | None = None
+        self.store: TokenStore | None = None
         self.secret: bytes = b""
         self.revoked: set[bytes] = set()
         self.revocation_cursor = 0
@@ -196,7 +196,9 @@ class Paywall:
             self.secret = await self.store.secret()
             self.revocation_cursor, self.revoked = await self.store.revocations_since(0)
         except (StoreError, OSError) as exc:
-            raise StartError([f"cannot open token store {store_uri}: {exc}"]) from exc
+            raise StartError(
+                [f"cannot open token store {shown_store_uri(store_uri)}: {exc}"]
+            ) from exc
         if self.backend is not None:
             try:
                 node = await asyncio.wait_for(self.backend.info(), BACKEND_CHECK_SECONDS)

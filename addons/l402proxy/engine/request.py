@@ -118,6 +118,10 @@ class WatchedHeaders:
                 hosts.append(value)
             elif lower == b"upgrade":
                 upgrade = True
+        if len(authorization) > 1:
+            # `Authorization: Basic ...` for the origin beside our L402 one: judge ours alone.
+            ours = [value for value in authorization if is_our_authorization(value)]
+            authorization = ours or authorization
         # Several lines of one header read as one list, as mitmproxy's headers.get() has them.
         return cls(_joined(authorization), _joined(accept), cookie, tuple(hosts), upgrade)
 
@@ -178,7 +182,8 @@ def drop_upgrade(fields: Fields) -> Fields:
 
 def take_our_cookies(fields: Fields) -> tuple[Fields, dict[str, str]]:
     """Our cookies out of the request (the origin's stay as they were): (fields left, ours)."""
-    kept, found = paywall.split_cookies(get_all(fields, "cookie"))
-    if found:
+    sent = get_all(fields, "cookie")
+    kept, found = paywall.split_cookies(sent)
+    if kept != sent:  # ours were there (a claim cookie is ours too, but never "found")
         fields = set_all(fields, "cookie", kept)
     return fields, found
