@@ -25,6 +25,7 @@ INSTALL_HINTS: dict[str, str] = {
     "PostgreSQL": "apt-get install postgresql",
     "IPv6 loopback": "enable IPv6 on lo (sysctl -w net.ipv6.conf.lo.disable_ipv6=0)",
     "go": "apt-get install golang-go (the Go SDK's tests)",
+    "uvicorn": "pip install -e . (a dependency; scripts/test sets up .venv with it)",
 }
 _SKIP_PREFIX = "component missing: "
 # What each `require` that skipped was told: its `what` -> the INSTALL_HINTS key (or None).
