@@ -220,7 +220,10 @@ async def server(tmp_path: Path) -> AsyncIterator[L402Server]:
 
 def bonus_rules(tmp_path: Path) -> Path:
     path = tmp_path / "rules.yaml"
+    # invoice_limit off: these tests send thousands of bad credentials from one address, each
+    # answered with a fresh challenge, to measure memory, not the mint limit.
     path.write_text(
+        "invoice_limit: off\n"
         "services:\n  - name: bonus\n    match: {path: '/bonus/*'}\n    price_sat: 100\n"
     )
     return path
