@@ -5,6 +5,7 @@ parsing works on PyYAML's node tree (which keeps line numbers) rather than on pl
 objects, and every `RulesError` names the file and the line.
 """
 
+import dataclasses
 import difflib
 import fnmatch
 import functools
@@ -24,6 +25,7 @@ from .l402.token import UNLISTED_CAPABILITY
 
 __all__ = [
     "DEFAULT_INVOICE_EXPIRY",
+    "DEFAULT_INVOICE_LIMIT",
     "DEFAULT_VALID_FOR",
     "MAX_READ_PATH",
     "MIN_INVOICE_EXPIRY",
@@ -31,10 +33,12 @@ __all__ = [
     "PLAIN_PATH",
     "PRICED_MODES",
     "AmbiguousPath",
+    "Freebies",
     "MalformedPath",
     "Mode",
     "PaidVariant",
     "PathError",
+    "RateLimit",
     "Rule",
     "RuleSet",
     "RulesError",
@@ -85,7 +89,7 @@ _FORBIDDEN_HEADERS = frozenset(
 _PCT_RUN_RE = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 
-_TOP_KEYS = ("version", "services")
+_TOP_KEYS = ("version", "services", "invoice_limit", "trusted_proxies")
 _SERVICE_KEYS = (
     "name",
     "description",
@@ -96,9 +100,15 @@ _SERVICE_KEYS = (
     "valid_for",
     "capabilities",
     "invoice_expiry",
+    "free_paths",
+    "rate_limits",
+    "freebies",
 )
 _MATCH_KEYS = ("path", "host", "methods")
 _PAID_KEYS = ("rewrite_path", "upstream", "set_headers")
+_RATE_KEYS = ("requests", "per", "burst", "key")
+_FREEBIE_KEYS = ("requests", "per")
+RateKey = Literal["ip", "token"]
 
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
@@ -189,6 +199,36 @@ class PaidVariant:
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    """`requests` per `per` seconds, with up to `burst` at once (a token bucket: GCRA), counted
+    per client IP or per token; `line` is where the file sets it."""
+
+    requests: int
+    per: int
+    burst: int
+    key: RateKey = "ip"
+    line: int | None = None
+
+    @property
+    def interval(self) -> float:
+        """Seconds one request costs."""
+        return self.per / self.requests
+
+
+@dataclass(frozen=True)
+class Freebies:
+    """`requests` free answers per client IP in each window of `per` seconds, before the 402."""
+
+    requests: int
+    per: int
+
+
+# Every 402 makes the backend create an invoice: by default one client IP gets at most 60 a
+# minute, 120 at once (a browser or an app never needs as many; a flood does not make more).
+DEFAULT_INVOICE_LIMIT = RateLimit(requests=60, per=60, burst=120, key="ip")
+
+
+@dataclass(frozen=True)
 class Rule:
     name: str
     path: re.Pattern[str]  # use fullmatch: globs and "re:" patterns both match the whole path
@@ -204,6 +244,20 @@ class Rule:
     line: int
     # capability -> the methods that need it, from the mapping form of `capabilities`.
     capability_methods: tuple[tuple[str, frozenset[str]], ...] = ()
+    # Paths inside the rule that are free (Aperture's authwhitelistpaths), matched like `path`.
+    free_paths: tuple[re.Pattern[str], ...] = ()
+    rate_limits: tuple[RateLimit, ...] = ()
+    freebies: Freebies | None = None
+
+    @functools.cached_property
+    def free_view(self) -> "Rule":
+        """This rule as it stands for one of its free_paths: mode free, nothing sold."""
+        return dataclasses.replace(self, mode="free", free_paths=(), freebies=None)
+
+    def _judged_as(self, path: str) -> "Rule":
+        if self.free_paths and any(free.fullmatch(path) for free in self.free_paths):
+            return self.free_view
+        return self
 
     def capability_for(self, method: str) -> str | None:
         """The capability a request with this method needs from a token restricted to some
@@ -242,6 +296,10 @@ class Rule:
 class RuleSet:
     rules: tuple[Rule, ...]
     source: str
+    # Invoices one client IP may make the backend create (None: no limit).
+    invoice_limit: RateLimit | None = DEFAULT_INVOICE_LIMIT
+    # Peers whose X-Forwarded-For names the client (a load balancer, a CDN); empty: none.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @functools.cached_property
     def vouched_headers(self) -> frozenset[bytes]:
@@ -275,13 +333,14 @@ class RuleSet:
             base = _resolved(base.split("/")[1:])
         for rule in self.rules:
             if rule._matches_normalized(host, base, method):
-                return rule
+                return rule._judged_as(base)
         return None
 
     def _first(self, host: str, normalized: str, method: str) -> Rule | None:
         for rule in self.rules:
             if rule._matches_normalized(host, normalized, method):
-                return rule
+                # A free path is free in every reading or the readings disagree (400).
+                return rule._judged_as(normalized)
         return None
 
     def _match_forms(self, host: str, path: str, method: str) -> Rule | None:
@@ -1024,6 +1083,14 @@ class _Parser:
         if not items:
             self.fail(services_node, "'services' is empty: list at least one service")
 
+        invoice_limit: RateLimit | None = DEFAULT_INVOICE_LIMIT
+        if "invoice_limit" in top:
+            invoice_limit = self.invoice_limit(top["invoice_limit"][1])
+        trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+        trusted_node = self.value_node(top, "trusted_proxies")
+        if trusted_node is not None:
+            trusted = self.trusted_proxies(trusted_node)
+
         rules: list[Rule] = []
         lines_by_name: dict[str, int] = {}
         for index, item in enumerate(items, start=1):
@@ -1034,7 +1101,107 @@ class _Parser:
             rules.append(rule)
         self.service = None
         self.line = None
-        return RuleSet(tuple(rules), self.source)
+        return RuleSet(tuple(rules), self.source, invoice_limit, trusted)
+
+    # -- limits and free allowances ------------------------------------------------------------
+
+    def count(self, node: yaml.Node, what: str, low: int = 1, high: int = 1_000_000_000) -> int:
+        value = self.scalar(node)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            self.fail(node, f"{what} must be a whole number from {low:,} to {high:,}, got "
+                      f"{_show(value)}")  # fmt: skip
+        return value
+
+    def rate_limit(self, node: yaml.Node, what: str, *, keyed: bool) -> RateLimit:
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(
+                node,
+                f"{what} must be a mapping like {{requests: 10, per: 1s, burst: 20"
+                f"{', key: ip' if keyed else ''}}}, got {self.describe(node)}",
+            )
+        entries = self.entries(node, what)
+        allowed = _RATE_KEYS if keyed else _RATE_KEYS[:3]
+        self.check_keys(entries, allowed, f" in {what}", {})
+        for key in ("requests", "per"):
+            if self.value_node(entries, key) is None:
+                self.fail(node, f"{what} needs '{key}' (e.g. requests: 10, per: 1s)")
+        requests = self.count(entries["requests"][1], f"{what}.requests")
+        per = self.duration(entries["per"][1], f"{what}.per")
+        burst = requests
+        burst_node = self.value_node(entries, "burst")
+        if burst_node is not None:
+            burst = self.count(burst_node, f"{what}.burst")
+        key: RateKey = "ip"
+        key_node = self.value_node(entries, "key")
+        if key_node is not None:
+            value = self.scalar(key_node)
+            if value not in get_args(RateKey):
+                self.fail(key_node, f"{what}.key must be ip or token, got {_show(value)}")
+            key = cast(RateKey, value)
+        return RateLimit(requests, per, burst, key, line=node.start_mark.line + 1)
+
+    def invoice_limit(self, node: yaml.Node) -> RateLimit | None:
+        value = self.scalar(node) if isinstance(node, yaml.ScalarNode) else None
+        if value is False or value == "off":
+            return None
+        if node.tag == _NULL_TAG:
+            self.fail(node, "invoice_limit is empty: give {requests: N, per: 1m, burst: M} or off")
+        return self.rate_limit(node, "invoice_limit", keyed=False)
+
+    def trusted_proxies(
+        self, node: yaml.Node
+    ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        items = self.items(node, "trusted_proxies")
+        networks = []
+        for item in items:
+            text = self.string(item, "trusted_proxies")
+            try:
+                networks.append(ipaddress.ip_network(text.strip(), strict=False))
+            except ValueError:
+                self.fail(
+                    item,
+                    f"trusted_proxies: {text!r} is not an IP address or network "
+                    "(e.g. 10.0.0.0/8, 127.0.0.1, ::1)",
+                )
+        return tuple(networks)
+
+    def free_paths(self, node: yaml.Node) -> tuple[re.Pattern[str], ...]:
+        if not isinstance(node, yaml.SequenceNode):
+            self.fail(
+                node, f"free_paths must be a list of paths or globs, got {self.describe(node)}"
+            )
+        items = self.items(node, "free_paths")
+        if not items:
+            self.fail(node, "free_paths is empty (leave it out when nothing is free)")
+        return tuple(self.pattern(item, "free_paths") for item in items)
+
+    def rate_limits(self, node: yaml.Node) -> tuple[RateLimit, ...]:
+        if not isinstance(node, yaml.SequenceNode):
+            self.fail(
+                node,
+                "rate_limits must be a list like [{requests: 10, per: 1s, burst: 20, key: ip}], "
+                f"got {self.describe(node)}",
+            )
+        items = self.items(node, "rate_limits")
+        if not items:
+            self.fail(node, "rate_limits is empty (leave it out for no limit)")
+        return tuple(self.rate_limit(item, "rate_limits", keyed=True) for item in items)
+
+    def freebies(self, node: yaml.Node) -> Freebies:
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(
+                node, f"freebies must be a mapping like {{requests: 3, per: 1d}}, got "
+                f"{self.describe(node)}"
+            )  # fmt: skip
+        entries = self.entries(node, "freebies")
+        self.check_keys(entries, _FREEBIE_KEYS, " in freebies", {})
+        for key in _FREEBIE_KEYS:
+            if self.value_node(entries, key) is None:
+                self.fail(node, f"freebies needs '{key}' (e.g. requests: 3, per: 1d)")
+        return Freebies(
+            self.count(entries["requests"][1], "freebies.requests"),
+            self.duration(entries["per"][1], "freebies.per"),
+        )
 
     def check_graph(self, root: yaml.Node) -> None:
         """What the composed document must not be, before anything walks it: an alias that
@@ -1189,6 +1356,27 @@ class _Parser:
                     f"(time for the payer to pay), got {invoice_expiry}",
                 )
 
+        free_paths: tuple[re.Pattern[str], ...] = ()
+        rate_limits: tuple[RateLimit, ...] = ()
+        freebies: Freebies | None = None
+        extras = ("free_paths", "rate_limits", "freebies")
+        if mode not in PRICED_MODES:
+            for key in extras:
+                if key in entries:
+                    self.fail(
+                        entries[key][0],
+                        f"'{key}' has no meaning with mode: {mode} (nothing is sold there)",
+                    )
+        free_node = self.value_node(entries, "free_paths")
+        if free_node is not None:
+            free_paths = self.free_paths(free_node)
+        limits_node = self.value_node(entries, "rate_limits")
+        if limits_node is not None:
+            rate_limits = self.rate_limits(limits_node)
+        freebies_node = self.value_node(entries, "freebies")
+        if freebies_node is not None:
+            freebies = self.freebies(freebies_node)
+
         return Rule(
             name=name,
             path=path,
@@ -1203,6 +1391,9 @@ class _Parser:
             invoice_expiry=invoice_expiry,
             line=line,
             capability_methods=capability_methods,
+            free_paths=free_paths,
+            rate_limits=rate_limits,
+            freebies=freebies,
         )
 
     def description(self, node: yaml.Node) -> str:

@@ -25,6 +25,7 @@ from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons
 
 from l402proxy import gate
+from l402proxy.doors.mitmproxy import L402Server
 from l402proxy.l402 import headers as headers_module
 from l402proxy.l402 import token as token_module
 from l402proxy.l402.headers import (
@@ -36,7 +37,6 @@ from l402proxy.l402.headers import (
 from l402proxy.l402.identifier import Identifier
 from l402proxy.l402.token import UNLISTED_CAPABILITY, caveats_for, mint, verify
 from l402proxy.rules import parse_rules
-from l402proxy.doors.mitmproxy import L402Server
 from l402proxy.store import ServerStore, StoreError, open_server_store
 from l402proxy.upstream import DEFAULT_TIMEOUT, METADATA, UpstreamGuard, gateway_response
 
@@ -220,7 +220,10 @@ async def server(tmp_path: Path) -> AsyncIterator[L402Server]:
 
 def bonus_rules(tmp_path: Path) -> Path:
     path = tmp_path / "rules.yaml"
+    # invoice_limit off: these tests send thousands of bad credentials from one address, each
+    # answered with a fresh challenge, to measure memory, not the mint limit.
     path.write_text(
+        "invoice_limit: off\n"
         "services:\n  - name: bonus\n    match: {path: '/bonus/*'}\n    price_sat: 100\n"
     )
     return path

@@ -17,6 +17,7 @@ from mitmproxy.test import taddons, tflow
 
 from l402proxy import options
 from l402proxy.client import L402Client
+from l402proxy.doors.mitmproxy import L402Server
 from l402proxy.launch import REPO
 from l402proxy.options import (
     OPTION_NAMES,
@@ -27,7 +28,6 @@ from l402proxy.options import (
     mitmproxy_is_starting,
     unknown_option,
 )
-from l402proxy.doors.mitmproxy import L402Server
 
 RULES = REPO / "rules" / "podcast.yaml"
 Addon = L402Server | L402Client

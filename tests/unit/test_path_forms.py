@@ -9,6 +9,7 @@ import pytest
 from mitmproxy import http
 
 from l402proxy import paywall
+from l402proxy.doors.mitmproxy import L402Server, drop_our_authorization, is_our_authorization
 from l402proxy.lightning.base import Invoice
 from l402proxy.rules import (
     MAX_READ_PATH,
@@ -20,7 +21,6 @@ from l402proxy.rules import (
     parse_rules,
     path_forms,
 )
-from l402proxy.doors.mitmproxy import L402Server, drop_our_authorization, is_our_authorization
 from tests.unit.test_server_addon import CountingBackend, flow_for, server_on
 
 RULES = r"""

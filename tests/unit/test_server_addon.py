@@ -18,6 +18,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
 from l402proxy import gate, paywall
+from l402proxy.doors.mitmproxy import L402Server, mark_variant
 from l402proxy.l402.headers import parse_challenges
 from l402proxy.l402.identifier import Identifier
 from l402proxy.l402.token import caveats_for, decode_macaroon, derive_root_key, mint
@@ -31,7 +32,6 @@ from l402proxy.lightning.base import (
     LookupUnsupported,
     NodeInfo,
 )
-from l402proxy.doors.mitmproxy import L402Server, mark_variant
 
 RULES = REPO / "rules" / "podcast.yaml"
 

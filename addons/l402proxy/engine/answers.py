@@ -6,6 +6,7 @@ keeps for the response phase (mitmproxy: flow.metadata["l402"]) and an optional 
 """
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -182,6 +183,20 @@ def unavailable_answer(message: str) -> Answer:
         f"Payment is unavailable right now: {message}\nPlease try again shortly.\n".encode(),
         {
             "Retry-After": str(RETRY_AFTER_SECONDS),
+            "Cache-Control": "no-store",
+            "Content-Type": "text/plain; charset=utf-8",
+        },
+    )
+
+
+def too_many_answer(wait: float, what: str) -> Answer:
+    """429: a rate limit or the invoice-mint limit is spent; Retry-After says when to ask again."""
+    seconds = max(1, math.ceil(wait))
+    return Answer.make(
+        429,
+        f"Too many requests for {what}: try again in {seconds} s.\n".encode(),
+        {
+            "Retry-After": str(seconds),
             "Cache-Control": "no-store",
             "Content-Type": "text/plain; charset=utf-8",
         },

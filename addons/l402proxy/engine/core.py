@@ -26,8 +26,10 @@ from .answers import (
     challenge_answer,
     challenge_body,
     not_found_answer,
+    too_many_answer,
     unavailable_answer,
 )
+from .limits import Counters, LocalCounters, client_address, ip_key, rate_key
 from .request import (
     Fields,
     Request,
@@ -114,6 +116,8 @@ class Paywall:
         self.cache = gate.TokenCache()
         self.seen_paid: set[bytes] = set()
         self.offer_upgrade = True
+        # Rate limits, the invoice-mint limit and free allowances count here (limits.py).
+        self.counters: Counters = LocalCounters()
         self.ready = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self.closing: set[asyncio.Task[None]] = set()
@@ -383,6 +387,10 @@ class Paywall:
         cookies: Mapping[str, str],
         mint: bool = True,
     ) -> Outcome:
+        if rule.rate_limits:
+            limited = await self._rate_limited(request, rule, token_id=None)
+            if limited is not None:
+                return limited
         authorization = seen.authorization
         cookie = cookies.get(paywall.cookie_name(rule.name)) if cookies else None
         # An Authorization header wins; the cookie is the same credential a browser keeps.
@@ -415,7 +423,16 @@ class Paywall:
                 answer.note = {"service": rule.name, "variant": "denied"}
                 return answer
             case gate.Grant():
+                if rule.rate_limits:
+                    token_id = decision.token.identifier.token_id
+                    limited = await self._rate_limited(request, rule, token_id=token_id)
+                    if limited is not None:
+                        return limited
                 return self._grant(request, fields, decision, from_cookie=from_cookie)
+            case gate.Challenge() if rule.freebies is not None and await self._freebie(
+                request, rule
+            ):
+                return self._forward_paid(request, fields, rule, {"freebie": True})
             case gate.Challenge() if not mint:
                 return Answer(
                     decision.status,
@@ -438,33 +455,69 @@ class Paywall:
         # gate.Pass and anything else: forwarded as it is, with no note for the response phase.
         return Forward(fields)
 
-    def _grant(
-        self, request: Request, fields: Fields, grant: gate.Grant, from_cookie: bool = False
+    def client_of(self, request: Request) -> str:
+        """The key the client's address counts under (trusted proxies' X-Forwarded-For read)."""
+        assert self.rules is not None
+        peer = request.client[0] if request.client else None
+        return ip_key(client_address(peer, request.fields, self.rules.trusted_proxies))
+
+    async def _rate_limited(
+        self, request: Request, rule: Rule, token_id: bytes | None
+    ) -> Answer | None:
+        """429 when one of the rule's limits is spent: the per-IP ones before the token is
+        looked at (token_id None), the per-token ones once it is known to be good."""
+        now = time.time()
+        for limit in rule.rate_limits:
+            if (limit.key == "token") != (token_id is not None):
+                continue
+            who = token_id.hex() if token_id is not None else self.client_of(request)
+            wait = await self.counters.take_rate(
+                rate_key(limit, rule.name, who), limit.interval, limit.burst, now
+            )
+            if wait is not None:
+                answer = too_many_answer(wait, f"service '{rule.name}'").for_method(request.method)
+                answer.note = {"service": rule.name, "variant": "limited", "reason": limit.key}
+                return answer
+        return None
+
+    async def _freebie(self, request: Request, rule: Rule) -> bool:
+        """Spend one of the client's free requests of this rule, if one is left."""
+        assert rule.freebies is not None
+        key = f"free:{rule.name}:{self.client_of(request)}"
+        left = await self.counters.take_allowance(
+            key, rule.freebies.requests, rule.freebies.per, time.time()
+        )
+        return left is not None
+
+    def _forward_paid(
+        self, request: Request, fields: Fields, rule: Rule, note: dict[str, Any]
     ) -> Forward:
-        # The credential that paid is already off the request: `handle` drops every L402/LSAT
-        # Authorization field and our cookies; any other Authorization belongs to the origin.
-        paid = grant.rule.paid
+        """The request on to the origin as the rule's paid variant."""
+        paid = rule.paid
         path = paid.apply_path(request.target) if paid.rewrite is not None else None
         set_headers = tuple(paid.set_headers.items())
         for name, value in set_headers:
             fields = set_one(fields, name, value)
-        token_id = grant.token.identifier.token_id
-        note: dict[str, Any] = {
-            "service": grant.rule.name,
-            "variant": "paid",
-            "token_id": token_id.hex(),
-        }
-        if from_cookie:
-            note["credential"] = "cookie"
-        self.note_paid(token_id)
         return Forward(
             fields,
             path=path,
             upstream=paid.upstream,
             set_headers=set_headers,
-            note=note,
-            comment=f"L402 paid: {grant.rule.name}",
+            note={"service": rule.name, "variant": "paid", **note},
+            comment=f"L402 {'free trial' if note.get('freebie') else 'paid'}: {rule.name}",
         )
+
+    def _grant(
+        self, request: Request, fields: Fields, grant: gate.Grant, from_cookie: bool = False
+    ) -> Forward:
+        # The credential that paid is already off the request: `handle` drops every L402/LSAT
+        # Authorization field and our cookies; any other Authorization belongs to the origin.
+        token_id = grant.token.identifier.token_id
+        note: dict[str, Any] = {"token_id": token_id.hex()}
+        if from_cookie:
+            note["credential"] = "cookie"
+        self.note_paid(token_id)
+        return self._forward_paid(request, fields, grant.rule, note)
 
     def note_paid(self, token_id: bytes) -> None:
         if token_id not in self.seen_paid and self.store is not None:
@@ -486,11 +539,22 @@ class Paywall:
         kind: paywall.BodyKind | None = None,
     ) -> Answer:
         rule = challenge.rule
-        assert self.backend is not None and self.store is not None
+        assert self.backend is not None and self.store is not None and self.rules is not None
         if not self.store.healthy:
             # The token row could not be recorded (revocation, listing, the unlock endpoint):
             # sell nothing until the store is back. Tokens sold before keep working.
             return unavailable_answer("the token store is unreachable").for_method(request.method)
+        limit = self.rules.invoice_limit
+        if limit is not None:
+            # Every 402 makes the backend create an invoice: a flood of requests must not
+            # become a flood of invoices.
+            wait = await self.counters.take_rate(
+                f"mint:{self.client_of(request)}", limit.interval, limit.burst, time.time()
+            )
+            if wait is not None:
+                answer = too_many_answer(wait, "new invoices").for_method(request.method)
+                answer.note = {"service": rule.name, "variant": "limited", "reason": "invoices"}
+                return answer
         try:
             invoice = await self.backend.create_invoice(
                 rule.price_sat, f"{rule.name}: {rule.description}", rule.invoice_expiry
