@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from l402proxy.engine import Answer, Forward, Paywall, Request
-from l402proxy.engine.limits import LocalCounters, client_address, gcra, ip_key
+from l402proxy.engine.limits import LocalCounters, SharedCounters, client_address, gcra, ip_key
 from l402proxy.l402.headers import format_credential, parse_challenges
 from l402proxy.lightning.dev import DevLedger
 from l402proxy.rules import RulesError, parse_rules
@@ -249,3 +249,32 @@ async def test_an_untrusted_forwarded_for_does_not_buy_a_fresh_allowance(tmp_pat
         assert (
             status(await engine.handle(request("/api/x", **via, X_Forwarded_For="1.1.1.1"))) == 402
         )
+
+
+async def test_shared_counters_fall_back_to_this_instance_while_the_store_is_down(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Flaky:
+        down = True
+
+        async def take_rate(self, key: str, interval: float, burst: int, now: float) -> float:
+            if self.down:
+                raise OSError("connection refused")
+            return 42.0
+
+        async def take_allowance(self, key: str, limit: int, window: int, now: float) -> int:
+            if self.down:
+                raise OSError("connection refused")
+            return 7
+
+    flaky = Flaky()
+    counters = SharedCounters(flaky)
+    # Down: counted here (a limit of 1 still holds), one warning for the whole outage.
+    assert await counters.take_rate("k", 1.0, 1, 0.0) is None
+    assert await counters.take_rate("k", 1.0, 1, 0.0) == pytest.approx(1.0)
+    assert await counters.take_allowance("a", 1, 60, 0.0) == 0
+    assert sum("alone" in r.getMessage() for r in caplog.records) == 1
+    flaky.down = False
+    assert await counters.take_rate("k", 1.0, 1, 0.0) == 42.0
+    assert await counters.take_allowance("a", 1, 60, 0.0) == 7
+    assert any("across instances again" in r.getMessage() for r in caplog.records)

@@ -29,7 +29,7 @@ from .answers import (
     too_many_answer,
     unavailable_answer,
 )
-from .limits import Counters, LocalCounters, client_address, ip_key, rate_key
+from .limits import Counters, LocalCounters, SharedCounters, client_address, ip_key, rate_key
 from .request import (
     Fields,
     Request,
@@ -199,6 +199,10 @@ class Paywall:
             self.store = await open_server_store(store_uri)
             self.secret = await self.store.secret()
             self.revocation_cursor, self.revoked = await self.store.revocations_since(0)
+            shared = getattr(self.store, "counters", None)
+            if shared is not None:
+                # Limits and allowances counted across every instance on this store.
+                self.counters = SharedCounters(shared)
         except (StoreError, OSError) as exc:
             raise StartError(
                 [f"cannot open token store {shown_store_uri(store_uri)}: {exc}"]

@@ -11,6 +11,7 @@ across instances). Both count the same way:
 """
 
 import ipaddress
+import logging
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -18,6 +19,8 @@ from typing import Protocol
 
 from ..rules import RateLimit
 from .request import Fields, get
+
+log = logging.getLogger(__name__)
 
 # Keys kept in memory, at most; forgetting one only forgets how often it asked.
 MAX_KEYS = 200_000
@@ -74,6 +77,45 @@ class LocalCounters:
         table.move_to_end(key)
         while len(table) > self.max_keys:
             table.popitem(last=False)
+
+
+class SharedCounters:
+    """Counters kept in a shared store (PostgreSQL: global across instances), falling back to
+    this process's own while the store does not answer: limits keep working, each instance
+    counting alone until the database is back (logged once per outage)."""
+
+    def __init__(self, shared: Counters, local: LocalCounters | None = None) -> None:
+        self.shared = shared
+        self.local = local or LocalCounters()
+        self.failing = False
+
+    async def take_rate(self, key: str, interval: float, burst: int, now: float) -> float | None:
+        try:
+            wait = await self.shared.take_rate(key, interval, burst, now)
+        except Exception as exc:
+            self._failed(exc)
+            return await self.local.take_rate(key, interval, burst, now)
+        self._works()
+        return wait
+
+    async def take_allowance(self, key: str, limit: int, window: int, now: float) -> int | None:
+        try:
+            left = await self.shared.take_allowance(key, limit, window, now)
+        except Exception as exc:
+            self._failed(exc)
+            return await self.local.take_allowance(key, limit, window, now)
+        self._works()
+        return left
+
+    def _failed(self, exc: Exception) -> None:
+        if not self.failing:
+            self.failing = True
+            log.warning(f"l402: limits counted by this instance alone for now: {exc}")
+
+    def _works(self) -> None:
+        if self.failing:
+            self.failing = False
+            log.warning("l402: limits counted across instances again")
 
 
 def retry_after(wait: float) -> int:
