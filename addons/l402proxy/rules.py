@@ -306,8 +306,11 @@ class RuleSet:
         """Lower-case names of the headers some rule's paid variant sets (paid.set_headers).
         The paywall vouches for them: a client must never send one to the origin itself, or
         `X-Ad-Free: 1` would buy the paid variant for nothing."""
+        # As engine.request.vouched_name compares them: lower case, "_" read as "-".
         return frozenset(
-            name.lower().encode() for rule in self.rules for name in rule.paid.set_headers
+            name.lower().replace("_", "-").encode()
+            for rule in self.rules
+            for name in rule.paid.set_headers
         )
 
     def match(self, host: str, path: str, method: str) -> Rule | None:

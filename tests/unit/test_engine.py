@@ -81,6 +81,7 @@ async def test_a_header_the_paid_variant_sets_never_comes_from_the_client(tmp_pa
                 (b"Host", b"api.example"),
                 (b"x-l402-tier", b"premium"),
                 (b"X-L402-TIER", b"premium"),
+                (b"X_L402_Tier", b"premium"),  # WSGI/CGI origins read it as X-L402-Tier
                 (b"Accept", b"*/*"),
             )
             outcome = await engine.handle(

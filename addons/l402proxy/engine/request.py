@@ -153,10 +153,18 @@ def drop_our_authorization(fields: Fields) -> Fields:
     return fields if len(kept) == len(fields) else kept
 
 
+def vouched_name(name: bytes) -> bytes:
+    """A header name as origins may read it: case-insensitive, and `_` taken for `-` (WSGI and
+    CGI put both into the same HTTP_X_AD_FREE)."""
+    return name.lower().replace(b"_", b"-")
+
+
 def drop_vouched(fields: Fields, names: frozenset[bytes]) -> Fields:
-    """Remove every field whose lower-case name is in `names` (the headers a paid variant
-    sets: only the paywall may send them to the origin). The same tuple back if none was there."""
-    kept = tuple(field for field in fields if field[0].lower() not in names)
+    """Remove every field whose name is in `names` (the headers a paid variant sets: only the
+    paywall may send them to the origin), compared as `vouched_name` spells them: `X_Ad_Free`
+    goes too, since WSGI/CGI origins (and Django) read it as X-Ad-Free. The same tuple back if
+    none was there."""
+    kept = tuple(field for field in fields if vouched_name(field[0]) not in names)
     return fields if len(kept) == len(fields) else kept
 
 
