@@ -1,5 +1,6 @@
 """`l402proxy`: decode L402 headers, drive the dev ledger, manage issued tokens, show what the
-client paid, check a Lightning backend.
+client paid, check a Lightning backend; run the paywall behind nginx (`serve-auth`, and the
+`nginx-config` that asks it).
 
 JSON on stdout (`backend check`: one line, JSON with --json); on bad input a one-line error on
 stderr and a non-zero exit, never a traceback. Every epoch time in the JSON (`when`,
@@ -17,7 +18,9 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
+import importlib.util
 import json
+import logging
 import math
 import os
 import sys
@@ -46,6 +49,8 @@ EXIT_UNUSABLE = 3
 EXIT_BROKEN_PIPE = 141
 
 _HEADER_NAMES = ("www-authenticate:", "authorization:")
+# Where serve-auth listens and nginx-config looks for it (doors/nginx.py: DEFAULT_LISTEN).
+DEFAULT_AUTH_LISTEN = "127.0.0.1:8402"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +66,13 @@ class Answer:
 
     value: Any
     code: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Exit:
+    """Nothing to print (a service ran and stopped): just the exit status."""
+
+    code: int
 
 
 class CliError(Exception):
@@ -417,6 +429,45 @@ def build_parser() -> argparse.ArgumentParser:
     wallet_commands.add_parser("spent", help="sat spent in the last 24 hours and in total")
     store_help = "client store path (default: client.sqlite under $L402PROXY_HOME or ~/.l402proxy)"
     shared_option(wallet, wallet_commands.choices.values(), "--store", help=store_help)
+
+    serve_auth_cmd = commands.add_parser(
+        "serve-auth",
+        help="run the paywall as nginx's auth_request service (see nginx-config)",
+    )
+    serve_auth_cmd.add_argument(
+        "--listen",
+        default=DEFAULT_AUTH_LISTEN,
+        help=f"HOST:PORT to serve nginx on (default {DEFAULT_AUTH_LISTEN}; only nginx may "
+        "reach it)",
+    )
+    serve_auth_cmd.add_argument("--rules", required=True, help="the YAML rules file")
+    serve_auth_cmd.add_argument(
+        "--backend", default="dev", help="invoice backend URI, as l402_backend (default: dev)"
+    )
+    serve_auth_cmd.add_argument("--store", default=None, help=server_store_help)
+    serve_auth_cmd.add_argument("--dev-ledger", default=None, help=ledger_help)
+
+    nginx_config_cmd = commands.add_parser(
+        "nginx-config",
+        help="print the nginx config (to include in http { }) that asks serve-auth",
+    )
+    nginx_config_cmd.add_argument(
+        "--auth",
+        default=DEFAULT_AUTH_LISTEN,
+        help=f"where serve-auth listens (default {DEFAULT_AUTH_LISTEN})",
+    )
+    nginx_config_cmd.add_argument(
+        "--upstream", required=True, help="the origin, as http://HOST:PORT or https://HOST:PORT"
+    )
+    nginx_config_cmd.add_argument(
+        "--listen", default="80", help="nginx's listen: PORT or ADDRESS:PORT (default 80)"
+    )
+    nginx_config_cmd.add_argument(
+        "--rules",
+        default=None,
+        help="read the headers the paid variants set from this rules file instead of asking "
+        "the running serve-auth",
+    )
     return parser
 
 
@@ -427,7 +478,90 @@ def run_async(job: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         raise CliError(str(exc)) from None
 
 
+def serve_auth(args: argparse.Namespace) -> Exit:
+    """`serve-auth`: the engine as nginx's auth service, until SIGINT/SIGTERM."""
+    from .doors import nginx
+
+    try:
+        host, port = nginx.parse_listen(args.listen)
+    except nginx.ConfigProblem as exc:
+        raise CliError(f"--listen: {exc}", EXIT_BAD_INPUT) from None
+    missing = [name for name in ("uvicorn", "httptools") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise CliError(f"serve-auth needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    # uvicorn's own start and stop lines repeat ours; its warnings and errors still show.
+    logging.getLogger("uvicorn").setLevel(logging.WARNING)
+    if not nginx.is_loopback(host):
+        print(
+            f"l402proxy: warning: --listen {args.listen} is not a loopback address: only nginx "
+            "may reach this service (whoever reaches it sees the headers paid variants set)",
+            file=sys.stderr,
+        )
+    try:
+        engine = nginx.make_engine(
+            args.rules, args.backend, args.store, args.dev_ledger or paths.default_dev_ledger()
+        )
+    except RulesError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
+    except LightningError as exc:
+        raise CliError(f"--backend: {exc}") from None
+    try:
+        sock = nginx.bind(host, port)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
+    problems = nginx.run_service(engine, sock)
+    for problem in problems:
+        print(f"l402proxy: {problem}", file=sys.stderr)
+    return Exit(EXIT_FAILED if problems else 0)
+
+
+def nginx_config(args: argparse.Namespace) -> Line:
+    """`nginx-config`: the text for nginx's http { }."""
+    from .doors import nginx
+    from .engine import Paywall
+
+    problem = nginx.ConfigProblem
+    try:
+        auth = nginx.parse_listen(args.auth)
+    except problem as exc:
+        raise CliError(f"--auth: {exc}", EXIT_BAD_INPUT) from None
+    try:
+        origin = nginx.parse_origin(args.upstream)
+    except problem as exc:
+        raise CliError(f"--upstream: {exc}", EXIT_BAD_INPUT) from None
+    try:
+        listen = nginx.parse_nginx_listen(args.listen)
+    except problem as exc:
+        raise CliError(f"--listen: {exc}", EXIT_BAD_INPUT) from None
+    if args.rules is not None:
+        try:
+            rules = load_rules(args.rules)
+        except RulesError as exc:
+            raise CliError(str(exc), EXIT_BAD_INPUT) from None
+        refused = Paywall(door="nginx", no_upstream=nginx.NO_UPSTREAM).unsupported_rule(rules)
+        if refused is not None:
+            raise CliError(str(refused), EXIT_BAD_INPUT)
+        names = nginx.set_header_names(rules)
+    else:
+        try:
+            names = nginx.names_from_service(auth)
+        except problem as exc:
+            raise CliError(str(exc)) from None
+    try:
+        text = nginx.render_config(auth=auth, origin=origin, listen=listen, set_headers=names)
+    except problem as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
+    return Line(text.rstrip("\n"))
+
+
 def run(args: argparse.Namespace) -> Any:
+    if args.command == "serve-auth":
+        return serve_auth(args)
+    if args.command == "nginx-config":
+        return nginx_config(args)
     if args.command == "decode":
         return decode_answer(args.value)
     if args.command == "rules":
@@ -483,6 +617,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except CliError as exc:
         print(f"l402proxy: {exc}", file=sys.stderr)
         return exc.code
+    if isinstance(result, Exit):
+        return result.code
     if isinstance(result, Line):
         print(result.text)
         return 0

@@ -8,10 +8,6 @@ The forms are sent byte for byte over a raw socket: HTTP client libraries would 
 
 import asyncio
 import contextlib
-import grp
-import os
-import pwd
-import shutil
 import socket
 import threading
 import time
@@ -25,9 +21,9 @@ from aiohttp import web
 
 from l402proxy.l402.headers import parse_challenges
 from l402proxy.launch import started
-from tests.conftest import require
 
 from . import procs
+from .nginx import nginx_origin
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +39,6 @@ services:
     match: {path: "/cheap/*"}
     price_sat: 1
 """
-NGINX = "/usr/sbin/nginx"
 RAW_TIMEOUT = 15.0
 MAX_RESPONSE = 1 << 20
 REFUSALS = (b"ambiguous request path: ", b"malformed request path: ")
@@ -205,54 +200,6 @@ def aiohttp_origin(root: Path) -> Iterator[str]:
         thread.join(timeout=10)
         loop.run_until_complete(runner.cleanup())
         loop.close()
-
-
-@contextlib.contextmanager
-def nginx_origin(root: Path) -> Iterator[str]:
-    """The system's nginx serving static files, with everything of its own under a temp dir."""
-    nginx = NGINX if Path(NGINX).exists() else shutil.which("nginx")
-    require(nginx is not None, f"nginx ({NGINX}; apt-get install nginx)")
-    assert nginx is not None
-    prefix = root.parent / "nginx"
-    prefix.mkdir()
-    port = procs.free_port()
-    # As root, workers would drop to "nobody", who cannot read pytest's temp dirs: run them as
-    # whoever runs the test (nginx ignores `user` when not root).
-    user = pwd.getpwuid(os.geteuid()).pw_name
-    group = grp.getgrgid(os.getegid()).gr_name
-    temp = "\n".join(
-        f"    {kind}_temp_path {prefix / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    config = prefix / "nginx.conf"
-    config.write_text(
-        f"""
-daemon off;
-worker_processes 1;
-user {user} {group};
-pid {prefix / "nginx.pid"};
-error_log {prefix / "error.log"} warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-{temp}
-    default_type text/plain;
-    server {{
-        listen 127.0.0.1:{port};
-        root {root};
-        location / {{ }}
-    }}
-}}
-"""
-    )
-    process = procs.Process(
-        name="nginx",
-        command=[nginx, "-p", str(prefix), "-c", str(config), "-e", str(prefix / "error.log")],
-        port=port,
-        log_path=prefix / "nginx.out",
-    )
-    with started(process):
-        yield process.url
 
 
 ORIGINS: dict[str, Callable[[Path], contextlib.AbstractContextManager[str]]] = {

@@ -1,0 +1,956 @@
+"""The nginx door to the paywall engine: `l402proxy serve-auth` runs the engine as nginx's
+auth_request service, and `l402proxy nginx-config` prints the nginx config that asks it.
+
+    l402proxy serve-auth --listen 127.0.0.1:8402 --rules rules/podcast.yaml
+    l402proxy nginx-config --auth 127.0.0.1:8402 --upstream http://127.0.0.1:8080 > l402.conf
+
+How one request goes (auth_request lets only 2xx and 401/403 through):
+
+1. nginx asks the service (`location = /.l402/internal/auth`, a subrequest without the body;
+   the original method, raw target, host, scheme and client go along in X-Original-* headers,
+   which nginx sets over any copy a client sent and the service strips before judging).
+   The service judges it with `engine.handle(request)`: the one judgement of this request
+   (rate limits and free allowances count once; a 402's one invoice is made here).
+2. A plain forward (no rule, or one that lets the request pass) is a 200 whose headers say
+   what to send: the target (the paid rewrite, else the raw target as it came), what is left
+   of Authorization and Cookie once ours are gone, and the value of every header a rule's
+   paid.set_headers names (empty: nginx sends none, so a client's own copy never passes).
+   nginx reads them with auth_request_set and proxies to the origin.
+3. Anything else is a 401 with X-L402-Route: `paid`, `free` or `offer` (forward, and mark the
+   origin's response as the proxy does), or `answer` (the paywall answers it). nginx's
+   `error_page 401 = @l402_route` sends the request (method and body kept) to the internal
+   location of that name. For `answer` the service holds the answer it decided under a random
+   id (X-L402-Answer, which nginx passes to the answer step and sets over any client copy);
+   the answer step sends it as it is. An answer no longer held (or a /.l402/ endpoint, which
+   needs the body) is judged there in full; should that forward after all (the rules were
+   reloaded in between), the client gets a 503 with Retry-After: 1.
+4. /.l402/ (the paywall page's endpoints) goes straight to the service, body and all.
+
+Fail closed: nginx declares which set_headers names it carries (X-L402-Config on every call).
+If the rules name one it does not carry (an edited rules file), or the engine ever changes a
+request header nginx cannot carry, every request gets a 503 saying so. The service down:
+auth_request fails, and nginx answers 500. nginx caches no verdict; the engine keeps its
+token cache and hears of revocations within a second.
+"""
+
+import asyncio
+import ipaddress
+import json
+import logging
+import re
+import secrets
+import signal
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from .. import paywall
+from ..engine import Answer, Forward, Paywall, Request, StartError
+from ..engine.answers import VARIANT_VARY, page_answer
+from ..engine.request import Fields, decode, encode, vouched_name
+from ..rules import RuleSet
+
+log = logging.getLogger(__name__)
+
+# What the printed config and the service agree on; a config from another version (or
+# written by hand) gets 503s that say to regenerate it, never a half-understood verdict.
+CONFIG_VERSION = 1
+DEFAULT_LISTEN = "127.0.0.1:8402"
+NO_UPSTREAM = "nginx sends every request to its own upstream; use rewrite_path or set_headers"
+
+# The service's own paths (nginx reaches them from internal locations only).
+AUTH_PATH = "/auth"
+ANSWER_PATH = "/answer"
+ENDPOINT_PATH = "/endpoint"
+INFO_PATH = "/config"
+
+# Request headers nginx sets on every call to the service (over any copy a client sent).
+H_METHOD = b"x-original-method"
+H_URI = b"x-original-uri"
+H_HOST = b"x-original-host"
+H_SCHEME = b"x-original-scheme"
+H_CLIENT = b"x-original-client"
+H_CONFIG = b"x-l402-config"
+H_ANSWER = b"x-l402-answer"  # the answer step only: which held answer to send
+CONTROL_HEADERS = frozenset({H_METHOD, H_URI, H_HOST, H_SCHEME, H_CLIENT, H_CONFIG, H_ANSWER})
+
+# Response headers of the auth step, read by auth_request_set ($upstream_http_x_l402_...).
+R_ROUTE = b"x-l402-route"
+R_TARGET = b"x-l402-target"
+R_AUTHORIZATION = b"x-l402-authorization"
+R_COOKIE = b"x-l402-cookie"
+R_VARY = b"x-l402-vary"
+R_BANNER = b"x-l402-banner"
+R_ANSWER = b"x-l402-answer"
+R_SET = "x-l402-set-{}"  # one per set_headers name nginx carries, numbered from 1
+R_CLEAR_COOKIE = "x-l402-clear-cookie-{}"
+# Set-Cookie lines a free answer may need (paywall.clearing_cookies: the scope and /.l402/).
+CLEAR_COOKIE_SLOTS = 2
+
+# Request headers nginx never takes from the client toward the origin whatever the engine
+# says: it sets Connection itself, passes Upgrade only for WebSocket (as the engine does) and
+# drops HTTP2-Settings (the config sets it empty). The engine changing them needs no carrying.
+NGINX_OWN = frozenset({b"connection", b"upgrade", b"http2-settings"})
+CARRIED = frozenset({b"authorization", b"cookie"})
+# The body the /.l402/unlock endpoint may get, and one byte more so it can tell "too large".
+MAX_BODY = paywall.MAX_UNLOCK_BODY + 1
+CONFIG_CACHE_LIMIT = 16
+# How long, and in how many bytes at most, answers wait for nginx's answer step (it comes
+# within milliseconds; a 402 page is ~20 KB).
+HOLD_SECONDS = 30.0
+HOLD_BYTES = 32 * 1024 * 1024
+# Longer than nginx's keepalive_timeout for upstreams (60 s): nginx, not the service, closes
+# an idle connection, so a request is never sent on one the service just closed.
+KEEPALIVE_SECONDS = 75
+# A header name nginx can take as written into `proxy_set_header` (a token, no quoting games).
+_NGINX_HEADER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+Scope = Mapping[str, Any]
+Receive = Callable[[], Awaitable[Mapping[str, Any]]]
+Send = Callable[[Mapping[str, Any]], Awaitable[None]]
+
+
+class ConfigProblem(Exception):
+    """The arguments of `nginx-config` or `serve-auth` are no usable value: one line."""
+
+
+# -- what nginx declares it carries ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Carried:
+    """The set_headers names an nginx config carries, in the order of its numbered slots."""
+
+    names: tuple[bytes, ...]
+    lookup: frozenset[bytes]
+    # What nginx sets itself toward the origin: the engine may change these freely.
+    ignored: frozenset[bytes]
+    # The names as the rules' vouched_headers spell them (engine.request.vouched_name).
+    vouched: frozenset[bytes]
+
+    @classmethod
+    def parse(cls, value: bytes) -> "Carried | str":
+        """X-L402-Config: "<version> <name> <name>..."; a message when it is not ours."""
+        version, *names = value.decode("latin-1").split() or [""]
+        if version != str(CONFIG_VERSION):
+            return (
+                f"the nginx config is version {version or 'unknown'}, "
+                f"this l402proxy needs {CONFIG_VERSION}"
+            )
+        lowered = tuple(name.lower().encode() for name in names)
+        return cls(
+            lowered,
+            frozenset(lowered),
+            frozenset(lowered) | CARRIED | NGINX_OWN,
+            frozenset(vouched_name(name) for name in lowered),
+        )
+
+
+def config_header(set_headers: Sequence[str]) -> str:
+    return " ".join([str(CONFIG_VERSION), *(name.lower() for name in set_headers)])
+
+
+# -- the service ------------------------------------------------------------------------------
+
+
+class HeldAnswers:
+    """Answers the auth step decided, kept for the answer step nginx sends right after it
+    (under a random id only nginx learns). Bounded in time and bytes: an answer nobody came
+    for is dropped, and the answer step then judges the request itself."""
+
+    def __init__(self, ttl: float = HOLD_SECONDS, max_bytes: int = HOLD_BYTES) -> None:
+        self.ttl = ttl
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._held: OrderedDict[bytes, tuple[float, Answer, int]] = OrderedDict()
+
+    def hold(self, answer: Answer) -> bytes:
+        now = time.monotonic()
+        key = secrets.token_hex(16).encode()
+        size = len(answer.body) + sum(len(n) + len(v) for n, v in answer.headers) + 64
+        self._held[key] = (now + self.ttl, answer, size)
+        self.size += size
+        while self._held:
+            oldest_key, (expires, _, oldest_size) = next(iter(self._held.items()))
+            if expires > now and self.size <= self.max_bytes:
+                break
+            del self._held[oldest_key]
+            self.size -= oldest_size
+        return key
+
+    def take(self, key: bytes | None) -> Answer | None:
+        if not key:
+            return None
+        entry = self._held.pop(key, None)
+        if entry is None:
+            return None
+        expires, answer, size = entry
+        self.size -= size
+        return answer if expires > time.monotonic() else None
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+def _request_parts(scope: Scope) -> tuple[Fields, dict[bytes, bytes]]:
+    """The client's header fields as nginx passed them, and our control headers apart."""
+    fields: list[tuple[bytes, bytes]] = []
+    control: dict[bytes, bytes] = {}
+    for name, value in scope["headers"]:
+        lower = name.lower()
+        if lower in CONTROL_HEADERS:
+            control[lower] = value
+        else:
+            fields.append((name, value))
+    return tuple(fields), control
+
+
+def _client(value: bytes | None) -> tuple[str, int] | None:
+    if not value:
+        return None
+    address, _, port = value.decode("latin-1").rpartition(" ")
+    return (address, int(port)) if address and port.isdigit() else None
+
+
+def _values(fields: Fields, names: frozenset[bytes]) -> dict[bytes, list[bytes]]:
+    """Every value of the wanted (lower-case) names, in one pass."""
+    found: dict[bytes, list[bytes]] = {}
+    for name, value in fields:
+        lower = name.lower()
+        if lower in names:
+            found.setdefault(lower, []).append(value)
+    return found
+
+
+def changed_headers(before: Fields, after: Fields, ignore: frozenset[bytes]) -> set[bytes]:
+    """Lower-case names, not in `ignore`, whose values (in order) differ between two sets of
+    fields. On every forwarded request: the usual case (nothing else changed) is one pass."""
+    if after is before:
+        return set()
+    old = [(name.lower(), value) for name, value in before if name.lower() not in ignore]
+    new = [(name.lower(), value) for name, value in after if name.lower() not in ignore]
+    if old == new:
+        return set()
+    by_name_old: dict[bytes, list[bytes]] = {}
+    by_name_new: dict[bytes, list[bytes]] = {}
+    for fields, into in ((old, by_name_old), (new, by_name_new)):
+        for name, value in fields:
+            into.setdefault(name, []).append(value)
+    return {
+        name
+        for name in by_name_old.keys() | by_name_new.keys()
+        if by_name_old.get(name) != by_name_new.get(name)
+    }
+
+
+def _one_line(status: int, message: str, extra: Iterable[tuple[str, str]] = ()) -> Answer:
+    return Answer.make(
+        status,
+        f"{message}\n".encode(),
+        {"Cache-Control": "no-store", "Content-Type": "text/plain; charset=utf-8", **dict(extra)},
+    )
+
+
+_ANSWER_ROUTE = [(R_ROUTE, b"answer")]
+# What no header value may hold (uvicorn refuses to send it; HTAB is fine).
+_UNSENDABLE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class AuthService:
+    """The ASGI app `serve-auth` runs: the engine behind nginx's auth_request. The engine is
+    opened and closed by whoever runs the app (`serve`); lifespan events are acknowledged."""
+
+    def __init__(self, engine: Paywall) -> None:
+        self.engine = engine
+        self._configs: dict[bytes, Carried | str] = {}
+        self._reported: set[str] = set()
+        self.held = HeldAnswers()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if kind != "http":
+            return  # a WebSocket to the service itself: nginx never opens one
+        path = scope["path"]
+        if path == AUTH_PATH:
+            await self.auth(scope, send)
+        elif path in (ANSWER_PATH, ENDPOINT_PATH):
+            await self.answer(scope, receive, send, endpoint=path == ENDPOINT_PATH)
+        elif path == INFO_PATH and scope["method"] in ("GET", "HEAD"):
+            await _send(send, _info_answer(self.engine).for_method(scope["method"]))
+        else:
+            await _send(send, _one_line(404, "not a path of l402proxy serve-auth"))
+
+    # -- what nginx carries -----------------------------------------------------------------
+
+    def problem(self, control: Mapping[bytes, bytes]) -> str | None:
+        """Why this nginx config cannot carry what the rules in force need, if it cannot."""
+        value = control.get(H_CONFIG)
+        if value is None:
+            return "the request did not come through the config of `l402proxy nginx-config`"
+        carried = self._carried(value)
+        if isinstance(carried, str):
+            return carried
+        rules = self.engine.rules
+        vouched = rules.vouched_headers if rules is not None else frozenset()
+        if vouched and not vouched <= carried.vouched:
+            missing = ", ".join(sorted(name.decode() for name in vouched - carried.vouched))
+            return f"the nginx config does not carry the header(s) the rules set: {missing}"
+        if self._reported:
+            self._reported.clear()  # fixed: should it break again, the log says so again
+        return None
+
+    def _carried(self, value: bytes) -> Carried | str:
+        carried = self._configs.get(value)
+        if carried is None:
+            if len(self._configs) >= CONFIG_CACHE_LIMIT:
+                self._configs.clear()  # only a config edit makes another value
+            carried = self._configs[value] = Carried.parse(value)
+        return carried
+
+    def refuse(self, problem: str, method: str, *, regenerate: bool = True) -> Answer:
+        """503 for every request while nginx cannot carry what the paywall needs: one line
+        for the client, one warning in the log (per problem, not per request)."""
+        message = problem
+        if regenerate:
+            message += "; regenerate it with `l402proxy nginx-config` and reload nginx"
+        if message not in self._reported:
+            if len(self._reported) > CONFIG_CACHE_LIMIT:
+                self._reported.clear()
+            self._reported.add(message)
+            log.warning(f"l402: answering 503 to every request: {message}")
+        return _one_line(503, f"Payment is unavailable: {message}").for_method(method)
+
+    # -- the auth step ---------------------------------------------------------------------
+
+    async def auth(self, scope: Scope, send: Send) -> None:
+        fields, control = _request_parts(scope)
+        if H_URI not in control:
+            # Not from our config: auth_request turns this into a 500 (fail closed).
+            await _send(send, _one_line(400, "no X-Original-URI: not a call from nginx"))
+            return
+        method = decode(control.get(H_METHOD, b"GET"))
+        request = _request(method, fields, control)
+        if self.problem(control) is not None or paywall.is_endpoint(request.target):
+            # The answer step says what is wrong; a /.l402/ endpoint needs the request body,
+            # which only the answer step gets.
+            await _respond(send, 401, _ANSWER_ROUTE)
+            return
+        try:
+            # The one judgement of this request: limits and free allowances count here, and
+            # a 402's invoice is made here (the answer step sends what was decided).
+            outcome = await self.engine.handle(request)
+        except Exception:  # handle() promises not to raise; if it does, nothing is forwarded
+            log.exception(f"l402: internal error judging {method} {request.target}")
+            await _respond(send, 401, _ANSWER_ROUTE)
+            return
+        if isinstance(outcome, Forward):
+            carried = self._carried(control[H_CONFIG])
+            assert isinstance(carried, Carried)  # problem() said so
+            plan = self.instructions(request, outcome, carried)
+            if not isinstance(plan, Answer):
+                await _respond(send, *plan)
+                return
+            outcome = plan
+        await _respond(send, 401, [*_ANSWER_ROUTE, (R_ANSWER, self.held.hold(outcome))])
+
+    def instructions(
+        self, request: Request, forward: Forward, carried: Carried
+    ) -> tuple[int, list[tuple[bytes, bytes]]] | Answer:
+        """What nginx sends to the origin for a forwarded request, and how it marks the
+        answer: (200, headers) for a plain forward, (401, headers with a route) otherwise;
+        the answer instead when nginx cannot send it (fail closed)."""
+        problem = self.uncarried(request, forward, carried)
+        if problem is not None:
+            return self.refuse(problem, request.method, regenerate=False)
+        headers = [(R_TARGET, encode(_target(request, forward)))]
+        found = _values(forward.headers, CARRIED | carried.lookup)
+        authorization = found.get(b"authorization")
+        if authorization:
+            headers.append((R_AUTHORIZATION, b", ".join(authorization)))
+        cookie = found.get(b"cookie")
+        if cookie:
+            # Several Cookie fields (HTTP/2 sends one per cookie) go as one line, as nginx
+            # itself joins them.
+            headers.append((R_COOKIE, b"; ".join(cookie)))
+        for number, name in enumerate(carried.names, 1):
+            values = found.get(name)
+            if values:
+                headers.append((R_SET.format(number).encode(), b", ".join(values)))
+        if any(_UNSENDABLE.search(value) for _, value in headers):
+            # A client's own header with a control character nginx took but no response
+            # header can carry back (uvicorn would refuse it): not passed on.
+            return _one_line(
+                400, "Bad request: a header has a control character the paywall cannot pass on."
+            ).for_method(request.method)
+        note = forward.note
+        variant = note.get("variant") if note is not None else None
+        if variant == "paid":
+            headers += [(R_ROUTE, b"paid"), (R_VARY, _VARY)]
+            return 401, headers
+        if variant != "free":
+            return 200, headers
+        assert note is not None
+        offer = note.get("offer")
+        headers.append((R_VARY, _VARY_ACCEPT if offer else _VARY))
+        for number, cookie_line in enumerate(note.get("clear_cookies", ()), 1):
+            headers.append((R_CLEAR_COOKIE.format(number).encode(), encode(cookie_line)))
+        if offer and self.engine.offer_upgrade and request.method.upper() != "HEAD":
+            headers += [(R_ROUTE, b"offer"), (R_BANNER, encode(offer))]
+        else:
+            headers.append((R_ROUTE, b"free"))
+        return 401, headers
+
+    def uncarried(self, request: Request, forward: Forward, carried: Carried) -> str | None:
+        """Why nginx cannot send what the engine decided, if it cannot (then: 503)."""
+        if forward.upstream is not None:
+            return f"a paid variant sends requests to {forward.upstream}; {NO_UPSTREAM}"
+        if not _target(request, forward).startswith("/"):
+            # proxy_pass puts it right after the origin's address: only a path may go there.
+            return "the request target to send is no path"
+        changed = changed_headers(request.fields, forward.headers, carried.ignored)
+        if changed:
+            names = ", ".join(sorted(name.decode("latin-1") for name in changed))
+            return f"the paywall changed request header(s) the nginx door cannot carry: {names}"
+        note = forward.note
+        if note is not None and len(note.get("clear_cookies", ())) > CLEAR_COOKIE_SLOTS:
+            return "the paywall sets more cookies on a free answer than the nginx config carries"
+        return None
+
+    # -- the answer step and the /.l402/ endpoints ------------------------------------------
+
+    async def answer(self, scope: Scope, receive: Receive, send: Send, *, endpoint: bool) -> None:
+        fields, control = _request_parts(scope)
+        method = scope["method"]
+        if H_URI not in control:
+            await _send(send, _one_line(400, "no X-Original-URI: not a call from nginx"))
+            return
+        problem = self.problem(control)
+        if problem is not None:
+            await _send(send, self.refuse(problem, method))
+            return
+        held = None if endpoint else self.held.take(control.get(H_ANSWER))
+        if held is not None:
+            await _send(send, held.for_method(method))
+            return
+        # Nothing decided yet (an endpoint, or the answer was no longer held): judge it now.
+        request = _request(method, fields, control)
+        if endpoint or paywall.is_endpoint(request.target):
+            request.body = await _read_body(receive, MAX_BODY)
+        try:
+            outcome = await self.engine.handle(request)
+        except Exception:  # handle() promises not to raise; answer rather than hang up
+            log.exception(f"l402: internal error answering {method} {request.target}")
+            outcome = _one_line(503, "Payment is unavailable: internal error in the paywall")
+        if isinstance(outcome, Forward):
+            outcome = self.not_forwarded(request, outcome, control, endpoint=endpoint)
+        await _send(send, outcome.for_method(method))
+
+    def not_forwarded(
+        self, request: Request, forward: Forward, control: Mapping[bytes, bytes], *, endpoint: bool
+    ) -> Answer:
+        """A request the answer step judged itself, which the judgement forwards."""
+        if endpoint:
+            # nginx's /.l402/ location reads a path as ours that the engine does not.
+            return page_answer(404, "Not found", "No such paywall page.")
+        carried = self._carried(control[H_CONFIG])
+        assert isinstance(carried, Carried)
+        plan = self.instructions(request, forward, carried)
+        if isinstance(plan, Answer):
+            return plan
+        # The rules were reloaded between the two judgements: ask the client to come again
+        # rather than forward from here (this step has no way to the origin).
+        return _one_line(
+            503,
+            "The paywall rules changed while this request was judged; please try again.",
+            [("Retry-After", "1")],
+        )
+
+
+def _target(request: Request, forward: Forward) -> str:
+    """What nginx sends as the request target: the paid rewrite, or the raw target as it came."""
+    return forward.path if forward.path is not None else request.target
+
+
+_VARY = ", ".join(VARIANT_VARY).encode()
+_VARY_ACCEPT = ", ".join((*VARIANT_VARY, "Accept")).encode()
+
+
+def _request(method: str, fields: Fields, control: Mapping[bytes, bytes]) -> Request:
+    return Request(
+        method=method,
+        target=decode(control[H_URI]),
+        host=decode(control.get(H_HOST, b"")),
+        fields=fields,
+        secure=control.get(H_SCHEME) == b"https",
+        client=_client(control.get(H_CLIENT)),
+    )
+
+
+def _info_answer(engine: Paywall) -> Answer:
+    """What `nginx-config` asks the running service: the set_headers names to carry."""
+    return Answer.make(
+        200,
+        json.dumps(
+            {"config_version": CONFIG_VERSION, "set_headers": set_header_names(engine.rules)}
+        ).encode(),
+        {"Content-Type": "application/json", "Cache-Control": "no-store"},
+    )
+
+
+def set_header_names(rules: RuleSet | None) -> list[str]:
+    """The names the rules' paid.set_headers use, spelled as in the rules (first spelling)."""
+    names: dict[str, str] = {}
+    if rules is not None:
+        for rule in rules.rules:
+            for name in rule.paid.set_headers:
+                names.setdefault(name.lower(), name)
+    return list(names.values())
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    """The request body, at most `limit` bytes (the rest is left unread: uvicorn drops it)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)[:limit]
+
+
+async def _respond(send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    headers = [*headers, (b"content-length", b"0")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _send(send: Send, answer: Answer) -> None:
+    await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
+    await send({"type": "http.response.body", "body": answer.body})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+# -- serve-auth -------------------------------------------------------------------------------
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 in brackets) -> (host, port); ConfigProblem otherwise."""
+    parts = urlsplit(f"//{value}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    host = parts.hostname
+    if not host or port is None or port == 0 or parts.username or parts.path:
+        raise ConfigProblem(f"expected HOST:PORT like {DEFAULT_LISTEN}, got {value!r}")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything opens (OSError: say it and stop)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that say so, and without it
+    # an answer written as headers then body waits ~40 ms for the delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve(engine: Paywall, sock: socket.socket) -> None:
+    """Open the engine, serve the auth service on `sock` until SIGINT/SIGTERM, close the
+    engine. StartError (nothing served) when the store or backend cannot be opened."""
+    import uvicorn  # the service's own dependency; importing the door stays cheap
+
+    stop = asyncio.Event()
+    server: uvicorn.Server | None = None
+
+    def on_signal(signum: int, frame: object) -> None:
+        # uvicorn installs its own handlers while serving and raises the signal again
+        # when it is done: then this one runs, and the engine is closed below.
+        stop.set()
+        if server is not None:
+            server.should_exit = True
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            # Closed below also when it fails halfway (a store opened, a backend that is not).
+            await engine.open()
+            if stop.is_set():
+                return
+            config = uvicorn.Config(
+                AuthService(engine),
+                http="httptools",
+                loop="asyncio",
+                lifespan="off",
+                access_log=False,
+                log_config=None,
+                server_header=False,
+                date_header=False,
+                proxy_headers=False,
+                timeout_keep_alive=KEEPALIVE_SECONDS,
+                backlog=2048,
+            )
+            server = uvicorn.Server(config)
+            host, port = sock.getsockname()[:2]
+            log.info(f"l402: auth service for nginx on {_address(host, port)}")
+            await server.serve(sockets=[sock])
+        finally:
+            await engine.close()
+            if server is not None:
+                log.info("l402: auth service stopped")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def make_engine(rules: str, backend: str, store: str | None, dev_ledger: str) -> Paywall:
+    """The engine as serve-auth runs it; RulesError / LightningError as the engine raises them."""
+    engine = Paywall(door="nginx", no_upstream=NO_UPSTREAM)
+    engine.use_rules_file(rules)
+    engine.use_backend(backend, dev_ledger=dev_ledger)
+    engine.store_uri = store or ""
+    return engine
+
+
+def run_service(engine: Paywall, sock: socket.socket) -> list[str]:
+    """Serve until stopped; the problems that kept it from starting (empty: it ran)."""
+    try:
+        asyncio.run(serve(engine, sock))
+    except StartError as exc:
+        return exc.problems
+    return []
+
+
+# -- nginx-config -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Origin:
+    """The --upstream origin: how nginx reaches it and the Host it is sent."""
+
+    scheme: str
+    server: str  # host:port for the upstream block
+    host: str  # the bare host (for TLS SNI)
+    authority: str  # Host header: host, and the port when the URL names one
+
+
+def parse_origin(value: str) -> Origin:
+    parts = urlsplit(value)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    host = parts.hostname
+    bare_url = (parts.path in ("", "/")) and not parts.query and not parts.fragment
+    if scheme not in ("http", "https") or not host or not bare_url or parts.username:
+        raise ConfigProblem(f"expected a URL like http://127.0.0.1:8080, got {value!r}")
+    if port is None and ":" in (parts.netloc.rsplit("]", 1)[-1]):
+        raise ConfigProblem(f"bad port in {value!r}")
+    shown = f"[{host}]" if ":" in host else host
+    if not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+", shown):
+        raise ConfigProblem(f"expected a host name or address in {value!r}")
+    default = 443 if scheme == "https" else 80
+    authority = shown if port is None else f"{shown}:{port}"
+    return Origin(scheme, f"{shown}:{port or default}", host, authority)
+
+
+def parse_nginx_listen(value: str) -> str:
+    """What goes after nginx's `listen`: PORT, ADDRESS:PORT or [IPv6]:PORT."""
+    if value.isdigit() and 0 < int(value) < 65536:
+        return value
+    host, port = parse_listen(value)
+    return _address(host, port)
+
+
+def check_header_names(names: Iterable[str]) -> list[str]:
+    names = list(names)
+    for name in names:
+        if not _NGINX_HEADER_NAME.fullmatch(name):
+            raise ConfigProblem(
+                f"paid.set_headers name {name!r} cannot be written into an nginx config "
+                "(use letters, digits, '-', '_' and '.')"
+            )
+    return names
+
+
+def render_config(
+    *, auth: tuple[str, int], origin: Origin, listen: str, set_headers: Sequence[str]
+) -> str:
+    """The text to include in nginx's `http { }`: upstreams, maps and one server."""
+    set_headers = check_header_names(set_headers)
+    slots = [(name, f"$l402_set_{number}") for number, name in enumerate(set_headers, 1)]
+    auth_sets = [
+        ("l402_route", "route"),
+        ("l402_answer", "answer"),
+        ("l402_target", "target"),
+        ("l402_authorization", "authorization"),
+        ("l402_cookie", "cookie"),
+        ("l402_vary", "vary"),
+        ("l402_banner", "banner"),
+        *((f"l402_clear_cookie_{n}", f"clear_cookie_{n}") for n in _clear_slots()),
+        *((f"l402_set_{n}", f"set_{n}") for n in range(1, len(set_headers) + 1)),
+    ]
+    proxy_scheme = origin.scheme
+    to_origin = [
+        f"proxy_pass {proxy_scheme}://l402_origin$l402_target;",
+        f"proxy_set_header Host {_quote(origin.authority)};",
+        "proxy_set_header Connection $l402_connection;",
+        "proxy_set_header Upgrade $l402_upgrade;",
+        'proxy_set_header HTTP2-Settings "";',
+        "proxy_set_header Authorization $l402_authorization;",
+        "proxy_set_header Cookie $l402_cookie;",
+        *(f"proxy_set_header {name} {variable};" for name, variable in slots),
+    ]
+    if origin.scheme == "https":
+        to_origin += ["proxy_ssl_server_name on;", f"proxy_ssl_name {_quote(origin.host)};"]
+    config = _quote(config_header(set_headers))
+    to_service = [
+        "proxy_set_header Host $http_host;",
+        'proxy_set_header Connection "";',
+        "proxy_set_header X-Original-Method $request_method;",
+        "proxy_set_header X-Original-URI $request_uri;",
+        "proxy_set_header X-Original-Host $host;",
+        "proxy_set_header X-Original-Scheme $scheme;",
+        'proxy_set_header X-Original-Client "$remote_addr $remote_port";',
+        f"proxy_set_header X-L402-Config {config};",
+        # Which answer the auth step decided (empty, so never a client's, everywhere else).
+        "proxy_set_header X-L402-Answer $l402_answer;",
+    ]
+    # The paywall's answers carry two long challenge lines and cookies; the verdict echoes the
+    # client's Authorization and Cookie: room for large ones.
+    answer_buffers = ["proxy_buffer_size 32k;", "proxy_buffers 4 32k;"]
+    verdict_buffers = ["proxy_buffer_size 64k;", "proxy_buffers 4 64k;"]
+    auth_host, auth_port = auth
+    lines = [
+        f"# l402proxy nginx door, config version {CONFIG_VERSION}: goes inside http {{ }}.",
+        "# Made by `l402proxy nginx-config`; make it again (and reload nginx) when the rules'",
+        "# paid.set_headers names change: until then every request gets a 503 saying so.",
+        "",
+        "upstream l402_auth {",
+        f"    server {_address(auth_host, auth_port)};",
+        "    keepalive 32;",
+        "}",
+        "",
+        "upstream l402_origin {",
+        f"    server {origin.server};",
+        "    keepalive 32;",
+        "}",
+        "",
+        "# Where a request the auth service sent back with a 401 goes (its X-L402-Route):",
+        "# anything unknown is answered by the service.",
+        "map $l402_route $l402_route_uri {",
+        "    volatile;",
+        "    paid /.l402/internal/paid;",
+        "    free /.l402/internal/free;",
+        "    offer /.l402/internal/offer;",
+        "    default /.l402/internal/answer;",
+        "}",
+        "",
+        "# WebSocket upgrades pass, as through the proxy; no other Upgrade (h2c) ever does.",
+        "map $http_upgrade $l402_upgrade {",
+        '    "~*^\\s*websocket\\s*(,\\s*websocket\\s*)*$" $http_upgrade;',
+        '    default "";',
+        "}",
+        "map $l402_upgrade $l402_connection {",
+        '    "" "";',
+        "    default upgrade;",
+        "}",
+        "",
+        "# A paid answer: the origin's Cache-Control without public and s-maxage, and private",
+        "# (as the proxy marks it), so no shared cache keeps what one client paid for.",
+        "map $upstream_http_cache_control $l402_cache_control_1 {",
+        "    volatile;",
+        *_drop_shared("$upstream_http_cache_control", 1),
+        "}",
+        "map $l402_cache_control_1 $l402_cache_control_2 {",
+        "    volatile;",
+        *_drop_shared("$l402_cache_control_1", 2),
+        "}",
+        "map $l402_cache_control_2 $l402_paid_cache_control {",
+        "    volatile;",
+        # nginx tries no regex on an empty value: the origin sent none.
+        '    "" private;',
+        '    "~*(^|,)\\s*(public|s-maxage)\\s*(=|,|$)" "private, no-store";',
+        '    "~*(^|,)\\s*(private|no-store)\\s*(,|$)" $l402_cache_control_2;',
+        '    "~^[\\s,]*$" private;',
+        '    default "private, $l402_cache_control_2";',
+        "}",
+        "",
+        "# The upgrade offer goes into free HTML pages the origin answered with 200.",
+        "map $upstream_status $l402_banner_200 {",
+        "    volatile;",
+        "    200 $l402_banner;",
+        '    default "";',
+        "}",
+        "",
+        "server {",
+        f"    listen {listen};",
+        "    # server_name example.com;  (Debian's default site also listens on port 80)",
+        "",
+        "    proxy_http_version 1.1;",
+        "    proxy_redirect off;",
+        "",
+        "    # Every request is judged by the auth service first; nginx caches no verdict.",
+        "    location / {",
+        "        auth_request /.l402/internal/auth;",
+        *(
+            f"        auth_request_set ${variable} $upstream_http_x_l402_{name};"
+            for variable, name in auth_sets
+        ),
+        "        error_page 401 = @l402_route;",
+        *_indent(to_origin, 2),
+        "    }",
+        "",
+        "    location @l402_route {",
+        "        rewrite ^ $l402_route_uri? last;",
+        "    }",
+        "",
+        "    location = /.l402/internal/paid {",
+        "        internal;",
+        *_indent(to_origin, 2),
+        "        proxy_hide_header Cache-Control;",
+        "        add_header Cache-Control $l402_paid_cache_control always;",
+        "        add_header Vary $l402_vary always;",
+        "    }",
+        "",
+        "    location = /.l402/internal/free {",
+        "        internal;",
+        *_indent(to_origin, 2),
+        "        add_header Vary $l402_vary always;",
+        *(f"        add_header Set-Cookie $l402_clear_cookie_{n} always;" for n in _clear_slots()),
+        "    }",
+        "",
+        "    location = /.l402/internal/offer {",
+        "        internal;",
+        *_indent(to_origin, 2),
+        "        # sub_filter reads bodies as they come: ask the origin for no compression.",
+        '        proxy_set_header Accept-Encoding "";',
+        "        add_header Vary $l402_vary always;",
+        *(f"        add_header Set-Cookie $l402_clear_cookie_{n} always;" for n in _clear_slots()),
+        '        sub_filter "</body>" "$l402_banner_200</body>";',
+        "        sub_filter_once on;",
+        "        sub_filter_last_modified on;",
+        "    }",
+        "",
+        "    # The paywall page's endpoints, answered by the engine.",
+        "    location ^~ /.l402/ {",
+        "        rewrite ^ /.l402/internal/endpoint? last;",
+        "    }",
+        "",
+        "    location = /.l402/internal/endpoint {",
+        "        internal;",
+        f"        proxy_pass http://l402_auth{ENDPOINT_PATH};",
+        *_indent(to_service + answer_buffers, 2),
+        "    }",
+        "",
+        "    location = /.l402/internal/answer {",
+        "        internal;",
+        f"        proxy_pass http://l402_auth{ANSWER_PATH};",
+        *_indent(to_service + answer_buffers, 2),
+        "    }",
+        "",
+        "    location = /.l402/internal/auth {",
+        "        internal;",
+        f"        proxy_pass http://l402_auth{AUTH_PATH};",
+        "        proxy_pass_request_body off;",
+        '        proxy_set_header Content-Length "";',
+        *_indent(to_service + verdict_buffers, 2),
+        "    }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _clear_slots() -> range:
+    return range(1, CLEAR_COOKIE_SLOTS + 1)
+
+
+def _drop_shared(source: str, number: int) -> list[str]:
+    """Map lines removing the first `public` or `s-maxage[=...]` directive from a
+    Cache-Control value (nginx has no global replace: two maps in a row take two)."""
+    directive = '(public|s-maxage)(\\s*=\\s*("[^"]*"|[^,]*))?\\s*'
+    rest, left, tail = f"l402_cc{number}_rest", f"l402_cc{number}_left", f"l402_cc{number}_tail"
+    return [
+        _quote_map(f"~*^\\s*{directive}(,\\s*(?<{rest}>.*))?$") + f" ${rest};",
+        _quote_map(f"~*^(?<{left}>.*?)\\s*,\\s*{directive}(?<{tail}>(,.*)?)$")
+        + f' "${left}${tail}";',
+        f"    default {source};",
+    ]
+
+
+def _quote_map(pattern: str) -> str:
+    return '    "' + pattern.replace('"', '\\"') + '"'
+
+
+def _quote(value: str) -> str:
+    if re.fullmatch(r"[A-Za-z0-9._:\-\[\]/]+", value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _indent(lines: Iterable[str], depth: int) -> list[str]:
+    return ["    " * depth + line for line in lines]
+
+
+def names_from_service(auth: tuple[str, int], timeout: float = 10.0) -> list[str]:
+    """The set_headers names the running service's rules use (ConfigProblem: unreachable)."""
+    import httpx
+
+    url = f"http://{_address(*auth)}{INFO_PATH}"
+    try:
+        response = httpx.get(url, timeout=timeout, trust_env=False)
+        response.raise_for_status()
+        info = response.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise ConfigProblem(
+            f"cannot ask the auth service at {url} which headers the rules set ({exc}); "
+            "start `l402proxy serve-auth` first, or give --rules"
+        ) from None
+    if not isinstance(info, dict):
+        info = {}
+    names = info.get("set_headers")
+    if info.get("config_version") != CONFIG_VERSION or not isinstance(names, list):
+        raise ConfigProblem(f"{url} is not an l402proxy serve-auth of this version")
+    return [str(name) for name in names]
