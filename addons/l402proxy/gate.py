@@ -9,6 +9,7 @@ from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 from .l402.headers import Credential, CredentialError, accepts_l402, parse_credential
+from .l402.identifier import Identifier
 from .l402.token import TokenError, VerifiedToken, verify
 from .rules import Rule
 
@@ -56,6 +57,13 @@ class Challenge:
 Decision = Pass | Deny | Free | Grant | Challenge
 
 
+
+def is_revoked(identifier: Identifier, revoked: Container[bytes]) -> bool:
+    """Revoked by token id, or by payment hash: `tokens revoke <payment hash>` made before the
+    store has the token's row (it is written within a quarter second of the sale) records the
+    hash as it was given, and it must still take."""
+    return identifier.token_id in revoked or identifier.payment_hash in revoked
+
 def is_l402_authorization(value: str | None) -> bool:
     """True when an Authorization value uses our schemes; other schemes belong to the origin."""
     if not value:
@@ -91,7 +99,7 @@ def check_credential(
         except TokenError as exc:
             failure = exc
             continue
-        if token.identifier.token_id in revoked:
+        if is_revoked(token.identifier, revoked):
             failure = TokenError("revoked", "this token has been revoked")
             continue
         return token
@@ -159,7 +167,7 @@ class TokenCache:
             and capability not in token.capabilities
         ):
             return None  # verify again, so the refusal carries its reason
-        if token.identifier.token_id in revoked or (
+        if is_revoked(token.identifier, revoked) or (
             token.valid_until is not None and token.valid_until <= now
         ):
             self._remove((authorization, service))

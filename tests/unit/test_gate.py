@@ -250,3 +250,16 @@ def test_methods_need_the_capability_the_rule_names(use_cache: bool) -> None:
     # A later caveat cannot widen what an earlier one narrowed.
     widened = attenuated(read_only, "premium_capabilities=read,write")
     assert decide_caps("DELETE", widened, cache=cache).reason == "missing_capability"
+
+
+def test_a_token_revoked_by_its_payment_hash_is_refused_cached_or_not() -> None:
+    """`tokens revoke <payment hash>` made before the store has the token's row records the
+    hash itself: it must still take, whether the token was verified before or not."""
+    authorization = credential_for("podcast")
+    cache = gate.TokenCache()
+    grant = decide("/episodes/1.mp3", authorization, cache=cache)
+    assert isinstance(grant, gate.Grant)
+    by_hash = {grant.token.identifier.payment_hash}
+    for use_cache in (cache, None):
+        refused = decide("/episodes/1.mp3", authorization, revoked=by_hash, cache=use_cache)
+        assert (refused.status, refused.reason) == (402, "revoked")

@@ -1,22 +1,28 @@
 """The PostgreSQL server store's own behaviour, on a real PostgreSQL (tests/postgres.py): several
 instances on one database, notifications, schema versions, losing the database and getting it
-back, and URIs that cannot work. The behaviour it shares with SQLite is test_store.py's
-contract suite."""
+back, URIs that cannot work, and the counters behind global rate limits and allowances. The
+behaviour it shares with SQLite is test_store.py's contract suite."""
 
 import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
+from l402proxy.engine import Forward, Paywall
+from l402proxy.engine.limits import LocalCounters, SharedCounters
 from l402proxy.launch import free_port
 from l402proxy.store import StoreError, open_server_store, shown_store_uri
 from l402proxy.store import postgres as store_postgres
-from l402proxy.store.postgres import PostgresServerStore
+from l402proxy.store.postgres import PostgresCounters, PostgresServerStore, counter_key
 from tests.postgres import PostgresServer
+from tests.unit.test_rate_limits import request as limits_request
 from tests.unit.test_store import make_token
 
 # Bounds for waits that end as soon as what they wait for happens: generous, since the machine
@@ -172,8 +178,9 @@ async def test_instances_starting_together_migrate_once(
         secrets = await asyncio.gather(*(s.secret() for s in stores))
     finally:
         await asyncio.gather(*(s.close() for s in stores))
-    migrated = [r for r in caplog.records if "migrated to schema version 1" in r.getMessage()]
-    assert len(migrated) == 1
+    for version in range(1, len(store_postgres.MIGRATIONS) + 1):
+        text = f"migrated to schema version {version}"
+        assert sum(text in r.getMessage() for r in caplog.records) == 1, text
     assert len(set(secrets)) == 1
 
 
@@ -184,15 +191,16 @@ async def test_a_new_migration_is_one_list_entry(
     token = make_token()
     first.note_issued(token)
     await first.close()
-    version_2 = ("ALTER TABLE l402_issued_tokens ADD COLUMN note text",)
-    monkeypatch.setattr(store_postgres, "MIGRATIONS", [*store_postgres.MIGRATIONS, version_2])
+    newer = len(store_postgres.MIGRATIONS) + 1
+    step = ("ALTER TABLE l402_issued_tokens ADD COLUMN note text",)
+    monkeypatch.setattr(store_postgres, "MIGRATIONS", [*store_postgres.MIGRATIONS, step])
 
     second = await opened(uri)
     assert [t.token_id for t in await second.list_tokens()] == [token.token_id]
     await second.close()
 
     database = database_of(uri)
-    assert await postgres.admin_value("SELECT version FROM l402_schema_version", database) == 2
+    assert await postgres.admin_value("SELECT version FROM l402_schema_version", database) == newer
     column = await postgres.admin_value(
         "SELECT count(*) FROM information_schema.columns"
         " WHERE table_name = 'l402_issued_tokens' AND column_name = 'note'",
@@ -205,15 +213,18 @@ async def test_a_failed_migration_leaves_the_previous_version(
     postgres: PostgresServer, uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await (await opened(uri)).close()
+    current = len(store_postgres.MIGRATIONS)
     broken = ("CREATE TABLE l402_half_done (a int)", "THIS IS NOT SQL")
     monkeypatch.setattr(store_postgres, "MIGRATIONS", [*store_postgres.MIGRATIONS, broken])
 
-    with pytest.raises(StoreError, match="migration to schema version 2 failed") as error:
+    with pytest.raises(StoreError, match=f"migration to schema version {current + 1} failed") as e:
         await opened(uri)
 
-    assert_one_clean_line(error.value, postgres.password)
+    assert_one_clean_line(e.value, postgres.password)
     database = database_of(uri)
-    assert await postgres.admin_value("SELECT version FROM l402_schema_version", database) == 1
+    assert (
+        await postgres.admin_value("SELECT version FROM l402_schema_version", database) == current
+    )
     assert await postgres.admin_value("SELECT to_regclass('l402_half_done')", database) is None
 
 
@@ -449,3 +460,219 @@ def test_uris_are_shown_without_their_password() -> None:
     shown = shown_store_uri("postgresql://l402:Sekr1tPassw0rd@db.example:5432/tokens")
     assert shown == "postgresql://***:***@db.example:5432/tokens"
     assert shown_store_uri("/var/lib/l402/server.sqlite") == "/var/lib/l402/server.sqlite"
+
+
+# --- counters: rate limits and allowances, global across instances --------------------------
+
+
+async def test_rate_counting_is_limits_gcra_step_for_step(store: PostgresServerStore) -> None:
+    """The database and the engine's own counting decide alike (the engine falls back on its
+    own while the database is away): same verdicts, same waits, to the last bit."""
+    local = LocalCounters()
+    rng = random.Random(12)
+    # The real time: the background sweep (real clock) takes rows from the past for expired.
+    now = time.time()
+    limits = [(0.25, 1), (2.0, 3), (7.0, 5), (1 / 3, 2)]  # (interval, burst): one per rule
+    for step in range(300):
+        now += rng.choice((0.0, 0.0, 0.01, 0.3, 1.0, 7.5, 40.0))
+        rule = step % len(limits)
+        interval, burst = limits[rule]
+        key = f"rate:api:{rule}:ip:192.0.2.{step % 2}"
+        wanted = await local.take_rate(key, interval, burst, now)
+        assert await store.counters.take_rate(key, interval, burst, now) == wanted, step
+
+
+async def test_allowance_counting_matches_the_engines_within_windows(
+    store: PostgresServerStore,
+) -> None:
+    local = LocalCounters()
+    rng = random.Random(34)
+    now = float(int(time.time()) // 60 * 60)
+    for step in range(200):
+        now += rng.choice((0.0, 1.0, 13.0, 59.0))
+        key = f"free:api:198.51.100.{step % 3}"
+        wanted = await local.take_allowance(key, 3, 60, now)
+        assert await store.counters.take_allowance(key, 3, 60, now) == wanted, step
+
+
+async def test_concurrent_takes_from_two_instances_allow_exactly_the_burst(
+    store: PostgresServerStore, other: PostgresServerStore
+) -> None:
+    now = time.time()
+    takes = [
+        instance.counters.take_rate("rate:api:7:ip:192.0.2.1", 3600.0, 7, now)
+        for _ in range(40)
+        for instance in (store, other)
+    ]
+    waits = await asyncio.gather(*takes)
+    assert sum(wait is None for wait in waits) == 7
+    # Every refused take was told the same wait: the bucket stood still once it was empty.
+    assert {round(wait, 6) for wait in waits if wait is not None} == {3600.0}
+
+    allowances = [
+        instance.counters.take_allowance("free:api:192.0.2.1", 5, 86400, now)
+        for _ in range(40)
+        for instance in (store, other)
+    ]
+    left = await asyncio.gather(*allowances)
+    # Each remaining count was handed out exactly once: no two takes saw the same row.
+    assert sorted(n for n in left if n is not None) == [0, 1, 2, 3, 4]
+    assert left.count(None) == 75
+
+
+async def test_windows_roll_over_and_buckets_refill(store: PostgresServerStore) -> None:
+    counters = store.counters
+    # A window boundary of the real clock (the background sweep reads it: rows from the past
+    # would be expired).
+    edge = float(int(time.time()) // 60 * 60 + 60)
+    takes = [await counters.take_allowance("free:a", 2, 60, edge - t) for t in (50, 40, 0.1)]
+    assert takes == [1, 0, None]
+    assert await counters.take_allowance("free:a", 2, 60, edge) == 1  # the next window
+    # A take from an instance whose clock is a little behind counts in the newer window: two
+    # clocks must not take turns resetting it.
+    assert await counters.take_allowance("free:a", 2, 60, edge - 0.5) == 0
+    assert await counters.take_allowance("free:a", 2, 60, edge + 1) is None
+    assert await counters.take_allowance("free:b", 2, 60, edge + 1) == 1  # keys are apart
+
+    assert await counters.take_rate("rate:a", 10.0, 2, edge) is None
+    assert await counters.take_rate("rate:a", 10.0, 2, edge) is None
+    assert await counters.take_rate("rate:a", 10.0, 2, edge + 4) == pytest.approx(6.0)
+    assert await counters.take_rate("rate:a", 10.0, 2, edge + 10) is None  # one interval back
+    assert await counters.take_rate("rate:a", 10.0, 2, edge + 10) == pytest.approx(10.0)
+
+
+async def test_keys_are_bounded_in_length(postgres: PostgresServer, uri: str) -> None:
+    store = await opened(uri)
+    try:
+        now = time.time()
+        long_a, long_b = "rate:" + "a" * 5000 + "1", "rate:" + "a" * 5000 + "2"
+        assert await store.counters.take_allowance(long_a, 1, 3600, now) == 0
+        assert await store.counters.take_allowance(long_b, 1, 3600, now) == 0  # not the same
+        assert await store.counters.take_allowance(long_a, 1, 3600, now) is None
+        await store.counters.take_rate("é" * 300, 1.0, 1, now)  # cut between characters
+    finally:
+        await store.close()
+    longest = await postgres.admin_value(
+        "SELECT max(octet_length(key)) FROM (SELECT key FROM l402_allowances"
+        " UNION ALL SELECT key FROM l402_rate_buckets) AS k",
+        database_of(uri),
+    )
+    assert longest == store_postgres.MAX_COUNTER_KEY_BYTES
+    assert counter_key("rate:short") == "rate:short"
+
+
+async def test_the_sweep_deletes_expired_rows_and_keeps_live_ones(
+    postgres: PostgresServer, uri: str, store: PostgresServerStore
+) -> None:
+    now = time.time()
+    counters = store.counters  # its own sweep is a minute away: this test sweeps itself
+    for n in range(5):
+        await counters.take_rate(f"rate:old{n}", 1.0, 1, now - 3600)  # long refilled
+        await counters.take_allowance(f"free:old{n}", 3, 60, now - 3600)  # window long over
+    assert await counters.take_rate("rate:live", 3600.0, 2, now) is None
+    assert await counters.take_allowance("free:live", 3, 86400, now) == 2
+
+    assert await counters.sweep() == 10
+    remaining = await postgres.admin_value(
+        "SELECT string_agg(key, ',' ORDER BY key) FROM (SELECT key FROM l402_allowances"
+        " UNION ALL SELECT key FROM l402_rate_buckets) AS k",
+        database_of(uri),
+    )
+    assert remaining == "free:live,rate:live"
+    # Their counts are intact.
+    assert await counters.take_rate("rate:live", 3600.0, 2, now) is None
+    assert await counters.take_rate("rate:live", 3600.0, 2, now) is not None
+    assert await counters.take_allowance("free:live", 3, 86400, now) == 1
+
+
+async def test_takes_start_the_sweep_in_the_background(
+    postgres: PostgresServer, uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(PostgresCounters, "sweep_seconds", 0.0)
+    store = await opened(uri)
+    try:
+        now = time.time()
+        await store.counters.take_rate("rate:old", 1.0, 1, now - 3600)
+        for _ in range(int(BOUND / 0.05)):
+            await store.counters.take_rate("rate:live", 1.0, 1000, now)  # starts a sweep
+            left = await postgres.admin_value(
+                "SELECT count(*) FROM l402_rate_buckets WHERE key = 'rate:old'", database_of(uri)
+            )
+            if left == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert left == 0
+    finally:
+        await store.close()
+
+
+async def test_counters_fail_at_once_while_the_database_is_down_and_come_back(
+    postgres: PostgresServer, store: PostgresServerStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(PostgresCounters, "rest_seconds", 0.2)
+    shared = SharedCounters(store.counters)
+    now = time.time()
+    assert await store.counters.take_allowance("free:x", 5, 86400, now) == 4
+    async with postgres.down():
+        with pytest.raises(StoreError) as error:
+            await asyncio.wait_for(store.counters.take_rate("rate:x", 1.0, 1, now), BOUND)
+        assert_one_clean_line(error.value, postgres.password)
+        # Resting: the next take does not even ask (a hung database would cost every request
+        # the whole timeout otherwise).
+        with pytest.raises(StoreError, match="not asked"):
+            await store.counters.take_rate("rate:x", 1.0, 1, now)
+        # The engine's wrapper counts here meanwhile.
+        assert await shared.take_allowance("free:x", 5, 86400, now) == 4
+        assert shared.failing
+    for _ in range(int(BOUND / 0.1)):  # the rest is short: bounded retries
+        with contextlib.suppress(StoreError):
+            left = await store.counters.take_allowance("free:x", 5, 86400, now)
+            break
+        await asyncio.sleep(0.1)
+    assert left == 3  # what the database counted before the outage is still there
+    assert await shared.take_allowance("free:x", 5, 86400, now) == 2
+    assert not shared.failing
+
+
+async def test_a_hung_database_bounds_every_take(
+    uri: str,
+    postgres: PostgresServer,
+    relay: tuple[FreezingRelay, int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(PostgresCounters, "timeout", 0.3)
+    freezer, port = relay
+    store = await opened(uri.replace(f":{postgres.port}/", f":{port}/"))
+    try:
+        assert await store.counters.take_rate("rate:h", 1.0, 1, 0.0) is None
+        freezer.frozen.set()
+        with pytest.raises(StoreError, match=r"no answer within 0\.3 s") as error:
+            await asyncio.wait_for(store.counters.take_rate("rate:h", 1.0, 1, 0.0), BOUND)
+        assert_one_clean_line(error.value, postgres.password)
+    finally:
+        with contextlib.suppress(StoreError):
+            await asyncio.wait_for(store.close(), BOUND)
+
+
+async def test_two_engines_on_one_database_share_their_limits(uri: str, tmp_path: Path) -> None:
+    """The engine finds the store's counters: a freebie allowance is global, not per engine."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "services:\n  - name: api\n    match: {path: '/api/*'}\n    price_sat: 5\n"
+        "    freebies: {requests: 3, per: 1d}\n"
+    )
+    engines = []
+    try:
+        for _ in range(2):
+            engine = Paywall()
+            engine.use_rules_file(str(rules))
+            engine.use_backend("dev", dev_ledger=str(tmp_path / "devledger.sqlite"))
+            engine.store_uri = uri
+            await engine.open()
+            engines.append(engine)
+            assert isinstance(engine.counters, SharedCounters)
+        outcomes = [await engines[n % 2].handle(limits_request("/api/x")) for n in range(8)]
+    finally:
+        for engine in engines:
+            await engine.close()
+    assert sum(isinstance(outcome, Forward) for outcome in outcomes) == 3

@@ -20,11 +20,20 @@ database, so that a token bought at one instance works at all of them.
   the waiter on each notification. It reconnects by itself, and each (re)connection wakes the
   waiter too: notifications sent while it was away are lost, so the waiter catches up with
   `revocations_since()`, whose cursor never skips a revocation (see revoke()).
+- Counters (`store.counters`, engine.limits.Counters): the engine's rate limits, invoice-mint
+  limit and free allowances, counted in the database so that they are global across
+  instances. Each take is ONE statement (an upsert whose row lock serializes the instances;
+  see PostgresCounters), bounded by COUNTER_TIMEOUT; failing, it raises StoreError and the
+  engine counts locally meanwhile (engine.limits.SharedCounters). Their tables are UNLOGGED:
+  no WAL, no fsync per request; a database crash (not a clean restart) empties them, which
+  only hands every client a fresh allowance once.
 """
 
 import asyncio
+import hashlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
@@ -56,7 +65,8 @@ MAX_CONNECT_TIMEOUT = 300.0
 OPERATION_TIMEOUT = 10.0
 # Migrations may rewrite tables, and may wait for another instance's.
 MIGRATION_TIMEOUT = 120.0
-POOL_SIZE = 4
+# The counters take a pooled connection per priced request (every 402 passes the mint limit).
+POOL_SIZE = 10
 # How often the listening connection is asked something: an idle connection whose peer vanished
 # without closing it (a dead host, a dropped network) otherwise looks alive for ever.
 KEEPALIVE_SECONDS = 5.0
@@ -69,6 +79,28 @@ MIGRATION_LOCK = 0x4C3430324D494752
 REVOKE_LOCK = 0x4C34303252564B45
 
 SERVER_SETTINGS = {"application_name": "l402proxy"}
+
+# -- counters (engine.limits.Counters) --
+# One take, waiting for a connection included: a request waits at most this long before the
+# engine counts it locally instead.
+COUNTER_TIMEOUT = 2.0
+# After a failed take, the next ones fail at once (counted locally) for this long: a database
+# that hangs must not make every request wait COUNTER_TIMEOUT.
+COUNTER_REST_SECONDS = 1.0
+# Keys are the engine's ("rate:<service>:<line>:<ip|token>:<who>", "free:...", "mint:..."),
+# well under this; a longer one is shortened to a prefix and its SHA-256, so the bound holds.
+MAX_COUNTER_KEY_BYTES = 200
+# A row may be deleted once its state is the same as no row: a bucket whose TAT has passed (it
+# is full again), an allowance whose window is over. expires_at says when, with a margin for
+# clocks that disagree between instances, rounded up to EXPIRY_STEP so that most updates leave
+# it (an indexed column) unchanged and stay HOT.
+EXPIRY_MARGIN = 60
+EXPIRY_STEP = 60
+# Each instance deletes expired rows every SWEEP_SECONDS (started by a take, in the background),
+# at most SWEEP_BATCH rows per statement and SWEEP_ROUNDS statements per sweep.
+SWEEP_SECONDS = 60.0
+SWEEP_BATCH = 5_000
+SWEEP_ROUNDS = 10
 
 # What a database that is down, unreachable, misconfigured or refusing says through asyncpg.
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (
@@ -126,6 +158,28 @@ MIGRATIONS: list[Sequence[str]] = [
         )
         """,
     ),
+    # Version 2: the counters (PostgresCounters). UNLOGGED: see the module docstring;
+    # fillfactor: room on each page for an updated row, so that updates stay HOT.
+    (
+        f"""
+        CREATE UNLOGGED TABLE l402_rate_buckets (
+            key text PRIMARY KEY CHECK (octet_length(key) <= {MAX_COUNTER_KEY_BYTES}),
+            tat double precision NOT NULL,
+            allowed boolean NOT NULL,
+            expires_at double precision NOT NULL
+        ) WITH (fillfactor = 70)
+        """,
+        "CREATE INDEX l402_rate_buckets_expires ON l402_rate_buckets (expires_at)",
+        f"""
+        CREATE UNLOGGED TABLE l402_allowances (
+            key text PRIMARY KEY CHECK (octet_length(key) <= {MAX_COUNTER_KEY_BYTES}),
+            window_start bigint NOT NULL,
+            used integer NOT NULL CHECK (used >= 1),
+            expires_at double precision NOT NULL
+        ) WITH (fillfactor = 70)
+        """,
+        "CREATE INDEX l402_allowances_expires ON l402_allowances (expires_at)",
+    ),
 ]
 
 _TOKEN_SELECT = (
@@ -133,6 +187,71 @@ _TOKEN_SELECT = (
     " i.paid_at, r.revoked_at FROM l402_issued_tokens i"
     " LEFT JOIN l402_revocations r ON r.token_id = i.token_id"
 )
+
+
+def _gcra_step(tat: str) -> str:
+    """A SELECT of one GCRA step from the TAT `tat` (an SQL expression, the caller's time at
+    the latest): (new tat, allowed, expires_at). limits.gcra operation for operation, in the
+    same IEEE doubles, so both always decide alike: allowed when (tat + interval) - burst *
+    interval <= now, the TAT then moving on by one interval; refused, it stays `tat`.
+    $2 now, $3 interval, $4 burst."""
+    return (
+        "SELECT CASE WHEN s.ok THEN s.t + $3 ELSE s.t END, s.ok,"
+        f" ceil((s.t + $3 + {EXPIRY_MARGIN}) / {EXPIRY_STEP}) * {EXPIRY_STEP}"
+        f" FROM (SELECT {tat} AS t, ({tat} + $3) - $4 * $3 <= $2 AS ok) AS s"
+    )
+
+
+# One statement per take. A new key inserts the step from an empty bucket (TAT = now); a key
+# that exists takes the conflicting row's lock and steps from the TAT it holds. Under READ
+# COMMITTED the DO UPDATE reads the latest committed version of the row it locked (not the
+# statement's snapshot), and every other instance's take of the key waits for that lock: the
+# takes of a key run one after another, each on its predecessor's result, each exactly once.
+# `allowed` keeps the step's verdict for RETURNING (which sees only the new row: a refused
+# step leaves the TAT as it was, and the TAT alone cannot tell which way it went).
+TAKE_RATE_SQL = (
+    "INSERT INTO l402_rate_buckets AS b (key, tat, allowed, expires_at)"
+    f" SELECT $1::text, n.* FROM ({_gcra_step('$2::float8')}) AS n"
+    " ON CONFLICT (key) DO UPDATE SET (tat, allowed, expires_at) ="
+    f" ({_gcra_step('GREATEST(b.tat, $2)')})"
+    " RETURNING tat, allowed"
+)
+
+# Fixed windows: `used` counts the requests asked in the window starting at window_start, up
+# to limit + 1 (more than limit means refused; the cap keeps it from growing). Same locking as
+# above. A take from a newer window starts it at 1; one from an older window (an instance
+# whose clock is a little behind, at a window's edge) counts in the newer one, so that two
+# clocks never take turns resetting the count. Every SET expression reads the row as it was.
+# $1 key, $2 window start, $3 limit, $4 expires_at.
+TAKE_ALLOWANCE_SQL = (
+    "INSERT INTO l402_allowances AS a (key, window_start, used, expires_at)"
+    " VALUES ($1::text, $2::bigint, 1, $4::float8)"
+    " ON CONFLICT (key) DO UPDATE SET"
+    " used = CASE WHEN a.window_start < EXCLUDED.window_start THEN 1"
+    " ELSE LEAST(a.used + 1, $3::integer + 1) END,"
+    " window_start = GREATEST(a.window_start, EXCLUDED.window_start),"
+    " expires_at = GREATEST(a.expires_at, EXCLUDED.expires_at)"
+    " RETURNING used"
+)
+
+# Expired rows, a batch at a time (through the expires_at index). The outer condition is
+# checked again on the row's latest version: a row a take renewed meanwhile stays.
+SWEEP_SQL = {
+    table: f"DELETE FROM {table} WHERE key = ANY(ARRAY("
+    f"SELECT key FROM {table} WHERE expires_at < $1 LIMIT $2)) AND expires_at < $1"
+    for table in ("l402_rate_buckets", "l402_allowances")
+}
+
+
+def counter_key(key: str) -> str:
+    """The key as stored: itself, or when longer than MAX_COUNTER_KEY_BYTES its beginning and
+    its SHA-256 (so two long keys stay apart, and the row stays small)."""
+    data = key.encode("utf-8", "surrogatepass")
+    if len(data) <= MAX_COUNTER_KEY_BYTES:
+        return key
+    digest = hashlib.sha256(data).hexdigest()
+    head = data[: MAX_COUNTER_KEY_BYTES - len(digest) - 1].decode("utf-8", "ignore")
+    return f"{head}#{digest}"
 
 
 @dataclass(frozen=True)
@@ -220,6 +339,97 @@ def parse_uri(uri: str, default_connect_timeout: float = CONNECT_TIMEOUT) -> Tar
     return Target(dsn=dsn, shown=shown, secrets=secrets, connect_timeout=connect_timeout)
 
 
+class PostgresCounters:
+    """engine.limits.Counters in the store's database: rate limits, the invoice-mint limit and
+    free allowances, global across every instance on it. Each take is one statement
+    (TAKE_RATE_SQL, TAKE_ALLOWANCE_SQL), run once: never retried, since a retry after a lost
+    answer could count the request twice. A take that fails raises StoreError (the engine
+    then counts locally); so do the takes in the next COUNTER_REST_SECONDS, without asking.
+
+    Times are the callers' (`now`), as for LocalCounters: instances' clocks must agree to
+    within a second or so (NTP) for a shared limit to be exact."""
+
+    # Class attributes so that tests (and only tests) can shorten them.
+    timeout = COUNTER_TIMEOUT
+    rest_seconds = COUNTER_REST_SECONDS
+    sweep_seconds = SWEEP_SECONDS
+
+    def __init__(self, store: "PostgresServerStore") -> None:
+        self._store = store
+        self._resting_until = 0.0
+        # The first sweep one period after opening: what an earlier run left can wait as long.
+        self._next_sweep = time.monotonic() + self.sweep_seconds
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def take_rate(self, key: str, interval: float, burst: int, now: float) -> float | None:
+        """Spend one request of `key`'s GCRA bucket: None when allowed, else the seconds to
+        wait (limits.gcra's answer)."""
+        row = await self._take(TAKE_RATE_SQL, counter_key(key), now, interval, burst)
+        tat, allowed = float(row[0]), bool(row[1])
+        if allowed:
+            return None
+        return tat + interval - burst * interval - now  # limits.gcra's, in the same order
+
+    async def take_allowance(self, key: str, limit: int, window: int, now: float) -> int | None:
+        """Spend one of `limit` requests in `key`'s current window of `window` seconds: how
+        many are left, or None when none was (nothing spent)."""
+        start = int(now // window) * window
+        expires = float(start + window + EXPIRY_MARGIN)
+        row = await self._take(TAKE_ALLOWANCE_SQL, counter_key(key), start, limit, expires)
+        used = int(row[0])
+        return limit - used if used <= limit else None
+
+    async def _take(self, sql: str, *args: object) -> Any:
+        if time.monotonic() < self._resting_until:
+            raise StoreError(
+                f"store {self._store.shown}: not asked, it failed less than "
+                f"{self.rest_seconds:g} s ago"
+            )
+        self._sweep_soon()
+        try:
+            async with self._store._connection(self.timeout) as conn:
+                row = await conn.fetchrow(sql, *args)
+        except StoreError:
+            self._resting_until = time.monotonic() + self.rest_seconds
+            raise
+        if row is None:  # an upsert with RETURNING always returns its row
+            raise StoreError(f"store {self._store.shown}: the counter update returned nothing")
+        return row
+
+    def _sweep_soon(self) -> None:
+        now = time.monotonic()
+        if now < self._next_sweep or (self._sweeper is not None and not self._sweeper.done()):
+            return
+        self._next_sweep = now + self.sweep_seconds
+        self._sweeper = asyncio.create_task(self.sweep(), name="l402proxy counters sweep")
+
+    async def sweep(self) -> int:
+        """Delete expired rows (bounded: SWEEP_ROUNDS batches of SWEEP_BATCH per table); how
+        many went. A failure is logged at debug level: the next sweep tries again, and rows
+        left behind only take room (an expired row counts like no row)."""
+        deleted = 0
+        now = time.time()
+        try:
+            for sql in SWEEP_SQL.values():
+                for _ in range(SWEEP_ROUNDS):
+                    async with self._store._connection() as conn:
+                        status = await conn.execute(sql, now, SWEEP_BATCH)
+                    count = int(status.rsplit(" ", 1)[-1])  # "DELETE <count>"
+                    deleted += count
+                    if count < SWEEP_BATCH:
+                        break
+        except StoreError as exc:
+            log.debug("counters sweep failed: %s", exc)
+        return deleted
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
+
 class PostgresServerStore(RecordQueue):
     """The server store on PostgreSQL; see the module docstring. Same interface as
     store/sqlite.py's ServerStore (database.TokenStore); open with `open_server_store(uri)`."""
@@ -240,6 +450,8 @@ class PostgresServerStore(RecordQueue):
         self._wake = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
         self.listening = False  # the LISTEN connection is up (for tests and diagnostics)
+        # Rate limits and allowances, global across instances (the engine looks for this).
+        self.counters = PostgresCounters(self)
 
     def migrations(self) -> Sequence[Sequence[str]]:
         return MIGRATIONS  # looked up per call, so tests can extend the history
@@ -621,6 +833,7 @@ class PostgresServerStore(RecordQueue):
             raise
         finally:
             pool, self._pool = self._pool, None
+            await self.counters.stop()
             if self._listener is not None:
                 self._listener.cancel()
                 with suppress(asyncio.CancelledError):
