@@ -12,7 +12,13 @@ Client scenarios (the paying forward proxy, `mitmdump -s addons/client.py`):
                      URL in a service not paid yet (one dev-wallet payment each), paired with
                      unpaid fetches through the same chain: the latency a first payment adds
 
-Numbers are ratios to bare mitmdump measured in this run; absolute numbers depend on the machine.
+Door scenarios (the same engine through its other front doors, each against the bare thing):
+  asgi-paid, asgi-challenge    L402Middleware around the sample ASGI origin under uvicorn, against
+                               the bare app under the same uvicorn
+  nginx-paid, nginx-challenge  nginx + `l402proxy serve-auth` (auth_request) against bare nginx
+                               proxying the same origin; the 402 also against the mitmproxy door
+
+Numbers are ratios to the bare thing measured in this run; absolute numbers depend on the machine.
 Run with scripts/bench (it sets up the environment; wrk is used when installed);
 --scenarios picks some of them (e.g. --scenarios client).
 """
@@ -45,6 +51,8 @@ from l402proxy.launch import (
     client_proxy_command,
     env_with_home,
     free_port,
+    nginx_binary,
+    nginx_process,
     origin_command,
     server_proxy_command,
     started,
@@ -52,12 +60,23 @@ from l402proxy.launch import (
 from l402proxy.lightning.dev import DevLedger
 from l402proxy.rules import load_rules
 
-RULES = REPO / "rules" / "podcast.yaml"
+PODCAST_RULES = REPO / "rules" / "podcast.yaml"
 SERVER_SCENARIOS = ("paid", "challenge")
+DOOR_SCENARIOS = ("asgi-paid", "asgi-challenge", "nginx-paid", "nginx-challenge")
 CLIENT_SCENARIOS = ("client-pass", "client-first-paid")
-SCENARIOS = SERVER_SCENARIOS + CLIENT_SCENARIOS
-# Ratio to bare mitmdump, at least.
-TARGETS = {"paid": 0.95, "challenge": 0.60, "client-pass": 0.95}
+SCENARIOS = SERVER_SCENARIOS + DOOR_SCENARIOS + CLIENT_SCENARIOS
+# Ratio to the bare thing (mitmdump, the bare ASGI app, bare nginx), at least.
+TARGETS = {
+    "paid": 0.95,
+    "challenge": 0.80,
+    "asgi-paid": 0.90,
+    "asgi-challenge": 0.50,
+    "nginx-paid": 0.70,
+    "nginx-challenge": 0.0,  # its target is against the mitmproxy door: MITM_TARGETS
+    "client-pass": 0.95,
+}
+# nginx's 402 at least as fast as the mitmproxy door's, measured beside it.
+MITM_TARGETS = {"nginx-challenge": 1.0}
 FIRST_PAID_TARGET_MS = 50.0  # p50 of (first paid fetch - unpaid fetch)
 FIRST_PAID_TIME_LIMIT = 180.0  # seconds for all the sequential fetches of client-first-paid
 FETCH_TIMEOUT = 30.0  # one fetch through the proxies; the client gives up paying before that
@@ -216,7 +235,7 @@ def micro_benchmarks() -> dict[str, float]:
             repeat=5,
         )
     )
-    rule = load_rules(RULES).match("h", "/episodes/ep1.mp3", "GET")
+    rule = load_rules(PODCAST_RULES).match("h", "/episodes/ep1.mp3", "GET")
     authorization = format_credential([macaroon], preimage)
     cache = gate.TokenCache()
 
@@ -249,6 +268,7 @@ class Bench:
     home: Path
     env: dict[str, str]
     origin: Process
+    rules: Path
 
     def empty_hook_script(self) -> Path:
         """mitmproxy's own cost of running any script hook, to tell it apart from an addon's."""
@@ -294,7 +314,7 @@ def measure_server(bench: Bench, selected: list[str]) -> dict[str, object]:
     args = bench.args
     bare = bench.server_proxy("bare", None)
     empty_hook = bench.server_proxy("empty-hook", None, "-s", str(bench.empty_hook_script()))
-    addon = bench.server_proxy("addon", RULES)
+    addon = bench.server_proxy("addon", bench.rules)
     results: dict[str, object] = {}
     with started(bare, empty_hook, addon):
         authorization = asyncio.run(paid_authorization(addon.url, bench.home / "devledger.sqlite"))
@@ -330,6 +350,123 @@ def measure_server(bench: Bench, selected: list[str]) -> dict[str, object]:
             results[name] = compare(runs)
         # Measured last, so the addon's caches and queues hold what this load put in them.
         results["memory"] = memory(bare, addon)
+    return results
+
+
+def uvicorn_command(app: str, port: int, *, factory: bool = False) -> list[str]:
+    command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--no-access-log", "--log-level", "warning", "--backlog", "1024"]
+    return [*command, "--factory"] if factory else command
+
+
+def measure_asgi(bench: Bench, selected: list[str]) -> dict[str, object]:
+    """L402Middleware around the sample ASGI origin against the bare app, both under uvicorn."""
+    bare_port, door_port = free_port(), free_port()
+    env = {**bench.env, "L402PROXY_RULES": str(bench.rules)}
+    bare = Process(
+        "asgi-bare", uvicorn_command("l402proxy.origin_asgi:app", bare_port), bare_port,
+        bench.work / "asgi-bare.log", env,
+    )  # fmt: skip
+    door = Process(
+        "asgi-door", uvicorn_command("l402proxy.origin_asgi:paywalled", door_port, factory=True),
+        door_port, bench.work / "asgi-door.log", env,
+    )  # fmt: skip
+    results: dict[str, object] = {}
+    with started(bare, door):
+        authorization = asyncio.run(paid_authorization(door.url, bench.home / "devledger.sqlite"))
+        scenarios = door_scenarios(bare.url, door.url, authorization)
+        for side in (bare, door):  # warm up
+            bench.load(side.url + "/", {}, 2, bench.args.connections)
+        for name in ("asgi-paid", "asgi-challenge"):
+            if name in selected:
+                results[name] = compare(bench.interleaved(scenarios[name.split("-")[1]]))
+        results["asgi-memory"] = memory(bare, door)
+    results["asgi-log-problems"] = log_problems(door)
+    return results
+
+
+def door_scenarios(
+    bare_url: str, door_url: str, authorization: str
+) -> dict[str, dict[str, tuple[str, dict[str, str], None]]]:
+    """The same requests as the mitmproxy scenarios: a paid one rewritten to /adfree/ (the bare
+    side asks for /adfree/ itself), and a fresh 402 (the bare side serves the free file)."""
+    paid = {"Authorization": authorization}
+    asks = {"Accept-Authenticate": "L402"}
+    return {
+        "paid": {
+            "bare": (bare_url + "/adfree/ep1.mp3", paid, None),
+            "addon": (door_url + "/episodes/ep1.mp3", paid, None),
+        },
+        "challenge": {
+            "bare": (bare_url + "/episodes/ep1.mp3", asks, None),
+            "addon": (door_url + "/episodes/ep1.mp3", asks, None),
+        },
+    }
+
+
+NGINX_BARE_CONF = """
+    upstream bench_origin {{ server {origin}; keepalive 32; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://bench_origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+        }}
+    }}
+"""
+
+
+def measure_nginx(bench: Bench, selected: list[str]) -> dict[str, object]:
+    """nginx + serve-auth against bare nginx proxying the same origin; the 402 also against the
+    mitmproxy door, started beside them."""
+    nginx = nginx_binary()
+    if nginx is None:
+        return {"nginx-problems": ["nginx is not installed (apt-get install nginx)"]}
+    origin = authority(bench.origin.url)
+    bare_port, door_port, auth_port = free_port(), free_port(), free_port()
+    bare = nginx_process(
+        "nginx-bare", bench.work / "nginx-bare", NGINX_BARE_CONF.format(origin=origin,
+        port=bare_port), bare_port,
+    )  # fmt: skip
+    auth_address = f"127.0.0.1:{auth_port}"
+    auth = Process(
+        "serve-auth",
+        [sys.executable, "-m", "l402proxy", "serve-auth", "--listen", auth_address,
+         "--rules", str(bench.rules)],
+        auth_port, bench.work / "serve-auth.log", bench.env,
+    )  # fmt: skip
+    mitm = bench.server_proxy("mitmproxy-door", bench.rules)
+    results: dict[str, object] = {}
+    with started(bare, auth, mitm):
+        config = subprocess.run(
+            [sys.executable, "-m", "l402proxy", "nginx-config", "--auth", auth_address,
+             "--upstream", bench.origin.url, "--listen", str(door_port)],
+            capture_output=True, text=True, check=True, timeout=60, env=bench.env,
+        ).stdout  # fmt: skip
+        door = nginx_process("nginx-door", bench.work / "nginx-door", config, door_port)
+        with started(door):
+            ledger = bench.home / "devledger.sqlite"
+            authorization = asyncio.run(paid_authorization(door.url, ledger))
+            scenarios = door_scenarios(bare.url, door.url, authorization)
+            scenarios["challenge"]["mitmproxy"] = (
+                mitm.url + "/episodes/ep1.mp3",
+                {"Accept-Authenticate": "L402"},
+                None,
+            )
+            for side in (bare, door, mitm):  # warm up
+                bench.load(side.url + "/", {}, 2, bench.args.connections)
+            for name in ("nginx-paid", "nginx-challenge"):
+                if name in selected:
+                    results[name] = compare(bench.interleaved(scenarios[name.split("-")[1]]))
+            challenge = results.get("nginx-challenge")
+            if isinstance(challenge, dict):
+                door_rate = challenge["addon"]["req_per_s"]  # type: ignore[index]
+                mitm_rate = challenge["mitmproxy"]["req_per_s"]  # type: ignore[index]
+                challenge["mitmproxy_door_ratio"] = round(door_rate / mitm_rate, 3)
+            results["nginx-memory"] = memory(bare, auth)
+    results["nginx-log-problems"] = log_problems(auth)
     return results
 
 
@@ -519,12 +656,20 @@ def measure(args: argparse.Namespace, load: LoadGenerator, work: Path) -> dict[s
     env = env_with_home(home)
     origin_port = free_port()
     origin = Process("origin", origin_command(origin_port), origin_port, work / "origin.log", env)
-    bench = Bench(args, load, work, home, env, origin)
+    # rules/podcast.yaml without the invoice-mint limit: the challenge scenarios ask for
+    # thousands of 402s a second from one address, which the default limit answers with 429.
+    rules = work / "podcast-bench.yaml"
+    rules.write_text("invoice_limit: off\n" + PODCAST_RULES.read_text())
+    bench = Bench(args, load, work, home, env, origin, rules)
     results: dict[str, object] = {}
     # Each group starts its own proxies and stops them before the next, around one origin.
     with started(origin):
         if any(name in args.scenarios for name in SERVER_SCENARIOS):
             results |= measure_server(bench, args.scenarios)
+        if any(name.startswith("asgi-") for name in args.scenarios):
+            results |= measure_asgi(bench, args.scenarios)
+        if any(name.startswith("nginx-") for name in args.scenarios):
+            results |= measure_nginx(bench, args.scenarios)
         if "client-pass" in args.scenarios:
             results["client-pass"] = measure_client_pass(bench)
         if "client-first-paid" in args.scenarios:
@@ -534,7 +679,12 @@ def measure(args: argparse.Namespace, load: LoadGenerator, work: Path) -> dict[s
 
 def scenario_list(text: str) -> list[str]:
     """Comma-separated scenario names; `server` and `client` stand for their groups."""
-    groups = {"all": SCENARIOS, "server": SERVER_SCENARIOS, "client": CLIENT_SCENARIOS}
+    groups = {
+        "all": SCENARIOS,
+        "server": SERVER_SCENARIOS,
+        "doors": SERVER_SCENARIOS + DOOR_SCENARIOS,
+        "client": CLIENT_SCENARIOS,
+    }
     names: list[str] = []
     for word in filter(None, (w.strip() for w in text.split(","))):
         if word not in groups and word not in SCENARIOS:
@@ -562,15 +712,26 @@ def print_report(report: dict, args: argparse.Namespace) -> None:
     loaded = [name for name in TARGETS if name in report]
     if loaded:
         print(
-            f"{'scenario':<12} {'side':<6} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}  ratio (target)"
+            f"{'scenario':<16} {'side':<5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}  ratio (target)"
         )
     for name in loaded:
         entry = report[name]
-        for side in ("bare", "addon"):
+        for side in ("bare", "addon", "mitmproxy"):
+            if side not in entry:
+                continue
             r = entry[side]
-            tail = f"  {entry['ratio']:.2f} (>= {TARGETS[name]})" if side == "addon" else ""
+            tail = ""
+            if side == "addon":
+                tail = f"  {entry['ratio']:.2f}"
+                tail += f" (>= {TARGETS[name]})" if TARGETS[name] else " (no target against bare)"
+            if side == "mitmproxy":
+                tail = (
+                    f"  the door's 402 at {entry['mitmproxy_door_ratio']:.2f}x the mitmproxy "
+                    f"door's (>= {MITM_TARGETS[name]})"
+                )
+            label = {"bare": "bare", "addon": "door", "mitmproxy": "mitm"}[side]
             print(
-                f"{name:<12} {side:<6} {r['req_per_s']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8}{tail}"
+                f"{name:<16} {label:<5} {r['req_per_s']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8}{tail}"
             )
     for name, mode in (("paid", "reverse"), ("client-pass", "regular")):
         if name in report:
@@ -582,6 +743,8 @@ def print_report(report: dict, args: argparse.Namespace) -> None:
             )
     for label, memory_entry in (
         ("server", report.get("memory")),
+        ("ASGI app", report.get("asgi-memory")),
+        ("nginx: bare nginx vs serve-auth", report.get("nginx-memory")),
         ("client", report.get("client-pass", {}).get("memory")),
     ):
         if memory_entry:
@@ -608,6 +771,9 @@ def print_report(report: dict, args: argparse.Namespace) -> None:
         for key in ("problems", "addon_log_problems", "client_log_problems", "server_log_problems"):
             for line in entry.get(key, []):
                 print(f"{name}: {key.replace('_', ' ')}: {line}")
+    for key in ("asgi-log-problems", "nginx-log-problems", "nginx-problems"):
+        for line in report.get(key, []):
+            print(f"{key.replace('-', ' ')}: {line}")
     if "micro" in report:
         micro = report["micro"]
         print(f"token verify, uncached: {micro['verify_uncached_us']:.1f} us (target < 50 us)")

@@ -173,6 +173,57 @@ def started(*processes: Process) -> Iterator[tuple[Process, ...]]:
             process.stop()
 
 
+NGINX = "/usr/sbin/nginx"  # Debian's
+
+
+def nginx_binary() -> str | None:
+    """Debian's nginx, or the one on PATH; None when there is none."""
+    return NGINX if Path(NGINX).exists() else shutil.which("nginx")
+
+
+def nginx_process(
+    name: str, prefix: Path, http_conf: str, port: int, binary: str | None = None
+) -> Process:
+    """nginx in the foreground with everything of its own under `prefix` (config, pid, logs,
+    temp files) and `http_conf` inside its http { } block; `port` is where http_conf listens."""
+    import grp
+    import pwd
+
+    prefix.mkdir(parents=True, exist_ok=True)
+    # As root, workers would drop to "nobody", who cannot read temp dirs under /tmp or the
+    # checkout: run them as whoever starts nginx (nginx ignores `user` when not root).
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    group = grp.getgrgid(os.getegid()).gr_name
+    temp = "\n".join(
+        f"    {kind}_temp_path {prefix / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    config = prefix / "nginx.conf"
+    config.write_text(
+        f"""daemon off;
+worker_processes 1;
+user {user} {group};
+pid {prefix / "nginx.pid"};
+error_log {prefix / "error.log"} warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+{temp}
+    default_type text/plain;
+{http_conf}
+}}
+"""
+    )
+    error_log = prefix / "error.log"
+    return Process(
+        name=name,
+        command=[binary or nginx_binary() or "nginx", "-p", str(prefix), "-c", str(config),
+                 "-e", str(error_log)],
+        port=port,
+        log_path=prefix / "nginx.out",
+    )  # fmt: skip
+
+
 def env_with_home(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["L402PROXY_HOME"] = str(home)
