@@ -57,12 +57,12 @@ class Challenge:
 Decision = Pass | Deny | Free | Grant | Challenge
 
 
-
 def is_revoked(identifier: Identifier, revoked: Container[bytes]) -> bool:
     """Revoked by token id, or by payment hash: `tokens revoke <payment hash>` made before the
     store has the token's row (it is written within a quarter second of the sale) records the
     hash as it was given, and it must still take."""
     return identifier.token_id in revoked or identifier.payment_hash in revoked
+
 
 def is_l402_authorization(value: str | None) -> bool:
     """True when an Authorization value uses our schemes; other schemes belong to the origin."""

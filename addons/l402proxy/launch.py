@@ -181,26 +181,21 @@ def nginx_binary() -> str | None:
     return NGINX if Path(NGINX).exists() else shutil.which("nginx")
 
 
-def nginx_process(
-    name: str, prefix: Path, http_conf: str, port: int, binary: str | None = None
-) -> Process:
-    """nginx in the foreground with everything of its own under `prefix` (config, pid, logs,
-    temp files) and `http_conf` inside its http { } block; `port` is where http_conf listens."""
+NGINX_TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+
+
+def nginx_main_config(prefix: Path, http_conf: str) -> str:
+    """A whole nginx.conf around `http_conf` (what goes inside http { }), with every path of
+    nginx's own (pid, logs, temp files) under `prefix`."""
     import grp
     import pwd
 
-    prefix.mkdir(parents=True, exist_ok=True)
     # As root, workers would drop to "nobody", who cannot read temp dirs under /tmp or the
     # checkout: run them as whoever starts nginx (nginx ignores `user` when not root).
     user = pwd.getpwuid(os.geteuid()).pw_name
     group = grp.getgrgid(os.getegid()).gr_name
-    temp = "\n".join(
-        f"    {kind}_temp_path {prefix / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    config = prefix / "nginx.conf"
-    config.write_text(
-        f"""daemon off;
+    temp = "\n".join(f"    {kind}_temp_path {prefix / kind};" for kind in NGINX_TEMP_KINDS)
+    return f"""daemon off;
 worker_processes 1;
 user {user} {group};
 pid {prefix / "nginx.pid"};
@@ -213,12 +208,20 @@ http {{
 {http_conf}
 }}
 """
-    )
-    error_log = prefix / "error.log"
+
+
+def nginx_process(
+    name: str, prefix: Path, http_conf: str, port: int, binary: str | None = None
+) -> Process:
+    """nginx in the foreground under `prefix` (nginx_main_config) with `http_conf` inside its
+    http { } block; `port` is where http_conf listens."""
+    prefix.mkdir(parents=True, exist_ok=True)
+    config = prefix / "nginx.conf"
+    config.write_text(nginx_main_config(prefix, http_conf))
     return Process(
         name=name,
         command=[binary or nginx_binary() or "nginx", "-p", str(prefix), "-c", str(config),
-                 "-e", str(error_log)],
+                 "-e", str(prefix / "error.log")],
         port=port,
         log_path=prefix / "nginx.out",
     )  # fmt: skip

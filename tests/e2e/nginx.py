@@ -3,9 +3,6 @@ prefix, always stopped; and the nginx door (serve-auth + nginx) started from the
 commands exactly as a user types them."""
 
 import contextlib
-import grp
-import os
-import pwd
 import re
 import shutil
 import socket
@@ -16,7 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from l402proxy.launch import START_TIMEOUT, LaunchError, started
+from l402proxy.launch import START_TIMEOUT, LaunchError, nginx_main_config, started
 from tests.conftest import require
 
 from . import procs
@@ -32,7 +29,6 @@ __all__ = [
 ]
 
 NGINX = "/usr/sbin/nginx"
-TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 
 def nginx_binary() -> str:
@@ -43,29 +39,6 @@ def nginx_binary() -> str:
     return nginx
 
 
-def main_config(prefix: Path, http_conf: str) -> str:
-    """A whole nginx.conf around `http_conf`, with every path of nginx's own under `prefix`."""
-    # As root, workers would drop to "nobody", who cannot read pytest's temp dirs: run them as
-    # whoever runs the test (nginx ignores `user` when not root).
-    user = pwd.getpwuid(os.geteuid()).pw_name
-    group = grp.getgrgid(os.getegid()).gr_name
-    temp = "\n".join(f"    {kind}_temp_path {prefix / kind};" for kind in TEMP_KINDS)
-    return f"""
-daemon off;
-worker_processes 1;
-user {user} {group};
-pid {prefix / "nginx.pid"};
-error_log {prefix / "error.log"} warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-{temp}
-    default_type text/plain;
-{http_conf}
-}}
-"""
-
-
 @contextlib.contextmanager
 def running_nginx(workdir: Path, http_conf: str) -> Iterator[None]:
     """nginx with `http_conf` inside http { }, in a fresh prefix under workdir; stopped after
@@ -74,7 +47,7 @@ def running_nginx(workdir: Path, http_conf: str) -> Iterator[None]:
     workdir.mkdir(parents=True, exist_ok=True)
     prefix = Path(tempfile.mkdtemp(prefix="nginx-", dir=workdir))
     config = prefix / "nginx.conf"
-    config.write_text(main_config(prefix, http_conf))
+    config.write_text(nginx_main_config(prefix, http_conf))
     command = [nginx, "-p", str(prefix), "-c", str(config), "-e", str(prefix / "error.log")]
     checked = subprocess.run(
         [*command, "-t", "-q"], capture_output=True, text=True, timeout=START_TIMEOUT
