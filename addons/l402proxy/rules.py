@@ -300,6 +300,8 @@ class RuleSet:
     invoice_limit: RateLimit | None = DEFAULT_INVOICE_LIMIT
     # Peers whose X-Forwarded-For names the client (a load balancer, a CDN); empty: none.
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # "unix" in trusted_proxies: a peer without an address (a unix socket) is a trusted proxy.
+    trust_unix: bool = False
 
     @functools.cached_property
     def vouched_headers(self) -> frozenset[bytes]:
@@ -1090,9 +1092,10 @@ class _Parser:
         if "invoice_limit" in top:
             invoice_limit = self.invoice_limit(top["invoice_limit"][1])
         trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+        trust_unix = False
         trusted_node = self.value_node(top, "trusted_proxies")
         if trusted_node is not None:
-            trusted = self.trusted_proxies(trusted_node)
+            trusted, trust_unix = self.trusted_proxies(trusted_node)
 
         rules: list[Rule] = []
         lines_by_name: dict[str, int] = {}
@@ -1104,7 +1107,7 @@ class _Parser:
             rules.append(rule)
         self.service = None
         self.line = None
-        return RuleSet(tuple(rules), self.source, invoice_limit, trusted)
+        return RuleSet(tuple(rules), self.source, invoice_limit, trusted, trust_unix)
 
     # -- limits and free allowances ------------------------------------------------------------
 
@@ -1153,20 +1156,24 @@ class _Parser:
 
     def trusted_proxies(
         self, node: yaml.Node
-    ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    ) -> tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...], bool]:
         items = self.items(node, "trusted_proxies")
         networks = []
+        unix = False
         for item in items:
             text = self.string(item, "trusted_proxies")
+            if text.strip() == "unix":
+                unix = True
+                continue
             try:
                 networks.append(ipaddress.ip_network(text.strip(), strict=False))
             except ValueError:
                 self.fail(
                     item,
                     f"trusted_proxies: {text!r} is not an IP address or network "
-                    "(e.g. 10.0.0.0/8, 127.0.0.1, ::1)",
+                    "(e.g. 10.0.0.0/8, 127.0.0.1, ::1), or unix",
                 )
-        return tuple(networks)
+        return tuple(networks), unix
 
     def free_paths(self, node: yaml.Node) -> tuple[re.Pattern[str], ...]:
         if not isinstance(node, yaml.SequenceNode):

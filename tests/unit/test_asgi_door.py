@@ -957,3 +957,58 @@ def test_starlettes_test_client_with_and_without_its_lifespan(tmp_path: Path) ->
     while not isinstance(stack, L402Middleware):
         stack = stack.app  # type: ignore[union-attr]
     asyncio.run(stack.close())
+
+
+# -- where the app routes: root_path and a changed path (review findings F1, F3, F4) ----------
+
+ROOTED_RULES = """
+services:
+  - name: premium
+    match: {path: "/premium/*"}
+    price_sat: 10
+"""
+
+
+async def test_a_root_path_that_moves_the_request_under_a_priced_rule_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Daphne takes a client's Daphne-Root-Path header as root_path, and Django and Starlette
+    route on the path below it: /anything/premium/x with root_path /anything reaches the
+    /premium/ route. Judged on the full path alone it was free."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(ROOTED_RULES)
+    origin = Origin()
+    door = middleware(tmp_path, origin, rules)
+    refused = await call(door, "/anything/premium/x", root_path="/anything")
+    assert refused.status == 400 and not origin.scopes
+    # FastAPI(root_path="/v1"): /premium/x (path not below the root) and /v1/premium/x both
+    # reach the /premium/ route: neither spelling is served unpaid, whichever the rules name.
+    for path in ("/premium/x", "/v1/premium/x"):
+        assert (await call(door, path, root_path="/v1")).status in (400, 402), path
+    assert not origin.scopes
+    # A root_path that changes nothing the rules see passes.
+    assert (await call(door, "/app/free/x", root_path="/app")).status == 200
+
+
+async def test_the_path_the_app_routes_on_is_judged_when_raw_path_says_otherwise(
+    tmp_path: Path,
+) -> None:
+    """An outer middleware that strips a prefix from `path` only (not raw_path): the app routes
+    on `path`, so that is what must be judged."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(ROOTED_RULES)
+    origin = Origin()
+    door = middleware(tmp_path, origin, rules)
+    response = await call(door, "/v2/premium/x", path="/premium/x")
+    assert response.status == 402 and not origin.scopes
+
+
+def test_a_host_scoped_rule_is_flagged_at_the_asgi_door(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        ROOTED_RULES.replace('{path: "/premium/*"}', '{path: "/premium/*", host: a.example}')
+    )
+    middleware(tmp_path, Origin(), rules)
+    assert any("routes by Host" in record.getMessage() for record in caplog.records)

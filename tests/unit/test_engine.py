@@ -145,3 +145,33 @@ async def test_an_unhealthy_store_sells_nothing_but_honours_what_it_sold(tmp_pat
             assert paid.response is None
         finally:
             await payer.close()
+
+
+async def test_no_client_header_makes_the_origin_reroot_the_path(tmp_path: Path) -> None:
+    """Daphne takes Daphne-Root-Path as root_path (Django then routes /anything/premium/x as
+    /premium/x); frameworks honour X-Forwarded-Prefix, X-Script-Name, X-Original-URL: from a
+    client, none reaches the origin, in any spelling."""
+    async with server_on(tmp_path, RULES) as addon:
+        flow = flow_for("/elsewhere")
+        for name in ("Daphne-Root-Path", "X-Forwarded-Prefix", "x_script_name", "X-Original-URL",
+                     "X-Rewrite-URL"):  # fmt: skip
+            flow.request.headers.add(name, "/anything")
+        flow.request.headers.add("X-Other", "kept")
+        await addon.request(flow)
+        assert flow.response is None
+        assert [name for name, _ in flow.request.headers.fields][-1:] == [b"X-Other"]
+        assert b"/anything" not in bytes(flow.request.headers)
+
+
+def test_a_paid_answer_keeps_no_cdn_cache_directive() -> None:
+    """CDNs obey CDN-Cache-Control / Surrogate-Control over Cache-Control (and some ignore Vary):
+    a paid answer must not be stored for everyone by one. Free answers keep them."""
+    fields = (
+        (b"Content-Type", b"audio/mpeg"),
+        (b"CDN-Cache-Control", b"max-age=3600"),
+        (b"Surrogate-Control", b"max-age=3600"),
+        (b"Cloudflare-CDN-Cache-Control", b"max-age=60"),
+    )
+    paid = mark_variant(fields, paid=True)
+    assert [name for name, _ in paid] == [b"Content-Type", b"Vary", b"Cache-Control"]
+    assert len(mark_variant(fields, paid=False)) == 5

@@ -278,3 +278,32 @@ async def test_shared_counters_fall_back_to_this_instance_while_the_store_is_dow
     assert await counters.take_rate("k", 1.0, 1, 0.0) == 42.0
     assert await counters.take_allowance("a", 1, 60, 0.0) == 7
     assert any("across instances again" in r.getMessage() for r in caplog.records)
+
+
+async def test_the_pay_page_sells_under_the_same_per_ip_limits(tmp_path: Path) -> None:
+    rules = "invoice_limit: off\n" + API.replace(
+        "{extra}", "    rate_limits: [{requests: 2, per: 1h}]"
+    )
+    async with engine_with(tmp_path, rules) as (engine, backend):
+        statuses = [
+            status(await engine.handle(request("/.l402/pay?path=/api/x", Accept="text/html")))
+            for _ in range(4)
+        ]
+        assert statuses == [402, 402, 429, 429] and backend.created == 2
+
+
+async def test_a_unix_socket_peer_is_one_client_unless_trusted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Behind a proxy on a unix socket there is no peer address: all requests count as one
+    client (said once in the log) unless `unix` is in trusted_proxies."""
+    extra = "    freebies: {requests: 1, per: 1d}"
+    rules = "trusted_proxies: [unix]\n" + API.replace("{extra}", extra)
+    async with engine_with(tmp_path, API.replace("{extra}", extra)) as (engine, _):
+        first = Request("GET", "/api/x", "api.example", ((b"X-Forwarded-For", b"1.1.1.1"),))
+        second = Request("GET", "/api/x", "api.example", ((b"X-Forwarded-For", b"1.1.1.2"),))
+        assert [status(await engine.handle(r)) for r in (first, second)] == [200, 402]
+        assert sum("unix" in record.getMessage() for record in caplog.records) == 1
+    (tmp_path / "trusting").mkdir()
+    async with engine_with(tmp_path / "trusting", rules) as (engine, _):
+        assert [status(await engine.handle(r)) for r in (first, second, first)] == [200, 200, 402]

@@ -78,17 +78,41 @@ def host_of(scope: Scope, fields: Fields) -> str:
 
 
 def target_of(scope: Scope) -> str:
-    """The request target as the client sent it: raw path (the percent-encoded path when the
-    server gives none) and the query."""
+    """The request target the app routes by: the raw path as the client sent it when it is
+    the `path` the app gets (raw, the engine also judges its every reading), else `path`
+    percent-encoded (a server without raw_path, or an outer middleware that changed `path`);
+    and the query."""
+    path = scope.get("path") or "/"
     raw = scope.get("raw_path")
     if raw:
-        path = raw.decode("utf-8", "surrogateescape")
+        text = raw.decode("utf-8", "surrogateescape")
+        if unquote(text, errors="surrogateescape") != path:
+            text = _quoted(path)
     else:
-        path = quote(scope.get("path") or "/", safe=_PATH_SAFE, errors="surrogateescape")
+        text = _quoted(path)
     query = scope.get("query_string")
     if query:
-        return f"{path}?{query.decode('utf-8', 'surrogateescape')}"
-    return path
+        return f"{text}?{query.decode('utf-8', 'surrogateescape')}"
+    return text
+
+
+def also_targets(scope: Scope) -> tuple[str, ...]:
+    """Where else the app may route the request: below its `root_path` (Starlette and Django
+    strip it from `path`; Daphne takes it from a client's Daphne-Root-Path header; FastAPI's
+    root_path= makes both spellings reach one route). The engine refuses (400) when these fall
+    under another rule than the target."""
+    root = (scope.get("root_path") or "").rstrip("/")
+    if not root:
+        return ()
+    path = scope.get("path") or "/"
+    below = path[len(root) :] if path.startswith(root) else root + path
+    query = scope.get("query_string")
+    target = _quoted(below or "/")
+    return (f"{target}?{query.decode('utf-8', 'surrogateescape')}" if query else target,)
+
+
+def _quoted(path: str) -> str:
+    return quote(path, safe=_PATH_SAFE, errors="surrogateescape")
 
 
 def fields_of(headers: Sequence[Sequence[bytes]] | None) -> Fields:
@@ -327,7 +351,15 @@ class L402Middleware:
 
     def _new_engine(self) -> Paywall:
         engine = Paywall(door="ASGI", no_upstream=NO_UPSTREAM)
-        engine.use_rules_file(self.rules_path)
+        rules = engine.use_rules_file(self.rules_path)
+        hosted = [rule for rule in rules.rules if rule.host is not None]
+        if hosted:
+            # The client chooses the Host it sends: a host-scoped rule guards nothing in an
+            # app that serves the same routes whatever the Host.
+            log.warning(
+                f"l402: {rules.source}: service '{hosted[0].name}' (line {hosted[0].line}) "
+                "matches host:, which holds only if the app routes by Host too"
+            )
         engine.use_backend(self.backend_uri, self.dev_ledger)
         engine.store_uri = self.store_uri
         engine.offer_upgrade = self.offer_upgrade
@@ -515,6 +547,7 @@ class L402Middleware:
             secure=scope.get("scheme") == "https",
             client=_client(scope),
             target_check=one_host,
+            also_targets=also_targets(scope),
         )
         try:  # inline, not _judge: one coroutine less on every request
             outcome = await self.engine.handle(request)
@@ -566,6 +599,7 @@ class L402Middleware:
                 secure=scope.get("scheme") == "wss",
                 client=_client(scope),
                 target_check=one_host,
+                also_targets=also_targets(scope),
             )
         )
         if isinstance(outcome, Answer):

@@ -234,6 +234,10 @@ VARIANT_VARY = ("Authorization", "Cookie", "Accept-Authenticate")
 # Directives that let a shared cache keep an answer for everyone.
 _SHARED_CACHE_DIRECTIVES = ("public", "s-maxage")
 
+# Cache directives for CDNs only, which take precedence there over Cache-Control.
+_CDN_CACHE_FIELDS = frozenset(
+    {b"cdn-cache-control", b"surrogate-control", b"cloudflare-cdn-cache-control"}
+)
 _VARY_FIELD = (b"Vary", ", ".join(VARIANT_VARY).encode())
 _VARY_ACCEPT_FIELD = (b"Vary", ", ".join((*VARIANT_VARY, "Accept")).encode())
 _PRIVATE_FIELD = (b"Cache-Control", b"private")
@@ -245,6 +249,11 @@ def mark_variant(fields: Fields, *, paid: bool, by_accept: bool = False) -> Fiel
     with a cookie, which shared caches do store) to someone else. The response's fields back."""
     # On every paid response: one pass over the raw fields when the origin set neither header.
     names = {name.lower() for name, _ in fields}
+    if paid and not names.isdisjoint(_CDN_CACHE_FIELDS):
+        # A CDN obeys these over Cache-Control (and may ignore Vary): a paid answer must not
+        # be kept for others by one.
+        fields = tuple(field for field in fields if field[0].lower() not in _CDN_CACHE_FIELDS)
+        names -= _CDN_CACHE_FIELDS
     if b"vary" not in names and (not paid or b"cache-control" not in names):
         added = [_VARY_ACCEPT_FIELD if by_accept else _VARY_FIELD]
         if paid:

@@ -2,6 +2,7 @@
 lifecycle, and the judgement of one request (answer it, or forward it changed)."""
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -15,7 +16,16 @@ from ..l402.identifier import Identifier
 from ..l402.token import caveats_for, derive_root_key, mint
 from ..lightning import InvoiceBackend, LightningError, open_backend
 from ..lightning.base import NodeInfo
-from ..rules import PRICED_MODES, PathError, Rule, RulesError, RuleSet, load_rules, rule_warnings
+from ..rules import (
+    PRICED_MODES,
+    AmbiguousPath,
+    PathError,
+    Rule,
+    RulesError,
+    RuleSet,
+    load_rules,
+    rule_warnings,
+)
 from ..store import IssuedToken, StoreError, TokenStore, open_server_store, shown_store_uri
 from .answers import (
     Answer,
@@ -31,6 +41,7 @@ from .answers import (
 )
 from .limits import Counters, LocalCounters, SharedCounters, client_address, ip_key, rate_key
 from .request import (
+    REROOTING_HEADERS,
     Fields,
     Request,
     WatchedHeaders,
@@ -49,6 +60,13 @@ REVOCATION_POLL_SECONDS = 1.0
 FLUSH_SECONDS = 0.25
 BACKEND_CHECK_SECONDS = 15.0
 SEEN_PAID_LIMIT = 100_000
+
+
+@functools.lru_cache(maxsize=8)
+def never_forwarded(vouched: frozenset[bytes]) -> frozenset[bytes]:
+    """Header names no client may send to the origin: the rules' vouched ones and the
+    re-rooting ones (cached: one set per rules file, not one per request)."""
+    return vouched | REROOTING_HEADERS
 
 
 class Refused(Exception):
@@ -118,6 +136,7 @@ class Paywall:
         self.offer_upgrade = True
         # Rate limits, the invoice-mint limit and free allowances count here (limits.py).
         self.counters: Counters = LocalCounters()
+        self.warned_unknown_client = False
         self.ready = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self.closing: set[asyncio.Task[None]] = set()
@@ -359,12 +378,16 @@ class Paywall:
             fields, cookies = take_our_cookies(fields)
         if self.rules is None:
             return Forward(fields)
-        vouched = self.rules.vouched_headers
-        if vouched:
-            # Headers a paid variant sets come from the paywall only, on every request.
-            fields = drop_vouched(fields, vouched)
+        # Headers a paid variant sets come from the paywall only, and headers that make an
+        # origin re-root the path (Daphne-Root-Path, X-Forwarded-Prefix, ...) from nobody: the
+        # origin would route to another place than the one judged.
+        fields = drop_vouched(fields, never_forwarded(self.rules.vouched_headers))
         try:
             rule = self.rules.match(request.host, request.target, request.method)
+            if request.also_targets:
+                # Other targets the origin may route this request by (the ASGI door: the
+                # path below root_path): they must fall under the same rule.
+                rule = self._agreeing(request, rule)
         except PathError as exc:
             # Origins may read the path as a place priced otherwise (`/free/..%2Fpaid/x`), or
             # it is not a path at all: refuse before any invoice, never forward.
@@ -392,7 +415,7 @@ class Paywall:
         mint: bool = True,
     ) -> Outcome:
         if rule.rate_limits:
-            limited = await self._rate_limited(request, rule, token_id=None)
+            limited = await self.rate_limited(request, rule, token_id=None)
             if limited is not None:
                 return limited
         authorization = seen.authorization
@@ -429,7 +452,7 @@ class Paywall:
             case gate.Grant():
                 if rule.rate_limits:
                     token_id = decision.token.identifier.token_id
-                    limited = await self._rate_limited(request, rule, token_id=token_id)
+                    limited = await self.rate_limited(request, rule, token_id=token_id)
                     if limited is not None:
                         return limited
                 return self._grant(request, fields, decision, from_cookie=from_cookie)
@@ -459,13 +482,35 @@ class Paywall:
         # gate.Pass and anything else: forwarded as it is, with no note for the response phase.
         return Forward(fields)
 
+    def _agreeing(self, request: Request, rule: Rule | None) -> Rule | None:
+        assert self.rules is not None
+        decisive = None if rule is None or rule.mode == "free" else rule
+        for target in request.also_targets:
+            other = self.rules.match(request.host, target, request.method)
+            if (None if other is None or other.mode == "free" else other) is not decisive:
+                raise AmbiguousPath(
+                    f"ambiguous request path: the application may route {request.target} as "
+                    f"{target}, which is priced differently; send the path it routes by"
+                )
+        return rule
+
     def client_of(self, request: Request) -> str:
         """The key the client's address counts under (trusted proxies' X-Forwarded-For read)."""
         assert self.rules is not None
         peer = request.client[0] if request.client else None
-        return ip_key(client_address(peer, request.fields, self.rules.trusted_proxies))
+        rules = self.rules
+        address = client_address(peer, request.fields, rules.trusted_proxies, rules.trust_unix)
+        if address is None and not self.warned_unknown_client:
+            # A unix socket gives no address: every client would count as one.
+            self.warned_unknown_client = True
+            log.warning(
+                "l402: a request came without a client address (a unix socket?): limits count "
+                "all such requests together; if a proxy in front sets X-Forwarded-For, add "
+                "unix to trusted_proxies in the rules file"
+            )
+        return ip_key(address)
 
-    async def _rate_limited(
+    async def rate_limited(
         self, request: Request, rule: Rule, token_id: bytes | None
     ) -> Answer | None:
         """429 when one of the rule's limits is spent: the per-IP ones before the token is

@@ -221,6 +221,11 @@ async def pay_page(engine: "Paywall", request: Request, notes: _Notes) -> Answer
     kind = paywall.body_kind(accept)
     if kind == "json" and "application/json" not in (accept or "").lower():
         kind = "html"  # this address is linked from pages: the page unless JSON is asked for
+    if rule.rate_limits:
+        # The page sells what the path sells: the same per-IP limits apply to it.
+        limited = await engine.rate_limited(request, rule, token_id=None)
+        if limited is not None:
+            return limited
     answer = await engine.challenge(
         request,
         gate.Challenge(rule, 402, "payment_required", f"{rule.name} costs {rule.price_sat} sat"),

@@ -139,11 +139,17 @@ def ip_key(address: str | None) -> str:
     return str(ip)
 
 
-def client_address(peer: str | None, fields: Fields, trusted: Sequence[Network]) -> str | None:
+def client_address(
+    peer: str | None, fields: Fields, trusted: Sequence[Network], trust_unix: bool = False
+) -> str | None:
     """The client's address: the peer's, unless the peer is a trusted proxy; then the last
     X-Forwarded-For entry that is not itself a trusted proxy (entries left of it could be
-    anything the client wrote). An untrusted peer's X-Forwarded-For changes nothing."""
-    if not trusted or not peer or not _trusted(peer, trusted):
+    anything the client wrote). An untrusted peer's X-Forwarded-For changes nothing. A peer
+    without an address (a unix socket) is trusted only with `trust_unix`."""
+    if not peer:
+        if not trust_unix:
+            return peer
+    elif not trusted or not _trusted(peer, trusted):
         return peer
     forwarded = get(fields, "X-Forwarded-For")
     if not forwarded:

@@ -38,6 +38,9 @@ class Request:
     secure: bool = False
     client: tuple[str, int] | None = None
     target_check: Callable[[Sequence[bytes]], str | None] | None = None
+    # Other targets the origin may route this request by (origin form); each must fall under
+    # the rule the target does, else 400 (the ASGI door: the path below a root_path).
+    also_targets: tuple[str, ...] = ()
 
 
 def decode(value: bytes) -> str:
@@ -151,6 +154,22 @@ def drop_our_authorization(fields: Fields) -> Fields:
         if field[0].lower() != b"authorization" or not is_our_authorization(field[1])
     )
     return fields if len(kept) == len(fields) else kept
+
+
+# Headers by which a client could make an origin route the request below another root than
+# the path the paywall judged (Daphne takes Daphne-Root-Path as root_path; frameworks honour
+# X-Forwarded-Prefix, X-Script-Name, IIS/Symfony X-Original-URL and X-Rewrite-URL): never
+# forwarded from a client, compared as vouched_name spells them.
+REROOTING_HEADERS = frozenset(
+    {
+        b"daphne-root-path",
+        b"x-forwarded-prefix",
+        b"x-script-name",
+        b"script-name",
+        b"x-original-url",
+        b"x-rewrite-url",
+    }
+)
 
 
 def vouched_name(name: bytes) -> bytes:
