@@ -308,11 +308,14 @@ class RuleSet:
         """Lower-case names of the headers some rule's paid variant sets (paid.set_headers).
         The paywall vouches for them: a client must never send one to the origin itself, or
         `X-Ad-Free: 1` would buy the paid variant for nothing."""
-        # As engine.request.vouched_name compares them: lower case, "_" read as "-".
+        # As engine.request.vouched_name compares them: lower case, "_" read as "-". Host is
+        # never one: every request needs its own (the rules and the door judge it), and a
+        # paid variant's Host only renames the other origin it goes to.
         return frozenset(
             name.lower().replace("_", "-").encode()
             for rule in self.rules
             for name in rule.paid.set_headers
+            if name.lower() != "host"
         )
 
     def match(self, host: str, path: str, method: str) -> Rule | None:

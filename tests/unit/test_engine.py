@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from l402proxy.engine import Forward, Paywall, Request
 from l402proxy.engine.answers import Answer, mark_variant
 from l402proxy.engine.request import drop_upgrade, set_one, take_our_cookies
@@ -175,3 +177,37 @@ def test_a_paid_answer_keeps_no_cdn_cache_directive() -> None:
     paid = mark_variant(fields, paid=True)
     assert [name for name, _ in paid] == [b"Content-Type", b"Vary", b"Cache-Control"]
     assert len(mark_variant(fields, paid=False)) == 5
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        (b"X-A", b"1\rX-L402-Tier: premium"),  # a bare CR: some origins start a header there
+        (b"X-Foo", b"a\r\n X-L402-Tier: premium"),  # an obs-fold kept as it came
+        (b"X-A", b"1\nX-L402-Tier: premium"),
+        (b"X-A", b"1\x00"),
+        (b"X-A\rX-L402-Tier", b"premium"),
+    ],
+)
+async def test_a_header_field_with_a_line_break_or_nul_is_refused(
+    tmp_path: Path, field: tuple[bytes, bytes]
+) -> None:
+    async with server_on(tmp_path, RULES) as addon:
+        flow = flow_for("/elsewhere")
+        flow.request.headers.fields = (*flow.request.headers.fields, field)
+        await addon.request(flow)
+        assert flow.response is not None and flow.response.status_code == 400
+
+
+async def test_a_paid_variant_that_sets_host_leaves_every_other_request_its_host(
+    tmp_path: Path,
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "services:\n  - name: bonus\n    match: {path: '/bonus/*'}\n    price_sat: 10\n"
+        "    paid: {upstream: 'http://127.0.0.1:9', set_headers: {Host: premium.internal}}\n"
+    )
+    async with server_on(tmp_path, rules) as addon:
+        flow = flow_for("/elsewhere")
+        await addon.request(flow)
+        assert flow.response is None and flow.request.headers.get("Host")

@@ -114,11 +114,19 @@ class Paywall:
     use_backend, store_uri, offer_upgrade), `await open()`, then `await handle(request)` per
     request; `await close()` at the end. Not thread-safe: one event loop drives it."""
 
-    def __init__(self, *, door: str = "mitmproxy", no_upstream: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        door: str = "mitmproxy",
+        no_upstream: str | None = None,
+        rule_check: Callable[[Rule], str | None] | None = None,
+    ) -> None:
         # The front door, for messages; `no_upstream` says why a paid variant cannot switch to
-        # another origin through this door (None: it can), so such rules are refused.
+        # another origin through this door (None: it can), so such rules are refused, as is
+        # any rule `rule_check` has a problem with (a door's own limits).
         self.door = door
         self.no_upstream = no_upstream
+        self.rule_check = rule_check
         self.rules: RuleSet | None = None
         self.rules_path = ""
         self.rules_signature: tuple[int, int] | None = None
@@ -168,10 +176,11 @@ class Paywall:
     def unsupported_rule(self, rules: RuleSet) -> RulesError | None:
         """The first rule this door cannot serve as written (a paid variant on another origin
         where the door has only one), as the error naming its file and line."""
-        if self.no_upstream is None:
-            return None
         for rule in rules.rules:
-            if rule.paid.upstream is not None:
+            problem = self.rule_check(rule) if self.rule_check is not None else None
+            if problem is not None:
+                return RulesError(problem, source=rules.source, line=rule.line, service=rule.name)
+            if self.no_upstream is not None and rule.paid.upstream is not None:
                 return RulesError(
                     f"paid.upstream is not possible with the {self.door} door: {self.no_upstream}",
                     source=rules.source,
@@ -360,6 +369,13 @@ class Paywall:
             return await endpoint(self, request)
         fields = request.fields
         seen = WatchedHeaders.of(fields)
+        if seen.broken:
+            # Never forwarded: what a bare CR, a line break or a NUL means differs per server.
+            answer = bad_request_answer(
+                "Bad request: a header field contains CR, LF or NUL."
+            ).for_method(request.method)
+            answer.note = {"variant": "refused", "reason": "header"}
+            return answer
         if seen.upgrade:
             fields = drop_upgrade(fields)
         if request.target_check is not None:

@@ -6,6 +6,7 @@ mitmproxy's `headers.get()` does); writes follow mitmproxy's `headers[name] = va
 field of that name keeps its place and spelling, the others go.
 """
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -102,14 +103,19 @@ class WatchedHeaders:
     cookie: bool
     hosts: tuple[bytes, ...] = ()
     upgrade: bool = False
+    # A field with CR, LF or NUL in its name or value: an origin may read what follows a
+    # bare CR as a header of its own (`X-A: 1\rX-L402-Tier: premium`), or a folded line.
+    broken: bool = False
 
     @classmethod
     def of(cls, fields: Fields) -> "WatchedHeaders":
         authorization: list[bytes] = []
         accept: list[bytes] = []
         hosts: list[bytes] = []
-        cookie = upgrade = False
+        cookie = upgrade = broken = False
         for name, value in fields:
+            if _BREAKS.search(value) or _BREAKS.search(name):
+                broken = True
             lower = name.lower()
             if lower == b"authorization":
                 authorization.append(value)
@@ -126,7 +132,10 @@ class WatchedHeaders:
             ours = [value for value in authorization if is_our_authorization(value)]
             authorization = ours or authorization
         # Several lines of one header read as one list, as mitmproxy's headers.get() has them.
-        return cls(_joined(authorization), _joined(accept), cookie, tuple(hosts), upgrade)
+        return cls(_joined(authorization), _joined(accept), cookie, tuple(hosts), upgrade, broken)
+
+
+_BREAKS = re.compile(rb"[\r\n\0]")
 
 
 def _joined(values: list[bytes]) -> str | None:
