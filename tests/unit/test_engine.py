@@ -208,6 +208,6 @@ async def test_a_paid_variant_that_sets_host_leaves_every_other_request_its_host
         "    paid: {upstream: 'http://127.0.0.1:9', set_headers: {Host: premium.internal}}\n"
     )
     async with server_on(tmp_path, rules) as addon:
-        flow = flow_for("/elsewhere")
+        flow = flow_for("/elsewhere", Host="podcast.example")
         await addon.request(flow)
-        assert flow.response is None and flow.request.headers.get("Host")
+        assert flow.response is None and flow.request.headers.get("Host") == "podcast.example"
