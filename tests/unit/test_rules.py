@@ -98,7 +98,7 @@ def test_api_example() -> None:
     assert (health.name, health.mode, health.price_sat) == ("health", "free", 0)
     assert (quotes.name, quotes.mode, quotes.price_sat) == ("quotes", "paywall", 5)
     assert quotes.valid_for == 3600
-    assert quotes.methods == frozenset({"GET"})
+    assert quotes.methods == frozenset({"GET", "HEAD"})
     assert (premium.name, premium.mode, premium.price_sat) == ("premium", "paywall", 50)
     assert premium.capabilities == ("read", "write")
     assert premium.capability_for("get") == "read" and premium.capability_for("DELETE") == "write"
