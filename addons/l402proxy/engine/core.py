@@ -356,13 +356,9 @@ class Paywall:
     def root_key_for(self, token_id: bytes) -> bytes:
         return derive_root_key(self.secret, token_id)
 
-    async def handle(self, request: Request, *, mint: bool = True) -> Outcome:
+    async def handle(self, request: Request) -> Outcome:
         """Answer the request, or say how to forward it. Never raises for a request: what the
-        engine cannot judge is answered (503, fail closed), never forwarded.
-
-        mint=False judges without making an invoice: a request that would get a challenge gets
-        an Answer with the challenge's status, no headers, no body and note["deferred"] set
-        (nginx's auth_request asks first, then fetches the real answer in a second request)."""
+        engine cannot judge is answered (503, fail closed), never forwarded."""
         if paywall.is_endpoint(request.target):
             from .endpoints import endpoint  # the endpoints import this module
 
@@ -415,7 +411,7 @@ class Paywall:
         if not self.ready.is_set():
             await self.ready.wait()
         try:
-            return await self._judge(request, fields, rule, seen, cookies, mint)
+            return await self._judge(request, fields, rule, seen, cookies)
         except Exception:
             # Fail closed: forwarding a priced request we could not judge would give it away.
             log.exception(f"l402: internal error on {request.method} {request.target}")
@@ -428,7 +424,6 @@ class Paywall:
         rule: Rule,
         seen: WatchedHeaders,
         cookies: Mapping[str, str],
-        mint: bool = True,
     ) -> Outcome:
         if rule.rate_limits:
             limited = await self.rate_limited(request, rule, token_id=None)
@@ -476,12 +471,6 @@ class Paywall:
                 request, rule
             ):
                 return self._forward_paid(request, fields, rule, {"freebie": True})
-            case gate.Challenge() if not mint:
-                return Answer(
-                    decision.status,
-                    [],
-                    note={"service": rule.name, "variant": "challenge", "deferred": True},
-                )
             case gate.Challenge():
                 return await self.challenge(request, decision, set_cookies=clear_cookies)
             case gate.Free():
