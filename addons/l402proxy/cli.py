@@ -26,6 +26,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from . import paths
@@ -468,6 +469,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="read the headers the paid variants set from this rules file instead of asking "
         "the running serve-auth",
     )
+    nginx_config_cmd.add_argument(
+        "--name",
+        default="l402",
+        help="prefix of the config's upstream, map and variable names (default l402): give "
+        "each config its own to include several in one nginx",
+    )
+    nginx_config_cmd.add_argument(
+        "--upstream-ca",
+        default=None,
+        metavar="FILE",
+        help="CA certificates (PEM) an https origin's certificate is checked against "
+        "(default /etc/ssl/certs/ca-certificates.crt)",
+    )
     return parser
 
 
@@ -521,7 +535,6 @@ def serve_auth(args: argparse.Namespace) -> Exit:
 def nginx_config(args: argparse.Namespace) -> Line:
     """`nginx-config`: the text for nginx's http { }."""
     from .doors import nginx
-    from .engine import Paywall
 
     problem = nginx.ConfigProblem
     try:
@@ -536,12 +549,17 @@ def nginx_config(args: argparse.Namespace) -> Line:
         listen = nginx.parse_nginx_listen(args.listen)
     except problem as exc:
         raise CliError(f"--listen: {exc}", EXIT_BAD_INPUT) from None
+    try:
+        name = nginx.check_name(args.name)
+    except problem as exc:
+        raise CliError(f"--name: {exc}", EXIT_BAD_INPUT) from None
+    upstream_ca = upstream_ca_file(args.upstream_ca, origin.scheme)
     if args.rules is not None:
         try:
             rules = load_rules(args.rules)
         except RulesError as exc:
             raise CliError(str(exc), EXIT_BAD_INPUT) from None
-        refused = Paywall(door="nginx", no_upstream=nginx.NO_UPSTREAM).unsupported_rule(rules)
+        refused = nginx.new_engine().unsupported_rule(rules)
         if refused is not None:
             raise CliError(str(refused), EXIT_BAD_INPUT)
         names = nginx.set_header_names(rules)
@@ -551,10 +569,41 @@ def nginx_config(args: argparse.Namespace) -> Line:
         except problem as exc:
             raise CliError(str(exc)) from None
     try:
-        text = nginx.render_config(auth=auth, origin=origin, listen=listen, set_headers=names)
+        text = nginx.render_config(
+            auth=auth,
+            origin=origin,
+            listen=listen,
+            set_headers=names,
+            name=name,
+            upstream_ca=upstream_ca,
+        )
     except problem as exc:
         raise CliError(str(exc), EXIT_BAD_INPUT) from None
+    warning = nginx.tls_name_warning(origin)
+    if warning is not None:
+        print(f"l402proxy: warning: {warning}", file=sys.stderr)
     return Line(text.rstrip("\n"))
+
+
+def upstream_ca_file(value: str | None, scheme: str) -> str:
+    """The CA file nginx checks an https origin's certificate against, as an absolute path
+    (nginx reads a relative one from its own prefix); it must exist now."""
+    from .doors import nginx
+
+    if value is None:
+        if scheme == "https" and not Path(nginx.DEFAULT_CA_BUNDLE).is_file():
+            raise CliError(
+                f"--upstream: no CA certificates at {nginx.DEFAULT_CA_BUNDLE} to check the "
+                "origin's certificate against: name them with --upstream-ca FILE",
+                EXIT_BAD_INPUT,
+            )
+        return nginx.DEFAULT_CA_BUNDLE
+    if scheme != "https":
+        raise CliError("--upstream-ca: only for an https:// --upstream", EXIT_BAD_INPUT)
+    path = Path(value).expanduser().resolve()
+    if not path.is_file():
+        raise CliError(f"--upstream-ca: no such file: {value}", EXIT_BAD_INPUT)
+    return str(path)
 
 
 def run(args: argparse.Namespace) -> Any:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from l402proxy.launch import START_TIMEOUT, LaunchError, nginx_main_config, started
@@ -148,13 +148,18 @@ def door_config(home: Path, auth: procs.Process, origin_url: str, port: int, *ar
 
 @contextlib.contextmanager
 def nginx_door(
-    workdir: Path, home: Path, rules: Path, origin_url: str, *serve_auth_args: str
+    workdir: Path,
+    home: Path,
+    rules: Path,
+    origin_url: str,
+    *serve_auth_args: str,
+    config_args: Sequence[str] = (),
 ) -> Iterator[str]:
-    """serve-auth and nginx in front of `origin_url`, as a user starts them; yields the door's
-    base URL. Both are stopped after."""
+    """serve-auth and nginx in front of `origin_url`, as a user starts them (`config_args`
+    go to nginx-config); yields the door's base URL. Both are stopped after."""
     nginx_binary()
     auth = serve_auth(workdir, home, rules, *serve_auth_args)
     with started(auth):
         port = procs.free_port()
-        with running_nginx(workdir, door_config(home, auth, origin_url, port)):
+        with running_nginx(workdir, door_config(home, auth, origin_url, port, *config_args)):
             yield f"http://127.0.0.1:{port}"

@@ -9,6 +9,7 @@ import json
 import re
 import signal
 import socket
+import ssl
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from l402proxy.l402.headers import parse_challenges
 from l402proxy.l402.identifier import Identifier
 from l402proxy.l402.token import decode_macaroon
 from l402proxy.launch import started
+from tests.standins.tls import self_signed
 
 from . import procs
 from .nginx import door_config, nginx_binary, nginx_door, running_nginx, serve_auth
@@ -393,6 +395,69 @@ def test_our_credentials_never_reach_the_origin_and_the_origins_stay(
         }
 
 
+@pytest.mark.parametrize("path", ["/feed.xml", "/episodes/ep1.mp3"])
+def test_rerooting_headers_never_reach_the_origin_and_the_request_is_answered(
+    stack: Stack, path: str
+) -> None:
+    """Headers that make an origin route below another root than the path judged: the
+    engine strips them and the printed config clears them toward the origin (nginx would
+    pass the client's copy: the nginx door answered 503 to such a request)."""
+    rerooting = {
+        "Daphne-Root-Path": "/bonus",
+        "X-Forwarded-Prefix": "/bonus",
+        "X-Script-Name": "/bonus",
+        "X-Original-URL": "/bonus/b1.mp3",
+        "X-Rewrite-URL": "/bonus/b1.mp3",
+    }
+    headers = {**rerooting, "Authorization": stack.buy()} if "episodes" in path else rerooting
+    nginx, proxy = stack.both("GET", path, headers=headers)
+    assert nginx.status_code == proxy.status_code == 200, nginx.text
+    assert forwarded(nginx) == forwarded(proxy)
+    names = {name for name, _ in forwarded(nginx)[2]}
+    assert not names & ({name.lower() for name in rerooting} | {"script-name"}), names
+
+
+def test_two_authorization_fields_get_nginxs_own_400(stack: Stack) -> None:
+    """nginx 1.22 takes Authorization once: a second field is its own 400, before the
+    paywall or the origin is asked (two Cookie fields go on, as one line)."""
+    raw = raw_get(stack.door, b"/feed.xml", b"Authorization: Basic dTpw", b"Authorization: X y")
+    assert raw.startswith(b"HTTP/1.1 400") and b'"target"' not in raw, raw[:200]
+    raw = raw_get(stack.door, b"/feed.xml", b"Cookie: a=b", b"Cookie: c=d")
+    assert raw.startswith(b"HTTP/1.1 200") and b'"a=b; c=d"' in raw, raw[:200]
+
+
+CREDENTIAL_RULES = """
+services:
+  - name: inside
+    match: {path: "/inside/*"}
+    price_sat: 3
+    paid:
+      set_headers: {Authorization: "Bearer inside", Cookie: "tier=premium", X-Inside: "1"}
+"""
+
+
+def test_a_paid_variant_sets_authorization_and_cookie_once(stack: Stack) -> None:
+    """A paid variant's Authorization and Cookie go in the config's own lines for them, once
+    (a numbered slot as well made nginx send each twice)."""
+    rules = stack.work / "credentials.yaml"
+    rules.write_text(CREDENTIAL_RULES)
+    with own_door(stack, rules, "credentials") as (_, door), client(door) as browser:
+        challenge = browser.get("/inside/x", headers={"Accept-Authenticate": "L402"})
+        assert challenge.status_code == 402, challenge.text
+        parsed = parse_challenges(challenge.headers.get_list("WWW-Authenticate"))[0]
+        token = f"L402 {parsed.macaroon}:{procs.dev_pay(stack.home, parsed.invoice).hex()}"
+        paid = browser.get("/inside/x", headers={"Authorization": token, "Cookie": "theme=dark"})
+        assert paid.status_code == 200, paid.text
+        fields = forwarded(paid)[2]
+        assert [v for n, v in fields.elements() if n == "authorization"] == ["Bearer inside"]
+        assert [v for n, v in fields.elements() if n == "cookie"] == ["tier=premium"]
+        assert fields["x-inside", "1"] == 1
+        # Nobody else's Authorization or Cookie reaches the origin: the paywall sets them.
+        free = browser.get("/feed.xml", headers={"Authorization": "Bearer x", "Cookie": "a=b"})
+        names = {name for name, _ in forwarded(free)[2]}
+        assert free.status_code == 200 and not names & {"authorization", "cookie", "x-inside"}
+
+
 def test_a_websocket_upgrade_is_passed_as_by_the_proxy(stack: Stack) -> None:
     headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"}
     nginx, proxy = stack.both("GET", "/feed.xml", headers=headers)
@@ -407,6 +472,134 @@ def test_raw_bytes_in_a_target_reach_the_origin_unchanged(stack: Stack) -> None:
         seen = json.loads(raw.partition(b"\r\n\r\n")[2])
         # http.server decodes the request line as latin-1.
         assert seen["target"].encode("latin-1") == target
+
+
+# -- an https origin ------------------------------------------------------------------------------
+
+
+def tls_echo_server(context: ssl.SSLContext) -> type[http.server.ThreadingHTTPServer]:
+    """The echo origin's server class, speaking TLS with `context`."""
+
+    class TLSEcho(http.server.ThreadingHTTPServer):
+        def get_request(self) -> tuple[socket.socket, Any]:
+            sock, address = super().get_request()
+            # The handshake happens at the first read, on the handler's thread.
+            wrapped = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            return wrapped, address
+
+        def handle_error(self, request: object, client_address: object) -> None:
+            pass  # nginx refusing our certificate is what some tests want
+
+    return TLSEcho
+
+
+def test_an_https_origins_certificate_is_checked(stack: Stack) -> None:
+    """A certificate nginx cannot check is a 502, never the content: not signed by a CA it
+    trusts (Debian's bundle by default), or not for the name nginx asked for (nginx 1.22 checks
+    DNS names only: an origin given by IP address fails even with its CA). Signed by the CA
+    given with --upstream-ca, for the origin's name: served."""
+    work = stack.work / "tls"
+    work.mkdir()
+    cert_pem, key_pem = self_signed(dns_names=["localhost"], ips=["127.0.0.1"])
+    cert, key = work / "origin.pem", work / "origin.key"
+    cert.write_bytes(cert_pem)
+    key.write_bytes(key_pem)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    auth = serve_auth(work, stack.home, stack.rules)
+    with (
+        procs.in_process_origin(Echo, "tls-origin", tls_echo_server(context)) as origin,
+        started(auth),
+    ):
+        origin_port = urlsplit(origin).port
+        doors = {
+            # name: (--upstream, extra nginx-config args, what a client gets)
+            "untrusted": (f"https://localhost:{origin_port}", [], 502),
+            "by_address": (f"https://127.0.0.1:{origin_port}", ["--upstream-ca", str(cert)], 502),
+            "trusted": (f"https://localhost:{origin_port}", ["--upstream-ca", str(cert)], 200),
+        }
+        ports = {name: procs.free_port() for name in doors}
+        configs = "".join(
+            door_config(stack.home, auth, upstream, ports[name], "--name", name, *args)
+            for name, (upstream, args, _) in doors.items()
+        )
+        with running_nginx(work, configs):
+            for name, (_, _, status) in doors.items():
+                with client(f"http://127.0.0.1:{ports[name]}") as browser:
+                    for path in ("/feed.xml", "/episodes/ep1.mp3"):
+                        response = browser.get(path)
+                        assert response.status_code == status, (name, path, response.text)
+                        if status == 502:
+                            assert b'"target"' not in response.content
+                        else:
+                            assert forwarded(response)[1] == path
+
+
+# -- several serve-auth, several configs ------------------------------------------------------
+
+
+def test_two_serve_auth_instances_behind_one_upstream_make_one_invoice_per_402(
+    stack: Stack,
+) -> None:
+    """The verdict and the answer step of one request go to the same instance (the answer is
+    held where it was decided): round robin sent the answer step to the other one, which
+    judged the request again and made a second invoice."""
+    work = stack.work / "two-instances"
+    work.mkdir()
+    first, second = (serve_auth(work, stack.home, stack.rules) for _ in range(2))
+    with started(first, second):
+        port = procs.free_port()
+        config = door_config(stack.home, first, stack.origin, port)
+        listed = f"    server 127.0.0.1:{first.port};\n"
+        assert config.count(listed) == 1
+        # As an operator adds the second instance to the printed upstream.
+        config = config.replace(listed, listed + f"    server 127.0.0.1:{second.port};\n")
+        with running_nginx(work, config), client(f"http://127.0.0.1:{port}") as door:
+            before = len(procs.ledger_invoices(stack.home))
+            for number in range(8):
+                response = door.get(f"/bonus/two{number}.mp3")
+                assert response.status_code == 402, response.text
+                assert response.json()["service"] == "bonus"
+            assert len(procs.ledger_invoices(stack.home)) == before + 8
+            assert door.get("/feed.xml").status_code == 200
+
+
+SHOP_RULES = """
+services:
+  - name: shop-{letter}
+    match: {{path: "/{letter}/*"}}
+    price_sat: 2
+"""
+
+
+def test_two_printed_configs_share_one_nginx_one_server_block_per_host(stack: Stack) -> None:
+    """What to do instead of match.host (refused: nginx takes any Host): one config per host,
+    each with its own --name, server_name, serve-auth and rules. Both go into one nginx."""
+    work = stack.work / "two-configs"
+    work.mkdir()
+    rules_a, rules_b = work / "a.yaml", work / "b.yaml"
+    rules_a.write_text(SHOP_RULES.format(letter="a"))
+    rules_b.write_text(SHOP_RULES.format(letter="b"))
+    auth_a, auth_b = serve_auth(work, stack.home, rules_a), serve_auth(work, stack.home, rules_b)
+    port = procs.free_port()
+    with started(auth_a, auth_b):
+        configs = []
+        for auth, name in ((auth_a, "shop_a"), (auth_b, "shop_b")):
+            printed = door_config(stack.home, auth, stack.origin, port, "--name", name)
+            hint = "# server_name example.com;"
+            assert hint in printed
+            configs.append(printed.replace(hint, f"server_name {name.replace('_', '-')}.test;"))
+        # running_nginx runs `nginx -t` first: no upstream, map or variable defined twice.
+        with running_nginx(work, "".join(configs)), client(f"http://127.0.0.1:{port}") as door:
+            for host, priced, free in (
+                ("shop-a.test", "/a/x", "/b/x"),
+                ("shop-b.test", "/b/x", "/a/x"),
+            ):
+                challenge = door.get(priced, headers={"Host": host})
+                assert challenge.status_code == 402, (host, challenge.text)
+                assert challenge.json()["service"] == f"shop-{priced[1]}"
+                passed = door.get(free, headers={"Host": host})
+                assert passed.status_code == 200 and forwarded(passed)[1] == free, host
 
 
 # -- the response phase ------------------------------------------------------------------------

@@ -2,12 +2,17 @@
 config sends them), the config text, and the two CLI commands' refusals."""
 
 import asyncio
+import contextlib
 import dataclasses
 import importlib.util
 import logging
+import os
+import re
 import socket
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from types import EllipsisType
 
 import httpx
 import pytest
@@ -37,7 +42,7 @@ services:
     match: {path: "/adfree/*"}
     mode: deny
 """
-CARRIES = "1 x-l402-tier x-ad-free"
+CARRIES = f"{nginx.CONFIG_VERSION} x-l402-tier x-ad-free"
 HTML = "text/html,application/xhtml+xml,*/*;q=0.8"
 
 
@@ -46,6 +51,8 @@ class Door:
     service: nginx.AuthService
     engine: Paywall
     ledger: Path
+    # The X-L402-Config the printed config for these rules sends.
+    config: str = CARRIES
 
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(
@@ -60,10 +67,13 @@ class Door:
         method: str = "GET",
         headers: Sequence[tuple[str, str]] = (),
         body: bytes = b"",
-        config: str | None = CARRIES,
+        config: str | EllipsisType | None = ...,
     ) -> httpx.Response:
         """One call of the printed config: the auth subrequest (always a GET, no body), the
-        answer step or an endpoint (the client's method and body), with nginx's headers."""
+        answer step or an endpoint (the client's method and body), with nginx's headers
+        (X-L402-Config: this door's unless `config` says otherwise; None: none)."""
+        if isinstance(config, EllipsisType):
+            config = self.config
         sent = [
             ("X-Original-Method", method),
             ("X-Original-URI", uri),
@@ -113,17 +123,27 @@ class Door:
         return f"L402 {challenge.macaroon}:{preimage.hex()}"
 
 
-@pytest.fixture
-async def door(tmp_path: Path) -> AsyncIterator[Door]:
+@contextlib.asynccontextmanager
+async def open_door(
+    tmp_path: Path, rules_text: str = RULES, config: str = CARRIES
+) -> AsyncIterator[Door]:
+    """The auth service on an engine as serve-auth makes it, with these rules (and the
+    X-L402-Config of the config printed for them)."""
     rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
+    rules.write_text(rules_text)
     ledger = tmp_path / "devledger.sqlite"
     engine = nginx.make_engine(str(rules), "dev", str(tmp_path / "server.sqlite"), str(ledger))
     await engine.open()
     try:
-        yield Door(nginx.AuthService(engine), engine, ledger)
+        yield Door(nginx.AuthService(engine), engine, ledger, config)
     finally:
         await engine.close()
+
+
+@pytest.fixture
+async def door(tmp_path: Path) -> AsyncIterator[Door]:
+    async with open_door(tmp_path) as opened:
+        yield opened
 
 
 def header(response: httpx.Response, name: str) -> str | None:
@@ -139,9 +159,9 @@ async def test_a_plain_forward_carries_the_raw_target_and_what_is_left_of_the_cr
     seen: list[Request] = []
     judge = door.engine.handle
 
-    async def spy(request: Request, *, mint: bool = True) -> object:
+    async def spy(request: Request) -> object:
         seen.append(request)
-        return await judge(request, mint=mint)
+        return await judge(request)
 
     monkeypatch.setattr(door.engine, "handle", spy)
     response = await door.call(
@@ -213,21 +233,12 @@ async def test_a_challenge_is_decided_once_and_answered_as_decided(door: Door) -
 async def test_a_request_counts_once_against_the_rules_limits(tmp_path: Path) -> None:
     """The auth step's judgement is the answer: a per-IP rate limit sees one request, not
     two (a judgement without the invoice, then one with it, spent the limit twice as fast)."""
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(
-        RULES.replace(
-            '    match: {path: "/bonus/*"}\n',
-            '    match: {path: "/bonus/*"}\n    rate_limits: [{requests: 2, per: 1m}]\n',
-        )
+    limited = RULES.replace(
+        '    match: {path: "/bonus/*"}\n',
+        '    match: {path: "/bonus/*"}\n    rate_limits: [{requests: 2, per: 1m}]\n',
     )
-    ledger = tmp_path / "devledger.sqlite"
-    engine = nginx.make_engine(str(rules), "dev", str(tmp_path / "server.sqlite"), str(ledger))
-    await engine.open()
-    try:
-        door = Door(nginx.AuthService(engine), engine, ledger)
+    async with open_door(tmp_path, limited) as door:
         statuses = [(await door.nginx("/bonus/b1.mp3")).status_code for _ in range(3)]
-    finally:
-        await engine.close()
     assert statuses == [402, 402, 429]
 
 
@@ -313,15 +324,83 @@ async def test_answers_the_engine_gives_itself_go_to_the_answer_step(door: Door)
     assert unlock.status_code == 400 and "macaroon" in unlock.json()["message"]
 
 
+CREDENTIAL_RULES = """
+services:
+  - name: inside
+    match: {path: "/inside/*"}
+    price_sat: 3
+    paid:
+      set_headers: {X-A: "1", Authorization: "Bearer inside", cookie: "tier=premium"}
+"""
+
+
+async def test_a_paid_variants_authorization_and_cookie_go_in_their_own_lines(
+    tmp_path: Path,
+) -> None:
+    """The config sends Authorization and Cookie from their own lines, with what the engine
+    made of them: a paid variant's value goes there, not into a numbered slot as well (nginx
+    sent both lines: the header twice)."""
+    async with open_door(tmp_path, CREDENTIAL_RULES, "2 x-a authorization cookie") as door:
+        token = await door.buy("/inside/x")
+        paid = await door.call(
+            "auth", "/inside/x", headers=[("Authorization", token), ("Cookie", "theme=dark")]
+        )
+        assert paid.status_code == 401 and header(paid, "X-L402-Route") == "paid"
+        assert header(paid, "X-L402-Authorization") == "Bearer inside"
+        assert header(paid, "X-L402-Cookie") == "tier=premium"
+        assert header(paid, "X-L402-Set-1") == "1"  # X-A: the only slot
+        assert header(paid, "X-L402-Set-2") is None and header(paid, "X-L402-Set-3") is None
+        # Everyone else's go nowhere: the paywall alone sets them for the origin.
+        free = await door.call(
+            "auth",
+            "/feed.xml",
+            headers=[("Authorization", "Bearer mine"), ("Cookie", "tier=premium")],
+        )
+        assert free.status_code == 200
+        assert (
+            header(free, "X-L402-Authorization") is None and header(free, "X-L402-Cookie") is None
+        )
+    text = render("X-A", "Authorization", "cookie")
+    assert 'X-L402-Config "2 x-a authorization cookie"' in text
+    # One line each per location to the origin, and no numbered slot for them.
+    assert text.count("proxy_set_header Authorization ") == 4
+    assert text.count("proxy_set_header Cookie ") == 4 and "proxy_set_header cookie" not in text
+    assert "$l402_set_2" not in text
+    assert "proxy_set_header X-A $l402_set_1;" in text
+
+
+async def test_rerooting_headers_are_cleared_by_nginx_so_the_request_is_forwarded(
+    door: Door,
+) -> None:
+    """The engine strips Daphne-Root-Path, X-Forwarded-Prefix, ... from every forwarded
+    request; the config clears them toward the origin, so that change needs no carrying (it
+    was a 503 for the request)."""
+    rerooting = [("Daphne-Root-Path", "/bonus"), ("X-Forwarded-Prefix", "/bonus")]
+    free = await door.call("auth", "/feed.xml", headers=rerooting)
+    assert free.status_code == 200 and header(free, "X-L402-Route") is None
+    token = await door.buy()
+    paid = await door.call(
+        "auth", "/episodes/ep1.mp3", headers=[("Authorization", token), *rerooting]
+    )
+    assert paid.status_code == 401 and header(paid, "X-L402-Route") == "paid"
+    text = render("X-L402-Tier", "X-Forwarded-Prefix")
+    for name in ("Daphne-Root-Path", "X-Script-Name", "Script-Name", "X-Original-Url"):
+        assert text.count(f'proxy_set_header {name} "";') == 4, name
+    # One a paid variant sets goes in its slot (an empty one sends none), not cleared twice.
+    assert 'proxy_set_header X-Forwarded-Prefix "";' not in text
+    assert text.count("proxy_set_header X-Forwarded-Prefix $l402_set_2;") == 4
+
+
 # -- fail closed --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "config",
     [
-        "1",  # made before the rules set any header
-        "1 x-l402-tier",  # made before X-Ad-Free was added
-        "2 x-l402-tier x-ad-free",  # another version of the config
+        "2",  # made before the rules set any header
+        "2 x-l402-tier",  # made before X-Ad-Free was added
+        "1 x-l402-tier x-ad-free",  # another version of the config (it cleared no
+        # re-rooting headers: the service must not rely on it)
         "",  # not a config this l402proxy wrote
         None,  # not our config at all
     ],
@@ -344,7 +423,7 @@ async def test_a_config_that_cannot_carry_what_the_rules_need_gets_503_for_every
 
 
 async def test_the_missing_header_is_named(door: Door) -> None:
-    answer = await door.call("answer", "/feed.xml", config="1 x-l402-tier")
+    answer = await door.call("answer", "/feed.xml", config="2 x-l402-tier")
     assert "x-ad-free" in answer.text
 
 
@@ -354,7 +433,7 @@ async def test_a_header_change_nginx_cannot_carry_fails_closed(
     """Should the engine ever change a request header beyond Authorization, Cookie and the
     set_headers names, nginx would send the client's copy: nothing is forwarded then."""
 
-    async def rewrites_another_header(request: Request, *, mint: bool = True) -> Forward:
+    async def rewrites_another_header(request: Request) -> Forward:
         return Forward((*request.fields, (b"X-Other", b"1")))
 
     monkeypatch.setattr(door.engine, "handle", rewrites_another_header)
@@ -363,10 +442,10 @@ async def test_a_header_change_nginx_cannot_carry_fails_closed(
     answer = await door.call("answer", "/feed.xml")
     assert answer.status_code == 503 and "x-other" in answer.text
 
-    async def drops_upgrade(request: Request, *, mint: bool = True) -> Forward:
+    async def drops_upgrade(request: Request) -> Forward:
         return Forward(tuple(f for f in request.fields if f[0].lower() != b"upgrade"))
 
-    async def elsewhere(request: Request, *, mint: bool = True) -> Forward:
+    async def elsewhere(request: Request) -> Forward:
         return Forward(request.fields, path="@evil.example/x")
 
     # The target goes right after the origin's address in proxy_pass: only a path may.
@@ -378,6 +457,59 @@ async def test_a_header_change_nginx_cannot_carry_fails_closed(
     monkeypatch.setattr(door.engine, "handle", drops_upgrade)
     allowed = await door.call("auth", "/feed.xml", headers=[("Upgrade", "h2c")])
     assert allowed.status_code == 200
+
+
+async def test_a_refused_request_is_logged_once_as_that_request_only(
+    door: Door, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request nginx cannot send as the paywall decided (here: a client's underscore
+    spelling of a header the rules set, which the engine drops and nginx would pass) is
+    refused alone: good requests in between do not make it log again, and the log does not
+    say every request is refused."""
+    caplog.set_level(logging.WARNING, logger="l402proxy.doors.nginx")
+    for _ in range(3):
+        refused = await door.nginx("/feed.xml", headers=[("X_L402_Tier", "premium")])
+        assert refused.status_code == 503 and "x_l402_tier" in refused.text
+        assert (await door.call("auth", "/feed.xml")).status_code == 200
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert "this request only" in warnings[0] and "every request" not in warnings[0]
+    assert "x_l402_tier" in warnings[0]
+
+
+async def test_logged_refusals_of_single_requests_are_bounded(
+    door: Door, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client can vary the reason (header spellings): the log holds a bounded number."""
+    caplog.set_level(logging.WARNING, logger="l402proxy.doors.nginx")
+    for number in range(nginx.REFUSAL_LOG_LIMIT + 20):
+        response = door.service.refuse_request(f"reason {number}", "GET")
+        assert response.status == 503
+    assert len(caplog.records) == nginx.REFUSAL_LOG_LIMIT + 1
+    assert "further ones are not" in caplog.records[-1].getMessage()
+
+
+async def test_a_stale_config_is_logged_once_while_another_config_works(
+    door: Door, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two nginx configs asking one service, one of them stale: the good one's requests do
+    not make the stale one's problem log again on each request; once fixed, a new break is
+    logged again."""
+    caplog.set_level(logging.WARNING, logger="l402proxy.doors.nginx")
+    stale = "2 x-l402-tier"
+    for _ in range(3):
+        assert (await door.call("answer", "/bonus/b1.mp3", config=stale)).status_code == 503
+        assert (await door.call("auth", "/feed.xml")).status_code == 200
+    assert len(caplog.records) == 1
+    assert "answering 503 to every request" in caplog.records[0].getMessage()
+    # The stale config works again (its rules stopped needing X-Ad-Free), then breaks again.
+    door.config = stale
+    rules = door.engine.rules
+    door.engine.rules = None
+    assert (await door.call("auth", "/feed.xml")).status_code == 200
+    door.engine.rules = rules
+    assert (await door.call("answer", "/feed.xml")).status_code == 503
+    assert len(caplog.records) == 2
 
 
 async def test_a_header_value_no_answer_can_carry_is_refused_not_dropped(door: Door) -> None:
@@ -399,7 +531,7 @@ async def test_a_forward_at_the_answer_step_asks_the_client_to_come_again(door: 
 async def test_an_error_in_the_judgement_forwards_nothing(
     door: Door, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def broken(request: Request, *, mint: bool = True) -> Forward:
+    async def broken(request: Request) -> Forward:
         raise RuntimeError("boom")
 
     monkeypatch.setattr(door.engine, "handle", broken)
@@ -439,7 +571,7 @@ async def test_endpoints_are_answered_by_the_engine_with_the_body(door: Door) ->
 async def test_the_service_answers_only_its_own_paths(door: Door) -> None:
     async with door.client() as client:
         info = await client.get("/config")
-        assert info.json() == {"config_version": 1, "set_headers": ["X-L402-Tier", "X-Ad-Free"]}
+        assert info.json() == {"config_version": 2, "set_headers": ["X-L402-Tier", "X-Ad-Free"]}
         assert (await client.get("/elsewhere")).status_code == 404
         # A call without nginx's headers is no request to judge (auth_request makes it a 500).
         assert (await client.get("/auth")).status_code == 400
@@ -488,18 +620,21 @@ async def test_lifespan_events_are_acknowledged(door: Door) -> None:
 # -- the config ---------------------------------------------------------------------------------
 
 
-def render(*names: str, upstream: str = "http://127.0.0.1:8080", listen: str = "80") -> str:
+def render(
+    *names: str, upstream: str = "http://127.0.0.1:8080", listen: str = "80", name: str = "l402"
+) -> str:
     return nginx.render_config(
         auth=("127.0.0.1", 8402),
         origin=nginx.parse_origin(upstream),
         listen=nginx.parse_nginx_listen(listen),
         set_headers=list(names),
+        name=name,
     )
 
 
 def test_the_config_carries_each_header_the_rules_set_in_numbered_slots() -> None:
     text = render("X-L402-Tier", "X-Ad-Free")
-    assert 'proxy_set_header X-L402-Config "1 x-l402-tier x-ad-free";' in text
+    assert 'proxy_set_header X-L402-Config "2 x-l402-tier x-ad-free";' in text
     assert "auth_request_set $l402_set_2 $upstream_http_x_l402_set_2;" in text
     # Every location that sends to the origin overrides them (empty: sent not at all).
     assert text.count("proxy_set_header X-Ad-Free $l402_set_2;") == 4
@@ -514,6 +649,62 @@ def test_the_origin_and_listen_forms() -> None:
     assert "proxy_ssl_server_name on;" in text and "proxy_pass https://l402_origin" in text
     assert "listen [::1]:8081;" in text
     assert "listen 127.0.0.1:80;" in render(listen="127.0.0.1:80")
+
+
+def test_an_https_origins_certificate_is_checked_in_every_location_that_reaches_it() -> None:
+    text = render(upstream="https://origin.example")
+    for line in (
+        "proxy_ssl_verify on;",
+        f"proxy_ssl_verify_depth {nginx.SSL_VERIFY_DEPTH};",
+        "proxy_ssl_trusted_certificate /etc/ssl/certs/ca-certificates.crt;",
+        "proxy_ssl_name origin.example;",
+    ):
+        assert text.count(line) == 4, line
+    assert "proxy_ssl" not in render(upstream="http://origin.example")
+    named = nginx.render_config(
+        auth=("127.0.0.1", 8402),
+        origin=nginx.parse_origin("https://origin.example"),
+        listen="80",
+        set_headers=[],
+        upstream_ca="/etc/my CA/ca.pem",
+    )
+    assert named.count('proxy_ssl_trusted_certificate "/etc/my CA/ca.pem";') == 4
+
+
+def test_the_auth_upstream_sends_both_steps_of_a_request_to_one_instance() -> None:
+    """With several serve-auth listed, the answer step must reach the instance holding the
+    answer the verdict decided (tests/e2e: two instances, one invoice per 402)."""
+    upstream = render().split("upstream l402_auth {", 1)[1].split("}", 1)[0]
+    directives = [line.strip() for line in upstream.splitlines()]
+    # nginx wants the balancing method before keepalive.
+    assert [line for line in directives if line and not line.startswith("#")] == [
+        "server 127.0.0.1:8402;",
+        "hash $request_id consistent;",
+        "keepalive 32;",
+    ]
+
+
+def test_every_name_a_config_defines_starts_with_its_name() -> None:
+    """Two printed configs in one nginx: an upstream or map name twice is an error, and a
+    variable twice is one variable for both."""
+    text = render("X-A", "X-B", name="shop_a")
+    defined = re.findall(r"^upstream (\S+) \{", text, re.M)
+    defined += re.findall(r"^map \S+ \$(\S+) \{", text, re.M)
+    defined += re.findall(r"auth_request_set \$(\S+) ", text)
+    defined += re.findall(r"\(\?<(\w+)>", text)  # named captures are variables too
+    defined += re.findall(r"location @(\S+) ", text)
+    assert len(defined) > 20 and all(name.startswith("shop_a_") for name in defined), defined
+    used = set(re.findall(r"\$(\w+)", text))
+    nginx_own = {"request_id", "http_upgrade", "http_host", "host", "scheme", "request_method"}
+    nginx_own |= {"request_uri", "remote_addr", "remote_port", "upstream_status"}
+    assert {v for v in used if not v.startswith(("shop_a_", "upstream_http_"))} == nginx_own
+    assert "l402_" not in text.replace("x_l402_", "")
+
+
+@pytest.mark.parametrize("name", ["", "1a", "a-b", "a b", "a$", "x" * 33])
+def test_a_config_name_nginx_cannot_use_is_refused(name: str) -> None:
+    with pytest.raises(nginx.ConfigProblem, match="letters, digits and '_'"):
+        render(name=name)
 
 
 @pytest.mark.parametrize(
@@ -570,6 +761,9 @@ def test_nginx_config_from_the_rules_file(
         (["--upstream", "http://x", "--listen", "x:y"], 2, "--listen: "),
         # No service to ask and no rules given.
         (["--upstream", "http://x", "--auth", "127.0.0.1:9"], 1, "start `l402proxy serve-auth`"),
+        (["--upstream", "http://x", "--name", "a-b"], 2, "--name: "),
+        (["--upstream", "https://x", "--upstream-ca", "/no/such.pem"], 2, "no such file"),
+        (["--upstream", "http://x", "--upstream-ca", __file__], 2, "only for an https://"),
     ],
 )
 def test_nginx_config_refusals_are_one_line(
@@ -577,6 +771,41 @@ def test_nginx_config_refusals_are_one_line(
 ) -> None:
     got, out, err = run_cli(capsys, "nginx-config", *args)
     assert (got, out) == (code, "") and err.count("\n") == 1 and says in err, err
+
+
+def test_nginx_config_names_the_ca_file_nginx_checks_the_origin_against(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rules = str(write(tmp_path, RULES))
+    (tmp_path / "origin-ca.pem").write_text("")
+    monkeypatch.chdir(tmp_path)
+    base = ["nginx-config", "--rules", rules, "--upstream", "https://origin.example"]
+    code, out, err = run_cli(capsys, *base, "--upstream-ca", "origin-ca.pem")
+    # Absolute: nginx would read a relative path from its own prefix.
+    assert code == 0 and err == "", err
+    assert out.count(f"proxy_ssl_trusted_certificate {tmp_path / 'origin-ca.pem'};") == 4
+    # Without --upstream-ca, Debian's bundle; where there is none, say what to do.
+    monkeypatch.setattr(nginx, "DEFAULT_CA_BUNDLE", str(tmp_path / "none.crt"))
+    code, out, err = run_cli(capsys, *base)
+    assert code == 2 and out == "" and err.count("\n") == 1 and "--upstream-ca FILE" in err
+    monkeypatch.setattr(nginx, "DEFAULT_CA_BUNDLE", str(tmp_path / "origin-ca.pem"))
+    assert run_cli(capsys, *base)[0] == 0
+
+
+def test_nginx_config_warns_that_nginx_checks_no_ip_address_in_a_certificate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """nginx 1.22 matches the name it checks against DNS names only (tests/e2e shows the 502)."""
+    rules = str(write(tmp_path, RULES))
+    for upstream, warned in (
+        ("https://127.0.0.1:8443", True),
+        ("https://[::1]", True),
+        ("https://localhost:8443", False),
+        ("http://127.0.0.1", False),
+    ):
+        code, out, err = run_cli(capsys, "nginx-config", "--rules", rules, "--upstream", upstream)
+        assert code == 0 and out.endswith("}\n")
+        assert ("warning: --upstream names the address" in err) is warned, (upstream, err)
 
 
 UPSTREAM_RULES = """
@@ -587,25 +816,70 @@ services:
     paid: {upstream: "http://127.0.0.1:9"}
 """
 
+# The engine matches host: on the Host the client sends; the printed config takes any Host
+# and sends the origin its own: another Host skipped the rule.
+HOST_RULES = """
+services:
+  - name: free
+    match: {path: "/free/*"}
+    mode: free
+  - name: a
+    match: {path: "/a/*", host: "paid.example"}
+    price_sat: 1
+"""
+# nginx sends the origin the --upstream's Host; a paid Host went as a second line.
+SET_HOST_RULES = """
+services:
+  - name: a
+    match: {path: "/a/*"}
+    price_sat: 1
+    paid:
+      set_headers: {X-A: "1", host: "premium.internal"}
+"""
+# A valid header name the rules take, that nginx's proxy_set_header cannot.
+ODD_NAME_RULES = UPSTREAM_RULES.replace(
+    'paid: {upstream: "http://127.0.0.1:9"}', 'paid: {set_headers: {"X-A!": "1"}}'
+)
+
 
 @pytest.mark.parametrize("command", ["serve-auth", "nginx-config"])
 @pytest.mark.parametrize(
     ("rules", "says"),
     [
-        ("services: [", ":1: "),
-        (UPSTREAM_RULES, ":3: "),
+        ("services: [", [":1: "]),
+        (UPSTREAM_RULES, [":3: ", "nginx"]),
+        (HOST_RULES, [":6: ", "service 'a'", "match.host", "another Host", "server_name"]),
+        (SET_HOST_RULES, [":3: ", "set_headers: host is not possible", "--upstream"]),
+        (ODD_NAME_RULES, [":3: ", "'X-A!' cannot be written into an nginx config"]),
     ],
+    ids=["broken", "upstream", "host", "set-host", "odd-name"],
 )
 def test_rules_either_command_cannot_use_are_refused_naming_file_and_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, rules: str, says: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, rules: str, says: list[str]
 ) -> None:
     path = write(tmp_path, rules)
     extra = ["--upstream", "http://x"] if command == "nginx-config" else []
     code, out, err = run_cli(capsys, command, "--rules", str(path), *extra)
     assert code == 2 and out == "" and err.count("\n") == 1, err
-    assert f"{path}" in err and says in err, err
-    if rules is UPSTREAM_RULES:
-        assert "nginx" in err
+    assert err.startswith(f"l402proxy: {path}:"), err
+    assert all(part in err for part in says), err
+
+
+@pytest.mark.parametrize("rules", [HOST_RULES, SET_HOST_RULES, ODD_NAME_RULES])
+async def test_rules_the_door_cannot_serve_are_refused_on_reload_and_the_old_ones_kept(
+    tmp_path: Path, rules: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with open_door(tmp_path) as door:
+        path = Path(door.engine.rules_path)
+        before = door.engine.rules
+        path.write_text(rules)
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # a new signature
+        await door.engine.reload_rules_if_changed()
+        assert door.engine.rules is before
+        # Still served by the rules in force.
+        assert (await door.nginx("/bonus/b1.mp3")).status_code == 402
+    kept = [r.getMessage() for r in caplog.records if "kept the previous rules" in r.getMessage()]
+    assert len(kept) == 1 and f"{path}:" in kept[0] and "nginx" in kept[0], kept
 
 
 def test_serve_auth_that_cannot_start_says_why_and_never_serves(

@@ -27,10 +27,11 @@ How one request goes (auth_request lets only 2xx and 401/403 through):
 4. /.l402/ (the paywall page's endpoints) goes straight to the service, body and all.
 
 Fail closed: nginx declares which set_headers names it carries (X-L402-Config on every call).
-If the rules name one it does not carry (an edited rules file), or the engine ever changes a
-request header nginx cannot carry, every request gets a 503 saying so. The service down:
-auth_request fails, and nginx answers 500. nginx caches no verdict; the engine keeps its
-token cache and hears of revocations within a second.
+If the rules name one it does not carry (an edited rules file), every request gets a 503 saying
+so; if the engine changes a request header nginx cannot carry, that request does. The service
+down: auth_request fails, and nginx answers 500. nginx caches no verdict; the engine keeps its
+token cache and hears of revocations within a second. Rules nginx cannot serve as written (a
+host-scoped rule, a paid Host) are refused at start and on reload (`rule_problem`).
 """
 
 import asyncio
@@ -51,16 +52,26 @@ from urllib.parse import urlsplit
 from .. import paywall
 from ..engine import Answer, Forward, Paywall, Request, StartError
 from ..engine.answers import VARIANT_VARY, page_answer
-from ..engine.request import Fields, decode, encode, vouched_name
-from ..rules import RuleSet
+from ..engine.request import REROOTING_HEADERS, Fields, decode, encode, vouched_name
+from ..rules import Rule, RuleSet
 
 log = logging.getLogger(__name__)
 
 # What the printed config and the service agree on; a config from another version (or
 # written by hand) gets 503s that say to regenerate it, never a half-understood verdict.
-CONFIG_VERSION = 1
+# 2: Authorization and Cookie set by a paid variant go in their own lines (no numbered slot),
+# and the config clears the re-rooting headers toward the origin (the service relies on it).
+CONFIG_VERSION = 2
 DEFAULT_LISTEN = "127.0.0.1:8402"
 NO_UPSTREAM = "nginx sends every request to its own upstream; use rewrite_path or set_headers"
+# The prefix of every upstream, map and variable name of a printed config (--name): several
+# printed configs can live in one nginx when each has its own.
+DEFAULT_NAME = "l402"
+_CONFIG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+# What nginx checks an https origin's certificate against unless --upstream-ca names another
+# file (Debian's ca-certificates bundle), and how long a chain it follows.
+DEFAULT_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+SSL_VERIFY_DEPTH = 4
 
 # The service's own paths (nginx reaches them from internal locations only).
 AUTH_PATH = "/auth"
@@ -95,10 +106,18 @@ CLEAR_COOKIE_SLOTS = 2
 # says: it sets Connection itself, passes Upgrade only for WebSocket (as the engine does) and
 # drops HTTP2-Settings (the config sets it empty). The engine changing them needs no carrying.
 NGINX_OWN = frozenset({b"connection", b"upgrade", b"http2-settings"})
+# Sent to the origin in lines of their own, with what the engine left of them (a paid
+# variant's value included): never in a numbered slot, or nginx would send them twice.
 CARRIED = frozenset({b"authorization", b"cookie"})
+# The printed config clears these toward the origin (proxy_set_header <name> ""), as the
+# engine strips them from every forwarded request: nginx sets them, like NGINX_OWN.
+CLEARED = REROOTING_HEADERS
 # The body the /.l402/unlock endpoint may get, and one byte more so it can tell "too large".
 MAX_BODY = paywall.MAX_UNLOCK_BODY + 1
 CONFIG_CACHE_LIMIT = 16
+# Distinct reasons a single request was refused, each logged once; past this many, no more
+# (a client can vary them: header spellings), so the log cannot be flooded.
+REFUSAL_LOG_LIMIT = 64
 # How long, and in how many bytes at most, answers wait for nginx's answer step (it comes
 # within milliseconds; a 402 page is ~20 KB).
 HOLD_SECONDS = 30.0
@@ -142,16 +161,60 @@ class Carried:
                 f"this l402proxy needs {CONFIG_VERSION}"
             )
         lowered = tuple(name.lower().encode() for name in names)
+        slots = slot_names(lowered)
         return cls(
-            lowered,
-            frozenset(lowered),
-            frozenset(lowered) | CARRIED | NGINX_OWN,
+            slots,
+            frozenset(slots),
+            frozenset(lowered) | CARRIED | NGINX_OWN | CLEARED,
             frozenset(vouched_name(name) for name in lowered),
         )
 
 
+def slot_names(names: Iterable[bytes]) -> tuple[bytes, ...]:
+    """The (lower-case) set_headers names with a numbered slot of their own, in order: all but
+    Authorization and Cookie, which the config always sends in lines of their own."""
+    return tuple(name for name in names if name not in CARRIED)
+
+
 def config_header(set_headers: Sequence[str]) -> str:
     return " ".join([str(CONFIG_VERSION), *(name.lower() for name in set_headers)])
+
+
+# -- rules the nginx door cannot serve as written -------------------------------------------
+
+
+# set_headers names the config itself sets toward the origin with a value of its own.
+_NOT_SETTABLE = {
+    "host": "nginx sends the origin the Host of --upstream for every request; "
+    "use rewrite_path or another header to tell the paid variant apart",
+}
+
+
+def rule_problem(rule: Rule) -> str | None:
+    """Why the nginx door cannot serve this rule as written (Paywall(rule_check=...): the rules
+    file is refused at start and on reload, naming file and line), or None."""
+    if rule.host is not None:
+        return (
+            "match.host is not possible with the nginx door: the printed config takes any Host "
+            "and sends the origin its own, so a client skips this rule by sending another Host; "
+            "give each host a server block of its own (server_name, `nginx-config --name`) with "
+            "its own serve-auth and a rules file without match.host"
+        )
+    for name in rule.paid.set_headers:
+        reason = _NOT_SETTABLE.get(name.lower())
+        if reason is not None:
+            return f"paid.set_headers: {name} is not possible with the nginx door: {reason}"
+        if not _NGINX_HEADER_NAME.fullmatch(name):
+            return (
+                f"paid.set_headers: {name!r} cannot be written into an nginx config "
+                "(use letters, digits, '-', '_' and '.')"
+            )
+    return None
+
+
+def new_engine() -> Paywall:
+    """The engine as the nginx door runs it: rules it cannot serve are refused."""
+    return Paywall(door="nginx", no_upstream=NO_UPSTREAM, rule_check=rule_problem)
 
 
 # -- the service ------------------------------------------------------------------------------
@@ -267,7 +330,12 @@ class AuthService:
     def __init__(self, engine: Paywall) -> None:
         self.engine = engine
         self._configs: dict[bytes, Carried | str] = {}
-        self._reported: set[str] = set()
+        # The config problem logged per X-L402-Config value (b"": none sent), until a request
+        # with that value passes again: two nginx configs on one service (one stale) do not
+        # take turns clearing each other's.
+        self._config_reported: dict[bytes, str] = {}
+        # Reasons single requests were refused, each logged once (bounded, never cleared).
+        self._request_reported: set[str] = set()
         self.held = HeldAnswers()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -302,8 +370,9 @@ class AuthService:
         if vouched and not vouched <= carried.vouched:
             missing = ", ".join(sorted(name.decode() for name in vouched - carried.vouched))
             return f"the nginx config does not carry the header(s) the rules set: {missing}"
-        if self._reported:
-            self._reported.clear()  # fixed: should it break again, the log says so again
+        if self._config_reported:
+            # Fixed for this config: should it break again, the log says so again.
+            self._config_reported.pop(value, None)
         return None
 
     def _carried(self, value: bytes) -> Carried | str:
@@ -314,18 +383,35 @@ class AuthService:
             carried = self._configs[value] = Carried.parse(value)
         return carried
 
-    def refuse(self, problem: str, method: str, *, regenerate: bool = True) -> Answer:
-        """503 for every request while nginx cannot carry what the paywall needs: one line
-        for the client, one warning in the log (per problem, not per request)."""
-        message = problem
-        if regenerate:
-            message += "; regenerate it with `l402proxy nginx-config` and reload nginx"
-        if message not in self._reported:
-            if len(self._reported) > CONFIG_CACHE_LIMIT:
-                self._reported.clear()
-            self._reported.add(message)
+    def refuse_config(self, problem: str, control: Mapping[bytes, bytes], method: str) -> Answer:
+        """503 for every request while this nginx config cannot carry what the rules need:
+        one line for the client, one warning in the log per problem until it is fixed."""
+        message = f"{problem}; regenerate it with `l402proxy nginx-config` and reload nginx"
+        value = control.get(H_CONFIG, b"")
+        if self._config_reported.get(value) != message:
+            if len(self._config_reported) >= CONFIG_CACHE_LIMIT:
+                self._config_reported.clear()  # only config edits make another value
+            self._config_reported[value] = message
             log.warning(f"l402: answering 503 to every request: {message}")
         return _one_line(503, f"Payment is unavailable: {message}").for_method(method)
+
+    def refuse_request(self, problem: str, method: str) -> Answer:
+        """503 for this request only: nginx cannot send it as the paywall decided (the config
+        is fine; the request is not). Each distinct reason is logged once."""
+        if problem not in self._request_reported:
+            if len(self._request_reported) < REFUSAL_LOG_LIMIT:
+                log.warning(
+                    f"l402: answered 503 to one request (this request only; the nginx config "
+                    f"is fine; logged once): {problem}"
+                )
+            elif len(self._request_reported) == REFUSAL_LOG_LIMIT:
+                log.warning(
+                    f"l402: {REFUSAL_LOG_LIMIT} reasons for refusing single requests logged; "
+                    "further ones are not"
+                )
+            if len(self._request_reported) <= REFUSAL_LOG_LIMIT:
+                self._request_reported.add(problem)
+        return _one_line(503, f"Payment is unavailable: {problem}").for_method(method)
 
     # -- the auth step ---------------------------------------------------------------------
 
@@ -368,7 +454,7 @@ class AuthService:
         the answer instead when nginx cannot send it (fail closed)."""
         problem = self.uncarried(request, forward, carried)
         if problem is not None:
-            return self.refuse(problem, request.method, regenerate=False)
+            return self.refuse_request(problem, request.method)
         headers = [(R_TARGET, encode(_target(request, forward)))]
         found = _values(forward.headers, CARRIED | carried.lookup)
         authorization = found.get(b"authorization")
@@ -433,7 +519,7 @@ class AuthService:
             return
         problem = self.problem(control)
         if problem is not None:
-            await _send(send, self.refuse(problem, method))
+            await _send(send, self.refuse_config(problem, control, method))
             return
         held = None if endpoint else self.held.take(control.get(H_ANSWER))
         if held is not None:
@@ -646,7 +732,7 @@ def _address(host: str, port: int) -> str:
 
 def make_engine(rules: str, backend: str, store: str | None, dev_ledger: str) -> Paywall:
     """The engine as serve-auth runs it; RulesError / LightningError as the engine raises them."""
-    engine = Paywall(door="nginx", no_upstream=NO_UPSTREAM)
+    engine = new_engine()
     engine.use_rules_file(rules)
     engine.use_backend(backend, dev_ledger=dev_ledger)
     engine.store_uri = store or ""
@@ -715,36 +801,99 @@ def check_header_names(names: Iterable[str]) -> list[str]:
     return names
 
 
+def check_name(name: str) -> str:
+    """--name: the prefix of the config's upstream, map and variable names."""
+    if not _CONFIG_NAME.fullmatch(name):
+        raise ConfigProblem(
+            f"expected a name of letters, digits and '_' starting with a letter (at most 32), "
+            f"got {name!r}"
+        )
+    return name
+
+
+def tls_name_warning(origin: Origin) -> str | None:
+    """nginx 1.22 checks an https origin's certificate against the name it was given, as a
+    host name only (X509_check_host): an IP address entry of the certificate never matches."""
+    if origin.scheme != "https":
+        return None
+    try:
+        ipaddress.ip_address(origin.host)
+    except ValueError:
+        return None
+    return (
+        f"--upstream names the address {origin.host}: nginx checks the origin's certificate "
+        "against it as a host name and never matches the certificate's IP address entries, so "
+        "unless the certificate names it as a DNS name every request gets a 502; name the "
+        "origin by a host name its certificate carries"
+    )
+
+
+def _header_name(name: bytes) -> str:
+    """A lower-case header name as people write it (Daphne-Root-Path)."""
+    return "-".join(part.capitalize() for part in name.decode().split("-"))
+
+
 def render_config(
-    *, auth: tuple[str, int], origin: Origin, listen: str, set_headers: Sequence[str]
+    *,
+    auth: tuple[str, int],
+    origin: Origin,
+    listen: str,
+    set_headers: Sequence[str],
+    name: str = DEFAULT_NAME,
+    upstream_ca: str = DEFAULT_CA_BUNDLE,
 ) -> str:
-    """The text to include in nginx's `http { }`: upstreams, maps and one server."""
+    """The text to include in nginx's `http { }`: upstreams, maps and one server. Every
+    upstream, map and variable name starts with `name`, so configs made with different names
+    can be included in one nginx. `upstream_ca`: what an https origin's certificate is checked
+    against (the file is not read here)."""
     set_headers = check_header_names(set_headers)
-    slots = [(name, f"$l402_set_{number}") for number, name in enumerate(set_headers, 1)]
+    p = check_name(name)
+    for header in set_headers:
+        reason = _NOT_SETTABLE.get(header.lower())
+        if reason is not None:
+            raise ConfigProblem(f"paid.set_headers: {header} is not possible: {reason}")
+    # Authorization and Cookie have lines of their own (CARRIED): no numbered slot.
+    slotted = [h for h in set_headers if h.lower().encode() not in CARRIED]
+    slots = [(header, f"${p}_set_{number}") for number, header in enumerate(slotted, 1)]
+    slot_lookup = {header.lower().encode() for header in slotted}
     auth_sets = [
-        ("l402_route", "route"),
-        ("l402_answer", "answer"),
-        ("l402_target", "target"),
-        ("l402_authorization", "authorization"),
-        ("l402_cookie", "cookie"),
-        ("l402_vary", "vary"),
-        ("l402_banner", "banner"),
-        *((f"l402_clear_cookie_{n}", f"clear_cookie_{n}") for n in _clear_slots()),
-        *((f"l402_set_{n}", f"set_{n}") for n in range(1, len(set_headers) + 1)),
+        (f"{p}_route", "route"),
+        (f"{p}_answer", "answer"),
+        (f"{p}_target", "target"),
+        (f"{p}_authorization", "authorization"),
+        (f"{p}_cookie", "cookie"),
+        (f"{p}_vary", "vary"),
+        (f"{p}_banner", "banner"),
+        *((f"{p}_clear_cookie_{n}", f"clear_cookie_{n}") for n in _clear_slots()),
+        *((f"{p}_set_{n}", f"set_{n}") for n in range(1, len(slots) + 1)),
     ]
-    proxy_scheme = origin.scheme
     to_origin = [
-        f"proxy_pass {proxy_scheme}://l402_origin$l402_target;",
+        f"proxy_pass {origin.scheme}://{p}_origin${p}_target;",
         f"proxy_set_header Host {_quote(origin.authority)};",
-        "proxy_set_header Connection $l402_connection;",
-        "proxy_set_header Upgrade $l402_upgrade;",
+        f"proxy_set_header Connection ${p}_connection;",
+        f"proxy_set_header Upgrade ${p}_upgrade;",
         'proxy_set_header HTTP2-Settings "";',
-        "proxy_set_header Authorization $l402_authorization;",
-        "proxy_set_header Cookie $l402_cookie;",
-        *(f"proxy_set_header {name} {variable};" for name, variable in slots),
+        f"proxy_set_header Authorization ${p}_authorization;",
+        f"proxy_set_header Cookie ${p}_cookie;",
+        *(f"proxy_set_header {header} {variable};" for header, variable in slots),
+        # Headers that make an origin route below another root than the path judged: the
+        # engine strips them, and so does nginx (unless a paid variant sets one: its slot).
+        *(
+            f'proxy_set_header {_header_name(cleared)} "";'
+            for cleared in sorted(CLEARED)
+            if cleared not in slot_lookup
+        ),
     ]
     if origin.scheme == "https":
-        to_origin += ["proxy_ssl_server_name on;", f"proxy_ssl_name {_quote(origin.host)};"]
+        # Checked like any TLS client checks a server: a wrong certificate is a 502, never
+        # the content.
+        to_origin += [
+            "proxy_ssl_server_name on;",
+            f"proxy_ssl_name {_quote(origin.host)};",
+            "proxy_ssl_verify on;",
+            f"proxy_ssl_verify_depth {SSL_VERIFY_DEPTH};",
+            f"proxy_ssl_trusted_certificate {_quote(upstream_ca)};",
+        ]
     config = _quote(config_header(set_headers))
     to_service = [
         "proxy_set_header Host $http_host;",
@@ -756,7 +905,7 @@ def render_config(
         'proxy_set_header X-Original-Client "$remote_addr $remote_port";',
         f"proxy_set_header X-L402-Config {config};",
         # Which answer the auth step decided (empty, so never a client's, everywhere else).
-        "proxy_set_header X-L402-Answer $l402_answer;",
+        f"proxy_set_header X-L402-Answer ${p}_answer;",
     ]
     # The paywall's answers carry two long challenge lines and cookies; the verdict echoes the
     # client's Authorization and Cookie: room for large ones.
@@ -767,20 +916,24 @@ def render_config(
         f"# l402proxy nginx door, config version {CONFIG_VERSION}: goes inside http {{ }}.",
         "# Made by `l402proxy nginx-config`; make it again (and reload nginx) when the rules'",
         "# paid.set_headers names change: until then every request gets a 503 saying so.",
+        f"# Every upstream, map and variable name starts with {p}_ (--name).",
         "",
-        "upstream l402_auth {",
+        f"upstream {p}_auth {{",
         f"    server {_address(auth_host, auth_port)};",
+        "    # Both calls for one request (the verdict, then the answer it decided) go to the",
+        "    # same serve-auth when you list several: the answer is held where it was decided.",
+        "    hash $request_id consistent;",
         "    keepalive 32;",
         "}",
         "",
-        "upstream l402_origin {",
+        f"upstream {p}_origin {{",
         f"    server {origin.server};",
         "    keepalive 32;",
         "}",
         "",
         "# Where a request the auth service sent back with a 401 goes (its X-L402-Route):",
         "# anything unknown is answered by the service.",
-        "map $l402_route $l402_route_uri {",
+        f"map ${p}_route ${p}_route_uri {{",
         "    volatile;",
         "    paid /.l402/internal/paid;",
         "    free /.l402/internal/free;",
@@ -789,45 +942,47 @@ def render_config(
         "}",
         "",
         "# WebSocket upgrades pass, as through the proxy; no other Upgrade (h2c) ever does.",
-        "map $http_upgrade $l402_upgrade {",
+        f"map $http_upgrade ${p}_upgrade {{",
         '    "~*^\\s*websocket\\s*(,\\s*websocket\\s*)*$" $http_upgrade;',
         '    default "";',
         "}",
-        "map $l402_upgrade $l402_connection {",
+        f"map ${p}_upgrade ${p}_connection {{",
         '    "" "";',
         "    default upgrade;",
         "}",
         "",
         "# A paid answer: the origin's Cache-Control without public and s-maxage, and private",
         "# (as the proxy marks it), so no shared cache keeps what one client paid for.",
-        "map $upstream_http_cache_control $l402_cache_control_1 {",
+        f"map $upstream_http_cache_control ${p}_cache_control_1 {{",
         "    volatile;",
-        *_drop_shared("$upstream_http_cache_control", 1),
+        *_drop_shared("$upstream_http_cache_control", 1, p),
         "}",
-        "map $l402_cache_control_1 $l402_cache_control_2 {",
+        f"map ${p}_cache_control_1 ${p}_cache_control_2 {{",
         "    volatile;",
-        *_drop_shared("$l402_cache_control_1", 2),
+        *_drop_shared(f"${p}_cache_control_1", 2, p),
         "}",
-        "map $l402_cache_control_2 $l402_paid_cache_control {",
+        f"map ${p}_cache_control_2 ${p}_paid_cache_control {{",
         "    volatile;",
         # nginx tries no regex on an empty value: the origin sent none.
         '    "" private;',
         '    "~*(^|,)\\s*(public|s-maxage)\\s*(=|,|$)" "private, no-store";',
-        '    "~*(^|,)\\s*(private|no-store)\\s*(,|$)" $l402_cache_control_2;',
+        f'    "~*(^|,)\\s*(private|no-store)\\s*(,|$)" ${p}_cache_control_2;',
         '    "~^[\\s,]*$" private;',
-        '    default "private, $l402_cache_control_2";',
+        f'    default "private, ${p}_cache_control_2";',
         "}",
         "",
         "# The upgrade offer goes into free HTML pages the origin answered with 200.",
-        "map $upstream_status $l402_banner_200 {",
+        f"map $upstream_status ${p}_banner_200 {{",
         "    volatile;",
-        "    200 $l402_banner;",
+        f"    200 ${p}_banner;",
         '    default "";',
         "}",
         "",
         "server {",
         f"    listen {listen};",
-        "    # server_name example.com;  (Debian's default site also listens on port 80)",
+        "    # Your host name, needed when another server listens on this port too (Debian's",
+        "    # default site does on port 80); one config per host, each with its own --name:",
+        "    # server_name example.com;",
         "",
         "    proxy_http_version 1.1;",
         "    proxy_redirect off;",
@@ -836,30 +991,30 @@ def render_config(
         "    location / {",
         "        auth_request /.l402/internal/auth;",
         *(
-            f"        auth_request_set ${variable} $upstream_http_x_l402_{name};"
-            for variable, name in auth_sets
+            f"        auth_request_set ${variable} $upstream_http_x_l402_{header};"
+            for variable, header in auth_sets
         ),
-        "        error_page 401 = @l402_route;",
+        f"        error_page 401 = @{p}_route;",
         *_indent(to_origin, 2),
         "    }",
         "",
-        "    location @l402_route {",
-        "        rewrite ^ $l402_route_uri? last;",
+        f"    location @{p}_route {{",
+        f"        rewrite ^ ${p}_route_uri? last;",
         "    }",
         "",
         "    location = /.l402/internal/paid {",
         "        internal;",
         *_indent(to_origin, 2),
         "        proxy_hide_header Cache-Control;",
-        "        add_header Cache-Control $l402_paid_cache_control always;",
-        "        add_header Vary $l402_vary always;",
+        f"        add_header Cache-Control ${p}_paid_cache_control always;",
+        f"        add_header Vary ${p}_vary always;",
         "    }",
         "",
         "    location = /.l402/internal/free {",
         "        internal;",
         *_indent(to_origin, 2),
-        "        add_header Vary $l402_vary always;",
-        *(f"        add_header Set-Cookie $l402_clear_cookie_{n} always;" for n in _clear_slots()),
+        f"        add_header Vary ${p}_vary always;",
+        *(f"        add_header Set-Cookie ${p}_clear_cookie_{n} always;" for n in _clear_slots()),
         "    }",
         "",
         "    location = /.l402/internal/offer {",
@@ -867,9 +1022,9 @@ def render_config(
         *_indent(to_origin, 2),
         "        # sub_filter reads bodies as they come: ask the origin for no compression.",
         '        proxy_set_header Accept-Encoding "";',
-        "        add_header Vary $l402_vary always;",
-        *(f"        add_header Set-Cookie $l402_clear_cookie_{n} always;" for n in _clear_slots()),
-        '        sub_filter "</body>" "$l402_banner_200</body>";',
+        f"        add_header Vary ${p}_vary always;",
+        *(f"        add_header Set-Cookie ${p}_clear_cookie_{n} always;" for n in _clear_slots()),
+        f'        sub_filter "</body>" "${p}_banner_200</body>";',
         "        sub_filter_once on;",
         "        sub_filter_last_modified on;",
         "    }",
@@ -881,19 +1036,19 @@ def render_config(
         "",
         "    location = /.l402/internal/endpoint {",
         "        internal;",
-        f"        proxy_pass http://l402_auth{ENDPOINT_PATH};",
+        f"        proxy_pass http://{p}_auth{ENDPOINT_PATH};",
         *_indent(to_service + answer_buffers, 2),
         "    }",
         "",
         "    location = /.l402/internal/answer {",
         "        internal;",
-        f"        proxy_pass http://l402_auth{ANSWER_PATH};",
+        f"        proxy_pass http://{p}_auth{ANSWER_PATH};",
         *_indent(to_service + answer_buffers, 2),
         "    }",
         "",
         "    location = /.l402/internal/auth {",
         "        internal;",
-        f"        proxy_pass http://l402_auth{AUTH_PATH};",
+        f"        proxy_pass http://{p}_auth{AUTH_PATH};",
         "        proxy_pass_request_body off;",
         '        proxy_set_header Content-Length "";',
         *_indent(to_service + verdict_buffers, 2),
@@ -907,11 +1062,13 @@ def _clear_slots() -> range:
     return range(1, CLEAR_COOKIE_SLOTS + 1)
 
 
-def _drop_shared(source: str, number: int) -> list[str]:
+def _drop_shared(source: str, number: int, prefix: str) -> list[str]:
     """Map lines removing the first `public` or `s-maxage[=...]` directive from a
     Cache-Control value (nginx has no global replace: two maps in a row take two)."""
     directive = '(public|s-maxage)(\\s*=\\s*("[^"]*"|[^,]*))?\\s*'
-    rest, left, tail = f"l402_cc{number}_rest", f"l402_cc{number}_left", f"l402_cc{number}_tail"
+    # Named captures are nginx variables too: prefixed like every other name.
+    rest = f"{prefix}_cc{number}_rest"
+    left, tail = f"{prefix}_cc{number}_left", f"{prefix}_cc{number}_tail"
     return [
         _quote_map(f"~*^\\s*{directive}(,\\s*(?<{rest}>.*))?$") + f" ${rest};",
         _quote_map(f"~*^(?<{left}>.*?)\\s*,\\s*{directive}(?<{tail}>(,.*)?)$")
