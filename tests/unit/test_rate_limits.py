@@ -307,3 +307,51 @@ async def test_a_unix_socket_peer_is_one_client_unless_trusted(
     (tmp_path / "trusting").mkdir()
     async with engine_with(tmp_path / "trusting", rules) as (engine, _):
         assert [status(await engine.handle(r)) for r in (first, second, first)] == [200, 200, 402]
+
+
+async def test_an_edit_elsewhere_in_the_rules_keeps_the_counts(tmp_path: Path) -> None:
+    """The count is keyed by the limit's terms, not its line: a comment added above it (a
+    reload, or another instance's copy) neither resets nor splits it."""
+    extra = "    rate_limits: [{requests: 2, per: 1h}]"
+    async with engine_with(tmp_path, API.replace("{extra}", extra)) as (engine, _):
+        assert [status(await engine.handle(request("/api/x"))) for _ in "abc"] == [402, 402, 429]
+        edited = tmp_path / "edited.yaml"
+        edited.write_text("# a comment\n# and another\n" + API.replace("{extra}", extra))
+        engine.use_rules_file(str(edited))
+        assert status(await engine.handle(request("/api/x"))) == 429
+
+
+async def test_closing_with_a_store_that_cannot_write_still_closes_the_backend(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with engine_with(tmp_path, API.replace("{extra}", "")) as (engine, _):
+        closed: list[str] = []
+
+        class Failing:
+            def __init__(self, inner: Any) -> None:
+                self.inner = inner
+
+            async def close(self) -> None:
+                await self.inner.close()
+                raise OSError("1 queued record lost on close")
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.inner, name)
+
+        class Counting:
+            def __init__(self, inner: Any) -> None:
+                self.inner = inner
+
+            async def close(self) -> None:
+                closed.append("backend")
+                await self.inner.close()
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.inner, name)
+
+        engine.store = Failing(engine.store)  # type: ignore[assignment]
+        engine.backend = Counting(engine.backend)  # type: ignore[assignment]
+        await engine.close()
+        assert closed == ["backend"]
+        assert any("closing the token store" in r.getMessage() for r in caplog.records)
+        engine.store = engine.backend = None  # closed already

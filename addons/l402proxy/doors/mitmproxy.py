@@ -193,7 +193,9 @@ class L402Server:
             "",
             """
             Where issued tokens, revocations and the token secret live: a SQLite path or a
-            sqlite:/// URI. Default: server.sqlite under $L402PROXY_HOME or ~/.l402proxy.
+            sqlite:/// URI (one machine), or postgresql://user@host:port/db for several
+            instances sharing one state (tokens, revocations, limits). Default: server.sqlite
+            under $L402PROXY_HOME or ~/.l402proxy.
             """,
         )
         loader.add_option(

@@ -258,13 +258,19 @@ class Paywall:
         self.ready.set()
 
     async def close(self) -> None:
+        """Stop the background jobs, then close the store and the backend. Each is closed
+        whatever the other did: a store that cannot write its queue (the database is down)
+        says so in one line, and the backend still closes."""
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        if self.store is not None:
-            await self.store.close()
-        if self.backend is not None:
-            await self.backend.close()
+        for name, resource in (("token store", self.store), ("backend", self.backend)):
+            if resource is None:
+                continue
+            try:
+                await resource.close()
+            except Exception as exc:
+                log.error(f"l402: closing the {name}: {exc}")
 
     async def _every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
         await self._repeat(job, lambda: asyncio.sleep(seconds))

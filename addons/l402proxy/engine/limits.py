@@ -185,4 +185,7 @@ def _trusted(address: str, trusted: Sequence[Network]) -> bool:
 
 
 def rate_key(limit: RateLimit, service: str, who: str) -> str:
-    return f"rate:{service}:{limit.line}:{limit.key}:{who}"
+    """What a rate limit counts under: its service and its own terms, not its place in the
+    file, so an edit elsewhere in the rules (or another instance's copy with a line more)
+    neither resets it nor splits it."""
+    return f"rate:{service}:{limit.key}:{limit.requests}/{limit.per}/{limit.burst}:{who}"
