@@ -6,7 +6,6 @@ mitmproxy's `headers.get()` does); writes follow mitmproxy's `headers[name] = va
 field of that name keeps its place and spelling, the others go.
 """
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -114,7 +113,10 @@ class WatchedHeaders:
         hosts: list[bytes] = []
         cookie = upgrade = broken = False
         for name, value in fields:
-            if _BREAKS.search(value) or _BREAKS.search(name):
+            # translate() deleting them is the cheapest test per field (no regex call).
+            if len(value.translate(None, _BREAKS)) != len(value) or len(
+                name.translate(None, _BREAKS)
+            ) != len(name):
                 broken = True
             lower = name.lower()
             if lower == b"authorization":
@@ -135,7 +137,7 @@ class WatchedHeaders:
         return cls(_joined(authorization), _joined(accept), cookie, tuple(hosts), upgrade, broken)
 
 
-_BREAKS = re.compile(rb"[\r\n\0]")
+_BREAKS = b"\r\n\0"
 
 
 def _joined(values: list[bytes]) -> str | None:
@@ -192,8 +194,12 @@ def drop_vouched(fields: Fields, names: frozenset[bytes]) -> Fields:
     paywall may send them to the origin), compared as `vouched_name` spells them: `X_Ad_Free`
     goes too, since WSGI/CGI origins (and Django) read it as X-Ad-Free. The same tuple back if
     none was there."""
-    kept = tuple(field for field in fields if vouched_name(field[0]) not in names)
-    return fields if len(kept) == len(fields) else kept
+    for name, _ in fields:  # nearly always: none there, one pass, nothing built
+        if name.lower().replace(b"_", b"-") in names:
+            break
+    else:
+        return fields
+    return tuple(field for field in fields if vouched_name(field[0]) not in names)
 
 
 def drop_upgrade(fields: Fields) -> Fields:

@@ -11,9 +11,9 @@ import sqlite3
 import stat
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Self
 from urllib.parse import unquote, urlsplit
@@ -271,6 +271,10 @@ class Database(ABC):
 SECRET_SIZE = 32
 ID_SIZE = 32
 MIN_PREFIX_LEN = 8
+# `healthy` turns False as soon as a queued record has waited this long, or a flush has been
+# under way this long: the engine flushes every 0.25 s, so a database that hangs (accepts and
+# never answers) stops the selling within this time, not after a flush's whole timeout.
+STALL_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -400,6 +404,36 @@ def check_id(name: str, value: bytes) -> None:
         raise ValueError(f"{name} must be {ID_SIZE} bytes")
 
 
+def start_from(cursor: int, top: int, shown: str) -> int:
+    """Where to read revocations from, given the caller's cursor and the largest sequence
+    number in the store: the cursor, or 0 when the store is behind it.
+
+    Behind means the database went back in time (restored from a backup, a failover to a
+    replica that lagged): sequence numbers after `top` will be handed out again, and past
+    the cursor, revocations made from now on would never be read. Reading everything again
+    costs one larger read and re-announces nothing (the caller keeps a set).
+    """
+    if top >= cursor:
+        return cursor
+    log.warning(
+        "store %s: its latest revocation (%d) is older than this instance's cursor (%d); "
+        "restored from a backup, or a lagging replica? Reading every revocation again",
+        shown,
+        top,
+        cursor,
+    )
+    return 0
+
+
+@dataclass
+class Batch:
+    """Queued records taken by one flush, and when the oldest of them was queued."""
+
+    issued: list[IssuedToken] = field(default_factory=list)
+    paid: list[tuple[bytes, float]] = field(default_factory=list)
+    queued_at: float | None = None
+
+
 class RecordQueue(ABC):
     """The server stores' write-behind queue: the 402 path and the paid path only append here
     (never waiting on the database); `flush()` writes a batch and puts it back on failure.
@@ -413,6 +447,8 @@ class RecordQueue(ABC):
     # bound a stranger could grow this while the database is unwritable. A flush every 0.25 s
     # never comes near it; when it is reached the oldest records go (see _trim).
     max_pending = 100_000
+    # A class attribute so that tests (and only tests) can shorten it.
+    stall_seconds = STALL_SECONDS
 
     shown: str
 
@@ -421,6 +457,10 @@ class RecordQueue(ABC):
         self._pending_paid: list[tuple[bytes, float]] = []
         self.dropped = 0  # records dropped at the bound since the store was opened
         self._healthy = True
+        # time.monotonic() when the oldest record still queued was queued (None: none is).
+        self._queued_at: float | None = None
+        # When each flush now under way began (a SQLite store may run two at once).
+        self._flights: list[float] = []
 
     @abstractmethod
     def _check_open(self) -> None:
@@ -438,6 +478,7 @@ class RecordQueue(ABC):
         if len(self._pending_issued) >= self.max_pending:
             self._trim(self._pending_issued, "issued-token")
         self._pending_issued.append(token)
+        self._queued()
 
     def note_paid(self, token_id: bytes, when: float) -> None:
         """Queue "first seen paid at `when`"; `flush()` writes it. Never waits."""
@@ -446,6 +487,11 @@ class RecordQueue(ABC):
         if len(self._pending_paid) >= self.max_pending:
             self._trim(self._pending_paid, "paid-token")
         self._pending_paid.append((token_id, when))
+        self._queued()
+
+    def _queued(self) -> None:
+        if self._queued_at is None:
+            self._queued_at = time.monotonic()
 
     def _trim(self, pending: list[Any], what: str) -> None:
         """Drop the oldest tenth of a full queue (at least one record), in one slice so that
@@ -475,26 +521,43 @@ class RecordQueue(ABC):
     @property
     def healthy(self) -> bool:
         """False from a failed `flush()` until one succeeds (PostgreSQL: also as soon as its
-        notification connection is lost). While False, records still queue (bounded) and
-        nothing queued is lost; `flush()` with nothing queued then checks the database, so
-        calling it periodically is what brings this back to True."""
-        return self._healthy
+        notification connection is lost), and while a queued record has waited, or a flush
+        has been under way, longer than `stall_seconds` (a database that hangs fails no
+        flush for a whole timeout). While False, records still queue (bounded) and nothing
+        queued is lost; `flush()` with nothing queued then checks the database, so calling
+        it periodically is what brings this back to True."""
+        if not self._healthy:
+            return False
+        since = [*self._flights] if self._queued_at is None else [*self._flights, self._queued_at]
+        return not since or time.monotonic() - min(since) <= self.stall_seconds
 
-    def _take_batch(self) -> tuple[list[IssuedToken], list[tuple[bytes, float]]]:
+    def _take_batch(self) -> Batch:
         # Take the batch first: notes queued while a flush awaits go into the next one.
-        issued, self._pending_issued = self._pending_issued, []
-        paid, self._pending_paid = self._pending_paid, []
-        return issued, paid
+        batch = Batch(self._pending_issued, self._pending_paid, self._queued_at)
+        self._pending_issued, self._pending_paid, self._queued_at = [], [], None
+        return batch
 
-    def _give_back(self, issued: list[IssuedToken], paid: list[tuple[bytes, float]]) -> None:
+    def _give_back(self, batch: Batch) -> None:
         """Put a batch that could not be written back in front of newer notes."""
-        self._pending_issued[:0] = issued
-        self._pending_paid[:0] = paid
+        self._pending_issued[:0] = batch.issued
+        self._pending_paid[:0] = batch.paid
+        if batch.queued_at is not None:
+            self._queued_at = min(batch.queued_at, self._queued_at or batch.queued_at)
         # Kept for the next try, within the bound like everything queued.
         if len(self._pending_issued) > self.max_pending:
             self._trim(self._pending_issued, "issued-token")
         if len(self._pending_paid) > self.max_pending:
             self._trim(self._pending_paid, "paid-token")
+
+    @contextmanager
+    def _flushing(self) -> Iterator[None]:
+        """Around each flush's database work: `healthy` watches how long it takes."""
+        started = time.monotonic()
+        self._flights.append(started)
+        try:
+            yield
+        finally:
+            self._flights.remove(started)
 
     def _set_healthy(self, ok: bool) -> None:
         self._healthy = ok

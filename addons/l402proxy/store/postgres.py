@@ -33,16 +33,23 @@ import asyncio
 import hashlib
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
 from typing import Any, Self
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote
 
 import asyncpg
 
-from l402proxy.lightning.uri import redact
+from l402proxy.lightning.uri import (
+    SHOWN_NAME,
+    SHOWN_SCHEME,
+    looks_like_secret,
+    shown_hostport,
+    shown_path,
+)
 from l402proxy.store.database import (
     SECRET_SIZE,
     IssuedToken,
@@ -254,6 +261,168 @@ def counter_key(key: str) -> str:
     return f"{head}#{digest}"
 
 
+# Query parameters whose values are shown in messages: none is a secret, and they help when
+# reading a log. Any other value (password=, sslpassword=, a server setting) shows as ***.
+SHOWN_PARAMS = frozenset(
+    {
+        "connect_timeout",
+        "sslmode",
+        "sslnegotiation",
+        "ssl_min_protocol_version",
+        "ssl_max_protocol_version",
+        "target_session_attrs",
+        "sslrootcert",
+        "sslcert",
+        "sslkey",
+        "sslcrl",
+        "krbsrvname",
+        "gsslib",
+        "host",
+        "port",
+        "application_name",
+    }
+)
+SHOWN_VALUE_CHARS = 200
+# A user name this long is scrubbed from messages like a password (see _secrets).
+MISPLACED_SECRET_CHARS = 10
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+# One host of a host list: [IPv6] or a name (percent-encoded: a socket directory), and a port.
+_HOST = re.compile(r"(?:\[[0-9A-Za-z:.%]*\]|[^\[\]:,\s]*)(?::([0-9]{1,5}))?")
+ENCODE_HINT = (
+    "cannot tell where its user name and password end: percent-encode any '/', '?', '#' and "
+    "'@' in them (as %2F, %3F, %23, %40), and any '@' after the host"
+)
+
+
+@dataclass(frozen=True)
+class UriParts:
+    """A `l402_store` PostgreSQL URI taken apart the way asyncpg will read it, what messages
+    show of it, and why it cannot be used (None: it can)."""
+
+    scheme: str
+    authority: str = field(repr=False)  # user info included: never printed
+    userinfo: str | None = field(repr=False)  # None: no '@'
+    hosts: str
+    path: str
+    query: str = field(repr=False)
+    shown: str
+    secrets: tuple[str, ...] = field(repr=False)
+    problem: str | None
+
+
+def _hosts_ok(hosts: str) -> bool:
+    for host in hosts.split(","):
+        found = _HOST.fullmatch(host)
+        if found is None or (found.group(1) is not None and int(found.group(1)) > 65535):
+            return False
+    return True
+
+
+def _secrets(userinfo: str | None, query: str) -> tuple[str, ...]:
+    """What must never show: the password (in the user info or as ?password=, and a TLS
+    key's ?sslpassword=), as written and percent-decoded, longest first (so that replacing
+    a shorter one cannot leave part of a longer one behind); and the user name when it is
+    long enough to be a password given without its user name (`postgresql://<password>@h`):
+    role names are shorter, and worth seeing in the server's messages."""
+    user, _, password = (userinfo or "").partition(":")
+    given = [password] + [
+        value
+        for name, value in parse_qsl(query, keep_blank_values=True)
+        if name in ("password", "sslpassword")
+    ]
+    forms = {form for value in given for form in (value, unquote(value)) if form}
+    forms |= {name for name in (user, unquote(user)) if len(name) >= MISPLACED_SECRET_CHARS}
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
+def _shown_query(query: str) -> str:
+    shown = []
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name in SHOWN_PARAMS:
+            public = len(value) <= SHOWN_VALUE_CHARS and not looks_like_secret(value)
+            shown.append(f"{name}={value if public else '***'}")
+        else:
+            shown.append(f"{name}=***" if SHOWN_NAME.fullmatch(name) else "***")
+    return "&".join(shown)
+
+
+def _scrubbed(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def split_uri(uri: str) -> UriParts:
+    """Take a PostgreSQL URI apart as asyncpg will, or say why it cannot be (`problem`).
+
+    The user info is everything between `//` and the last `@` of the authority, and is never
+    shown, whatever it holds. asyncpg splits the authority at its FIRST `@`, and every URI
+    parser ends the authority at the first `/`, `?` or `#`: so a raw `@` in the user info, or
+    any `@` after the authority (where a raw `/`, `?` or `#` in a password puts the rest of
+    it), is refused, and shown as the scheme and `***` only. So is a host list that is no
+    host list (a URI without its `@` has the password there). Never raises.
+    """
+    text = uri.strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep or not _SCHEME.fullmatch(scheme):
+        head = text.split(":", 1)[0]
+        shown_scheme = head if SHOWN_SCHEME.fullmatch(head.lower()) else "***"
+        return UriParts(
+            scheme="",
+            authority="",
+            userinfo=None,
+            hosts="",
+            path="",
+            query="",
+            shown=f"{shown_scheme}:***",
+            secrets=(),
+            problem="not a postgresql:// URI (postgresql://user:password@host:port/database)",
+        )
+    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:cut], rest[cut:]
+    userinfo: str | None
+    userinfo, at, hosts = authority.rpartition("@")
+    if not at:
+        userinfo = None
+    before_fragment = tail.partition("#")[0]
+    path, _, query = before_fragment.partition("?")
+    secrets = _secrets(userinfo, query)
+    doubt = f"{scheme}://***"
+    hosts_ok = _hosts_ok(hosts)
+    problem: str | None = None
+    if "@" in tail or "@" in (userinfo or ""):
+        problem = ENCODE_HINT
+    elif not hosts_ok:
+        problem = "malformed host or port"
+    if "@" in tail or not hosts_ok:
+        shown = doubt
+    else:
+        mask = "" if userinfo is None else ("***:***@" if ":" in userinfo else "***@")
+        shown_hosts = ",".join(shown_hostport(host) for host in hosts.split(","))
+        shown = f"{scheme}://{mask}{shown_hosts}{shown_path(path)}"
+        shown_params = _shown_query(query)
+        if shown_params:
+            shown = f"{shown}?{shown_params}"
+        # A password may also be misplaced as the database name or a shown parameter.
+        shown = _scrubbed(shown, secrets)
+    return UriParts(
+        scheme=scheme,
+        authority=authority,
+        userinfo=userinfo,
+        hosts=hosts,
+        path=path,
+        query=query,
+        shown=shown,
+        secrets=secrets,
+        problem=problem,
+    )
+
+
+def shown_uri(uri: str) -> str:
+    """A PostgreSQL URI fit for messages and logs: no user info, no password anywhere."""
+    return split_uri(uri).shown
+
+
 @dataclass(frozen=True)
 class Target:
     """A `l402_store` PostgreSQL URI, taken apart: what asyncpg gets, what messages show."""
@@ -266,10 +435,7 @@ class Target:
     def scrub(self, text: str) -> str:
         """One line, without the password (asyncpg's messages do not quote it, but a
         misplaced one could land anywhere: in the user name, a host, a parameter)."""
-        line = " ".join(text.split())
-        for secret in self.secrets:
-            line = line.replace(secret, "***")
-        return line
+        return _scrubbed(" ".join(text.split()), self.secrets)
 
     def failure(self, exc: BaseException, timeout: float) -> StoreError:
         if isinstance(exc, TimeoutError):
@@ -286,28 +452,10 @@ def parse_uri(uri: str, default_connect_timeout: float = CONNECT_TIMEOUT) -> Tar
     ?connect_timeout=<seconds> (as libpq spells it) bounds each connection attempt; every
     other parameter goes to asyncpg as given (sslmode=..., or server settings).
     """
-    text = uri.strip()
-    shown = redact(text)
-    if "///" in text.split("?", 1)[0] and ":///" not in shown:
-        shown = shown.replace(":/", ":///", 1)  # no host (local socket): keep it recognizable
-    try:
-        parts = urlsplit(text)
-        password = parts.password
-        hosts = parts.netloc.rpartition("@")[2]
-        if "," not in hosts:
-            _ = parts.port  # ValueError for a port that is no port
-    except ValueError:
-        raise StoreError(f"store URI {shown}: malformed host or port") from None
-    # asyncpg also takes the password (and a TLS key's) as query parameters.
-    given = [password or ""] + [
-        value
-        for name, value in parse_qsl(parts.query, keep_blank_values=True)
-        if name in ("password", "sslpassword")
-    ]
-    # Both spellings (as written, percent-decoded); the longer first, so that replacing the
-    # shorter cannot leave part of the longer behind.
-    forms = {form for value in given for form in (value, unquote(value)) if form}
-    secrets = tuple(sorted(forms, key=len, reverse=True))
+    parts = split_uri(uri)
+    shown = parts.shown
+    if parts.problem is not None:
+        raise StoreError(f"store URI {shown}: {parts.problem}")
     if parts.scheme.lower() not in SCHEMES:
         raise StoreError(f"store URI {shown}: not a postgresql:// URI")
     if not parts.path.strip("/"):
@@ -335,8 +483,11 @@ def parse_uri(uri: str, default_connect_timeout: float = CONNECT_TIMEOUT) -> Tar
                 f"store URI {shown}: connect_timeout must be a number of seconds above 0 "
                 f"and at most {MAX_CONNECT_TIMEOUT:g}"
             )
-    dsn = urlunsplit(("postgresql", parts.netloc, parts.path, "&".join(kept), ""))
-    return Target(dsn=dsn, shown=shown, secrets=secrets, connect_timeout=connect_timeout)
+    # The authority as written: split_uri made sure asyncpg splits it as we did.
+    dsn = f"postgresql://{parts.authority}{parts.path}"
+    if kept:
+        dsn = f"{dsn}?{'&'.join(kept)}"
+    return Target(dsn=dsn, shown=shown, secrets=parts.secrets, connect_timeout=connect_timeout)
 
 
 class PostgresCounters:

@@ -30,6 +30,7 @@ from l402proxy.store.database import (
     normalize_ref,
     prefix_range,
     revocation_target,
+    start_from,
     token_from_row,
     warn_unrecorded,
 )
@@ -74,15 +75,30 @@ MIGRATIONS: list[Sequence[str]] = [
         )
         """,
     ),
+    # Version 2: paid sightings apart from the issued rows. A sighting is often noted by a
+    # process that did not sell the token, and may be written before the seller writes its
+    # row; an UPDATE of that row would match nothing and the sighting would be lost. An
+    # upsert here never loses one, whatever the order; listings take the earliest of both
+    # (issued_tokens.paid_at holds what version 1 wrote).
+    (
+        """
+        CREATE TABLE paid_sightings (
+            token_id BLOB PRIMARY KEY CHECK (length(token_id) = 32),
+            paid_at REAL NOT NULL
+        ) WITHOUT ROWID
+        """,
+    ),
 ]
 
 
+# SQLite's min() of several values is NULL if any is: coalesce picks the one that is not.
 _TOKEN_COLUMNS = (
     "i.token_id, i.payment_hash, i.service, i.price_sat, i.created_at, i.valid_until, "
-    "i.paid_at, r.revoked_at"
+    "coalesce(min(i.paid_at, s.paid_at), i.paid_at, s.paid_at), r.revoked_at"
 )
 _TOKEN_SELECT = (
     f"SELECT {_TOKEN_COLUMNS} FROM issued_tokens i "
+    "LEFT JOIN paid_sightings s ON s.token_id = i.token_id "
     "LEFT JOIN revocations r ON r.token_id = i.token_id"
 )
 
@@ -149,42 +165,50 @@ class ServerStore(Database, RecordQueue):
         queued, so there is always a next one)."""
         if not self._pending_issued and not self._pending_paid:
             return
-        issued, paid = self._take_batch()
+        batch = self._take_batch()
+        issued, paid = batch.issued, batch.paid
         try:
-            async with self._transaction() as db:
-                if issued:
-                    # OR IGNORE: a batch retried after a commit whose result was lost (e.g. a
-                    # cancelled flush) must not fail on its own earlier rows.
-                    await db.executemany(
-                        "INSERT OR IGNORE INTO issued_tokens (token_id, payment_hash, service,"
-                        " price_sat, created_at, valid_until, paid_at)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [
-                            (
-                                t.token_id,
-                                t.payment_hash,
-                                t.service,
-                                t.price_sat,
-                                t.created_at,
-                                t.valid_until,
-                                t.paid_at,
-                            )
-                            for t in issued
-                        ],
-                    )
-                if paid:
-                    # min(): whatever order notes arrive in, the earliest sighting is kept.
-                    await db.executemany(
-                        "UPDATE issued_tokens SET paid_at = min(coalesce(paid_at, :when), :when)"
-                        " WHERE token_id = :token_id",
-                        [{"when": when, "token_id": token_id} for token_id, when in paid],
-                    )
+            with self._flushing():
+                await self._write(issued, paid)
         except BaseException as exc:
-            self._give_back(issued, paid)
+            self._give_back(batch)
             if isinstance(exc, Exception):  # not a cancelled flush: the database failed
                 self._set_healthy(False)
             raise
         self._set_healthy(True)
+
+    async def _write(self, issued: list[IssuedToken], paid: list[tuple[bytes, float]]) -> None:
+        async with self._transaction() as db:
+            if issued:
+                # OR IGNORE: a batch retried after a commit whose result was lost (e.g. a
+                # cancelled flush) must not fail on its own earlier rows.
+                await db.executemany(
+                    "INSERT OR IGNORE INTO issued_tokens (token_id, payment_hash, service,"
+                    " price_sat, created_at, valid_until, paid_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            t.token_id,
+                            t.payment_hash,
+                            t.service,
+                            t.price_sat,
+                            t.created_at,
+                            t.valid_until,
+                            t.paid_at,
+                        )
+                        for t in issued
+                    ],
+                )
+            if paid:
+                # An upsert, kept apart from issued_tokens (see MIGRATIONS, version 2): the
+                # token's row may not be written yet. The WHERE keeps the earliest sighting,
+                # whatever order notes arrive in.
+                await db.executemany(
+                    "INSERT INTO paid_sightings (token_id, paid_at) VALUES (?, ?)"
+                    " ON CONFLICT (token_id) DO UPDATE SET paid_at = excluded.paid_at"
+                    " WHERE excluded.paid_at < paid_sightings.paid_at",
+                    paid,
+                )
 
     async def revoke(self, ref: str, when: float) -> list[IssuedToken]:
         """Revoke the token `ref` names (token id, payment hash, or a unique prefix of either).
@@ -222,13 +246,22 @@ class ServerStore(Database, RecordQueue):
     async def revocations_since(self, cursor: int) -> tuple[int, set[bytes]]:
         """(new cursor, token ids revoked after `cursor`); start from 0 for all of them."""
         # Sequence numbers are assigned under SQLite's single write lock and become visible
-        # at commit, in order, so a reader never sees seq n+1 before seq n.
+        # at commit, in order, so a reader never sees seq n+1 before seq n. One statement
+        # (one snapshot) reads the largest seq too: a file restored from a backup is behind
+        # the cursor (see database.start_from). The first row is there even with no match.
         rows = await self._read(
-            "SELECT seq, token_id FROM revocations WHERE seq > ? ORDER BY seq", (cursor,)
+            "SELECT t.top, r.seq, r.token_id"
+            " FROM (SELECT coalesce(max(seq), 0) AS top FROM revocations) AS t"
+            " LEFT JOIN revocations r"
+            " ON r.seq > (CASE WHEN t.top < ? THEN 0 ELSE ? END)"
+            " ORDER BY r.seq",
+            (cursor, cursor),
         )
-        if not rows:
-            return cursor, set()
-        return int(rows[-1][0]), {bytes(row[1]) for row in rows}
+        start = start_from(cursor, int(rows[0][0]), self.shown)
+        found = [(int(row[1]), bytes(row[2])) for row in rows if row[1] is not None]
+        if not found:
+            return start, set()
+        return found[-1][0], {token_id for _, token_id in found}
 
     async def wait_for_revocations(self, timeout: float) -> None:
         """Sleep `timeout` seconds: SQLite cannot signal another process's revocation, so the
