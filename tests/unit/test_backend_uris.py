@@ -79,6 +79,13 @@ SECRET = "0201036c6e6402f801030a10"
         (f"lnd://h:{SECRET}?macaroon=/m", "lnd://h:***?macaroon=***"),
         (f"lnurl:https://user:{SECRET}@h.example/x", "lnurl:https://***:***@h.example/x"),
         (f"cln:///run/{SECRET}/rpc", "cln:/run/***/rpc"),
+        # A raw '/', '?' or '#' in a password ends the authority early (the rest of it would
+        # show as the path or query), and a missing '@' puts user:password where the host
+        # goes: short passwords that do not look like keys must not show either.
+        ("eclair://:abc/Sekr1tPW@127.0.0.1:8080", "eclair://***"),
+        ("eclair://u:abc?Sekr1tPW@h:1", "eclair://***"),
+        ("eclair://u:abc#Sekr1tPW@h:1", "eclair://***"),
+        ("eclair+https://u:Sekr1tPW127.0.0.1:8080", "eclair+https://***:8080"),
         # Not secrets: names with dots (onion hosts too), ordinary paths and file names.
         ("lnd://" + "a2" * 28 + ".onion:10009", "lnd://" + "a2" * 28 + ".onion:10009"),
         (

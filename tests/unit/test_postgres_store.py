@@ -12,7 +12,9 @@ import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
+import asyncpg
 import pytest
 
 from l402proxy.engine import Forward, Paywall
@@ -21,7 +23,7 @@ from l402proxy.launch import free_port
 from l402proxy.store import StoreError, open_server_store, shown_store_uri
 from l402proxy.store import postgres as store_postgres
 from l402proxy.store.postgres import PostgresCounters, PostgresServerStore, counter_key
-from tests.postgres import PostgresServer
+from tests.postgres import ADMIN, PostgresServer
 from tests.unit.test_rate_limits import request as limits_request
 from tests.unit.test_store import make_token
 
@@ -228,6 +230,85 @@ async def test_a_failed_migration_leaves_the_previous_version(
     assert await postgres.admin_value("SELECT to_regclass('l402_half_done')", database) is None
 
 
+async def test_migrating_is_bounded_by_the_migration_timeout_not_each_statements(
+    postgres: PostgresServer, uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting for another instance's migration, and a long migration step, may take longer
+    than an operation (asyncpg's command_timeout cuts every statement at operation_timeout
+    unless told otherwise)."""
+    monkeypatch.setattr(PostgresServerStore, "operation_timeout", 0.5)
+    slow = ("SELECT pg_sleep(1)",)  # a step rewriting a big table
+    monkeypatch.setattr(store_postgres, "MIGRATIONS", [*store_postgres.MIGRATIONS, slow])
+    database = database_of(uri)
+    # Another instance migrating: it holds the migration lock.
+    holder = await asyncpg.connect(
+        host=str(postgres.sockdir), port=postgres.port, user=ADMIN, database=database, timeout=30
+    )
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", store_postgres.MIGRATION_LOCK)
+        opening = asyncio.create_task(opened(uri))
+        for _ in range(int(BOUND / 0.05)):
+            waiting = await postgres.admin_value(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                database,
+            )
+            if waiting or opening.done():
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # twice as long as a statement may take
+        assert not opening.done()
+        await holder.execute("SELECT pg_advisory_unlock($1)", store_postgres.MIGRATION_LOCK)
+        store = await asyncio.wait_for(opening, BOUND)
+    finally:
+        await holder.close()
+    await store.close()
+    version = await postgres.admin_value("SELECT version FROM l402_schema_version", database)
+    assert version == len(store_postgres.MIGRATIONS)
+
+
+async def test_a_timeout_names_the_limit_that_fired(
+    uri: str, postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(PostgresServerStore, "operation_timeout", 0.3)
+    store = await opened(uri)
+    try:
+        # A longer bound around the statement: asyncpg's own command_timeout fires first.
+        with pytest.raises(StoreError, match=r"no answer within 0\.3 s") as error:
+            async with store._connection(BOUND) as conn:
+                await conn.execute("SELECT pg_sleep(3)")
+        assert_one_clean_line(error.value, postgres.password)
+        with pytest.raises(StoreError, match=r"no answer within 0\.2 s"):
+            async with store._connection(0.2) as conn:
+                await conn.execute("SELECT pg_sleep(3)")
+    finally:
+        await store.close()
+
+
+async def test_reading_the_schema_version_is_bounded_like_any_operation(
+    postgres: PostgresServer, uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nothing to migrate, opening (the CLI's every command) waits no longer than an
+    operation, and says so, even when something holds a lock on the version table."""
+    await (await opened(uri)).close()
+    monkeypatch.setattr(PostgresServerStore, "operation_timeout", 0.3)
+    monkeypatch.setattr(PostgresServerStore, "migration_timeout", BOUND)
+    holder = await asyncpg.connect(
+        host=str(postgres.sockdir),
+        port=postgres.port,
+        user=ADMIN,
+        database=database_of(uri),
+        timeout=30,
+    )
+    try:
+        async with holder.transaction():
+            await holder.execute("LOCK TABLE l402_schema_version IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(StoreError, match=r"no answer within 0\.3 s") as error:
+                await asyncio.wait_for(opened(uri), BOUND)
+    finally:
+        await holder.close()
+    assert_one_clean_line(error.value, postgres.password)
+
+
 # --- losing the database --------------------------------------------------------------------
 
 
@@ -401,6 +482,40 @@ async def test_a_database_that_stops_answering_never_hangs_the_store(
             await asyncio.wait_for(store.close(), BOUND)
 
 
+async def test_a_hung_database_makes_the_store_unhealthy_before_a_flush_times_out(
+    uri: str,
+    postgres: PostgresServer,
+    relay: tuple[FreezingRelay, int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Instances must stop selling within `stall_seconds` of the database hanging, not after
+    a whole operation_timeout: a flush under way that long is enough to tell."""
+    monkeypatch.setattr(PostgresServerStore, "operation_timeout", 3.0)
+    monkeypatch.setattr(PostgresServerStore, "stall_seconds", 0.1)
+    freezer, port = relay
+    store = await opened(uri.replace(f":{postgres.port}/", f":{port}/"))
+    try:
+        store.note_issued(make_token())
+        await store.flush()  # a connection in the pool, as in a running instance
+        assert store.healthy
+        store.note_issued(make_token())
+        freezer.frozen.set()
+        flushing = asyncio.create_task(store.flush())
+        for _ in range(50):  # bounded, and well within the flush's 3 s
+            if not store.healthy:
+                break
+            await asyncio.sleep(0.05)
+        assert not store.healthy
+        assert not flushing.done()
+        flushing.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StoreError):
+            await flushing
+        assert store.pending == 1  # kept
+    finally:
+        with contextlib.suppress(StoreError):
+            await asyncio.wait_for(store.close(), BOUND)
+
+
 # --- URIs that cannot work ------------------------------------------------------------------
 
 
@@ -428,6 +543,8 @@ async def test_a_silent_server_times_out_in_one_line(silent_server: int) -> None
         ("nothing listening", "database unreachable"),
         ("no such database", 'database "no_such_database" does not exist'),
         ("port is no port", "malformed host or port"),
+        ("no '@'", "malformed host or port"),
+        ("password in place of the user", "password authentication failed"),
         ("no database", "no database name"),
         ("bad connect_timeout", "connect_timeout must be a number of seconds"),
         ("connect_timeout twice", "connect_timeout given twice"),
@@ -444,6 +561,8 @@ async def test_unusable_uris_fail_in_one_line_without_the_password(
         "nothing listening": f"postgresql://l402:{secret}@127.0.0.1:{free_port()}/db",
         "no such database": postgres.uri("no_such_database"),
         "port is no port": f"postgresql://l402:{secret}@127.0.0.1:{secret}/db",
+        "no '@'": f"postgresql://l402:{secret}127.0.0.1:{postgres.port}/db",
+        "password in place of the user": f"postgresql://{secret}@{here}/postgres",
         "no database": f"postgres://l402:{secret}@{here}",
         "bad connect_timeout": f"postgresql://l402:{secret}@{here}/db?connect_timeout=soon",
         "connect_timeout twice": (
@@ -456,10 +575,93 @@ async def test_unusable_uris_fail_in_one_line_without_the_password(
     assert "***" in str(error.value)  # the URI is named, redacted
 
 
-def test_uris_are_shown_without_their_password() -> None:
-    shown = shown_store_uri("postgresql://l402:Sekr1tPassw0rd@db.example:5432/tokens")
-    assert shown == "postgresql://***:***@db.example:5432/tokens"
+# Short and not key-like: only taking the URI apart right can hide it.
+PASSWORD = "Sekr1tPW"
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        (
+            "postgresql://l402:Sekr1tPassw0rd@db.example:5432/tokens",
+            "postgresql://***:***@db.example:5432/tokens",
+        ),
+        # Parameters that are no secret are shown; the others are not.
+        (
+            f"postgresql://l402:{PASSWORD}@db:5432/t?connect_timeout=5&sslmode=verify-full",
+            "postgresql://***:***@db:5432/t?connect_timeout=5&sslmode=verify-full",
+        ),
+        (
+            f"postgresql://l402@db/t?password={PASSWORD}&sslpassword=x&work_mem=64MB",
+            "postgresql://***@db/t?password=***&sslpassword=***&work_mem=***",
+        ),
+        ("postgres:///tokens?host=/run/postgresql", "postgres:///tokens?host=/run/postgresql"),
+        (
+            f"postgresql://l402:{PASSWORD}@h1:5432,h2:5433/t",
+            "postgresql://***:***@h1:5432,h2:5433/t",
+        ),
+        (f"postgresql://l402:{PASSWORD}@[::1]:5432/t", "postgresql://***:***@[::1]:5432/t"),
+        # All of the user info, up to the LAST '@': asyncpg would take the first.
+        (f"postgresql://l402:abc@{PASSWORD}@db/t", "postgresql://***:***@db/t"),
+        # A raw '/', '?' or '#' ends the authority early, the rest of the password follows.
+        (f"postgresql://l402:abc/{PASSWORD}@db/t", "postgresql://***"),
+        (f"postgresql://l402:abc?{PASSWORD}@db/t", "postgresql://***"),
+        (f"postgresql://l402:abc#{PASSWORD}@db/t", "postgresql://***"),
+        # No '@': the password is where the host goes.
+        (f"postgresql://l402:{PASSWORD}127.0.0.1:5432/t", "postgresql://***"),
+        (f"postgresql://l402:{PASSWORD}/t", "postgresql://***"),
+        # Misplaced: the password as the database name, in a shown parameter, with no '//'.
+        (f"postgresql://l402:{PASSWORD}@db/{PASSWORD}", "postgresql://***:***@db/***"),
+        (
+            f"postgresql://l402:{PASSWORD}@db/t?sslrootcert=/x/{PASSWORD}",
+            "postgresql://***:***@db/t?sslrootcert=/x/***",
+        ),
+        (f"postgresql:l402:{PASSWORD}@db/t", "postgresql:***"),
+    ],
+)
+def test_uris_are_shown_without_any_of_their_user_info(uri: str, shown: str) -> None:
+    assert shown_store_uri(uri) == shown
+
+
+def test_a_sqlite_store_is_shown_as_given() -> None:
     assert shown_store_uri("/var/lib/l402/server.sqlite") == "/var/lib/l402/server.sqlite"
+
+
+@pytest.mark.parametrize(
+    "userinfo",
+    [
+        f"l402:abc/{PASSWORD}",
+        f"l402:abc?{PASSWORD}",
+        f"l402:abc#{PASSWORD}",
+        f"l402:abc@{PASSWORD}",  # asyncpg would send the tail to DNS as the host
+        f"l402@x:abc/{PASSWORD}",
+    ],
+)
+async def test_a_raw_delimiter_in_the_user_info_is_refused_without_echoing_it(
+    postgres: PostgresServer, userinfo: str
+) -> None:
+    uri = f"postgresql://{userinfo}@127.0.0.1:{postgres.port}/postgres"
+    with pytest.raises(StoreError, match="percent-encode") as error:
+        await asyncio.wait_for(open_server_store(uri), BOUND)
+    assert_one_clean_line(error.value, PASSWORD, "abc")
+    assert PASSWORD not in shown_store_uri(uri)
+
+
+async def test_a_percent_encoded_password_with_delimiters_works(postgres: PostgresServer) -> None:
+    password = "a/b?c#d@e:f%g+h " + PASSWORD
+    suffix = os.urandom(4).hex()
+    role, database = f"l402_enc_{suffix}", f"enc_{suffix}"
+    await postgres.admin(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    await postgres.admin(f"CREATE DATABASE {database} OWNER {role}")
+    uri = f"postgresql://{role}:{quote(password, safe='')}@127.0.0.1:{postgres.port}/{database}"
+    store = await opened(uri)
+    try:
+        assert len(await store.secret()) == 32
+        assert PASSWORD not in store.shown
+    finally:
+        await store.close()
+        await postgres.admin(f"DROP DATABASE {database}")
+        await postgres.admin(f"DROP ROLE {role}")
 
 
 # --- counters: rate limits and allowances, global across instances --------------------------
@@ -641,6 +843,10 @@ async def test_a_hung_database_bounds_every_take(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(PostgresCounters, "timeout", 0.3)
+    # A connection cut mid-statement must not go back to the pool: asyncpg would first wait
+    # for the cancellation to go through, as long as the statement timeout (far beyond BOUND
+    # here), and the take with it.
+    monkeypatch.setattr(PostgresServerStore, "operation_timeout", BOUND * 4)
     freezer, port = relay
     store = await opened(uri.replace(f":{postgres.port}/", f":{port}/"))
     try:

@@ -13,6 +13,7 @@ from l402proxy.store import (
     ServerStore,
     StoreError,
     TokenStore,
+    is_postgres_uri,
     open_server_store,
     sqlite_path_from_uri,
 )
@@ -213,7 +214,7 @@ async def test_flush_writes_the_whole_queue_in_one_transaction(
     assert verbs.count("COMMIT") == 1
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("SELECT count(*) FROM issued_tokens").fetchone()[0] == 50
-        paid = conn.execute("SELECT count(*) FROM issued_tokens WHERE paid_at = 2000.0")
+        paid = conn.execute("SELECT count(*) FROM paid_sightings WHERE paid_at = 2000.0")
         assert paid.fetchone()[0] == 10
 
 
@@ -250,6 +251,34 @@ async def test_flush_keeps_the_queue_when_the_database_is_busy(
     assert {t.token_id: t.paid_at for t in listed}[first[0].token_id] == 1_500.0
 
 
+async def test_a_flush_that_hangs_makes_the_store_unhealthy_before_it_fails(
+    sqlite_store: ServerStore, db_path: Path
+) -> None:
+    """Another process holding the write lock makes the flush wait (busy_timeout): `healthy`
+    must not wait for it to fail, and comes back once it succeeds."""
+    store = sqlite_store
+    store.stall_seconds = 0.05
+    assert store._db is not None
+    await store._db.execute("PRAGMA busy_timeout = 600000")  # the flush waits, it does not fail
+    store.note_issued(make_token())
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        flushing = asyncio.create_task(store.flush())
+        for _ in range(200):  # bounded: 10 s
+            if not store.healthy:
+                break
+            await asyncio.sleep(0.05)
+        assert not store.healthy
+        assert not flushing.done()  # unhealthy while the flush still waits
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    await asyncio.wait_for(flushing, 10)
+    assert store.healthy
+    assert store.pending == 0
+
+
 async def test_flush_is_a_no_op_when_nothing_is_queued(store: TokenStore) -> None:
     await store.flush()
     assert await store.list_tokens() == []
@@ -267,6 +296,30 @@ async def test_note_paid_keeps_the_earliest_sighting(store: TokenStore) -> None:
 
     [listed] = await store.list_tokens()
     assert listed.paid_at == 1_500.0
+
+
+async def test_a_sighting_written_before_the_token_row_is_kept(
+    store: TokenStore, other: TokenStore
+) -> None:
+    """One instance sold the token, another saw it paid and flushed first: the seller writes
+    its records every 0.25 s (later after an outage), and the other never notes the token
+    again. The sighting must survive whatever order the two flushes come in."""
+    token = make_token()
+    store.note_issued(token)
+    other.note_paid(token.token_id, 123.0)
+    await other.flush()
+    await store.flush()
+    [listed] = await other.list_tokens()
+    assert listed.paid_at == 123.0
+    # Still the earliest of every sighting, wherever each was noted.
+    store.note_paid(token.token_id, 456.0)
+    await store.flush()
+    other.note_paid(token.token_id, 100.0)
+    await other.flush()
+    [listed] = await store.list_tokens()
+    assert listed.paid_at == 100.0
+    [revoked] = await store.revoke(token.token_id.hex(), 789.0)
+    assert revoked.paid_at == 100.0
 
 
 async def test_close_flushes_the_queue(store_uri: str) -> None:
@@ -426,6 +479,46 @@ async def test_revocations_since_across_instances(store: TokenStore, other: Toke
     assert await store.revocations_since(0) == (newer, {t.token_id for t in tokens})
 
 
+async def restore_revocations(request: pytest.FixtureRequest, store_uri: str, keep: int) -> None:
+    """What restoring a backup taken after revocation `keep` does: later ones are gone, and
+    their sequence numbers will be handed out again."""
+    if is_postgres_uri(store_uri):
+        postgres: PostgresServer = request.getfixturevalue("postgres")
+        await postgres.admin(
+            f"DELETE FROM l402_revocations WHERE seq > {keep};"
+            f" ALTER TABLE l402_revocations ALTER COLUMN seq RESTART WITH {keep + 1}",
+            store_uri.rsplit("/", 1)[1],
+        )
+        return
+    with sqlite3.connect(store_uri) as conn:
+        conn.execute("DELETE FROM revocations WHERE seq > ?", (keep,))
+        conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'revocations'", (keep,))
+    conn.close()
+
+
+async def test_revocations_are_read_again_when_the_store_went_back(
+    request: pytest.FixtureRequest, store_uri: str, store: TokenStore, other: TokenStore
+) -> None:
+    """Restored from a backup (or failed over to a replica that lagged), the store's last
+    sequence number is below an instance's cursor: what is revoked from then on would never
+    be read past it. Then everything is read again."""
+    tokens = [make_token() for _ in range(5)]
+    for token in tokens:
+        store.note_issued(token)
+    await store.flush()
+    for token in tokens[:3]:
+        await other.revoke(token.token_id.hex(), 1.0)
+    cursor, _ = await store.revocations_since(0)
+
+    await restore_revocations(request, store_uri, keep=1)
+    await other.revoke(tokens[3].token_id.hex(), 2.0)  # gets the second sequence number again
+
+    cursor, revoked = await store.revocations_since(cursor)
+    assert revoked == {tokens[0].token_id, tokens[3].token_id}
+    await other.revoke(tokens[4].token_id.hex(), 3.0)
+    assert await store.revocations_since(cursor) == (cursor + 1, {tokens[4].token_id})
+
+
 async def test_wait_for_revocations_then_revocations_since_sees_another_instance(
     store: TokenStore, other: TokenStore
 ) -> None:
@@ -447,6 +540,19 @@ async def test_a_working_store_is_healthy(store: TokenStore) -> None:
     store.note_issued(make_token())
     await store.flush()
     await store.flush()  # nothing queued
+    assert store.healthy
+
+
+async def test_records_left_waiting_make_the_store_unhealthy(store: TokenStore) -> None:
+    """The engine flushes every 0.25 s: a record still queued after `stall_seconds` means the
+    database is not taking them (it may hang rather than fail), so the engine stops selling
+    at once instead of after a whole flush timeout."""
+    store.stall_seconds = 0.05
+    store.note_paid(os.urandom(32), 1.0)
+    assert store.healthy
+    await asyncio.sleep(0.1)
+    assert not store.healthy
+    await store.flush()
     assert store.healthy
 
 
@@ -565,14 +671,14 @@ async def test_a_new_migration_is_one_list_entry(
 ) -> None:
     token = make_token()
     write_version_1_database(db_path, token, os.urandom(32))
-    version_2 = ("ALTER TABLE issued_tokens ADD COLUMN note TEXT",)
-    monkeypatch.setattr(store_sqlite, "MIGRATIONS", [*store_sqlite.MIGRATIONS, version_2])
+    step = ("ALTER TABLE issued_tokens ADD COLUMN note TEXT",)
+    monkeypatch.setattr(store_sqlite, "MIGRATIONS", [*store_sqlite.MIGRATIONS, step])
 
     opened = await ServerStore.open(str(db_path))
     assert [t.token_id for t in await opened.list_tokens()] == [token.token_id]
     await opened.close()
 
-    assert user_version(db_path) == 2
+    assert user_version(db_path) == len(store_sqlite.MIGRATIONS)
     with sqlite3.connect(db_path) as conn:
         columns = [row[1] for row in conn.execute("PRAGMA table_info(issued_tokens)")]
     conn.close()
@@ -583,13 +689,14 @@ async def test_a_failed_migration_leaves_the_previous_version(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     write_version_1_database(db_path, make_token(), os.urandom(32))
+    current = len(store_sqlite.MIGRATIONS)
     broken = ("CREATE TABLE half_done (a)", "THIS IS NOT SQL")
     monkeypatch.setattr(store_sqlite, "MIGRATIONS", [*store_sqlite.MIGRATIONS, broken])
 
-    with pytest.raises(StoreError, match="migration to schema version 2 failed"):
+    with pytest.raises(StoreError, match=f"migration to schema version {current + 1} failed"):
         await ServerStore.open(str(db_path))
 
-    assert user_version(db_path) == 1
+    assert user_version(db_path) == current
     with sqlite3.connect(db_path) as conn:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     conn.close()

@@ -115,7 +115,8 @@ def shown_hostport(hostport: str) -> str:
         if not sep:
             host, port = hostport, ""
         rest = f":{port}" if sep else ""
-        host = shown_host(host)
+        # Two colons: no host:port, but user:password with its '@' missing.
+        host = "***" if ":" in host else shown_host(host)
     if rest and not (rest[1:].isdigit() and len(rest) <= 6):
         rest = ":***"  # a port that is no port: maybe a key
     return host + rest
@@ -196,6 +197,10 @@ def redact(uri: str) -> str:
         for name, value in parse_qsl(parts.query, keep_blank_values=True)
     )
     scheme = parts.scheme if SHOWN_SCHEME.fullmatch(parts.scheme.lower()) else "***"
+    if parts.netloc and "@" in f"{parts.path}{parts.query}{parts.fragment}":
+        # An '@' after the authority: a '/', '?' or '#' in the user info ended it early, and
+        # the rest of a password follows. Where it ends cannot be told: show none of it.
+        return f"{scheme}://***"
     if parts.netloc:
         shown = f"{scheme}://{shown_netloc(parts.netloc)}{shown_path(parts.path)}"
     elif "://" in parts.path:

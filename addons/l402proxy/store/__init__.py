@@ -1,7 +1,6 @@
 """Persistence: the server's tokens and secret (SQLite, or PostgreSQL for several instances
 sharing one state), the client's ledger and tokens (SQLite)."""
 
-from l402proxy.lightning.uri import redact
 from l402proxy.store.client import ClientStore, NewPayment, Payment
 from l402proxy.store.database import TokenStore
 from l402proxy.store.sqlite import (
@@ -34,9 +33,15 @@ def is_postgres_uri(uri: str) -> bool:
 
 
 def shown_store_uri(uri: str) -> str:
-    """A `l402_store` value fit for messages and logs: a PostgreSQL URI without its password
-    (redacted as backend URIs are); a SQLite path as given."""
-    return redact(uri) if is_postgres_uri(uri) else uri
+    """A `l402_store` value fit for messages and logs: a PostgreSQL URI without its user
+    info, its password wherever it was put, or anything when it cannot be taken apart
+    (store/postgres.py's split_uri); a SQLite path as given."""
+    if not is_postgres_uri(uri):
+        return uri
+    # Imported here, as in open_server_store (asyncpg is slow to import).
+    from l402proxy.store.postgres import shown_uri
+
+    return shown_uri(uri)
 
 
 async def open_server_store(uri: str) -> TokenStore:

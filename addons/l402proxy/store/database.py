@@ -439,7 +439,7 @@ class RecordQueue(ABC):
     (never waiting on the database); `flush()` writes a batch and puts it back on failure.
 
     Subclasses set `shown` (the store as messages name it), implement `_check_open()` and call
-    `_take_batch`, `_give_back` and `_flushed` from their flush.
+    `_take_batch`, `_give_back` and `_flushing` from their flush.
     """
 
     # Records queued and not yet written, at most, of each kind. Every 402 queues one (anyone
@@ -573,6 +573,7 @@ class TokenStore(Protocol):
     """
 
     max_pending: int
+    stall_seconds: float
     dropped: int
 
     @property

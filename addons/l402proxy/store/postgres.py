@@ -5,12 +5,17 @@ database, so that a token bought at one instance works at all of them.
 - `l402_store=postgresql://user:password@host:port/database` (or postgres://); asyncpg, a small
   pool. Every connection attempt is bounded by `connect_timeout` (the URI's ?connect_timeout=
   or CONNECT_TIMEOUT) and every operation, waiting for a connection included, by
-  OPERATION_TIMEOUT: a dead or silent database raises StoreError, it never hangs a caller. No
-  message or log line shows the password (URIs are shown redacted, errors are scrubbed).
+  OPERATION_TIMEOUT (opening, which may migrate or wait for another instance's migration, by
+  MIGRATION_TIMEOUT): a dead or silent database raises StoreError, it never hangs a caller.
+  No message or log line shows the user info or the password (split_uri: URIs are shown
+  without them, a user info asyncpg would split otherwise is refused; errors are scrubbed).
 - Verifying a paid request never reads the database (as with SQLite): the 402 and paid paths
   only queue records in memory (RecordQueue: bounded, same trim rules) and `flush()` writes
   them. A failing flush keeps its batch and clears `healthy`; the next one that works (or, with
   nothing queued, a probe) sets it again. What a flush wrote is committed: nothing is lost.
+  `healthy` is also False while a record has waited, or a flush has run, over STALL_SECONDS.
+- Paid sightings are upserted into a table of their own (MIGRATIONS, version 3), so that one
+  written before the token's row (another instance sold it) is not lost.
 - Schema: versioned migrations like the SQLite ones, the version in `l402_schema_version`.
   Instances starting together serialize on an advisory lock, so each step runs once; a database
   from a newer l402proxy is refused, untouched. The secret is inserted once (ON CONFLICT DO
@@ -19,7 +24,8 @@ database, so that a token bought at one instance works at all of them.
   LISTENs (opened by the first `wait_for_revocations()`, so the CLI never opens it) and wakes
   the waiter on each notification. It reconnects by itself, and each (re)connection wakes the
   waiter too: notifications sent while it was away are lost, so the waiter catches up with
-  `revocations_since()`, whose cursor never skips a revocation (see revoke()).
+  `revocations_since()`, whose cursor never skips a revocation (see revoke()), and starts
+  again from 0 when the database is behind it (restored from a backup).
 - Counters (`store.counters`, engine.limits.Counters): the engine's rate limits, invoice-mint
   limit and free allowances, counted in the database so that they are global across
   instances. Each take is ONE statement (an upsert whose row lock serializes the instances;
@@ -39,7 +45,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
 from typing import Any, Self
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, unquote, unquote_plus
 
 import asyncpg
 
@@ -58,6 +64,7 @@ from l402proxy.store.database import (
     normalize_ref,
     prefix_range,
     revocation_target,
+    start_from,
     token_from_row,
     warn_unrecorded,
 )
@@ -187,11 +194,26 @@ MIGRATIONS: list[Sequence[str]] = [
         """,
         "CREATE INDEX l402_allowances_expires ON l402_allowances (expires_at)",
     ),
+    # Version 3: paid sightings apart from the issued rows. The instance that sees a token
+    # paid is often not the one that sold it, and may write first (the seller writes every
+    # 0.25 s, later after an outage): an UPDATE of the issued row would match nothing and the
+    # sighting would be lost. An upsert here never loses one, whatever the order; listings
+    # take the earliest of both (l402_issued_tokens.paid_at holds what versions 1-2 wrote).
+    (
+        """
+        CREATE TABLE l402_paid_sightings (
+            token_id bytea PRIMARY KEY CHECK (length(token_id) = 32),
+            paid_at double precision NOT NULL
+        )
+        """,
+    ),
 ]
 
+# LEAST skips NULLs: the earliest sighting, wherever it was written.
 _TOKEN_SELECT = (
     "SELECT i.token_id, i.payment_hash, i.service, i.price_sat, i.created_at, i.valid_until,"
-    " i.paid_at, r.revoked_at FROM l402_issued_tokens i"
+    " LEAST(i.paid_at, s.paid_at), r.revoked_at FROM l402_issued_tokens i"
+    " LEFT JOIN l402_paid_sightings s ON s.token_id = i.token_id"
     " LEFT JOIN l402_revocations r ON r.token_id = i.token_id"
 )
 
@@ -325,12 +347,12 @@ def _secrets(userinfo: str | None, query: str) -> tuple[str, ...]:
     long enough to be a password given without its user name (`postgresql://<password>@h`):
     role names are shorter, and worth seeing in the server's messages."""
     user, _, password = (userinfo or "").partition(":")
-    given = [password] + [
-        value
-        for name, value in parse_qsl(query, keep_blank_values=True)
-        if name in ("password", "sslpassword")
-    ]
-    forms = {form for value in given for form in (value, unquote(value)) if form}
+    forms = {password, unquote(password)}
+    for item in query.split("&"):
+        name, _, value = item.partition("=")
+        if unquote_plus(name) in ("password", "sslpassword"):
+            forms |= {value, unquote(value), unquote_plus(value)}
+    forms.discard("")
     forms |= {name for name in (user, unquote(user)) if len(name) >= MISPLACED_SECRET_CHARS}
     return tuple(sorted(forms, key=len, reverse=True))
 
@@ -648,15 +670,31 @@ class PostgresServerStore(RecordQueue):
         limit = self.operation_timeout if timeout is None else timeout
         pool = self._live()
         connected = False
+        bound = asyncio.timeout(limit)
         try:
-            async with asyncio.timeout(limit), pool.acquire() as conn:
+            async with bound, pool.acquire() as conn:
                 connected = True
-                yield conn
+                try:
+                    yield conn
+                except (asyncio.CancelledError, TimeoutError, OSError):
+                    # Cut mid-statement (this bound, a statement's own timeout, a cancelled
+                    # caller) or broken. Released as is, the pool would first wait for the
+                    # cancellation to reach a database that may not answer (for as long as
+                    # it takes: a 2 s counter take took 12 s); a new connection is cheap.
+                    conn.terminate()
+                    raise
         except StoreError:
             raise
         except DATABASE_ERRORS as exc:
-            # Not connected yet: the pool was connecting, bounded by connect_timeout.
-            waited = limit if connected else min(limit, self.target.connect_timeout)
+            # Name the limit that fired: this bound; else, not connected yet, the pool's
+            # connect_timeout; else a statement's own, asyncpg's command_timeout (statements
+            # given a longer one of their own are also given a bound as long).
+            if bound.expired():
+                waited = limit
+            elif not connected:
+                waited = min(limit, self.target.connect_timeout)
+            else:
+                waited = min(limit, self.operation_timeout)
             raise self.target.failure(exc, waited) from None
 
     @asynccontextmanager
@@ -666,19 +704,26 @@ class PostgresServerStore(RecordQueue):
 
     # -- schema ------------------------------------------------------------------------------
 
+    # Reading the schema version is an operation like any other (OPERATION_TIMEOUT): the
+    # CLI, and an instance with nothing to migrate, never wait longer. Migrating is bounded
+    # by migration_timeout as a whole, and so is each of its statements: asyncpg's
+    # command_timeout (operation_timeout) would cut a long step, or the wait for another
+    # instance's migration, long before.
+
     async def _setup(self) -> None:
         # Read the version before anything writes, so a newer database is left untouched.
-        async with self._connection(self.migration_timeout) as conn:
-            version = await self._schema_version(conn)
+        async with self._connection() as conn:
+            version = await self._schema_version(conn, self.operation_timeout)
         self._check_version(version)
         if version < len(self.migrations()):
             await self._migrate()
 
     @staticmethod
-    async def _schema_version(conn: Any) -> int:
-        if not await conn.fetchval("SELECT to_regclass('l402_schema_version') IS NOT NULL"):
+    async def _schema_version(conn: Any, limit: float) -> int:
+        exists = "SELECT to_regclass('l402_schema_version') IS NOT NULL"
+        if not await conn.fetchval(exists, timeout=limit):
             return 0
-        version = await conn.fetchval("SELECT version FROM l402_schema_version")
+        version = await conn.fetchval("SELECT version FROM l402_schema_version", timeout=limit)
         return int(version or 0)
 
     def _check_version(self, version: int) -> None:
@@ -696,7 +741,8 @@ class PostgresServerStore(RecordQueue):
             # must start a transaction after the wait, or it could still see the catalog as it
             # was before the first instance's commit (and create the tables again). The server
             # drops the lock if the connection dies; asyncpg's pool drops it on release.
-            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+            limit = self.migration_timeout
+            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK, timeout=limit)
             try:
                 for target, statements in enumerate(self.migrations(), start=1):
                     async with conn.transaction():
@@ -707,22 +753,26 @@ class PostgresServerStore(RecordQueue):
 
     async def _migrate_to(self, conn: Any, target: int, statements: Sequence[str]) -> None:
         """One step, inside its transaction together with the version bump."""
-        if not await conn.fetchval("SELECT to_regclass('l402_schema_version') IS NOT NULL"):
-            await conn.execute(VERSION_TABLE)
-            await conn.execute("INSERT INTO l402_schema_version (version) VALUES (0)")
-        current = await self._schema_version(conn)
+        limit = self.migration_timeout
+        exists = "SELECT to_regclass('l402_schema_version') IS NOT NULL"
+        if not await conn.fetchval(exists, timeout=limit):
+            await conn.execute(VERSION_TABLE, timeout=limit)
+            await conn.execute(
+                "INSERT INTO l402_schema_version (version) VALUES (0)", timeout=limit
+            )
+        current = await self._schema_version(conn, limit)
         self._check_version(current)
         if current >= target:
             return
         try:
             for statement in statements:
-                await conn.execute(statement)
+                await conn.execute(statement, timeout=limit)
         except asyncpg.PostgresError as exc:
             raise StoreError(
                 f"store {self.shown}: migration to schema version {target} failed: "
                 f"{self.target.scrub(str(exc))}"
             ) from None
-        await conn.execute("UPDATE l402_schema_version SET version = $1", target)
+        await conn.execute("UPDATE l402_schema_version SET version = $1", target, timeout=limit)
         log.info("store %s migrated to schema version %d", self.shown, target)
 
     # -- the interface -------------------------------------------------------------------------
@@ -753,19 +803,21 @@ class PostgresServerStore(RecordQueue):
         async with self._flush_lock:
             if not self._pending_issued and not self._pending_paid:
                 if not self._healthy:
-                    async with self._connection() as conn:
-                        await conn.execute("SELECT 1")
+                    with self._flushing():
+                        async with self._connection() as conn:
+                            await conn.execute("SELECT 1")
                     self._set_healthy(True)
                 return
-            issued, paid = self._take_batch()
+            batch = self._take_batch()
             try:
-                async with self._transaction() as conn:
-                    if issued:
-                        await self._insert_issued(conn, issued)
-                    if paid:
-                        await self._update_paid(conn, paid)
+                with self._flushing():
+                    async with self._transaction() as conn:
+                        if batch.issued:
+                            await self._insert_issued(conn, batch.issued)
+                        if batch.paid:
+                            await self._upsert_sightings(conn, batch.paid)
             except BaseException as exc:
-                self._give_back(issued, paid)
+                self._give_back(batch)
                 if isinstance(exc, Exception):  # not a cancelled flush: the database failed
                     self._set_healthy(False)
                 raise
@@ -793,13 +845,18 @@ class PostgresServerStore(RecordQueue):
         )
 
     @staticmethod
-    async def _update_paid(conn: Any, paid: Sequence[tuple[bytes, float]]) -> None:
-        # min() per token and LEAST (which skips NULL): whatever order notes arrive in, and
-        # however often a batch is retried, the earliest sighting is kept.
+    async def _upsert_sightings(conn: Any, paid: Sequence[tuple[bytes, float]]) -> None:
+        # An upsert, apart from the issued rows (see MIGRATIONS, version 3): the token's row
+        # may not be written yet. min() per token (one statement may not update a row twice)
+        # and the WHERE: whatever order notes arrive in, and however often a batch is retried,
+        # the earliest sighting is kept, and a later one writes nothing. ORDER BY: instances
+        # upserting the same tokens lock their rows in one order, so they cannot deadlock.
         await conn.execute(
-            "UPDATE l402_issued_tokens AS i SET paid_at = LEAST(i.paid_at, p.at)"
-            " FROM (SELECT t, min(a) AS at FROM unnest($1::bytea[], $2::float8[]) AS u(t, a)"
-            " GROUP BY t) AS p WHERE i.token_id = p.t",
+            "INSERT INTO l402_paid_sightings AS s (token_id, paid_at)"
+            " SELECT t, min(a) FROM unnest($1::bytea[], $2::float8[]) AS u(t, a)"
+            " GROUP BY t ORDER BY t"
+            " ON CONFLICT (token_id) DO UPDATE SET paid_at = EXCLUDED.paid_at"
+            " WHERE EXCLUDED.paid_at < s.paid_at",
             [token_id for token_id, _ in paid],
             [when for _, when in paid],
         )
@@ -855,15 +912,25 @@ class PostgresServerStore(RecordQueue):
         """(new cursor, token ids revoked after `cursor`); start from 0 for all of them.
 
         Safe to call after any gap (an outage, a lost notification): seq values become visible
-        in order (see revoke()), so everything after the cursor is still there to read.
+        in order (see revoke()), so everything after the cursor is still there to read. One
+        statement (one snapshot) reads the largest seq too: a database restored from a backup
+        is behind the cursor (see database.start_from). Its first row is there even with no
+        match.
         """
         async with self._connection() as conn:
             rows = await conn.fetch(
-                "SELECT seq, token_id FROM l402_revocations WHERE seq > $1 ORDER BY seq", cursor
+                "SELECT t.top, r.seq, r.token_id"
+                " FROM (SELECT coalesce(max(seq), 0) AS top FROM l402_revocations) AS t"
+                " LEFT JOIN l402_revocations r"
+                " ON r.seq > (CASE WHEN t.top < $1 THEN 0 ELSE $1 END)"
+                " ORDER BY r.seq",
+                cursor,
             )
-        if not rows:
-            return cursor, set()
-        return int(rows[-1][0]), {bytes(row[1]) for row in rows}
+        start = start_from(cursor, int(rows[0][0]), self.shown)
+        found = [(int(row[1]), bytes(row[2])) for row in rows if row[1] is not None]
+        if not found:
+            return start, set()
+        return found[-1][0], {token_id for _, token_id in found}
 
     async def wait_for_revocations(self, timeout: float) -> None:
         """Return when a revocation may have happened, at the latest after `timeout` s; the
