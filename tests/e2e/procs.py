@@ -36,6 +36,7 @@ __all__ = [
     "in_process_origin",
     "ledger_balance",
     "ledger_invoices",
+    "minted_credential",
     "origin",
     "proxied_async_client",
     "server_proxy",
@@ -199,3 +200,29 @@ def serving(server: socketserver.BaseServer, name: str) -> Iterator[int]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+def minted_credential(store: Path | str, service: str, valid_until: int) -> str:
+    """A credential signed with the secret in a server's store, as if that server had sold it:
+    the only way to hold an expired token without waiting for one."""
+    import hashlib
+    import os
+
+    from l402proxy.l402.headers import format_credential
+    from l402proxy.l402.identifier import Identifier
+    from l402proxy.l402.token import caveats_for, derive_root_key, mint
+    from l402proxy.store import open_server_store
+
+    async def secret() -> bytes:
+        opened = await open_server_store(str(store))
+        try:
+            return await opened.secret()
+        finally:
+            await opened.close()
+
+    key = asyncio.run(secret())
+    preimage = os.urandom(32)
+    identifier = Identifier.new(hashlib.sha256(preimage).digest())
+    caveats = caveats_for(service, valid_until=valid_until, capabilities=None)
+    macaroon = mint(derive_root_key(key, identifier.token_id), identifier, caveats)
+    return format_credential([macaroon], preimage)

@@ -9,9 +9,7 @@ tests run all three doors at once on one store: a token bought at one door opens
 and the same request gets the same answer from each, but for the invoice and macaroon.
 """
 
-import asyncio
 import base64
-import hashlib
 import os
 import re
 import time
@@ -83,26 +81,8 @@ def buy(door: Door, path: str) -> Paid:
 
 
 def minted(door: Door, service: str, valid_until: int) -> str:
-    """A credential signed with the door's own secret (from its store), as if it had sold it:
-    the only way to hold an expired token without waiting for one."""
-    from l402proxy.l402.headers import format_credential
-    from l402proxy.l402.identifier import Identifier
-    from l402proxy.l402.token import caveats_for, derive_root_key, mint
-    from l402proxy.store import open_server_store
-
-    async def secret() -> bytes:
-        store = await open_server_store(str(door.store))
-        try:
-            return await store.secret()
-        finally:
-            await store.close()
-
-    key = asyncio.run(secret())
-    preimage = os.urandom(32)
-    identifier = Identifier.new(hashlib.sha256(preimage).digest())
-    caveats = caveats_for(service, valid_until=valid_until, capabilities=None)
-    macaroon = mint(derive_root_key(key, identifier.token_id), identifier, caveats)
-    return format_credential([macaroon], preimage)
+    """A credential signed with the door's own secret (from its store), as if it had sold it."""
+    return procs.minted_credential(door.store, service, valid_until)
 
 
 def assert_challenge(response: httpx.Response, status: int = 402) -> None:

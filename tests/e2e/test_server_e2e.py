@@ -4,7 +4,6 @@ Challenges are read here the way most field clients read them (a regex on macaro
 not with our own parser, so these tests also show that clients written for Aperture can pay us.
 """
 
-import asyncio
 import base64
 import json
 import os
@@ -305,26 +304,7 @@ def write_rules(path: Path, *, price: int = 21, valid_for: str = "1h", extra: st
 
 def server_minted(stack: Stack, service: str, valid_until: int) -> str:
     """A token signed with the running server's own secret, as if it had issued it."""
-    import hashlib
-
-    from l402proxy.l402.headers import format_credential
-    from l402proxy.l402.identifier import Identifier
-    from l402proxy.l402.token import caveats_for, derive_root_key, mint
-    from l402proxy.store import open_server_store
-
-    async def secret() -> bytes:
-        store = await open_server_store(str(stack.home / "server.sqlite"))
-        try:
-            return await store.secret()
-        finally:
-            await store.close()
-
-    key = asyncio.run(secret())
-    preimage = os.urandom(32)
-    identifier = Identifier.new(hashlib.sha256(preimage).digest())
-    caveats = caveats_for(service, valid_until=valid_until, capabilities=None)
-    macaroon = mint(derive_root_key(key, identifier.token_id), identifier, caveats)
-    return format_credential([macaroon], preimage)
+    return procs.minted_credential(stack.home / "server.sqlite", service, valid_until)
 
 
 def test_expired_token_gets_a_fresh_402(podcast: Stack) -> None:
