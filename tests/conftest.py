@@ -124,9 +124,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         thread.join(LEFTOVER_THREAD_JOIN_SECONDS / max(len(leftover), 1))
     alive = [t.name for t in leftover if t.is_alive()]
     if alive:
+        # os._exit drops what is buffered: pytest's summary may still sit in stdout's buffer.
+        sys.stdout.flush()
         sys.stderr.write(f"\nthreads left running after the tests (not closed?): {alive}\n")
         sys.stderr.flush()
-        os._exit(_exit_status or 1)
+        # The tests' own verdict: a thread left behind is worth a line, not a red run.
+        os._exit(_exit_status if _exit_status is not None else 1)
 
 
 # A real PostgreSQL for the whole session, started on first use (tests/postgres.py). Imported

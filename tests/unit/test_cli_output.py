@@ -159,6 +159,8 @@ def test_a_reader_that_leaves_early_gets_no_traceback(
     result = closed_pipe_run(args, env)
     assert result.stderr == ""
     if args == ["--help"] and unbuffered:
-        assert result.returncode == 0  # argparse ignores the failed write itself
+        # argparse ignores the failed write itself on some 3.11 patch releases (3.11.7: 0),
+        # not on others (Debian's 3.11.2: 141); no traceback either way.
+        assert result.returncode in (0, EXIT_BROKEN_PIPE)
     else:
         assert result.returncode == EXIT_BROKEN_PIPE == 141
