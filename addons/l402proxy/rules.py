@@ -89,7 +89,9 @@ _FORBIDDEN_HEADERS = frozenset(
 _PCT_RUN_RE = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 
-_TOP_KEYS = ("version", "services", "invoice_limit", "trusted_proxies")
+_TOP_KEYS = ("version", "mode", "services", "invoice_limit", "trusted_proxies")
+# The paywall's top-level mode: enforce it, or only say what it would do (dry_run).
+PAYWALL_MODES = ("enforce", "dry_run")
 _SERVICE_KEYS = (
     "name",
     "description",
@@ -302,6 +304,9 @@ class RuleSet:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     # "unix" in trusted_proxies: a peer without an address (a unix socket) is a trusted proxy.
     trust_unix: bool = False
+    # `mode: dry_run` at the top level: every decision is made, logged and counted, and every
+    # request is forwarded all the same (X-L402-Dry-Run says what the paywall would have done).
+    dry_run: bool = False
 
     @functools.cached_property
     def vouched_headers(self) -> frozenset[bytes]:
@@ -1100,6 +1105,18 @@ class _Parser:
         if trusted_node is not None:
             trusted, trust_unix = self.trusted_proxies(trusted_node)
 
+        dry_run = False
+        mode_node = self.value_node(top, "mode")
+        if mode_node is not None:
+            mode = self.scalar(mode_node)
+            if mode not in PAYWALL_MODES:
+                self.fail(
+                    mode_node,
+                    f"mode at the top level must be enforce or dry_run, got {_show(mode)} "
+                    "(paywall, upgrade and free are a service's modes)",
+                )
+            dry_run = mode == "dry_run"
+
         rules: list[Rule] = []
         lines_by_name: dict[str, int] = {}
         for index, item in enumerate(items, start=1):
@@ -1110,7 +1127,7 @@ class _Parser:
             rules.append(rule)
         self.service = None
         self.line = None
-        return RuleSet(tuple(rules), self.source, invoice_limit, trusted, trust_unix)
+        return RuleSet(tuple(rules), self.source, invoice_limit, trusted, trust_unix, dry_run)
 
     # -- limits and free allowances ------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from ..rules import (
     rule_warnings,
 )
 from ..store import IssuedToken, StoreError, TokenStore, open_server_store, shown_store_uri
+from . import events
 from .answers import (
     Answer,
     Forward,
@@ -39,6 +40,7 @@ from .answers import (
     too_many_answer,
     unavailable_answer,
 )
+from .events import Decision, Watchers
 from .limits import Counters, LocalCounters, SharedCounters, client_address, ip_key, rate_key
 from .request import (
     REROOTING_HEADERS,
@@ -142,6 +144,10 @@ class Paywall:
         self.cache = gate.TokenCache()
         self.seen_paid: set[bytes] = set()
         self.offer_upgrade = True
+        # The door's dry-run option; the rules file's `mode: dry_run` turns it on as well.
+        self.dry_run_option = False
+        # Metrics, JSON logs, the admin page: told of every decision (events.py).
+        self.watchers = Watchers()
         # Rate limits, the invoice-mint limit and free allowances count here (limits.py).
         self.counters: Counters = LocalCounters()
         self.warned_unknown_client = False
@@ -315,11 +321,24 @@ class Paywall:
 
     async def _flush(self) -> None:
         assert self.store is not None
-        await self.store.flush()
+        try:
+            settled = await self.store.flush()
+        except Exception:
+            self.watchers.tell("store_failed", self.door, "flush")
+            raise
+        # The tokens this instance was first to record as paid: each sale is counted once,
+        # however many instances saw its token.
+        for token in settled or ():
+            self.watchers.tell("settled", self.door, token.service, token.price_sat)
 
     async def _poll_revocations(self) -> None:
         assert self.store is not None
-        self.revocation_cursor, new = await self.store.revocations_since(self.revocation_cursor)
+        try:
+            cursor, new = await self.store.revocations_since(self.revocation_cursor)
+        except Exception:
+            self.watchers.tell("store_failed", self.door, "revocations")
+            raise
+        self.revocation_cursor = cursor
         if new:
             self.revoked |= new
             log.info(f"l402: {len(new)} token(s) revoked")
@@ -362,9 +381,23 @@ class Paywall:
     def root_key_for(self, token_id: bytes) -> bytes:
         return derive_root_key(self.secret, token_id)
 
+    @property
+    def dry_run(self) -> bool:
+        """Only pretend: judge, log and count every request, forward it all the same."""
+        return self.dry_run_option or (self.rules is not None and self.rules.dry_run)
+
     async def handle(self, request: Request) -> Outcome:
         """Answer the request, or say how to forward it. Never raises for a request: what the
         engine cannot judge is answered (503, fail closed), never forwarded."""
+        if not self.watchers:
+            return await self._handle(request)
+        started = time.perf_counter()
+        outcome = await self._handle(request)
+        seconds = time.perf_counter() - started
+        self.watchers.tell("decided", decision_of(self.door, request.method, outcome, seconds))
+        return outcome
+
+    async def _handle(self, request: Request) -> Outcome:
         if paywall.is_endpoint(request.target):
             from .endpoints import endpoint  # the endpoints import this module
 
@@ -411,17 +444,18 @@ class Paywall:
             # it is not a path at all: refuse before any invoice, never forward.
             answer = bad_path_answer(exc).for_method(request.method)
             answer.note = {"variant": "refused", "reason": type(exc).__name__}
-            return answer
+            return pretend(fields, answer) if self.dry_run else answer
         if rule is None:
             return Forward(fields)
         if not self.ready.is_set():
             await self.ready.wait()
         try:
-            return await self._judge(request, fields, rule, seen, cookies)
+            outcome = await self._judge(request, fields, rule, seen, cookies)
         except Exception:
             # Fail closed: forwarding a priced request we could not judge would give it away.
             log.exception(f"l402: internal error on {request.method} {request.target}")
-            return unavailable_answer("internal error in the paywall").for_method(request.method)
+            outcome = unavailable(rule, "internal", "internal error in the paywall", request.method)
+        return pretend(fields, outcome) if self.dry_run else outcome
 
     async def _judge(
         self,
@@ -477,6 +511,16 @@ class Paywall:
                 request, rule
             ):
                 return self._forward_paid(request, fields, rule, {"freebie": True})
+            case gate.Challenge() if self.dry_run:
+                # What a 402 would be, without its invoice: pretend() forwards the request.
+                answer = Answer.make(decision.status, b"")
+                answer.note = {
+                    "service": rule.name,
+                    "variant": "challenge",
+                    "status": decision.status,
+                    "reason": decision.reason,
+                }
+                return answer
             case gate.Challenge():
                 return await self.challenge(request, decision, set_cookies=clear_cookies)
             case gate.Free():
@@ -603,7 +647,7 @@ class Paywall:
         if not self.store.healthy:
             # The token row could not be recorded (revocation, listing, the unlock endpoint):
             # sell nothing until the store is back. Tokens sold before keep working.
-            return unavailable_answer("the token store is unreachable").for_method(request.method)
+            return unavailable(rule, "store", "the token store is unreachable", request.method)
         limit = self.rules.invoice_limit
         if limit is not None:
             # Every 402 makes the backend create an invoice: a flood of requests must not
@@ -615,15 +659,18 @@ class Paywall:
                 answer = too_many_answer(wait, "new invoices").for_method(request.method)
                 answer.note = {"service": rule.name, "variant": "limited", "reason": "invoices"}
                 return answer
+        started = time.perf_counter()
         try:
             invoice = await self.backend.create_invoice(
                 rule.price_sat, f"{rule.name}: {rule.description}", rule.invoice_expiry
             )
         except LightningError as exc:
+            self.backend_called("create_invoice", started, ok=False)
             log.warning(f"l402: cannot create an invoice for {rule.name}: {exc}")
-            return unavailable_answer("the Lightning backend did not answer").for_method(
-                request.method
+            return unavailable(
+                rule, "backend", "the Lightning backend did not answer", request.method
             )
+        self.backend_called("create_invoice", started, ok=True)
         now = time.time()
         identifier = Identifier.new(invoice.payment_hash)
         # Counted from the last moment the invoice can be paid: paying late never buys a token
@@ -698,6 +745,12 @@ class Paywall:
         }
         return answer
 
+    def backend_called(self, operation: str, started: float, *, ok: bool) -> None:
+        """Tell the watchers of one backend call that began at perf_counter() `started`."""
+        if self.watchers:
+            seconds = time.perf_counter() - started
+            self.watchers.tell("backend_called", self.door, operation, seconds, ok)
+
     def rule_named(self, services: Sequence[str]) -> Rule | None:
         """The priced rule a token was sold for (its services= caveat names it)."""
         if self.rules is None:
@@ -706,3 +759,79 @@ class Paywall:
             if rule.name in services and rule.mode in PRICED_MODES:
                 return rule
         return None
+
+
+def unavailable(rule: Rule | None, reason: str, message: str, method: str) -> Answer:
+    """503 with Retry-After: the paywall cannot judge or sell right now (fail closed)."""
+    answer = unavailable_answer(message).for_method(method)
+    answer.note = {"variant": "unavailable", "reason": reason}
+    if rule is not None:
+        answer.note["service"] = rule.name
+    return answer
+
+
+# The note's variant -> the decision's kind (events.py).
+_KIND_OF_VARIANT = {
+    "challenge": events.CHALLENGE,
+    "limited": events.LIMITED,
+    "refused": events.REFUSED,
+    "denied": events.DENIED,
+    "unavailable": events.UNAVAILABLE,
+    "unlock": events.UNLOCK,
+    "endpoint": events.ENDPOINT,
+    "free": events.FREE,
+}
+
+
+def kind_of(outcome: Outcome) -> str:
+    """What kind of decision an outcome is (events.KINDS)."""
+    note = outcome.note
+    if note is None:
+        return events.UNAVAILABLE if isinstance(outcome, Answer) else events.PASS
+    pretended = note.get("dry_run")
+    if pretended is not None:
+        return str(pretended)
+    variant = note.get("variant")
+    if variant == "paid":
+        return events.FREEBIE if note.get("freebie") else events.GRANT
+    # The pay page's endpoint notes the challenge it made: a challenge like any other.
+    fallback = events.ENDPOINT if isinstance(outcome, Answer) else events.PASS
+    return _KIND_OF_VARIANT.get(variant, fallback)
+
+
+def decision_of(door: str, method: str, outcome: Outcome, seconds: float) -> Decision:
+    """The event for one judged request, from its outcome and the note the engine left on it."""
+    note = outcome.note or {}
+    token = note.get("token_id")
+    dry_run = "dry_run" in note
+    if dry_run:
+        status = note.get("dry_status")
+    else:
+        status = outcome.status if isinstance(outcome, Answer) else None
+    reason = note.get("reason")
+    return Decision(
+        door=door,
+        kind=kind_of(outcome),
+        service=note.get("service"),
+        status=status,
+        reason=None if reason is None else str(reason),
+        token=None if token is None else str(token)[: events.TOKEN_PREFIX_LEN],
+        seconds=seconds,
+        method=method,
+        dry_run=dry_run,
+    )
+
+
+def pretend(fields: Fields, outcome: Outcome) -> Forward:
+    """Dry run: what the paywall decided goes along in the note (the door sends it back as
+    X-L402-Dry-Run); the request goes on. An answer becomes the free variant: the request as
+    it came, less our credentials and the headers no client may send."""
+    kind = kind_of(outcome)
+    if isinstance(outcome, Forward):
+        if outcome.note is not None:
+            outcome.note["dry_run"] = kind
+        return outcome
+    note: dict[str, Any] = dict(outcome.note or {})
+    note.update(variant="free", dry_run=kind, dry_status=outcome.status)
+    note.pop("offer", None)
+    return Forward(fields, note=note)
