@@ -46,6 +46,12 @@ OPTION_NAMES: dict[AddonName, frozenset[str]] = {
             "l402_dev_ledger",
             "l402_offer_upgrade",
             "l402_upstream_timeout",
+            "l402_metrics",
+            "l402_log_format",
+            "l402_dry_run",
+            "l402_admin",
+            "l402_admin_secret",
+            "l402_ops_remote",
         }
     ),
     "client": frozenset(

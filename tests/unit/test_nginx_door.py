@@ -340,7 +340,7 @@ async def test_a_paid_variants_authorization_and_cookie_go_in_their_own_lines(
     """The config sends Authorization and Cookie from their own lines, with what the engine
     made of them: a paid variant's value goes there, not into a numbered slot as well (nginx
     sent both lines: the header twice)."""
-    async with open_door(tmp_path, CREDENTIAL_RULES, "2 x-a authorization cookie") as door:
+    async with open_door(tmp_path, CREDENTIAL_RULES, "3 x-a authorization cookie") as door:
         token = await door.buy("/inside/x")
         paid = await door.call(
             "auth", "/inside/x", headers=[("Authorization", token), ("Cookie", "theme=dark")]
@@ -361,7 +361,7 @@ async def test_a_paid_variants_authorization_and_cookie_go_in_their_own_lines(
             header(free, "X-L402-Authorization") is None and header(free, "X-L402-Cookie") is None
         )
     text = render("X-A", "Authorization", "cookie")
-    assert 'X-L402-Config "2 x-a authorization cookie"' in text
+    assert 'X-L402-Config "3 x-a authorization cookie"' in text
     # One line each per location to the origin, and no numbered slot for them.
     assert text.count("proxy_set_header Authorization ") == 4
     assert text.count("proxy_set_header Cookie ") == 4 and "proxy_set_header cookie" not in text
@@ -398,7 +398,7 @@ async def test_rerooting_headers_are_cleared_by_nginx_so_the_request_is_forwarde
     "config",
     [
         "2",  # made before the rules set any header
-        "2 x-l402-tier",  # made before X-Ad-Free was added
+        "3 x-l402-tier",  # made before X-Ad-Free was added
         "1 x-l402-tier x-ad-free",  # another version of the config (it cleared no
         # re-rooting headers: the service must not rely on it)
         "",  # not a config this l402proxy wrote
@@ -423,7 +423,7 @@ async def test_a_config_that_cannot_carry_what_the_rules_need_gets_503_for_every
 
 
 async def test_the_missing_header_is_named(door: Door) -> None:
-    answer = await door.call("answer", "/feed.xml", config="2 x-l402-tier")
+    answer = await door.call("answer", "/feed.xml", config="3 x-l402-tier")
     assert "x-ad-free" in answer.text
 
 
@@ -496,7 +496,7 @@ async def test_a_stale_config_is_logged_once_while_another_config_works(
     not make the stale one's problem log again on each request; once fixed, a new break is
     logged again."""
     caplog.set_level(logging.WARNING, logger="l402proxy.doors.nginx")
-    stale = "2 x-l402-tier"
+    stale = "3 x-l402-tier"
     for _ in range(3):
         assert (await door.call("answer", "/bonus/b1.mp3", config=stale)).status_code == 503
         assert (await door.call("auth", "/feed.xml")).status_code == 200
@@ -571,7 +571,10 @@ async def test_endpoints_are_answered_by_the_engine_with_the_body(door: Door) ->
 async def test_the_service_answers_only_its_own_paths(door: Door) -> None:
     async with door.client() as client:
         info = await client.get("/config")
-        assert info.json() == {"config_version": 2, "set_headers": ["X-L402-Tier", "X-Ad-Free"]}
+        assert info.json() == {
+            "config_version": nginx.CONFIG_VERSION,
+            "set_headers": ["X-L402-Tier", "X-Ad-Free"],
+        }
         assert (await client.get("/elsewhere")).status_code == 404
         # A call without nginx's headers is no request to judge (auth_request makes it a 500).
         assert (await client.get("/auth")).status_code == 400
@@ -634,7 +637,7 @@ def render(
 
 def test_the_config_carries_each_header_the_rules_set_in_numbered_slots() -> None:
     text = render("X-L402-Tier", "X-Ad-Free")
-    assert 'proxy_set_header X-L402-Config "2 x-l402-tier x-ad-free";' in text
+    assert 'proxy_set_header X-L402-Config "3 x-l402-tier x-ad-free";' in text
     assert "auth_request_set $l402_set_2 $upstream_http_x_l402_set_2;" in text
     # Every location that sends to the origin overrides them (empty: sent not at all).
     assert text.count("proxy_set_header X-Ad-Free $l402_set_2;") == 4

@@ -215,7 +215,7 @@ def test_an_unknown_l402_name_is_refused_with_the_name_meant(
 
 def test_a_name_far_from_any_option_lists_them() -> None:
     message = unknown_option("l402_zzzzzzzz", "server", OPTION_NAMES["server"])
-    assert message.startswith("unknown option l402_zzzzzzzz; the server addon has l402_backend, ")
+    assert message.startswith("unknown option l402_zzzzzzzz; the server addon has l402_admin, ")
 
 
 def test_other_addons_options_are_left_to_mitmproxy(tctx: taddons.context) -> None:

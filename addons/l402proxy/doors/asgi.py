@@ -21,6 +21,7 @@ import codecs
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 from urllib.parse import quote, unquote
@@ -29,6 +30,7 @@ from .. import paths, paywall
 from ..engine import Answer, Forward, Outcome, Paywall, Request, StartError
 from ..engine import answers as engine_answers
 from ..engine.request import Fields, encode, get, set_one
+from ..ops import Operations, OpsSettings
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +240,9 @@ class _FreeVariant:
         cookies = engine_answers.note_cookies(self.note)
         if cookies:
             fields = (*fields, *((b"set-cookie", encode(cookie)) for cookie in cookies))
+        dry_run = self.note.get("dry_run")
+        if dry_run is not None:
+            fields = set_one(fields, engine_answers.DRY_RUN_HEADER, dry_run)
         start = {**message, "headers": lower_names(fields)}
         if self.banner is not None and self._may_hold(start["status"], fields, message):
             self.held = start
@@ -294,17 +299,35 @@ class _FreeVariant:
             await self.send(message)
 
 
-def _paid_send(send: Send) -> Send:
-    """`send` for the paid variant: the response start marked private and varying by credential;
-    the body untouched."""
+def _paid_send(send: Send, dry_run: str | None = None) -> Send:
+    """`send` for the paid variant: the response start marked private and varying by credential
+    (and, in a dry run, saying so); the body untouched."""
 
     async def marked(message: Message) -> None:
         if message["type"] == "http.response.start":
             fields = engine_answers.mark_variant(fields_of(message.get("headers")), paid=True)
+            if dry_run is not None:
+                fields = set_one(fields, engine_answers.DRY_RUN_HEADER, dry_run)
             message = {**message, "headers": lower_names(fields)}
         await send(message)
 
     return marked
+
+
+def _timed_send(send: Send, engine: Paywall, service: str | None) -> Send:
+    """`send` that tells the engine's watchers how long the app took to start its answer."""
+    started = time.perf_counter()
+    told = False
+
+    async def timed(message: Message) -> None:
+        nonlocal told
+        if not told and message["type"] == "http.response.start":
+            told = True
+            seconds = time.perf_counter() - started
+            engine.watchers.tell("upstream_answered", "ASGI", service, seconds)
+        await send(message)
+
+    return timed
 
 
 class L402Middleware:
@@ -332,7 +355,26 @@ class L402Middleware:
         store: str | None = None,
         dev_ledger: str | None = None,
         offer_upgrade: bool = True,
+        metrics: str = "",
+        log_format: str = "text",
+        dry_run: bool = False,
+        admin: str = "",
+        admin_secret: str = "",
+        ops_remote: bool = False,
     ) -> None:
+        self.ops_settings = OpsSettings(
+            metrics=metrics,
+            log_format=log_format,
+            dry_run=dry_run,
+            admin=admin,
+            admin_secret=admin_secret,
+            allow_remote=ops_remote,
+        )
+        problems = self.ops_settings.problems()
+        if problems:
+            # Like a broken rules file: the app does not start with an option it cannot honour.
+            raise ValueError("; ".join(problem for _, problem in problems))
+        self.ops: Operations | None = None
         self.app = app
         self.rules_path = str(rules)
         self.backend_uri = backend
@@ -394,6 +436,10 @@ class L402Middleware:
             if self.loop is not None:
                 # The loop it was open on is gone (a test client's loop per request): what
                 # can be closed from here is, and a fresh engine serves this loop.
+                ops, self.ops = self.ops, None
+                if ops is not None:
+                    with contextlib.suppress(Exception):
+                        await ops.close()
                 await self._drop(self.engine)
                 self.loop, self._spent = None, True
             if loop.time() < self._retry_at:
@@ -416,8 +462,10 @@ class L402Middleware:
             self._spent = False
         try:
             await self.engine.open()
+            self.ops = Operations(self.ops_settings, "ASGI")
+            await self.ops.start(self.engine)
         except Exception as exc:
-            problems = exc.problems if isinstance(exc, StartError) else [f"{exc!r}"]
+            problems = exc.problems if isinstance(exc, StartError) else [str(exc) or repr(exc)]
             self._spent = True
             with contextlib.suppress(Exception):
                 await self.engine.close()  # whatever opened before the failure
@@ -430,6 +478,10 @@ class L402Middleware:
         if loop is None:
             return
         self.loop, self._spent = None, True
+        ops, self.ops = self.ops, None
+        if ops is not None:
+            with contextlib.suppress(Exception):
+                await ops.close()
         if loop.is_closed():
             await self._drop(self.engine)
         else:
@@ -566,9 +618,11 @@ class L402Middleware:
         if note is not None:
             variant = note.get("variant")
             if variant == "paid":
-                send = _paid_send(send)
+                send = _paid_send(send, note.get("dry_run"))
             elif variant == "free":
                 send = _FreeVariant(send, note, method)
+        if self.engine.watchers:
+            send = _timed_send(send, self.engine, note.get("service") if note else None)
         await self.app(forwarded_scope(scope, fields, outcome), receive, send)
 
     @staticmethod

@@ -35,6 +35,7 @@ from ..engine.request import (
 )
 from ..lightning import InvoiceBackend, LightningError
 from ..lightning.base import NodeInfo
+from ..ops import Operations, OpsError, OpsSettings
 from ..options import OptionGuard
 from ..rules import RulesError, RuleSet
 from ..store import TokenStore
@@ -157,6 +158,7 @@ class L402Server:
         self.engine = Paywall()
         # option -> why its value was refused at startup; while any is set, nothing is forwarded.
         self.misconfigured: dict[str, str] = {}
+        self.ops: Operations | None = None
 
     @property
     def root_key_for(self) -> Callable[[bytes], bytes]:
@@ -226,6 +228,7 @@ class L402Server:
             its response headers); past that the client gets a 504. 0 waits for ever.
             """,
         )
+        load_ops_options(loader)
         self.guard.take_deferred(loader)
 
     def configure(self, updated: set[str]) -> None:
@@ -246,6 +249,26 @@ class L402Server:
             self._configure_upstream(updated)
             self._configure_streaming(updated)
             self._check_host_rules(updated)
+            self._configure_ops(updated)
+
+    def _configure_ops(self, updated: set[str]) -> None:
+        """Metrics, JSON logs, dry run and the admin API (ops/): checked here, started in
+        running(). Only the dry run can change while running; the endpoints are bound once."""
+        if not updated & OPS_OPTIONS:
+            return
+        settings = ops_settings()
+        problems = dict(settings.problems(OPS_OPTION_NAMES))
+        for setting, option in OPS_OPTION_NAMES.items():
+            if option not in updated:
+                continue
+            if setting in problems:
+                self._refuse(option, problems[setting])
+            elif self.started and setting != "dry_run":
+                self._refuse(option, "cannot change while running: restart with the new value")
+            else:
+                self.guard.accept(option)
+        if "l402_dry_run" in updated and self.started:
+            self.engine.dry_run_option = settings.dry_run
 
     def _check_host_rules(self, updated: set[str]) -> None:
         """In reverse mode mitmproxy puts the origin's name into Host before any addon sees
@@ -349,8 +372,15 @@ class L402Server:
             return
         # The store is opened only here: another one needs a restart.
         self.guard.pin("l402_store")
+        self.ops = Operations(ops_settings(), "mitmproxy")
+        try:
+            await self.ops.start(self.engine)
+        except OpsError as exc:
+            log.error(f"l402: {exc}")
 
     async def done(self) -> None:
+        if self.ops is not None:
+            await self.ops.close()
         await self.engine.close()
 
     async def _reload_rules_if_changed(self) -> None:
@@ -398,6 +428,7 @@ class L402Server:
                 flow.request.headers.fields = kept
             return
         request = flow.request
+        flow.metadata[FORWARDED] = True
         if outcome.headers is not fields:
             request.headers.fields = outcome.headers
         if outcome.path is not None:
@@ -411,6 +442,14 @@ class L402Server:
             for name, value in outcome.set_headers:
                 request.headers[name] = value
 
+    def _tell_upstream(self, flow: http.HTTPFlow, note: dict[str, Any] | None) -> None:
+        """How long the origin took: from the request sent on to its response headers."""
+        assert flow.response is not None
+        sent = flow.request.timestamp_end or flow.request.timestamp_start
+        seconds = max(0.0, flow.response.timestamp_start - sent)
+        service = note.get("service") if note is not None else None
+        self.engine.watchers.tell("upstream_answered", "mitmproxy", service, seconds)
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """A 101 to anything but WebSocket would turn the connection into a raw tunnel past the
         paywall (see drop_upgrade, which should have kept it from being asked for)."""
@@ -423,8 +462,15 @@ class L402Server:
 
     def response(self, flow: http.HTTPFlow) -> None:
         note = flow.metadata.get("l402")
-        if note is None or flow.response is None:
+        if flow.response is None:
             return
+        if self.engine.watchers and flow.metadata.get(FORWARDED):
+            self._tell_upstream(flow, note)
+        if note is None:
+            return
+        dry_run = note.get("dry_run")
+        if dry_run is not None:
+            flow.response.headers[engine_answers.DRY_RUN_HEADER] = dry_run
         variant = note.get("variant")
         if variant == "paid":
             mark_variant(flow.response.headers, paid=True)
@@ -437,3 +483,90 @@ class L402Server:
             flow.response.headers.add("Set-Cookie", cookie)
         if offer and ctx.options.l402_offer_upgrade and flow.request.method.upper() != "HEAD":
             offer_upgrade(flow.response, offer)
+
+
+# flow.metadata key: the engine let this flow go on to the origin (its response is the origin's).
+FORWARDED = "l402_forwarded"
+
+# OpsSettings field -> the option that sets it.
+OPS_OPTION_NAMES = {
+    "metrics": "l402_metrics",
+    "log_format": "l402_log_format",
+    "dry_run": "l402_dry_run",
+    "admin": "l402_admin",
+    "admin_secret": "l402_admin_secret",
+    "allow_remote": "l402_ops_remote",
+}
+OPS_OPTIONS = frozenset(OPS_OPTION_NAMES.values())
+
+
+def load_ops_options(loader: Any) -> None:
+    loader.add_option(
+        "l402_metrics",
+        str,
+        "",
+        """
+        Serve Prometheus metrics at http://<host:port>/metrics, e.g. 127.0.0.1:9402 (off when
+        empty). Loopback only unless l402_ops_remote is set.
+        """,
+    )
+    loader.add_option(
+        "l402_log_format",
+        str,
+        "text",
+        """
+        text, or json: one JSON object per line on stderr for each of the paywall's log lines,
+        and a line per decision (grant, challenge, refusal, rate limit, unlock).
+        """,
+        choices=("text", "json"),
+    )
+    loader.add_option(
+        "l402_dry_run",
+        bool,
+        False,
+        """
+        Judge every request, log and count the decision, and forward the request all the same,
+        with X-L402-Dry-Run: <decision> on the response; no invoice is made. The rules file's
+        top-level "mode: dry_run" does the same.
+        """,
+    )
+    loader.add_option(
+        "l402_admin",
+        str,
+        "",
+        """
+        Serve the admin API and revenue page at http://<host:port>/, e.g. 127.0.0.1:9403 (off
+        when empty): tokens, revocation, services, revenue. Every call needs the bearer secret
+        of l402_admin_secret. Loopback only unless l402_ops_remote is set.
+        """,
+    )
+    loader.add_option(
+        "l402_admin_secret",
+        str,
+        "",
+        """
+        File holding the admin API's bearer secret; made (mode 0600) and shown once when it
+        does not exist. Default: admin-secret under $L402PROXY_HOME or ~/.l402proxy.
+        """,
+    )
+    loader.add_option(
+        "l402_ops_remote",
+        bool,
+        False,
+        """
+        Let l402_metrics and l402_admin listen on an address other machines can reach (put TLS
+        in front: the admin secret travels in every call).
+        """,
+    )
+
+
+def ops_settings() -> OpsSettings:
+    options = ctx.options
+    return OpsSettings(
+        metrics=options.l402_metrics,
+        log_format=options.l402_log_format,
+        dry_run=bool(options.l402_dry_run),
+        admin=options.l402_admin,
+        admin_secret=options.l402_admin_secret,
+        allow_remote=bool(options.l402_ops_remote),
+    )

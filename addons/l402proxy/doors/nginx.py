@@ -53,6 +53,7 @@ from .. import paywall
 from ..engine import Answer, Forward, Paywall, Request, StartError
 from ..engine.answers import VARIANT_VARY, page_answer
 from ..engine.request import REROOTING_HEADERS, Fields, decode, encode, vouched_name
+from ..ops import Operations, OpsError, OpsSettings
 from ..rules import Rule, RuleSet
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ log = logging.getLogger(__name__)
 # written by hand) gets 503s that say to regenerate it, never a half-understood verdict.
 # 2: Authorization and Cookie set by a paid variant go in their own lines (no numbered slot),
 # and the config clears the re-rooting headers toward the origin (the service relies on it).
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 DEFAULT_LISTEN = "127.0.0.1:8402"
 NO_UPSTREAM = "nginx sends every request to its own upstream; use rewrite_path or set_headers"
 # The prefix of every upstream, map and variable name of a printed config (--name): several
@@ -95,6 +96,8 @@ R_TARGET = b"x-l402-target"
 R_AUTHORIZATION = b"x-l402-authorization"
 R_COOKIE = b"x-l402-cookie"
 R_VARY = b"x-l402-vary"
+# A dry run: what the paywall would have done, sent back to the client as X-L402-Dry-Run.
+R_DRY_RUN = b"x-l402-dry-run"
 R_BANNER = b"x-l402-banner"
 R_ANSWER = b"x-l402-answer"
 R_SET = "x-l402-set-{}"  # one per set_headers name nginx carries, numbered from 1
@@ -477,6 +480,8 @@ class AuthService:
             ).for_method(request.method)
         note = forward.note
         variant = note.get("variant") if note is not None else None
+        if note is not None and note.get("dry_run") is not None:
+            headers.append((R_DRY_RUN, encode(note["dry_run"])))
         if variant == "paid":
             headers += [(R_ROUTE, b"paid"), (R_VARY, _VARY)]
             return 401, headers
@@ -677,13 +682,15 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(engine: Paywall, sock: socket.socket) -> None:
+async def serve(engine: Paywall, sock: socket.socket, settings: OpsSettings | None = None) -> None:
     """Open the engine, serve the auth service on `sock` until SIGINT/SIGTERM, close the
-    engine. StartError (nothing served) when the store or backend cannot be opened."""
+    engine. StartError (nothing served) when the store or backend cannot be opened, or an
+    operations endpoint (`settings`: metrics, admin) cannot start."""
     import uvicorn  # the service's own dependency; importing the door stays cheap
 
     stop = asyncio.Event()
     server: uvicorn.Server | None = None
+    ops = Operations(settings or OpsSettings(), "nginx")
 
     def on_signal(signum: int, frame: object) -> None:
         # uvicorn installs its own handlers while serving and raises the signal again
@@ -697,6 +704,10 @@ async def serve(engine: Paywall, sock: socket.socket) -> None:
         try:
             # Closed below also when it fails halfway (a store opened, a backend that is not).
             await engine.open()
+            try:
+                await ops.start(engine)
+            except OpsError as exc:
+                raise StartError([str(exc)]) from exc
             if stop.is_set():
                 return
             config = uvicorn.Config(
@@ -717,6 +728,7 @@ async def serve(engine: Paywall, sock: socket.socket) -> None:
             log.info(f"l402: auth service for nginx on {_address(host, port)}")
             await server.serve(sockets=[sock])
         finally:
+            await ops.close()
             await engine.close()
             if server is not None:
                 log.info("l402: auth service stopped")
@@ -739,10 +751,34 @@ def make_engine(rules: str, backend: str, store: str | None, dev_ledger: str) ->
     return engine
 
 
-def run_service(engine: Paywall, sock: socket.socket) -> list[str]:
-    """Serve until stopped; the problems that kept it from starting (empty: it ran)."""
+def run_service(
+    engine: Paywall,
+    sock: socket.socket,
+    *,
+    metrics: str = "",
+    log_format: str = "text",
+    dry_run: bool = False,
+    admin: str = "",
+    admin_secret: str = "",
+    ops_remote: bool = False,
+) -> list[str]:
+    """Serve until stopped; the problems that kept it from starting (empty: it ran). The
+    keywords are serve-auth's operations options (ops/: --metrics, --log-format, ...)."""
+    settings = OpsSettings(
+        metrics=metrics,
+        log_format=log_format,
+        dry_run=dry_run,
+        admin=admin,
+        admin_secret=admin_secret,
+        allow_remote=ops_remote,
+    )
+    names = {"metrics": "--metrics", "log_format": "--log-format", "admin": "--admin"}
+    problems = settings.problems(names)
+    if problems:
+        sock.close()
+        return [problem for _, problem in problems]
     try:
-        asyncio.run(serve(engine, sock))
+        asyncio.run(serve(engine, sock, settings))
     except StartError as exc:
         return exc.problems
     return []
@@ -864,6 +900,7 @@ def render_config(
         (f"{p}_cookie", "cookie"),
         (f"{p}_vary", "vary"),
         (f"{p}_banner", "banner"),
+        (f"{p}_dry_run", "dry_run"),
         *((f"{p}_clear_cookie_{n}", f"clear_cookie_{n}") for n in _clear_slots()),
         *((f"{p}_set_{n}", f"set_{n}") for n in range(1, len(slots) + 1)),
     ]
@@ -1008,12 +1045,14 @@ def render_config(
         "        proxy_hide_header Cache-Control;",
         f"        add_header Cache-Control ${p}_paid_cache_control always;",
         f"        add_header Vary ${p}_vary always;",
+        f"        add_header X-L402-Dry-Run ${p}_dry_run always;",
         "    }",
         "",
         "    location = /.l402/internal/free {",
         "        internal;",
         *_indent(to_origin, 2),
         f"        add_header Vary ${p}_vary always;",
+        f"        add_header X-L402-Dry-Run ${p}_dry_run always;",
         *(f"        add_header Set-Cookie ${p}_clear_cookie_{n} always;" for n in _clear_slots()),
         "    }",
         "",
@@ -1023,6 +1062,7 @@ def render_config(
         "        # sub_filter reads bodies as they come: ask the origin for no compression.",
         '        proxy_set_header Accept-Encoding "";',
         f"        add_header Vary ${p}_vary always;",
+        f"        add_header X-L402-Dry-Run ${p}_dry_run always;",
         *(f"        add_header Set-Cookie ${p}_clear_cookie_{n} always;" for n in _clear_slots()),
         f'        sub_filter "</body>" "${p}_banner_200</body>";',
         "        sub_filter_once on;",

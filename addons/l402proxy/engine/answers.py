@@ -17,6 +17,8 @@ from ..rules import PathError, Rule
 from .request import Fields, get, set_one
 
 RETRY_AFTER_SECONDS = 10
+# On a dry run's responses: what the paywall would have done (events.KINDS).
+DRY_RUN_HEADER = "X-L402-Dry-Run"
 
 
 @dataclass(slots=True)
