@@ -375,6 +375,11 @@ class L402Middleware:
             # Like a broken rules file: the app does not start with an option it cannot honour.
             raise ValueError("; ".join(problem for _, problem in problems))
         self.ops: Operations | None = None
+        if log_format == "json":
+            # From the first line on (the rules load below), for the life of the process.
+            from ..ops.jsonlog import use_json_logs
+
+            use_json_logs()
         self.app = app
         self.rules_path = str(rules)
         self.backend_uri = backend

@@ -159,6 +159,7 @@ class L402Server:
         # option -> why its value was refused at startup; while any is set, nothing is forwarded.
         self.misconfigured: dict[str, str] = {}
         self.ops: Operations | None = None
+        self._undo_json: Callable[[], None] | None = None
 
     @property
     def root_key_for(self) -> Callable[[bytes], bytes]:
@@ -232,6 +233,9 @@ class L402Server:
         self.guard.take_deferred(loader)
 
     def configure(self, updated: set[str]) -> None:
+        if "l402_log_format" in updated and not self.started:
+            # JSON from the paywall's first line (rules loaded, store opened), not from running().
+            self._use_log_format(ctx.options.l402_log_format)
         with self.guard.configuring(updated):
             if "l402_rules" in updated:
                 try:
@@ -250,6 +254,15 @@ class L402Server:
             self._configure_streaming(updated)
             self._check_host_rules(updated)
             self._configure_ops(updated)
+
+    def _use_log_format(self, value: str) -> None:
+        from ..ops.jsonlog import use_json_logs
+
+        if value == "json" and self._undo_json is None:
+            self._undo_json = use_json_logs()
+        elif value != "json" and self._undo_json is not None:
+            self._undo_json()
+            self._undo_json = None
 
     def _configure_ops(self, updated: set[str]) -> None:
         """Metrics, JSON logs, dry run and the admin API (ops/): checked here, started in
@@ -382,6 +395,9 @@ class L402Server:
         if self.ops is not None:
             await self.ops.close()
         await self.engine.close()
+        if self._undo_json is not None:
+            self._undo_json()
+            self._undo_json = None
 
     async def _reload_rules_if_changed(self) -> None:
         await self.engine.reload_rules_if_changed()

@@ -389,12 +389,13 @@ class Paywall:
     async def handle(self, request: Request) -> Outcome:
         """Answer the request, or say how to forward it. Never raises for a request: what the
         engine cannot judge is answered (503, fail closed), never forwarded."""
-        if not self.watchers:
-            return await self._handle(request)
         started = time.perf_counter()
         outcome = await self._handle(request)
-        seconds = time.perf_counter() - started
-        self.watchers.tell("decided", decision_of(self.door, request.method, outcome, seconds))
+        # Asked after, not before: a request that waited for open() is told to the watchers
+        # that started with it.
+        if self.watchers:
+            seconds = time.perf_counter() - started
+            self.watchers.tell("decided", decision_of(self.door, request.method, outcome, seconds))
         return outcome
 
     async def _handle(self, request: Request) -> Outcome:
@@ -513,6 +514,10 @@ class Paywall:
                 return self._forward_paid(request, fields, rule, {"freebie": True})
             case gate.Challenge() if self.dry_run:
                 # What a 402 would be, without its invoice: pretend() forwards the request.
+                # The mint limit is counted as when enforcing: a client over it would get 429.
+                limited = await self.mint_limited(request, rule)
+                if limited is not None:
+                    return limited
                 answer = Answer.make(decision.status, b"")
                 answer.note = {
                     "service": rule.name,
@@ -648,17 +653,9 @@ class Paywall:
             # The token row could not be recorded (revocation, listing, the unlock endpoint):
             # sell nothing until the store is back. Tokens sold before keep working.
             return unavailable(rule, "store", "the token store is unreachable", request.method)
-        limit = self.rules.invoice_limit
-        if limit is not None:
-            # Every 402 makes the backend create an invoice: a flood of requests must not
-            # become a flood of invoices.
-            wait = await self.counters.take_rate(
-                f"mint:{self.client_of(request)}", limit.interval, limit.burst, time.time()
-            )
-            if wait is not None:
-                answer = too_many_answer(wait, "new invoices").for_method(request.method)
-                answer.note = {"service": rule.name, "variant": "limited", "reason": "invoices"}
-                return answer
+        limited = await self.mint_limited(request, rule)
+        if limited is not None:
+            return limited
         started = time.perf_counter()
         try:
             invoice = await self.backend.create_invoice(
@@ -743,6 +740,22 @@ class Paywall:
             "status": challenge.status,
             "reason": challenge.reason,
         }
+        return answer
+
+    async def mint_limited(self, request: Request, rule: Rule) -> Answer | None:
+        """429 when the client is over the invoice-mint limit. Every 402 makes the backend
+        create an invoice: a flood of requests must not become a flood of invoices."""
+        assert self.rules is not None
+        limit = self.rules.invoice_limit
+        if limit is None:
+            return None
+        wait = await self.counters.take_rate(
+            f"mint:{self.client_of(request)}", limit.interval, limit.burst, time.time()
+        )
+        if wait is None:
+            return None
+        answer = too_many_answer(wait, "new invoices").for_method(request.method)
+        answer.note = {"service": rule.name, "variant": "limited", "reason": "invoices"}
         return answer
 
     def backend_called(self, operation: str, started: float, *, ok: bool) -> None:

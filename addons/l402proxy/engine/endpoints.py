@@ -114,6 +114,7 @@ async def unlock(engine: "Paywall", request: Request, notes: _Notes) -> Answer:
         )
     if preimage is None:
         assert engine.backend is not None
+        started = time.perf_counter()
         try:
             state = await engine.backend.lookup_invoice(identifier.payment_hash)
         except LookupUnsupported:
@@ -125,6 +126,7 @@ async def unlock(engine: "Paywall", request: Request, notes: _Notes) -> Answer:
                 },
             )
         except InvoiceNotFound:
+            engine.backend_called("lookup_invoice", started, ok=True)  # it answered
             return json_answer(
                 404,
                 {
@@ -133,6 +135,7 @@ async def unlock(engine: "Paywall", request: Request, notes: _Notes) -> Answer:
                 },
             )
         except LightningError as exc:
+            engine.backend_called("lookup_invoice", started, ok=False)
             log.warning(f"l402: cannot look up an invoice for {rule.name}: {exc}")
             return json_answer(
                 503,
@@ -142,6 +145,7 @@ async def unlock(engine: "Paywall", request: Request, notes: _Notes) -> Answer:
                 },
                 {"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
+        engine.backend_called("lookup_invoice", started, ok=True)
         if not state.settled or state.preimage is None:
             return json_answer(202, {"unlocked": False})
         preimage = state.preimage
