@@ -1,5 +1,6 @@
-"""`l402proxy`: decode L402 headers, drive the dev ledger, manage issued tokens, show what the
-client paid, check a Lightning backend; run the paywall behind nginx (`serve-auth`, and the
+"""`l402proxy`: decode L402 headers, drive the dev ledger, manage issued tokens and show the
+revenue (from the store, or from a running paywall's admin API with `--admin URL`), show what
+the client paid, check a Lightning backend; run the paywall behind nginx (`serve-auth`, and the
 `nginx-config` that asks it).
 
 JSON on stdout (`backend check`: one line, JSON with --json); on bad input a one-line error on
@@ -28,6 +29,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 from . import paths
 from .l402.headers import parse_challenges, parse_credential
@@ -226,6 +228,167 @@ async def tokens_revoke(store_uri: str, ref: str) -> dict[str, Any]:
     return {"revoked": [token.to_json() for token in revoked]}
 
 
+async def revenue_from_store(
+    store_uri: str, since: float, until: float, bucket: str, service: str | None
+) -> dict[str, Any]:
+    from .ops.admin import revenue_report
+
+    store = await open_server_store(store_uri)
+    try:
+        return await revenue_report(store, since, until, bucket, service)
+    finally:
+        await store.close()
+
+
+# -- the admin API as the CLI's other source (--admin URL) -------------------------------------
+
+ADMIN_TIMEOUT = 20.0
+
+
+def admin_base(url: str) -> str:
+    """The admin API's base URL ("http://host:port/", any path prefix kept); CliError for
+    what is no such URL, or one that would send the secret in the clear over a network."""
+    from .ops.listen import is_loopback
+
+    text = url.strip()
+    parts = urlsplit(text)
+    try:
+        parts.port  # noqa: B018 (raises ValueError for a bad port)
+    except ValueError:
+        raise CliError(f"--admin: bad port in {url!r}", EXIT_BAD_INPUT) from None
+    if parts.fragment:
+        raise CliError(
+            "--admin: leave out the #... part (the page's secret): give the secret with "
+            "--admin-secret-file or $L402PROXY_ADMIN_SECRET",
+            EXIT_BAD_INPUT,
+        )
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.query:
+        raise CliError(
+            f"--admin: expected a URL like http://127.0.0.1:9403, got {url!r}", EXIT_BAD_INPUT
+        )
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise CliError(
+            f"--admin: http:// to {parts.hostname} would send the admin secret in the clear; "
+            "use https:// (TLS in front of the admin API) or a loopback address",
+            EXIT_BAD_INPUT,
+        )
+    return text.rstrip("/") + "/"
+
+
+def admin_secret_for_cli(file: str | None) -> str:
+    """--admin-secret-file, else $L402PROXY_ADMIN_SECRET, else the default file: never made
+    here (the running paywall makes it)."""
+    from .ops.admin import (
+        SECRET_ENV,
+        AdminSecretError,
+        check_secret,
+        default_admin_secret_path,
+        read_admin_secret,
+    )
+
+    try:
+        if file is None:
+            value = os.environ.get(SECRET_ENV, "").strip()
+            if value:
+                return check_secret(value, f"${SECRET_ENV}")
+            file = default_admin_secret_path()
+        return read_admin_secret(file)
+    except FileNotFoundError:
+        raise CliError(
+            f"no admin secret in {file}: give --admin-secret-file FILE or set ${SECRET_ENV}",
+            EXIT_BAD_INPUT,
+        ) from None
+    except AdminSecretError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
+
+
+def admin_call(
+    args: argparse.Namespace, method: str, path: str, params: dict[str, Any] | None = None
+) -> Any:
+    """One admin API call; its JSON, or CliError in one line (refused secret, unreachable,
+    the API's own error)."""
+    import httpx
+
+    base = admin_base(args.admin)
+    secret = admin_secret_for_cli(args.admin_secret_file)
+    shown = base.rstrip("/")
+    try:
+        # trust_env=False: no proxy from the environment sees the bearer secret.
+        with httpx.Client(trust_env=False, timeout=ADMIN_TIMEOUT) as client:
+            response = client.request(
+                method,
+                base + path,
+                params={k: v for k, v in (params or {}).items() if v is not None},
+                headers={"Authorization": f"Bearer {secret}", "Accept": "application/json"},
+            )
+    except httpx.TimeoutException:
+        raise CliError(
+            f"the admin API at {shown} did not answer within {ADMIN_TIMEOUT:g} s"
+        ) from None
+    except httpx.HTTPError as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CliError(f"cannot reach the admin API at {shown}: {why}") from None
+    if response.status_code == 401:
+        raise CliError(
+            f"the admin API at {shown} refused the secret (401): check --admin-secret-file "
+            "or $L402PROXY_ADMIN_SECRET"
+        )
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise CliError(
+            f"the admin API at {shown} answered {response.status_code} without its JSON: is "
+            "that an l402proxy admin API?"
+        )
+    if not response.is_success:
+        message = str(body.get("error") or response.reason_phrase).splitlines()[0]
+        raise CliError(f"admin API: {message} ({response.status_code})")
+    return body
+
+
+def admin_field(body: dict[str, Any], name: str) -> Any:
+    if name not in body:
+        raise CliError(f"the admin API's answer has no {name!r}: is it an l402proxy admin API?")
+    return body[name]
+
+
+def tokens_command(args: argparse.Namespace) -> Any:
+    """`tokens list|revoke`: from the store, or from a running paywall's admin API."""
+    if args.admin is not None:
+        if args.store is not None:
+            raise CliError("give --store or --admin, not both", EXIT_BAD_INPUT)
+        if args.tokens_command == "list":
+            params = {"service": args.service, "limit": args.limit}
+            return admin_field(admin_call(args, "GET", "api/tokens", params), "tokens")
+        path = f"api/tokens/{quote(args.ref.strip(), safe='')}/revoke"
+        return {"revoked": admin_field(admin_call(args, "POST", path), "revoked")}
+    store = args.store or paths.default_server_store()
+    if args.tokens_command == "list":
+        return run_async(lambda: tokens_list(store, args.service, args.limit))
+    return run_async(lambda: tokens_revoke(store, args.ref))
+
+
+def revenue_command(args: argparse.Namespace) -> Any:
+    """`revenue`: per service and bucket, from the store or a running paywall's admin API.
+    Times are read here (relative ones against this machine's clock) and sent as epochs."""
+    from .ops.admin import BadQuery, revenue_range
+
+    try:
+        since, until, bucket = revenue_range(args.since, args.until, args.bucket, time.time())
+    except BadQuery as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
+    if args.admin is not None:
+        if args.store is not None:
+            raise CliError("give --store or --admin, not both", EXIT_BAD_INPUT)
+        params = {"since": repr(since), "until": repr(until), "bucket": bucket}
+        params["service"] = args.service
+        return admin_call(args, "GET", "api/revenue", params)
+    store = args.store or paths.default_server_store()
+    return run_async(lambda: revenue_from_store(store, since, until, bucket, args.service))
+
+
 def rules_check(path: str) -> dict[str, Any]:
     """What a rules file prices, or its first problem with file and line."""
     try:
@@ -404,6 +567,28 @@ def build_parser() -> argparse.ArgumentParser:
         "server store path or URI (default: server.sqlite under $L402PROXY_HOME or ~/.l402proxy)"
     )
     shared_option(tokens, tokens_commands.choices.values(), "--store", help=server_store_help)
+    for leaf in (listing, revoke):
+        add_admin_options(leaf)
+
+    revenue = commands.add_parser(
+        "revenue", help="tokens sold and sats earned per service over time (paid tokens)"
+    )
+    revenue.add_argument(
+        "--since",
+        default=None,
+        help="epoch seconds, an ISO 8601 date or time (UTC unless it says), or a duration back "
+        "from now (24h, 7d); default 48h (--bucket hour) or 30d (--bucket day)",
+    )
+    revenue.add_argument("--until", default=None, help="as --since (default: now)")
+    revenue.add_argument(
+        "--bucket",
+        choices=("hour", "day"),
+        default="hour",
+        help="one row per service and hour or UTC day (default hour)",
+    )
+    revenue.add_argument("--service", default=None, help="only this service")
+    revenue.add_argument("--store", default=None, help=server_store_help)
+    add_admin_options(revenue)
 
     backend = commands.add_parser("backend", help="Lightning backends and wallets")
     backend_commands = backend.add_subparsers(dest="backend_command", required=True)
@@ -447,6 +632,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_auth_cmd.add_argument("--store", default=None, help=server_store_help)
     serve_auth_cmd.add_argument("--dev-ledger", default=None, help=ledger_help)
+    serve_auth_cmd.add_argument(
+        "--metrics",
+        default="",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9402)",
+    )
+    serve_auth_cmd.add_argument(
+        "--log-format",
+        default="text",
+        help="text, or json: one JSON object per log line and a line per decision",
+    )
+    serve_auth_cmd.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="judge every request and log and count the decision, but let everything through",
+    )
+    serve_auth_cmd.add_argument(
+        "--admin",
+        default="",
+        metavar="HOST:PORT",
+        help="serve the admin API and revenue page at http://HOST:PORT/ (e.g. 127.0.0.1:9403)",
+    )
+    serve_auth_cmd.add_argument(
+        "--admin-secret",
+        default="",
+        metavar="FILE",
+        help="the admin API's bearer secret (default: admin-secret under $L402PROXY_HOME or "
+        "~/.l402proxy; made, mode 0600, when missing)",
+    )
+    serve_auth_cmd.add_argument(
+        "--ops-remote",
+        action="store_true",
+        help="let --metrics and --admin listen where other machines can reach them",
+    )
 
     nginx_config_cmd = commands.add_parser(
         "nginx-config",
@@ -483,6 +702,22 @@ def build_parser() -> argparse.ArgumentParser:
         "(default /etc/ssl/certs/ca-certificates.crt)",
     )
     return parser
+
+
+def add_admin_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--admin",
+        default=None,
+        metavar="URL",
+        help="ask a running paywall's admin API (e.g. http://127.0.0.1:9403) instead of the store",
+    )
+    parser.add_argument(
+        "--admin-secret-file",
+        default=None,
+        metavar="FILE",
+        help="the admin API's bearer secret (default: $L402PROXY_ADMIN_SECRET, else "
+        "admin-secret under $L402PROXY_HOME or ~/.l402proxy)",
+    )
 
 
 def run_async(job: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
@@ -526,7 +761,16 @@ def serve_auth(args: argparse.Namespace) -> Exit:
         sock = nginx.bind(host, port)
     except OSError as exc:
         raise CliError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
-    problems = nginx.run_service(engine, sock)
+    problems = nginx.run_service(
+        engine,
+        sock,
+        metrics=args.metrics,
+        log_format=args.log_format,
+        dry_run=args.dry_run,
+        admin=args.admin,
+        admin_secret=args.admin_secret,
+        ops_remote=args.ops_remote,
+    )
     for problem in problems:
         print(f"l402proxy: {problem}", file=sys.stderr)
     return Exit(EXIT_FAILED if problems else 0)
@@ -637,10 +881,9 @@ def run(args: argparse.Namespace) -> Any:
         if args.wallet_command == "tokens":
             return run_async(lambda: wallet_tokens(client_store, args.limit))
         return run_async(lambda: wallet_spent(client_store))
-    store = args.store or paths.default_server_store()
-    if args.tokens_command == "list":
-        return run_async(lambda: tokens_list(store, args.service, args.limit))
-    return run_async(lambda: tokens_revoke(store, args.ref))
+    if args.command == "revenue":
+        return revenue_command(args)
+    return tokens_command(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

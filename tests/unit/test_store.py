@@ -4,6 +4,7 @@ import sqlite3
 import stat
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from l402proxy.store import (
     sqlite_path_from_uri,
 )
 from l402proxy.store import sqlite as store_sqlite
+from l402proxy.store.database import RevenueRow
 from tests.postgres import PostgresServer
 
 # The contract: what every server store does, whatever its database. Tests that take `store`,
@@ -320,6 +322,215 @@ async def test_a_sighting_written_before_the_token_row_is_kept(
     assert listed.paid_at == 100.0
     [revoked] = await store.revoke(token.token_id.hex(), 789.0)
     assert revoked.paid_at == 100.0
+
+
+# --- flush: who made a token paid (each sale counted once) ----------------------------------
+
+
+def ids(tokens: list[IssuedToken]) -> list[bytes]:
+    return [t.token_id for t in tokens]
+
+
+async def test_flush_returns_the_tokens_it_made_paid_once(store: TokenStore) -> None:
+    sold, unpaid = make_token(price_sat=21), make_token()
+    store.note_issued(sold)
+    store.note_issued(unpaid)
+    store.note_paid(sold.token_id, 2_000.0)
+    [settled] = await store.flush()
+    assert settled.token_id == sold.token_id
+    assert (settled.service, settled.price_sat, settled.paid_at) == ("podcast", 21, 2_000.0)
+    # Seen paid again (an earlier sighting, even): the sale is already counted.
+    store.note_paid(sold.token_id, 1_000.0)
+    assert await store.flush() == []
+    assert await store.flush() == []  # nothing queued
+
+
+async def test_the_instance_that_completes_a_sale_counts_it_whatever_the_order(
+    store: TokenStore, other: TokenStore
+) -> None:
+    """A paid token needs its issued row (written by the seller) and a sighting (written by
+    whoever saw it paid): whichever instance writes the second of the two counts the sale."""
+    row_first, sighting_first = make_token(), make_token()
+    store.note_issued(row_first)
+    other.note_paid(sighting_first.token_id, 10.0)
+    assert await store.flush() == []
+    assert await other.flush() == []  # its row is not written yet: not paid yet
+    other.note_paid(row_first.token_id, 11.0)
+    store.note_issued(sighting_first)
+    assert ids(await other.flush()) == [row_first.token_id]
+    assert ids(await store.flush()) == [sighting_first.token_id]
+    assert await store.flush() == [] and await other.flush() == []
+
+
+async def test_instances_flushing_together_count_each_sale_once(
+    store: TokenStore, other: TokenStore
+) -> None:
+    """The seller writes its rows while another instance writes the sightings of the same
+    tokens, at the same time: neither may miss that the other's write completed a sale
+    (PostgreSQL: two transactions each reading before the other commits), nor may both count
+    it."""
+    tokens = [make_token() for _ in range(40)]
+    counted: list[bytes] = []
+    for round_ in range(4):
+        batch = tokens[round_ * 10 : (round_ + 1) * 10]
+        for token in batch:
+            store.note_issued(token)
+            other.note_paid(token.token_id, 100.0 + round_)
+        results = await asyncio.gather(store.flush(), other.flush())
+        counted += [t for result in results for t in ids(result)]
+    assert sorted(counted) == sorted(ids(tokens))
+
+
+async def test_a_token_issued_paid_counts_as_sold(store: TokenStore) -> None:
+    """paid_at in the issued row (what schema version 1 wrote) is as good as a sighting."""
+    token = replace(make_token(), paid_at=50.0)
+    store.note_issued(token)
+    assert ids(await store.flush()) == [token.token_id]
+    store.note_paid(token.token_id, 40.0)
+    assert await store.flush() == []
+
+
+async def test_sales_written_by_other_calls_are_returned_by_the_next_flush(
+    store: TokenStore,
+) -> None:
+    """list_tokens, revoke and revenue write the queue first: the sales they write are still
+    told by flush(), so the engine counts them."""
+    listed, revoked, seen = make_token(), make_token(), make_token()
+    for token in (listed, revoked, seen):
+        store.note_issued(token)
+        store.note_paid(token.token_id, 500.0)
+        if token is listed:
+            await store.list_tokens()
+        elif token is revoked:
+            await store.revoke(token.token_id.hex(), 600.0)
+        else:
+            await store.revenue(0, 1_000, 3600)
+    assert sorted(ids(await store.flush())) == sorted(ids([listed, revoked, seen]))
+    assert await store.flush() == []
+
+
+async def test_a_failed_flush_tells_its_sales_when_it_is_written(
+    sqlite_store: ServerStore, db_path: Path
+) -> None:
+    store = sqlite_store
+    token = make_token()
+    store.note_issued(token)
+    store.note_paid(token.token_id, 7.0)
+    assert store._db is not None
+    await store._db.execute("PRAGMA busy_timeout = 0")
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreError, match="locked"):
+            await store.flush()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert ids(await store.flush()) == [token.token_id]
+
+
+# --- revenue --------------------------------------------------------------------------------
+
+HOUR = 3600
+
+
+def sold(store: TokenStore, service: str, price_sat: int, paid_at: float) -> IssuedToken:
+    token = make_token(service=service, price_sat=price_sat)
+    store.note_issued(token)
+    store.note_paid(token.token_id, paid_at)
+    return token
+
+
+def table(rows: list[RevenueRow]) -> list[tuple[float, str, int, int]]:
+    return [(r.start, r.service, r.tokens_sold, r.sats) for r in rows]
+
+
+async def test_revenue_per_bucket_and_service(store: TokenStore, other: TokenStore) -> None:
+    base = 1_700_000_000 // HOUR * HOUR  # an hour's start
+    sold(store, "podcast", 21, base + 10)
+    sold(store, "podcast", 21, base + HOUR - 1)
+    sold(store, "api", 5, base + 20)
+    sold(store, "api", 50, base + 2 * HOUR)
+    store.note_issued(make_token(service="api", price_sat=5))  # never paid: no sale
+    await store.flush()
+    sold(other, "podcast", 100, base + HOUR + 5)  # still queued: revenue() writes it first
+
+    rows = await other.revenue(base, base + 3 * HOUR, HOUR)
+
+    assert table(rows) == [
+        (base, "api", 1, 5),
+        (base, "podcast", 2, 42),
+        (base + HOUR, "podcast", 1, 100),
+        (base + 2 * HOUR, "api", 1, 50),
+    ]
+    assert all(isinstance(r.start, float) for r in rows)
+    assert table(await store.revenue(base, base + 3 * HOUR, HOUR, "api")) == [
+        (base, "api", 1, 5),
+        (base + 2 * HOUR, "api", 1, 50),
+    ]
+    assert table(await store.revenue(base, base + 3 * HOUR, 86_400, "podcast")) == [
+        (base // 86_400 * 86_400, "podcast", 3, 142)
+    ]
+    assert await store.revenue(base, base + 3 * HOUR, HOUR, "nothing") == []
+    assert rows[0].to_json() == {"start_at": base, "service": "api", "tokens_sold": 1, "sats": 5}
+
+
+async def test_revenue_range_is_since_inclusive_until_exclusive(store: TokenStore) -> None:
+    for at in (999.0, 1_000.0, 1_999.5, 2_000.0):
+        sold(store, "podcast", 1, at)
+    assert table(await store.revenue(1_000, 2_000, 100)) == [
+        (1_000.0, "podcast", 1, 1),
+        (1_900.0, "podcast", 1, 1),
+    ]
+
+
+async def test_revenue_counts_a_sale_at_its_first_sighting(store: TokenStore) -> None:
+    """Seen paid at several times (several instances, a row with a version 1 paid_at): the
+    sale happened at the earliest, counted once, and revoking it later takes nothing back."""
+    token = sold(store, "podcast", 21, 5_000.0)
+    store.note_paid(token.token_id, 1_500.0)
+    legacy = replace(make_token(price_sat=7), paid_at=1_200.0)
+    store.note_issued(legacy)
+    store.note_paid(legacy.token_id, 3_000.0)
+    await store.flush()
+    await store.revoke(token.token_id.hex(), 6_000.0)
+    assert table(await store.revenue(1_000, 10_000, 1_000)) == [(1_000.0, "podcast", 2, 28)]
+
+
+@pytest.mark.parametrize(
+    ("since", "until", "bucket", "message"),
+    [
+        (0, 100, 0, "at least 1 second"),
+        (0, 100, 1.5, "whole number"),
+        (100, 100, 10, "must be after since"),
+        (200, 100, 10, "must be after since"),
+        (-5, 100, 10, "since must be an epoch time"),
+        (0, float("inf"), 10, "until must be an epoch time"),
+        (0, float("nan"), 10, "until must be an epoch time"),
+        (0, 10_000 * HOUR, HOUR, "at most 10000"),
+    ],
+)
+async def test_revenue_refuses_bad_ranges(
+    store: TokenStore, since: float, until: float, bucket: int, message: str
+) -> None:
+    with pytest.raises(StoreError, match=message):
+        await store.revenue(since, until, bucket)
+
+
+async def test_revenue_accepts_the_largest_range(store: TokenStore) -> None:
+    sold(store, "podcast", 3, 9_999 * HOUR - 1)
+    rows = await store.revenue(0, 9_999 * HOUR, HOUR)
+    assert table(rows) == [(9_998.0 * HOUR, "podcast", 1, 3)]
+
+
+async def test_revenue_reads_a_version_1_database(db_path: Path) -> None:
+    token = make_token(price_sat=13)
+    write_version_1_database(db_path, token, os.urandom(32))  # paid_at 6.0 in the row
+    opened = await ServerStore.open(str(db_path))
+    try:
+        assert table(await opened.revenue(0, 100, 10)) == [(0.0, "podcast", 1, 13)]
+    finally:
+        await opened.close()
 
 
 async def test_close_flushes_the_queue(store_uri: str) -> None:

@@ -143,7 +143,9 @@ class Operations:
         )
         path = self.settings.admin_secret or default_admin_secret_path()
         secret, created = admin_secret(path)
-        server = await AdminServer.start(self.engine, host, port, secret)
+        server = await AdminServer.start(
+            self.engine, host, port, secret, allow_remote=self.settings.allow_remote
+        )
         self.servers.append(server)
         self.admin_port = server.port
         url = f"http://{_shown(host)}:{server.port}/"

@@ -5,6 +5,7 @@ interface the engine and the CLI use (`TokenStore`)."""
 
 import asyncio
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -32,6 +33,19 @@ _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 
 class StoreError(Exception):
     """A store problem worth showing to the user as is (no secrets in the message)."""
+
+
+class BadTokenRef(StoreError):
+    """A token reference that is not hex, or too short or long to be one (the caller's fault,
+    not the database's)."""
+
+
+class UnknownTokenRef(StoreError):
+    """A token reference that matches no issued token."""
+
+
+class AmbiguousTokenRef(StoreError):
+    """A token reference (a prefix) that matches several issued tokens."""
 
 
 def sqlite_path_from_uri(uri: str, default: str) -> Path:
@@ -275,6 +289,12 @@ MIN_PREFIX_LEN = 8
 # under way this long: the engine flushes every 0.25 s, so a database that hangs (accepts and
 # never answers) stops the selling within this time, not after a flush's whole timeout.
 STALL_SECONDS = 2.0
+# revenue(): at most this many buckets in one answer (an hour each over 13 months, a day each
+# over 27 years), so that a query string cannot ask for a huge table.
+MAX_REVENUE_BUCKETS = 10_000
+# The settled tokens a store keeps for the next flush() to return: drained every 0.25 s by the
+# engine; the bound only matters for a store nobody drains (the CLI's).
+MAX_SETTLED_KEPT = 100_000
 
 
 @dataclass(frozen=True)
@@ -318,6 +338,46 @@ class IssuedToken:
         }
 
 
+@dataclass(frozen=True)
+class RevenueRow:
+    """What one service sold in one bucket of time: the tokens first seen paid in
+    [start, start + bucket) and the sats they were sold for. `start` is epoch seconds, a
+    multiple of the bucket's length (hours and days begin on UTC boundaries)."""
+
+    start: float
+    service: str
+    tokens_sold: int
+    sats: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "start_at": self.start,
+            "service": self.service,
+            "tokens_sold": self.tokens_sold,
+            "sats": self.sats,
+        }
+
+
+def check_revenue_range(since: float, until: float, bucket_seconds: int) -> None:
+    """StoreError (one line) unless [since, until) cut into `bucket_seconds` buckets is a range
+    revenue() answers: finite, not before 1970, not empty, at most MAX_REVENUE_BUCKETS."""
+    if isinstance(bucket_seconds, bool) or not isinstance(bucket_seconds, int):
+        raise StoreError(f"bucket must be a whole number of seconds, got {bucket_seconds!r}")
+    if bucket_seconds < 1:
+        raise StoreError(f"bucket must be at least 1 second, got {bucket_seconds}")
+    for name, value in (("since", since), ("until", until)):
+        if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise StoreError(f"{name} must be an epoch time in seconds, got {value!r}")
+    if until <= since:
+        raise StoreError(f"until ({until:g}) must be after since ({since:g})")
+    buckets = math.floor(until / bucket_seconds) - math.floor(since / bucket_seconds) + 1
+    if buckets > MAX_REVENUE_BUCKETS:
+        raise StoreError(
+            f"{buckets} buckets of {bucket_seconds} s from since to until: at most "
+            f"{MAX_REVENUE_BUCKETS}; ask for a shorter range or longer buckets"
+        )
+
+
 def token_from_row(row: Sequence[Any]) -> IssuedToken:
     """An IssuedToken from (token_id, payment_hash, service, price_sat, created_at,
     valid_until, paid_at, revoked_at)."""
@@ -354,14 +414,14 @@ def normalize_ref(ref: str) -> str:
     hex; StoreError says what is wrong with it."""
     text = ref.strip().lower()
     if not re.fullmatch(r"[0-9a-f]+", text):
-        raise StoreError(f"token reference '{ref}' is not hexadecimal")
+        raise BadTokenRef(f"token reference '{ref}' is not hexadecimal")
     if len(text) < MIN_PREFIX_LEN:
-        raise StoreError(
+        raise BadTokenRef(
             f"token reference '{ref}' is too short: give at least {MIN_PREFIX_LEN} hex "
             "characters of a token id or payment hash"
         )
     if len(text) > 2 * ID_SIZE:
-        raise StoreError(f"token reference '{ref}' is longer than a token id (64 hex characters)")
+        raise BadTokenRef(f"token reference '{ref}' is longer than a token id (64 hex characters)")
     return text
 
 
@@ -372,7 +432,7 @@ def revocation_target(ref: str, prefix: str, matches: Sequence[IssuedToken]) -> 
     lost; the result then has recorded=False.
     """
     if len(matches) > 1:
-        raise StoreError(
+        raise AmbiguousTokenRef(
             f"'{ref}' is ambiguous: it matches {len(matches)} issued tokens; give more characters"
         )
     if matches:
@@ -387,7 +447,7 @@ def revocation_target(ref: str, prefix: str, matches: Sequence[IssuedToken]) -> 
             valid_until=None,
             recorded=False,
         )
-    raise StoreError(f"no issued token matches '{ref}'")
+    raise UnknownTokenRef(f"no issued token matches '{ref}'")
 
 
 def warn_unrecorded(token: IssuedToken, prefix: str) -> None:
@@ -461,6 +521,9 @@ class RecordQueue(ABC):
         self._queued_at: float | None = None
         # When each flush now under way began (a SQLite store may run two at once).
         self._flights: list[float] = []
+        # Tokens a write of the queue was first to mark paid, kept until flush() returns them
+        # (list_tokens, revoke and revenue write the queue too, and must not swallow them).
+        self._settled: list[IssuedToken] = []
 
     @abstractmethod
     def _check_open(self) -> None:
@@ -562,14 +625,36 @@ class RecordQueue(ABC):
     def _set_healthy(self, ok: bool) -> None:
         self._healthy = ok
 
+    def _keep_settled(self, tokens: Sequence[IssuedToken]) -> None:
+        """Keep what a write first marked paid for the next flush() to return."""
+        self._settled.extend(tokens)
+        if len(self._settled) > MAX_SETTLED_KEPT:
+            del self._settled[: len(self._settled) - MAX_SETTLED_KEPT]
+
+    def _take_settled(self) -> list[IssuedToken]:
+        settled, self._settled = self._settled, []
+        return settled
+
 
 class TokenStore(Protocol):
-    """What the engine and the CLI use of a server store: `open_server_store(uri)` returns one
-    (store/sqlite.py's ServerStore or store/postgres.py's PostgresServerStore).
+    """What the engine, the admin API and the CLI use of a server store: `open_server_store(uri)`
+    returns one (store/sqlite.py's ServerStore or store/postgres.py's PostgresServerStore).
 
     Every method that reaches the database raises StoreError (one line, no password) when it
     cannot; note_issued/note_paid never wait and raise only ValueError for a malformed record
     (or StoreError once closed).
+
+    A token is paid once its issuance record and a paid sighting (note_paid) are both written,
+    whichever comes first and whichever instance writes them. `flush()` writes the queue and
+    returns the tokens this store was the FIRST to make paid (since the last flush(): writes
+    that list_tokens, revoke and revenue make are included), so that each sale is counted
+    once across every instance sharing the database. A batch whose commit succeeded but whose
+    answer was lost is retried and then counts nothing: a sale may go uncounted, never twice.
+
+    `revenue(since, until, bucket_seconds, service)`: the paid tokens whose paid_at (first
+    sighting) is in [since, until), per service and per bucket of `bucket_seconds` starting
+    at a multiple of it since the epoch, oldest first; StoreError for a bad range or more than
+    MAX_REVENUE_BUCKETS buckets (check_revenue_range). Revoked tokens count: they were sold.
     """
 
     max_pending: int
@@ -583,11 +668,14 @@ class TokenStore(Protocol):
     async def secret(self) -> bytes: ...
     def note_issued(self, token: IssuedToken) -> None: ...
     def note_paid(self, token_id: bytes, when: float) -> None: ...
-    async def flush(self) -> None: ...
+    async def flush(self) -> list[IssuedToken]: ...
     async def revoke(self, ref: str, when: float) -> list[IssuedToken]: ...
     async def revocations_since(self, cursor: int) -> tuple[int, set[bytes]]: ...
     async def wait_for_revocations(self, timeout: float) -> None: ...
     async def list_tokens(
         self, *, service: str | None = None, limit: int = 100
     ) -> list[IssuedToken]: ...
+    async def revenue(
+        self, since: float, until: float, bucket_seconds: int, service: str | None = None
+    ) -> list[RevenueRow]: ...
     async def close(self) -> None: ...

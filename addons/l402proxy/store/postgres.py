@@ -15,7 +15,9 @@ database, so that a token bought at one instance works at all of them.
   nothing queued, a probe) sets it again. What a flush wrote is committed: nothing is lost.
   `healthy` is also False while a record has waited, or a flush has run, over STALL_SECONDS.
 - Paid sightings are upserted into a table of their own (MIGRATIONS, version 3), so that one
-  written before the token's row (another instance sold it) is not lost.
+  written before the token's row (another instance sold it) is not lost. `flush()` returns the
+  tokens this instance was the first to make paid (its sighting, or its row joining another's
+  sighting): flushes that write sightings take SETTLE_LOCK alone, so each sale counts once.
 - Schema: versioned migrations like the SQLite ones, the version in `l402_schema_version`.
   Instances starting together serialize on an advisory lock, so each step runs once; a database
   from a newer l402proxy is refused, untouched. The secret is inserted once (ON CONFLICT DO
@@ -60,7 +62,9 @@ from l402proxy.store.database import (
     SECRET_SIZE,
     IssuedToken,
     RecordQueue,
+    RevenueRow,
     StoreError,
+    check_revenue_range,
     normalize_ref,
     prefix_range,
     revocation_target,
@@ -88,9 +92,11 @@ RECONNECT_FIRST_DELAY = 0.1
 RECONNECT_MAX_DELAY = 2.0
 
 CHANNEL = "l402proxy_revocations"
-# pg_advisory_xact_lock keys ("L402MIGR", "L402RVKE"): one for migrating, one for revoking.
+# pg_advisory_xact_lock keys ("L402MIGR", "L402RVKE", "L402STLE"): one for migrating, one for
+# revoking, one for flushes (see flush(): who was first to make a token paid).
 MIGRATION_LOCK = 0x4C3430324D494752
 REVOKE_LOCK = 0x4C34303252564B45
+SETTLE_LOCK = 0x4C34303253544C45
 
 SERVER_SETTINGS = {"application_name": "l402proxy"}
 
@@ -207,6 +213,14 @@ MIGRATIONS: list[Sequence[str]] = [
         )
         """,
     ),
+    # Version 4: revenue() reads the paid tokens of a time range by when they were paid: the
+    # sightings, and the few issued rows versions 1-2 wrote a paid_at into (partial: the rest
+    # of that column is NULL, one row per 402).
+    (
+        "CREATE INDEX l402_paid_sightings_paid_at ON l402_paid_sightings (paid_at)",
+        "CREATE INDEX l402_issued_tokens_paid_at ON l402_issued_tokens (paid_at)"
+        " WHERE paid_at IS NOT NULL",
+    ),
 ]
 
 # LEAST skips NULLs: the earliest sighting, wherever it was written.
@@ -216,6 +230,36 @@ _TOKEN_SELECT = (
     " LEFT JOIN l402_paid_sightings s ON s.token_id = i.token_id"
     " LEFT JOIN l402_revocations r ON r.token_id = i.token_id"
 )
+# The tokens among $1 that are paid: an issued row and a sighting (or a paid_at versions 1-2
+# wrote). flush() reads it before and after writing its batch.
+_PAID_AMONG = (
+    " WHERE i.token_id = ANY($1::bytea[]) AND (i.paid_at IS NOT NULL OR s.paid_at IS NOT NULL)"
+)
+_PAID_IDS_AMONG = (
+    "SELECT i.token_id FROM l402_issued_tokens i"
+    " LEFT JOIN l402_paid_sightings s ON s.token_id = i.token_id" + _PAID_AMONG
+)
+
+# revenue(): the paid tokens whose first sighting is in [$1, $2). A token's paid_at is the
+# earliest of its sighting and its versions 1-2 column, so it is at or after $1 only if each of
+# those it has is: the two indexed ranges below find every one (UNION: those found by both
+# once), and the outer WHERE keeps those in range.
+_REVENUE_SQL = """
+    SELECT floor(p.at / $3::float8) * $3::float8 AS start, p.service,
+           count(*), sum(p.price_sat)
+    FROM (
+        SELECT i.token_id, i.service, i.price_sat, LEAST(i.paid_at, s.paid_at) AS at
+        FROM l402_paid_sightings s JOIN l402_issued_tokens i ON i.token_id = s.token_id
+        WHERE s.paid_at >= $1
+        UNION
+        SELECT i.token_id, i.service, i.price_sat, LEAST(i.paid_at, s.paid_at) AS at
+        FROM l402_issued_tokens i LEFT JOIN l402_paid_sightings s ON s.token_id = i.token_id
+        WHERE i.paid_at IS NOT NULL AND i.paid_at >= $1
+    ) AS p
+    WHERE p.at >= $1 AND p.at < $2 AND ($4::text IS NULL OR p.service = $4::text)
+    GROUP BY 1, 2
+    ORDER BY 1, 2
+"""
 
 
 def _gcra_step(tat: str) -> str:
@@ -795,11 +839,17 @@ class PostgresServerStore(RecordQueue):
             self._secret = value
         return self._secret
 
-    async def flush(self) -> None:
+    async def flush(self) -> list[IssuedToken]:
         """Write every queued record in one transaction. On failure keep them (for the next
         flush, within the queue's bound), clear `healthy` and raise StoreError. With nothing
         queued: a no-op while healthy, else a probe of the database that sets `healthy` again
-        when it answers (so calling flush periodically is enough to recover)."""
+        when it answers (so calling flush periodically is enough to recover). Returns the
+        tokens this instance was first to make paid (database.TokenStore), also those of
+        writes list_tokens, revoke and revenue made since the last flush()."""
+        await self._write_queue()
+        return self._take_settled()
+
+    async def _write_queue(self) -> None:
         async with self._flush_lock:
             if not self._pending_issued and not self._pending_paid:
                 if not self._healthy:
@@ -812,16 +862,40 @@ class PostgresServerStore(RecordQueue):
             try:
                 with self._flushing():
                     async with self._transaction() as conn:
-                        if batch.issued:
-                            await self._insert_issued(conn, batch.issued)
-                        if batch.paid:
-                            await self._upsert_sightings(conn, batch.paid)
+                        settled = await self._write(conn, batch.issued, batch.paid)
             except BaseException as exc:
                 self._give_back(batch)
                 if isinstance(exc, Exception):  # not a cancelled flush: the database failed
                     self._set_healthy(False)
                 raise
             self._set_healthy(True)
+            self._keep_settled(settled)
+
+    async def _write(
+        self, conn: Any, issued: Sequence[IssuedToken], paid: Sequence[tuple[bytes, float]]
+    ) -> list[IssuedToken]:
+        """Write a batch (inside the caller's transaction); the tokens it made paid.
+
+        Paid = an issued row and a sighting, which two instances may write at the same time
+        (the seller its row, another its sighting), each reading the other's table before the
+        other commits: both would see the token unpaid, and the sale would count nowhere.
+        SETTLE_LOCK keeps such flushes apart: one writing sightings holds it alone; the rest
+        (issued rows only, the 402s' flood) share it among themselves. Under it, what is paid
+        before and after the writes is this batch's doing (READ COMMITTED: each statement sees
+        what was committed before it began, so all that the lock's last holder wrote).
+        """
+        if paid:
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", SETTLE_LOCK)
+        else:
+            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", SETTLE_LOCK)
+        ids = list(dict.fromkeys([t.token_id for t in issued] + [t for t, _ in paid]))
+        before = {bytes(row[0]) for row in await conn.fetch(_PAID_IDS_AMONG, ids)}
+        if issued:
+            await self._insert_issued(conn, issued)
+        if paid:
+            await self._upsert_sightings(conn, paid)
+        after = await conn.fetch(_TOKEN_SELECT + _PAID_AMONG, ids)
+        return [token_from_row(row) for row in after if bytes(row[0]) not in before]
 
     @staticmethod
     async def _insert_issued(conn: Any, issued: Sequence[IssuedToken]) -> None:
@@ -869,7 +943,7 @@ class PostgresServerStore(RecordQueue):
         64-hex ref is revoked as a token id anyway, since its issuance record may be lost.
         """
         prefix = normalize_ref(ref)
-        await self.flush()  # so a token this instance just issued can be found
+        await self._write_queue()  # so a token this instance just issued can be found
         low, high = prefix_range(prefix)
         where_id, where_hash = "i.token_id >= $1", "i.payment_hash >= $1"
         params: list[Any] = [low]
@@ -1026,7 +1100,7 @@ class PostgresServerStore(RecordQueue):
         if limit < 1:
             # StoreError, not ValueError: the CLI passes --limit straight through.
             raise StoreError(f"limit must be at least 1, got {limit}")
-        await self.flush()  # include what this instance has issued
+        await self._write_queue()  # include what this instance has issued
         where, params = "", list[Any]()
         if service is not None:
             where, params = " WHERE i.service = $1", [service]
@@ -1039,13 +1113,25 @@ class PostgresServerStore(RecordQueue):
             )
         return [token_from_row(row) for row in rows]
 
+    async def revenue(
+        self, since: float, until: float, bucket_seconds: int, service: str | None = None
+    ) -> list[RevenueRow]:
+        """Sales per bucket and service (database.TokenStore), oldest first."""
+        check_revenue_range(since, until, bucket_seconds)
+        await self._write_queue()  # include what this instance has seen paid
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                _REVENUE_SQL, float(since), float(until), float(bucket_seconds), service
+            )
+        return [RevenueRow(float(row[0]), row[1], int(row[2]), int(row[3])) for row in rows]
+
     async def close(self) -> None:
         """Flush queued records, stop listening, close the pool. Raises StoreError if records
         could not be written (they are lost then, and the log says how many)."""
         if self._pool is None:
             return
         try:
-            await self.flush()
+            await self._write_queue()
         except StoreError:
             log.error("store %s: %d queued records lost on close", self.shown, self.pending)
             raise

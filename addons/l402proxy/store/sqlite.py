@@ -26,7 +26,9 @@ from l402proxy.store.database import (
     Database,
     IssuedToken,
     RecordQueue,
+    RevenueRow,
     StoreError,
+    check_revenue_range,
     normalize_ref,
     prefix_range,
     revocation_target,
@@ -88,6 +90,13 @@ MIGRATIONS: list[Sequence[str]] = [
         ) WITHOUT ROWID
         """,
     ),
+    # Version 3: revenue() reads the paid tokens of a time range by when they were paid: the
+    # sightings, and the few issued rows version 1 wrote a paid_at into (partial: the rest of
+    # that column is NULL, one row per 402).
+    (
+        "CREATE INDEX paid_sightings_paid_at ON paid_sightings (paid_at)",
+        "CREATE INDEX issued_tokens_paid_at ON issued_tokens (paid_at) WHERE paid_at IS NOT NULL",
+    ),
 ]
 
 
@@ -101,6 +110,43 @@ _TOKEN_SELECT = (
     "LEFT JOIN paid_sightings s ON s.token_id = i.token_id "
     "LEFT JOIN revocations r ON r.token_id = i.token_id"
 )
+
+# The tokens of the batch being flushed (their ids in temp.flush_ids) that are paid: an issued
+# row and a sighting (or a paid_at version 1 wrote). CROSS JOIN makes SQLite walk the batch and
+# look each id up, never the other way round (issued_tokens holds a row per 402 ever made).
+_FLUSH_IDS_TABLE = (
+    "CREATE TEMP TABLE IF NOT EXISTS flush_ids (token_id BLOB PRIMARY KEY) WITHOUT ROWID"
+)
+_PAID_IN_BATCH = (
+    "FROM temp.flush_ids f CROSS JOIN issued_tokens i ON i.token_id = f.token_id "
+    "LEFT JOIN paid_sightings s ON s.token_id = i.token_id "
+    "LEFT JOIN revocations r ON r.token_id = i.token_id "
+    "WHERE coalesce(i.paid_at, s.paid_at) IS NOT NULL"
+)
+
+# revenue(): the paid tokens whose first sighting is in [:since, :until). A token's paid_at is
+# the earliest of its sighting and its version 1 column, so it is at or after :since only if
+# each of those it has is: the two indexed ranges below find every one (UNION: those found
+# by both once), and the outer WHERE keeps those in range. :since >= 0, so CAST (which
+# truncates) is floor.
+_REVENUE_SQL = """
+    SELECT CAST(p.at / :bucket AS INTEGER) * :bucket AS start, p.service,
+           count(*), sum(p.price_sat)
+    FROM (
+        SELECT i.token_id, i.service, i.price_sat,
+               coalesce(min(i.paid_at, s.paid_at), s.paid_at) AS at
+        FROM paid_sightings s CROSS JOIN issued_tokens i ON i.token_id = s.token_id
+        WHERE s.paid_at >= :since
+        UNION
+        SELECT i.token_id, i.service, i.price_sat,
+               coalesce(min(i.paid_at, s.paid_at), i.paid_at) AS at
+        FROM issued_tokens i LEFT JOIN paid_sightings s ON s.token_id = i.token_id
+        WHERE i.paid_at IS NOT NULL AND i.paid_at >= :since
+    ) AS p
+    WHERE p.at >= :since AND p.at < :until AND (:service IS NULL OR p.service = :service)
+    GROUP BY 1, 2
+    ORDER BY 1, 2
+"""
 
 
 def sqlite_path_from_uri(uri: str) -> Path:
@@ -135,7 +181,7 @@ class ServerStore(Database, RecordQueue):
         if self._db is None:
             return
         try:
-            await self.flush()
+            await self._write_queue()
         except StoreError:
             log.error("store %s: %d queued records lost on close", self.path, self.pending)
             raise
@@ -159,56 +205,84 @@ class ServerStore(Database, RecordQueue):
             self._secret = value
         return self._secret
 
-    async def flush(self) -> None:
+    async def flush(self) -> list[IssuedToken]:
         """Write every queued record in one transaction; on failure keep them, clear `healthy`
         and raise StoreError (the next flush that works sets it again: a failed batch stays
-        queued, so there is always a next one)."""
+        queued, so there is always a next one). Returns the tokens this store was first to
+        make paid (database.TokenStore), also those of writes list_tokens, revoke and revenue
+        made since the last flush()."""
+        await self._write_queue()
+        return self._take_settled()
+
+    async def _write_queue(self) -> None:
         if not self._pending_issued and not self._pending_paid:
             return
         batch = self._take_batch()
         issued, paid = batch.issued, batch.paid
         try:
             with self._flushing():
-                await self._write(issued, paid)
+                settled = await self._write(issued, paid)
         except BaseException as exc:
             self._give_back(batch)
             if isinstance(exc, Exception):  # not a cancelled flush: the database failed
                 self._set_healthy(False)
             raise
         self._set_healthy(True)
+        self._keep_settled(settled)
 
-    async def _write(self, issued: list[IssuedToken], paid: list[tuple[bytes, float]]) -> None:
+    async def _write(
+        self, issued: list[IssuedToken], paid: list[tuple[bytes, float]]
+    ) -> list[IssuedToken]:
+        """Write the batch; the tokens it made paid. One IMMEDIATE transaction: every other
+        process's writes wait, so what was paid before and after it is this batch's doing."""
+        ids = list(dict.fromkeys([t.token_id for t in issued] + [t for t, _ in paid]))
         async with self._transaction() as db:
-            if issued:
-                # OR IGNORE: a batch retried after a commit whose result was lost (e.g. a
-                # cancelled flush) must not fail on its own earlier rows.
-                await db.executemany(
-                    "INSERT OR IGNORE INTO issued_tokens (token_id, payment_hash, service,"
-                    " price_sat, created_at, valid_until, paid_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            t.token_id,
-                            t.payment_hash,
-                            t.service,
-                            t.price_sat,
-                            t.created_at,
-                            t.valid_until,
-                            t.paid_at,
-                        )
-                        for t in issued
-                    ],
-                )
-            if paid:
-                # An upsert, kept apart from issued_tokens (see MIGRATIONS, version 2): the
-                # token's row may not be written yet. The WHERE keeps the earliest sighting,
-                # whatever order notes arrive in.
-                await db.executemany(
-                    "INSERT INTO paid_sightings (token_id, paid_at) VALUES (?, ?)"
-                    " ON CONFLICT (token_id) DO UPDATE SET paid_at = excluded.paid_at"
-                    " WHERE excluded.paid_at < paid_sightings.paid_at",
-                    paid,
-                )
+            await db.execute(_FLUSH_IDS_TABLE)
+            await db.execute("DELETE FROM temp.flush_ids")
+            await db.executemany(
+                "INSERT INTO temp.flush_ids (token_id) VALUES (?)", [(i,) for i in ids]
+            )
+            before = await db.execute_fetchall(f"SELECT i.token_id {_PAID_IN_BATCH}")
+            await self._write_batch(db, issued, paid)
+            after = await db.execute_fetchall(f"SELECT {_TOKEN_COLUMNS} {_PAID_IN_BATCH}")
+            await db.execute("DELETE FROM temp.flush_ids")
+        paid_before = {bytes(row[0]) for row in before}
+        return [token_from_row(row) for row in after if bytes(row[0]) not in paid_before]
+
+    @staticmethod
+    async def _write_batch(
+        db: aiosqlite.Connection, issued: list[IssuedToken], paid: list[tuple[bytes, float]]
+    ) -> None:
+        if issued:
+            # OR IGNORE: a batch retried after a commit whose result was lost (e.g. a
+            # cancelled flush) must not fail on its own earlier rows.
+            await db.executemany(
+                "INSERT OR IGNORE INTO issued_tokens (token_id, payment_hash, service,"
+                " price_sat, created_at, valid_until, paid_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        t.token_id,
+                        t.payment_hash,
+                        t.service,
+                        t.price_sat,
+                        t.created_at,
+                        t.valid_until,
+                        t.paid_at,
+                    )
+                    for t in issued
+                ],
+            )
+        if paid:
+            # An upsert, kept apart from issued_tokens (see MIGRATIONS, version 2): the
+            # token's row may not be written yet. The WHERE keeps the earliest sighting,
+            # whatever order notes arrive in.
+            await db.executemany(
+                "INSERT INTO paid_sightings (token_id, paid_at) VALUES (?, ?)"
+                " ON CONFLICT (token_id) DO UPDATE SET paid_at = excluded.paid_at"
+                " WHERE excluded.paid_at < paid_sightings.paid_at",
+                paid,
+            )
 
     async def revoke(self, ref: str, when: float) -> list[IssuedToken]:
         """Revoke the token `ref` names (token id, payment hash, or a unique prefix of either).
@@ -217,7 +291,7 @@ class ServerStore(Database, RecordQueue):
         64-hex ref is revoked as a token id anyway, since its issuance record may be lost.
         """
         prefix = normalize_ref(ref)
-        await self.flush()  # so a token this process just issued can be found
+        await self._write_queue()  # so a token this process just issued can be found
         low, high = prefix_range(prefix)
         where_id, where_hash = "i.token_id >= ?", "i.payment_hash >= ?"
         params: list[Any] = [low, low]
@@ -277,7 +351,7 @@ class ServerStore(Database, RecordQueue):
         if limit < 1:
             # StoreError, not ValueError: the CLI passes --limit straight through.
             raise StoreError(f"limit must be at least 1, got {limit}")
-        await self.flush()  # include what this process has issued
+        await self._write_queue()  # include what this process has issued
         where, params = "", list[Any]()
         if service is not None:
             where, params = " WHERE i.service = ?", [service]
@@ -286,3 +360,15 @@ class ServerStore(Database, RecordQueue):
             [*params, limit],
         )
         return [token_from_row(row) for row in rows]
+
+    async def revenue(
+        self, since: float, until: float, bucket_seconds: int, service: str | None = None
+    ) -> list[RevenueRow]:
+        """Sales per bucket and service (database.TokenStore), oldest first."""
+        check_revenue_range(since, until, bucket_seconds)
+        await self._write_queue()  # include what this process has seen paid
+        rows = await self._read(
+            _REVENUE_SQL,
+            {"since": since, "until": until, "bucket": bucket_seconds, "service": service},
+        )
+        return [RevenueRow(float(row[0]), row[1], int(row[2]), int(row[3])) for row in rows]
