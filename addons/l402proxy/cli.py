@@ -743,6 +743,11 @@ def serve_auth(args: argparse.Namespace) -> Exit:
     )
     # uvicorn's own start and stop lines repeat ours; its warnings and errors still show.
     logging.getLogger("uvicorn").setLevel(logging.WARNING)
+    if args.log_format == "json":
+        # JSON from the first line (the rules loaded, the store opened), for the whole run.
+        from .ops.jsonlog import use_json_logs
+
+        use_json_logs()
     if not nginx.is_loopback(host):
         print(
             f"l402proxy: warning: --listen {args.listen} is not a loopback address: only nginx "
