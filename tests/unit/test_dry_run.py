@@ -107,7 +107,7 @@ async def test_a_would_be_challenge_is_forwarded_and_mints_nothing(dry: Dry) -> 
     await store.flush()
     for accept in ("application/json", "text/html", "text/plain"):
         outcome = forwarded(await engine.handle(request("/api/x", Accept=accept)))
-        assert outcome.note == {"service": "api", "variant": "free", "status": 402,
+        assert outcome.note == {"service": "api", "variant": "paid", "status": 402,
                                 "reason": "payment_required", "dry_run": "challenge",
                                 "dry_status": 402}  # fmt: skip
         assert outcome.path is None and outcome.set_headers == ()

@@ -375,18 +375,24 @@ class L402Middleware:
             # Like a broken rules file: the app does not start with an option it cannot honour.
             raise ValueError("; ".join(problem for _, problem in problems))
         self.ops: Operations | None = None
+        self._undo_json: Callable[[], None] | None = None
         if log_format == "json":
-            # From the first line on (the rules load below), for the life of the process.
+            # From the first line on (the rules load below) until close().
             from ..ops.jsonlog import use_json_logs
 
-            use_json_logs()
+            self._undo_json = use_json_logs()
         self.app = app
         self.rules_path = str(rules)
         self.backend_uri = backend
         self.store_uri = store or paths.default_server_store()
         self.dev_ledger = dev_ledger or paths.default_dev_ledger()
         self.offer_upgrade = offer_upgrade
-        self.engine = self._new_engine()
+        try:
+            self.engine = self._new_engine()
+        except BaseException:
+            if self._undo_json is not None:
+                self._undo_json()
+            raise
         # The loop the engine is open on (None: not open). Checked on every request: the
         # engine's tasks, locks and connections belong to it.
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -465,6 +471,11 @@ class L402Middleware:
             except Exception as exc:  # RulesError, LightningError: one line all the same
                 return f"l402: {exc}"
             self._spent = False
+        if self.ops_settings.log_format == "json" and self._undo_json is None:
+            # Opened again after a close (a test client's loop per request, say).
+            from ..ops.jsonlog import use_json_logs
+
+            self._undo_json = use_json_logs()
         try:
             await self.engine.open()
             self.ops = Operations(self.ops_settings, "ASGI")
@@ -479,6 +490,9 @@ class L402Middleware:
 
     async def close(self) -> None:
         """Close the engine (on the loop it is open on); a later open builds a fresh one."""
+        undo, self._undo_json = self._undo_json, None
+        if undo is not None:
+            undo()
         loop = self.loop
         if loop is None:
             return

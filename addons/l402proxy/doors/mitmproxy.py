@@ -281,7 +281,9 @@ class L402Server:
             else:
                 self.guard.accept(option)
         if "l402_dry_run" in updated and self.started:
+            was_dry_run = self.engine.dry_run
             self.engine.dry_run_option = settings.dry_run
+            self.engine.announce_dry_run(was_dry_run)
 
     def _check_host_rules(self, updated: set[str]) -> None:
         """In reverse mode mitmproxy puts the origin's name into Host before any addon sees
@@ -385,7 +387,7 @@ class L402Server:
             return
         # The store is opened only here: another one needs a restart.
         self.guard.pin("l402_store")
-        self.ops = Operations(ops_settings(), "mitmproxy")
+        self.ops = Operations(ops_settings(), "mitmproxy", OPS_OPTION_NAMES)
         try:
             await self.ops.start(self.engine)
         except OpsError as exc:

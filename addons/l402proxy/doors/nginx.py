@@ -690,7 +690,9 @@ async def serve(engine: Paywall, sock: socket.socket, settings: OpsSettings | No
 
     stop = asyncio.Event()
     server: uvicorn.Server | None = None
-    ops = Operations(settings or OpsSettings(), "nginx")
+    ops = Operations(
+        settings or OpsSettings(), "nginx", {"metrics": "--metrics", "admin": "--admin"}
+    )
 
     def on_signal(signum: int, frame: object) -> None:
         # uvicorn installs its own handlers while serving and raises the signal again

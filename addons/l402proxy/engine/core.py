@@ -372,7 +372,9 @@ class Paywall:
                 f"l402: kept the previous rules; the edited file {path}: {'; '.join(problems)}"
             )
             return
+        was_dry_run = self.dry_run
         self.rules = rules
+        self.announce_dry_run(was_dry_run)
         warn_about_rules(rules)
         log.info(f"l402: reloaded {len(rules.rules)} priced service(s) from {Path(path)}")
 
@@ -758,6 +760,14 @@ class Paywall:
         answer.note = {"service": rule.name, "variant": "limited", "reason": "invoices"}
         return answer
 
+    def announce_dry_run(self, before: bool) -> None:
+        """Say so when the dry run went on or off while running (the option, a rules edit)."""
+        if self.started and self.dry_run != before:
+            if self.dry_run:
+                log.warning("l402: DRY RUN from now on: every request is forwarded, paid or not")
+            else:
+                log.warning("l402: dry run over: the paywall enforces the rules again")
+
     def backend_called(self, operation: str, started: float, *, ok: bool) -> None:
         """Tell the watchers of one backend call that began at perf_counter() `started`."""
         if self.watchers:
@@ -837,14 +847,17 @@ def decision_of(door: str, method: str, outcome: Outcome, seconds: float) -> Dec
 
 def pretend(fields: Fields, outcome: Outcome) -> Forward:
     """Dry run: what the paywall decided goes along in the note (the door sends it back as
-    X-L402-Dry-Run); the request goes on. An answer becomes the free variant: the request as
-    it came, less our credentials and the headers no client may send."""
+    X-L402-Dry-Run); the request goes on. An answer becomes the request as it came, less our
+    credentials and the headers no client may send, and its response is marked as a paid one
+    for caches."""
     kind = kind_of(outcome)
     if isinstance(outcome, Forward):
         if outcome.note is not None:
             outcome.note["dry_run"] = kind
         return outcome
     note: dict[str, Any] = dict(outcome.note or {})
-    note.update(variant="free", dry_run=kind, dry_status=outcome.status)
+    # What the paywall would have withheld goes out marked as a paid answer (private, varying
+    # by credential): no shared cache keeps it to serve for nothing after the dry run.
+    note.update(variant="paid", dry_run=kind, dry_status=outcome.status)
     note.pop("offer", None)
     return Forward(fields, note=note)

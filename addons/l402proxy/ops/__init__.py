@@ -71,9 +71,13 @@ class _Server(Protocol):
 class Operations:
     """The operations endpoints and watchers of one engine."""
 
-    def __init__(self, settings: OpsSettings, door: str) -> None:
+    def __init__(
+        self, settings: OpsSettings, door: str, names: dict[str, str] | None = None
+    ) -> None:
         self.settings = settings
         self.door = door
+        # OpsSettings field -> the door's option name, for the messages.
+        self.names = names or {}
         self.servers: list[_Server] = []
         self.watchers: list[Any] = []
         self.undo: list[Callable[[], None]] = []
@@ -99,7 +103,7 @@ class Operations:
                 await self._start_admin()
         except (ListenError, OSError, ValueError) as exc:
             await self.close()
-            raise OpsError(str(exc)) from exc
+            raise OpsError(self._named(str(exc))) from exc
         except BaseException:
             await self.close()
             raise
@@ -108,6 +112,13 @@ class Operations:
                 "l402: DRY RUN: every request is judged and then forwarded, paid or not "
                 "(X-L402-Dry-Run says what the paywall would have done)"
             )
+
+    def _named(self, message: str) -> str:
+        """ "metrics: ..." as the door's option says it ("l402_metrics: ...")."""
+        setting, sep, rest = message.partition(": ")
+        if sep and setting in self.names:
+            return f"{self.names[setting]}: {rest}"
+        return message
 
     def _watch(self, watcher: Any) -> None:
         assert self.engine is not None

@@ -409,6 +409,11 @@ class _Listener:
                 answered = True
         except (TimeoutError, OSError, asyncio.IncompleteReadError):
             pass  # the client is gone or too slow: nothing to tell it
+        except asyncio.CancelledError:
+            # release(): the server closes. End as a finished task, not a cancelled one:
+            # asyncio's start_server callback asks a cancelled task for its exception and
+            # reports a CancelledError traceback for every client still connected.
+            pass
         finally:
             self.clients.discard(task)  # type: ignore[arg-type]
             if not answered:
