@@ -5,6 +5,7 @@ go green by skipping the tests that need real components. A local run ends with 
 it missed and what installs each.
 """
 
+import logging
 import os
 import re
 import sys
@@ -26,6 +27,7 @@ INSTALL_HINTS: dict[str, str] = {
     "IPv6 loopback": "enable IPv6 on lo (sysctl -w net.ipv6.conf.lo.disable_ipv6=0)",
     "go": "apt-get install golang-go (the Go SDK's tests)",
     "uvicorn": "pip install -e . (a dependency; scripts/test sets up .venv with it)",
+    "prometheus": "apt-get install prometheus (promtool and the Prometheus server)",
 }
 _SKIP_PREFIX = "component missing: "
 # What each `require` that skipped was told: its `what` -> the INSTALL_HINTS key (or None).
@@ -144,3 +146,22 @@ def postgres() -> Iterator[PostgresServer]:
     """A running PostgreSQL cluster: skipped here, failed in CI, when PostgreSQL is missing."""
     with running_postgres() as server:
         yield server
+
+
+@pytest.fixture(autouse=True)
+def _l402proxy_logger_restored() -> Iterator[None]:
+    """The "l402proxy" logger as it was before each test: JSON logs (ops/jsonlog.py) put a
+    handler on it and stop its propagation for the life of a run (serve-auth's --log-format
+    json does so for good, as a process would), and the next test's caplog must still see
+    its lines."""
+    from l402proxy.ops import jsonlog
+
+    logger = logging.getLogger("l402proxy")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    installed, before = dict(jsonlog._installed), jsonlog._before
+    yield
+    logger.handlers[:] = saved[0]
+    logger.propagate, logger.level = saved[1], saved[2]
+    jsonlog._installed.clear()
+    jsonlog._installed.update(installed)
+    jsonlog._before = before
