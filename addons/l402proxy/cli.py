@@ -730,6 +730,7 @@ def run_async(job: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
 def serve_auth(args: argparse.Namespace) -> Exit:
     """`serve-auth`: the engine as nginx's auth service, until SIGINT/SIGTERM."""
     from .doors import nginx
+    from .ops.listen import is_loopback
 
     try:
         host, port = nginx.parse_listen(args.listen)
@@ -748,7 +749,7 @@ def serve_auth(args: argparse.Namespace) -> Exit:
         from .ops.jsonlog import use_json_logs
 
         use_json_logs()
-    if not nginx.is_loopback(host):
+    if not is_loopback(host):
         print(
             f"l402proxy: warning: --listen {args.listen} is not a loopback address: only nginx "
             "may reach this service (whoever reaches it sees the headers paid variants set)",

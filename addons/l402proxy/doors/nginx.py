@@ -658,15 +658,6 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, port
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound before anything opens (OSError: say it and stop)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
