@@ -2,12 +2,13 @@
 
 Every 402 needs a fresh invoice. The `bolt11` package encodes through bitstring (about 1.5 ms an
 invoice, most of it in `bitarray_to_u5`), and the reference `bech32` package regroups bits and
-computes the checksum one bit at a time (about 0.3 ms). Here the bits are regrouped with Python
-integers and the checksum is table-driven: about 0.1 ms. Signing is coincurve, exactly as in
+computes the checksum one bit at a time (about 0.3 ms). Here the bits are regrouped by base64's
+base32 (in C) and the checksum takes three groups per table lookup. Signing is coincurve, as in
 `bolt11`. Decoding stays with the `bolt11` package, and the tests check this encoder's output byte
 for byte against `bolt11.encode` on the same inputs.
 """
 
+import base64
 from collections.abc import Iterable
 from functools import reduce
 from operator import xor
@@ -56,29 +57,38 @@ _POLYMOD_TABLE = tuple(
 )
 
 
+def _three_steps(top: int) -> int:
+    """What three polymod steps make of the checksum's top 15 bits (the rest only shifts)."""
+    chk = top << 15
+    for _ in range(3):
+        chk = ((chk & 0x1FFFFFF) << 5) ^ _POLYMOD_TABLE[chk >> 25]
+    return chk
+
+
+# The polymod is linear: three 5-bit values at a time, one lookup each (a third of the loop).
+_POLYMOD_TABLE_3 = tuple(_three_steps(top) for top in range(1 << 15))
+_CHARSET_BYTES = bytes.maketrans(bytes(range(32)), _CHARSET.encode())
+
+
 def bech32_checksum(hrp: str, data: list[int]) -> list[int]:
     """BIP-173 checksum (the same result as the reference implementation's polymod)."""
+    values = [*(ord(c) >> 5 for c in hrp), 0, *(ord(c) & 31 for c in hrp), *data, 0, 0, 0, 0, 0, 0]
     chk = 1
-    for value in (
-        *(ord(c) >> 5 for c in hrp),
-        0,
-        *(ord(c) & 31 for c in hrp),
-        *data,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-    ):
-        top = chk >> 25
-        chk = ((chk & 0x1FFFFFF) << 5) ^ value ^ _POLYMOD_TABLE[top]
+    head = len(values) % 3
+    for value in values[:head]:
+        chk = ((chk & 0x1FFFFFF) << 5) ^ value ^ _POLYMOD_TABLE[chk >> 25]
+    table = _POLYMOD_TABLE_3
+    it = iter(values[head:])
+    for a, b, c in zip(it, it, it, strict=True):
+        chk = ((chk & 0x7FFF) << 15) ^ table[chk >> 15] ^ (a << 10 | b << 5 | c)
     chk ^= 1
     return [(chk >> 5 * (5 - i)) & 31 for i in range(6)]
 
 
 def bech32_encode(hrp: str, data: list[int]) -> str:
-    return hrp + "1" + "".join(_CHARSET[d] for d in (*data, *bech32_checksum(hrp, data)))
+    return (
+        hrp + "1" + bytes((*data, *bech32_checksum(hrp, data))).translate(_CHARSET_BYTES).decode()
+    )
 
 
 def _int_groups(value: int, width: int | None = None) -> list[int]:
@@ -96,22 +106,23 @@ def _field(tag: int, groups: list[int]) -> list[int]:
     return [tag, len(groups) >> 5, len(groups) & 31, *groups]
 
 
+# base64's base32 is the same regrouping of bits, done in C: only its alphabet differs.
+_B32_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+_B32_TO_GROUPS = bytes.maketrans(_B32_ALPHABET, bytes(range(32)))
+_GROUPS_TO_B32 = bytes.maketrans(bytes(range(32)), _B32_ALPHABET)
+
+
 def _byte_groups(data: bytes) -> list[int]:
     """8-bit bytes as 5-bit groups, zero bits appended to fill the last group."""
-    bits = len(data) * 8
-    count = -(-bits // 5)
-    value = int.from_bytes(data, "big") << (count * 5 - bits)
-    return [(value >> shift) & 31 for shift in range(count * 5 - 5, -1, -5)]
+    return list(base64.b32encode(data).rstrip(b"=").translate(_B32_TO_GROUPS))
 
 
 def _groups_to_bytes(groups: list[int]) -> bytes:
     """5-bit groups as bytes, zero bits appended to fill the last byte."""
-    value = 0
-    for group in groups:
-        value = (value << 5) | group
-    bits = len(groups) * 5
-    count = -(-bits // 8)
-    return (value << (count * 8 - bits)).to_bytes(count, "big")
+    count = -(-len(groups) * 5 // 8)
+    text = bytes(groups).translate(_GROUPS_TO_B32)
+    text += b"A" * (-len(text) % 8)  # "A" is five zero bits
+    return base64.b32decode(text)[:count]
 
 
 def encode_invoice(
