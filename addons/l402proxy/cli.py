@@ -695,6 +695,22 @@ def build_parser() -> argparse.ArgumentParser:
         "each config its own to include several in one nginx",
     )
     nginx_config_cmd.add_argument(
+        "--verdict-cache",
+        type=int,
+        default=1,
+        metavar="SECONDS",
+        help="how long nginx may grant a repeated paid request (same URL and credential) "
+        "without asking serve-auth; a revoked token works that much longer (default 1, "
+        "0: off, at most 60)",
+    )
+    nginx_config_cmd.add_argument(
+        "--verdict-cache-dir",
+        default=None,
+        metavar="DIR",
+        help="where nginx keeps those verdicts; they hold credentials, so a tmpfs readable by "
+        "nginx only (default /run/l402proxy-NAME-verdicts)",
+    )
+    nginx_config_cmd.add_argument(
         "--upstream-ca",
         default=None,
         metavar="FILE",
@@ -803,6 +819,15 @@ def nginx_config(args: argparse.Namespace) -> Line:
         name = nginx.check_name(args.name)
     except problem as exc:
         raise CliError(f"--name: {exc}", EXIT_BAD_INPUT) from None
+    for flag, check, value in (
+        ("--verdict-cache", nginx.check_verdict_cache, args.verdict_cache),
+        ("--verdict-cache-dir", nginx.check_cache_dir, args.verdict_cache_dir),
+    ):
+        try:
+            if value is not None:
+                check(value)
+        except problem as exc:
+            raise CliError(f"{flag}: {exc}", EXIT_BAD_INPUT) from None
     upstream_ca = upstream_ca_file(args.upstream_ca, origin.scheme)
     if args.rules is not None:
         try:
@@ -826,6 +851,8 @@ def nginx_config(args: argparse.Namespace) -> Line:
             set_headers=names,
             name=name,
             upstream_ca=upstream_ca,
+            verdict_cache=args.verdict_cache,
+            verdict_cache_dir=args.verdict_cache_dir,
         )
     except problem as exc:
         raise CliError(str(exc), EXIT_BAD_INPUT) from None

@@ -139,6 +139,8 @@ def door_config(home: Path, auth: procs.Process, origin_url: str, port: int, *ar
         "--auth", f"127.0.0.1:{auth.port}",
         "--upstream", origin_url,
         "--listen", f"127.0.0.1:{port}",
+        # Each nginx its own verdict cache (the default is one per --name, in /run).
+        "--verdict-cache-dir", str(Path(tempfile.mkdtemp(prefix="verdicts-", dir=home))),
         *args,
     )  # fmt: skip
     if made.returncode != 0:

@@ -702,7 +702,7 @@ def test_the_services_own_paths_are_not_reachable_through_nginx(stack: Stack, pa
             assert not [name for name in response.headers if name.lower().startswith("x-l402")]
 
 
-# -- the verdict is never cached: revocations --------------------------------------------------
+# -- revocations and the verdict cache ----------------------------------------------------------
 
 
 def test_a_revoked_token_stops_working_at_nginx_within_the_poll_interval(stack: Stack) -> None:
@@ -718,22 +718,83 @@ def test_a_revoked_token_stops_working_at_nginx_within_the_poll_interval(stack: 
             response = door.get("/episodes/ep2.mp3", headers={"Authorization": token})
             return response.status_code == 402
 
-        # The engine polls revocations every second; nginx keeps no verdict of its own.
+        # The engine polls revocations every second; nginx keeps a paid verdict 1 s more.
         assert procs.wait_until(refused, timeout=10, interval=0.2)
+
+
+def test_nginx_grants_a_repeated_paid_request_from_its_verdict_cache_and_nothing_else(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """With serve-auth gone, only what nginx kept still works: the paid request it granted
+    (same URL, same credential). Another path, another credential, a challenge: 5xx."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        stack.rules.read_text()
+        + "  - name: metered\n    match: {path: /metered/*}\n    price_sat: 5\n"
+        "    rate_limits: [{requests: 10, per: 1h, key: token}]\n"
+    )
+    token = stack.buy()
+    with (
+        own_door(stack, rules, "verdicts", "--verdict-cache", "60") as (auth, door),
+        client(door) as browser,
+    ):
+        granted = browser.get("/episodes/ep1.mp3", headers={"Authorization": token})
+        assert granted.status_code == 200
+        challenge = browser.get("/metered/x", headers={"Accept-Authenticate": "L402"})
+        assert challenge.status_code == 402
+        offer = parse_challenges(challenge.headers.get_list("WWW-Authenticate"))[0]
+        metered = f"L402 {offer.macaroon}:{procs.dev_pay(stack.home, offer.invoice).hex()}"
+        assert browser.get("/metered/x", headers={"Authorization": metered}).status_code == 200
+        auth.stop()
+        again = browser.get("/episodes/ep1.mp3", headers={"Authorization": token})
+        assert again.status_code == 200
+        assert json.loads(again.content)["target"] == "/adfree/ep1.mp3"
+        assert again.headers["Cache-Control"].startswith("private")
+        for path, headers in (
+            ("/episodes/ep2.mp3", {"Authorization": token}),  # another URL
+            ("/episodes/ep1.mp3", {"Authorization": token + "0"}),  # another credential
+            ("/episodes/ep1.mp3", {"Authorization": token, "Cookie": "a=b"}),
+            ("/bonus/b2.mp3", {}),  # a challenge is never kept
+            ("/metered/x", {"Authorization": metered}),  # counted per request: never kept
+        ):
+            response = browser.get(path, headers=headers)
+            assert response.status_code >= 500, (path, response.status_code)
+            assert b'"target"' not in response.content
+
+
+def test_a_cached_verdict_ends_before_the_token_does(stack: Stack) -> None:
+    # A token with 4 s left (sold ones live an invoice expiry plus valid_for: minutes).
+    token = procs.minted_credential(stack.home / "server.sqlite", "bonus", int(time.time()) + 4)
+    with (
+        own_door(stack, stack.rules, "short", "--verdict-cache", "60") as (_, door),
+        client(door) as browser,
+    ):
+        assert browser.get("/bonus/b3.mp3", headers={"Authorization": token}).status_code == 200
+
+        def expired() -> bool:
+            response = browser.get("/bonus/b3.mp3", headers={"Authorization": token})
+            return response.status_code == 402 and response.json()["reason"] == "expired"
+
+        # Kept 60 s it would stay 200 that long; the verdict ends before the token does.
+        assert procs.wait_until(expired, timeout=15, interval=0.25)
 
 
 # -- failing closed -----------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def own_door(stack: Stack, rules: Path, name: str) -> Iterator[tuple[procs.Process, str]]:
-    """A second door on the same origin and home, for tests that break it."""
+def own_door(
+    stack: Stack, rules: Path, name: str, *config_args: str
+) -> Iterator[tuple[procs.Process, str]]:
+    """A second door on the same origin and home, for tests that break it (`config_args` go
+    to nginx-config)."""
     work = stack.work / name
     work.mkdir()
     auth = serve_auth(work, stack.home, rules)
     with started(auth):
         port = procs.free_port()
-        with running_nginx(work, door_config(stack.home, auth, stack.origin, port)):
+        config = door_config(stack.home, auth, stack.origin, port, *config_args)
+        with running_nginx(work, config):
             yield auth, f"http://127.0.0.1:{port}"
 
 

@@ -674,6 +674,72 @@ def test_an_https_origins_certificate_is_checked_in_every_location_that_reaches_
     assert named.count('proxy_ssl_trusted_certificate "/etc/my CA/ca.pem";') == 4
 
 
+@pytest.mark.parametrize(
+    ("note", "cache_for", "lifetime"),
+    [
+        ({"variant": "paid", "reusable_until": None}, b"5", 5),  # a token that never expires
+        ({"variant": "paid", "reusable_until": 1000.0 + 3.5}, b"60", 2),  # a second before
+        ({"variant": "paid", "reusable_until": 1000.0 + 1.2}, b"60", 0),
+        ({"variant": "paid", "reusable_until": 999.0}, b"60", 0),  # expired
+        ({"variant": "paid", "reusable_until": None}, b"3600", nginx.MAX_VERDICT_CACHE),
+        ({"variant": "paid", "reusable_until": None}, b"0", 0),  # the cache is off
+        ({"variant": "paid", "reusable_until": None}, None, 0),  # an older config: no cache
+        ({"variant": "paid", "reusable_until": None}, b"soon", 0),
+        ({"variant": "paid"}, b"60", 0),  # counted per request (limits), or a free trial
+        ({"variant": "paid", "reusable_until": None, "dry_run": "paid"}, b"60", 0),
+        (None, b"60", 0),
+    ],
+)
+def test_only_a_lasting_paid_grant_may_be_kept_and_never_past_its_token(
+    note: dict | None, cache_for: bytes | None, lifetime: int
+) -> None:
+    assert nginx.verdict_lifetime(note, cache_for, now=1000.0) == lifetime
+
+
+def test_the_verdict_cache_is_in_the_auth_step_only_and_keyed_by_the_credential() -> None:
+    text = render()
+    auth = text.split("location = /.l402/internal/auth {", 1)[1].split("}", 1)[0]
+    assert "proxy_cache l402_verdicts;" in auth
+    key = re.search(r'proxy_cache_key "([^"]*)";', auth)
+    assert key is not None
+    for variable in ("$request_method", "$host", "$request_uri", "$http_authorization"):
+        assert variable in key.group(1)
+    assert "$http_cookie" in key.group(1) and "$http_accept_authenticate" in key.group(1)
+    assert text.count("proxy_cache ") == 1 and "proxy_cache_valid" not in text
+    assert "proxy_cache_path /run/l402proxy-l402-verdicts " in text
+    assert "keys_zone=l402_verdicts:" in text
+    assert "proxy_set_header X-L402-Cache-For 1;" in auth
+    off = nginx.render_config(
+        auth=("127.0.0.1", 8402),
+        origin=nginx.parse_origin("http://127.0.0.1:8080"),
+        listen="80",
+        set_headers=[],
+        verdict_cache=0,
+    )
+    assert "proxy_cache" not in off and "proxy_set_header X-L402-Cache-For 0;" in off
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--verdict-cache", "61"], "--verdict-cache: expected whole seconds from 0"),
+        (["--verdict-cache", "-1"], "--verdict-cache: expected whole seconds from 0"),
+        (["--verdict-cache-dir", "run/x"], "--verdict-cache-dir: expected an absolute path"),
+        (["--verdict-cache-dir", "/run/a b;"], "--verdict-cache-dir: expected an absolute path"),
+    ],
+)
+def test_nginx_config_refuses_a_bad_verdict_cache(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("services:\n  - name: a\n    match: {path: /a/*}\n    price_sat: 1\n")
+    code = cli.main(
+        ["nginx-config", "--upstream", "http://127.0.0.1:8080", "--rules", str(rules), *args]
+    )
+    assert code != 0
+    assert message in capsys.readouterr().err
+
+
 def test_the_auth_upstream_sends_both_steps_of_a_request_to_one_instance() -> None:
     """With several serve-auth listed, the answer step must reach the instance holding the
     answer the verdict decided (tests/e2e: two instances, one invoice per 402)."""
@@ -696,10 +762,12 @@ def test_every_name_a_config_defines_starts_with_its_name() -> None:
     defined += re.findall(r"auth_request_set \$(\S+) ", text)
     defined += re.findall(r"\(\?<(\w+)>", text)  # named captures are variables too
     defined += re.findall(r"location @(\S+) ", text)
+    defined += re.findall(r"keys_zone=(\w+):", text)  # shared memory zones are per nginx
     assert len(defined) > 20 and all(name.startswith("shop_a_") for name in defined), defined
     used = set(re.findall(r"\$(\w+)", text))
     nginx_own = {"request_id", "http_upgrade", "http_host", "host", "scheme", "request_method"}
     nginx_own |= {"request_uri", "remote_addr", "remote_port", "upstream_status"}
+    nginx_own |= {"http_authorization", "http_cookie", "http_accept_authenticate"}
     assert {v for v in used if not v.startswith(("shop_a_", "upstream_http_"))} == nginx_own
     assert "l402_" not in text.replace("x_l402_", "")
 

@@ -29,9 +29,17 @@ How one request goes (auth_request lets only 2xx and 401/403 through):
 Fail closed: nginx declares which set_headers names it carries (X-L402-Config on every call).
 If the rules name one it does not carry (an edited rules file), every request gets a 503 saying
 so; if the engine changes a request header nginx cannot carry, that request does. The service
-down: auth_request fails, and nginx answers 500. nginx caches no verdict; the engine keeps its
-token cache and hears of revocations within a second. Rules nginx cannot serve as written (a
-host-scoped rule, a paid Host) are refused at start and on reload (`rule_problem`).
+down: auth_request fails, and nginx answers 500.
+
+Verdict cache (`nginx-config --verdict-cache`, 1 s by default): nginx keeps a paid grant the
+engine calls reusable (no limits to count) under the request's method, URL, Authorization,
+Cookie and Accept-Authenticate, and grants the same request alone until it ends (a second
+before the token expires at the latest; X-Accel-Expires says how long). Nothing else is kept:
+challenges, answers and free variants are judged every time. The engine keeps its token cache
+and hears of revocations within a second; a cached grant lasts at most --verdict-cache more.
+
+Rules nginx cannot serve as written (a host-scoped rule, a paid Host) are refused at start and
+on reload (`rule_problem`).
 """
 
 import asyncio
@@ -88,7 +96,11 @@ H_SCHEME = b"x-original-scheme"
 H_CLIENT = b"x-original-client"
 H_CONFIG = b"x-l402-config"
 H_ANSWER = b"x-l402-answer"  # the answer step only: which held answer to send
-CONTROL_HEADERS = frozenset({H_METHOD, H_URI, H_HOST, H_SCHEME, H_CLIENT, H_CONFIG, H_ANSWER})
+# The auth step only: how many seconds nginx may keep a paid verdict (its verdict cache).
+H_CACHE_FOR = b"x-l402-cache-for"
+CONTROL_HEADERS = frozenset(
+    {H_METHOD, H_URI, H_HOST, H_SCHEME, H_CLIENT, H_CONFIG, H_ANSWER, H_CACHE_FOR}
+)
 
 # Response headers of the auth step, read by auth_request_set ($upstream_http_x_l402_...).
 R_ROUTE = b"x-l402-route"
@@ -102,6 +114,8 @@ R_BANNER = b"x-l402-banner"
 R_ANSWER = b"x-l402-answer"
 R_SET = "x-l402-set-{}"  # one per set_headers name nginx carries, numbered from 1
 R_CLEAR_COOKIE = "x-l402-clear-cookie-{}"
+# How long nginx's proxy_cache keeps this verdict (0: not at all; nginx reads it itself).
+R_ACCEL_EXPIRES = b"x-accel-expires"
 # Set-Cookie lines a free answer may need (paywall.clearing_cookies: the scope and /.l402/).
 CLEAR_COOKIE_SLOTS = 2
 
@@ -128,6 +142,14 @@ HOLD_BYTES = 32 * 1024 * 1024
 # Longer than nginx's keepalive_timeout for upstreams (60 s): nginx, not the service, closes
 # an idle connection, so a request is never sent on one the service just closed.
 KEEPALIVE_SECONDS = 75
+# nginx's verdict cache (--verdict-cache): repeated paid requests with the same credential are
+# granted by nginx alone for this long. A revocation waits for it (plus the revocation poll).
+DEFAULT_VERDICT_CACHE = 1
+MAX_VERDICT_CACHE = 60
+# Where nginx keeps the cached verdicts unless --verdict-cache-dir says otherwise: a tmpfs, as
+# the entries hold the credential (the cache key) and what the origin gets of Authorization and
+# Cookie. {name} is the config's --name.
+DEFAULT_VERDICT_CACHE_DIR = "/run/l402proxy-{name}-verdicts"
 # A header name nginx can take as written into `proxy_set_header` (a token, no quoting games).
 _NGINX_HEADER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -442,7 +464,7 @@ class AuthService:
         if isinstance(outcome, Forward):
             carried = self._carried(control[H_CONFIG])
             assert isinstance(carried, Carried)  # problem() said so
-            plan = self.instructions(request, outcome, carried)
+            plan = self.instructions(request, outcome, carried, control.get(H_CACHE_FOR))
             if not isinstance(plan, Answer):
                 await _respond(send, *plan)
                 return
@@ -450,7 +472,7 @@ class AuthService:
         await _respond(send, 401, [*_ANSWER_ROUTE, (R_ANSWER, self.held.hold(outcome))])
 
     def instructions(
-        self, request: Request, forward: Forward, carried: Carried
+        self, request: Request, forward: Forward, carried: Carried, cache_for: bytes | None = None
     ) -> tuple[int, list[tuple[bytes, bytes]]] | Answer:
         """What nginx sends to the origin for a forwarded request, and how it marks the
         answer: (200, headers) for a plain forward, (401, headers with a route) otherwise;
@@ -459,6 +481,9 @@ class AuthService:
         if problem is not None:
             return self.refuse_request(problem, request.method)
         headers = [(R_TARGET, encode(_target(request, forward)))]
+        lifetime = verdict_lifetime(forward.note, cache_for, time.time())
+        if lifetime:
+            headers.append((R_ACCEL_EXPIRES, str(lifetime).encode()))
         found = _values(forward.headers, CARRIED | carried.lookup)
         authorization = found.get(b"authorization")
         if authorization:
@@ -562,6 +587,24 @@ class AuthService:
             "The paywall rules changed while this request was judged; please try again.",
             [("Retry-After", "1")],
         )
+
+
+def verdict_lifetime(note: Mapping[str, Any] | None, cache_for: bytes | None, now: float) -> int:
+    """Seconds nginx may grant the same request (method, URL, credential) again from its
+    verdict cache: what the config asks for (X-L402-Cache-For), for a paid grant the engine
+    calls reusable, ending a second before the token expires; else 0. Never a dry run's
+    verdict (it may end any moment), nor one counted per request (limits)."""
+    if not cache_for or note is None or "reusable_until" not in note or "dry_run" in note:
+        return 0
+    try:
+        seconds = min(int(cache_for), MAX_VERDICT_CACHE)
+    except ValueError:
+        return 0
+    until = note["reusable_until"]
+    if until is not None:
+        # nginx counts whole seconds and may use an entry through the second it ends in.
+        seconds = min(seconds, int(until - now) - 1)
+    return max(seconds, 0)
 
 
 def _target(request: Request, forward: Forward) -> str:
@@ -840,6 +883,25 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_verdict_cache(seconds: int) -> int:
+    """--verdict-cache: whole seconds, 0 (off) to MAX_VERDICT_CACHE."""
+    if not 0 <= seconds <= MAX_VERDICT_CACHE:
+        raise ConfigProblem(
+            f"expected whole seconds from 0 (no verdict cache) to {MAX_VERDICT_CACHE}, got "
+            f"{seconds} (a revocation waits that long)"
+        )
+    return seconds
+
+
+def check_cache_dir(path: str) -> str:
+    """--verdict-cache-dir: an absolute path nginx can take as written."""
+    if not path.startswith("/") or not re.fullmatch(r"[A-Za-z0-9._/-]+", path):
+        raise ConfigProblem(
+            f"expected an absolute path of letters, digits and . _ - /, got {path!r}"
+        )
+    return path
+
+
 def tls_name_warning(origin: Origin) -> str | None:
     """nginx 1.22 checks an https origin's certificate against the name it was given, as a
     host name only (X509_check_host): an IP address entry of the certificate never matches."""
@@ -870,13 +932,18 @@ def render_config(
     set_headers: Sequence[str],
     name: str = DEFAULT_NAME,
     upstream_ca: str = DEFAULT_CA_BUNDLE,
+    verdict_cache: int = DEFAULT_VERDICT_CACHE,
+    verdict_cache_dir: str | None = None,
 ) -> str:
     """The text to include in nginx's `http { }`: upstreams, maps and one server. Every
     upstream, map and variable name starts with `name`, so configs made with different names
     can be included in one nginx. `upstream_ca`: what an https origin's certificate is checked
-    against (the file is not read here)."""
+    against (the file is not read here). `verdict_cache`: seconds nginx keeps a paid verdict
+    (0: none), in `verdict_cache_dir` (DEFAULT_VERDICT_CACHE_DIR when None)."""
     set_headers = check_header_names(set_headers)
     p = check_name(name)
+    verdict_cache = check_verdict_cache(verdict_cache)
+    cache_dir = check_cache_dir(verdict_cache_dir or DEFAULT_VERDICT_CACHE_DIR.format(name=p))
     for header in set_headers:
         reason = _NOT_SETTABLE.get(header.lower())
         if reason is not None:
@@ -936,18 +1003,40 @@ def render_config(
         f"proxy_set_header X-L402-Config {config};",
         # Which answer the auth step decided (empty, so never a client's, everywhere else).
         f"proxy_set_header X-L402-Answer ${p}_answer;",
+        # How long the verdict cache may keep a paid verdict (0: no cache).
+        f"proxy_set_header X-L402-Cache-For {verdict_cache};",
     ]
     # The paywall's answers carry two long challenge lines and cookies; the verdict echoes the
     # client's Authorization and Cookie: room for large ones.
     answer_buffers = ["proxy_buffer_size 32k;", "proxy_buffers 4 32k;"]
     verdict_buffers = ["proxy_buffer_size 64k;", "proxy_buffers 4 64k;"]
     auth_host, auth_port = auth
+    cache_path: list[str] = []
+    verdicts: list[str] = []
+    if verdict_cache:
+        cache_path = [
+            "# Paid verdicts nginx keeps (--verdict-cache): the same method, URL and credential",
+            f"# are granted by nginx alone for up to {verdict_cache} s (never past the token's",
+            "# expiry); a revoked token stops working once that has passed. The entries hold",
+            "# credentials: keep the directory on a tmpfs, readable by nginx only.",
+            f"proxy_cache_path {cache_dir} levels=1:2 keys_zone={p}_verdicts:4m max_size=64m "
+            "inactive=60s use_temp_path=off;",
+            "",
+        ]
+        verdicts = [
+            f"proxy_cache {p}_verdicts;",
+            # Everything a paid verdict depends on: only grants the service marks as lasting
+            # (X-Accel-Expires) are kept; nothing else is (no proxy_cache_valid).
+            'proxy_cache_key "$request_method $scheme://$host$request_uri '
+            '$http_authorization|$http_cookie|$http_accept_authenticate";',
+        ]
     lines = [
         f"# l402proxy nginx door, config version {CONFIG_VERSION}: goes inside http {{ }}.",
         "# Made by `l402proxy nginx-config`; make it again (and reload nginx) when the rules'",
         "# paid.set_headers names change: until then every request gets a 503 saying so.",
         f"# Every upstream, map and variable name starts with {p}_ (--name).",
         "",
+        *cache_path,
         f"upstream {p}_auth {{",
         f"    server {_address(auth_host, auth_port)};",
         "    # Both calls for one request (the verdict, then the answer it decided) go to the",
@@ -1017,7 +1106,7 @@ def render_config(
         "    proxy_http_version 1.1;",
         "    proxy_redirect off;",
         "",
-        "    # Every request is judged by the auth service first; nginx caches no verdict.",
+        "    # Every request is judged by the auth service first (or by its verdict cache).",
         "    location / {",
         "        auth_request /.l402/internal/auth;",
         *(
@@ -1084,7 +1173,7 @@ def render_config(
         f"        proxy_pass http://{p}_auth{AUTH_PATH};",
         "        proxy_pass_request_body off;",
         '        proxy_set_header Content-Length "";',
-        *_indent(to_service + verdict_buffers, 2),
+        *_indent(to_service + verdict_buffers + verdicts, 2),
         "    }",
         "}",
     ]

@@ -54,6 +54,7 @@ from .request import (
     set_one,
     take_our_cookies,
 )
+from .verdicts import Key, VerdictCache
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ class Paywall:
         self.revoked: set[bytes] = set()
         self.revocation_cursor = 0
         self.cache = gate.TokenCache()
+        self.verdicts = VerdictCache()
         self.seen_paid: set[bytes] = set()
         self.offer_upgrade = True
         # The door's dry-run option; the rules file's `mode: dry_run` turns it on as well.
@@ -405,6 +407,13 @@ class Paywall:
             from .endpoints import endpoint  # the endpoints import this module
 
             return await endpoint(self, request)
+        kept_key: Key | None = None
+        if self.rules is not None and not self.dry_run:
+            # The same request head with the same token: the grant it got, without judging.
+            kept_key = VerdictCache.key(request)
+            reused = self.verdicts.reuse(kept_key, time.time(), self.revoked, self.rules)
+            if reused is not None:
+                return reused
         fields = request.fields
         seen = WatchedHeaders.of(fields)
         if seen.broken:
@@ -453,7 +462,7 @@ class Paywall:
         if not self.ready.is_set():
             await self.ready.wait()
         try:
-            outcome = await self._judge(request, fields, rule, seen, cookies)
+            outcome = await self._judge(request, fields, rule, seen, cookies, kept_key)
         except Exception:
             # Fail closed: forwarding a priced request we could not judge would give it away.
             log.exception(f"l402: internal error on {request.method} {request.target}")
@@ -467,6 +476,7 @@ class Paywall:
         rule: Rule,
         seen: WatchedHeaders,
         cookies: Mapping[str, str],
+        kept_key: Key | None = None,
     ) -> Outcome:
         if rule.rate_limits:
             limited = await self.rate_limited(request, rule, token_id=None)
@@ -509,7 +519,17 @@ class Paywall:
                     limited = await self.rate_limited(request, rule, token_id=token_id)
                     if limited is not None:
                         return limited
-                return self._grant(request, fields, decision, from_cookie=from_cookie)
+                forward = self._grant(request, fields, decision, from_cookie=from_cookie)
+                if kept_key is not None and not rule.rate_limits:
+                    identifier = decision.token.identifier
+                    self.verdicts.keep(
+                        kept_key,
+                        forward,
+                        decision.token.valid_until,
+                        (identifier.token_id, identifier.payment_hash),
+                        self.rules,
+                    )
+                return forward
             case gate.Challenge() if rule.freebies is not None and await self._freebie(
                 request, rule
             ):
@@ -627,6 +647,11 @@ class Paywall:
         note: dict[str, Any] = {"token_id": token_id.hex()}
         if from_cookie:
             note["credential"] = "cookie"
+        if not grant.rule.rate_limits:
+            # The same request with the same credential gets this same verdict until the token
+            # expires (or is revoked): a door may keep it for a moment (nginx's verdict cache).
+            # Not with limits: every request must be counted.
+            note["reusable_until"] = grant.token.valid_until
         self.note_paid(token_id)
         return self._forward_paid(request, fields, grant.rule, note)
 

@@ -1,0 +1,106 @@
+"""Paid grants the engine may give again without judging the request anew.
+
+A client that paid sends the same request many times (a player's Range requests, an API
+client's polling): the same method, target, host and header fields, byte for byte. Judging it
+again would give the same grant until the token expires or is revoked, or the rules change,
+so the engine keeps the verdict under the whole request head and checks only those three. What
+could make the same request come out otherwise is never kept: rules with limits (every request
+counts), a dry run, anything but a grant.
+"""
+
+import contextlib
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .answers import Fields, Forward
+from .request import Request
+
+# Sized for the busy tokens of one instance; a miss only costs a full judgement.
+MAX_VERDICTS = 4096
+# The request head a kept verdict may hold (it is its key): bigger ones are judged every time,
+# so memory stays under MAX_VERDICTS * 2 * MAX_HEAD_BYTES however large clients make them.
+MAX_HEAD_BYTES = 4096
+
+Key = tuple[str, str, str, tuple[str, ...], bool, Fields]
+
+
+@dataclass(slots=True)
+class Kept:
+    forward: Forward
+    until: float  # when the token expires (inf: never)
+    ids: tuple[bytes, bytes]  # token id and payment hash: revoking either ends the verdict
+    rules: object  # the RuleSet that judged it
+
+
+class VerdictCache:
+    def __init__(self, max_entries: int = MAX_VERDICTS) -> None:
+        self.max_entries = max_entries
+        self.kept: dict[Key, Kept] = {}
+
+    @staticmethod
+    def key(request: Request) -> Key:
+        """Everything a grant depends on: the client's address and the body do not count (a
+        grant of a rule without limits never looks at them; endpoints are never kept)."""
+        return (
+            request.method,
+            request.host,
+            request.target,
+            request.also_targets,
+            request.secure,
+            request.fields,  # type: ignore[return-value]
+        )
+
+    def reuse(self, key: Key, now: float, revoked: Any, rules: object) -> Forward | None:
+        """The kept grant for this request head, if it still holds; a copy the door may use."""
+        try:
+            kept = self.kept.get(key)
+        except TypeError:  # fields a door gave as lists: nothing kept under them either
+            return None
+        if kept is None:
+            return None
+        token_id, payment_hash = kept.ids
+        if (
+            kept.rules is not rules
+            or kept.until <= now
+            or token_id in revoked
+            or payment_hash in revoked
+        ):
+            del self.kept[key]
+            return None
+        forward = kept.forward
+        # A copy the door may write into (dataclasses.replace costs as much as the rest).
+        return Forward(
+            forward.headers,
+            forward.path,
+            forward.upstream,
+            forward.set_headers,
+            None if forward.note is None else dict(forward.note),
+            forward.comment,
+        )
+
+    def keep(
+        self,
+        key: Key,
+        forward: Forward,
+        until: float | None,
+        ids: tuple[bytes, bytes],
+        rules: object,
+    ) -> None:
+        if sum(len(name) + len(value) for name, value in key[5]) > MAX_HEAD_BYTES:
+            return
+        if len(self.kept) >= self.max_entries:
+            # The oldest first (dicts keep insertion order): cheap, and a miss costs little.
+            del self.kept[next(iter(self.kept))]
+        # A copy: the door that got `forward` may write into its note.
+        if forward.note is not None:
+            forward = replace(forward, note=dict(forward.note))
+        kept = Kept(forward, math.inf if until is None else until, ids, rules)
+        with contextlib.suppress(TypeError):  # fields a door gave as lists: not kept
+            self.kept[key] = kept
+
+    def clear(self) -> None:
+        self.kept.clear()
+
+    def __len__(self) -> int:
+        return len(self.kept)
