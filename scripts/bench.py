@@ -18,6 +18,12 @@ Door scenarios (the same engine through its other front doors, each against the 
   nginx-paid, nginx-challenge  nginx + `l402proxy serve-auth` (auth_request) against bare nginx
                                proxying the same origin; the 402 also against the mitmproxy door
 
+Store scenario (no HTTP, no proxy; a few seconds):
+  store-draw  one bundle draw (TokenStore.draw, awaited on the request path of a bundle token)
+              after another, on the SQLite store (a temp file) and on PostgreSQL (a throwaway
+              cluster started like the tests' tests/postgres.py, with fsync and synchronous
+              commit on as in production; skipped when the server binaries are missing)
+
 Numbers are ratios to the bare thing measured in this run; absolute numbers depend on the machine.
 Run with scripts/bench (it sets up the environment; wrk is used when installed);
 --scenarios picks some of them (e.g. --scenarios client).
@@ -64,7 +70,8 @@ PODCAST_RULES = REPO / "rules" / "podcast.yaml"
 SERVER_SCENARIOS = ("paid", "challenge")
 DOOR_SCENARIOS = ("asgi-paid", "asgi-challenge", "nginx-paid", "nginx-challenge")
 CLIENT_SCENARIOS = ("client-pass", "client-first-paid")
-SCENARIOS = SERVER_SCENARIOS + DOOR_SCENARIOS + CLIENT_SCENARIOS
+STORE_SCENARIOS = ("store-draw",)
+SCENARIOS = SERVER_SCENARIOS + DOOR_SCENARIOS + CLIENT_SCENARIOS + STORE_SCENARIOS
 # Ratio to the bare thing (mitmdump, the bare ASGI app, bare nginx), at least.
 TARGETS = {
     "paid": 0.95,
@@ -78,6 +85,10 @@ TARGETS = {
 # nginx's 402 at least as fast as the mitmproxy door's, measured beside it.
 MITM_TARGETS = {"nginx-challenge": 1.0}
 FIRST_PAID_TARGET_MS = 50.0  # p50 of (first paid fetch - unpaid fetch)
+STORE_DRAW_TARGET_MS = 1.0  # p50 of one draw from a bundle
+STORE_DRAW_TOKENS = 100  # bundle tokens drawn from in turn; their first draws insert their rows
+STORE_DRAWS = 3000  # draws timed per store, at most ...
+STORE_DRAW_SECONDS = 2.0  # ... and for at most this long
 FIRST_PAID_TIME_LIMIT = 180.0  # seconds for all the sequential fetches of client-first-paid
 FETCH_TIMEOUT = 30.0  # one fetch through the proxies; the client gives up paying before that
 CLIENT_PAY_TIMEOUT = 20
@@ -256,6 +267,80 @@ def micro_benchmarks() -> dict[str, float]:
         "verify_uncached_us": verify_s / number * 1e6,
         "decide_cached_us": cached_s / (number * 10) * 1e6,
     }
+
+
+def latency_summary(seconds: list[float]) -> dict[str, float]:
+    ordered = sorted(seconds)
+    return {
+        "p50_ms": round(statistics.median(ordered) * 1000, 3),
+        "p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 3),
+    }
+
+
+async def time_draws(uri: str) -> dict[str, object]:
+    """Draws one after another from STORE_DRAW_TOKENS bundles on the store `uri` names: the
+    first draw of each (an insert) and then the timed ones (updates), as a bundle's life is."""
+    from l402proxy.store import open_server_store
+
+    store = await open_server_store(uri)
+    try:
+        tokens = [os.urandom(32) for _ in range(STORE_DRAW_TOKENS)]
+        size = 10**12  # never spent here
+        first: list[float] = []
+        for token in tokens:
+            started_at = time.perf_counter()
+            await store.draw(token, size, 1)
+            first.append(time.perf_counter() - started_at)
+        timed: list[float] = []
+        deadline = time.monotonic() + STORE_DRAW_SECONDS
+        for n in range(STORE_DRAWS):
+            if time.monotonic() >= deadline:
+                break
+            started_at = time.perf_counter()
+            await store.draw(tokens[n % len(tokens)], size, 1)
+            timed.append(time.perf_counter() - started_at)
+    finally:
+        await store.close()
+    return {
+        "draws": len(timed),
+        **latency_summary(timed),
+        "first_draw": latency_summary(first),
+    }
+
+
+async def draws_on_postgres() -> dict[str, object]:
+    """time_draws on a throwaway PostgreSQL started the way the tests start theirs, made
+    durable as a production one is (the tests' cluster turns fsync and synchronous commit
+    off); {"skipped": why} when it cannot be."""
+    sys.path.insert(0, str(REPO))  # the tests' helpers: tests/postgres.py
+    from tests.postgres import find_bindir, running_postgres
+
+    if find_bindir() is None:
+        return {"skipped": "no PostgreSQL server binaries (apt-get install postgresql)"}
+    try:
+        with running_postgres() as server:
+            for setting in ("fsync", "synchronous_commit", "full_page_writes"):
+                await server.admin(f"ALTER SYSTEM SET {setting} = on")
+            await server.admin("SELECT pg_reload_conf()")
+            for _ in range(100):  # bounded: 5 s for the server to read its settings again
+                if await server.admin_value("SHOW synchronous_commit", "postgres") == "on":
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                return {"skipped": "the server did not take synchronous_commit = on"}
+            return await time_draws(await server.new_database())
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        return {"skipped": f"cannot start PostgreSQL: {str(exc).splitlines()[0]}"}
+
+
+def measure_store_draw(work: Path) -> dict[str, object]:
+    async def main() -> dict[str, object]:
+        return {
+            "sqlite": await time_draws(str(work / "store-draw.sqlite")),
+            "postgresql": await draws_on_postgres(),
+        }
+
+    return asyncio.run(main())
 
 
 @dataclass
@@ -684,6 +769,7 @@ def scenario_list(text: str) -> list[str]:
         "server": SERVER_SCENARIOS,
         "doors": SERVER_SCENARIOS + DOOR_SCENARIOS,
         "client": CLIENT_SCENARIOS,
+        "store": STORE_SCENARIOS,
     }
     names: list[str] = []
     for word in filter(None, (w.strip() for w in text.split(","))):
@@ -705,10 +791,11 @@ def bounded_count(text: str) -> int:
 
 
 def print_report(report: dict, args: argparse.Namespace) -> None:
-    print(
-        f"load generator: {report['load_generator']}, {args.connections} connections, "
-        f"{args.rounds} x {args.seconds} s per side, interleaved"
-    )
+    if any(name not in STORE_SCENARIOS for name in args.scenarios):
+        print(
+            f"load generator: {report['load_generator']}, {args.connections} connections, "
+            f"{args.rounds} x {args.seconds} s per side, interleaved"
+        )
     loaded = [name for name in TARGETS if name in report]
     if loaded:
         print(
@@ -778,6 +865,18 @@ def print_report(report: dict, args: argparse.Namespace) -> None:
         micro = report["micro"]
         print(f"token verify, uncached: {micro['verify_uncached_us']:.1f} us (target < 50 us)")
         print(f"gate decision, cached token: {micro['decide_cached_us']:.2f} us")
+    for label, key in (("SQLite, temp file", "sqlite"), ("PostgreSQL, local", "postgresql")):
+        entry = report.get("store-draw", {}).get(key)
+        if entry is None:
+            continue
+        if "skipped" in entry:
+            print(f"store-draw ({label}): skipped, {entry['skipped']}")
+            continue
+        print(
+            f"store-draw ({label}): p50 {entry['p50_ms']} ms, p99 {entry['p99_ms']} ms over "
+            f"{entry['draws']} draws (target p50 < {STORE_DRAW_TARGET_MS:g} ms); a token's "
+            f"first draw p50 {entry['first_draw']['p50_ms']} ms"
+        )
 
 
 def main() -> int:
@@ -790,7 +889,8 @@ def main() -> int:
         "--scenarios",
         type=scenario_list,
         default=list(SCENARIOS),
-        help=f"comma-separated, from {', '.join(SCENARIOS)}, or server, client, all (default)",
+        help=f"comma-separated, from {', '.join(SCENARIOS)}, or server, doors, client, store, "
+        "all (default)",
     )
     parser.add_argument(
         "--paid-fetches",
@@ -806,7 +906,11 @@ def main() -> int:
 
     micro = micro_benchmarks() if any(n in args.scenarios for n in SERVER_SCENARIOS) else None
     with tempfile.TemporaryDirectory(prefix="l402bench-") as tmp:
-        results = measure(args, load, Path(tmp))
+        # The HTTP scenarios share an origin; store-draw needs none (nor wrk, nor mitmdump).
+        http = any(name not in STORE_SCENARIOS for name in args.scenarios)
+        results = measure(args, load, Path(tmp)) if http else {}
+        if "store-draw" in args.scenarios:
+            results["store-draw"] = measure_store_draw(Path(tmp))
     report: dict = {
         "load_generator": "wrk" if use_wrk else "python asyncio",
         "seconds": args.seconds,

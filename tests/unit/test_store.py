@@ -791,6 +791,7 @@ def test_to_json_and_status() -> None:
         "revoked_at": None,
         "recorded": True,
         "status": "unpaid",
+        "balance": None,
     }
     paid = IssuedToken(**{**token.__dict__, "paid_at": 20.0})
     assert paid.to_json(now=50.0)["status"] == "paid"

@@ -746,7 +746,7 @@ PAGE_HTML = """<!DOCTYPE html>
   <h2>Latest tokens</h2>
   <table id="tokens">
     <thead><tr><th>Token</th><th>Service</th><th class="num">Price (sat)</th><th>Status</th>
-      <th>Issued (UTC)</th><th>Paid (UTC)</th><th></th></tr></thead>
+      <th class="num">Left</th><th>Issued (UTC)</th><th>Paid (UTC)</th><th></th></tr></thead>
     <tbody id="tokens-rows"></tbody>
   </table>
 </section>
@@ -994,7 +994,8 @@ PAGE_JS = r"""
       const id = el("td", null);
       id.append(el("code", t.token_id.slice(0, 16), { title: t.token_id }));
       body.append(row([id, el("td", t.service || "?"), num(t.price_sat === null ? "" :
-        t.price_sat), el("td", t.status), el("td", when(t.created_at)),
+        t.price_sat), el("td", t.status), num(t.balance === null ? "" : t.balance),
+        el("td", when(t.created_at)),
         el("td", when(t.paid_at)), actions]));
     }
   }

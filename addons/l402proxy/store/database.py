@@ -265,8 +265,21 @@ class Database(ABC):
         with suppress(sqlite3.Error):
             await db.execute("ROLLBACK")
 
-    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    async def _read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
         # Under the lock so a read never sees another coroutine's uncommitted transaction.
+        return await self._statement(sql, params)
+
+    async def _statement(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
+        """One statement in its own transaction (autocommit), its rows; sqlite3 errors become
+        StoreError.
+
+        Under the lock: run while another coroutine is between BEGIN and COMMIT on this
+        connection, a write would join that transaction and go if it rolled back. One
+        aiosqlite call steps the statement to its end, which commits it: a caller cancelled
+        meanwhile cannot leave it half done. A write waits for other processes' write lock
+        up to the busy timeout (a lone statement, unlike a deferred transaction, retries
+        through SQLite's busy handler), then fails "database is locked".
+        """
         async with self._lock:
             try:
                 return list(await self._live().execute_fetchall(sql, params))
@@ -295,6 +308,9 @@ MAX_REVENUE_BUCKETS = 10_000
 # The settled tokens a store keeps for the next flush() to return: drained every 0.25 s by the
 # engine; the bound only matters for a store nobody drains (the CLI's).
 MAX_SETTLED_KEPT = 100_000
+# A bundle's size and a draw's amount, at most: both databases keep balances in signed 64-bit
+# integers (a bytes bundle of 8 EiB is still one).
+MAX_BALANCE = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -310,6 +326,9 @@ class IssuedToken:
     # False only for a revocation of a token this store never saw issued (its issuance
     # note was lost); payment_hash, service, price_sat and created_at are then placeholders.
     recorded: bool = True
+    # What is left of the token's bundle (TokenStore.draw); None: never drawn from (no bundle,
+    # or not used yet).
+    balance: int | None = None
 
     def status(self, now: float | None = None) -> str:
         """revoked | expired | paid | unpaid, as of `now` (default: the current time)."""
@@ -335,6 +354,7 @@ class IssuedToken:
             "revoked_at": self.revoked_at,
             "recorded": known,
             "status": self.status(now),
+            "balance": self.balance,
         }
 
 
@@ -380,7 +400,7 @@ def check_revenue_range(since: float, until: float, bucket_seconds: int) -> None
 
 def token_from_row(row: Sequence[Any]) -> IssuedToken:
     """An IssuedToken from (token_id, payment_hash, service, price_sat, created_at,
-    valid_until, paid_at, revoked_at)."""
+    valid_until, paid_at, revoked_at[, balance])."""
     return IssuedToken(
         token_id=bytes(row[0]),
         payment_hash=bytes(row[1]),
@@ -390,6 +410,7 @@ def token_from_row(row: Sequence[Any]) -> IssuedToken:
         valid_until=row[5],
         paid_at=row[6],
         revoked_at=row[7],
+        balance=None if len(row) < 9 or row[8] is None else int(row[8]),
     )
 
 
@@ -462,6 +483,22 @@ def warn_unrecorded(token: IssuedToken, prefix: str) -> None:
 def check_id(name: str, value: bytes) -> None:
     if not isinstance(value, bytes) or len(value) != ID_SIZE:
         raise ValueError(f"{name} must be {ID_SIZE} bytes")
+
+
+def _check_count(name: str, value: int, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_BALANCE:
+        raise ValueError(
+            f"{name} must be a whole number from {low} to {MAX_BALANCE}, got {value!r}"
+        )
+
+
+def check_draw(token_id: bytes, size: int, amount: int) -> None:
+    """ValueError unless draw()/charge() can take these: checked before the database is asked,
+    so that a caller's bug is never a database error (nor a 64-bit overflow in one: with both
+    within [0, MAX_BALANCE], size - amount and balance - amount cannot overflow)."""
+    check_id("token_id", token_id)
+    _check_count("size", size, 1)
+    _check_count("amount", amount, 0)
 
 
 def start_from(cursor: int, top: int, shown: str) -> int:
@@ -655,6 +692,23 @@ class TokenStore(Protocol):
     sighting) is in [since, until), per service and per bucket of `bucket_seconds` starting
     at a multiple of it since the epoch, oldest first; StoreError for a bad range or more than
     MAX_REVENUE_BUCKETS buckets (check_revenue_range). Revoked tokens count: they were sold.
+
+    Balances (bundles: a token good for `size` requests, bytes or units) are money: they live
+    in the database, never only in memory, and each call below is ONE statement in its own
+    transaction, awaited on the request path (never queued like note_issued), exactly once
+    across every instance and process sharing the database:
+    - `draw(token_id, size, amount)`: a token with no balance yet starts at `size`; when its
+      balance is 0, nothing is drawn and None is returned (the token is spent); otherwise the
+      balance becomes max(balance - amount, 0) and that is returned (amount 0 only asks).
+    - `charge(token_id, size, amount)`: usage known after the fact (bytes streamed, units
+      reported): always subtracts, never below 0; returns what is left.
+    - `balance_of(token_id)`: what is left; None when the token was never drawn from.
+    size (>= 1) and amount (>= 0) are whole numbers up to MAX_BALANCE, token_id 32 bytes, else
+    ValueError (check_draw). A database that cannot be reached, or does not answer within the
+    store's bound (SQLite: its busy timeout; PostgreSQL: BALANCE_TIMEOUT), raises StoreError:
+    the caller must then fail closed. A draw whose answer is lost (a timeout after the commit,
+    a cancelled caller) may have been made: the buyer may lose a request, the seller never
+    gives one away. `list_tokens` and `revoke` return each token's balance too.
     """
 
     max_pending: int
@@ -678,4 +732,7 @@ class TokenStore(Protocol):
     async def revenue(
         self, since: float, until: float, bucket_seconds: int, service: str | None = None
     ) -> list[RevenueRow]: ...
+    async def draw(self, token_id: bytes, size: int, amount: int) -> int | None: ...
+    async def charge(self, token_id: bytes, size: int, amount: int) -> int: ...
+    async def balance_of(self, token_id: bytes) -> int | None: ...
     async def close(self) -> None: ...

@@ -35,6 +35,10 @@ database, so that a token bought at one instance works at all of them.
   engine counts locally meanwhile (engine.limits.SharedCounters). Their tables are UNLOGGED:
   no WAL, no fsync per request; a database crash (not a clean restart) empties them, which
   only hands every client a fresh allowance once.
+- Balances (`draw`, `charge`, `balance_of`: bundle tokens): money, so not queued and not
+  UNLOGGED. Each call is one statement (an upsert, like the counters' takes), awaited on the
+  request path and bounded by BALANCE_TIMEOUT; failing, it raises StoreError and the engine
+  answers 503. Every instance draws from the same row: a bundle is global.
 """
 
 import asyncio
@@ -64,6 +68,8 @@ from l402proxy.store.database import (
     RecordQueue,
     RevenueRow,
     StoreError,
+    check_draw,
+    check_id,
     check_revenue_range,
     normalize_ref,
     prefix_range,
@@ -99,6 +105,11 @@ REVOKE_LOCK = 0x4C34303252564B45
 SETTLE_LOCK = 0x4C34303253544C45
 
 SERVER_SETTINGS = {"application_name": "l402proxy"}
+
+# -- balances (draw, charge, balance_of) --
+# One call, waiting for a connection included: awaited on the request path, which answers 503
+# when it fails (fail closed). Never retried: a retry after a lost answer could draw twice.
+BALANCE_TIMEOUT = 2.0
 
 # -- counters (engine.limits.Counters) --
 # One take, waiting for a connection included: a request waits at most this long before the
@@ -221,14 +232,46 @@ MIGRATIONS: list[Sequence[str]] = [
         "CREATE INDEX l402_issued_tokens_paid_at ON l402_issued_tokens (paid_at)"
         " WHERE paid_at IS NOT NULL",
     ),
+    # Version 5: what is left of each bundle token (draw, charge): a row from the token's first
+    # draw on. Logged, unlike the counters: balances are money and must survive a crash.
+    # fillfactor: a row is updated once per request, room on its page keeps the updates HOT.
+    (
+        """
+        CREATE TABLE l402_token_balances (
+            token_id bytea PRIMARY KEY CHECK (length(token_id) = 32),
+            balance bigint NOT NULL CHECK (balance >= 0)
+        ) WITH (fillfactor = 70)
+        """,
+    ),
 ]
 
 # LEAST skips NULLs: the earliest sighting, wherever it was written.
 _TOKEN_SELECT = (
     "SELECT i.token_id, i.payment_hash, i.service, i.price_sat, i.created_at, i.valid_until,"
-    " LEAST(i.paid_at, s.paid_at), r.revoked_at FROM l402_issued_tokens i"
+    " LEAST(i.paid_at, s.paid_at), r.revoked_at, b.balance FROM l402_issued_tokens i"
     " LEFT JOIN l402_paid_sightings s ON s.token_id = i.token_id"
     " LEFT JOIN l402_revocations r ON r.token_id = i.token_id"
+    " LEFT JOIN l402_token_balances b ON b.token_id = i.token_id"
+)
+
+# Balances (database.TokenStore): one statement each, like the counters' takes. A token's first
+# draw inserts its row at size - amount; instances drawing from it at once then take the
+# conflicting row's lock in turn, each reading the latest committed balance (READ COMMITTED's
+# DO UPDATE), so every unit is handed out once. When nothing is left the WHERE refuses the
+# update and no row comes back (an insert always returns one): that is the None.
+# $1 token_id, $2 size, $3 amount.
+_DRAW_SQL = (
+    "INSERT INTO l402_token_balances AS b (token_id, balance)"
+    " VALUES ($1::bytea, GREATEST($2::bigint - $3::bigint, 0))"
+    " ON CONFLICT (token_id) DO UPDATE SET balance = GREATEST(b.balance - $3::bigint, 0)"
+    " WHERE b.balance > 0"
+    " RETURNING b.balance"
+)
+_CHARGE_SQL = (
+    "INSERT INTO l402_token_balances AS b (token_id, balance)"
+    " VALUES ($1::bytea, GREATEST($2::bigint - $3::bigint, 0))"
+    " ON CONFLICT (token_id) DO UPDATE SET balance = GREATEST(b.balance - $3::bigint, 0)"
+    " RETURNING b.balance"
 )
 # The tokens among $1 that are paid: an issued row and a sighting (or a paid_at versions 1-2
 # wrote). flush() reads it before and after writing its batch.
@@ -655,6 +698,7 @@ class PostgresServerStore(RecordQueue):
     operation_timeout = OPERATION_TIMEOUT
     migration_timeout = MIGRATION_TIMEOUT
     keepalive_seconds = KEEPALIVE_SECONDS
+    balance_timeout = BALANCE_TIMEOUT
 
     def __init__(self, pool: asyncpg.Pool, target: Target) -> None:
         RecordQueue.__init__(self)
@@ -1124,6 +1168,33 @@ class PostgresServerStore(RecordQueue):
                 _REVENUE_SQL, float(since), float(until), float(bucket_seconds), service
             )
         return [RevenueRow(float(row[0]), row[1], int(row[2]), int(row[3])) for row in rows]
+
+    async def draw(self, token_id: bytes, size: int, amount: int) -> int | None:
+        """Draw `amount` from the token's bundle of `size`: what is left, or None when nothing
+        was (database.TokenStore). One statement, at once (not queued), bounded by
+        balance_timeout."""
+        check_draw(token_id, size, amount)
+        async with self._connection(self.balance_timeout) as conn:
+            row = await conn.fetchrow(_DRAW_SQL, token_id, size, amount)
+        return None if row is None else int(row[0])
+
+    async def charge(self, token_id: bytes, size: int, amount: int) -> int:
+        """Subtract usage known after the fact, never below 0: what is left."""
+        check_draw(token_id, size, amount)
+        async with self._connection(self.balance_timeout) as conn:
+            row = await conn.fetchrow(_CHARGE_SQL, token_id, size, amount)
+        if row is None:  # an upsert with RETURNING always returns its row
+            raise StoreError(f"store {self.shown}: the balance update returned nothing")
+        return int(row[0])
+
+    async def balance_of(self, token_id: bytes) -> int | None:
+        """What is left of the token's bundle; None when it was never drawn from."""
+        check_id("token_id", token_id)
+        async with self._connection(self.balance_timeout) as conn:
+            value = await conn.fetchval(
+                "SELECT balance FROM l402_token_balances WHERE token_id = $1", token_id
+            )
+        return None if value is None else int(value)
 
     async def close(self) -> None:
         """Flush queued records, stop listening, close the pool. Raises StoreError if records

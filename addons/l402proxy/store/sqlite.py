@@ -5,6 +5,8 @@ which the proxy loads once. The 402 path only queues records (`note_issued`), a 
 task writes them with `flush()`, and revocations made by another process (`l402proxy tokens
 revoke`) reach the proxy through `revocations_since()`, a cheap indexed poll after each
 `wait_for_revocations()` (a plain sleep here: SQLite cannot signal another process's write).
+Bundle balances are the exception to writing behind: they are money, so `draw()` and
+`charge()` write at once, one statement each, exactly once across processes on the file.
 store/postgres.py is the same interface on PostgreSQL, for several instances.
 """
 
@@ -28,6 +30,8 @@ from l402proxy.store.database import (
     RecordQueue,
     RevenueRow,
     StoreError,
+    check_draw,
+    check_id,
     check_revenue_range,
     normalize_ref,
     prefix_range,
@@ -97,6 +101,17 @@ MIGRATIONS: list[Sequence[str]] = [
         "CREATE INDEX paid_sightings_paid_at ON paid_sightings (paid_at)",
         "CREATE INDEX issued_tokens_paid_at ON issued_tokens (paid_at) WHERE paid_at IS NOT NULL",
     ),
+    # Version 4: what is left of each bundle token (draw, charge): a row from the token's first
+    # draw on. Apart from issued_tokens, like the sightings: the issued row is written behind
+    # (and may be lost), the balance is written at once and must never be.
+    (
+        """
+        CREATE TABLE token_balances (
+            token_id BLOB PRIMARY KEY CHECK (length(token_id) = 32),
+            balance INTEGER NOT NULL CHECK (balance >= 0)
+        ) WITHOUT ROWID
+        """,
+    ),
 ]
 
 
@@ -106,9 +121,26 @@ _TOKEN_COLUMNS = (
     "coalesce(min(i.paid_at, s.paid_at), i.paid_at, s.paid_at), r.revoked_at"
 )
 _TOKEN_SELECT = (
-    f"SELECT {_TOKEN_COLUMNS} FROM issued_tokens i "
+    f"SELECT {_TOKEN_COLUMNS}, b.balance FROM issued_tokens i "
     "LEFT JOIN paid_sightings s ON s.token_id = i.token_id "
-    "LEFT JOIN revocations r ON r.token_id = i.token_id"
+    "LEFT JOIN revocations r ON r.token_id = i.token_id "
+    "LEFT JOIN token_balances b ON b.token_id = i.token_id"
+)
+
+# Balances (database.TokenStore): each call one statement, so one write of the row under
+# SQLite's write lock, whichever process makes it. A token's first draw inserts its row at
+# size - amount; a later one takes the conflict path, which the WHERE refuses when nothing is
+# left: no row then comes back (an insert always returns one), which is how None is told
+# apart. In DO UPDATE, a bare `balance` is the row as it was.
+_DRAW_SQL = (
+    "INSERT INTO token_balances (token_id, balance) VALUES (:token_id, max(:size - :amount, 0))"
+    " ON CONFLICT (token_id) DO UPDATE SET balance = max(balance - :amount, 0) WHERE balance > 0"
+    " RETURNING balance"
+)
+_CHARGE_SQL = (
+    "INSERT INTO token_balances (token_id, balance) VALUES (:token_id, max(:size - :amount, 0))"
+    " ON CONFLICT (token_id) DO UPDATE SET balance = max(balance - :amount, 0)"
+    " RETURNING balance"
 )
 
 # The tokens of the batch being flushed (their ids in temp.flush_ids) that are paid: an issued
@@ -372,3 +404,30 @@ class ServerStore(Database, RecordQueue):
             {"since": since, "until": until, "bucket": bucket_seconds, "service": service},
         )
         return [RevenueRow(float(row[0]), row[1], int(row[2]), int(row[3])) for row in rows]
+
+    async def draw(self, token_id: bytes, size: int, amount: int) -> int | None:
+        """Draw `amount` from the token's bundle of `size`: what is left, or None when nothing
+        was (database.TokenStore). One statement, at once (not queued)."""
+        check_draw(token_id, size, amount)
+        rows = await self._statement(
+            _DRAW_SQL, {"token_id": token_id, "size": size, "amount": amount}
+        )
+        return int(rows[0][0]) if rows else None
+
+    async def charge(self, token_id: bytes, size: int, amount: int) -> int:
+        """Subtract usage known after the fact, never below 0: what is left."""
+        check_draw(token_id, size, amount)
+        rows = await self._statement(
+            _CHARGE_SQL, {"token_id": token_id, "size": size, "amount": amount}
+        )
+        if not rows:  # an upsert with RETURNING always returns its row
+            raise StoreError(f"store {self.path}: the balance update returned nothing")
+        return int(rows[0][0])
+
+    async def balance_of(self, token_id: bytes) -> int | None:
+        """What is left of the token's bundle; None when it was never drawn from."""
+        check_id("token_id", token_id)
+        rows = await self._read(
+            "SELECT balance FROM token_balances WHERE token_id = ?", (token_id,)
+        )
+        return int(rows[0][0]) if rows else None
