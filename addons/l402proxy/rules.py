@@ -5,16 +5,22 @@ parsing works on PyYAML's node tree (which keeps line numbers) rather than on pl
 objects, and every `RulesError` names the file and the line.
 """
 
+import contextlib
 import dataclasses
 import difflib
 import fnmatch
 import functools
+import importlib
+import inspect
 import ipaddress
 import os
 import re
 import string
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, NoReturn, cast, get_args
 from urllib.parse import quote, unquote_to_bytes, urlsplit
@@ -24,20 +30,27 @@ import yaml
 from .l402.token import UNLISTED_CAPABILITY
 
 __all__ = [
+    "BUNDLE_UNITS",
     "DEFAULT_INVOICE_EXPIRY",
     "DEFAULT_INVOICE_LIMIT",
     "DEFAULT_VALID_FOR",
+    "MAX_BUNDLE_SIZE",
+    "MAX_PRICE_SAT",
     "MAX_READ_PATH",
     "MIN_INVOICE_EXPIRY",
     "MODES",
     "PLAIN_PATH",
     "PRICED_MODES",
     "AmbiguousPath",
+    "Bundle",
+    "BundleUnit",
     "Freebies",
     "MalformedPath",
     "Mode",
     "PaidVariant",
+    "PassSpec",
     "PathError",
+    "PriceRef",
     "RateLimit",
     "Rule",
     "RuleSet",
@@ -46,6 +59,7 @@ __all__ = [
     "normalize_path",
     "parse_duration",
     "parse_rules",
+    "parse_size",
     "path_forms",
     "rule_warnings",
     "scope_path",
@@ -72,6 +86,9 @@ MAX_PRICE_SAT = 21_000_000 * 100_000_000
 # The BOLT11 description field holds at most 639 bytes (10-bit length of 5-bit groups); keep
 # room for what the server puts around the description in the memo (e.g. the service name).
 MAX_DESCRIPTION_BYTES = 500
+# The largest bundle (requests, bytes or units): a petabyte, far beyond any real bundle, and far
+# inside the 64-bit integers SQLite and PostgreSQL keep balances in.
+MAX_BUNDLE_SIZE = 10**15
 
 # The name goes into caveats (`services=<name>:0`, `<name>_valid_until=...`): ',', ':', '='
 # and spaces would change their meaning.
@@ -85,6 +102,32 @@ _DURATION_HINT = "use seconds or a number with s, m, h, d or w: '30s', '15m', '1
 # would corrupt the request instead of informing the origin.
 _FORBIDDEN_HEADERS = frozenset(
     {"content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade"}
+)
+# Hop-by-hop headers besides those (RFC 9110 7.6.1, RFC 2616 13.5.1): one connection's business,
+# never the origin's report of what a request used.
+_HOP_BY_HOP = frozenset({"proxy-connection", "proxy-authenticate", "proxy-authorization"})
+# `price: python:<module>:<attribute>`, both dotted Python names (`pricing.api:Pricer.quote`).
+_DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+_PRICE_REF_RE = re.compile(rf"python:(?P<module>{_DOTTED}):(?P<attribute>{_DOTTED})", re.ASCII)
+# A size: a number (a fraction allowed: '1.5GB'), then a unit. The unit is read ignoring case.
+_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*", re.ASCII)
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "pb": 10**15,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "pib": 2**50,
+}
+_SIZE_HINT = (
+    "use a whole number of bytes, or a number with B, kB, MB, GB, TB (powers of 1000) or KiB, "
+    "MiB, GiB, TiB (powers of 1024): '500MB', '1.5GB', '10KiB'"
 )
 _PCT_RUN_RE = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
@@ -105,11 +148,21 @@ _SERVICE_KEYS = (
     "free_paths",
     "rate_limits",
     "freebies",
+    "price",
+    "bundle",
+    "single_use",
+    "pass",
 )
+# What a service sells beyond its price: refused where nothing is sold (free, deny).
+_SOLD_KEYS = ("price", "bundle", "single_use", "pass")
 _MATCH_KEYS = ("path", "host", "methods")
 _PAID_KEYS = ("rewrite_path", "upstream", "set_headers")
 _RATE_KEYS = ("requests", "per", "burst", "key")
 _FREEBIE_KEYS = ("requests", "per")
+BundleUnit = Literal["requests", "bytes", "units"]
+BUNDLE_UNITS: tuple[str, ...] = get_args(BundleUnit)
+_BUNDLE_KEYS = (*BUNDLE_UNITS, "usage_header")
+_PASS_KEYS = ("name", "services", "valid_for")
 RateKey = Literal["ip", "token"]
 
 _MAP_TAG = "tag:yaml.org,2002:map"
@@ -220,6 +273,47 @@ class Freebies:
     per: int
 
 
+@dataclass(frozen=True)
+class Bundle:
+    """What one token buys: `size` requests, bytes of response body, or units the origin
+    reports per request in the response header `usage_header` (units only; compare its name
+    ignoring case). `single_use: true` in the file is Bundle("requests", 1, None)."""
+
+    unit: BundleUnit
+    size: int
+    usage_header: str | None = None
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """`pass:` of a service: its 402 sells a token named `name` that opens every service in
+    `services` (the selling service among them), each for `valid_for` seconds (None: never
+    expires). The file's `pass.valid_for` or, when it gives none, the service's valid_for."""
+
+    name: str
+    services: tuple[str, ...]
+    valid_for: int | None
+
+
+@dataclass(frozen=True)
+class PriceRef:
+    """`price: python:<module>:<function>`: `text` as the file wrote it, `function` the callable
+    imported when the rules loaded (called with an engine.pricing.PriceRequest, returns sats,
+    plain or async); `source` and `line` say where the file names it, for error messages."""
+
+    text: str
+    function: Callable[..., Any]
+    source: str | None = None
+    line: int | None = None
+
+    @property
+    def where(self) -> str:
+        """`<file>:<line>` of the reference (what is known of it)."""
+        if self.source is not None:
+            return f"{self.source}:{self.line}" if self.line is not None else self.source
+        return f"line {self.line}" if self.line is not None else "<rules>"
+
+
 # Every 402 makes the backend create an invoice: by default one client IP gets at most 60 a
 # minute, 120 at once (a browser or an app never needs as many; a flood does not make more).
 DEFAULT_INVOICE_LIMIT = RateLimit(requests=60, per=60, burst=120, key="ip")
@@ -245,11 +339,28 @@ class Rule:
     free_paths: tuple[re.Pattern[str], ...] = ()
     rate_limits: tuple[RateLimit, ...] = ()
     freebies: Freebies | None = None
+    # `price:` instead of price_sat (which is then 0): a price computed per challenge.
+    price: PriceRef | None = None
+    # What one token buys; single_use is a bundle of 1 request (and `bundle` says so too).
+    bundle: Bundle | None = None
+    single_use: bool = False
+    # `pass:`: the token this rule sells opens several services.
+    pass_: PassSpec | None = None
 
     @functools.cached_property
     def free_view(self) -> "Rule":
-        """This rule as it stands for one of its free_paths: mode free, nothing sold."""
-        return dataclasses.replace(self, mode="free", free_paths=(), freebies=None)
+        """This rule as it stands for one of its free_paths: mode free, nothing sold (no price
+        to compute, no bundle to draw from, no pass)."""
+        return dataclasses.replace(
+            self,
+            mode="free",
+            free_paths=(),
+            freebies=None,
+            price=None,
+            bundle=None,
+            single_use=False,
+            pass_=None,
+        )
 
     def _judged_as(self, path: str) -> "Rule":
         if self.free_paths and any(free.fullmatch(path) for free in self.free_paths):
@@ -766,8 +877,49 @@ def parse_duration(value: str | int) -> int:
     return seconds
 
 
+def parse_size(value: str | int) -> int:
+    """Bytes from 1000, "1000", "1000B", "500MB", "1.5GB", "10KiB" or "2 MB"; ValueError
+    otherwise.
+
+    kB, MB, GB, TB, PB are powers of 1000, KiB, MiB, GiB, TiB, PiB powers of 1024; the unit is
+    read ignoring case ('mb' is MB: nobody sizes a bundle in bits). The B is required after a
+    prefix: '500M' is 500 MB to some tools and 500 MiB to others (nginx), so it is refused. A
+    fraction is fine if the bytes come out whole ('1.5kB'); zero and negative sizes are not.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"invalid size {_show(value)} ({_SIZE_HINT})")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"a size must be at least 1 byte, got {value}")
+        return value
+    found = _SIZE_RE.fullmatch(value) if len(value) <= _MAX_NUMBER_CHARS else None
+    if found is None:
+        if value.strip().startswith("-"):
+            raise ValueError(f"a size must be at least 1 byte, got {_clip(value)!r}")
+        raise ValueError(f"invalid size {_clip(value)!r} ({_SIZE_HINT})")
+    number, unit = found[1], found[2]
+    multiplier = _SIZE_UNITS.get(unit.lower())
+    if multiplier is None:
+        if unit.lower() in ("ki", "mi", "gi", "ti", "pi"):
+            raise ValueError(f"size {value.strip()!r}: say {number}{unit[0].upper()}iB")
+        if unit.lower() in ("k", "m", "g", "t", "p"):
+            prefix = unit[0].upper() if unit[0] != "k" else "k"
+            raise ValueError(
+                f"size {value.strip()!r}: say {number}{prefix}B (powers of 1000) or "
+                f"{number}{unit[0].upper()}iB (powers of 1024); a unit without B means either"
+            )
+        raise ValueError(f"unknown unit {unit!r} in size {_clip(value)!r} ({_SIZE_HINT})")
+    size = Fraction(number) * multiplier
+    if size.denominator != 1:
+        raise ValueError(f"size {value.strip()!r} is not a whole number of bytes")
+    if size <= 0:
+        raise ValueError(f"a size must be at least 1 byte, got {value.strip()!r}")
+    return int(size)
+
+
 def load_rules(path: str | os.PathLike[str]) -> RuleSet:
-    """Read and parse a rules file (UTF-8); errors name the path as given."""
+    """Read and parse a rules file (UTF-8); errors name the path as given. `price:` modules
+    are looked for next to the file first."""
     source = os.fspath(path)
     shown = _one_line(os.fsdecode(source))
     try:
@@ -790,16 +942,22 @@ def load_rules(path: str | os.PathLike[str]) -> RuleSet:
             source=shown,
             line=data.count(b"\n", 0, exc.start) + 1,
         ) from None
-    return parse_rules(text, source)
+    return parse_rules(text, source, directory=os.path.dirname(os.path.abspath(source)))
 
 
-def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
+def parse_rules(
+    text: str, source: str = "<rules>", *, directory: str | os.PathLike[str] | None = None
+) -> RuleSet:
     """Parse and validate rules from YAML text; raises RulesError naming `source` and the line.
+
+    `price: python:<module>:<function>` references are imported here, with `directory` (the
+    rules file's, when load_rules reads one) first on sys.path while importing; without a
+    directory, from sys.path as it is.
 
     Nothing else escapes: a proxy reloading an edited file, or `l402proxy rules check`, must
     get one line to show, never a traceback.
     """
-    parser = _Parser(source)
+    parser = _Parser(source, None if directory is None else os.fspath(directory))
     try:
         return parser.parse(text)
     except RulesError:
@@ -912,11 +1070,105 @@ def _suggest(word: str, choices: Sequence[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+# One import of a price module at a time: sys.path is the whole process's, and the rules are
+# loaded on the event loop's thread at start but in a worker thread on reload.
+_IMPORT_LOCK = threading.Lock()
+
+
+class _PriceImportError(Exception):
+    """Why a `price:` reference cannot be used (the message goes into a RulesError)."""
+
+
+def _import_price(module_name: str, attribute: str, directory: str | None) -> Callable[..., Any]:
+    """The callable `module_name:attribute` names, imported with `directory` first on sys.path
+    (sys.path restored after). A module imported before stays the one used (Python imports a
+    module once per process): changed code takes a restart."""
+    with _IMPORT_LOCK:
+        if directory is not None:
+            sys.path.insert(0, directory)
+        try:
+            # A module written after the process started (`rules check` after an edit, a test)
+            # is missed by the finders' cached directory listings otherwise.
+            importlib.invalidate_caches()
+            module = importlib.import_module(module_name)
+        except (Exception, SystemExit) as exc:
+            looked = f" (looked in {directory} first)" if directory is not None else ""
+            raise _PriceImportError(
+                f"cannot import module '{module_name}': {type(exc).__name__}: {exc}{looked}"
+            ) from None
+        finally:
+            if directory is not None:
+                # Ours is the first equal entry unless the module put an equal one in front:
+                # either way one copy goes and sys.path is as it was.
+                with contextlib.suppress(ValueError):
+                    sys.path.remove(directory)
+    _check_not_shadowed(module_name, module, directory)
+    target: Any = module
+    path = module_name
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            names = [name for name in dir(target) if not name.startswith("_")]
+            raise _PriceImportError(
+                f"'{path}' has no attribute '{part}'{_suggest(part, names)}"
+            ) from None
+        except Exception as exc:
+            raise _PriceImportError(
+                f"reading '{part}' of '{path}' failed: {type(exc).__name__}: {exc}"
+            ) from None
+        path = f"{path}.{part}" if path != module_name else f"{module_name}:{part}"
+    if not callable(target):
+        raise _PriceImportError(f"'{path}' is not callable (type {type(target).__name__})")
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        signature = None  # some builtins have none: their calls are checked when made
+    if signature is not None:
+        try:
+            signature.bind(None)
+        except TypeError as exc:
+            raise _PriceImportError(
+                f"'{path}' cannot be called with one argument (the PriceRequest): {exc}"
+            ) from None
+    return cast(Callable[..., Any], target)
+
+
+def _check_not_shadowed(module_name: str, module: Any, directory: str | None) -> None:
+    """Refuse a module taken from elsewhere while the rules directory has one of that name
+    (a `secrets.py` next to the rules loses to the standard library's, already imported):
+    its price function would silently be somebody else's code, or missing."""
+    if directory is None:
+        return
+    top = module_name.split(".", 1)[0]
+    ours = [
+        os.path.join(directory, f"{top}.py"),
+        os.path.join(directory, top, "__init__.py"),
+    ]
+    ours = [candidate for candidate in ours if os.path.isfile(candidate)]
+    if not ours:
+        return
+    found = getattr(sys.modules.get(top), "__file__", None)
+    if found is not None and os.path.realpath(found) == os.path.realpath(ours[0]):
+        return
+    # A module without a file is built into Python (`time`, `sys`): found before any path.
+    origin = "built into Python" if found is None else f"already imported from {found}"
+    raise _PriceImportError(
+        f"module '{top}' is {origin}, so {ours[0]} next to the rules is not used; rename yours"
+    )
+
+
 class _Parser:
     """One parse: the source name and the service being read, for error messages."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, directory: str | None = None) -> None:
         self.source = source
+        # Where `price:` modules are imported from first (the rules file's directory).
+        self.directory = directory
+        # Pass names seen so far -> (line, service), and each pass's services to look up once
+        # every service is known: (service, line, [(name, node)]).
+        self.pass_lines: dict[str, tuple[int, str]] = {}
+        self.pass_services: list[tuple[str, int, list[tuple[str, yaml.Node]]]] = []
         self.service: str | None = None
         # The line of the service being read: where an unforeseen failure is reported.
         self.line: int | None = None
@@ -1132,6 +1384,7 @@ class _Parser:
             rule = self.service_rule(item, index, lines_by_name)
             lines_by_name[rule.name] = rule.line
             rules.append(rule)
+        self.check_pass_services(rules)
         self.service = None
         self.line = None
         return RuleSet(tuple(rules), self.source, invoice_limit, trusted, trust_unix, dry_run)
@@ -1327,6 +1580,7 @@ class _Parser:
             {
                 **{k: " (it belongs under 'match:')" for k in _MATCH_KEYS},
                 **{k: " (it belongs under 'paid:')" for k in _PAID_KEYS},
+                **{k: " (it belongs under 'bundle:')" for k in ("bytes", "units", "usage_header")},
             },
         )
 
@@ -1354,6 +1608,23 @@ class _Parser:
                         entries[key][0],
                         f"'{key}' has no meaning with mode: deny (nothing is sold there)",
                     )
+        if mode not in PRICED_MODES:
+            for key in _SOLD_KEYS:
+                if key in entries:
+                    self.fail(
+                        entries[key][0],
+                        f"'{key}' has no meaning with mode: {mode} (nothing is sold there)",
+                    )
+        price_ref = None
+        ref_node = self.value_node(entries, "price")
+        if ref_node is not None and price_node is not None:
+            later, earlier = self.later(entries, "price", "price_sat")
+            self.fail(
+                entries[later][0],
+                f"price and price_sat are both set ({earlier} on line "
+                f"{entries[earlier][0].start_mark.line + 1}): give price_sat for a fixed price "
+                "or price for one computed per request, not both",
+            )
         if price_node is not None:
             price_sat = self.price(price_node)
             if price_sat == 0 and mode != "free":
@@ -1362,8 +1633,14 @@ class _Parser:
                     f"price_sat is 0 but mode is '{mode}': a 0 sat invoice cannot be paid; "
                     "set a price, or use mode: free to let these requests through",
                 )
+        elif ref_node is not None:
+            price_ref = self.price_ref(ref_node)
         elif mode in PRICED_MODES:
-            self.fail(item, f"missing 'price_sat' (price in satoshis; required for mode {mode})")
+            self.fail(
+                item,
+                f"missing 'price_sat' (price in satoshis; required for mode {mode}) or 'price' "
+                "(python:<module>:<function>, a price computed per request)",
+            )
 
         paid = PaidVariant()
         paid_node = self.value_node(entries, "paid")
@@ -1414,6 +1691,32 @@ class _Parser:
         if freebies_node is not None:
             freebies = self.freebies(freebies_node)
 
+        bundle = None
+        bundle_node = self.value_node(entries, "bundle")
+        if bundle_node is not None:
+            bundle = self.bundle(bundle_node)
+        single_use = False
+        single_node = self.value_node(entries, "single_use")
+        if single_node is not None:
+            value = self.scalar(single_node)
+            if not isinstance(value, bool):
+                self.fail(single_node, f"single_use must be true or false, got {_show(value)}")
+            single_use = value
+        if single_use and bundle is not None:
+            later, earlier = self.later(entries, "single_use", "bundle")
+            self.fail(
+                entries[later][0],
+                f"single_use and bundle are both set ({earlier} on line "
+                f"{entries[earlier][0].start_mark.line + 1}): single use is a bundle of 1 "
+                "request; give one of them",
+            )
+        if single_use:
+            bundle = Bundle("requests", 1, None)
+        pass_ = None
+        pass_node = self.value_node(entries, "pass")
+        if pass_node is not None:
+            pass_ = self.pass_spec(pass_node, name, valid_for)
+
         return Rule(
             name=name,
             path=path,
@@ -1431,7 +1734,203 @@ class _Parser:
             free_paths=free_paths,
             rate_limits=rate_limits,
             freebies=freebies,
+            price=price_ref,
+            bundle=bundle,
+            single_use=single_use,
+            pass_=pass_,
         )
+
+    @staticmethod
+    def later(
+        entries: Mapping[str, tuple[yaml.Node, yaml.Node]], a: str, b: str
+    ) -> tuple[str, str]:
+        """Of two keys that conflict, (the one further down the file, the other): the error
+        names the line where the conflict appears."""
+        a_line = entries[a][0].start_mark.line
+        b_line = entries[b][0].start_mark.line
+        return (a, b) if a_line >= b_line else (b, a)
+
+    # -- what a token buys: dynamic price, bundles, passes -------------------------------------
+
+    def price_ref(self, node: yaml.Node) -> PriceRef:
+        value = self.scalar(node)
+        if not isinstance(value, str):
+            hint = (
+                " (a fixed price goes in price_sat)"
+                if isinstance(value, int) and not isinstance(value, bool)
+                else ""
+            )
+            self.fail(
+                node,
+                f"price must be a reference like 'python:mypricing:quote', got {_show(value)}"
+                f"{hint}",
+            )
+        text = value.strip()
+        found = _PRICE_REF_RE.fullmatch(text)
+        if found is None:
+            self.fail(
+                node,
+                "price must be 'python:<module>:<function>' (e.g. 'python:mypricing:quote'), "
+                f"got {_clip(value)!r}",
+            )
+        try:
+            function = _import_price(found["module"], found["attribute"], self.directory)
+        except _PriceImportError as exc:
+            self.fail(node, f"price {text}: {exc}")
+        return PriceRef(
+            text,
+            function,
+            source=_one_line(os.fsdecode(self.source)),
+            line=node.start_mark.line + 1,
+        )
+
+    def bundle(self, node: yaml.Node) -> Bundle:
+        examples = "{requests: 100}, {bytes: 500MB} or {units: 10000, usage_header: X-Usage}"
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(node, f"bundle must be a mapping like {examples}, got {self.describe(node)}")
+        entries = self.entries(node, "bundle")
+        self.check_keys(
+            entries,
+            _BUNDLE_KEYS,
+            " in bundle",
+            {k: " (it belongs to the service, not under 'bundle:')" for k in _SERVICE_KEYS},
+        )
+        given = [key for key in BUNDLE_UNITS if self.value_node(entries, key) is not None]
+        if not given:
+            self.fail(node, f"bundle needs one of requests, bytes or units: {examples}")
+        if len(given) > 1:
+            later, earlier = self.later(entries, given[0], given[1])
+            self.fail(
+                entries[later][0],
+                f"bundle has both '{earlier}' and '{later}': a bundle counts one thing",
+            )
+        unit = cast(BundleUnit, given[0])
+        key_node, value_node = entries[unit]
+        if unit == "bytes":
+            value = self.scalar(value_node)
+            try:
+                size = parse_size(value)
+            except ValueError as exc:
+                self.fail(value_node, f"bundle.bytes: {exc}")
+            if size > MAX_BUNDLE_SIZE:
+                self.fail(
+                    value_node, f"bundle.bytes: {size:,} bytes is more than a petabyte (10^15)"
+                )
+        else:
+            size = self.count(value_node, f"bundle.{unit}", 1, MAX_BUNDLE_SIZE)
+        usage_header = None
+        header_node = self.value_node(entries, "usage_header")
+        if unit == "units":
+            if header_node is None:
+                self.fail(
+                    key_node,
+                    "bundle.units needs usage_header: the response header in which the origin "
+                    "reports the units each request used (e.g. usage_header: X-Usage)",
+                )
+            usage_header = self.usage_header(header_node)
+        elif header_node is not None:
+            self.fail(
+                entries["usage_header"][0],
+                f"bundle.usage_header goes with units only (a bundle of {unit} is counted by "
+                "the paywall itself)",
+            )
+        return Bundle(unit, size, usage_header)
+
+    def usage_header(self, node: yaml.Node) -> str:
+        name = self.string(node, "bundle.usage_header")
+        if not _TOKEN_RE.fullmatch(name):
+            self.fail(node, f"bundle.usage_header: {_clip(name)!r} is not a valid header name")
+        lower = name.lower()
+        if lower in _FORBIDDEN_HEADERS or lower in _HOP_BY_HOP:
+            self.fail(
+                node,
+                f"bundle.usage_header: {name} frames the message or belongs to one connection; "
+                "the origin reports usage in a header of its own, like X-Usage",
+            )
+        if lower.startswith("x-l402-") or lower == "www-authenticate":
+            self.fail(
+                node,
+                f"bundle.usage_header: {name} is one the paywall writes itself; the origin "
+                "reports usage in a header of its own, like X-Usage",
+            )
+        return name
+
+    def pass_spec(self, node: yaml.Node, service: str, valid_for: int | None) -> PassSpec:
+        example = "{name: premium, services: [podcast, articles], valid_for: 30d}"
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(node, f"pass must be a mapping like {example}, got {self.describe(node)}")
+        entries = self.entries(node, "pass")
+        self.check_keys(
+            entries,
+            _PASS_KEYS,
+            " in pass",
+            {k: " (it belongs to the service, not under 'pass:')" for k in _SERVICE_KEYS},
+        )
+        name_node = self.value_node(entries, "name")
+        if name_node is None:
+            self.fail(node, f"pass needs 'name': {example}")
+        name = self.string(name_node, "pass.name")
+        if not _NAME_RE.fullmatch(name):
+            self.fail(
+                name_node,
+                f"invalid pass name {_clip(name)!r}: use 1-64 letters, digits, '_' or '-', "
+                "starting with a letter or digit (like a service name)",
+            )
+        if name in self.pass_lines:
+            first_line, first_service = self.pass_lines[name]
+            self.fail(
+                name_node,
+                f"duplicate pass name '{name}' (first on line {first_line}, sold by service "
+                f"'{first_service}'); one service sells each pass",
+            )
+        services_node = self.value_node(entries, "services")
+        if services_node is None:
+            self.fail(node, f"pass needs 'services': {example}")
+        items = self.items(services_node, "pass.services")
+        if not items:
+            self.fail(
+                services_node,
+                f"pass.services is empty: list the services the pass opens, '{service}' among them",
+            )
+        listed: list[tuple[str, yaml.Node]] = []
+        for item in items:
+            listed_name = self.string(item, "pass.services item")
+            if any(listed_name == seen for seen, _ in listed):
+                self.fail(item, f"pass.services lists '{listed_name}' twice")
+            listed.append((listed_name, item))
+        if not any(listed_name == service for listed_name, _ in listed):
+            self.fail(
+                services_node,
+                f"pass.services must include this service's own name '{service}' (its 402 "
+                "sells the pass)",
+            )
+        pass_valid_for = valid_for
+        if "valid_for" in entries:
+            pass_valid_for = self.valid_for(entries["valid_for"][1], "pass.valid_for")
+        self.pass_lines[name] = (name_node.start_mark.line + 1, service)
+        self.pass_services.append((service, node.start_mark.line + 1, listed))
+        return PassSpec(name, tuple(listed_name for listed_name, _ in listed), pass_valid_for)
+
+    def check_pass_services(self, rules: Sequence[Rule]) -> None:
+        """Every service a pass lists exists in the file and sells something (a pass that
+        opens a free or denied service opens nothing there)."""
+        by_name = {rule.name: rule for rule in rules}
+        for service, line, listed in self.pass_services:
+            self.service, self.line = service, line
+            for listed_name, item in listed:
+                other = by_name.get(listed_name)
+                if other is None:
+                    self.fail(
+                        item,
+                        f"pass.services: no service named '{_clip(listed_name)}' in this file"
+                        + _suggest(listed_name, list(by_name)),
+                    )
+                if other.mode not in PRICED_MODES:
+                    self.fail(
+                        item,
+                        f"pass.services: service '{listed_name}' (line {other.line}) has mode "
+                        f"{other.mode}; a pass opens priced services (paywall or upgrade)",
+                    )
 
     def description(self, node: yaml.Node) -> str:
         text = self.string(node, "description")
@@ -1578,11 +2077,11 @@ class _Parser:
             self.fail(node, f"{what}: {seconds} seconds is more than 100 years{never}")
         return seconds
 
-    def valid_for(self, node: yaml.Node) -> int | None:
+    def valid_for(self, node: yaml.Node, what: str = "valid_for") -> int | None:
         value = self.scalar(node)
         if value is None or value == "never":
             return None
-        return self.duration(node, "valid_for", ", or 'never'")
+        return self.duration(node, what, ", or 'never'")
 
     def capabilities(self, node: yaml.Node) -> tuple[str, ...]:
         items = self.items(node, "capabilities")

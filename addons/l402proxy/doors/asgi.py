@@ -299,15 +299,17 @@ class _FreeVariant:
             await self.send(message)
 
 
-def _paid_send(send: Send, dry_run: str | None = None) -> Send:
+def _paid_send(send: Send, dry_run: str | None = None, balance: str | None = None) -> Send:
     """`send` for the paid variant: the response start marked private and varying by credential
-    (and, in a dry run, saying so); the body untouched."""
+    (and, in a dry run, saying so; for a bundle token, what is left of it); the body untouched."""
 
     async def marked(message: Message) -> None:
         if message["type"] == "http.response.start":
             fields = engine_answers.mark_variant(fields_of(message.get("headers")), paid=True)
             if dry_run is not None:
                 fields = set_one(fields, engine_answers.DRY_RUN_HEADER, dry_run)
+            if balance is not None:
+                fields = set_one(fields, engine_answers.BALANCE_HEADER, balance)
             message = {**message, "headers": lower_names(fields)}
         await send(message)
 
@@ -637,7 +639,7 @@ class L402Middleware:
         if note is not None:
             variant = note.get("variant")
             if variant == "paid":
-                send = _paid_send(send, note.get("dry_run"))
+                send = _paid_send(send, note.get("dry_run"), note.get("balance"))
             elif variant == "free":
                 send = _FreeVariant(send, note, method)
         if self.engine.watchers:

@@ -492,6 +492,9 @@ class L402Server:
         variant = note.get("variant")
         if variant == "paid":
             mark_variant(flow.response.headers, paid=True)
+            balance = note.get("balance")
+            if balance is not None:
+                flow.response.headers[engine_answers.BALANCE_HEADER] = balance
             return
         if variant != "free":
             return

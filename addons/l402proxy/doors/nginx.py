@@ -110,6 +110,8 @@ R_COOKIE = b"x-l402-cookie"
 R_VARY = b"x-l402-vary"
 # A dry run: what the paywall would have done, sent back to the client as X-L402-Dry-Run.
 R_DRY_RUN = b"x-l402-dry-run"
+# What is left of a bundle token, sent back to the client as X-L402-Balance.
+R_BALANCE = b"x-l402-balance"
 R_BANNER = b"x-l402-banner"
 R_ANSWER = b"x-l402-answer"
 R_SET = "x-l402-set-{}"  # one per set_headers name nginx carries, numbered from 1
@@ -507,6 +509,8 @@ class AuthService:
         variant = note.get("variant") if note is not None else None
         if note is not None and note.get("dry_run") is not None:
             headers.append((R_DRY_RUN, encode(note["dry_run"])))
+        if note is not None and note.get("balance") is not None:
+            headers.append((R_BALANCE, encode(note["balance"])))
         if variant == "paid":
             headers += [(R_ROUTE, b"paid"), (R_VARY, _VARY)]
             return 401, headers
@@ -961,6 +965,7 @@ def render_config(
         (f"{p}_vary", "vary"),
         (f"{p}_banner", "banner"),
         (f"{p}_dry_run", "dry_run"),
+        (f"{p}_balance", "balance"),
         *((f"{p}_clear_cookie_{n}", f"clear_cookie_{n}") for n in _clear_slots()),
         *((f"{p}_set_{n}", f"set_{n}") for n in range(1, len(slots) + 1)),
     ]
@@ -1128,6 +1133,8 @@ def render_config(
         f"        add_header Cache-Control ${p}_paid_cache_control always;",
         f"        add_header Vary ${p}_vary always;",
         f"        add_header X-L402-Dry-Run ${p}_dry_run always;",
+        "        proxy_hide_header X-L402-Balance;",
+        f"        add_header X-L402-Balance ${p}_balance always;",
         "    }",
         "",
         "    location = /.l402/internal/free {",

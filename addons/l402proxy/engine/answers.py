@@ -19,6 +19,8 @@ from .request import Fields, get, set_one
 RETRY_AFTER_SECONDS = 10
 # On a dry run's responses: what the paywall would have done (events.KINDS).
 DRY_RUN_HEADER = "X-L402-Dry-Run"
+# What is left of a bundle token after this request: "<n> <unit>" (requests, bytes, units).
+BALANCE_HEADER = "X-L402-Balance"
 
 
 @dataclass(slots=True)

@@ -2,6 +2,7 @@
 lifecycle, and the judgement of one request (answer it, or forward it changed)."""
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -27,8 +28,9 @@ from ..rules import (
     rule_warnings,
 )
 from ..store import IssuedToken, StoreError, TokenStore, open_server_store, shown_store_uri
-from . import events
+from . import events, pricing
 from .answers import (
+    BALANCE_HEADER,
     Answer,
     Forward,
     Outcome,
@@ -47,6 +49,7 @@ from .request import (
     Fields,
     Request,
     WatchedHeaders,
+    decode,
     drop_our_authorization,
     drop_upgrade,
     drop_vouched,
@@ -103,7 +106,10 @@ def prices_out_of_range(rules: RuleSet | None, node: NodeInfo | None) -> list[st
         f"service '{rule.name}' (line {rule.line}) costs {rule.price_sat} sat, but "
         f"{node.backend} at {node.address} accepts {low / 1000:g} to {high / 1000:g} sat"
         for rule in rules.rules
-        if rule.mode in PRICED_MODES and not low <= rule.price_sat * 1000 <= high
+        # A price: function is checked against the range on each quote instead.
+        if rule.mode in PRICED_MODES
+        and rule.price is None
+        and not low <= rule.price_sat * 1000 <= high
     ]
 
 
@@ -186,6 +192,11 @@ class Paywall:
         where the door has only one), as the error naming its file and line."""
         for rule in rules.rules:
             problem = self.rule_check(rule) if self.rule_check is not None else None
+            if problem is None and rule.bundle is not None and rule.bundle.unit != "requests":
+                problem = (
+                    f"bundle: {rule.bundle.unit} is not metered by this version yet; sell "
+                    "bundles of requests (bundle: {requests: N})"
+                )
             if problem is not None:
                 return RulesError(problem, source=rules.source, line=rule.line, service=rule.name)
             if self.no_upstream is not None and rule.paid.upstream is not None:
@@ -519,6 +530,8 @@ class Paywall:
                     limited = await self.rate_limited(request, rule, token_id=token_id)
                     if limited is not None:
                         return limited
+                if rule.bundle is not None:
+                    return await self._draw(request, fields, decision, from_cookie, seen)
                 forward = self._grant(request, fields, decision, from_cookie=from_cookie)
                 if kept_key is not None and not rule.rate_limits:
                     identifier = decision.token.identifier
@@ -647,13 +660,63 @@ class Paywall:
         note: dict[str, Any] = {"token_id": token_id.hex()}
         if from_cookie:
             note["credential"] = "cookie"
-        if not grant.rule.rate_limits:
+        if not grant.rule.rate_limits and grant.rule.bundle is None:
             # The same request with the same credential gets this same verdict until the token
             # expires (or is revoked): a door may keep it for a moment (nginx's verdict cache).
-            # Not with limits: every request must be counted.
+            # Not with limits or a bundle: every request must be counted.
             note["reusable_until"] = grant.token.valid_until
         self.note_paid(token_id)
         return self._forward_paid(request, fields, grant.rule, note)
+
+    async def _draw(
+        self,
+        request: Request,
+        fields: Fields,
+        grant: gate.Grant,
+        from_cookie: bool,
+        seen: WatchedHeaders,
+    ) -> Outcome:
+        """A bundle token's request: one request drawn from its balance (in the store, so
+        exactly once across instances) and forwarded with what is left; a spent bundle is
+        challenged again, like a request without a token, for a new one."""
+        rule = grant.rule
+        bundle = rule.bundle
+        assert bundle is not None and self.store is not None
+        token_id = grant.token.identifier.token_id
+        try:
+            if self.dry_run:
+                # Only pretend: say what drawing would leave, and draw nothing.
+                known = await self.store.balance_of(token_id)
+                before = bundle.size if known is None else known
+                left = before - 1 if before > 0 else None
+            else:
+                left = await self.store.draw(token_id, bundle.size, 1)
+        except StoreError as exc:
+            # Fail closed: what cannot be counted is not given.
+            log.warning(f"l402: cannot draw from the bundle of {token_id.hex()[:16]}: {exc}")
+            return unavailable(rule, "store", "the token store is unreachable", request.method)
+        balance = f"{left or 0} {bundle.unit}"
+        if left is not None:
+            forward = self._grant(request, fields, grant, from_cookie=from_cookie)
+            assert forward.note is not None
+            forward.note["balance"] = balance
+            return forward
+        what = "used" if rule.single_use else f"spent (it held {bundle.size} {bundle.unit})"
+        spent = gate.Challenge(rule, 402, "spent", f"this token is {what}: pay for a new one")
+        set_cookies: list[str] = []
+        if from_cookie:
+            set_cookies = paywall.clearing_cookies(
+                rule.name, path=paywall.scope_path(rule), secure=request.secure
+            )
+            if rule.mode == "upgrade" and not accepts_l402(seen.accept_authenticate):
+                # As for any stale cookie: the free variant, and the browser forgets it.
+                note: dict[str, Any] = {"service": rule.name, "variant": "free"}
+                note["clear_cookies"] = set_cookies
+                return Forward(fields, note=note)
+        answer = await self.challenge(request, spent, set_cookies=set_cookies)
+        if answer.status == 402:
+            answer.add(BALANCE_HEADER, balance)
+        return answer
 
     def note_paid(self, token_id: bytes) -> None:
         if token_id not in self.seen_paid and self.store is not None:
@@ -683,6 +746,12 @@ class Paywall:
         limited = await self.mint_limited(request, rule)
         if limited is not None:
             return limited
+        if rule.price is not None:
+            priced = await self._quote(request, challenge)
+            if isinstance(priced, Answer):
+                return priced
+            challenge = priced
+            rule = challenge.rule
         started = time.perf_counter()
         try:
             invoice = await self.backend.create_invoice(
@@ -702,10 +771,17 @@ class Paywall:
         valid_until = (
             None if rule.valid_for is None else int(now) + rule.invoice_expiry + rule.valid_for
         )
+        if rule.pass_ is not None:
+            # A pass: one token for every service it names, each until the pass ends.
+            valid_until = (
+                None
+                if rule.pass_.valid_for is None
+                else int(now) + rule.invoice_expiry + rule.pass_.valid_for
+            )
         macaroon = mint(
             self.root_key_for(identifier.token_id),
             identifier,
-            caveats_for(rule.name, valid_until=valid_until, capabilities=rule.capabilities),
+            caveats_for_pass(rule, valid_until),
         )
         self.store.note_issued(
             IssuedToken(
@@ -769,6 +845,52 @@ class Paywall:
         }
         return answer
 
+    async def _quote(self, request: Request, challenge: gate.Challenge) -> gate.Challenge | Answer:
+        """The challenge at the price the rule's price: function sets for this request; a 503
+        when it fails or names a price the backend cannot invoice (logged with the rule)."""
+        rule = challenge.rule
+        try:
+            price = await pricing.quote(rule, self.price_request(request, rule))
+        except pricing.PriceError as exc:
+            log.error(f"l402: {exc}")
+            return unavailable(rule, "price", "the price could not be set", request.method)
+        node = self.node
+        if node is not None and node.invoice_range_msat is not None:
+            low, high = node.invoice_range_msat
+            if not low <= price * 1000 <= high:
+                log.error(
+                    f"l402: service '{rule.name}' (line {rule.line}): the price function asked "
+                    f"{price} sat, but {node.backend} at {node.address} accepts "
+                    f"{low / 1000:g} to {high / 1000:g} sat"
+                )
+                return unavailable(rule, "price", "the price could not be set", request.method)
+        priced = dataclasses.replace(rule, price_sat=price)
+        detail = challenge.detail
+        if challenge.reason == "payment_required":
+            detail = f"{rule.name} costs {price} sat"
+        return gate.Challenge(priced, challenge.status, challenge.reason, detail)
+
+    def price_request(self, request: Request, rule: Rule) -> pricing.PriceRequest:
+        """What a price: function is told about the request (no credential of ours)."""
+        assert self.rules is not None
+        path, _, query = request.target.partition("?")
+        peer = request.client[0] if request.client else None
+        rules = self.rules
+        fields = drop_our_authorization(request.fields)
+        headers: dict[str, str] = {}
+        for name, value in fields:
+            key = decode(name).lower()
+            headers[key] = f"{headers[key]}, {decode(value)}" if key in headers else decode(value)
+        return pricing.PriceRequest(
+            method=request.method.upper(),
+            host=host_without_port(request.host),
+            path=path,
+            query=query,
+            headers=headers,
+            client_ip=client_address(peer, fields, rules.trusted_proxies, rules.trust_unix),
+            rule=rule.name,
+        )
+
     async def mint_limited(self, request: Request, rule: Rule) -> Answer | None:
         """429 when the client is over the invoice-mint limit. Every 402 makes the backend
         create an invoice: a flood of requests must not become a flood of invoices."""
@@ -807,6 +929,28 @@ class Paywall:
             if rule.name in services and rule.mode in PRICED_MODES:
                 return rule
         return None
+
+
+def host_without_port(host: str) -> str:
+    """ "example.com:8080" -> "example.com", "[::1]:8080" -> "::1"."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    name, colon, port = host.rpartition(":")
+    return name if colon and port.isdigit() and ":" not in name else host
+
+
+def caveats_for_pass(rule: Rule, valid_until: int | None) -> list[str]:
+    """The caveats of a token the rule sells: for its own service, or for every service of
+    its pass (`services=a:0,b:0` and one `<name>_valid_until` each); the rule's capabilities
+    restrict its own service only."""
+    caveats = caveats_for(rule.name, valid_until=valid_until, capabilities=rule.capabilities)
+    if rule.pass_ is None:
+        return caveats
+    others = [name for name in rule.pass_.services if name != rule.name]
+    caveats[0] = "services=" + ",".join(f"{name}:0" for name in (rule.name, *others))
+    for name in others:
+        caveats += caveats_for(name, valid_until=valid_until, capabilities=None)[1:]
+    return caveats
 
 
 def unavailable(rule: Rule | None, reason: str, message: str, method: str) -> Answer:
