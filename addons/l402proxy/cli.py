@@ -402,7 +402,7 @@ def rules_check(path: str) -> dict[str, Any]:
                 "name": rule.name,
                 "line": rule.line,
                 "mode": rule.mode,
-                "price_sat": rule.price_sat,
+                **rule.pricing_json(),
                 "valid_for": rule.valid_for,
                 "invoice_expiry": rule.invoice_expiry,
                 "capabilities": list(rule.capabilities) if rule.capabilities is not None else None,

@@ -543,7 +543,12 @@ def upgrade_banner(rule: Rule, path: str) -> str:
 
     ASCII only (character references for the rest), so it fits a page in any charset.
     """
-    label = f"{rule.description} for {_sats(rule.price_sat)}"
+    # A price: function prices each challenge: the page it links to shows the price.
+    label = (
+        rule.description
+        if rule.price is not None
+        else f"{rule.description} for {_sats(rule.price_sat)}"
+    )
     banner = (
         '<div id="l402-upgrade" style="position:fixed;right:1rem;bottom:1rem;z-index:2147483647;'
         "font:600 15px/1.2 system-ui,sans-serif;background:#f7931a;border-radius:999px;"

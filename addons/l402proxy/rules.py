@@ -362,6 +362,23 @@ class Rule:
             pass_=None,
         )
 
+    def pricing_json(self) -> dict[str, Any]:
+        """How the rule sells, for listings (`rules check`, the admin page): price_sat is None
+        when a price: function sets it per challenge."""
+        bundle = self.bundle
+        sold = self.pass_
+        return {
+            "price_sat": None if self.price is not None else self.price_sat,
+            "price": None if self.price is None else self.price.text,
+            "bundle": None
+            if bundle is None
+            else {"unit": bundle.unit, "size": bundle.size, "usage_header": bundle.usage_header},
+            "single_use": self.single_use,
+            "pass": None
+            if sold is None
+            else {"name": sold.name, "services": list(sold.services), "valid_for": sold.valid_for},
+        }
+
     def _judged_as(self, path: str) -> "Rule":
         if self.free_paths and any(free.fullmatch(path) for free in self.free_paths):
             return self.free_view

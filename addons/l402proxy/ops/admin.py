@@ -294,7 +294,7 @@ def service_json(rule: Rule) -> dict[str, Any]:
         "name": rule.name,
         "description": rule.description,
         "mode": rule.mode,
-        "price_sat": rule.price_sat,
+        **rule.pricing_json(),
         "valid_for": rule.valid_for,
         "invoice_expiry": rule.invoice_expiry,
         "capabilities": list(rule.capabilities) if rule.capabilities is not None else None,
@@ -890,7 +890,8 @@ PAGE_JS = r"""
       const match = [s.match.methods ? s.match.methods.join(",") : "*",
         (s.match.host ? s.match.host : "") + s.match.path].join(" ");
       const sold = s.mode !== "free" && s.mode !== "deny";
-      body.append(row([el("td", s.name), el("td", s.mode), num(sold ? s.price_sat : ""),
+      const price = !sold ? "" : s.price_sat === null ? "per request" : s.price_sat;
+      body.append(row([el("td", s.name), el("td", s.mode), num(price),
         el("td", sold ? duration(s.valid_for) : ""),
         el("td", null).appendChild(el("code", match)).parentNode, el("td", s.description)]));
     }
