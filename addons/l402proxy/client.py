@@ -25,7 +25,18 @@ from . import paths
 from .l402.headers import parse_challenges
 from .lightning import LightningError, Wallet, open_wallet
 from .options import OptionGuard
-from .payer import Answer, Await, Limits, Paid, Payer, Refused, Verdict, origin_of
+from .payer import (
+    BALANCE_HEADER,
+    Answer,
+    Await,
+    Limits,
+    Paid,
+    Payer,
+    Refused,
+    Token,
+    Verdict,
+    origin_of,
+)
 from .store.client import ClientStore
 from .store.database import StoreError
 
@@ -149,7 +160,12 @@ def request_url(request: http.Request) -> str:
 
 
 def answer_of(response: http.Response, url: str) -> Answer:
-    return Answer(response.status_code, tuple(response.headers.get_all("WWW-Authenticate")), url)
+    return Answer(
+        response.status_code,
+        tuple(response.headers.get_all("WWW-Authenticate")),
+        url,
+        tuple(response.headers.get_all(BALANCE_HEADER)),
+    )
 
 
 async def resend(
@@ -546,7 +562,17 @@ class L402Client:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         response = flow.response
-        if response is None or response.status_code not in (401, 402):
+        if response is None:
+            return
+        if response.status_code not in (401, 402):
+            sent: Token | None = flow.metadata.get(TOKEN_KEY)
+            if sent is not None and self.payer is not None and BALANCE_HEADER in response.headers:
+                # What is left of the token this request carried (a bundle, single use).
+                url = request_url(flow.request)
+                try:
+                    await self.payer.note_balance(sent, answer_of(response, url))
+                except (StoreError, ValueError) as exc:
+                    log.warning(f"l402: could not note the balance {url} stated: {exc}")
             return
         if not self.pays_for(flow):
             self._refuse_foreign(flow, response)
@@ -652,6 +678,8 @@ class L402Client:
             add_header(flow.response, "X-L402-Paid", paid.header())
             flow.marked = PAID_MARKER
             flow.comment = f"L402 paid {paid.header()}"
+        elif paid.borrowed:
+            flow.comment = f"L402 token for {paid.token.label} (a pass), no payment"
         else:
             flow.comment = f"L402 token for {paid.token.label} (paid by another request)"
 

@@ -4,6 +4,12 @@ time, and the tokens that come out of it.
 No mitmproxy here: the client addon and the httpx SDK (sdk.py) share this. A token's scope is
 its origin plus the services its `services=` caveat names; which URLs belong to a scope is
 learned from the challenges the server sends (a path, and the directories above it).
+
+Bundles and single use: an answer to a request that carried a token may say what is left of
+it (`X-L402-Balance: <remaining> <unit>`); the ledger keeps it, and a token with nothing left
+is spent: never sent again, so the next request meets the 402 and pays within the limits.
+Passes: a token whose `services=` caveat lists several services is tried, once per service,
+for a challenge naming services it covers, before anything is paid.
 """
 
 import asyncio
@@ -12,6 +18,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Coroutine, Generator, Iterable, Iterator
@@ -21,9 +28,16 @@ from urllib.parse import urlsplit
 
 from .l402.headers import Challenge, format_credential, parse_challenges
 from .l402.invoice import decode_invoice
-from .l402.token import TokenError, TokenInfo, inspect
+from .l402.token import TokenError, TokenInfo, inspect, parse_caveat
 from .lightning import BackendUnavailable, LightningError, NodeInfo, PaymentFailed, Wallet
-from .store.client import ClientStore, NewPayment, Payment, sat_number
+from .store.client import (
+    BALANCE_UNITS,
+    MAX_BALANCE,
+    ClientStore,
+    NewPayment,
+    Payment,
+    sat_number,
+)
 from .store.database import StoreError
 
 log = logging.getLogger("l402proxy.payer")
@@ -52,6 +66,14 @@ INFO_TIMEOUT_SECONDS = 15.0
 OTHER_PROCESS_POLL_SECONDS = 0.05
 # What recovery waits for when a wallet states an unusable `settles_within`.
 SETTLES_WITHIN_UNREADABLE = 24 * 3600.0
+# What the server says is left of the token a request carried (wire fact 1 of issue 14).
+BALANCE_HEADER = "X-L402-Balance"
+# A malformed X-L402-Balance is warned about at most this often per origin (debug otherwise).
+BALANCE_WARNING_SECONDS = 60.0
+# In-memory bookkeeping that anyone can grow (a server answering with new tokens) is
+# emptied at this size; losing it costs a round trip, never a payment.
+MEMORY_LIMIT = 10_000
+_BALANCE_RE = re.compile(r"([0-9]+)[ \t]+([A-Za-z]+)")
 
 
 @dataclass(frozen=True)
@@ -134,6 +156,75 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Balance:
+    """An `X-L402-Balance` value: what is left of a token after the request it answers."""
+
+    remaining: int
+    unit: str
+
+    def text(self) -> str:
+        return f"{self.remaining} {self.unit}"
+
+
+def parse_balance(values: Iterable[str]) -> Balance | None:
+    """The balance an answer states (its X-L402-Balance lines); None when it states none.
+
+    ValueError (one line, safe to log) for anything but `<remaining> <unit>`: a decimal
+    integer >= 0 and one of requests, bytes, units (any case). Several lines must agree.
+    """
+    texts = {value.strip() for value in values}
+    if not texts:
+        return None
+    if len(texts) > 1:
+        shown = "; ".join(sorted(header_safe(text)[:40] for text in texts)[:3])
+        raise ValueError(f"{BALANCE_HEADER} has several different values ({shown})")
+    (text,) = texts
+    match = _BALANCE_RE.fullmatch(text)
+    if match is None:
+        raise ValueError(
+            f"{BALANCE_HEADER} {header_safe(text)[:80]!r} is not '<remaining> <unit>' "
+            f"(unit one of {', '.join(BALANCE_UNITS)})"
+        )
+    digits, unit = match.group(1), match.group(2).lower()
+    if unit not in BALANCE_UNITS:
+        raise ValueError(
+            f"{BALANCE_HEADER} unit {header_safe(unit)[:40]!r} is not one of "
+            f"{', '.join(BALANCE_UNITS)}"
+        )
+    # Compared as text first: int() of a huge string is itself slow.
+    if len(digits.lstrip("0")) > len(str(MAX_BALANCE)) or int(digits) > MAX_BALANCE:
+        raise ValueError(f"{BALANCE_HEADER} {digits[:40]} is larger than any balance")
+    return Balance(int(digits), unit)
+
+
+def service_expiries(macaroon: str) -> tuple[tuple[str, float], ...]:
+    """(service, unix time) of each `<service>_valid_until=` caveat, and ("", time) for each
+    lsat-js `expiration=` (any service): when a pass stops opening each of its services.
+
+    () when the macaroon cannot be read: the token's own valid_until then applies (the
+    earliest of them, the cautious answer).
+    """
+    try:
+        caveats = inspect(macaroon).caveats
+        found: list[tuple[str, float]] = []
+        for text in caveats:
+            caveat = parse_caveat(text)
+            if caveat.condition == "expiration":
+                found.append(("", int(caveat.value) / 1000))
+            elif caveat.condition.endswith("_valid_until"):
+                found.append((caveat.condition.removesuffix("_valid_until"), int(caveat.value)))
+    except (TokenError, ValueError):
+        return ()
+    return tuple(found)
+
+
+def scope_services(scope: str) -> tuple[str, ...]:
+    """The services a scope names ("services:a,b"); () for a path scope."""
+    kind, _, names = scope.partition(":")
+    return tuple(name for name in names.split(",") if name) if kind == "services" else ()
+
+
+@dataclass(frozen=True)
 class Token:
     """A paid token as it is sent: `Authorization: <credential>`."""
 
@@ -143,6 +234,8 @@ class Token:
     payment_hash: bytes
     valid_until: float | None
     credential: str
+    # When it stops opening each service (service_expiries); () : valid_until for all.
+    expiries: tuple[tuple[str, float], ...] = field(default=(), compare=False, repr=False)
 
     @classmethod
     def from_payment(cls, payment: Payment) -> "Token":
@@ -154,10 +247,26 @@ class Token:
             payment_hash=payment.payment_hash,
             valid_until=payment.valid_until,
             credential=format_credential([payment.macaroon], payment.preimage, payment.scheme),
+            expiries=service_expiries(payment.macaroon),
         )
 
-    def usable(self, now: float) -> bool:
-        return self.valid_until is None or self.valid_until > now
+    def until(self, services: Iterable[str] = ()) -> float | None:
+        """When it stops opening `services` (by default: all of its own, the earliest)."""
+        wanted = set(services)
+        if not wanted or not self.expiries or wanted >= set(self.services):
+            return self.valid_until
+        relevant = [at for name, at in self.expiries if name == "" or name in wanted]
+        return min(relevant) if relevant else None
+
+    def usable(self, now: float, services: Iterable[str] = ()) -> bool:
+        """Not expired, for `services` (a pass may end at different times per service)."""
+        until = self.until(services)
+        return until is None or until > now
+
+    def covers(self, services: Iterable[str]) -> bool:
+        """Whether it names every one of `services` (and they are some)."""
+        wanted = set(services)
+        return bool(wanted) and wanted <= set(self.services)
 
     @property
     def label(self) -> str:
@@ -178,6 +287,8 @@ class Paid:
     # False: the token came from another request's payment (or an earlier one): nothing
     # was paid for this request.
     paid_here: bool
+    # True: a token held for other services too (a pass), tried for this challenge's.
+    borrowed: bool = False
 
     def header(self) -> str:
         return header_safe(
@@ -306,12 +417,15 @@ def has_challenge(www_authenticate: Iterable[str]) -> bool:
 
 
 def about_token(www_authenticate: Iterable[str], token: Token, url: str) -> bool:
-    """Whether a 401/402 to `url` answered to `token` concerns its own scope (not another
-    service): the scope is read the way it was when the token was bought, path included."""
+    """Whether a 401/402 to `url` answered to `token` concerns it (not another service): the
+    challenge is for its scope (read the way it was when the token was bought, path
+    included), or names a service the token names (a pass tried for one of its services)."""
     offer = pick_challenge(www_authenticate, split_url(url)[3])
     if offer is None:
         return False  # no L402 challenge: the origin's own 401/402, not about our token
-    return isinstance(offer, Refused) or offer.scope == token.scope
+    if isinstance(offer, Refused) or offer.scope == token.scope:
+        return True
+    return bool(set(offer.info.services) & set(token.services))
 
 
 @dataclass(frozen=True)
@@ -321,6 +435,8 @@ class Answer:
     status: int
     www_authenticate: tuple[str, ...]
     url: str  # the URL that answered (after redirects, for clients that follow them)
+    # Its X-L402-Balance lines, as sent (read by Payer.note_balance).
+    balance: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -390,6 +506,14 @@ class Payer:
         self.owner = f"{os.getpid()}:{secrets.token_hex(8)}"
         self.recent_refusals: dict[tuple[str, str, str], float] = {}
         self.background: set[asyncio.Task[None]] = set()
+        # Payment hashes of tokens this process saw spent (balance 0): never kept again,
+        # even if a store read that predates the news hands one back.
+        self.spent: set[bytes] = set()
+        # (payment hash, scope): a pass the server refused for that scope's services; not
+        # tried for them again.
+        self.passes_refused: set[tuple[bytes, str]] = set()
+        # origin -> when a malformed X-L402-Balance from it was last warned about.
+        self.balance_warned: dict[str, float] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -506,7 +630,7 @@ class Payer:
         if scope is None:
             return None
         token = self.tokens.get((origin, scope))
-        if token is None or not token.usable(self.clock()):
+        if token is None or not token.usable(self.clock(), scope_services(scope)):
             return None
         return token
 
@@ -523,11 +647,14 @@ class Payer:
         url: str,
         www_authenticate: Iterable[str],
         sent: Token | None = None,
+        passes: bool = True,
     ) -> Outcome | None:
         """A 402 came back for `url`: a token to retry with, why not, or None (not L402).
 
         `sent` is the token the request carried, if any: when the server refuses it for its
-        own scope it is dropped, and a new one is paid at most once for this call.
+        own scope it is dropped (a pass tried for this scope is not tried for it again), and
+        a new one is paid at most once for this call. `passes`: a token held for other
+        services too that covers the challenge's may be returned (borrowed) instead.
         """
         origin, host, port, path = split_url(url)
         if not self.allows(host, port):
@@ -540,18 +667,32 @@ class Payer:
         if isinstance(offer, Refused):
             return await self._refuse(origin, url, offer, None)
         key = (origin, offer.scope)
-        if sent is not None and sent.origin == origin and sent.scope == offer.scope:
-            await self.drop(sent, "the server answered 402 to it")
+        if sent is not None and sent.origin == origin:
+            if sent.scope == offer.scope:
+                if sent.payment_hash not in self.spent:  # a spent one is out already
+                    await self.drop(sent, "the server answered 402 to it")
+            elif set(sent.services) & set(offer.info.services):
+                self._refuse_pass(sent, key)
         rejected = sent.payment_hash if sent is not None else None
 
         existing = self.tokens.get(key)
         if (
             existing is not None
             and existing.payment_hash != rejected
-            and existing.usable(self.clock())
+            and existing.usable(self.clock(), offer.info.services)
         ):
             self._learn(origin, path, offer.scope)
             return Paid(existing, 0, 0, paid_here=False)
+        held = self._pass_for(origin, offer, rejected) if passes else None
+        if held is not None:
+            # Sent up front for this scope's URLs too from now on, until the server says no.
+            self.tokens[key] = held
+            self._learn(origin, path, offer.scope)
+            log.info(
+                f"l402: trying the token held for {origin} {held.label} for "
+                f"{','.join(offer.info.services)} before paying"
+            )
+            return Paid(held, 0, 0, paid_here=False, borrowed=True)
         flight = self.flights.get(key)
         waiting = flight is not None
         if flight is None:
@@ -574,12 +715,69 @@ class Payer:
         return outcome
 
     async def drop(self, token: Token, reason: str) -> None:
-        key = (token.origin, token.scope)
-        current = self.tokens.get(key)
-        if current is not None and current.payment_hash == token.payment_hash:
-            del self.tokens[key]
+        if self._forget(token):
             log.info(f"l402: dropped the token for {token.origin} {token.label}: {reason}")
         await self.store.drop(token.payment_hash, reason, self.clock())
+
+    async def turned_down(
+        self, token: Token, www_authenticate: Iterable[str], url: str, reason: str
+    ) -> None:
+        """The server refused `token` (401) for `url`: a pass tried for another scope is not
+        tried for it again; any other token is dropped."""
+        origin, _, _, path = split_url(url)
+        offer = pick_challenge(www_authenticate, path)
+        if (
+            isinstance(offer, _Offer)
+            and token.origin == origin
+            and offer.scope != token.scope
+            and set(token.services) & set(offer.info.services)
+        ):
+            self._refuse_pass(token, (origin, offer.scope))
+            return
+        await self.drop(token, reason)
+
+    async def note_balance(self, token: Token, answer: Answer) -> Balance | None:
+        """What an answer to a request that carried `token` says is left of it.
+
+        The ledger keeps it; 0 means spent: the token is never sent again (the next request
+        meets the 402 and pays within the limits). A malformed X-L402-Balance is ignored
+        with a warning: it neither makes the client pay nor stops it using the token. A
+        balance above 0 is written behind the answer; 0 before it goes (so no payment of
+        this process can pick the spent token up from the store again).
+        """
+        if not answer.balance or answer.status == 401:
+            return None  # a 401 says the token is invalid: dropped, whatever it had left
+        if split_url(answer.url)[0] != token.origin:
+            return None  # answered after a redirect elsewhere: not about our token
+        try:
+            balance = parse_balance(answer.balance)
+            if balance is not None and balance.remaining and answer.status == 402:
+                raise ValueError(f"a 402 says {balance.text()} are left; a 402 grants nothing")
+        except ValueError as exc:
+            self._warn_balance(token.origin, f"l402: ignored from {answer.url}: {exc}")
+            return None
+        if balance is None:
+            return None
+        now = self.clock()
+        if balance.remaining:
+            log.debug(f"l402: {balance.text()} left of the token for {token.origin} {token.label}")
+            self._later(
+                self.store.note_balance(token.payment_hash, balance.remaining, balance.unit, now)
+            )
+            return balance
+        if len(self.spent) >= MEMORY_LIMIT:
+            self.spent.clear()
+        self.spent.add(token.payment_hash)
+        if self._forget(token):
+            log.info(
+                f"l402: the token for {token.origin} {token.label} is used up (0 "
+                f"{balance.unit} left); the next request there pays again"
+            )
+        try:
+            await self.store.note_balance(token.payment_hash, 0, balance.unit, now)
+        except StoreError as exc:
+            log.warning(f"l402: could not record the spent token in the client store: {exc}")
+        return balance
 
     async def rejected_after_payment(self, token: Token, url: str) -> Refused:
         """The retry with a token paid for this very request was refused: stop there."""
@@ -599,10 +797,19 @@ class Payer:
         The driver (the addon, the SDK) runs each Await on this payer's loop and answers each
         Resend with the new Answer; the Verdict says how to present the last one. At most one
         payment per request: a token held from before that the server refuses is dropped
-        and paid afresh once; a token just bought that it refuses is not paid again.
+        and paid afresh once; a token just bought that it refuses is not paid again. A pass
+        is tried at most once per request, before paying; refused, it is not tried for that
+        scope again and the challenge is paid as any other. Every answer's X-L402-Balance
+        is noted for the token the request carried.
         """
         asked = split_url(url)[0]
-        for attempt in range(2):
+        if sent is not None and answer.balance:
+            # "0 left" on the 402: the bundle is spent; the token is not sent again.
+            yield Await(self.note_balance(sent, answer))
+        held_refused = False  # a token held from before (or another request's) was refused
+        pass_tried = False
+        # Three rounds at most: a held token refused, a pass refused, then one payment.
+        for _ in range(3):
             if split_url(answer.url)[0] != asked:
                 return Verdict(
                     refused=Refused(
@@ -615,27 +822,40 @@ class Payer:
                 if sent is None or not has_challenge(answer.www_authenticate):
                     return Verdict()  # the origin's own 401: not ours
                 # Pay only on 402: drop the refused token and ask again without it.
-                yield Await(self.drop(sent, "the server answered 401 (invalid token)"))
+                why = "the server answered 401 (invalid token)"
+                yield Await(self.turned_down(sent, answer.www_authenticate, url, why))
                 sent = None
                 answer = yield Resend(None)
             if answer.status != 402:
                 return Verdict()
             outcome = yield Await(
-                self.handle_challenge(url=url, www_authenticate=answer.www_authenticate, sent=sent)
+                self.handle_challenge(
+                    url=url,
+                    www_authenticate=answer.www_authenticate,
+                    sent=sent,
+                    passes=not pass_tried,
+                )
             )
             if outcome is None or isinstance(outcome, Refused):
                 return Verdict(refused=outcome)
             answer = yield Resend(outcome.token.credential)
+            if answer.balance:
+                yield Await(self.note_balance(outcome.token, answer))
             if answer.status not in (401, 402) or not about_token(
                 answer.www_authenticate, outcome.token, url
             ):
                 return Verdict(paid=outcome)
-            if outcome.paid_here or attempt:
+            if outcome.paid_here or (held_refused and not outcome.borrowed):
                 refused = yield Await(self.rejected_after_payment(outcome.token, url))
                 return Verdict(refused=refused)
-            # A token held from before, not bought for this request, was refused: once more.
+            # A token not bought for this request (held from before, another request's, or a
+            # pass) was refused: once more, and handle_challenge takes it out of the way.
+            if outcome.borrowed:
+                pass_tried = True
+            else:
+                held_refused = True
             sent = outcome.token
-        raise AssertionError("unreachable: the loop returns on its last round")
+        raise AssertionError("unreachable: the third round pays or returns")
 
     # -- paying --------------------------------------------------------------------------------
 
@@ -794,8 +1014,58 @@ class Payer:
     # -- bookkeeping ---------------------------------------------------------------------------
 
     def _keep(self, token: Token) -> Token:
-        self.tokens[(token.origin, token.scope)] = token
+        if token.payment_hash not in self.spent:
+            self.tokens[(token.origin, token.scope)] = token
         return token
+
+    def _forget(self, token: Token) -> bool:
+        """Send `token` no more: under its own scope, nor any a pass was tried for."""
+        keys = [key for key, held in self.tokens.items() if held.payment_hash == token.payment_hash]
+        for key in keys:
+            del self.tokens[key]
+        return bool(keys)
+
+    def _pass_for(self, origin: str, offer: _Offer, rejected: bytes | None) -> Token | None:
+        """A live token held for `origin` that names every service the challenge names (a
+        pass), not refused for this scope before: worth one try before paying."""
+        wanted = offer.info.services
+        now = self.clock()
+        found = None
+        for (held_origin, _), token in self.tokens.items():
+            if (
+                held_origin == origin
+                and token.payment_hash != rejected
+                and (token.payment_hash, offer.scope) not in self.passes_refused
+                and token.covers(wanted)
+                and token.usable(now, wanted)
+            ):
+                found = token  # the newest wins, as when tokens are loaded
+        return found
+
+    def _refuse_pass(self, token: Token, key: tuple[str, str]) -> None:
+        """The server refused `token` for the scope `key`: not tried there again."""
+        if len(self.passes_refused) >= MEMORY_LIMIT:
+            self.passes_refused.clear()
+        if (token.payment_hash, key[1]) not in self.passes_refused:
+            self.passes_refused.add((token.payment_hash, key[1]))
+            log.info(
+                f"l402: {key[0]} refused the token for {token.label} for {key[1]}; "
+                "not trying it there again"
+            )
+        held = self.tokens.get(key)
+        if held is not None and held.payment_hash == token.payment_hash:
+            del self.tokens[key]
+
+    def _warn_balance(self, origin: str, message: str) -> None:
+        """A warning at most once a minute per origin: a server may send it on every answer."""
+        now = self.clock()
+        if now - self.balance_warned.get(origin, float("-inf")) < BALANCE_WARNING_SECONDS:
+            log.debug(message)
+            return
+        if len(self.balance_warned) >= MEMORY_LIMIT:
+            self.balance_warned.clear()
+        self.balance_warned[origin] = now
+        log.warning(message)
 
     def _learn(self, origin: str, path: str, scope: str) -> None:
         known = self.paths.setdefault(origin, {})

@@ -21,7 +21,7 @@ import httpx
 
 from . import paths
 from .lightning import open_wallet
-from .payer import Answer, Await, Limits, Payer, Token, Verdict, split_url
+from .payer import BALANCE_HEADER, Answer, Await, Limits, Payer, Token, Verdict, split_url
 from .store.client import ClientStore
 
 CLOSE_TIMEOUT_SECONDS = 30.0
@@ -86,9 +86,12 @@ class L402Auth(httpx.Auth):
             return
         sent: Token | None = yield _Io(self._before(request))
         response: httpx.Response = yield request
-        if response.status_code not in (401, 402):
-            return
         assert self._payer is not None  # started by _before
+        if response.status_code not in (401, 402):
+            if sent is not None and BALANCE_HEADER in response.headers:
+                # What is left of the token this request carried (a bundle, single use).
+                yield _Io(self._payer.note_balance(sent, _answer(response)))
+            return
         steps = self._payer.exchange(url, _answer(response), sent)
         try:
             step = next(steps)
@@ -237,6 +240,7 @@ def _answer(response: httpx.Response) -> Answer:
         response.status_code,
         tuple(response.headers.get_list("WWW-Authenticate")),
         str(response.request.url),
+        tuple(response.headers.get_list(BALANCE_HEADER)),
     )
 
 

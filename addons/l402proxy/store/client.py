@@ -6,6 +6,10 @@ the same UPDATE that stores the preimage, so the token (macaroon + preimage) exi
 request is retried. A paid row that was not dropped is a usable token. Budgets are sums over
 this table, checked and reserved in one write transaction, so they survive restarts and hold
 across processes sharing the file (the proxy and the SDK).
+
+A token sold as a bundle (or for single use) has a balance: what the server's last
+`X-L402-Balance` said is left of it. A token whose balance is 0 is spent: never sent again,
+and its scope may be paid again.
 """
 
 import logging
@@ -78,7 +82,21 @@ MIGRATIONS: list[Sequence[str]] = [
         """,
         "CREATE INDEX refusals_at ON refusals (at)",
     ),
+    # 2: bundles. What the server last said is left of a token (X-L402-Balance), in which
+    # unit, and when. NULL: it never said (no bundle, or an older ledger): the token is used
+    # until the server refuses it, as before.
+    (
+        "ALTER TABLE payments ADD COLUMN balance INTEGER CHECK (balance IS NULL OR balance >= 0)",
+        "ALTER TABLE payments ADD COLUMN balance_unit TEXT",
+        "ALTER TABLE payments ADD COLUMN balance_at REAL",
+    ),
 ]
+
+BALANCE_UNITS = ("requests", "bytes", "units")
+# SQLite keeps integers in signed 64 bits: a larger balance is no balance the ledger can hold.
+MAX_BALANCE = 2**63 - 1
+# A token the ledger may hand out: paid, not dropped, not spent; expiry is checked apart.
+_LIVE = "status = 'paid' AND dropped_at IS NULL AND (balance IS NULL OR balance > 0)"
 
 PaymentStatus = Literal["pending", "paid", "failed"]
 
@@ -116,18 +134,31 @@ class Payment(NewPayment):
     created_at: float
     updated_at: float
     dropped_at: float | None
+    # What the server last said is left of the token's bundle (X-L402-Balance), its unit and
+    # when; None: it never said.
+    balance: int | None = None
+    balance_unit: str | None = None
+    balance_at: float | None = None
+
+    @property
+    def spent(self) -> bool:
+        """The server said nothing is left of this token's bundle: never sent again."""
+        return self.balance == 0
 
     def usable(self, now: float) -> bool:
-        """A token that can still be sent: paid, not dropped, not expired."""
+        """A token that can still be sent: paid, not dropped, not spent, not expired."""
         return (
             self.status == "paid"
             and self.preimage is not None
             and self.dropped_at is None
+            and not self.spent
             and (self.valid_until is None or self.valid_until > now)
         )
 
     def token_json(self, now: float) -> dict[str, Any]:
-        if self.dropped_at is not None:
+        if self.spent:
+            status = "spent"
+        elif self.dropped_at is not None:
             status = "dropped"
         elif self.valid_until is not None and self.valid_until <= now:
             status = "expired"
@@ -144,6 +175,11 @@ class Payment(NewPayment):
             "created_at": self.created_at,
             "valid_until": self.valid_until,
             "status": status,
+            # What is left of a bundle (or single-use token) as the server last said;
+            # None for a token the server never gave a balance for.
+            "balance": self.balance,
+            "balance_unit": self.balance_unit,
+            "balance_at": self.balance_at,
         }
 
 
@@ -160,7 +196,8 @@ class BudgetRefusal:
 _PAYMENT_FIELDS = (
     "id", "payment_hash", "origin", "url", "scope", "services", "scheme", "macaroon", "bolt11",
     "amount_msat", "fee_limit_msat", "fee_msat", "status", "preimage", "valid_until", "wallet",
-    "owner", "error", "created_at", "updated_at", "dropped_at",
+    "owner", "error", "created_at", "updated_at", "dropped_at", "balance", "balance_unit",
+    "balance_at",
 )  # fmt: skip
 _PAYMENT_COLUMNS = ", ".join(_PAYMENT_FIELDS)
 # What a payment counts against a budget: its fee once known, until then the fee limit.
@@ -229,9 +266,10 @@ class ClientStore(Database):
                     f"invoice {payment.payment_hash.hex()[:16]}... is already in the ledger "
                     f"({existing[0]}); it is never paid twice"
                 )
+            # A spent token (balance 0) is no token: its scope is paid again.
             row = await self._one(
                 f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE origin = ? AND scope = ?"
-                " AND (status = 'pending' OR (status = 'paid' AND dropped_at IS NULL"
+                f" AND (status = 'pending' OR ({_LIVE}"
                 " AND (valid_until IS NULL OR valid_until > ?))) ORDER BY id DESC LIMIT 1",
                 (payment.origin, payment.scope, now),
             )
@@ -341,6 +379,33 @@ class ClientStore(Database):
                 (now, reason, payment_hash),
             )
 
+    async def note_balance(
+        self, payment_hash: bytes, remaining: int, unit: str, now: float
+    ) -> None:
+        """The server said `remaining` `unit` are left of this token (X-L402-Balance).
+
+        A balance only goes down: answers to concurrent requests may arrive out of order, and
+        an older, larger one must not bring back what a newer one used (0 stays 0: a spent
+        token is never sent again). Another unit replaces the old value (it cannot be
+        compared). Only paid rows have a balance.
+        """
+        if isinstance(remaining, bool) or not isinstance(remaining, int):
+            raise StoreError(f"balance must be a whole number, got {remaining!r}")
+        if not 0 <= remaining <= MAX_BALANCE:
+            raise StoreError(f"balance must be 0 to {MAX_BALANCE}, got {remaining}")
+        if unit not in BALANCE_UNITS:
+            raise StoreError(f"balance unit must be one of {', '.join(BALANCE_UNITS)}: {unit!r}")
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE payments SET balance = CASE"
+                " WHEN balance = 0 THEN 0"
+                " WHEN balance IS NULL OR balance_unit IS NOT ? THEN ?"
+                " ELSE min(balance, ?) END,"
+                " balance_unit = CASE WHEN balance = 0 THEN balance_unit ELSE ? END,"
+                " balance_at = ? WHERE payment_hash = ? AND status = 'paid'",
+                (unit, remaining, remaining, unit, now, payment_hash),
+            )
+
     async def payment(self, payment_hash: bytes) -> Payment | None:
         rows = await self._read(
             f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE payment_hash = ?", (payment_hash,)
@@ -356,8 +421,8 @@ class ClientStore(Database):
     async def tokens(self, now: float) -> list[Payment]:
         """Usable tokens, oldest first (so the newest wins when loaded into a map)."""
         rows = await self._read(
-            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE status = 'paid'"
-            " AND dropped_at IS NULL AND (valid_until IS NULL OR valid_until > ?) ORDER BY id",
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE {_LIVE}"
+            " AND (valid_until IS NULL OR valid_until > ?) ORDER BY id",
             (now,),
         )
         return [_payment_from_row(row) for row in rows]

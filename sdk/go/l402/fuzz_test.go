@@ -69,3 +69,22 @@ func FuzzInspectMacaroon(f *testing.F) {
 		}
 	})
 }
+
+func FuzzParseBalance(f *testing.F) {
+	for _, seed := range []string{"99 requests", "0 bytes", "7\tUNITS", "-1 requests", "5 apples", "", "1 requests x"} {
+		f.Add(seed)
+	}
+	f.Fuzz(func(t *testing.T, text string) {
+		balance, err := ParseBalance([]string{text})
+		if err != nil {
+			return
+		}
+		if balance.Remaining < 0 || !knownUnit(balance.Unit) {
+			t.Fatalf("%q parsed to %+v", text, balance)
+		}
+		again, err := ParseBalance([]string{balance.String()})
+		if err != nil || *again != *balance {
+			t.Fatalf("%q: %+v does not read back (%v)", text, balance, err)
+		}
+	})
+}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 )
@@ -18,7 +19,9 @@ const (
 	statusPaid    = "paid"
 	statusFailed  = "failed"
 	day           = 24 * time.Hour
-	storeVersion  = 1
+	// storeVersion 2 added the balance of bundles (balance, balance_unit, balance_at); a
+	// version 1 file reads as one whose tokens have no balance.
+	storeVersion = 2
 )
 
 // Store is the transport's ledger of payments, which is also its token store, and the URL
@@ -30,6 +33,11 @@ const (
 // A pending payment found at start is settled by asking the wallet (Wallet.Lookup); until it is
 // settled its scope is never paid again. Budgets are sums over the ledger, checked and reserved
 // in one step under the store's lock.
+//
+// A token sold as a bundle (or for single use) has a balance: what the server's last
+// X-L402-Balance said is left of it. A token with 0 left is spent: never sent again, and its
+// scope may be paid again. Spent is written to the file at once; a balance above 0 is kept in
+// memory and written with the ledger's next write (it only informs).
 //
 // A Store may be shared by several Transports in one process. A file store takes an exclusive
 // lock on "<file>.lock" (on Unix systems), so a second process opening the same file gets an
@@ -72,6 +80,10 @@ type record struct {
 	UpdatedAt    float64  `json:"updated_at"`
 	DroppedAt    *float64 `json:"dropped_at,omitempty"`
 	DropReason   string   `json:"drop_reason,omitempty"`
+	// What the server last said is left of the token (X-L402-Balance), in which unit, when.
+	Balance     *int64   `json:"balance,omitempty"`
+	BalanceUnit string   `json:"balance_unit,omitempty"`
+	BalanceAt   *float64 `json:"balance_at,omitempty"`
 
 	hash     [32]byte
 	preimage Preimage
@@ -105,6 +117,11 @@ type Payment struct {
 	CreatedAt  time.Time
 	Dropped    bool
 	Error      string
+	// BalanceUnit is "" when the server never stated a balance for the token; else Balance is
+	// what it last said is left, in that unit. Spent: nothing is left; never sent again.
+	Balance     int64
+	BalanceUnit string
+	Spent       bool
 }
 
 func unix(t time.Time) float64 { return float64(t.UnixNano()) / 1e9 }
@@ -122,9 +139,84 @@ func fromUnix(seconds float64) time.Time {
 
 func (r *record) cost() int64 { return r.AmountMsat + r.FeeLimitMsat }
 
+// spent: the server said nothing is left of this token's bundle.
+func (r *record) spent() bool { return r.Balance != nil && *r.Balance == 0 }
+
+// live: a token that may be sent, expiry aside.
+func (r *record) live() bool { return r.Status == statusPaid && r.DroppedAt == nil && !r.spent() }
+
 func (r *record) usable(now time.Time) bool {
-	return r.Status == statusPaid && r.DroppedAt == nil &&
-		(r.ValidUntil == nil || *r.ValidUntil > unix(now))
+	return r.live() && (r.ValidUntil == nil || *r.ValidUntil > unix(now))
+}
+
+// usableFor: usable for these services, each by its own <service>_valid_until (a pass may end
+// at different times per service); r.ValidUntil (the earliest) when the macaroon cannot say.
+func (r *record) usableFor(services []string, now time.Time) bool {
+	if !r.live() {
+		return false
+	}
+	until, ok := expiryFor(r.Macaroon, services)
+	if !ok {
+		return r.usable(now)
+	}
+	return until == nil || *until > unix(now)
+}
+
+// expiryFor is when a macaroon stops opening every one of services: the earliest of its
+// lsat-js expiration= and <service>_valid_until= caveats for them (nil: none applies). ok is
+// false when the macaroon cannot be read.
+func expiryFor(macaroon string, services []string) (*float64, bool) {
+	info, err := InspectMacaroon(macaroon)
+	if err != nil {
+		return nil, false
+	}
+	wanted := map[string]bool{}
+	for _, s := range services {
+		wanted[s] = true
+	}
+	var earliest *float64
+	for _, text := range info.Caveats {
+		condition, value, err := parseCaveat(text)
+		if err != nil {
+			return nil, false
+		}
+		var at float64
+		switch {
+		case condition == "expiration":
+			ms, err := parseUint(value, text)
+			if err != nil {
+				return nil, false
+			}
+			at = ms / 1000
+		case strings.HasSuffix(condition, "_valid_until") && wanted[strings.TrimSuffix(condition, "_valid_until")]:
+			if at, err = parseUint(value, text); err != nil {
+				return nil, false
+			}
+		default:
+			continue
+		}
+		if earliest == nil || at < *earliest {
+			earliest = &at
+		}
+	}
+	return earliest, true
+}
+
+// covers: the record names every one of services (and they are some).
+func (r *record) covers(services []string) bool {
+	if len(services) == 0 {
+		return false
+	}
+	for _, wanted := range services {
+		found := false
+		for _, held := range r.Services {
+			found = found || held == wanted
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
 }
 
 func (r *record) payment() Payment {
@@ -140,6 +232,11 @@ func (r *record) payment() Payment {
 		CreatedAt:    fromUnix(r.CreatedAt),
 		Dropped:      r.DroppedAt != nil,
 		Error:        r.Error,
+		BalanceUnit:  r.BalanceUnit,
+		Spent:        r.spent(),
+	}
+	if r.Balance != nil {
+		p.Balance = *r.Balance
 	}
 	if r.ValidUntil != nil {
 		p.ValidUntil = fromUnix(*r.ValidUntil)
@@ -171,7 +268,19 @@ func (r *record) check() error {
 	if r.AmountMsat <= 0 || r.FeeLimitMsat < 0 {
 		return fmt.Errorf("payment %s has a bad amount or fee limit", r.PaymentHash)
 	}
+	if r.Balance != nil && (*r.Balance < 0 || !knownUnit(r.BalanceUnit)) {
+		return fmt.Errorf("payment %s has a bad balance", r.PaymentHash)
+	}
 	return nil
+}
+
+func knownUnit(unit string) bool {
+	for _, u := range balanceUnits {
+		if unit == u {
+			return true
+		}
+	}
+	return false
 }
 
 // NewMemoryStore is a ledger kept in memory: tokens and budgets last as long as the process.
@@ -220,8 +329,8 @@ func (s *Store) load() error {
 	if err := json.Unmarshal(data, &file); err != nil {
 		return fmt.Errorf("not a ledger file (%v)", err)
 	}
-	if file.Version != storeVersion {
-		return fmt.Errorf("ledger version %d; this SDK reads version %d", file.Version, storeVersion)
+	if file.Version < 1 || file.Version > storeVersion {
+		return fmt.Errorf("ledger version %d; this SDK reads versions 1 to %d", file.Version, storeVersion)
 	}
 	for _, r := range file.Payments {
 		if r == nil {
@@ -235,7 +344,7 @@ func (s *Store) load() error {
 		}
 		s.records = append(s.records, r)
 		s.byHash[r.hash] = r
-		if r.Status == statusPaid && r.DroppedAt == nil {
+		if r.live() {
 			s.current[scopeKey(r.Origin, r.Scope)] = r // oldest first: the newest wins
 		}
 	}
@@ -501,6 +610,68 @@ func (s *Store) drop(hash [32]byte, reason string, now time.Time) error {
 		delete(s.current, key)
 	}
 	return s.save(now)
+}
+
+// noteBalance records what the server said is left of a paid token. A balance only goes down
+// (answers to concurrent requests may arrive out of order), 0 stays 0, and another unit
+// replaces the old value. It returns whether the token is spent now. Spent is written to the
+// file at once; a balance above 0 rides along the next write.
+func (s *Store) noteBalance(hash [32]byte, balance Balance, now time.Time) (bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r := s.byHash[hash]
+	if r == nil || r.Status != statusPaid {
+		return false, nil
+	}
+	at := unix(now)
+	r.BalanceAt = &at
+	if r.spent() {
+		return true, nil
+	}
+	remaining := balance.Remaining
+	if r.Balance != nil && r.BalanceUnit == balance.Unit && *r.Balance < remaining {
+		remaining = *r.Balance
+	}
+	r.Balance, r.BalanceUnit = &remaining, balance.Unit
+	if remaining > 0 {
+		return false, nil
+	}
+	if key := scopeKey(r.Origin, r.Scope); s.current[key] == r {
+		delete(s.current, key)
+	}
+	return true, s.save(now)
+}
+
+// isSpent: the server said nothing is left of the paid token hash.
+func (s *Store) isSpent(hash [32]byte) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r := s.byHash[hash]
+	return r != nil && r.spent()
+}
+
+// tokenUsableFor returns the record of hash if it is a token usable for services, or nil.
+func (s *Store) tokenUsableFor(hash [32]byte, services []string, now time.Time) *record {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if r := s.byHash[hash]; r != nil && r.usableFor(services, now) {
+		return r
+	}
+	return nil
+}
+
+// passFor is the newest live token of origin, other than the excluded ones, that names every
+// one of services and is not expired for them: a pass worth one try before paying.
+func (s *Store) passFor(origin string, services []string, exclude func(*record) bool, now time.Time) *record {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i := len(s.records) - 1; i >= 0; i-- {
+		r := s.records[i]
+		if r.Origin == origin && r.covers(services) && !exclude(r) && r.usableFor(services, now) {
+			return r
+		}
+	}
+	return nil
 }
 
 // currentToken is the newest usable token of (origin, scope), or nil.

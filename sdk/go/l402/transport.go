@@ -29,6 +29,12 @@ const (
 	// DefaultMaxBufferedBody is how much of a request body without GetBody the transport
 	// reads into memory so it can send it again after paying.
 	DefaultMaxBufferedBody = 32 << 20
+
+	// balanceWarningEvery: a malformed X-L402-Balance is logged at most this often per origin.
+	balanceWarningEvery = time.Minute
+	// memoryLimit bounds bookkeeping anyone can grow (a server answering with new tokens);
+	// forgetting it costs a round trip, never a payment.
+	memoryLimit = 10000
 )
 
 // Refusal says why the transport did not pay a challenge. Code is one of: not_allowed,
@@ -92,6 +98,12 @@ func WithClock(now func() time.Time) Option { return func(t *Transport) { t.now 
 // allowed. Concurrent requests for one scope share one payment. A refused challenge comes back
 // as the server's response with an X-L402-Refused header; a paid one as the retried response
 // with X-L402-Paid. Payment is made only on 402, never on 401: a 401 to a token drops it.
+//
+// Bundles and single use: every answer's X-L402-Balance is noted for the token the request
+// carried; a token with 0 left is spent and never sent again, so the next request meets the
+// 402 and pays within the Limits (a malformed value is ignored and logged). Passes: when a 402
+// names services a live token held for the same origin names too, that token is tried once
+// before paying; refused, it is not tried for those services again.
 type Transport struct {
 	base            http.RoundTripper
 	wallet          Wallet
@@ -110,6 +122,13 @@ type Transport struct {
 	mu        sync.Mutex
 	flights   map[string]*flight
 	network   string
+	// aliases: scope key -> the pass tried and taken for that scope, sent up front there.
+	aliases map[string][32]byte
+	// passesRefused: scope key -> passes the server refused there; not tried there again.
+	passesRefused map[string]map[[32]byte]bool
+	refusedCount  int
+	// balanceWarned: origin -> when a malformed X-L402-Balance from it was last logged.
+	balanceWarned map[string]time.Time
 }
 
 // NewTransport wraps base (http.DefaultTransport if nil). Bad limits, or a nil wallet, make
@@ -124,6 +143,9 @@ func NewTransport(base http.RoundTripper, wallet Wallet, limits Limits, options 
 		maxBufferedBody: DefaultMaxBufferedBody,
 		now:             time.Now,
 		flights:         map[string]*flight{},
+		aliases:         map[string][32]byte{},
+		passesRefused:   map[string]map[[32]byte]bool{},
+		balanceWarned:   map[string]time.Time{},
 	}
 	if t.base == nil {
 		t.base = http.DefaultTransport
@@ -178,12 +200,14 @@ func tokenOf(r *record) *token {
 	return &token{r.Origin, r.Scope, r.Services, r.hash, credential}
 }
 
-// outcome of a challenge: a token to retry with (paidHere: bought for this request), or why not.
+// outcome of a challenge: a token to retry with (paidHere: bought for this request; borrowed:
+// a pass held for other services too), or why not.
 type outcome struct {
 	token        *token
 	amountMsat   int64
 	feeLimitMsat int64
 	paidHere     bool
+	borrowed     bool
 	refusal      *Refusal
 }
 
@@ -315,15 +339,136 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 	}
 	resp, err := t.base.RoundTrip(out)
-	if err != nil || (resp.StatusCode != http.StatusUnauthorized && resp.StatusCode != http.StatusPaymentRequired) {
+	if err != nil {
 		return resp, err
+	}
+	if resp.StatusCode != http.StatusUnauthorized && resp.StatusCode != http.StatusPaymentRequired {
+		if sent != nil {
+			t.noteBalance(sent, resp, target)
+		}
+		return resp, nil
 	}
 	return t.exchange(ctx, out, body, target, resp, sent)
 }
 
+// noteBalance records what an answer to a request that carried tok says is left of it. 0: the
+// token is spent, never sent again. A malformed X-L402-Balance (or a 402 saying more than 0
+// is left) is ignored and logged once a minute per origin: it neither makes the transport pay
+// nor stops it using the token.
+func (t *Transport) noteBalance(tok *token, resp *http.Response, target target) {
+	values := resp.Header.Values(HeaderBalance)
+	if len(values) == 0 || resp.StatusCode == http.StatusUnauthorized {
+		return // a 401 says the token is invalid: dropped, whatever it had left
+	}
+	balance, err := ParseBalance(values)
+	if err == nil && resp.StatusCode == http.StatusPaymentRequired && balance.Remaining > 0 {
+		err = fmt.Errorf("a 402 says %s are left; a 402 grants nothing", balance)
+	}
+	if err != nil {
+		t.warnBalance(target.origin, fmt.Sprintf("ignored from %s%s: %v", target.origin, target.path, err))
+		return
+	}
+	spent, err := t.store.noteBalance(tok.hash, *balance, t.now())
+	if err != nil {
+		t.logf("cannot write to the store: %v", err)
+	}
+	if spent {
+		t.forgetAliases(tok.hash)
+		t.logf("the token for %s %s is used up (0 %s left); the next request there pays again",
+			tok.origin, tok.label(), balance.Unit)
+	}
+}
+
+func (t *Transport) warnBalance(origin, message string) {
+	now := t.now()
+	t.mu.Lock()
+	last, seen := t.balanceWarned[origin]
+	quiet := seen && now.Sub(last) < balanceWarningEvery
+	if !quiet {
+		if len(t.balanceWarned) >= memoryLimit {
+			t.balanceWarned = map[string]time.Time{}
+		}
+		t.balanceWarned[origin] = now
+	}
+	t.mu.Unlock()
+	if !quiet {
+		t.logf("%s", message)
+	}
+}
+
+// forgetAliases: a token no longer sent (dropped, spent) is not sent for a pass's scopes either.
+func (t *Transport) forgetAliases(hash [32]byte) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for key, held := range t.aliases {
+		if held == hash {
+			delete(t.aliases, key)
+		}
+	}
+}
+
+// refusePass: the server refused the pass tok for the scope key; it is not tried there again.
+func (t *Transport) refusePass(tok *token, key string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.refusedCount >= memoryLimit {
+		t.passesRefused, t.refusedCount = map[string]map[[32]byte]bool{}, 0
+	}
+	refused := t.passesRefused[key]
+	if refused == nil {
+		refused = map[[32]byte]bool{}
+		t.passesRefused[key] = refused
+	}
+	if !refused[tok.hash] {
+		refused[tok.hash] = true
+		t.refusedCount++
+		origin, scope, _ := strings.Cut(key, "\x00")
+		t.logf("%s refused the token for %s for %s; not trying it there again", origin, tok.label(), scope)
+	}
+	if held, ok := t.aliases[key]; ok && held == tok.hash {
+		delete(t.aliases, key)
+	}
+}
+
+// refusedPasses are the passes refused for the scope key (taken under t.mu, so that the store's
+// lock is never waited for while holding it).
+func (t *Transport) refusedPasses(key string) map[[32]byte]bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := map[[32]byte]bool{}
+	for hash := range t.passesRefused[key] {
+		out[hash] = true
+	}
+	return out
+}
+
+// overlaps: the token names one of services.
+func (k *token) overlaps(services []string) bool {
+	for _, held := range k.services {
+		for _, s := range services {
+			if held == s {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// turnedDown: the server answered 401 to tok. A pass tried for another scope is not tried
+// there again; any other token is dropped.
+func (t *Transport) turnedDown(tok *token, values []string, target target) {
+	offer, _ := pickChallenge(values, target.path)
+	if offer != nil && tok.origin == target.origin && offer.scope != tok.scope && tok.overlaps(offer.info.Services) {
+		t.refusePass(tok, scopeKey(target.origin, offer.scope))
+		return
+	}
+	t.drop(tok, "the server answered 401 (invalid token)")
+}
+
 // exchange follows a 401 or 402: at most one payment per request. A token held from before
 // that the server refuses is dropped and paid afresh once; a token just bought that it refuses
-// is not paid again.
+// is not paid again. A pass is tried at most once per request, before paying; refused, it is
+// not tried for that scope again. Every answer's X-L402-Balance is noted for the token sent.
 func (t *Transport) exchange(ctx context.Context, sentReq *http.Request, body *replay, target target,
 	resp *http.Response, sent *token) (*http.Response, error) {
 	url := sentReq.URL.Redacted()
@@ -341,14 +486,20 @@ func (t *Transport) exchange(ctx context.Context, sentReq *http.Request, body *r
 		}
 		return t.base.RoundTrip(next)
 	}
-	for attempt := 0; attempt < 2; attempt++ {
+	if sent != nil {
+		t.noteBalance(sent, resp, target) // "0 left" on the 402: spent, not sent again
+	}
+	heldRefused := false // a token held from before (or another request's) was refused
+	passTried := false
+	// Three rounds at most: a held token refused, a pass refused, then one payment.
+	for round := 0; round < 3; round++ {
 		var err error
 		if resp.StatusCode == http.StatusUnauthorized {
 			if sent == nil || len(ParseChallenges(resp.Header.Values("WWW-Authenticate"))) == 0 {
 				return resp, nil // the origin's own 401: not ours
 			}
 			// Paid only on 402: drop the refused token and ask again without it.
-			t.drop(sent, "the server answered 401 (invalid token)")
+			t.turnedDown(sent, resp.Header.Values("WWW-Authenticate"), target)
 			sent = nil
 			if resp, err = resend(""); err != nil {
 				return nil, err
@@ -357,7 +508,7 @@ func (t *Transport) exchange(ctx context.Context, sentReq *http.Request, body *r
 		if resp.StatusCode != http.StatusPaymentRequired {
 			return resp, nil
 		}
-		got, err := t.handleChallenge(ctx, target, url, resp.Header.Values("WWW-Authenticate"), sent)
+		got, err := t.handleChallenge(ctx, target, url, resp.Header.Values("WWW-Authenticate"), sent, !passTried)
 		if err != nil {
 			discard(resp)
 			return nil, err
@@ -372,6 +523,7 @@ func (t *Transport) exchange(ctx context.Context, sentReq *http.Request, body *r
 		if resp, err = resend(got.token.credential); err != nil {
 			return nil, err
 		}
+		t.noteBalance(got.token, resp, target)
 		if (resp.StatusCode != http.StatusUnauthorized && resp.StatusCode != http.StatusPaymentRequired) ||
 			!t.aboutToken(resp.Header.Values("WWW-Authenticate"), got.token, target) {
 			if got.paidHere {
@@ -380,7 +532,7 @@ func (t *Transport) exchange(ctx context.Context, sentReq *http.Request, body *r
 			}
 			return resp, nil
 		}
-		if got.paidHere || attempt > 0 {
+		if got.paidHere || (heldRefused && !got.borrowed) {
 			t.drop(got.token, "refused by the server right after payment")
 			refusal := &Refusal{"rejected_after_payment", fmt.Sprintf(
 				"%s refused the token just paid for %s; not paying again for this request", got.token.origin, got.token.label())}
@@ -388,18 +540,26 @@ func (t *Transport) exchange(ctx context.Context, sentReq *http.Request, body *r
 			resp.Header.Set(HeaderRefused, refusal.header())
 			return resp, nil
 		}
-		sent = got.token // a token held from before, not bought for this request: once more
+		// A token not bought for this request (held from before, another request's, or a
+		// pass) was refused: once more, and handleChallenge takes it out of the way.
+		if got.borrowed {
+			passTried = true
+		} else {
+			heldRefused = true
+		}
+		sent = got.token
 	}
-	return resp, nil // not reached: the second round always returns
+	return resp, nil // not reached: the third round always returns
 }
 
-// aboutToken: does a 401/402 answered to token concern its own scope (not another service's)?
+// aboutToken: does a 401/402 answered to token concern it (not another service)? The challenge
+// is for its scope, or names a service it names (a pass tried for one of its services).
 func (t *Transport) aboutToken(values []string, tok *token, target target) bool {
 	offer, refusal := pickChallenge(values, target.path)
 	if refusal != nil {
 		return true
 	}
-	return offer != nil && offer.scope == tok.scope
+	return offer != nil && (offer.scope == tok.scope || tok.overlaps(offer.info.Services))
 }
 
 // offer is the challenge picked from a 402, read and ready to check.
@@ -437,7 +597,23 @@ func (t *Transport) tokenFor(target target) *token {
 	if r := t.store.currentToken(target.origin, scope, t.now()); r != nil {
 		return tokenOf(r) // nil for an entry whose token cannot be sent (a hand-edited file)
 	}
+	t.mu.Lock()
+	hash, aliased := t.aliases[scopeKey(target.origin, scope)]
+	t.mu.Unlock()
+	if aliased {
+		if r := t.store.tokenUsableFor(hash, scopeServices(scope), t.now()); r != nil {
+			return tokenOf(r)
+		}
+	}
 	return nil
+}
+
+// scopeServices are the services a scope names ("services:a,b"); none for a path scope.
+func scopeServices(scope string) []string {
+	if !strings.HasPrefix(scope, "services:") || scope == "services:" {
+		return nil
+	}
+	return strings.Split(strings.TrimPrefix(scope, "services:"), ",")
 }
 
 // tokenOutcome: the token of a paid entry, to retry with (bought earlier, not for this request).
@@ -477,6 +653,7 @@ func (t *Transport) learn(target target, scope string) {
 }
 
 func (t *Transport) drop(tok *token, reason string) {
+	t.forgetAliases(tok.hash)
 	if err := t.store.drop(tok.hash, reason, t.now()); err != nil {
 		t.logf("cannot write to the store: %v", err)
 	}
@@ -485,9 +662,11 @@ func (t *Transport) drop(tok *token, reason string) {
 
 // handleChallenge answers a 402 to url: a token to retry with, a refusal, or nil (not L402).
 // sent is the token the request carried: when the server refuses it for its own scope it is
-// dropped. Concurrent requests for one scope share one payment (a flight).
+// dropped (a pass tried for this scope is not tried there again). Concurrent requests for one
+// scope share one payment (a flight). passes: a live token held for other services too that
+// names the challenge's may be returned (borrowed) instead of paying.
 func (t *Transport) handleChallenge(ctx context.Context, target target, url string, values []string,
-	sent *token) (*outcome, error) {
+	sent *token, passes bool) (*outcome, error) {
 	if !hostAllowed(t.hosts, target.host, target.port) {
 		return t.refuse(url, refused("not_allowed", "%s:%d is not in Limits.Allow", target.host, target.port)), nil
 	}
@@ -498,8 +677,15 @@ func (t *Transport) handleChallenge(ctx context.Context, target target, url stri
 	if offer == nil {
 		return nil, nil
 	}
-	if sent != nil && sent.origin == target.origin && sent.scope == offer.scope {
-		t.drop(sent, "the server answered 402 to it")
+	key := scopeKey(target.origin, offer.scope)
+	if sent != nil && sent.origin == target.origin {
+		if sent.scope == offer.scope {
+			if !t.store.isSpent(sent.hash) { // a spent one is out already
+				t.drop(sent, "the server answered 402 to it")
+			}
+		} else if sent.overlaps(offer.info.Services) {
+			t.refusePass(sent, key)
+		}
 	}
 	if r := t.store.currentToken(target.origin, offer.scope, t.now()); r != nil && (sent == nil || r.hash != sent.hash) {
 		got := tokenOutcome(r)
@@ -508,7 +694,23 @@ func (t *Transport) handleChallenge(ctx context.Context, target target, url stri
 		}
 		return got, nil
 	}
-	key := scopeKey(target.origin, offer.scope)
+	if passes {
+		refused := t.refusedPasses(key)
+		held := t.store.passFor(target.origin, offer.info.Services, func(r *record) bool {
+			return (sent != nil && r.hash == sent.hash) || refused[r.hash]
+		}, t.now())
+		if held != nil {
+			if tok := tokenOf(held); tok != nil {
+				t.mu.Lock()
+				t.aliases[key] = held.hash // sent up front for this scope's URLs, until refused
+				t.mu.Unlock()
+				t.learn(target, offer.scope)
+				t.logf("trying the token held for %s %s for %s before paying", tok.origin, tok.label(),
+					strings.Join(offer.info.Services, ","))
+				return &outcome{token: tok, borrowed: true}, nil
+			}
+		}
+	}
 	t.mu.Lock()
 	f := t.flights[key]
 	waiting := f != nil
