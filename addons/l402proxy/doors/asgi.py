@@ -27,8 +27,9 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from .. import paths, paywall
-from ..engine import Answer, Forward, Outcome, Paywall, Request, StartError
+from ..engine import Answer, Forward, Outcome, Paywall, Request, StartError, metering
 from ..engine import answers as engine_answers
+from ..engine.metering import Metered
 from ..engine.request import Fields, encode, get, set_one
 from ..ops import Operations, OpsSettings
 
@@ -56,6 +57,10 @@ BANNER_INLINE_BYTES = 64 * 1024
 OPEN_RETRY_SECONDS = 2.0
 # The close code for a refused WebSocket handshake where the server cannot send an HTTP answer.
 POLICY_VIOLATION = 1008
+# Ways to send a body that a bytes-metered answer cannot count (the server reads a file itself):
+# taken out of the scope's extensions, so the app sends the body as messages.
+_UNCOUNTED_SENDS = ("http.response.pathsend", "http.response.zerocopysend")
+_DISCONNECT: Message = {"type": "http.disconnect"}
 
 _AUTHORITY = re.compile(r"^(?P<host>[^:]+|\[.+\])(?::(?P<port>\d+))?$")
 # What a path keeps unescaped when a server gives no raw_path (RFC 3986's pchar, and '/').
@@ -216,9 +221,13 @@ class _FreeVariant:
     upgrade banner in a 200 HTML page (buffered up to MAX_BANNER_PAGE); anything else passes
     through message by message."""
 
-    def __init__(self, send: Send, note: dict[str, Any], method: str) -> None:
+    def __init__(
+        self, send: Send, note: dict[str, Any], method: str, hidden: frozenset[bytes] = frozenset()
+    ) -> None:
         self.send = send
         self.note = note
+        # The origin's usage headers (units bundles): never for the client.
+        self.hidden = hidden
         offer = note.get("offer")
         self.banner: str | None = offer if offer and method.upper() != "HEAD" else None
         self.held: Message | None = None  # the response start, while the page is buffered
@@ -233,7 +242,7 @@ class _FreeVariant:
             await self.send(message)
             return
         fields = engine_answers.mark_variant(
-            fields_of(message.get("headers")),
+            metering.without(fields_of(message.get("headers")), self.hidden),
             paid=False,
             by_accept=bool(self.note.get("offer")),
         )
@@ -299,13 +308,20 @@ class _FreeVariant:
             await self.send(message)
 
 
-def _paid_send(send: Send, dry_run: str | None = None, balance: str | None = None) -> Send:
+def _paid_send(
+    send: Send,
+    dry_run: str | None = None,
+    balance: str | None = None,
+    hidden: frozenset[bytes] = frozenset(),
+) -> Send:
     """`send` for the paid variant: the response start marked private and varying by credential
-    (and, in a dry run, saying so; for a bundle token, what is left of it); the body untouched."""
+    (and, in a dry run, saying so; for a bundle token, what is left of it; without the origin's
+    usage headers); the body untouched."""
 
     async def marked(message: Message) -> None:
         if message["type"] == "http.response.start":
-            fields = engine_answers.mark_variant(fields_of(message.get("headers")), paid=True)
+            fields = metering.without(fields_of(message.get("headers")), hidden)
+            fields = engine_answers.mark_variant(fields, paid=True)
             if dry_run is not None:
                 fields = set_one(fields, engine_answers.DRY_RUN_HEADER, dry_run)
             if balance is not None:
@@ -314,6 +330,151 @@ def _paid_send(send: Send, dry_run: str | None = None, balance: str | None = Non
         await send(message)
 
     return marked
+
+
+def _hiding_send(send: Send, hidden: frozenset[bytes]) -> Send:
+    """`send` for an answer no rule prices: only the origin's usage headers go."""
+
+    async def hiding(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            fields = fields_of(message.get("headers"))
+            kept = metering.without(fields, hidden)
+            if kept is not fields:
+                message = {**message, "headers": list(kept)}
+        await send(message)
+
+    return hiding
+
+
+class _Watched:
+    """`receive` for the app of a bytes-metered answer. Servers drop what an app sends after
+    the client went away (uvicorn's send returns as if it was sent), so from the answer's
+    start on the door reads the server's `receive` itself, one message ahead of the app (which
+    gets each in turn, unchanged): the client's leaving is known at once, whether or not the
+    app listens for it, and what is sent after is not counted."""
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        self.gone = False
+        self.inside = 0  # the app's receive calls under way (never two readers at once)
+        self.wanted = False
+        self.task: asyncio.Task[None] | None = None
+        self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=1)
+
+    async def __call__(self) -> Message:
+        if self.task is None:
+            self.inside += 1
+            try:
+                message = await self.receive()
+            finally:
+                self.inside -= 1
+            if message["type"] == "http.disconnect":
+                self.gone = True
+            if self.wanted and not self.inside:
+                self.watch()
+            return message
+        if self.queue.empty() and self.task.done():
+            return _DISCONNECT if self.gone else await self.receive()
+        return await self.queue.get()
+
+    def watch(self) -> None:
+        """Start reading ahead (once the answer starts; after the app's own read, if one is
+        under way)."""
+        if self.task is not None or self.gone:
+            return
+        if self.inside:
+            self.wanted = True
+            return
+        self.task = asyncio.ensure_future(self._pump())
+
+    async def _pump(self) -> None:
+        try:
+            while True:
+                message = await self.receive()
+                if message["type"] == "http.disconnect":
+                    self.gone = True
+                await self.queue.put(message)
+                if self.gone:
+                    return
+        except Exception as exc:  # the server's receive failed: nothing more to learn
+            log.debug(f"l402: reading ahead for a metered answer stopped: {exc!r}")
+            if self.queue.empty():
+                self.queue.put_nowait(_DISCONNECT)  # an app waiting for a message is woken
+
+    def stop(self) -> None:
+        """The app is done: stop reading ahead, and wake any reader left waiting."""
+        task = self.task
+        if task is not None and not task.done():
+            task.cancel()
+        if task is not None and self.queue.empty():
+            self.queue.put_nowait(_DISCONNECT)
+
+
+class _MeteredSend:
+    """`send` for a bytes- or units-metered answer: the paid variant's marks, then the head
+    the metering makes (X-L402-Balance, the usage header gone, units charged), and each body
+    chunk counted once the server took it while the client is there. The last chunk is
+    counted and charged before it goes: when the client has the whole answer, the store has
+    its cost (a next request sees what is left)."""
+
+    def __init__(
+        self,
+        send: Send,
+        note: dict[str, Any],
+        metered: Metered,
+        hidden: frozenset[bytes],
+        watched: _Watched | None,
+    ) -> None:
+        self.send = send
+        self.note = note
+        self.metered = metered
+        self.hidden = hidden
+        self.watched = watched
+
+    async def __call__(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            body = message.get("body", b"")
+            if not message.get("more_body", False):
+                if not self.gone:
+                    self.metered.count(len(body))
+                await self.metered.finish()
+                await self.send(message)
+                return
+            await self.send(message)
+            if not self.gone:
+                self.metered.count(len(body))
+            return
+        if kind == "http.response.start":
+            fields = engine_answers.mark_variant(fields_of(message.get("headers")), paid=True)
+            dry_run = self.note.get("dry_run")
+            if dry_run is not None:
+                fields = set_one(fields, engine_answers.DRY_RUN_HEADER, dry_run)
+            try:
+                fields = await self.metered.start(message.get("status", 200), fields)
+            except Exception:
+                # Never into the app: the answer goes without its balance (and without the
+                # usage headers all the same, below).
+                log.exception(f"l402: {self.metered.meter.rule}: metering an answer failed")
+            fields = metering.without(fields, self.hidden)
+            message = {**message, "headers": lower_names(fields)}
+            if self.watched is not None:
+                self.watched.watch()
+        await self.send(message)
+
+    @property
+    def gone(self) -> bool:
+        return self.watched is not None and self.watched.gone
+
+
+def _countable(scope: Scope) -> Scope:
+    """The scope without the extensions whose bodies the door cannot count."""
+    extensions = scope.get("extensions")
+    if not extensions or not any(name in extensions for name in _UNCOUNTED_SENDS):
+        return scope
+    changed = dict(scope)
+    changed["extensions"] = {k: v for k, v in extensions.items() if k not in _UNCOUNTED_SENDS}
+    return changed
 
 
 def _timed_send(send: Send, engine: Paywall, service: str | None) -> Send:
@@ -636,15 +797,67 @@ class L402Middleware:
             await self._answer(send, _unavailable(method))
             return
         note = outcome.note
+        hidden = metering.usage_headers(self.engine.rules)
+        metered: Metered | None = None
         if note is not None:
             variant = note.get("variant")
             if variant == "paid":
-                send = _paid_send(send, note.get("dry_run"), note.get("balance"))
+                if metering.METER in note:
+                    refusal, metered = self._metered(note, method)
+                    if refusal is not None:
+                        await self._answer(send, refusal)
+                        return
+                if metered is None:
+                    send = _paid_send(send, note.get("dry_run"), note.get("balance"), hidden)
             elif variant == "free":
-                send = _FreeVariant(send, note, method)
+                send = _FreeVariant(send, note, method, hidden)
+        elif hidden:
+            send = _hiding_send(send, hidden)
+        if metered is not None:
+            assert note is not None
+            await self._forward_metered(scope, fields, outcome, receive, send, note, metered)
+            return
         if self.engine.watchers:
             send = _timed_send(send, self.engine, note.get("service") if note else None)
         await self.app(forwarded_scope(scope, fields, outcome), receive, send)
+
+    def _metered(self, note: dict[str, Any], method: str) -> tuple[Answer | None, Metered | None]:
+        """The metering of a paid answer, or the answer that refuses it: a meter this door
+        cannot read is never served unmetered (fail closed)."""
+        try:
+            return None, Metered.of(note, self.engine, method)
+        except ValueError as exc:
+            log.error(f"l402: refused to forward a metered request: {exc}")
+            return _failed_meter(method), None
+
+    async def _forward_metered(
+        self,
+        scope: Scope,
+        fields: Fields,
+        outcome: Forward,
+        receive: Receive,
+        send: Send,
+        note: dict[str, Any],
+        metered: Metered,
+    ) -> None:
+        """Forward to the app, metering its answer; the bytes sent are charged however the app
+        ends (done, failed, or cancelled with its client gone)."""
+        hidden = metering.usage_headers(self.engine.rules)
+        forwarded = forwarded_scope(scope, fields, outcome)
+        watched: _Watched | None = None
+        if metered.unit == "bytes":
+            forwarded = _countable(forwarded)
+            watched = _Watched(receive)
+            receive = watched
+        send = _MeteredSend(send, note, metered, hidden, watched)
+        if self.engine.watchers:
+            send = _timed_send(send, self.engine, note.get("service"))
+        try:
+            await self.app(forwarded, receive, send)
+        finally:
+            if watched is not None:
+                watched.stop()
+            await metered.finish()
 
     @staticmethod
     async def _answer(send: Send, answer: Answer) -> None:
@@ -683,6 +896,9 @@ class L402Middleware:
         if outcome.upstream is not None:
             log.error(f"l402: refused to forward WebSocket {target}: {outcome!r}")
             await self._deny(scope, receive, send, _unavailable("GET"))
+            return
+        if outcome.note is not None and metering.METER in outcome.note:
+            await self._deny(scope, receive, send, metering.websocket_refusal("GET"))
             return
         await self.app(forwarded_scope(scope, fields, outcome), receive, send)
 
@@ -728,6 +944,10 @@ def _too_large() -> Answer:
         "at most.\n".encode(),
         {"Cache-Control": "no-store", "Content-Type": "text/plain; charset=utf-8"},
     )
+
+
+def _failed_meter(method: str) -> Answer:
+    return engine_answers.unavailable_answer("internal error in the paywall").for_method(method)
 
 
 def _failed(request: Request) -> Answer:

@@ -12,7 +12,7 @@ Decisions live in gate.py, the paywall in engine/, the protocol in l402/.
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,11 +20,15 @@ from mitmproxy import ctx, http
 from mitmproxy.net.http import status_codes
 
 from .. import gate, paths, paywall
-from ..engine import Answer, Outcome, Paywall, Refused, Request, StartError
+from ..engine import Answer, Outcome, Paywall, Refused, Request, StartError, metering
 from ..engine import answers as engine_answers
+from ..engine.metering import Metered
 from ..engine.request import (
+    Fields,
     WatchedHeaders,
+    has,
     is_our_authorization,
+    set_one,
     take_our_cookies,
 )
 from ..engine.request import (
@@ -132,6 +136,33 @@ def offer_upgrade(response: http.Response, banner: str) -> None:
     response.text = paywall.insert_banner(text, banner)
 
 
+class Counting:
+    """The stream function of a bytes-metered response (flow.response.stream): each chunk
+    goes on to the client as it comes, counted as it goes (after another addon's stream
+    function, if one was set). mitmproxy reads the origin only as fast as the client takes
+    the chunks, so what is counted is what was sent, less what the sockets still buffer."""
+
+    def __init__(
+        self,
+        metered: Metered,
+        inner: Callable[[bytes], bytes | Iterable[bytes]] | None = None,
+    ) -> None:
+        self.metered = metered
+        self.inner = inner
+        self.called = False
+
+    def __call__(self, data: bytes) -> bytes | Iterable[bytes]:
+        self.called = True
+        out = self.inner(data) if self.inner is not None else data
+        if isinstance(out, bytes):
+            self.metered.count(len(out))
+            return out
+        chunks = list(out)
+        for chunk in chunks:
+            self.metered.count(len(chunk))
+        return chunks
+
+
 def _engine_attribute(name: str) -> Any:
     """An attribute of the engine, readable and settable on the addon (tests and tools)."""
 
@@ -160,6 +191,9 @@ class L402Server:
         self.misconfigured: dict[str, str] = {}
         self.ops: Operations | None = None
         self._undo_json: Callable[[], None] | None = None
+        # flow.id -> the metering of its response, from its head to its end or error (not in
+        # flow.metadata: mitmproxy saves that with the flow, and this is no plain data).
+        self._metered: dict[str, tuple[Metered, Counting | None]] = {}
 
     @property
     def root_key_for(self) -> Callable[[bytes], bytes]:
@@ -433,6 +467,10 @@ class L402Server:
 
     def _apply(self, flow: http.HTTPFlow, fields: Any, outcome: Outcome) -> None:
         """The engine's outcome onto the flow: a response, or the request changed to forward."""
+        if not isinstance(outcome, Answer) and outcome.note and metering.METER in outcome.note:
+            refusal = self._unmeterable(outcome.headers, outcome.note, flow.request.method)
+            if refusal is not None:
+                outcome = refusal
         if outcome.note is not None:
             flow.metadata["l402"] = outcome.note
         if outcome.comment is not None:
@@ -460,6 +498,20 @@ class L402Server:
             for name, value in outcome.set_headers:
                 request.headers[name] = value
 
+    def _unmeterable(self, fields: Fields, note: dict[str, Any], method: str) -> Answer | None:
+        """Why a metered request is answered instead of forwarded: a WebSocket (what it
+        carries is no response body), or a meter this door cannot read (never served
+        unmetered: fail closed)."""
+        if has(fields, "upgrade"):
+            return metering.websocket_refusal(method)
+        try:
+            metering.Meter.of(note)
+        except ValueError as exc:
+            log.error(f"l402: refused to forward a metered request: {exc}")
+            answer = engine_answers.unavailable_answer("internal error in the paywall")
+            return answer.for_method(method)
+        return None
+
     def _tell_upstream(self, flow: http.HTTPFlow, note: dict[str, Any] | None) -> None:
         """How long the origin took: from the request sent on to its response headers."""
         assert flow.response is not None
@@ -468,24 +520,99 @@ class L402Server:
         service = note.get("service") if note is not None else None
         self.engine.watchers.tell("upstream_answered", "mitmproxy", service, seconds)
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
+    def responseheaders(self, flow: http.HTTPFlow) -> Awaitable[Any] | None:
         """A 101 to anything but WebSocket would turn the connection into a raw tunnel past the
-        paywall (see drop_upgrade, which should have kept it from being asked for)."""
+        paywall (see drop_upgrade, which should have kept it from being asked for).
+
+        The origin's usage headers (units bundles) leave every answer here, and a metered
+        answer's head is made here, before it can go out: a bytes-metered body is streamed
+        and counted as it goes (Counting); a units one is charged (awaited: mitmproxy awaits
+        what a hook returns) before its head is sent."""
         response = flow.response
-        if response is not None and response.status_code == 101:
+        if response is None:
+            return None
+        if response.status_code == 101:
             upgrade = response.headers.get("Upgrade", "").strip().lower()
             if upgrade != "websocket":
                 log.warning(f"l402: refused the origin's switch to {upgrade or 'another protocol'}")
                 flow.kill()
-
-    def response(self, flow: http.HTTPFlow) -> None:
+                return None
+        if not flow.metadata.get(FORWARDED):
+            return None
+        hidden = metering.usage_headers(self.engine.rules)
         note = flow.metadata.get("l402")
+        if note is None or metering.METER not in note or note.get("variant") != "paid":
+            if hidden:
+                response.headers.fields = metering.without(response.headers.fields, hidden)
+            return None
+        try:
+            metered = Metered.of(note, self.engine, flow.request.method)
+        except ValueError as exc:  # checked before forwarding (_unmeterable): cannot happen
+            log.error(f"l402: dropped an answer that cannot be metered: {exc}")
+            flow.kill()
+            return None
+        if metered is None:
+            return None
+        if response.status_code == 101:
+            log.warning(f"l402: {metered.meter.rule}: refused a WebSocket on a metered token")
+            flow.kill()
+            return None
+        fields = self._paid_head(note, response.headers.fields)
+        if metered.unit == "units":
+            self._metered[flow.id] = (metered, None)
+            return self._start_units(response, metered, fields, hidden)
+        fields = metered.start_bytes(response.status_code, metering.without(fields, hidden))
+        response.headers.fields = fields
+        stream = response.stream
+        counting = Counting(metered, stream if callable(stream) else None)
+        response.stream = counting
+        self._metered[flow.id] = (metered, counting)
+        return None
+
+    @staticmethod
+    def _paid_head(note: dict[str, Any], fields: Fields) -> Fields:
+        """What response() does to a paid answer's head, for one whose head goes out first."""
+        fields = engine_answers.mark_variant(fields, paid=True)
+        dry_run = note.get("dry_run")
+        if dry_run is not None:
+            fields = set_one(fields, engine_answers.DRY_RUN_HEADER, dry_run)
+        return fields
+
+    @staticmethod
+    async def _start_units(
+        response: http.Response, metered: Metered, fields: Fields, hidden: frozenset[bytes]
+    ) -> None:
+        try:
+            fields = await metered.start_units(fields)
+        except Exception:
+            # Never into mitmproxy: the answer goes out without its balance (and without the
+            # usage headers all the same, below).
+            log.exception(f"l402: {metered.meter.rule}: metering an answer failed")
+        response.headers.fields = metering.without(fields, hidden)
+
+    def error(self, flow: http.HTTPFlow) -> Awaitable[Any] | None:
+        """The client went away mid-answer (or the origin did): the bytes sent are charged."""
+        held = self._metered.pop(flow.id, None)
+        if held is None:
+            return None
+        return held[0].finish()
+
+    def response(self, flow: http.HTTPFlow) -> Awaitable[Any] | None:
+        note = flow.metadata.get("l402")
+        held = self._metered.pop(flow.id, None)
         if flow.response is None:
-            return
+            return None if held is None else held[0].finish()
         if self.engine.watchers and flow.metadata.get(FORWARDED):
             self._tell_upstream(flow, note)
+        if held is not None:
+            # The head went out with responseheaders; what is left is the charge.
+            metered, counting = held
+            raw = flow.response.raw_content
+            if counting is not None and not counting.called and raw:
+                metered.count(len(raw))  # not streamed after all (another addon's choice)
+            return metered.finish()
         if note is None:
-            return
+            return None
         dry_run = note.get("dry_run")
         if dry_run is not None:
             flow.response.headers[engine_answers.DRY_RUN_HEADER] = dry_run
@@ -495,15 +622,16 @@ class L402Server:
             balance = note.get("balance")
             if balance is not None:
                 flow.response.headers[engine_answers.BALANCE_HEADER] = balance
-            return
+            return None
         if variant != "free":
-            return
+            return None
         offer = note.get("offer")
         mark_variant(flow.response.headers, paid=False, by_accept=bool(offer))
         for cookie in engine_answers.note_cookies(note):
             flow.response.headers.add("Set-Cookie", cookie)
         if offer and ctx.options.l402_offer_upgrade and flow.request.method.upper() != "HEAD":
             offer_upgrade(flow.response, offer)
+        return None
 
 
 # flow.metadata key: the engine let this flow go on to the origin (its response is the origin's).

@@ -227,6 +227,14 @@ def rule_problem(rule: Rule) -> str | None:
             "give each host a server block of its own (server_name, `nginx-config --name`) with "
             "its own serve-auth and a rules file without match.host"
         )
+    if rule.bundle is not None and rule.bundle.unit != "requests":
+        # auth_request asks before the origin answers and never shows the service the answer.
+        return (
+            f"bundle: {rule.bundle.unit} is not possible with the nginx door: nginx's "
+            "auth_request never shows the paywall the answer, so it cannot count the "
+            f"{rule.bundle.unit} one uses; sell bundles of requests (bundle: {{requests: N}}) "
+            "here, or meter behind the proxy or ASGI door"
+        )
     for name in rule.paid.set_headers:
         reason = _NOT_SETTABLE.get(name.lower())
         if reason is not None:
@@ -1031,9 +1039,11 @@ def render_config(
         verdicts = [
             f"proxy_cache {p}_verdicts;",
             # Everything a paid verdict depends on: only grants the service marks as lasting
-            # (X-Accel-Expires) are kept; nothing else is (no proxy_cache_valid).
-            'proxy_cache_key "$request_method $scheme://$host$request_uri '
-            '$http_authorization|$http_cookie|$http_accept_authenticate";',
+            # (X-Accel-Expires) are kept; nothing else is (no proxy_cache_valid). The config
+            # (X-L402-Config) first: a verdict's X-L402-Set-N are numbered by the config that
+            # asked, and its entries outlive a reload or restart with another config.
+            f'proxy_cache_key "{config_header(set_headers)} $request_method $scheme://$host'
+            '$request_uri $http_authorization|$http_cookie|$http_accept_authenticate";',
         ]
     lines = [
         f"# l402proxy nginx door, config version {CONFIG_VERSION}: goes inside http {{ }}.",

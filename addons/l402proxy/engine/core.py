@@ -20,6 +20,7 @@ from ..lightning.base import NodeInfo
 from ..rules import (
     PRICED_MODES,
     AmbiguousPath,
+    Bundle,
     PathError,
     Rule,
     RulesError,
@@ -189,14 +190,11 @@ class Paywall:
 
     def unsupported_rule(self, rules: RuleSet) -> RulesError | None:
         """The first rule this door cannot serve as written (a paid variant on another origin
-        where the door has only one), as the error naming its file and line."""
+        where the door has only one; what the door's rule_check refuses, such as a bundle of
+        bytes or units where the door never sees the answer), as the error naming its file
+        and line."""
         for rule in rules.rules:
             problem = self.rule_check(rule) if self.rule_check is not None else None
-            if problem is None and rule.bundle is not None and rule.bundle.unit != "requests":
-                problem = (
-                    f"bundle: {rule.bundle.unit} is not metered by this version yet; sell "
-                    "bundles of requests (bundle: {requests: N})"
-                )
             if problem is not None:
                 return RulesError(problem, source=rules.source, line=rule.line, service=rule.name)
             if self.no_upstream is not None and rule.paid.upstream is not None:
@@ -422,7 +420,9 @@ class Paywall:
         if self.rules is not None and not self.dry_run:
             # The same request head with the same token: the grant it got, without judging.
             kept_key = VerdictCache.key(request)
-            reused = self.verdicts.reuse(kept_key, time.time(), self.revoked, self.rules)
+            reused = self.verdicts.reuse(
+                kept_key, time.time(), self.revoked, self.rules, request.target_check
+            )
             if reused is not None:
                 return reused
         fields = request.fields
@@ -530,8 +530,9 @@ class Paywall:
                     limited = await self.rate_limited(request, rule, token_id=token_id)
                     if limited is not None:
                         return limited
-                if rule.bundle is not None:
-                    return await self._draw(request, fields, decision, from_cookie, seen)
+                bundle = self.bundle_sold(rule, decision.token.caveats)
+                if bundle is not None:
+                    return await self._draw(request, fields, decision, from_cookie, seen, bundle)
                 forward = self._grant(request, fields, decision, from_cookie=from_cookie)
                 if kept_key is not None and not rule.rate_limits:
                     identifier = decision.token.identifier
@@ -541,6 +542,7 @@ class Paywall:
                         decision.token.valid_until,
                         (identifier.token_id, identifier.payment_hash),
                         self.rules,
+                        seen.hosts,
                     )
                 return forward
             case gate.Challenge() if rule.freebies is not None and await self._freebie(
@@ -548,34 +550,29 @@ class Paywall:
             ):
                 return self._forward_paid(request, fields, rule, {"freebie": True})
             case gate.Challenge() if self.dry_run:
-                # What a 402 would be, without its invoice: pretend() forwards the request.
-                # The mint limit is counted as when enforcing: a client over it would get 429.
-                limited = await self.mint_limited(request, rule)
-                if limited is not None:
-                    return limited
-                answer = Answer.make(decision.status, b"")
-                answer.note = {
-                    "service": rule.name,
-                    "variant": "challenge",
-                    "status": decision.status,
-                    "reason": decision.reason,
-                }
-                return answer
+                return await self._pretended_challenge(request, decision)
             case gate.Challenge():
                 return await self.challenge(request, decision, set_cookies=clear_cookies)
             case gate.Free():
-                note: dict[str, Any] = {"service": rule.name, "variant": "free"}
-                if clear_cookies:
-                    note["clear_cookies"] = clear_cookies
-                if (
-                    rule.mode == "upgrade"
-                    and self.offer_upgrade
-                    and paywall.body_kind(get(fields, "Accept")) == "html"
-                ):
-                    note["offer"] = paywall.upgrade_banner(rule, request.target)
-                return Forward(fields, note=note)
+                return self._free(request, fields, rule, clear_cookies)
         # gate.Pass and anything else: forwarded as it is, with no note for the response phase.
         return Forward(fields)
+
+    def _free(
+        self, request: Request, fields: Fields, rule: Rule, clear_cookies: Sequence[str]
+    ) -> Forward:
+        """The free variant of a priced rule: the browser's stale cookies cleared, and on an
+        upgrade-mode page the offer to upgrade (the banner)."""
+        note: dict[str, Any] = {"service": rule.name, "variant": "free"}
+        if clear_cookies:
+            note["clear_cookies"] = list(clear_cookies)
+        if (
+            rule.mode == "upgrade"
+            and self.offer_upgrade
+            and paywall.body_kind(get(fields, "Accept")) == "html"
+        ):
+            note["offer"] = paywall.upgrade_banner(rule, request.target)
+        return Forward(fields, note=note)
 
     def _agreeing(self, request: Request, rule: Rule | None) -> Rule | None:
         assert self.rules is not None
@@ -652,7 +649,12 @@ class Paywall:
         )
 
     def _grant(
-        self, request: Request, fields: Fields, grant: gate.Grant, from_cookie: bool = False
+        self,
+        request: Request,
+        fields: Fields,
+        grant: gate.Grant,
+        from_cookie: bool = False,
+        metered: bool = False,
     ) -> Forward:
         # The credential that paid is already off the request: `handle` drops every L402/LSAT
         # Authorization field and our cookies; any other Authorization belongs to the origin.
@@ -660,7 +662,7 @@ class Paywall:
         note: dict[str, Any] = {"token_id": token_id.hex()}
         if from_cookie:
             note["credential"] = "cookie"
-        if not grant.rule.rate_limits and grant.rule.bundle is None:
+        if not grant.rule.rate_limits and not metered:
             # The same request with the same credential gets this same verdict until the token
             # expires (or is revoked): a door may keep it for a moment (nginx's verdict cache).
             # Not with limits or a bundle: every request must be counted.
@@ -675,33 +677,46 @@ class Paywall:
         grant: gate.Grant,
         from_cookie: bool,
         seen: WatchedHeaders,
+        bundle: Bundle,
     ) -> Outcome:
         """A bundle token's request: one request drawn from its balance (in the store, so
         exactly once across instances) and forwarded with what is left; a spent bundle is
-        challenged again, like a request without a token, for a new one."""
+        challenged again, like a request without a token, for a new one. A bundle of bytes
+        or units is only checked to hold something: the door charges what the answer used
+        (engine/metering.py), told what to meter by the note."""
         rule = grant.rule
-        bundle = rule.bundle
-        assert bundle is not None and self.store is not None
+        assert self.store is not None
         token_id = grant.token.identifier.token_id
+        # Drawn now: one request; bytes and units are known from the answer only.
+        cost = 1 if bundle.unit == "requests" else 0
         try:
             if self.dry_run:
                 # Only pretend: say what drawing would leave, and draw nothing.
                 known = await self.store.balance_of(token_id)
                 before = bundle.size if known is None else known
-                left = before - 1 if before > 0 else None
+                left = before - cost if before > 0 else None
             else:
-                left = await self.store.draw(token_id, bundle.size, 1)
+                left = await self.store.draw(token_id, bundle.size, cost)
         except StoreError as exc:
             # Fail closed: what cannot be counted is not given.
             log.warning(f"l402: cannot draw from the bundle of {token_id.hex()[:16]}: {exc}")
             return unavailable(rule, "store", "the token store is unreachable", request.method)
         balance = f"{left or 0} {bundle.unit}"
         if left is not None:
-            forward = self._grant(request, fields, grant, from_cookie=from_cookie)
+            forward = self._grant(request, fields, grant, from_cookie=from_cookie, metered=True)
             assert forward.note is not None
-            forward.note["balance"] = balance
+            if cost:
+                forward.note["balance"] = balance
+            else:
+                from . import metering  # imported here: _draw is all of core.py it touches
+
+                source = self.rules.source if self.rules is not None else "rules"
+                forward.note[metering.METER] = metering.meter_note(
+                    token_id, rule, bundle, left, source
+                )
             return forward
-        what = "used" if rule.single_use else f"spent (it held {bundle.size} {bundle.unit})"
+        single = bundle.unit == "requests" and bundle.size == 1
+        what = "used" if single else f"spent (it held {bundle.size} {bundle.unit})"
         spent = gate.Challenge(rule, 402, "spent", f"this token is {what}: pay for a new one")
         set_cookies: list[str] = []
         if from_cookie:
@@ -709,14 +724,48 @@ class Paywall:
                 rule.name, path=paywall.scope_path(rule), secure=request.secure
             )
             if rule.mode == "upgrade" and not accepts_l402(seen.accept_authenticate):
-                # As for any stale cookie: the free variant, and the browser forgets it.
-                note: dict[str, Any] = {"service": rule.name, "variant": "free"}
-                note["clear_cookies"] = set_cookies
-                return Forward(fields, note=note)
+                # As for any stale cookie: the free variant (with the offer to upgrade), and
+                # the browser forgets it.
+                return self._free(request, fields, rule, set_cookies)
+        if self.dry_run:
+            # Pretend the 402 like any other in a dry run: no invoice, no price function.
+            return await self._pretended_challenge(request, spent)
         answer = await self.challenge(request, spent, set_cookies=set_cookies)
         if answer.status == 402:
             answer.add(BALANCE_HEADER, balance)
         return answer
+
+    async def _pretended_challenge(self, request: Request, challenge: gate.Challenge) -> Answer:
+        """Dry run: what a 402 would be, without its invoice (pretend() forwards the request).
+        The mint limit is counted as when enforcing: a client over it would get 429."""
+        rule = challenge.rule
+        limited = await self.mint_limited(request, rule)
+        if limited is not None:
+            return limited
+        answer = Answer.make(challenge.status, b"")
+        answer.note = {
+            "service": rule.name,
+            "variant": "challenge",
+            "status": challenge.status,
+            "reason": challenge.reason,
+        }
+        return answer
+
+    def bundle_sold(self, rule: Rule, caveats: Sequence[str]) -> Bundle | None:
+        """The bundle a token used at `rule` draws from: the one its seller sold, wherever it
+        is used. A pass opens several services on its seller's terms: a 100-request pass is
+        100 requests across all of them (not unlimited where the other service sells no
+        bundle, nor another size where it sells another), and an unlimited pass stays
+        unlimited. The seller is the first service of the first caveat (only we write it; a
+        holder can only append); `rule`'s own bundle when that service is gone from the rules."""
+        condition, _, value = caveats[0].partition("=") if caveats else ("", "", "")
+        seller = value.split(",", 1)[0].partition(":")[0].strip()
+        if condition.strip() != "services" or seller == rule.name or self.rules is None:
+            return rule.bundle
+        for other in self.rules.rules:
+            if other.name == seller and other.mode in PRICED_MODES:
+                return other.bundle
+        return rule.bundle
 
     def note_paid(self, token_id: bytes) -> None:
         if token_id not in self.seen_paid and self.store is not None:
@@ -876,7 +925,9 @@ class Paywall:
         path, _, query = request.target.partition("?")
         peer = request.client[0] if request.client else None
         rules = self.rules
-        fields = drop_our_authorization(request.fields)
+        # Our credentials (an L402/LSAT Authorization, our cookies: another service's live
+        # token, a claim) are no more the price function's than the origin's.
+        fields, _ = take_our_cookies(drop_our_authorization(request.fields))
         headers: dict[str, str] = {}
         for name, value in fields:
             key = decode(name).lower()
@@ -922,12 +973,15 @@ class Paywall:
             self.watchers.tell("backend_called", self.door, operation, seconds, ok)
 
     def rule_named(self, services: Sequence[str]) -> Rule | None:
-        """The priced rule a token was sold for (its services= caveat names it)."""
+        """The priced rule a token was sold for: the first service its services= caveat names
+        that is sold here. In the caveat's order, not the file's: a pass names its seller
+        first, and the page that sold it must get its seller's cookie, not another's."""
         if self.rules is None:
             return None
-        for rule in self.rules.rules:
-            if rule.name in services and rule.mode in PRICED_MODES:
-                return rule
+        priced = {rule.name: rule for rule in self.rules.rules if rule.mode in PRICED_MODES}
+        for name in services:
+            if name in priced:
+                return priced[name]
         return None
 
 

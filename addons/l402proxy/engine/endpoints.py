@@ -1,5 +1,6 @@
 """The paywall page's own endpoints under /.l402/ (never forwarded): unlock and pay."""
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -231,7 +232,8 @@ async def pay_page(engine: "Paywall", request: Request, notes: _Notes) -> Answer
         if limited is not None:
             return limited
     answer = await engine.challenge(
-        request,
+        # A price function prices the address the page sells, not the page's own.
+        dataclasses.replace(request, target=target),
         gate.Challenge(rule, 402, "payment_required", f"{rule.name} costs {rule.price_sat} sat"),
         return_to=return_to,
         kind=kind,

@@ -101,7 +101,8 @@ class PriceRequest:
     - `query`: the raw query string without the '?' ("" when none).
     - `headers`: lower-case header name -> value; a header sent several times has its values
       joined with ", ". Read-only; lookups ignore case (`headers["User-Agent"]` works). The
-      paywall's own credentials (Authorization: L402 ...) are not among them.
+      paywall's own credentials (Authorization: L402/LSAT ..., its L402_* and L402claim.*
+      cookies) are not among them.
     - `client_ip`: the client's address as the paywall judges it (X-Forwarded-For only from
       trusted_proxies), None when unknown (a unix socket).
     - `rule`: the name of the service being priced.
