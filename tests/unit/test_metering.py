@@ -512,8 +512,18 @@ class Server:
     the client left. `leave_after`: the client reads that many body messages, stops reading
     (the next send waits for the socket) and goes away, which wakes `receive` first."""
 
-    def __init__(self, target: str, leave_after: int | None = None, **headers: str) -> None:
+    def __init__(
+        self,
+        target: str,
+        leave_after: int | None = None,
+        write_fails: bool = False,
+        **headers: str,
+    ) -> None:
         self.target = target
+        # How the client's leaving is learnt: a write that waited for the socket (the waiting
+        # receive wakes first), or a write that failed (asyncio calls connection_lost later,
+        # and sends return at once, without yielding, in between and after).
+        self.write_fails = write_fails
         self.headers = [(b"host", HOST.encode())] + [
             (name.replace("_", "-").lower().encode(), value.encode())
             for name, value in headers.items()
@@ -557,6 +567,9 @@ class Server:
             return
         if self.leave_after is not None and len(self.bodies) == self.leave_after:
             self.gone = True
+            if self.write_fails:
+                asyncio.get_running_loop().call_soon(self.ended.set)
+                return
             self.ended.set()  # connection_lost: the waiting receive wakes first,
             await asyncio.sleep(0)  # then the write that waited for the socket returns
             return
@@ -577,9 +590,15 @@ class App:
     """A plain ASGI app: `chunks` as body messages with `headers`, without listening for the
     client's leaving (the door must notice it all the same); records the scope it got."""
 
-    def __init__(self, chunks: list[bytes], headers: list[tuple[bytes, bytes]] = []) -> None:  # noqa: B006
+    def __init__(
+        self,
+        chunks: list[bytes],
+        headers: list[tuple[bytes, bytes]] = [],  # noqa: B006
+        yields: bool = True,
+    ) -> None:
         self.chunks = chunks
         self.headers = headers
+        self.yields = yields  # False: an app with its chunks at hand, awaiting only `send`
         self.scopes: list[Message] = []
         self.gate: asyncio.Event | None = None
 
@@ -592,7 +611,8 @@ class App:
         for index, chunk in enumerate(self.chunks):
             more = index < len(self.chunks) - 1
             await send({"type": "http.response.body", "body": chunk, "more_body": more})
-            await asyncio.sleep(0)  # as a real app producing its chunks would
+            if self.yields:
+                await asyncio.sleep(0)  # as a real app producing its chunks would
 
 
 @pytest.fixture
@@ -636,6 +656,25 @@ async def test_the_asgi_door_counts_the_chunks_the_client_got(
     await spent.run(door)
     assert spent.start is not None and spent.start["status"] == 402
     assert spent.header("x-l402-balance") == "0 bytes"
+
+
+@pytest.mark.parametrize("yields", [True, False], ids=["app-yields", "app-never-yields"])
+async def test_the_asgi_door_stops_counting_when_a_write_fails(
+    tmp_path: Path, rules: Path, opened: list[L402Middleware], yields: bool
+) -> None:
+    """A failed write is known to the server only from a later callback, and uvicorn's send
+    then returns without yielding: an app that awaits nothing else would stream on, all
+    counted (CI saw a client that read 1 MiB of 64 charged for all 64)."""
+    app = App([b"a" * 1000] * 10, [(b"content-type", b"audio/mpeg")], yields=yields)
+    door = await asgi_door(tmp_path, rules, app, opened)
+    store = door.engine.store
+    assert store is not None
+    authorization, token_id = credential(door.engine, "audio")
+    server = Server("/episodes/live.mp3", 3, write_fails=True, Authorization=authorization)
+    await server.run(door)
+    assert len(server.bodies) == 3
+    # The three the client got, and at most the one whose write failed.
+    assert 6000 <= await store.balance_of(token_id) <= 7000
 
 
 async def test_the_asgi_door_counts_nothing_for_head_and_a_known_length_up_front(

@@ -436,12 +436,14 @@ class _MeteredSend:
         if kind == "http.response.body":
             body = message.get("body", b"")
             if not message.get("more_body", False):
+                await self._settle()
                 if not self.gone:
                     self.metered.count(len(body))
                 await self.metered.finish()
                 await self.send(message)
                 return
             await self.send(message)
+            await self._settle()
             if not self.gone:
                 self.metered.count(len(body))
             return
@@ -461,6 +463,14 @@ class _MeteredSend:
             if self.watched is not None:
                 self.watched.watch()
         await self.send(message)
+
+    async def _settle(self) -> None:
+        """Let the loop run once before a chunk is counted. When a write fails, the server
+        learns the client is gone only from a callback the loop runs later (asyncio's
+        connection_lost), and until then, and after, its `send` returns without yielding: an
+        app that never awaits anything else would stream the rest in one go, all counted."""
+        if self.watched is not None and not self.watched.gone:
+            await asyncio.sleep(0)
 
     @property
     def gone(self) -> bool:
