@@ -176,8 +176,19 @@ def test_error_series_exist_before_the_first_error() -> None:
     samples = snapshot()
     for operation in ("create_invoice", "lookup_invoice"):
         assert key("l402_backend_errors_total", operation=operation) in samples
-    for operation in ("flush", "revocations", "open"):
+    for operation in ("flush", "revocations", "open", "draw", "charge", "feed"):
         assert key("l402_store_errors_total", operation=operation) in samples
+
+
+def test_a_failed_bundle_charge_counts_under_its_own_name() -> None:
+    """engine/metering.py tells `charge` when a metered answer's cost cannot be stored."""
+    watcher = metrics()
+    with moved() as changes:
+        watcher.store_failed(DOOR, "charge")
+        watcher.store_failed(DOOR, "draw")
+    assert changes[key("l402_store_errors_total", operation="charge")] == 1
+    assert changes[key("l402_store_errors_total", operation="draw")] == 1
+    assert key("l402_store_errors_total", operation="other") not in changes
 
 
 # -- bounded labels ----------------------------------------------------------------------------

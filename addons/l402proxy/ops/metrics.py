@@ -50,7 +50,9 @@ CHALLENGE_STATUSES = ("402", "401")
 PAYMENT_REQUIRED = "payment_required"  # a challenge with no token refused in it
 LIMIT_REASONS = ("ip", "token", "invoices")  # rules.py's rate-limit keys, the mint limit
 BACKEND_OPERATIONS = ("create_invoice", "lookup_invoice")
-STORE_OPERATIONS = ("flush", "revocations", "open")
+# The store calls the engine and doors tell of when they fail: recording issued tokens, reading
+# revocations, opening, drawing from a bundle, charging metered bytes/units, feed accesses.
+STORE_OPERATIONS = ("flush", "revocations", "open", "draw", "charge", "feed")
 
 # rules.py's service names (1-64 letters, digits, '_', '-'); the doors' names fit too.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
