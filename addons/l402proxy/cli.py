@@ -1,11 +1,12 @@
 """`l402proxy`: decode L402 headers, drive the dev ledger, manage issued tokens and show the
-revenue (from the store, or from a running paywall's admin API with `--admin URL`), show what
-the client paid, check a Lightning backend; run the paywall behind nginx (`serve-auth`, and the
-`nginx-config` that asks it).
+revenue (from the store, or from a running paywall's admin API with `--admin URL`), list, revoke
+and rotate listeners' private feed URLs, show what the client paid, check a Lightning backend;
+run the paywall behind nginx (`serve-auth`, and the `nginx-config` that asks it).
 
-JSON on stdout (`backend check`: one line, JSON with --json); on bad input a one-line error on
-stderr and a non-zero exit, never a traceback. Every epoch time in the JSON (`when`,
-`valid_until`, `*_at`) has a `<name>_iso` twin in UTC ISO 8601 ("2026-12-06T05:21:42Z").
+JSON on stdout (`backend check` and `feeds list`: lines, JSON with --json; `feeds revoke|rotate`:
+lines); on bad input a one-line error on stderr and a non-zero exit, never a traceback. Every
+epoch time in the JSON (`when`, `valid_until`, `*_at`) has a `<name>_iso` twin in UTC ISO 8601
+("2026-12-06T05:21:42Z").
 
 Exit status: 0 done; 1 failed (store, ledger or backend); 2 bad input (usage, a value that is no
 L402 challenge or credential, a broken rules file); 3 `decode` read the value but nothing in it
@@ -42,6 +43,7 @@ from .rules import RulesError, load_rules, rule_warnings
 from .store import StoreError, open_server_store
 from .store.client import DAY_SECONDS, ClientStore, sat_number
 from .store.client import sqlite_path_from_uri as client_store_path
+from .store.database import FeedAccess, feed_path
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -228,6 +230,24 @@ async def tokens_revoke(store_uri: str, ref: str) -> dict[str, Any]:
     return {"revoked": [token.to_json() for token in revoked]}
 
 
+async def feeds_list(store_uri: str, include_inactive: bool, limit: int) -> list[FeedAccess]:
+    store = await open_server_store(store_uri)
+    try:
+        return await store.list_feeds(include_inactive=include_inactive, limit=limit)
+    finally:
+        await store.close()
+
+
+async def feeds_change(store_uri: str, ref: str, rotate: bool) -> list[FeedAccess]:
+    """`feeds revoke` (the accesses revoked) or `feeds rotate` (the new ones)."""
+    store = await open_server_store(store_uri)
+    try:
+        change = store.rotate_feeds if rotate else store.revoke_feeds
+        return await change(ref, time.time())
+    finally:
+        await store.close()
+
+
 async def revenue_from_store(
     store_uri: str, since: float, until: float, bucket: str, service: str | None
 ) -> dict[str, Any]:
@@ -368,6 +388,112 @@ def tokens_command(args: argparse.Namespace) -> Any:
     if args.tokens_command == "list":
         return run_async(lambda: tokens_list(store, args.service, args.limit))
     return run_async(lambda: tokens_revoke(store, args.ref))
+
+
+def feeds_command(args: argparse.Namespace) -> Any:
+    """`feeds list|revoke|rotate`: listeners' private feed URLs, in the server store chosen as
+    for `tokens` (--store, else the default file). The stored credentials are never shown."""
+    store = args.store or paths.default_server_store()
+    ref = getattr(args, "ref", "")
+    if args.feeds_command == "list":
+        accesses = run_async(lambda: feeds_list(store, args.all, args.limit))
+        now = time.time()
+        if args.json:
+            return [access.to_json(now) for access in accesses]
+        if not accesses:
+            return Line("no feed accesses" if args.all else "no active feed accesses")
+        return Line(feeds_table(accesses, now))
+    if args.feeds_command == "revoke":
+        revoked = run_async(lambda: feeds_change(store, ref, rotate=False))
+        if not revoked:
+            return nothing_done(
+                f"nothing to revoke: every feed access '{ref.strip()}' names was revoked already"
+            )
+        return Line(
+            "\n".join(
+                f"revoked {a.path} (token {a.token_id.hex()[:TOKEN_SHOWN]}, {a.service})"
+                for a in revoked
+            )
+        )
+    base = feed_base_url(args.base_url) if args.base_url is not None else ""
+    fresh = run_async(lambda: feeds_change(store, ref, rotate=True))
+    if not fresh:
+        return nothing_done(
+            f"nothing to rotate: every feed access '{ref.strip()}' names was revoked already "
+            "(the listener gets a new one by unlocking again)"
+        )
+    now = time.time()
+    for access in fresh:
+        if access.status(now) == "expired":
+            print(
+                f"l402proxy: warning: the token of {access.path} has expired: its new feed URL "
+                "opens nothing",
+                file=sys.stderr,
+            )
+    return Line("\n".join(base + feed_path(a.capability, a.feed) for a in fresh))
+
+
+# Hex characters of a token id shown in `feeds` lines: enough to tell tokens apart and to give
+# as a reference (MIN_PREFIX_LEN is 8).
+TOKEN_SHOWN = 12
+
+
+def nothing_done(note: str) -> Exit:
+    """A change that found nothing to change: said on stderr, stdout left empty (a script
+    reading new URLs gets none), exit 0 (what was asked is the case already)."""
+    print(f"l402proxy: {note}", file=sys.stderr)
+    return Exit(0)
+
+
+def feeds_table(accesses: Sequence[FeedAccess], now: float) -> str:
+    """`feeds list` as aligned columns, a header first."""
+    rows = [("CAPABILITY", "TOKEN", "SERVICE", "STATUS", "VALID UNTIL", "FEED PATH")]
+    for access in accesses:
+        until = "never"
+        if access.valid_until is not None:
+            # Past year 9999 there is no ISO date: the epoch seconds then.
+            until = iso_time(access.valid_until) or f"{access.valid_until:.0f}"
+        rows.append(
+            (
+                access.capability,
+                access.token_id.hex()[:TOKEN_SHOWN],
+                access.service,
+                access.status(now),
+                until,
+                access.path,
+            )
+        )
+    # Every column padded to its widest cell but the last (the path), which ends the line.
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join([*(row[i].ljust(width) for i, width in enumerate(widths)), row[-1]])
+        for row in rows
+    )
+
+
+def feed_base_url(url: str) -> str:
+    """--base-url: where listeners reach the paywall ("https://host[:port][/prefix]"), without
+    its trailing '/'; CliError for what is no such URL."""
+    text = url.strip()
+    parts = urlsplit(text)
+    try:
+        parts.port  # noqa: B018 (raises ValueError for a bad port)
+    except ValueError:
+        raise CliError(f"--base-url: bad port in {url!r}", EXIT_BAD_INPUT) from None
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.username is not None
+        or parts.query
+        or parts.fragment
+        or text.endswith(("?", "#"))
+    ):
+        raise CliError(
+            f"--base-url: expected where listeners reach the paywall, like "
+            f"https://podcast.example.com, got {url!r}",
+            EXIT_BAD_INPUT,
+        )
+    return text.rstrip("/")
 
 
 def revenue_command(args: argparse.Namespace) -> Any:
@@ -569,6 +695,43 @@ def build_parser() -> argparse.ArgumentParser:
     shared_option(tokens, tokens_commands.choices.values(), "--store", help=server_store_help)
     for leaf in (listing, revoke):
         add_admin_options(leaf)
+
+    feeds = commands.add_parser(
+        "feeds", help="private podcast feed URLs handed to paying listeners (rules' feed:)"
+    )
+    feeds_commands = feeds.add_subparsers(dest="feeds_command", required=True)
+    feeds_listing = feeds_commands.add_parser(
+        "list", help="feed accesses, newest first: the active ones (--all: every one)"
+    )
+    feeds_listing.add_argument("--all", action="store_true", help="revoked and expired ones too")
+    feeds_listing.add_argument(
+        "--limit", type=int, default=1000, help="at most this many, the newest (default 1000)"
+    )
+    feeds_listing.add_argument("--json", action="store_true", help="JSON instead of columns")
+    feed_ref_help = (
+        "a capability (22 characters: that feed URL), or a token_id in hex or a unique prefix "
+        "(>= 8: every feed URL of that token)"
+    )
+    feeds_revoke = feeds_commands.add_parser(
+        "revoke",
+        help="revoke feed URLs (the running paywall notices within ~2 s; the listener gets a "
+        "new one by unlocking again)",
+    )
+    feeds_revoke.add_argument("ref", help=feed_ref_help)
+    feeds_rotate = feeds_commands.add_parser(
+        "rotate",
+        help="replace feed URLs by new ones for the same listener and print them (the old "
+        "ones stop within ~2 s)",
+    )
+    feeds_rotate.add_argument("ref", help=feed_ref_help)
+    feeds_rotate.add_argument(
+        "--base-url",
+        default=None,
+        metavar="URL",
+        help="where listeners reach the paywall (e.g. https://podcast.example.com): print "
+        "whole URLs instead of paths",
+    )
+    shared_option(feeds, feeds_commands.choices.values(), "--store", help=server_store_help)
 
     revenue = commands.add_parser(
         "revenue", help="tokens sold and sats earned per service over time (paid tokens)"
@@ -916,6 +1079,8 @@ def run(args: argparse.Namespace) -> Any:
         return run_async(lambda: wallet_spent(client_store))
     if args.command == "revenue":
         return revenue_command(args)
+    if args.command == "feeds":
+        return feeds_command(args)
     return tokens_command(args)
 
 

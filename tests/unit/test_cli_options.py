@@ -46,6 +46,7 @@ def test_every_group_option_is_also_taken_by_each_subcommand() -> None:
             checked.append(f"{group.prog} {action.option_strings[0]}")
     assert sorted(checked) == [
         "l402proxy dev --ledger",
+        "l402proxy feeds --store",
         "l402proxy tokens --store",
         "l402proxy wallet --store",
     ]

@@ -302,13 +302,17 @@ async def test_migrating_from_the_version_before_balances_keeps_every_token(
 ) -> None:
     module = migrations_of(store_uri)
     current = list(module.MIGRATIONS)
-    monkeypatch.setattr(module, "MIGRATIONS", current[:-1])
+    # The step that brought balances in (later steps came after it: every one is run again).
+    balances_at = next(
+        n for n, steps in enumerate(current) if any("token_balances" in s for s in steps)
+    )
+    monkeypatch.setattr(module, "MIGRATIONS", current[:balances_at])
     old = await open_server_store(store_uri)
     try:
         secret = await old.secret()
     finally:
         await old.close()
-    assert await schema_version(request, store_uri) == len(current) - 1
+    assert await schema_version(request, store_uri) == balances_at
     prefix = "l402_" if is_postgres_uri(store_uri) else ""
 
     def blob(value: bytes) -> str:

@@ -1,13 +1,14 @@
 """What the stores share: for the SQLite stores (server and client), one private file, WAL, a
 versioned schema and one transaction at a time on one aiosqlite connection; for the two server
-stores (SQLite and PostgreSQL), their records, token references, the write-behind queue and the
-interface the engine and the CLI use (`TokenStore`)."""
+stores (SQLite and PostgreSQL), their records (issued tokens, feed accesses), token references,
+the write-behind queue and the interface the engine and the CLI use (`TokenStore`)."""
 
 import asyncio
 import logging
 import math
 import os
 import re
+import secrets
 import sqlite3
 import stat
 import time
@@ -21,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiosqlite
 
+from l402proxy.l402.headers import MAX_CREDENTIAL_SIZE
 from l402proxy.paths import ensure_parent
 
 log = logging.getLogger("l402proxy.store")
@@ -522,6 +524,233 @@ def start_from(cursor: int, top: int, shown: str) -> int:
     return 0
 
 
+# --- private podcast feeds ------------------------------------------------------------------
+
+# A listener's private feed URL is `<scheme>://<host>/.l402/feed/<capability><feed path>`. The
+# capability stands for the listener's credential (the engine judges a request through it as if
+# it carried `Authorization: L402 <credential>`), so it is a bearer secret as hard to guess as
+# a 128-bit key; unlike the credential it is meant to be handed out, listed and rotated.
+FEED_PATH_PREFIX = "/.l402/feed/"
+FEED_CAPABILITY_BYTES = 16
+FEED_CAPABILITY_CHARS = 22  # base64url of 16 bytes, without padding
+_CAPABILITY = re.compile(f"[A-Za-z0-9_-]{{{FEED_CAPABILITY_CHARS}}}")
+# What feed_for stores is checked first, so that a caller's bug is a ValueError and never a
+# database error: PostgreSQL's constraint messages quote the failing row, credential included.
+# A credential is what follows "L402 " in an Authorization value: printable ASCII (", " may
+# separate macaroons), at most MAX_CREDENTIAL_SIZE bytes like any the engine accepts.
+_CREDENTIAL = re.compile(r"[\x20-\x7e]+")
+MAX_FEED_CHARS = 2048
+MAX_SERVICE_CHARS = 256
+
+
+def new_feed_capability() -> str:
+    """A new capability: 22 URL-safe characters (128 random bits), never starting with '-'
+    (given to `l402proxy feeds revoke|rotate`, such a one would be taken for an option). The
+    draws refused cost a fiftieth of a bit; the loop ends at once 63 times in 64."""
+    while True:
+        capability = secrets.token_urlsafe(FEED_CAPABILITY_BYTES)
+        if not capability.startswith("-"):
+            return capability
+
+
+def is_feed_capability(text: str) -> bool:
+    """Whether `text` has a capability's shape (22 URL-safe characters), known or not."""
+    return isinstance(text, str) and _CAPABILITY.fullmatch(text) is not None
+
+
+def feed_path(capability: str, feed: str) -> str:
+    """The private feed's path: `/.l402/feed/<capability><feed>` (feed starts with '/')."""
+    return f"{FEED_PATH_PREFIX}{capability}{feed}"
+
+
+@dataclass(frozen=True)
+class FeedAccess:
+    """A listener's private feed: `capability` opens `feed` (and the paid grants of the token)
+    with the token's stored credential. One active access per (token, feed) at a time:
+    revoking or rotating sets revoked_at, and the row stays (feed_access() still finds it)."""
+
+    capability: str
+    token_id: bytes
+    service: str
+    feed: str
+    # `<macaroon b64>:<preimage hex>`: a bearer secret, never printed, logged or put in JSON.
+    credential: str = field(repr=False)
+    valid_until: float | None
+    created_at: float
+    revoked_at: float | None = None
+
+    @property
+    def path(self) -> str:
+        return feed_path(self.capability, self.feed)
+
+    def status(self, now: float | None = None) -> str:
+        """active | revoked | expired, as of `now` (default: the current time). Revoked wins:
+        it is what an operator did; expired is the token's own end (valid_until)."""
+        if self.revoked_at is not None:
+            return "revoked"
+        now = time.time() if now is None else now
+        if self.valid_until is not None and self.valid_until <= now:
+            return "expired"
+        return "active"
+
+    def to_json(self, now: float | None = None) -> dict[str, Any]:
+        """Everything but the credential."""
+        return {
+            "capability": self.capability,
+            "token_id": self.token_id.hex(),
+            "service": self.service,
+            "feed": self.feed,
+            "path": self.path,
+            "valid_until": self.valid_until,
+            "created_at": self.created_at,
+            "revoked_at": self.revoked_at,
+            "status": self.status(now),
+        }
+
+
+def feed_from_row(row: Sequence[Any]) -> FeedAccess:
+    """A FeedAccess from (capability, token_id, service, feed, credential, valid_until,
+    created_at, revoked_at)."""
+    return FeedAccess(
+        capability=row[0],
+        token_id=bytes(row[1]),
+        service=row[2],
+        feed=row[3],
+        credential=row[4],
+        valid_until=row[5],
+        created_at=row[6],
+        revoked_at=row[7],
+    )
+
+
+def _check_text(name: str, value: object, limit: int) -> None:
+    # No NUL or other control character (PostgreSQL's text refuses NUL), no lone surrogate
+    # (neither database can store it): either would fail in the database, not here.
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > limit
+        or any(ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in value)
+    ):
+        raise ValueError(f"{name} must be a non-empty string of at most {limit} characters")
+
+
+def _check_time(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be an epoch time in seconds")
+
+
+def check_feed_for(
+    token_id: bytes,
+    service: str,
+    feed: str,
+    credential: str,
+    valid_until: float | None,
+    when: float,
+) -> None:
+    """ValueError unless feed_for() can store these (messages never quote the credential)."""
+    check_id("token_id", token_id)
+    _check_text("service", service, MAX_SERVICE_CHARS)
+    _check_text("feed", feed, MAX_FEED_CHARS)
+    if not feed.startswith("/"):
+        raise ValueError("feed must be a path starting with '/'")
+    if (
+        not isinstance(credential, str)
+        or len(credential) > MAX_CREDENTIAL_SIZE
+        or _CREDENTIAL.fullmatch(credential) is None
+        or credential != credential.strip()
+    ):
+        raise ValueError(
+            f"credential must be printable ASCII of at most {MAX_CREDENTIAL_SIZE} characters, "
+            "without leading or trailing spaces"
+        )
+    if valid_until is not None:
+        _check_time("valid_until", valid_until)
+    _check_time("when", when)
+
+
+@dataclass(frozen=True)
+class FeedRef:
+    """What a `feeds revoke|rotate` reference names: one capability, or every active access of
+    the token a token id prefix names (lower-case hex), or either when the text could be both
+    (22 hex characters): the capability is looked up first."""
+
+    shown: str  # the reference as messages quote it
+    capability: str | None
+    prefix: str | None
+
+
+def parse_feed_ref(ref: str) -> FeedRef:
+    """A feed reference as given -> FeedRef; BadTokenRef (as revoke()'s token references) says
+    what is wrong with it."""
+    text = ref.strip() if isinstance(ref, str) else ""
+    # Quoted in one-line messages: a reference that would break the line is not repeated.
+    shown = text if text.isprintable() and len(text) <= 100 else "the reference given"
+    capability = text if is_feed_capability(text) else None
+    if re.fullmatch(r"[0-9a-fA-F]+", text):
+        if len(text) < MIN_PREFIX_LEN:
+            raise BadTokenRef(
+                f"feed reference '{shown}' is too short: give a capability "
+                f"({FEED_CAPABILITY_CHARS} characters) or at least {MIN_PREFIX_LEN} hex "
+                "characters of a token id"
+            )
+        if len(text) > 2 * ID_SIZE:
+            raise BadTokenRef(
+                f"feed reference '{shown}' is longer than a token id (64 hex characters)"
+            )
+        return FeedRef(shown, capability, text.lower())
+    if capability is None:
+        raise BadTokenRef(
+            f"feed reference '{shown}' is neither a capability ({FEED_CAPABILITY_CHARS} "
+            f"URL-safe characters) nor a token id in hex (at least {MIN_PREFIX_LEN} characters)"
+        )
+    return FeedRef(shown, capability, None)
+
+
+def feed_token_target(ref: FeedRef, token_ids: Sequence[bytes]) -> bytes:
+    """The one token the prefix of `ref` names, among the distinct tokens with a feed access
+    (revoked ones included) that it matches."""
+    if len(token_ids) > 1:
+        raise AmbiguousTokenRef(
+            f"'{ref.shown}' is ambiguous: it matches {len(token_ids)} tokens with feed "
+            "accesses; give more characters"
+        )
+    if not token_ids:
+        raise unknown_feed_ref(ref)
+    return token_ids[0]
+
+
+def unknown_feed_ref(ref: FeedRef) -> UnknownTokenRef:
+    return UnknownTokenRef(f"no feed access matches '{ref.shown}'")
+
+
+# A run of characters a credential is made of (base64 either way, ':', hex), long enough not to
+# be found in a secret by chance.
+_SECRET_RUN = re.compile(r"[A-Za-z0-9+/=_:-]{8,}")
+
+
+@contextmanager
+def hiding(secrets_: Sequence[str]) -> Iterator[None]:
+    """A StoreError raised inside says `***` for every part of its text that is a piece of one
+    of `secrets_` (read when it is raised: a caller may add the credentials it reads
+    meanwhile). Such text comes only from a database's own message: PostgreSQL's DETAIL quotes
+    a failing row, each long value cut to its first 64 characters and "...". check_feed_for
+    leaves the constraints nothing to refuse: belt and braces."""
+    try:
+        yield
+    except StoreError as exc:
+        text = str(exc)
+        pieces = [s for s in secrets_ if s]
+
+        def masked(run: re.Match[str]) -> str:
+            return "***" if any(run.group() in secret for secret in pieces) else run.group()
+
+        shown = _SECRET_RUN.sub(masked, text) if pieces else text
+        if shown == text:
+            raise
+        raise type(exc)(shown) from None
+
+
 @dataclass
 class Batch:
     """Queued records taken by one flush, and when the oldest of them was queued."""
@@ -709,6 +938,29 @@ class TokenStore(Protocol):
     the caller must then fail closed. A draw whose answer is lost (a timeout after the commit,
     a cancelled caller) may have been made: the buyer may lose a request, the seller never
     gives one away. `list_tokens` and `revoke` return each token's balance too.
+
+    Private podcast feeds (FeedAccess): a capability standing for a paid token's credential,
+    written at once like the balances, never queued.
+    - `feed_for(token_id, service, feed, credential, valid_until, when)`: the token's active
+      access for that feed if there is one (returned as it is: its service, credential and
+      valid_until are the first caller's, and it may be expired), else a new one made `when`.
+      Atomic across instances and processes: a unique index on the active (token, feed) pairs,
+      an insert that does nothing on conflict, then a read of the active row; everyone asking
+      at once gets the same capability. Arguments are checked first (ValueError, check_feed_for).
+    - `feed_access(capability)`: that access, revoked or expired ones too; None when there is
+      none (a string that is no capability is not looked up).
+    - `list_feeds(include_inactive=False, limit=1000)`: newest first; the active ones only
+      (neither revoked nor expired), or every one.
+    - `revoke_feeds(ref, when)`: ref is a capability (that access) or a token id prefix of at
+      least MIN_PREFIX_LEN hex characters (every active access of the one token with feed
+      accesses it matches); BadTokenRef, UnknownTokenRef, AmbiguousTokenRef as for revoke().
+      Returns the accesses it revoked: [] when they were revoked already.
+    - `rotate_feeds(ref, when)`: the active accesses `ref` names (as for revoke_feeds) are
+      revoked and each replaced by a new one (new capability; same token, service, feed,
+      credential and valid_until; made `when`), all in one transaction; returns the new ones
+      ([] when nothing named was active).
+    PostgreSQL bounds feed_for and feed_access (the request path) by FEED_TIMEOUT, the others
+    like any operation. The credential never appears in repr(), to_json() or a message.
     """
 
     max_pending: int
@@ -735,4 +987,19 @@ class TokenStore(Protocol):
     async def draw(self, token_id: bytes, size: int, amount: int) -> int | None: ...
     async def charge(self, token_id: bytes, size: int, amount: int) -> int: ...
     async def balance_of(self, token_id: bytes) -> int | None: ...
+    async def feed_for(
+        self,
+        token_id: bytes,
+        service: str,
+        feed: str,
+        credential: str,
+        valid_until: float | None,
+        when: float,
+    ) -> FeedAccess: ...
+    async def feed_access(self, capability: str) -> FeedAccess | None: ...
+    async def list_feeds(
+        self, *, include_inactive: bool = False, limit: int = 1000
+    ) -> list[FeedAccess]: ...
+    async def revoke_feeds(self, ref: str, when: float) -> list[FeedAccess]: ...
+    async def rotate_feeds(self, ref: str, when: float) -> list[FeedAccess]: ...
     async def close(self) -> None: ...

@@ -39,6 +39,11 @@ database, so that a token bought at one instance works at all of them.
   UNLOGGED. Each call is one statement (an upsert, like the counters' takes), awaited on the
   request path and bounded by BALANCE_TIMEOUT; failing, it raises StoreError and the engine
   answers 503. Every instance draws from the same row: a bundle is global.
+- Feed accesses (`feed_for`, `feed_access`: private podcast feeds) are written and read at once,
+  bounded by FEED_TIMEOUT (the request path); `feed_for` inserts against a unique index of the
+  active (token, feed) pairs and reads the active row back, so instances asking at once agree.
+  `revoke_feeds` and `rotate_feeds` lock the rows they change (one transaction each); engines
+  see a revocation through their capability cache's short TTL, no NOTIFY.
 """
 
 import asyncio
@@ -62,20 +67,30 @@ from l402proxy.lightning.uri import (
     shown_hostport,
     shown_path,
 )
+from l402proxy.store import database
 from l402proxy.store.database import (
     SECRET_SIZE,
+    FeedAccess,
+    FeedRef,
     IssuedToken,
     RecordQueue,
     RevenueRow,
     StoreError,
     check_draw,
+    check_feed_for,
     check_id,
     check_revenue_range,
+    feed_from_row,
+    feed_token_target,
+    hiding,
+    is_feed_capability,
     normalize_ref,
+    parse_feed_ref,
     prefix_range,
     revocation_target,
     start_from,
     token_from_row,
+    unknown_feed_ref,
     warn_unrecorded,
 )
 
@@ -110,6 +125,14 @@ SERVER_SETTINGS = {"application_name": "l402proxy"}
 # One call, waiting for a connection included: awaited on the request path, which answers 503
 # when it fails (fail closed). Never retried: a retry after a lost answer could draw twice.
 BALANCE_TIMEOUT = 2.0
+
+# -- feed accesses (feed_for, feed_access) --
+# One call, waiting for a connection included: on the request path (a listener's player, the
+# unlock that mints a feed URL), which fails closed when it fails, as for the balances.
+FEED_TIMEOUT = 2.0
+# feed_for: insert-or-nothing then read, again when the active row it met was revoked between
+# the two (a rotation never leaves none: it inserts the new row in its own transaction).
+FEED_FOR_ATTEMPTS = 3
 
 # -- counters (engine.limits.Counters) --
 # One take, waiting for a connection included: a request waits at most this long before the
@@ -243,6 +266,30 @@ MIGRATIONS: list[Sequence[str]] = [
         ) WITH (fillfactor = 70)
         """,
     ),
+    # Version 6: private podcast feeds (database.FeedAccess), as SQLite's version 5. No foreign
+    # key to l402_issued_tokens (written behind, may be lost). A revoked access stays, its
+    # capability known and never handed out again; the partial unique index keeps one access
+    # of a (token, feed) active across instances (feed_for inserts against it). row_id: the
+    # tie-break of `feeds list`, as for the tokens.
+    (
+        """
+        CREATE TABLE l402_feed_accesses (
+            capability text PRIMARY KEY CHECK (length(capability) = 22),
+            token_id bytea NOT NULL CHECK (length(token_id) = 32),
+            service text NOT NULL,
+            feed text NOT NULL CHECK (left(feed, 1) = '/'),
+            credential text NOT NULL,
+            valid_until double precision,
+            created_at double precision NOT NULL,
+            revoked_at double precision,
+            row_id bigint GENERATED ALWAYS AS IDENTITY
+        )
+        """,
+        "CREATE UNIQUE INDEX l402_feed_accesses_active ON l402_feed_accesses (token_id, feed)"
+        " WHERE revoked_at IS NULL",
+        "CREATE INDEX l402_feed_accesses_token ON l402_feed_accesses (token_id)",
+        "CREATE INDEX l402_feed_accesses_created ON l402_feed_accesses (created_at, row_id)",
+    ),
 ]
 
 # LEAST skips NULLs: the earliest sighting, wherever it was written.
@@ -273,6 +320,46 @@ _CHARGE_SQL = (
     " ON CONFLICT (token_id) DO UPDATE SET balance = GREATEST(b.balance - $3::bigint, 0)"
     " RETURNING b.balance"
 )
+# Feed accesses (database.TokenStore). The conflict target names the partial unique index: an
+# active access of the same (token, feed) makes the insert do nothing (waiting, if another
+# instance's insert of it is not committed yet, for that one's outcome); any other conflict (a
+# capability drawn twice) is an error, never a silent no-op.
+_FEED_COLUMNS = (
+    "capability, token_id, service, feed, credential, valid_until, created_at, revoked_at"
+)
+_FEED_SELECT = f"SELECT {_FEED_COLUMNS} FROM l402_feed_accesses"
+_ACTIVE_FEED_SQL = f"{_FEED_SELECT} WHERE token_id = $1 AND feed = $2 AND revoked_at IS NULL"
+_INSERT_FEED_SQL = (
+    f"INSERT INTO l402_feed_accesses ({_FEED_COLUMNS})"
+    " VALUES ($1, $2, $3, $4, $5, $6::float8, $7::float8, $8::float8)"
+)
+_NEW_FEED_SQL = (
+    f"{_INSERT_FEED_SQL} ON CONFLICT (token_id, feed) WHERE revoked_at IS NULL DO NOTHING"
+)
+_REVOKE_FEED_SQL = (
+    "UPDATE l402_feed_accesses SET revoked_at = $1::float8"
+    " WHERE capability = $2 AND revoked_at IS NULL"
+)
+
+
+def _feed_args(access: FeedAccess) -> tuple[Any, ...]:
+    return (
+        access.capability,
+        access.token_id,
+        access.service,
+        access.feed,
+        access.credential,
+        _float_or_none(access.valid_until),
+        float(access.created_at),
+        _float_or_none(access.revoked_at),
+    )
+
+
+def _float_or_none(value: float | None) -> float | None:
+    # asyncpg's float8 takes floats only; an int epoch (a caller's time.time() // 1) is fine.
+    return None if value is None else float(value)
+
+
 # The tokens among $1 that are paid: an issued row and a sighting (or a paid_at versions 1-2
 # wrote). flush() reads it before and after writing its batch.
 _PAID_AMONG = (
@@ -699,6 +786,7 @@ class PostgresServerStore(RecordQueue):
     migration_timeout = MIGRATION_TIMEOUT
     keepalive_seconds = KEEPALIVE_SECONDS
     balance_timeout = BALANCE_TIMEOUT
+    feed_timeout = FEED_TIMEOUT
 
     def __init__(self, pool: asyncpg.Pool, target: Target) -> None:
         RecordQueue.__init__(self)
@@ -1195,6 +1283,141 @@ class PostgresServerStore(RecordQueue):
                 "SELECT balance FROM l402_token_balances WHERE token_id = $1", token_id
             )
         return None if value is None else int(value)
+
+    # -- private podcast feeds (database.TokenStore) ----------------------------------------
+
+    async def feed_for(
+        self,
+        token_id: bytes,
+        service: str,
+        feed: str,
+        credential: str,
+        valid_until: float | None,
+        when: float,
+    ) -> FeedAccess:
+        """The token's active access for `feed`, else a new one (database.TokenStore). Bounded
+        by feed_timeout as a whole."""
+        check_feed_for(token_id, service, feed, credential, valid_until, when)
+        with hiding([credential]):
+            async with self._connection(self.feed_timeout) as conn:
+                # Each statement on its own (autocommit, READ COMMITTED): the read after the
+                # insert takes a new snapshot, so it sees the row another instance committed
+                # while the insert waited for it (one statement would not: its snapshot is
+                # older than that row, and the insert did nothing).
+                for _ in range(FEED_FOR_ATTEMPTS):
+                    row = await conn.fetchrow(_ACTIVE_FEED_SQL, token_id, feed)
+                    if row is not None:
+                        return feed_from_row(row)
+                    await conn.execute(
+                        _NEW_FEED_SQL,
+                        database.new_feed_capability(),
+                        token_id,
+                        service,
+                        feed,
+                        credential,
+                        _float_or_none(valid_until),
+                        float(when),
+                        None,
+                    )
+                row = await conn.fetchrow(_ACTIVE_FEED_SQL, token_id, feed)
+        if row is None:  # revoked as often as it was made: someone revokes it in a loop
+            raise StoreError(f"store {self.shown}: the feed access was revoked while being made")
+        return feed_from_row(row)
+
+    async def feed_access(self, capability: str) -> FeedAccess | None:
+        """The access of `capability`, revoked and expired ones too; None if there is none.
+        Bounded by feed_timeout."""
+        if not is_feed_capability(capability):
+            return None
+        async with self._connection(self.feed_timeout) as conn:
+            row = await conn.fetchrow(f"{_FEED_SELECT} WHERE capability = $1", capability)
+        return None if row is None else feed_from_row(row)
+
+    async def list_feeds(
+        self, *, include_inactive: bool = False, limit: int = 1000
+    ) -> list[FeedAccess]:
+        """Feed accesses, newest first: the active ones, or every one."""
+        if limit < 1:
+            # StoreError, not ValueError: the CLI passes --limit straight through.
+            raise StoreError(f"limit must be at least 1, got {limit}")
+        where, params = "", list[Any]()
+        if not include_inactive:
+            where = " WHERE revoked_at IS NULL AND (valid_until IS NULL OR valid_until > $1)"
+            params = [time.time()]
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"{_FEED_SELECT}{where} ORDER BY created_at DESC, row_id DESC"
+                f" LIMIT ${len(params) + 1}",
+                *params,
+                limit,
+            )
+        return [feed_from_row(row) for row in rows]
+
+    async def revoke_feeds(self, ref: str, when: float) -> list[FeedAccess]:
+        """Revoke the active accesses `ref` names (database.TokenStore): those revoked now."""
+        named = parse_feed_ref(ref)
+        async with self._transaction() as conn:
+            active = await self._named_feeds(conn, named)
+            await conn.executemany(_REVOKE_FEED_SQL, [(float(when), a.capability) for a in active])
+        return [replace(access, revoked_at=when) for access in active]
+
+    async def rotate_feeds(self, ref: str, when: float) -> list[FeedAccess]:
+        """Replace the active accesses `ref` names by new ones, in one transaction (see
+        database.TokenStore); the new ones."""
+        named = parse_feed_ref(ref)
+        credentials: list[str] = []
+        with hiding(credentials):
+            async with self._transaction() as conn:
+                active = await self._named_feeds(conn, named)
+                credentials.extend(access.credential for access in active)
+                fresh = [
+                    replace(
+                        access,
+                        capability=database.new_feed_capability(),
+                        created_at=when,
+                        revoked_at=None,
+                    )
+                    for access in active
+                ]
+                # Revoked first: the new rows take the old ones' place in the unique index of
+                # active accesses (a row this transaction updated no longer conflicts). A plain
+                # insert: any conflict fails (and rolls back) the whole rotation.
+                await conn.executemany(
+                    _REVOKE_FEED_SQL, [(float(when), a.capability) for a in active]
+                )
+                await conn.executemany(_INSERT_FEED_SQL, [_feed_args(a) for a in fresh])
+        return fresh
+
+    @staticmethod
+    async def _named_feeds(conn: Any, ref: FeedRef) -> list[FeedAccess]:
+        """The active accesses `ref` names, locked (FOR UPDATE: a concurrent revocation or
+        rotation of them waits, and what it changed first is read again, so each is revoked
+        once); UnknownTokenRef or AmbiguousTokenRef when it names nothing or several tokens.
+        Always locked in one order (feed, capability), so two rotations cannot deadlock."""
+        if ref.capability is not None:
+            row = await conn.fetchrow(
+                f"{_FEED_SELECT} WHERE capability = $1 FOR UPDATE", ref.capability
+            )
+            if row is not None:
+                access = feed_from_row(row)
+                return [access] if access.revoked_at is None else []
+            if ref.prefix is None:
+                raise unknown_feed_ref(ref)
+        assert ref.prefix is not None  # parse_feed_ref gives one or the other
+        low, high = prefix_range(ref.prefix)
+        where, params = "token_id >= $1", [low]
+        if high is not None:
+            where, params = f"{where} AND token_id < $2", [low, high]
+        found = await conn.fetch(
+            f"SELECT DISTINCT token_id FROM l402_feed_accesses WHERE {where}", *params
+        )
+        token_id = feed_token_target(ref, [bytes(row[0]) for row in found])
+        rows = await conn.fetch(
+            f"{_FEED_SELECT} WHERE token_id = $1 AND revoked_at IS NULL"
+            " ORDER BY feed, capability FOR UPDATE",
+            token_id,
+        )
+        return [feed_from_row(row) for row in rows]
 
     async def close(self) -> None:
         """Flush queued records, stop listening, close the pool. Raises StoreError if records

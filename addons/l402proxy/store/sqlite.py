@@ -6,13 +6,16 @@ task writes them with `flush()`, and revocations made by another process (`l402p
 revoke`) reach the proxy through `revocations_since()`, a cheap indexed poll after each
 `wait_for_revocations()` (a plain sleep here: SQLite cannot signal another process's write).
 Bundle balances are the exception to writing behind: they are money, so `draw()` and
-`charge()` write at once, one statement each, exactly once across processes on the file.
+`charge()` write at once, one statement each, exactly once across processes on the file. So are
+private feed accesses (`feed_for()`, `revoke_feeds()`, `rotate_feeds()`): a feed URL handed out
+must work at once, and one revoked must stay revoked.
 store/postgres.py is the same interface on PostgreSQL, for several instances.
 """
 
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -26,18 +29,27 @@ from l402proxy.store.database import (
     MIN_PREFIX_LEN,
     SECRET_SIZE,
     Database,
+    FeedAccess,
+    FeedRef,
     IssuedToken,
     RecordQueue,
     RevenueRow,
     StoreError,
     check_draw,
+    check_feed_for,
     check_id,
     check_revenue_range,
+    feed_from_row,
+    feed_token_target,
+    hiding,
+    is_feed_capability,
     normalize_ref,
+    parse_feed_ref,
     prefix_range,
     revocation_target,
     start_from,
     token_from_row,
+    unknown_feed_ref,
     warn_unrecorded,
 )
 
@@ -112,6 +124,31 @@ MIGRATIONS: list[Sequence[str]] = [
         ) WITHOUT ROWID
         """,
     ),
+    # Version 5: private podcast feeds (database.FeedAccess), written at once like the balances.
+    # No foreign key to issued_tokens: the issued row is written behind and may be lost. A
+    # revoked access stays (revoked_at set) so that its capability is still known, and never
+    # handed out again; at most one access of a (token, feed) is active, which the partial
+    # unique index enforces across processes (feed_for inserts against it, doing nothing on a
+    # conflict). feed_accesses_token finds a token's accesses, revoked ones too (`feeds
+    # revoke|rotate <token prefix>`); feed_accesses_created orders `feeds list`.
+    (
+        """
+        CREATE TABLE feed_accesses (
+            capability TEXT PRIMARY KEY CHECK (length(capability) = 22),
+            token_id BLOB NOT NULL CHECK (length(token_id) = 32),
+            service TEXT NOT NULL,
+            feed TEXT NOT NULL CHECK (substr(feed, 1, 1) = '/'),
+            credential TEXT NOT NULL,
+            valid_until REAL,
+            created_at REAL NOT NULL,
+            revoked_at REAL
+        )
+        """,
+        "CREATE UNIQUE INDEX feed_accesses_active ON feed_accesses (token_id, feed)"
+        " WHERE revoked_at IS NULL",
+        "CREATE INDEX feed_accesses_token ON feed_accesses (token_id)",
+        "CREATE INDEX feed_accesses_created ON feed_accesses (created_at)",
+    ),
 ]
 
 
@@ -142,6 +179,36 @@ _CHARGE_SQL = (
     " ON CONFLICT (token_id) DO UPDATE SET balance = max(balance - :amount, 0)"
     " RETURNING balance"
 )
+
+# Feed accesses (database.TokenStore). The conflict target names the partial unique index: an
+# active access of the same (token, feed) makes the insert do nothing; any other conflict (a
+# capability drawn twice) is an error, never a silent no-op.
+_FEED_COLUMNS = (
+    "capability, token_id, service, feed, credential, valid_until, created_at, revoked_at"
+)
+_FEED_SELECT = f"SELECT {_FEED_COLUMNS} FROM feed_accesses"
+_ACTIVE_FEED_SQL = f"{_FEED_SELECT} WHERE token_id = ? AND feed = ? AND revoked_at IS NULL"
+_INSERT_FEED_SQL = f"INSERT INTO feed_accesses ({_FEED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_NEW_FEED_SQL = (
+    f"{_INSERT_FEED_SQL} ON CONFLICT (token_id, feed) WHERE revoked_at IS NULL DO NOTHING"
+)
+_REVOKE_FEED_SQL = (
+    "UPDATE feed_accesses SET revoked_at = ? WHERE capability = ? AND revoked_at IS NULL"
+)
+
+
+def _feed_row(access: FeedAccess) -> tuple[Any, ...]:
+    return (
+        access.capability,
+        access.token_id,
+        access.service,
+        access.feed,
+        access.credential,
+        access.valid_until,
+        access.created_at,
+        access.revoked_at,
+    )
+
 
 # The tokens of the batch being flushed (their ids in temp.flush_ids) that are paid: an issued
 # row and a sighting (or a paid_at version 1 wrote). CROSS JOIN makes SQLite walk the batch and
@@ -431,3 +498,115 @@ class ServerStore(Database, RecordQueue):
             "SELECT balance FROM token_balances WHERE token_id = ?", (token_id,)
         )
         return int(rows[0][0]) if rows else None
+
+    # -- private podcast feeds (database.TokenStore) ------------------------------------------
+
+    async def feed_for(
+        self,
+        token_id: bytes,
+        service: str,
+        feed: str,
+        credential: str,
+        valid_until: float | None,
+        when: float,
+    ) -> FeedAccess:
+        """The token's active access for `feed`, else a new one (database.TokenStore)."""
+        check_feed_for(token_id, service, feed, credential, valid_until, when)
+        with hiding([credential]):
+            # The common case (a listener unlocking again) reads without the write lock.
+            rows = await self._read(_ACTIVE_FEED_SQL, (token_id, feed))
+            if rows:
+                return feed_from_row(rows[0])
+            capability = database.new_feed_capability()
+            async with self._transaction() as db:
+                # IMMEDIATE: every other process's writes wait, so the active row read back is
+                # this insert's, or the one another process committed before it.
+                await db.execute(
+                    _NEW_FEED_SQL,
+                    (capability, token_id, service, feed, credential, valid_until, when, None),
+                )
+                row = await self._one(_ACTIVE_FEED_SQL, (token_id, feed))
+        if row is None:  # the insert or the row it met is there, under the write lock
+            raise StoreError(f"store {self.path}: the feed access was not written")
+        return feed_from_row(row)
+
+    async def feed_access(self, capability: str) -> FeedAccess | None:
+        """The access of `capability`, revoked and expired ones too; None if there is none."""
+        if not is_feed_capability(capability):
+            return None
+        rows = await self._read(f"{_FEED_SELECT} WHERE capability = ?", (capability,))
+        return feed_from_row(rows[0]) if rows else None
+
+    async def list_feeds(
+        self, *, include_inactive: bool = False, limit: int = 1000
+    ) -> list[FeedAccess]:
+        """Feed accesses, newest first: the active ones, or every one."""
+        if limit < 1:
+            # StoreError, not ValueError: the CLI passes --limit straight through.
+            raise StoreError(f"limit must be at least 1, got {limit}")
+        where, params = "", list[Any]()
+        if not include_inactive:
+            where = " WHERE revoked_at IS NULL AND (valid_until IS NULL OR valid_until > ?)"
+            params = [time.time()]
+        rows = await self._read(
+            f"{_FEED_SELECT}{where} ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            [*params, limit],
+        )
+        return [feed_from_row(row) for row in rows]
+
+    async def revoke_feeds(self, ref: str, when: float) -> list[FeedAccess]:
+        """Revoke the active accesses `ref` names (database.TokenStore): those revoked now."""
+        named = parse_feed_ref(ref)
+        async with self._transaction() as db:
+            active = await self._named_feeds(named)
+            await db.executemany(_REVOKE_FEED_SQL, [(when, a.capability) for a in active])
+        return [replace(access, revoked_at=when) for access in active]
+
+    async def rotate_feeds(self, ref: str, when: float) -> list[FeedAccess]:
+        """Replace the active accesses `ref` names by new ones, in one transaction (see
+        database.TokenStore); the new ones."""
+        named = parse_feed_ref(ref)
+        credentials: list[str] = []
+        with hiding(credentials):
+            async with self._transaction() as db:
+                active = await self._named_feeds(named)
+                credentials.extend(access.credential for access in active)
+                fresh = [
+                    replace(
+                        access,
+                        capability=database.new_feed_capability(),
+                        created_at=when,
+                        revoked_at=None,
+                    )
+                    for access in active
+                ]
+                # Revoked first: the new rows take the old ones' place in the unique index of
+                # active accesses. A plain insert: any conflict fails (and rolls back) the whole.
+                await db.executemany(_REVOKE_FEED_SQL, [(when, a.capability) for a in active])
+                await db.executemany(_INSERT_FEED_SQL, [_feed_row(a) for a in fresh])
+        return fresh
+
+    async def _named_feeds(self, ref: FeedRef) -> list[FeedAccess]:
+        """The active accesses `ref` names (inside the caller's transaction); UnknownTokenRef
+        or AmbiguousTokenRef when it names nothing or several tokens."""
+        if ref.capability is not None:
+            row = await self._one(f"{_FEED_SELECT} WHERE capability = ?", (ref.capability,))
+            if row is not None:
+                access = feed_from_row(row)
+                return [access] if access.revoked_at is None else []
+            if ref.prefix is None:
+                raise unknown_feed_ref(ref)
+        assert ref.prefix is not None  # parse_feed_ref gives one or the other
+        low, high = prefix_range(ref.prefix)
+        where, params = "token_id >= ?", [low]
+        if high is not None:
+            where, params = f"{where} AND token_id < ?", [low, high]
+        found = await self._live().execute_fetchall(
+            f"SELECT DISTINCT token_id FROM feed_accesses WHERE {where}", params
+        )
+        token_id = feed_token_target(ref, [bytes(row[0]) for row in found])
+        rows = await self._live().execute_fetchall(
+            f"{_FEED_SELECT} WHERE token_id = ? AND revoked_at IS NULL ORDER BY feed, capability",
+            (token_id,),
+        )
+        return [feed_from_row(row) for row in rows]
