@@ -1,7 +1,8 @@
-"""`l402proxy`: decode L402 headers, drive the dev ledger, manage issued tokens and show the
-revenue (from the store, or from a running paywall's admin API with `--admin URL`), list, revoke
-and rotate listeners' private feed URLs, show what the client paid, check a Lightning backend;
-run the paywall behind nginx (`serve-auth`, and the `nginx-config` that asks it).
+"""`l402proxy`: decode L402 and Payment headers, drive the dev ledger, manage issued tokens and
+show the revenue (from the store, or from a running paywall's admin API with `--admin URL`),
+list, revoke and rotate listeners' private feed URLs, show what the client paid, check a
+Lightning backend; run the paywall behind nginx (`serve-auth`, and the `nginx-config` that asks
+it).
 
 JSON on stdout (`backend check` and `feeds list`: lines, JSON with --json; `feeds revoke|rotate`:
 lines); on bad input a one-line error on stderr and a non-zero exit, never a traceback. Every
@@ -9,9 +10,9 @@ epoch time in the JSON (`when`, `valid_until`, `*_at`) has a `<name>_iso` twin i
 ("2026-12-06T05:21:42Z").
 
 Exit status: 0 done; 1 failed (store, ledger or backend); 2 bad input (usage, a value that is no
-L402 challenge or credential, a broken rules file); 3 `decode` read the value but nothing in it
-is usable (the JSON says why); 141 the reader of stdout went away (`| head -1`), as for a tool
-killed by SIGPIPE.
+L402/LSAT or Payment challenge, credential or receipt nor a problem+json body, a broken rules
+file); 3 `decode` read the value but nothing in it is usable (the JSON says why); 141 the reader
+of stdout went away (`| head -1`), as for a tool killed by SIGPIPE.
 """
 
 import argparse
@@ -25,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -33,9 +35,14 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from . import paths
+from .l402 import payment
+from .l402.b64url import Base64urlError, b64url_decode
+from .l402.headers import SCHEMES as L402_SCHEMES
+from .l402.headers import Challenge as L402Challenge
 from .l402.headers import parse_challenges, parse_credential
 from .l402.identifier import Identifier
-from .l402.invoice import decode_invoice
+from .l402.invoice import InvoiceInfo, decode_invoice
+from .l402.jcs import JsonError, loads_strict
 from .l402.token import TokenError, decode_macaroon
 from .lightning import LightningError, NodeInfo, open_backend, open_wallet
 from .lightning.dev import DEFAULT_CLIENT_WALLET, DevLedger
@@ -47,13 +54,27 @@ from .store.database import FeedAccess, feed_path
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
-# `decode`: challenge- or credential-shaped, but no macaroon/invoice/preimage in it fits.
+# `decode`: challenge- or credential-shaped, but no macaroon/invoice/preimage/request in it fits.
 EXIT_UNUSABLE = 3
 # 128 + SIGPIPE: what a shell reports for a tool killed by SIGPIPE (`cat big | head -1`), so
 # `set -o pipefail` scripts see the same as for any other tool whose reader left early.
 EXIT_BROKEN_PIPE = 141
 
-_HEADER_NAMES = ("www-authenticate:", "authorization:")
+# Header names `decode` tolerates before a value. Payment-Receipt says what the value is; an
+# Authorization one, what a bare base64url value is (a credential).
+_HEADER_NAMES = (
+    "www-authenticate:",
+    "authorization:",
+    "payment-authorization:",
+    "payment-receipt:",
+)
+_CREDENTIAL_HEADERS = ("authorization", "payment-authorization")
+# `Payment <token68>` and nothing else: a credential. (A challenge has auth-params.)
+_PAYMENT_CREDENTIAL = re.compile(r"payment[ \t]+[A-Za-z0-9+/_.~-]+=*", re.IGNORECASE)
+# A bare base64url value: a Payment credential or receipt without its scheme or header name.
+_BARE_BASE64URL = re.compile(r"[A-Za-z0-9_-]+={0,2}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_NOT_A_VALUE = "not an L402/LSAT or Payment challenge, credential or receipt"
 # Where serve-auth listens and nginx-config looks for it (doors/nginx.py: DEFAULT_LISTEN).
 DEFAULT_AUTH_LISTEN = "127.0.0.1:8402"
 
@@ -113,6 +134,10 @@ def describe_invoice(bolt11: str) -> dict[str, Any]:
         invoice = decode_invoice(bolt11)
     except ValueError as exc:
         return {"error": str(exc)}
+    return invoice_details(invoice)
+
+
+def invoice_details(invoice: InvoiceInfo) -> dict[str, Any]:
     return {
         "payment_hash": invoice.payment_hash.hex(),
         "amount_msat": invoice.amount_msat,
@@ -126,32 +151,38 @@ def describe_invoice(bolt11: str) -> dict[str, Any]:
 
 
 def decode_value(value: str) -> dict[str, Any]:
-    """Every challenge or credential in a WWW-Authenticate or Authorization value."""
+    """Every challenge or credential in a WWW-Authenticate or Authorization value (L402, LSAT
+    and Payment), a Payment-Receipt value, or an RFC 9457 problem body (a Payment 402's)."""
     text = value.strip()
-    if text.lower().startswith(_HEADER_NAMES):
-        text = text.split(":", 1)[1].strip()
-    challenges = parse_challenges(text)
-    if challenges:
-        decoded = []
-        for challenge in challenges:
-            entry = {"scheme": challenge.scheme, "version": challenge.version}
-            entry |= describe_macaroon(challenge.macaroon)
-            entry["invoice"] = challenge.invoice
-            entry["invoice_details"] = describe_invoice(challenge.invoice)
-            hash_in_token = entry.get("identifier", {}).get("payment_hash")
-            entry["payment_hash_matches"] = hash_in_token is not None and hash_in_token == entry[
-                "invoice_details"
-            ].get("payment_hash")
-            # Payable: the macaroon and the invoice both read and name the same payment. An
-            # expired invoice still counts (see "expired"): decode is for looking at old ones.
-            entry["usable"] = entry["payment_hash_matches"]
-            entry["params"] = dict(challenge.params)
-            decoded.append(entry)
-        return {"kind": "challenge", "challenges": decoded}
+    header = None
+    for name in _HEADER_NAMES:
+        if text.lower().startswith(name):
+            header, text = name[:-1], text[len(name) :].strip()
+            break
+    if header == "payment-receipt":
+        return decode_payment_receipt(text)
+    if header is None and text.startswith("{"):
+        return decode_problem(text)
+    # `Payment <token68>` would read as a malformed challenge (a token68, no parameters).
+    if not _PAYMENT_CREDENTIAL.fullmatch(text):
+        challenges = parse_challenges(text)
+        offered = payment.read_challenges(text)
+        if challenges or offered.challenges or offered.skipped:
+            decoded = [describe_l402_challenge(challenge) for challenge in challenges]
+            decoded += [describe_payment_challenge(challenge) for challenge in offered.challenges]
+            # A malformed Payment challenge is shown too, with why it cannot be read.
+            decoded += [
+                {"scheme": payment.SCHEME, "error": why, "usable": False} for why in offered.skipped
+            ]
+            return {"kind": "challenge", "challenges": decoded}
+    if payment.is_payment_authorization(text):
+        return decode_payment_credential(text)
+    if _BARE_BASE64URL.fullmatch(text) and text.upper() not in L402_SCHEMES:
+        return decode_bare(text, header)
     try:
         credential = parse_credential(text)
     except ValueError as exc:
-        raise CliError(f"not an L402/LSAT challenge or credential: {exc}", EXIT_BAD_INPUT) from None
+        raise CliError(f"{_NOT_A_VALUE}: {exc}", EXIT_BAD_INPUT) from None
     preimage_hash = hashlib.sha256(credential.preimage).hexdigest()
     macaroons = [describe_macaroon(m) for m in credential.macaroons]
     for macaroon in macaroons:
@@ -173,13 +204,196 @@ def decode_value(value: str) -> dict[str, Any]:
     }
 
 
+def describe_l402_challenge(challenge: L402Challenge) -> dict[str, Any]:
+    entry = {"scheme": challenge.scheme, "version": challenge.version}
+    entry |= describe_macaroon(challenge.macaroon)
+    entry["invoice"] = challenge.invoice
+    entry["invoice_details"] = describe_invoice(challenge.invoice)
+    hash_in_token = entry.get("identifier", {}).get("payment_hash")
+    entry["payment_hash_matches"] = hash_in_token is not None and hash_in_token == entry[
+        "invoice_details"
+    ].get("payment_hash")
+    # Payable: the macaroon and the invoice both read and name the same payment. An expired
+    # invoice still counts (see "expired"): decode is for looking at old ones.
+    entry["usable"] = entry["payment_hash_matches"]
+    entry["params"] = dict(challenge.params)
+    return entry
+
+
+def describe_payment_challenge(challenge: payment.Challenge) -> dict[str, Any]:
+    """A Payment challenge (sent, or echoed in a credential): its parameters, and for
+    lightning/charge its decoded request and invoice and whether they agree. Usable (payable)
+    when the request and the invoice both read and agree on amount, payment hash and network,
+    as a payer checks before paying; an expired challenge still counts (see "expired"), as an
+    expired L402 invoice does. The id's binding needs the server's secret: not checked."""
+    entry: dict[str, Any] = {
+        "scheme": payment.SCHEME,
+        "id": challenge.id,
+        "realm": challenge.realm,
+        "method": challenge.method,
+        "intent": challenge.intent,
+        "expires": challenge.expires,
+    }
+    if challenge.expires is not None:
+        try:
+            expires_at: float | None = challenge.expires_at()
+        except ValueError:
+            expires_at = None
+            entry["expires_error"] = "expires is not an RFC 3339 date-time"
+        entry["expires_at"] = expires_at
+        entry["expired"] = expires_at is not None and expires_at <= time.time()
+    for name in ("description", "digest", "header"):
+        if getattr(challenge, name) is not None:
+            entry[name] = getattr(challenge, name)
+    if challenge.opaque is not None:
+        try:
+            entry["opaque"] = challenge.opaque_map()
+        except ValueError as exc:
+            entry["opaque"] = {"error": str(exc)}
+    entry["params"] = challenge.echo()
+    if (challenge.method, challenge.intent) != (payment.METHOD_LIGHTNING, payment.INTENT_CHARGE):
+        entry["error"] = (
+            f"method {challenge.method!r} intent {challenge.intent!r}: only lightning/charge "
+            "is decoded"
+        )
+        entry["usable"] = False
+        return entry
+    try:
+        request = challenge.charge_request()
+    except ValueError as exc:
+        entry["request"] = {"error": str(exc)}
+        entry["usable"] = False
+        return entry
+    entry["request"] = {
+        "amount_sat": request.amount_sat,
+        "currency": request.currency,
+        "invoice": request.invoice,
+        "payment_hash": None if request.payment_hash is None else request.payment_hash.hex(),
+        "network": request.network,
+        "description": request.description,
+        "recipient": request.recipient,
+        "external_id": request.external_id,
+    }
+    try:
+        invoice = decode_invoice(request.invoice)
+    except ValueError as exc:
+        entry["invoice_details"] = {"error": str(exc)}
+        entry["usable"] = False
+        return entry
+    entry["invoice_details"] = invoice_details(invoice)
+    # The invoice is authoritative: what is paid, and what a preimage must hash to.
+    entry["payment_hash"] = invoice.payment_hash.hex()
+    entry["mismatches"] = payment.invoice_mismatches(request, invoice)
+    entry["usable"] = not entry["mismatches"]
+    return entry
+
+
+def decode_payment_credential(text: str) -> dict[str, Any]:
+    """`Payment <base64url JSON>`: the echoed challenge (described as a challenge is) and
+    whether the preimage pays for its invoice. The preimage is shown, as for L402 credentials:
+    the value decoded holds it already."""
+    try:
+        credential = payment.decode_credential(text)
+    except payment.PaymentSchemeError as exc:
+        raise CliError(f"not a Payment credential: {exc.message}", EXIT_BAD_INPUT) from None
+    challenge = describe_payment_challenge(credential.challenge)
+    payable = challenge.pop("usable")
+    entry: dict[str, Any] = {"scheme": payment.SCHEME, "challenge": challenge}
+    if credential.source is not None:
+        entry["source"] = credential.source
+    if credential.preimage is None:
+        # Another method's payload: shown as sent, nothing in it checked.
+        entry["payload"] = dict(credential.payload)
+        entry["usable"] = False
+        return {"kind": "credential", "credentials": [entry]}
+    preimage_hash = hashlib.sha256(credential.preimage).hexdigest()
+    expected = challenge.get("payment_hash") or challenge.get("request", {}).get("payment_hash")
+    entry["preimage"] = credential.preimage.hex()
+    entry["preimage_hash"] = preimage_hash
+    entry["preimage_matches"] = expected is not None and preimage_hash == expected
+    # Presentable: the challenge is payable (request and invoice agree) and the preimage pays
+    # for its invoice. Whether its server still takes it (binding, expiry, used once) only the
+    # server can say.
+    entry["usable"] = payable and entry["preimage_matches"]
+    return {"kind": "credential", "credentials": [entry]}
+
+
+def decode_payment_receipt(text: str) -> dict[str, Any]:
+    try:
+        receipt = payment.decode_receipt(text)
+    except ValueError as exc:
+        raise CliError(f"not a Payment receipt: {exc}", EXIT_BAD_INPUT) from None
+    described: dict[str, Any] = {
+        "status": receipt.status,
+        "method": receipt.method,
+        "timestamp": receipt.timestamp,
+        "timestamp_at": receipt.timestamp_at(),
+        "reference": receipt.reference,
+        "challenge_id": receipt.challenge_id,
+    }
+    if receipt.method == payment.METHOD_LIGHTNING:
+        # A lightning receipt's reference is the payment hash, never the preimage.
+        described["reference_is_payment_hash"] = bool(_HEX64.fullmatch(receipt.reference))
+    if receipt.extra:
+        described["extra"] = dict(receipt.extra)
+    return {"kind": "receipt", "receipt": described}
+
+
+def decode_problem(text: str) -> dict[str, Any]:
+    """An RFC 9457 problem+json body: its members, and the Payment problem type it names."""
+    try:
+        body = loads_strict(text, "problem body")
+    except JsonError as exc:
+        raise CliError(f"not a problem+json body: {exc}", EXIT_BAD_INPUT) from None
+    members = ("type", "title", "status", "detail", "instance")
+    if not isinstance(body, dict) or not any(name in body for name in members):
+        raise CliError(
+            "not a problem+json body: a JSON object with a type, title, status or detail",
+            EXIT_BAD_INPUT,
+        )
+    problem: dict[str, Any] = {name: body[name] for name in members if name in body}
+    if "challengeId" in body:
+        problem["challenge_id"] = body["challengeId"]
+    kind = body.get("type", "about:blank")
+    slug = kind.removeprefix(payment.PROBLEM_BASE) if isinstance(kind, str) else ""
+    problem["payment_problem"] = slug if slug in payment.PROBLEMS and slug != kind else None
+    extra = {name: item for name, item in body.items() if name not in (*members, "challengeId")}
+    if extra:
+        problem["extra"] = extra
+    return {"kind": "problem", "problem": problem}
+
+
+def decode_bare(text: str, header: str | None) -> dict[str, Any]:
+    """A base64url value without a scheme: a Payment credential (it has a challenge) or a
+    Payment receipt (it has a status or a reference), told apart by its JSON."""
+    try:
+        raw = b64url_decode(text, max_decoded=payment.MAX_JSON_SIZE, what="value")
+        body = loads_strict(raw, "value")
+    except (Base64urlError, JsonError) as exc:
+        raise CliError(f"{_NOT_A_VALUE}: {exc}", EXIT_BAD_INPUT) from None
+    if isinstance(body, dict) and (header in _CREDENTIAL_HEADERS or "challenge" in body):
+        return decode_payment_credential(f"{payment.SCHEME} {text}")
+    if isinstance(body, dict) and ("status" in body or "reference" in body):
+        return decode_payment_receipt(text)
+    raise CliError(
+        f"{_NOT_A_VALUE}: base64url JSON that is neither a Payment credential nor a receipt",
+        EXIT_BAD_INPUT,
+    )
+
+
 def decode_answer(value: str) -> Answer:
-    """`decode`: the JSON, and EXIT_UNUSABLE when no challenge or credential in it is usable."""
+    """`decode`: the JSON, and EXIT_UNUSABLE when no challenge or credential in it is usable
+    (a receipt or a problem body that reads is all there is to it)."""
     decoded = decode_value(value)
     if decoded["kind"] == "challenge":
         usable = any(entry["usable"] for entry in decoded["challenges"])
+    elif decoded["kind"] == "credential":
+        usable = any(
+            c["usable"] if "usable" in c else any(m["usable"] for m in c["macaroons"])
+            for c in decoded["credentials"]
+        )
     else:
-        usable = any(m["usable"] for c in decoded["credentials"] for m in c["macaroons"])
+        usable = True
     return Answer(decoded, 0 if usable else EXIT_UNUSABLE)
 
 
@@ -655,7 +869,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     decode = commands.add_parser(
-        "decode", help="decode a WWW-Authenticate or Authorization header value"
+        "decode",
+        help="decode a WWW-Authenticate, Authorization or Payment-Receipt header value "
+        "(L402, LSAT, Payment), or a problem+json body",
     )
     decode.add_argument("value", help="the header value (a leading header name is tolerated)")
 

@@ -304,11 +304,11 @@ BASE = 'id="i", realm="r", method="lightning", intent="charge", request="cQ"'
 @pytest.mark.parametrize(
     ("line", "reason"),
     [
-        ('Payment realm="r", method="lightning", intent="charge", request="cQ"', "without a id"),
-        ('Payment id="i", method="lightning", intent="charge", request="cQ"', "without a realm"),
-        ('Payment id="i", realm="r", intent="charge", request="cQ"', "without a method"),
-        ('Payment id="i", realm="r", method="lightning", request="cQ"', "without a intent"),
-        ('Payment id="i", realm="r", method="lightning", intent="charge"', "without a request"),
+        ('Payment realm="r", method="lightning", intent="charge", request="cQ"', "without the id"),
+        ('Payment id="i", method="lightning", intent="charge", request="cQ"', "without the realm"),
+        ('Payment id="i", realm="r", intent="charge", request="cQ"', "without the method"),
+        ('Payment id="i", realm="r", method="lightning", request="cQ"', "without the intent"),
+        ('Payment id="i", realm="r", method="lightning", intent="charge"', "without the request"),
         ("Payment " + BASE.replace('id="i"', 'id=""'), "empty id"),
         (f"Payment {BASE.replace('lightning', 'Lightning')}", "lowercase"),
         (f"Payment {BASE.replace('charge', 'char ge')}", "intent"),

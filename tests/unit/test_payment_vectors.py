@@ -526,7 +526,7 @@ def test_challenge_lists(name: str, header: str, expected: list[dict[str, str]])
     read = read_challenges(header)  # one field value, as fetch() hands over joined lines
     assert read.challenges == [Challenge(**params) for params in expected]
     if name.startswith(("an incomplete", "every offer")):
-        assert read.skipped == ["Payment challenge without a method parameter"]
+        assert read.skipped == ["Payment challenge without the method parameter"]
     else:
         assert read.skipped == []
 

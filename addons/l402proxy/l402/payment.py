@@ -314,7 +314,7 @@ def _challenge_from_params(parsed: AuthChallenge) -> Challenge:
     params = parsed.params
     for name in _REQUIRED:
         if name not in params:
-            raise ValueError(f"Payment challenge without a {name} parameter")
+            raise ValueError(f"Payment challenge without the {name} parameter")
     if not params["id"]:
         raise ValueError("Payment challenge with an empty id")
     if not _METHOD.fullmatch(params["method"]):

@@ -1,7 +1,8 @@
 """What the stores share: for the SQLite stores (server and client), one private file, WAL, a
 versioned schema and one transaction at a time on one aiosqlite connection; for the two server
-stores (SQLite and PostgreSQL), their records (issued tokens, feed accesses), token references,
-the write-behind queue and the interface the engine and the CLI use (`TokenStore`)."""
+stores (SQLite and PostgreSQL), their records (issued tokens, feed accesses, consumed Payment
+charges), token references, the write-behind queue and the interface the engine and the CLI use
+(`TokenStore`)."""
 
 import asyncio
 import logging
@@ -751,6 +752,90 @@ def hiding(secrets_: Sequence[str]) -> Iterator[None]:
         raise type(exc)(shown) from None
 
 
+# --- Payment-scheme charges (consume_charge, prune_charges) -----------------------------------
+
+# A paid charge (l402/payment.py, check_credential) opens one request, once, globally: the
+# stores keep one row per payment hash consumed until its challenge has expired. Rows are
+# pruned at most CHARGE_PRUNE_LIMIT at a time (a statement that never runs long, whatever
+# piled up), every CHARGE_PRUNE_SECONDS from flush(), again at the next flush while a prune
+# finds a full batch (0.25 s apart: 4000 rows a second, more than any instance sells).
+CHARGE_PRUNE_LIMIT = 1000
+CHARGE_PRUNE_SECONDS = 60.0
+# A row is pruned only this long after its challenge expired. The engine refuses an expired
+# challenge before asking the store, but by its own clock: an instance whose clock is behind
+# the pruning one's may still take a challenge the other thinks expired, and must then still
+# find its row. So instances' clocks must agree to within this (NTP does far better).
+CHARGE_EXPIRY_MARGIN = 300.0
+# A challenge id is ours (HMAC-bound: 43 base64url characters); the bound only keeps a
+# caller's bug from writing a large row.
+MAX_CHALLENGE_ID_CHARS = 256
+
+
+def check_consume_charge(
+    payment_hash: bytes, challenge_id: str, service: str, expires_at: float, when: float
+) -> None:
+    """ValueError unless consume_charge() can store these: checked before the database is
+    asked, so that a caller's bug is never a database error."""
+    check_id("payment_hash", payment_hash)
+    _check_text("challenge_id", challenge_id, MAX_CHALLENGE_ID_CHARS)
+    _check_text("service", service, MAX_SERVICE_CHARS)
+    _check_time("expires_at", expires_at)
+    _check_time("when", when)
+
+
+def check_prune_charges(now: float, limit: int) -> None:
+    """ValueError unless prune_charges() can take these."""
+    _check_time("now", now)
+    if (
+        isinstance(limit, bool)
+        or not isinstance(limit, int)
+        or not 1 <= limit <= CHARGE_PRUNE_LIMIT
+    ):
+        raise ValueError(
+            f"limit must be a whole number from 1 to {CHARGE_PRUNE_LIMIT}, got {limit!r}"
+        )
+
+
+class ChargePruning(ABC):
+    """flush()'s share of pruning consumed charges: `_prune_when_due()` runs the store's
+    `prune_charges` every `prune_seconds`, or at once again after one that found a full batch.
+    A failure is logged (once, until a prune works again) and never fails the flush: rows
+    left behind only take room, and the flush's own records were written."""
+
+    # Class attributes so that tests (and only tests) can shorten them.
+    prune_seconds = CHARGE_PRUNE_SECONDS
+    prune_limit = CHARGE_PRUNE_LIMIT
+
+    shown: str
+
+    def _init_pruning(self) -> None:
+        # The first prune one period after opening: what an earlier run left can wait as long.
+        self._next_prune = time.monotonic() + self.prune_seconds
+        self._prune_failing = False
+
+    @abstractmethod
+    async def prune_charges(self, now: float, limit: int = CHARGE_PRUNE_LIMIT) -> int:
+        """Delete at most `limit` consumed charges whose challenge expired more than
+        CHARGE_EXPIRY_MARGIN before `now`, oldest first; how many went."""
+
+    async def _prune_when_due(self) -> None:
+        if time.monotonic() < self._next_prune:
+            return
+        self._next_prune = time.monotonic() + self.prune_seconds
+        try:
+            deleted = await self.prune_charges(time.time(), self.prune_limit)
+        except StoreError as exc:
+            if not self._prune_failing:
+                log.warning("store %s: pruning expired charges failed: %s", self.shown, exc)
+                self._prune_failing = True
+            return
+        if self._prune_failing:
+            log.info("store %s: pruning expired charges works again", self.shown)
+            self._prune_failing = False
+        if deleted >= self.prune_limit:
+            self._next_prune = time.monotonic()  # more may be left: again at the next flush
+
+
 @dataclass
 class Batch:
     """Queued records taken by one flush, and when the oldest of them was queued."""
@@ -961,6 +1046,23 @@ class TokenStore(Protocol):
       ([] when nothing named was active).
     PostgreSQL bounds feed_for and feed_access (the request path) by FEED_TIMEOUT, the others
     like any operation. The credential never appears in repr(), to_json() or a message.
+
+    Payment-scheme charges (l402/payment.py): a paid charge opens one request, once, globally.
+    - `consume_charge(payment_hash, challenge_id, service, expires_at, when)`: True exactly
+      once per payment hash (32 bytes), across every instance and process sharing the
+      database, concurrent calls included (one insert-or-nothing statement against the primary
+      key, written at once like the balances); False for every later or concurrent duplicate,
+      whatever its challenge id. `expires_at` is the challenge's expiry: the row is kept at
+      least CHARGE_EXPIRY_MARGIN past it. StoreError when the database cannot say (the engine
+      answers 503: fail closed); a consume whose answer was lost (a timeout after the commit)
+      may have been made, and a consumed charge stays consumed even if delivery then fails.
+      Arguments are checked first (ValueError, check_consume_charge). PostgreSQL bounds it by
+      CHARGE_TIMEOUT (the request path).
+    - `prune_charges(now, limit=CHARGE_PRUNE_LIMIT)`: deletes at most `limit` (1 to
+      CHARGE_PRUNE_LIMIT) rows whose expires_at is more than CHARGE_EXPIRY_MARGIN before
+      `now`, oldest first, and returns how many went. flush() runs it by itself every
+      CHARGE_PRUNE_SECONDS (sooner while there is a backlog; a failure is logged, never
+      raised by flush()).
     """
 
     max_pending: int
@@ -1002,4 +1104,8 @@ class TokenStore(Protocol):
     ) -> list[FeedAccess]: ...
     async def revoke_feeds(self, ref: str, when: float) -> list[FeedAccess]: ...
     async def rotate_feeds(self, ref: str, when: float) -> list[FeedAccess]: ...
+    async def consume_charge(
+        self, payment_hash: bytes, challenge_id: str, service: str, expires_at: float, when: float
+    ) -> bool: ...
+    async def prune_charges(self, now: float, limit: int = CHARGE_PRUNE_LIMIT) -> int: ...
     async def close(self) -> None: ...

@@ -44,6 +44,10 @@ database, so that a token bought at one instance works at all of them.
   active (token, feed) pairs and reads the active row back, so instances asking at once agree.
   `revoke_feeds` and `rotate_feeds` lock the rows they change (one transaction each); engines
   see a revocation through their capability cache's short TTL, no NOTIFY.
+- Consumed Payment charges (`consume_charge`) are written at once, one insert-or-nothing
+  statement against the primary key, bounded by CHARGE_TIMEOUT (the request path): once per
+  payment hash across every instance. `flush()` prunes the expired ones, a bounded batch at a
+  time (ChargePruning).
 """
 
 import asyncio
@@ -69,16 +73,21 @@ from l402proxy.lightning.uri import (
 )
 from l402proxy.store import database
 from l402proxy.store.database import (
+    CHARGE_EXPIRY_MARGIN,
+    CHARGE_PRUNE_LIMIT,
     SECRET_SIZE,
+    ChargePruning,
     FeedAccess,
     FeedRef,
     IssuedToken,
     RecordQueue,
     RevenueRow,
     StoreError,
+    check_consume_charge,
     check_draw,
     check_feed_for,
     check_id,
+    check_prune_charges,
     check_revenue_range,
     feed_from_row,
     feed_token_target,
@@ -133,6 +142,12 @@ FEED_TIMEOUT = 2.0
 # feed_for: insert-or-nothing then read, again when the active row it met was revoked between
 # the two (a rotation never leaves none: it inserts the new row in its own transaction).
 FEED_FOR_ATTEMPTS = 3
+
+# -- consumed charges (consume_charge) --
+# One call, waiting for a connection included: on the request path (a Payment credential being
+# redeemed), which answers 503 when it fails (fail closed). Never retried: a retry after a lost
+# answer would find the charge consumed (by the lost call) and refuse it.
+CHARGE_TIMEOUT = 2.0
 
 # -- counters (engine.limits.Counters) --
 # One take, waiting for a connection included: a request waits at most this long before the
@@ -290,6 +305,23 @@ MIGRATIONS: list[Sequence[str]] = [
         "CREATE INDEX l402_feed_accesses_token ON l402_feed_accesses (token_id)",
         "CREATE INDEX l402_feed_accesses_created ON l402_feed_accesses (created_at, row_id)",
     ),
+    # Version 7: Payment-scheme charges consumed (database.TokenStore.consume_charge), as
+    # SQLite's version 6: a paid charge opens one request, once, across every instance; the
+    # primary key makes it so (consume_charge inserts against it, doing nothing on a conflict).
+    # Logged, unlike the counters: a crash must not let a charge be spent again. A row may go
+    # some time after its challenge expired (prune_charges, through l402_consumed_charges_expires).
+    (
+        """
+        CREATE TABLE l402_consumed_charges (
+            payment_hash bytea PRIMARY KEY CHECK (length(payment_hash) = 32),
+            challenge_id text NOT NULL,
+            service text NOT NULL,
+            consumed_at double precision NOT NULL,
+            expires_at double precision NOT NULL
+        )
+        """,
+        "CREATE INDEX l402_consumed_charges_expires ON l402_consumed_charges (expires_at)",
+    ),
 ]
 
 # LEAST skips NULLs: the earliest sighting, wherever it was written.
@@ -339,6 +371,27 @@ _NEW_FEED_SQL = (
 _REVOKE_FEED_SQL = (
     "UPDATE l402_feed_accesses SET revoked_at = $1::float8"
     " WHERE capability = $2 AND revoked_at IS NULL"
+)
+
+
+# Consumed charges (database.TokenStore). One statement, autocommit: instances consuming one
+# payment hash at once all insert; the first insert writes the row, every other one waits for
+# its commit (the unique index) and then does nothing, returning no row (were it rolled back,
+# the next would write it). Only a primary key conflict is a no-op; a CHECK that fails is an
+# error. $1 payment_hash, $2 challenge_id, $3 service, $4 consumed_at, $5 expires_at.
+_CONSUME_CHARGE_SQL = (
+    "INSERT INTO l402_consumed_charges"
+    " (payment_hash, challenge_id, service, consumed_at, expires_at)"
+    " VALUES ($1::bytea, $2::text, $3::text, $4::float8, $5::float8)"
+    " ON CONFLICT (payment_hash) DO NOTHING RETURNING true"
+)
+# The oldest expired rows, a bounded batch through the expires_at index. Rows are never
+# updated, so the inner condition needs no re-check; instances pruning together each delete
+# what the other did not. $1 expired before, $2 limit.
+_PRUNE_CHARGES_SQL = (
+    "DELETE FROM l402_consumed_charges WHERE payment_hash = ANY(ARRAY("
+    "SELECT payment_hash FROM l402_consumed_charges WHERE expires_at < $1::float8"
+    " ORDER BY expires_at LIMIT $2::integer))"
 )
 
 
@@ -777,7 +830,7 @@ class PostgresCounters:
             self._sweeper = None
 
 
-class PostgresServerStore(RecordQueue):
+class PostgresServerStore(RecordQueue, ChargePruning):
     """The server store on PostgreSQL; see the module docstring. Same interface as
     store/sqlite.py's ServerStore (database.TokenStore); open with `open_server_store(uri)`."""
 
@@ -787,9 +840,11 @@ class PostgresServerStore(RecordQueue):
     keepalive_seconds = KEEPALIVE_SECONDS
     balance_timeout = BALANCE_TIMEOUT
     feed_timeout = FEED_TIMEOUT
+    charge_timeout = CHARGE_TIMEOUT
 
     def __init__(self, pool: asyncpg.Pool, target: Target) -> None:
         RecordQueue.__init__(self)
+        self._init_pruning()
         self._pool: asyncpg.Pool | None = pool
         self.target = target
         self.shown = target.shown
@@ -977,8 +1032,11 @@ class PostgresServerStore(RecordQueue):
         queued: a no-op while healthy, else a probe of the database that sets `healthy` again
         when it answers (so calling flush periodically is enough to recover). Returns the
         tokens this instance was first to make paid (database.TokenStore), also those of
-        writes list_tokens, revoke and revenue made since the last flush()."""
+        writes list_tokens, revoke and revenue made since the last flush(). Prunes expired
+        consumed charges when due (ChargePruning: a bounded batch, never a failure of the
+        flush)."""
         await self._write_queue()
+        await self._prune_when_due()
         return self._take_settled()
 
     async def _write_queue(self) -> None:
@@ -1387,6 +1445,36 @@ class PostgresServerStore(RecordQueue):
                 )
                 await conn.executemany(_INSERT_FEED_SQL, [_feed_args(a) for a in fresh])
         return fresh
+
+    # -- Payment-scheme charges (database.TokenStore) ---------------------------------------
+
+    async def consume_charge(
+        self, payment_hash: bytes, challenge_id: str, service: str, expires_at: float, when: float
+    ) -> bool:
+        """True the first time `payment_hash` is consumed, by any instance on the database;
+        False for every later or concurrent call (database.TokenStore). One statement, at once
+        (not queued), bounded by charge_timeout."""
+        check_consume_charge(payment_hash, challenge_id, service, expires_at, when)
+        async with self._connection(self.charge_timeout) as conn:
+            row = await conn.fetchrow(
+                _CONSUME_CHARGE_SQL,
+                payment_hash,
+                challenge_id,
+                service,
+                float(when),
+                float(expires_at),
+            )
+        return row is not None
+
+    async def prune_charges(self, now: float, limit: int = CHARGE_PRUNE_LIMIT) -> int:
+        """Delete at most `limit` charges whose challenge expired more than
+        CHARGE_EXPIRY_MARGIN before `now`; how many went. One statement."""
+        check_prune_charges(now, limit)
+        async with self._connection() as conn:
+            status = await conn.execute(
+                _PRUNE_CHARGES_SQL, float(now - CHARGE_EXPIRY_MARGIN), limit
+            )
+        return int(status.rsplit(" ", 1)[-1])  # "DELETE <count>"
 
     @staticmethod
     async def _named_feeds(conn: Any, ref: FeedRef) -> list[FeedAccess]:

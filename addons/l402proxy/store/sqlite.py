@@ -8,7 +8,9 @@ revoke`) reach the proxy through `revocations_since()`, a cheap indexed poll aft
 Bundle balances are the exception to writing behind: they are money, so `draw()` and
 `charge()` write at once, one statement each, exactly once across processes on the file. So are
 private feed accesses (`feed_for()`, `revoke_feeds()`, `rotate_feeds()`): a feed URL handed out
-must work at once, and one revoked must stay revoked.
+must work at once, and one revoked must stay revoked. And so are consumed Payment charges
+(`consume_charge()`): one statement against the primary key, once per payment hash across
+processes; `flush()` prunes the expired ones, a bounded batch at a time.
 store/postgres.py is the same interface on PostgreSQL, for several instances.
 """
 
@@ -26,8 +28,11 @@ import aiosqlite
 from l402proxy.paths import default_server_store
 from l402proxy.store import database
 from l402proxy.store.database import (
+    CHARGE_EXPIRY_MARGIN,
+    CHARGE_PRUNE_LIMIT,
     MIN_PREFIX_LEN,
     SECRET_SIZE,
+    ChargePruning,
     Database,
     FeedAccess,
     FeedRef,
@@ -35,9 +40,11 @@ from l402proxy.store.database import (
     RecordQueue,
     RevenueRow,
     StoreError,
+    check_consume_charge,
     check_draw,
     check_feed_for,
     check_id,
+    check_prune_charges,
     check_revenue_range,
     feed_from_row,
     feed_token_target,
@@ -149,6 +156,24 @@ MIGRATIONS: list[Sequence[str]] = [
         "CREATE INDEX feed_accesses_token ON feed_accesses (token_id)",
         "CREATE INDEX feed_accesses_created ON feed_accesses (created_at)",
     ),
+    # Version 6: Payment-scheme charges consumed (database.TokenStore.consume_charge), written at
+    # once like the balances: a paid charge opens one request, once, whichever process sees it
+    # first. The primary key is what makes it once: consume_charge inserts against it, doing
+    # nothing on a conflict. Keyed by the payment hash (what was paid, whichever challenge
+    # carried it). A row may go some time after its challenge expired (prune_charges, through
+    # consumed_charges_expires): an expired challenge is refused before the store is asked.
+    (
+        """
+        CREATE TABLE consumed_charges (
+            payment_hash BLOB PRIMARY KEY CHECK (length(payment_hash) = 32),
+            challenge_id TEXT NOT NULL,
+            service TEXT NOT NULL,
+            consumed_at REAL NOT NULL,
+            expires_at REAL NOT NULL
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX consumed_charges_expires ON consumed_charges (expires_at)",
+    ),
 ]
 
 
@@ -194,6 +219,21 @@ _NEW_FEED_SQL = (
 )
 _REVOKE_FEED_SQL = (
     "UPDATE feed_accesses SET revoked_at = ? WHERE capability = ? AND revoked_at IS NULL"
+)
+
+
+# Consumed charges (database.TokenStore). One statement: under SQLite's write lock, whichever
+# process runs it, the insert either writes the row (and returns it) or meets the row another
+# call wrote and does nothing (and returns none). Only a primary key conflict is a no-op; a
+# CHECK that fails is an error.
+_CONSUME_CHARGE_SQL = (
+    "INSERT INTO consumed_charges (payment_hash, challenge_id, service, consumed_at, expires_at)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (payment_hash) DO NOTHING RETURNING 1"
+)
+# The oldest expired rows, a bounded batch (DELETE ... LIMIT needs a compile-time option).
+_PRUNE_CHARGES_SQL = (
+    "DELETE FROM consumed_charges WHERE payment_hash IN (SELECT payment_hash"
+    " FROM consumed_charges WHERE expires_at < ? ORDER BY expires_at LIMIT ?) RETURNING 1"
 )
 
 
@@ -253,13 +293,15 @@ def sqlite_path_from_uri(uri: str) -> Path:
     return database.sqlite_path_from_uri(uri, default_server_store())
 
 
-class ServerStore(Database, RecordQueue):
+class ServerStore(Database, RecordQueue, ChargePruning):
     """One SQLite connection shared by the proxy's coroutines; see the module docstring.
-    Queueing (note_issued, note_paid, pending, healthy) is RecordQueue's."""
+    Queueing (note_issued, note_paid, pending, healthy) is RecordQueue's; when flush() prunes
+    consumed charges, ChargePruning's."""
 
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         Database.__init__(self, db, path)
         RecordQueue.__init__(self)
+        self._init_pruning()
         self.shown = str(path)
         self._secret: bytes | None = None
 
@@ -309,8 +351,10 @@ class ServerStore(Database, RecordQueue):
         and raise StoreError (the next flush that works sets it again: a failed batch stays
         queued, so there is always a next one). Returns the tokens this store was first to
         make paid (database.TokenStore), also those of writes list_tokens, revoke and revenue
-        made since the last flush()."""
+        made since the last flush(). Prunes expired consumed charges when due (ChargePruning:
+        a bounded batch, never a failure of the flush)."""
         await self._write_queue()
+        await self._prune_when_due()
         return self._take_settled()
 
     async def _write_queue(self) -> None:
@@ -585,6 +629,26 @@ class ServerStore(Database, RecordQueue):
                 await db.executemany(_REVOKE_FEED_SQL, [(when, a.capability) for a in active])
                 await db.executemany(_INSERT_FEED_SQL, [_feed_row(a) for a in fresh])
         return fresh
+
+    # -- Payment-scheme charges (database.TokenStore) -----------------------------------------
+
+    async def consume_charge(
+        self, payment_hash: bytes, challenge_id: str, service: str, expires_at: float, when: float
+    ) -> bool:
+        """True the first time `payment_hash` is consumed, by any process on the file; False
+        for every later call (database.TokenStore). One statement, at once (not queued)."""
+        check_consume_charge(payment_hash, challenge_id, service, expires_at, when)
+        rows = await self._statement(
+            _CONSUME_CHARGE_SQL, (payment_hash, challenge_id, service, when, expires_at)
+        )
+        return bool(rows)
+
+    async def prune_charges(self, now: float, limit: int = CHARGE_PRUNE_LIMIT) -> int:
+        """Delete at most `limit` charges whose challenge expired more than
+        CHARGE_EXPIRY_MARGIN before `now`; how many went. One statement."""
+        check_prune_charges(now, limit)
+        rows = await self._statement(_PRUNE_CHARGES_SQL, (now - CHARGE_EXPIRY_MARGIN, limit))
+        return len(rows)
 
     async def _named_feeds(self, ref: FeedRef) -> list[FeedAccess]:
         """The active accesses `ref` names (inside the caller's transaction); UnknownTokenRef
