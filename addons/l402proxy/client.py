@@ -555,7 +555,7 @@ class L402Client:
         if flight is not None:
             # A payment for this URL's scope is under way: its token beats a fresh 402.
             await asyncio.wait({flight}, timeout=payer.pay_timeout)
-        token = payer.token_for(origin, request.path)
+        token = payer.up_front(origin, request.path)
         if token is not None:
             request.headers["Authorization"] = token.credential
             flow.metadata[TOKEN_KEY] = token

@@ -10,6 +10,14 @@ it (`X-L402-Balance: <remaining> <unit>`); the ledger keeps it, and a token with
 is spent: never sent again, so the next request meets the 402 and pays within the limits.
 Passes: a token whose `services=` caveat lists several services is tried, once per service,
 for a challenge naming services it covers, before anything is paid.
+
+Requests at once: those that meet a 402 for one scope together wait for one payment and all
+retry with its token. A bundle (a single-use token above all) may not last them all: the
+server grants some and answers the others with a 402 saying the token is spent. That is no
+refusal of a token we paid for but our own requests using it up, so each request that lost
+the race pays once more, for itself alone: a token no other request of ours is given before
+this one has used it. At most two payments per request, the second only when the server said
+"spent" (`X-L402-Balance: 0`) to a token bought for it that another request of ours carried.
 """
 
 import asyncio
@@ -289,11 +297,22 @@ class Paid:
     paid_here: bool
     # True: a token held for other services too (a pass), tried for this challenge's.
     borrowed: bool = False
+    # True: the token of a payment another request made while this one waited for it.
+    waited: bool = False
 
     def header(self) -> str:
         return header_safe(
             f"{sat_number(self.amount_msat)} sat (fee {sat_number(self.fee_msat)} sat) "
             f"for {self.token.label}"
+        )
+
+    def plus(self, later: "Paid") -> "Paid":
+        """`later`, with what this payment cost added: the request paid both (this one's
+        token went to another request of ours first)."""
+        return replace(
+            later,
+            amount_msat=self.amount_msat + later.amount_msat,
+            fee_msat=self.fee_msat + later.fee_msat,
         )
 
 
@@ -501,7 +520,16 @@ class Payer:
         self.tokens: dict[tuple[str, str], Token] = {}
         self.paths: dict[str, dict[str, str]] = {}
         self.flights: dict[tuple[str, str], asyncio.Task[Outcome]] = {}
+        # Payments made for one request alone (see the module docstring): never joined.
+        self.lone_flights: set[asyncio.Task[Outcome]] = set()
         self.in_flight: set[bytes] = set()
+        # Payment hash -> how many requests of ours were given the token to send (up front or
+        # to retry with): more than one, and a "spent" answer may be our own doing.
+        self.carried: dict[bytes, int] = {}
+        # Payment hash of a payment made for one request alone -> until when no other request
+        # of ours takes its token, from memory or from the store (release() ends it sooner,
+        # once that request has used it).
+        self.held_back: dict[bytes, float] = {}
         # Marks this process's pending payments, so another process's recovery leaves them be.
         self.owner = f"{os.getpid()}:{secrets.token_hex(8)}"
         self.recent_refusals: dict[tuple[str, str, str], float] = {}
@@ -534,7 +562,7 @@ class Payer:
     async def close(self) -> None:
         # Let payments under way record their outcome; one cut short stays pending and the
         # next start asks the wallet about it.
-        unfinished = [*self.background, *self.flights.values()]
+        unfinished = [*self.background, *self.flights.values(), *self.lone_flights]
         if unfinished:
             await asyncio.wait(unfinished, timeout=5.0)
         await self.wallet.close()
@@ -634,6 +662,14 @@ class Payer:
             return None
         return token
 
+    def up_front(self, origin: str, path: str) -> Token | None:
+        """The token a request to `origin` `path` carries from the start (token_for), counted
+        as carried by one more request."""
+        token = self.token_for(origin, path)
+        if token is not None:
+            self._carry(token)
+        return token
+
     def flight_for(self, origin: str, path: str) -> asyncio.Task[Outcome] | None:
         """A payment under way for this URL's scope: better to wait for it than draw a 402."""
         scope = self.scope_for(origin, path)
@@ -648,6 +684,7 @@ class Payer:
         www_authenticate: Iterable[str],
         sent: Token | None = None,
         passes: bool = True,
+        alone: bool = False,
     ) -> Outcome | None:
         """A 402 came back for `url`: a token to retry with, why not, or None (not L402).
 
@@ -655,6 +692,8 @@ class Payer:
         own scope it is dropped (a pass tried for this scope is not tried for it again), and
         a new one is paid at most once for this call. `passes`: a token held for other
         services too that covers the challenge's may be returned (borrowed) instead.
+        `alone`: paid for this request only, whatever is held or under way for the scope;
+        its token is held back from every other request until `release`.
         """
         origin, host, port, path = split_url(url)
         if not self.allows(host, port):
@@ -675,15 +714,16 @@ class Payer:
                 self._refuse_pass(sent, key)
         rejected = sent.payment_hash if sent is not None else None
 
-        existing = self.tokens.get(key)
+        existing = None if alone else self.tokens.get(key)
         if (
             existing is not None
             and existing.payment_hash != rejected
             and existing.usable(self.clock(), offer.info.services)
         ):
             self._learn(origin, path, offer.scope)
+            self._carry(existing)
             return Paid(existing, 0, 0, paid_here=False)
-        held = self._pass_for(origin, offer, rejected) if passes else None
+        held = self._pass_for(origin, offer, rejected) if passes and not alone else None
         if held is not None:
             # Sent up front for this scope's URLs too from now on, until the server says no.
             self.tokens[key] = held
@@ -692,18 +732,25 @@ class Payer:
                 f"l402: trying the token held for {origin} {held.label} for "
                 f"{','.join(offer.info.services)} before paying"
             )
+            self._carry(held)
             return Paid(held, 0, 0, paid_here=False, borrowed=True)
-        flight = self.flights.get(key)
+        loop = asyncio.get_running_loop()
+        flight = None if alone else self.flights.get(key)
         waiting = flight is not None
-        if flight is None:
-            flight = asyncio.get_running_loop().create_task(
-                self._fly(key, url, offer), name=f"l402 payment {origin}"
+        if alone:
+            # Not in self.flights: nobody waits for it to share its token.
+            flight = loop.create_task(
+                self._fly(key, url, offer, alone=True), name=f"l402 payment {origin} (alone)"
             )
+            self.lone_flights.add(flight)
+            flight.add_done_callback(self.lone_flights.discard)
+        elif flight is None:
+            flight = loop.create_task(self._fly(key, url, offer), name=f"l402 payment {origin}")
             self.flights[key] = flight
             flight.add_done_callback(lambda _: self.flights.pop(key, None))
         else:
             log.debug(f"l402: waiting for the payment under way for {origin} {offer.scope}")
-        # Shielded: a request that goes away must not cancel a payment others wait for.
+        # Shielded: a request that goes away must not cancel a payment under way.
         outcome = await asyncio.shield(flight)
         if isinstance(outcome, Paid):
             # Learnt only with a token in hand: refused challenges leave no trace to grow on.
@@ -711,7 +758,9 @@ class Payer:
             if outcome.token.payment_hash == rejected:
                 return Refused("rejected_after_payment", "the server refused the token just paid")
             if waiting:
-                return replace(outcome, paid_here=False)  # the request that paid reports it
+                # The request that paid reports it.
+                outcome = replace(outcome, paid_here=False, waited=True)
+            self._carry(outcome.token)
         return outcome
 
     async def drop(self, token: Token, reason: str) -> None:
@@ -789,6 +838,24 @@ class Payer:
         )
         return await self._refuse(token.origin, url, refused, None)
 
+    async def lost_to_ours(self, token: Token, url: str) -> bool:
+        """The server said `token`, bought for a request to `url`, is spent: whether another
+        request of ours carried it too (and so may have used it up first)."""
+        if self.carried.get(token.payment_hash, 0) < 2:
+            return False
+        log.info(
+            f"l402: other requests used up the token for {token.origin} {token.label} first; "
+            f"paying once more for {url}, for it alone"
+        )
+        return True
+
+    async def release(self, token: Token, *, keep: bool) -> None:
+        """The request a token was bought for alone has used it: other requests may have it
+        now (`keep`: what is left of it is sent up front from now on)."""
+        self.held_back.pop(token.payment_hash, None)
+        if keep:
+            self._keep(token)
+
     def exchange(
         self, url: str, answer: Answer, sent: Token | None
     ) -> Generator[Step, Any, Verdict]:
@@ -801,6 +868,12 @@ class Payer:
         is tried at most once per request, before paying; refused, it is not tried for that
         scope again and the challenge is paid as any other. Every answer's X-L402-Balance
         is noted for the token the request carried.
+
+        One exception, a race among our own requests: a token bought for this request (by
+        it, or by another that it waited for) that the server answers with a 402 saying it
+        is spent, when another request of ours carried it too, was used up by them, not
+        refused: this request pays once more, alone (within the same limits). Whatever
+        happens to that token, nothing more is paid for this request.
         """
         asked = split_url(url)[0]
         if sent is not None and answer.balance:
@@ -808,8 +881,11 @@ class Payer:
             yield Await(self.note_balance(sent, answer))
         held_refused = False  # a token held from before (or another request's) was refused
         pass_tried = False
-        # Three rounds at most: a held token refused, a pass refused, then one payment.
-        for _ in range(3):
+        alone = False  # the token bought for it went to another request of ours
+        first: Paid | None = None  # what this request paid before paying alone
+        # Four rounds at most: a held token refused, a pass refused, one payment (or the
+        # token of another request's), then one alone if that token went to another request.
+        for _ in range(4):
             if split_url(answer.url)[0] != asked:
                 return Verdict(
                     refused=Refused(
@@ -834,18 +910,35 @@ class Payer:
                     www_authenticate=answer.www_authenticate,
                     sent=sent,
                     passes=not pass_tried,
+                    alone=alone,
                 )
             )
             if outcome is None or isinstance(outcome, Refused):
                 return Verdict(refused=outcome)
             answer = yield Resend(outcome.token.credential)
+            left: Balance | None = None
             if answer.balance:
-                yield Await(self.note_balance(outcome.token, answer))
-            if answer.status not in (401, 402) or not about_token(
+                left = yield Await(self.note_balance(outcome.token, answer))
+            granted = answer.status not in (401, 402) or not about_token(
                 answer.www_authenticate, outcome.token, url
+            )
+            if alone:
+                yield Await(self.release(outcome.token, keep=granted))
+            if granted:
+                return Verdict(paid=outcome if first is None else first.plus(outcome))
+            if (
+                not alone
+                and (outcome.paid_here or outcome.waited)
+                and answer.status == 402
+                and left is not None
+                and left.remaining == 0
+                and (yield Await(self.lost_to_ours(outcome.token, url)))
             ):
-                return Verdict(paid=outcome)
-            if outcome.paid_here or (held_refused and not outcome.borrowed):
+                alone = True
+                first = outcome if outcome.paid_here else None
+                sent = outcome.token
+                continue
+            if outcome.paid_here or alone or (held_refused and not outcome.borrowed):
                 refused = yield Await(self.rejected_after_payment(outcome.token, url))
                 return Verdict(refused=refused)
             # A token not bought for this request (held from before, another request's, or a
@@ -855,11 +948,34 @@ class Payer:
             else:
                 held_refused = True
             sent = outcome.token
-        raise AssertionError("unreachable: the third round pays or returns")
+        raise AssertionError("unreachable: the fourth round pays alone or returns")
 
     # -- paying --------------------------------------------------------------------------------
 
-    async def _fly(self, key: tuple[str, str], url: str, offer: _Offer) -> Outcome:
+    async def _fly(
+        self, key: tuple[str, str], url: str, offer: _Offer, alone: bool = False
+    ) -> Outcome:
+        """Pay `offer` for the scope `key` within the limits. `alone`: for one request only;
+        its token held back from the others until `release` (or pay_timeout after paying)."""
+        if not alone:
+            return await self._pay_offer(key, url, offer, alone=False)
+        payment_hash = offer.info.identifier.payment_hash
+        # Held back before the row is written: no payment of ours for the scope may wait
+        # for it, nor take its token.
+        self._hold_back(payment_hash)
+        outcome: Outcome | None = None
+        try:
+            outcome = await self._pay_offer(key, url, offer, alone=True)
+        finally:
+            if isinstance(outcome, Paid):
+                self._hold_back(payment_hash)  # from now: the time it takes to send it
+            else:
+                self.held_back.pop(payment_hash, None)
+        return outcome
+
+    async def _pay_offer(
+        self, key: tuple[str, str], url: str, offer: _Offer, alone: bool
+    ) -> Outcome:
         origin = key[0]
         checked = self._check_invoice(offer)
         if isinstance(checked, Refused):
@@ -890,6 +1006,8 @@ class Payer:
                         None if limits.budget_total_sat is None else limits.budget_total_sat * 1000
                     ),
                     now=self.clock(),
+                    alone=alone,
+                    held_back=self._held_back_now(),
                 )
             except StoreError as exc:
                 return await self._refuse(origin, url, Refused("payment_failed", str(exc)), offer)
@@ -912,7 +1030,7 @@ class Payer:
         if reserved.status == "paid":
             # Another process sharing the store paid this scope already.
             return Paid(self._keep(Token.from_payment(reserved)), 0, 0, paid_here=False)
-        return await self._pay(reserved)
+        return await self._pay(reserved, keep=not alone)
 
     async def _wait_for(self, pending: Payment) -> Payment | None:
         """Poll the store until another process's payment ends: paid (its row) or not (None)."""
@@ -957,15 +1075,17 @@ class Payer:
             )
         return invoice.amount_msat
 
-    async def _pay(self, payment: Payment) -> Outcome:
+    async def _pay(self, payment: Payment, keep: bool = True) -> Outcome:
         payment_hash = payment.payment_hash
         self.in_flight.add(payment_hash)
         try:
-            return await self._pay_and_record(payment)
+            return await self._pay_and_record(payment, keep)
         finally:
             self.in_flight.discard(payment_hash)
 
-    async def _pay_and_record(self, payment: Payment) -> Outcome:
+    async def _pay_and_record(self, payment: Payment, keep: bool) -> Outcome:
+        """Pay, then store the token; `keep`: sent up front from now on (not a token paid for
+        one request alone: that one is kept once it has used it)."""
         payment_hash = payment.payment_hash
         origin, url = payment.origin, payment.url
         try:
@@ -1004,7 +1124,9 @@ class Payer:
             done = replace(
                 payment, status="paid", preimage=result.preimage, fee_msat=result.fee_msat
             )
-        token = self._keep(Token.from_payment(done))
+        token = Token.from_payment(done)
+        if keep:
+            self._keep(token)
         log.info(
             f"l402: paid {sat_number(payment.amount_msat)} sat (fee "
             f"{sat_number(result.fee_msat)} sat) to {origin} for {token.label} ({url})"
@@ -1017,6 +1139,25 @@ class Payer:
         if token.payment_hash not in self.spent:
             self.tokens[(token.origin, token.scope)] = token
         return token
+
+    def _carry(self, token: Token) -> None:
+        """One more request of ours was given `token` to send."""
+        if len(self.carried) >= MEMORY_LIMIT:
+            # Forgotten counts make a lost race a refusal, never a payment.
+            self.carried.clear()
+        self.carried[token.payment_hash] = self.carried.get(token.payment_hash, 0) + 1
+
+    def _hold_back(self, payment_hash: bytes) -> None:
+        """Hold the token of a payment made for one request alone back from the others, for
+        at most pay_timeout (a request that went away does not hold it for ever)."""
+        now = self.clock()
+        if len(self.held_back) >= MEMORY_LIMIT:
+            self.held_back = {h: at for h, at in self.held_back.items() if at > now}
+        self.held_back[payment_hash] = now + self.pay_timeout
+
+    def _held_back_now(self) -> tuple[bytes, ...]:
+        now = self.clock()
+        return tuple(h for h, until in self.held_back.items() if until > now)
 
     def _forget(self, token: Token) -> bool:
         """Send `token` no more: under its own scope, nor any a pass was tried for."""

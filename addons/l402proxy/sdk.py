@@ -157,7 +157,7 @@ class L402Auth(httpx.Auth):
         flight = payer.flight_for(origin, path)
         if flight is not None:
             await asyncio.wait({flight}, timeout=payer.pay_timeout)
-        token = payer.token_for(origin, path)
+        token = payer.up_front(origin, path)
         if token is not None:
             request.headers["Authorization"] = token.credential
         return token

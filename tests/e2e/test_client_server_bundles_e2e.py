@@ -497,6 +497,12 @@ def paid_marks(answers: list[httpx.Response]) -> list[bool]:
     return [PAID in answer.headers for answer in answers]
 
 
+def paid_sat(answer: httpx.Response) -> int:
+    """What X-L402-Paid says the request paid ("5 sat (fee ...) for once"); 0 without one."""
+    value = answer.headers.get(PAID)
+    return 0 if value is None else int(value.split(" ", 1)[0])
+
+
 def token_prefixes(shop: Shop, service: str, payment_hashes: list[str]) -> list[str]:
     """The server's token id prefix (what its decision log names) of each payment, in the
     order given; waits (bounded) for the door's write-behind to record them."""
@@ -700,12 +706,6 @@ def test_a_pass_with_a_bundle_is_drawn_at_both_services_then_each_is_paid_anew(
 # -- concurrent requests and a metered token -------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known client defect (issue 14, open): requests that waited for one payment of a "
-    "single-use or bundle token and lose the race for it get rejected_after_payment instead of "
-    "paying the server's new challenge within the limits",
-)
 @pytest.mark.parametrize("kind", KINDS)
 def test_single_use_calls_made_at_once_each_get_their_call_within_the_budget(
     shop: Shop, players: Players, kind: Kind
@@ -714,14 +714,20 @@ def test_single_use_calls_made_at_once_each_get_their_call_within_the_budget(
     three wait for the one payment the first 402 started, and retry with its token; the server
     grants one of them and answers the other two "spent" (X-L402-Balance: 0 requests). The
     contract (wire fact 2): the client stops sending that token and pays the new challenge
-    within its limits. A token the server granted is no token "refused right after payment"."""
+    within its limits. A token the server granted is no token "refused right after payment":
+    each request that lost it to another of ours pays once more, for itself alone."""
     calls = 3
     player = players.start(
         kind, Limits(max_fee_sat=0, budget_total_sat=calls * ONCE_SAT, wallet="dev?hold=1")
     )
-    before = settled(shop.home)
+    before, since = settled(shop.home), len(shop.decisions())
     answers = player.fetch_at_once([f"/api/once/burst{n}" for n in range(calls)])
     assert [a.headers.get(REFUSED) for a in answers] == [None] * calls, player.why()
     assert [a.status_code for a in answers] == [200] * calls
     assert balances(answers) == ["0 requests"] * calls
     assert len(settled(shop.home) - before) == calls
+    # What X-L402-Paid says adds up to what was paid (a request that paid the shared token
+    # and then its own says both); the server granted each token once.
+    assert sum(paid_sat(a) for a in answers) == calls * ONCE_SAT, [a.headers for a in answers]
+    grants = [d for d in new_decisions(shop, since, "once") if d[0] == "grant"]
+    assert len(grants) == len({token for _, _, token in grants}) == calls, grants

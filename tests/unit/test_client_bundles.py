@@ -24,7 +24,7 @@ import pytest
 from l402proxy.l402.headers import format_challenge, parse_credential
 from l402proxy.l402.identifier import Identifier
 from l402proxy.l402.token import mint
-from l402proxy.lightning import DevLedger, DevWallet
+from l402proxy.lightning import DevLedger, DevWallet, LightningError, PaymentResult
 from l402proxy.payer import (
     BALANCE_HEADER,
     Answer,
@@ -42,7 +42,7 @@ from l402proxy.payer import (
     split_url,
 )
 from l402proxy.sdk import L402Auth
-from l402proxy.store.client import MIGRATIONS, ClientStore, NewPayment, Payment
+from l402proxy.store.client import MIGRATIONS, BudgetRefusal, ClientStore, NewPayment, Payment
 from l402proxy.store.database import StoreError
 from tests.bundle_origin import Answer as ServerAnswer
 from tests.bundle_origin import ContractServer, Service, bundle_origin, bundle_origin_thread
@@ -360,13 +360,16 @@ class Fetched:
     sent: Token | None  # the token that went up front
 
 
-async def fetch(payer: Payer, server: ContractServer, path: str) -> Fetched:
-    """One request as the addon and the SDK make it: the token up front, the answer's
-    balance noted, a 401/402 through exchange() (its Awaits run here, its Resends go to
-    the server)."""
+async def fetch(payer: Payer, server: "ContractServer | Race", path: str) -> Fetched:
+    """One request as the addon and the SDK make it: a payment under way for its scope
+    waited for, the token up front, the answer's balance noted, a 401/402 through
+    exchange() (its Awaits run here, its Resends go to the server)."""
     url = ORIGIN + path
     origin, _, _, request_path = split_url(url)
-    sent = payer.token_for(origin, request_path)
+    flight = payer.flight_for(origin, request_path)
+    if flight is not None:
+        await asyncio.wait({flight}, timeout=payer.pay_timeout)
+    sent = payer.up_front(origin, request_path)
     answer = await server.answer(path, None if sent is None else sent.credential)
     if answer.status not in (401, 402):
         if sent is not None and answer.header(BALANCE_HEADER):
@@ -375,7 +378,7 @@ async def fetch(payer: Payer, server: ContractServer, path: str) -> Fetched:
     steps = payer.exchange(url, as_answer(answer, url), sent)
     try:
         step = next(steps)
-        for _ in range(20):  # bounded: exchange takes three rounds at most
+        for _ in range(20):  # bounded: exchange takes four rounds at most
             if isinstance(step, Await):
                 step = steps.send(await step.job)
             else:
@@ -584,6 +587,344 @@ async def test_a_bundle_shared_by_concurrent_requests_is_bought_once(
     assert await settled_count(shop) == 1
     left = sorted(int(f.answer.header(BALANCE_HEADER)[0].split()[0]) for f in fetched)
     assert left == list(range(92, 100))
+
+
+# --- requests at once: one payment shared, a bundle too small for them all ---------------------
+
+RACE_TIMEOUT = 10.0
+
+
+class Race:
+    """The stand-in server, holding every request that carries the first token it sees until
+    `want` of them have come; then it answers the `winner`-th of them to arrive first (the
+    token's one request, for single use) and the others after it ("spent"). Other requests
+    pass straight through."""
+
+    def __init__(
+        self, server: ContractServer, want: int, winner: int | str, then: object = None
+    ) -> None:
+        self.server, self.want, self.winner = server, want, winner
+        self.raced: str | None = None
+        self.arrived: list[str] = []
+        self.all_in = asyncio.Event()
+        self.answered = asyncio.Event()
+        # Called once all have come, before any is answered (the server changes its price).
+        self.then = then
+
+    async def answer(self, path: str, authorization: str | None) -> ServerAnswer:
+        if authorization is None or self.raced not in (None, authorization):
+            return await self.server.answer(path, authorization)
+        if self.all_in.is_set():
+            return await self.server.answer(path, authorization)  # one more, after the race
+        self.raced = authorization
+        self.arrived.append(path)
+        if len(self.arrived) == self.want:
+            if callable(self.then):
+                self.then()
+            self.all_in.set()
+        await asyncio.wait_for(self.all_in.wait(), RACE_TIMEOUT)
+        winner = self.winner if isinstance(self.winner, str) else self.arrived[self.winner]
+        if path != winner:
+            await asyncio.wait_for(self.answered.wait(), RACE_TIMEOUT)
+            return await self.server.answer(path, authorization)
+        try:
+            return await self.server.answer(path, authorization)
+        finally:
+            self.answered.set()
+
+
+class GatedWallet(DevWallet):
+    """A dev wallet that pays only while its gate is open."""
+
+    def __init__(self, ledger: DevLedger, wallet: str, gate: asyncio.Event) -> None:
+        super().__init__(ledger, wallet)
+        self.gate = gate
+
+    async def pay(self, bolt11: str, max_fee_msat: int) -> PaymentResult:
+        await asyncio.wait_for(self.gate.wait(), RACE_TIMEOUT)
+        return await super().pay(bolt11, max_fee_msat)
+
+
+def paid_msat(fetched: Fetched) -> int:
+    """What X-L402-Paid would say this request paid (0: nothing)."""
+    paid = None if fetched.verdict is None else fetched.verdict.paid
+    return paid.amount_msat if paid is not None and paid.paid_here else 0
+
+
+def refusal(fetched: Fetched) -> str | None:
+    refused = None if fetched.verdict is None else fetched.verdict.refused
+    return None if refused is None else refused.code
+
+
+@pytest.mark.parametrize("winner", [0, -1], ids=["the-payer-wins", "a-waiter-wins"])
+async def test_single_use_calls_at_once_each_pay_for_their_own_call(
+    shop: Shop, origin: ContractServer, make_payer: PayerFactory, store: ClientStore, winner: int
+) -> None:
+    """Three calls at once wait for one payment and retry with its token; the server grants
+    one and says "spent" to the others. Those lost to a request of ours: each pays once
+    more, for itself alone, and gets its call. The payer losing (a waiter won) is no refusal
+    of a token just paid either."""
+    server = serve(origin, SINGLE)
+    race = Race(server, want=3, winner=winner)
+    payer = make_payer(limits=Limits(max_fee_sat=0))
+    paths = [f"/api/call{n}" for n in range(3)]
+    fetched = await asyncio.gather(*(fetch(payer, race, path) for path in paths))
+    assert [refusal(f) for f in fetched] == [None] * 3
+    assert [f.answer.status for f in fetched] == [200] * 3
+    assert [f.answer.header(BALANCE_HEADER) for f in fetched] == [["0 requests"]] * 3
+    assert await settled_count(shop) == 3
+    # Each token granted once: the shared one to the winner, the two bought alone to theirs.
+    sent = [a for a in server.authorizations["api"] if a is not None]
+    assert len(sent) == 5 and sent.count(race.raced) == 3
+    assert server.granted["api"] == 3
+    # What X-L402-Paid says adds up to what was paid: a request that paid the shared
+    # token and then its own says both.
+    assert sum(paid_msat(f) for f in fetched) == 3 * PRICE_MSAT == await store.spent_msat()
+    assert sorted(paid_msat(f) for f in fetched) == (
+        [PRICE_MSAT] * 3 if winner == 0 else [0, PRICE_MSAT, 2 * PRICE_MSAT]
+    )
+    # The ledger: three tokens, all spent, none refused (dropped); none held back any more.
+    await flushed(payer)
+    rows = await store.all_tokens()
+    assert len(rows) == 3
+    assert all(row.spent and row.dropped_at is None for row in rows), rows
+    assert payer.held_back == {}
+
+
+async def test_a_token_sent_up_front_by_another_request_that_wins_is_no_refusal(
+    shop: Shop, origin: ContractServer, ledger_path: Path, make_payer: PayerFactory
+) -> None:
+    """A request arriving while a payment is under way for its scope waits for it and sends
+    its token up front; it wins the single use. The request that paid loses it to a request
+    of ours, though none waited for its payment in handle_challenge: it pays once more."""
+    server = serve(origin, SINGLE)
+    gate = asyncio.Event()
+    payer = make_payer(
+        wallet=GatedWallet(DevLedger(ledger_path), LISTENER, gate), limits=Limits(max_fee_sat=0)
+    )
+    gate.set()
+    assert (await fetch(payer, server, "/api/first")).answer.status == 200  # /api/ learnt
+    gate.clear()
+    race = Race(server, want=2, winner="/api/y")
+    x = asyncio.create_task(fetch(payer, race, "/api/x"))
+    for _ in range(1000):  # bounded: until its payment is under way (held at the gate)
+        if payer.flight_for(ORIGIN, "/api/y") is not None:
+            break
+        await asyncio.sleep(0.01)
+    y = asyncio.create_task(fetch(payer, race, "/api/y"))
+    await asyncio.sleep(0)  # y runs up to its wait for that payment
+    gate.set()
+    got_x, got_y = await asyncio.wait_for(asyncio.gather(x, y), RACE_TIMEOUT)
+    assert got_y.sent is not None and got_y.sent.credential == race.raced
+    assert got_y.answer.status == 200 and got_y.verdict is None
+    assert refusal(got_x) is None and got_x.answer.status == 200
+    assert paid_msat(got_x) == 2 * PRICE_MSAT
+    assert await settled_count(shop) == 3
+
+
+async def test_the_extra_payment_is_within_the_budget(
+    shop: Shop, origin: ContractServer, make_payer: PayerFactory, store: ClientStore
+) -> None:
+    """Two payments fit the budget: the shared one and one more; the third call is refused
+    by the budget, not paid."""
+    server = serve(origin, SINGLE)
+    race = Race(server, want=3, winner=0)
+    payer = make_payer(limits=Limits(max_fee_sat=0, budget_daily_sat=2 * PRICE_MSAT // 1000))
+    fetched = await asyncio.gather(*(fetch(payer, race, f"/api/b{n}") for n in range(3)))
+    assert sorted(f.answer.status for f in fetched) == [200, 200, 402]
+    assert sorted(str(refusal(f)) for f in fetched) == ["None", "None", "budget_daily"]
+    assert await settled_count(shop) == 2 and await store.spent_msat() == 2 * PRICE_MSAT
+
+
+async def test_the_extra_payment_is_within_the_price_limit(
+    shop: Shop, origin: ContractServer, make_payer: PayerFactory
+) -> None:
+    """The server's price went up after the shared payment: the challenges the losers (the
+    request that paid among them) get ask more than max_price_sat: refused, not paid."""
+    server = serve(origin, SINGLE)
+
+    def dearer() -> None:
+        server.services["api"] = Service("api", price_sat=500, bundle=1)
+
+    race = Race(server, want=3, winner=-1, then=dearer)
+    payer = make_payer(limits=Limits(max_fee_sat=0, max_price_sat=100))
+    fetched = await asyncio.gather(*(fetch(payer, race, f"/api/p{n}") for n in range(3)))
+    assert sorted(str(refusal(f)) for f in fetched) == ["None", "max_price", "max_price"]
+    assert await settled_count(shop) == 1
+
+
+async def test_a_request_that_loses_twice_does_not_pay_a_third_time(
+    shop: Shop, origin: ContractServer, make_payer: PayerFactory, store: ClientStore
+) -> None:
+    """A server answering every token with "spent": the three requests that shared one
+    payment each pay once more alone, and that token too is "spent": refused, never a
+    third payment (four in all, at most two for any request)."""
+    server = serve(origin, Service("api", bundle=1, spend_on_sight=True))
+    race = Race(server, want=3, winner=0)
+    payer = make_payer(limits=Limits(max_fee_sat=0))
+    fetched = await asyncio.gather(*(fetch(payer, race, f"/api/s{n}") for n in range(3)))
+    assert [refusal(f) for f in fetched] == ["rejected_after_payment"] * 3
+    assert [f.answer.status for f in fetched] == [402] * 3
+    assert await settled_count(shop) == 4 and await store.spent_msat() == 4 * PRICE_MSAT
+    # Each request: no token, the shared one, its own (once), then nothing more.
+    sent = server.authorizations["api"]
+    assert sent.count(None) == 3 and sent.count(race.raced) == 3
+    own = [a for a in sent if a not in (None, race.raced)]
+    assert len(own) == len(set(own)) == 3
+    await flushed(payer)
+    for invoice in server.invoices[-3:]:
+        assert await store.payment(invoice) is None  # the last challenges: never paid
+
+
+async def test_a_fresh_token_said_spent_with_no_other_request_is_refused_as_before(
+    shop: Shop, origin: ContractServer, make_payer: PayerFactory
+) -> None:
+    """The token just paid went to no other request of ours: "spent" is the server's
+    refusal, and nothing more is paid (the bound for one request alone is one payment)."""
+    server = serve(origin, Service("api", bundle=1, spend_on_sight=True))
+    payer = make_payer(limits=Limits(max_fee_sat=0))
+    fetched = await fetch(payer, server, "/api/alone")
+    assert refusal(fetched) == "rejected_after_payment"
+    assert await settled_count(shop) == 1
+
+
+async def test_a_bundle_token_bought_alone_is_shared_once_its_request_used_it(
+    shop: Shop, origin: ContractServer, make_payer: PayerFactory
+) -> None:
+    """A 2-request bundle, three requests at once: two use the shared token, the third pays
+    alone; what its token has left goes up front to the next request."""
+    server = serve(origin, Service("podcast", bundle=2))
+    race = Race(server, want=3, winner=0)
+    payer = make_payer()
+    fetched = await asyncio.gather(*(fetch(payer, race, f"/podcast/e{n}") for n in range(3)))
+    assert [refusal(f) for f in fetched] == [None] * 3
+    assert sorted(f.answer.header(BALANCE_HEADER)[0] for f in fetched) == [
+        "0 requests",
+        "1 requests",
+        "1 requests",
+    ]
+    assert await settled_count(shop) == 2
+    alone = next(
+        f
+        for f in fetched
+        if f.verdict
+        and f.verdict.paid
+        and f.verdict.paid.paid_here
+        and f.verdict.paid.token.credential != race.raced
+    )
+    assert alone.verdict is not None and alone.verdict.paid is not None
+    nxt = await fetch(payer, server, "/podcast/e3")
+    assert nxt.sent == alone.verdict.paid.token and nxt.answer.status == 200
+    assert await settled_count(shop) == 2
+
+
+class LostAfterPaying(DevWallet):
+    """A dev wallet that pays, and from its `lose_from`-th payment on loses the answer (the
+    node went away): the payment stays pending in the client's ledger."""
+
+    def __init__(self, ledger: DevLedger, wallet: str, lose_from: int) -> None:
+        super().__init__(ledger, wallet)
+        self.lose_from, self.paid = lose_from, 0
+
+    async def pay(self, bolt11: str, max_fee_msat: int) -> PaymentResult:
+        result = await super().pay(bolt11, max_fee_msat)
+        self.paid += 1
+        if self.paid >= self.lose_from:
+            raise LightningError("the node went away")
+        return result
+
+
+async def test_a_payment_made_alone_is_recovered_like_any_other(
+    shop: Shop,
+    origin: ContractServer,
+    ledger_path: Path,
+    make_payer: PayerFactory,
+    store: ClientStore,
+) -> None:
+    """The extra payment is an ordinary ledger row: cut short, it stays pending (the request
+    is refused, not paid a third time) and the recovery settles its token."""
+    server = serve(origin, Service("podcast", bundle=2))
+    race = Race(server, want=2, winner=0)
+    wallet = LostAfterPaying(DevLedger(ledger_path), LISTENER, lose_from=3)
+    payer = make_payer(wallet=wallet)
+    fetched = await asyncio.gather(*(fetch(payer, race, f"/podcast/r{n}") for n in range(2)))
+    # Both fit the bundle of 2: no race lost, one payment.
+    assert [refusal(f) for f in fetched] == [None, None] and wallet.paid == 1
+    race = Race(server, want=3, winner=0)
+    # Spent: the next three share one payment (bundle of 2), the loser pays alone: lost.
+    fetched = await asyncio.gather(*(fetch(payer, race, f"/podcast/q{n}") for n in range(3)))
+    assert sorted(str(refusal(f)) for f in fetched) == ["None", "None", "payment_pending"]
+    assert wallet.paid == 3 and await settled_count(shop) == 3
+    assert payer.held_back == {}
+    (pending,) = await store.pending()
+    # The recovery the client runs at start and every few minutes settles it from the
+    # wallet; its token is sent up front from then on.
+    (recovered,) = await payer.recover()
+    assert recovered.payment_hash == pending.payment_hash and recovered.status == "paid"
+    held = payer.token_for(ORIGIN, "/podcast/q9")
+    assert held is not None and held.payment_hash == pending.payment_hash
+    assert (await fetch(payer, server, "/podcast/q9")).answer.header(BALANCE_HEADER) == [
+        "1 requests"
+    ]
+    assert wallet.paid == 3
+
+
+async def test_reserve_alone_checks_the_budgets_not_the_scope(store: ClientStore) -> None:
+    """A payment for one request alone is made beside a live token and a pending payment of
+    the scope, within the budgets."""
+    live = await paid_row(store)
+    lone, _ = new_payment(live.scope)
+    taken = await store.reserve(lone, budget_daily_msat=10**9, budget_total_msat=None, now=NOW)
+    assert isinstance(taken, Payment) and taken.payment_hash == live.payment_hash
+    waiting, _ = new_payment(live.scope)
+    await store.reserve(
+        waiting,
+        budget_daily_msat=10**9,
+        budget_total_msat=None,
+        now=NOW,
+        held_back=[live.payment_hash],
+    )
+    plain = await store.reserve(lone, budget_daily_msat=10**9, budget_total_msat=None, now=NOW)
+    assert isinstance(plain, BudgetRefusal) and plain.code == "payment_pending"
+    reserved = await store.reserve(
+        lone, budget_daily_msat=10**9, budget_total_msat=None, now=NOW, alone=True
+    )
+    assert isinstance(reserved, Payment) and reserved.payment_hash == lone.payment_hash
+    assert reserved.status == "pending"
+    dear, _ = new_payment(live.scope)
+    refused = await store.reserve(
+        dear, budget_daily_msat=3 * PRICE_MSAT + 1, budget_total_msat=None, now=NOW, alone=True
+    )
+    assert isinstance(refused, BudgetRefusal) and refused.code == "budget_daily"
+
+
+async def test_reserve_passes_over_payments_held_back(store: ClientStore) -> None:
+    """A payment held back for its request is neither waited for (pending) nor taken (paid)
+    by another payment of the scope."""
+    pending, _ = new_payment()
+    await store.reserve(pending, budget_daily_msat=10**9, budget_total_msat=None, now=NOW)
+    other, _ = new_payment()
+    reserved = await store.reserve(
+        other,
+        budget_daily_msat=10**9,
+        budget_total_msat=None,
+        now=NOW,
+        held_back=[pending.payment_hash],
+    )
+    assert isinstance(reserved, Payment) and reserved.payment_hash == other.payment_hash
+    paid = await paid_row(store, scope="services:articles")
+    again, _ = new_payment("services:articles")
+    taken = await store.reserve(again, budget_daily_msat=10**9, budget_total_msat=None, now=NOW)
+    assert isinstance(taken, Payment) and taken.payment_hash == paid.payment_hash
+    fresh = await store.reserve(
+        again,
+        budget_daily_msat=10**9,
+        budget_total_msat=None,
+        now=NOW,
+        held_back=[paid.payment_hash],
+    )
+    assert isinstance(fresh, Payment) and fresh.payment_hash == again.payment_hash
+    assert fresh.status == "pending"
 
 
 # --- passes -------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ and its scope may be paid again.
 """
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -247,6 +247,8 @@ class ClientStore(Database):
         budget_daily_msat: int,
         budget_total_msat: int | None,
         now: float,
+        alone: bool = False,
+        held_back: Collection[bytes] = (),
     ) -> Payment | BudgetRefusal:
         """Check the scope and the budgets and write the pending row, in one write transaction.
 
@@ -255,6 +257,12 @@ class ClientStore(Database):
         still pending, or a budget it would break, is refused. Pending payments count with
         their fee limit, so two payments in flight together cannot both fit in what is left
         for one. A payment hash seen before raises StoreError: an invoice is never paid twice.
+
+        `alone`: a payment for one request only (its token from a shared payment went to
+        another request of ours first): the scope is not checked, only the budgets.
+        `held_back`: such payments (pending, or paid and not yet used by their request),
+        which the scope check passes over: they are neither a token to take nor a payment
+        to wait for.
         """
         cost = payment.amount_msat + payment.fee_limit_msat
         async with self._transaction() as db:
@@ -267,12 +275,17 @@ class ClientStore(Database):
                     f"({existing[0]}); it is never paid twice"
                 )
             # A spent token (balance 0) is no token: its scope is paid again.
-            row = await self._one(
-                f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE origin = ? AND scope = ?"
-                f" AND (status = 'pending' OR ({_LIVE}"
-                " AND (valid_until IS NULL OR valid_until > ?))) ORDER BY id DESC LIMIT 1",
-                (payment.origin, payment.scope, now),
-            )
+            skipped = tuple(held_back)
+            row = None
+            if not alone:
+                row = await self._one(
+                    f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE origin = ? AND scope = ?"
+                    f" AND (status = 'pending' OR ({_LIVE}"
+                    " AND (valid_until IS NULL OR valid_until > ?)))"
+                    f" AND payment_hash NOT IN ({', '.join('?' * len(skipped))})"
+                    " ORDER BY id DESC LIMIT 1",
+                    (payment.origin, payment.scope, now, *skipped),
+                )
             if row is not None:
                 held = _payment_from_row(row)
                 if held.status == "paid":

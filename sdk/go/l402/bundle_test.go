@@ -67,6 +67,8 @@ type contract struct {
 	mu       sync.Mutex
 	grants   map[string]*grant   // credential -> what it opens
 	auth     map[string][]string // service -> Authorization of each request ("" for none)
+	race     *race               // if set: requests carrying one token held and answered in turn
+	price    int64               // msat asked by each 402 (0: the fake wallet's 21 sat)
 }
 
 type service struct {
@@ -106,6 +108,9 @@ func (c *contract) serve(w http.ResponseWriter, r *http.Request) {
 	c.auth[name] = append(c.auth[name], authorization)
 	g := c.grants[authorization]
 	c.mu.Unlock()
+	if c.race != nil && authorization != "" {
+		defer c.race.enter(authorization, r.URL.Path)()
+	}
 	status, spent := 402, false
 	if g != nil && contains(g.services, name) && (!svc.ownOnly || len(g.services) == 1) {
 		c.mu.Lock()
@@ -141,7 +146,10 @@ func (c *contract) serve(w http.ResponseWriter, r *http.Request) {
 		caveats = append(caveats, fmt.Sprintf("%s_valid_until=%d", s, time.Now().Add(time.Hour).Unix()))
 	}
 	caveats = append([]string{"services=" + strings.Join(parts, ",")}, caveats...)
-	macaroon, invoice, hash := c.wallet.issue(issueParams{caveats: caveats})
+	c.mu.Lock()
+	price := c.price
+	c.mu.Unlock()
+	macaroon, invoice, hash := c.wallet.issue(issueParams{caveats: caveats, amountMsat: price})
 	c.wallet.mu.Lock()
 	credential := "L402 " + macaroon + ":" + c.wallet.preimages[hash].Hex()
 	c.wallet.mu.Unlock()

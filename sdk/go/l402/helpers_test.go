@@ -33,6 +33,10 @@ type fakeWallet struct {
 	pays      int
 	network   string
 	payErr    error // returned by Pay before paying, if set
+	// gate, if set, is waited for by Pay before paying (until it is closed); entered counts
+	// the calls to Pay.
+	gate    chan struct{}
+	entered int
 }
 
 func newFakeWallet() *fakeWallet {
@@ -79,6 +83,17 @@ func (w *fakeWallet) issue(p issueParams) (macaroon, invoice string, hash [32]by
 }
 
 func (w *fakeWallet) Pay(ctx context.Context, bolt11 string, maxFeeSat int64) (l402.Preimage, error) {
+	w.mu.Lock()
+	gate := w.gate
+	w.entered++
+	w.mu.Unlock()
+	if gate != nil {
+		select {
+		case <-gate:
+		case <-ctx.Done():
+			return l402.Preimage{}, ctx.Err()
+		}
+	}
 	if w.payErr != nil {
 		return l402.Preimage{}, w.payErr
 	}

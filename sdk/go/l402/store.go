@@ -87,7 +87,18 @@ type record struct {
 
 	hash     [32]byte
 	preimage Preimage
+	// carried: how many requests were given the token to send (up front or to retry with);
+	// more than one, and a "spent" answer may be their doing. Not kept in the file.
+	carried int
+	// heldUntil: a payment made for one request alone (its token from a shared payment went
+	// to another request first) is held back from every other request until then, or until
+	// releaseHeld: neither waited for nor taken. holdFor is how long a hold lasts.
+	heldUntil time.Time
+	holdFor   time.Duration
 }
+
+// heldBack: the record is a payment made for one request alone that no other may use yet.
+func (r *record) heldBack(now time.Time) bool { return now.Before(r.heldUntil) }
 
 type learnedPath struct {
 	Origin string `json:"origin"`
@@ -493,8 +504,12 @@ type reservation struct {
 	refusal *Refusal
 }
 
-// reserve checks the scope and the budgets and writes the pending record, in one step.
-func (s *Store) reserve(r *record, dailyMsat, totalMsat int64, now time.Time) (reservation, error) {
+// reserve checks the scope and the budgets and writes the pending record, in one step. A
+// payment held back for its request (see record.heldUntil) is passed over. alone: a payment
+// for one request only (its token from a shared payment went to another request first): the
+// scope is not checked, only the budgets, and the payment is held back for holdFor.
+func (s *Store) reserve(r *record, dailyMsat, totalMsat int64, now time.Time, alone bool,
+	holdFor time.Duration) (reservation, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
@@ -504,9 +519,9 @@ func (s *Store) reserve(r *record, dailyMsat, totalMsat int64, now time.Time) (r
 		return reservation{}, fmt.Errorf("invoice %s... is already in the ledger (%s); it is never paid twice",
 			r.PaymentHash[:16], held.Status)
 	}
-	for i := len(s.records) - 1; i >= 0; i-- {
+	for i := len(s.records) - 1; i >= 0 && !alone; i-- {
 		held := s.records[i]
-		if held.Origin != r.Origin || held.Scope != r.Scope {
+		if held.Origin != r.Origin || held.Scope != r.Scope || held.heldBack(now) {
 			continue
 		}
 		if held.usable(now) {
@@ -533,6 +548,9 @@ func (s *Store) reserve(r *record, dailyMsat, totalMsat int64, now time.Time) (r
 	}
 	r.Status = statusPending
 	r.CreatedAt, r.UpdatedAt = unix(now), unix(now)
+	if alone {
+		r.heldUntil, r.holdFor = now.Add(holdFor), holdFor
+	}
 	s.records = append(s.records, r)
 	s.byHash[r.hash] = r
 	if err := s.save(now); err != nil {
@@ -561,7 +579,11 @@ func (s *Store) settle(hash [32]byte, preimage Preimage, now time.Time) (*record
 	}
 	r.Status, r.preimage, r.Preimage = statusPaid, preimage, preimage.Hex()
 	r.Error, r.UpdatedAt = "", unix(now)
-	if r.DroppedAt == nil {
+	if r.heldBack(now) {
+		// Paid for one request alone: held back for the time it takes to send it, and the
+		// scope's current token only once that request has used it (releaseHeld).
+		r.heldUntil = now.Add(r.holdFor)
+	} else if r.DroppedAt == nil {
 		s.current[scopeKey(r.Origin, r.Scope)] = r
 	}
 	if err := s.save(now); err != nil {
@@ -642,6 +664,40 @@ func (s *Store) noteBalance(hash [32]byte, balance Balance, now time.Time) (bool
 	return true, s.save(now)
 }
 
+// releaseHeld ends the hold on a payment made for one request alone: that request has used
+// its token, or will not. keep: what is left of it is the scope's current token now.
+func (s *Store) releaseHeld(hash [32]byte, keep bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r := s.byHash[hash]
+	if r == nil {
+		return
+	}
+	r.heldUntil = time.Time{}
+	if keep && r.live() {
+		s.current[scopeKey(r.Origin, r.Scope)] = r
+	}
+}
+
+// carry counts one more request given the token hash to send.
+func (s *Store) carry(hash [32]byte) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if r := s.byHash[hash]; r != nil {
+		r.carried++
+	}
+}
+
+// carriedBy is how many requests were given the token hash to send.
+func (s *Store) carriedBy(hash [32]byte) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if r := s.byHash[hash]; r != nil {
+		return r.carried
+	}
+	return 0
+}
+
 // isSpent: the server said nothing is left of the paid token hash.
 func (s *Store) isSpent(hash [32]byte) bool {
 	s.mu.Lock()
@@ -654,7 +710,7 @@ func (s *Store) isSpent(hash [32]byte) bool {
 func (s *Store) tokenUsableFor(hash [32]byte, services []string, now time.Time) *record {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if r := s.byHash[hash]; r != nil && r.usableFor(services, now) {
+	if r := s.byHash[hash]; r != nil && r.usableFor(services, now) && !r.heldBack(now) {
 		return r
 	}
 	return nil
@@ -667,7 +723,7 @@ func (s *Store) passFor(origin string, services []string, exclude func(*record) 
 	defer s.mu.Unlock()
 	for i := len(s.records) - 1; i >= 0; i-- {
 		r := s.records[i]
-		if r.Origin == origin && r.covers(services) && !exclude(r) && r.usableFor(services, now) {
+		if r.Origin == origin && r.covers(services) && !exclude(r) && r.usableFor(services, now) && !r.heldBack(now) {
 			return r
 		}
 	}
@@ -678,7 +734,7 @@ func (s *Store) passFor(origin string, services []string, exclude func(*record) 
 func (s *Store) currentToken(origin, scope string, now time.Time) *record {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if r := s.current[scopeKey(origin, scope)]; r != nil && r.usable(now) {
+	if r := s.current[scopeKey(origin, scope)]; r != nil && r.usable(now) && !r.heldBack(now) {
 		return r
 	}
 	return nil

@@ -104,6 +104,13 @@ func WithClock(now func() time.Time) Option { return func(t *Transport) { t.now 
 // 402 and pays within the Limits (a malformed value is ignored and logged). Passes: when a 402
 // names services a live token held for the same origin names too, that token is tried once
 // before paying; refused, it is not tried for those services again.
+//
+// Requests at once: those that meet a 402 for one scope together share one payment and all
+// retry with its token, which a bundle (a single-use token above all) may not last. A request
+// whose token bought for it the server then calls spent (X-L402-Balance: 0) while another
+// request carried it too lost a race among our own requests, not a refusal: it pays once more,
+// within the Limits, for itself alone (a token no other request is given before it has used
+// it). At most two payments per request, and only in that race.
 type Transport struct {
 	base            http.RoundTripper
 	wallet          Wallet
@@ -201,13 +208,15 @@ func tokenOf(r *record) *token {
 }
 
 // outcome of a challenge: a token to retry with (paidHere: bought for this request; borrowed:
-// a pass held for other services too), or why not.
+// a pass held for other services too; waited: bought by another request while this one waited
+// for that payment), or why not.
 type outcome struct {
 	token        *token
 	amountMsat   int64
 	feeLimitMsat int64
 	paidHere     bool
 	borrowed     bool
+	waited       bool
 	refusal      *Refusal
 }
 
@@ -334,6 +343,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		if out.Header.Get("Authorization") == "" { // the caller's own credentials win
 			t.waitForFlight(ctx, target)
 			if sent = t.tokenFor(target); sent != nil {
+				t.store.carry(sent.hash)
 				out.Header.Set("Authorization", sent.credential)
 			}
 		}
@@ -352,13 +362,13 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 }
 
 // noteBalance records what an answer to a request that carried tok says is left of it. 0: the
-// token is spent, never sent again. A malformed X-L402-Balance (or a 402 saying more than 0
-// is left) is ignored and logged once a minute per origin: it neither makes the transport pay
-// nor stops it using the token.
-func (t *Transport) noteBalance(tok *token, resp *http.Response, target target) {
+// token is spent, never sent again; noteBalance then returns true. A malformed X-L402-Balance
+// (or a 402 saying more than 0 is left) is ignored and logged once a minute per origin: it
+// neither makes the transport pay nor stops it using the token.
+func (t *Transport) noteBalance(tok *token, resp *http.Response, target target) bool {
 	values := resp.Header.Values(HeaderBalance)
 	if len(values) == 0 || resp.StatusCode == http.StatusUnauthorized {
-		return // a 401 says the token is invalid: dropped, whatever it had left
+		return false // a 401 says the token is invalid: dropped, whatever it had left
 	}
 	balance, err := ParseBalance(values)
 	if err == nil && resp.StatusCode == http.StatusPaymentRequired && balance.Remaining > 0 {
@@ -366,7 +376,7 @@ func (t *Transport) noteBalance(tok *token, resp *http.Response, target target) 
 	}
 	if err != nil {
 		t.warnBalance(target.origin, fmt.Sprintf("ignored from %s%s: %v", target.origin, target.path, err))
-		return
+		return false
 	}
 	spent, err := t.store.noteBalance(tok.hash, *balance, t.now())
 	if err != nil {
@@ -377,6 +387,7 @@ func (t *Transport) noteBalance(tok *token, resp *http.Response, target target) 
 		t.logf("the token for %s %s is used up (0 %s left); the next request there pays again",
 			tok.origin, tok.label(), balance.Unit)
 	}
+	return balance.Remaining == 0
 }
 
 func (t *Transport) warnBalance(origin, message string) {
@@ -469,6 +480,11 @@ func (t *Transport) turnedDown(tok *token, values []string, target target) {
 // that the server refuses is dropped and paid afresh once; a token just bought that it refuses
 // is not paid again. A pass is tried at most once per request, before paying; refused, it is
 // not tried for that scope again. Every answer's X-L402-Balance is noted for the token sent.
+//
+// One exception, a race among our own requests: a token bought for this request (by it, or by
+// another it waited for) that the server answers with a 402 saying it is spent, while another
+// request carried it too, was used up by them, not refused: this request pays once more,
+// alone, within the same Limits. Whatever happens to that token, nothing more is paid for it.
 func (t *Transport) exchange(ctx context.Context, sentReq *http.Request, body *replay, target target,
 	resp *http.Response, sent *token) (*http.Response, error) {
 	url := sentReq.URL.Redacted()
@@ -491,8 +507,11 @@ func (t *Transport) exchange(ctx context.Context, sentReq *http.Request, body *r
 	}
 	heldRefused := false // a token held from before (or another request's) was refused
 	passTried := false
-	// Three rounds at most: a held token refused, a pass refused, then one payment.
-	for round := 0; round < 3; round++ {
+	alone := false     // the token bought for it went to another request first
+	var first *outcome // what this request paid before paying alone
+	// Four rounds at most: a held token refused, a pass refused, one payment (or the token of
+	// another request's), then one alone if that token went to another request.
+	for round := 0; round < 4; round++ {
 		var err error
 		if resp.StatusCode == http.StatusUnauthorized {
 			if sent == nil || len(ParseChallenges(resp.Header.Values("WWW-Authenticate"))) == 0 {
@@ -508,7 +527,7 @@ func (t *Transport) exchange(ctx context.Context, sentReq *http.Request, body *r
 		if resp.StatusCode != http.StatusPaymentRequired {
 			return resp, nil
 		}
-		got, err := t.handleChallenge(ctx, target, url, resp.Header.Values("WWW-Authenticate"), sent, !passTried)
+		got, err := t.handleChallenge(ctx, target, url, resp.Header.Values("WWW-Authenticate"), sent, !passTried, alone)
 		if err != nil {
 			discard(resp)
 			return nil, err
@@ -521,18 +540,40 @@ func (t *Transport) exchange(ctx context.Context, sentReq *http.Request, body *r
 			return resp, nil
 		}
 		if resp, err = resend(got.token.credential); err != nil {
+			if alone {
+				t.store.releaseHeld(got.token.hash, true)
+			}
 			return nil, err
 		}
-		t.noteBalance(got.token, resp, target)
-		if (resp.StatusCode != http.StatusUnauthorized && resp.StatusCode != http.StatusPaymentRequired) ||
-			!t.aboutToken(resp.Header.Values("WWW-Authenticate"), got.token, target) {
+		saidSpent := t.noteBalance(got.token, resp, target)
+		granted := (resp.StatusCode != http.StatusUnauthorized && resp.StatusCode != http.StatusPaymentRequired) ||
+			!t.aboutToken(resp.Header.Values("WWW-Authenticate"), got.token, target)
+		if alone {
+			t.store.releaseHeld(got.token.hash, granted)
+		}
+		if granted {
 			if got.paidHere {
+				amount, fee := got.amountMsat, got.feeLimitMsat
+				if first != nil { // it paid for the token that went to another request too
+					amount, fee = amount+first.amountMsat, fee+first.feeLimitMsat
+				}
 				resp.Header.Set(HeaderPaid, headerSafe(fmt.Sprintf("%s sat (fee at most %s sat) for %s",
-					satText(got.amountMsat), satText(got.feeLimitMsat), got.token.label())))
+					satText(amount), satText(fee), got.token.label())))
 			}
 			return resp, nil
 		}
-		if got.paidHere || (heldRefused && !got.borrowed) {
+		if !alone && (got.paidHere || got.waited) && resp.StatusCode == http.StatusPaymentRequired && saidSpent &&
+			t.store.carriedBy(got.token.hash) > 1 {
+			t.logf("other requests used up the token for %s %s first; paying once more for %s, for it alone",
+				got.token.origin, got.token.label(), url)
+			alone = true
+			if got.paidHere {
+				first = got
+			}
+			sent = got.token
+			continue
+		}
+		if got.paidHere || alone || (heldRefused && !got.borrowed) {
 			t.drop(got.token, "refused by the server right after payment")
 			refusal := &Refusal{"rejected_after_payment", fmt.Sprintf(
 				"%s refused the token just paid for %s; not paying again for this request", got.token.origin, got.token.label())}
@@ -549,7 +590,7 @@ func (t *Transport) exchange(ctx context.Context, sentReq *http.Request, body *r
 		}
 		sent = got.token
 	}
-	return resp, nil // not reached: the third round always returns
+	return resp, nil // not reached: the fourth round always returns
 }
 
 // aboutToken: does a 401/402 answered to token concern it (not another service)? The challenge
@@ -664,9 +705,11 @@ func (t *Transport) drop(tok *token, reason string) {
 // sent is the token the request carried: when the server refuses it for its own scope it is
 // dropped (a pass tried for this scope is not tried there again). Concurrent requests for one
 // scope share one payment (a flight). passes: a live token held for other services too that
-// names the challenge's may be returned (borrowed) instead of paying.
+// names the challenge's may be returned (borrowed) instead of paying. alone: paid for this
+// request only, whatever is held or under way for the scope; its token is held back from
+// every other request until releaseHeld. Every token returned is counted as carried.
 func (t *Transport) handleChallenge(ctx context.Context, target target, url string, values []string,
-	sent *token, passes bool) (*outcome, error) {
+	sent *token, passes, alone bool) (*outcome, error) {
 	if !hostAllowed(t.hosts, target.host, target.port) {
 		return t.refuse(url, refused("not_allowed", "%s:%d is not in Limits.Allow", target.host, target.port)), nil
 	}
@@ -687,14 +730,15 @@ func (t *Transport) handleChallenge(ctx context.Context, target target, url stri
 			t.refusePass(sent, key)
 		}
 	}
-	if r := t.store.currentToken(target.origin, offer.scope, t.now()); r != nil && (sent == nil || r.hash != sent.hash) {
+	if r := t.store.currentToken(target.origin, offer.scope, t.now()); !alone && r != nil && (sent == nil || r.hash != sent.hash) {
 		got := tokenOutcome(r)
 		if got.token != nil {
 			t.learn(target, offer.scope)
+			t.store.carry(got.token.hash)
 		}
 		return got, nil
 	}
-	if passes {
+	if passes && !alone {
 		refused := t.refusedPasses(key)
 		held := t.store.passFor(target.origin, offer.info.Services, func(r *record) bool {
 			return (sent != nil && r.hash == sent.hash) || refused[r.hash]
@@ -707,21 +751,30 @@ func (t *Transport) handleChallenge(ctx context.Context, target target, url stri
 				t.learn(target, offer.scope)
 				t.logf("trying the token held for %s %s for %s before paying", tok.origin, tok.label(),
 					strings.Join(offer.info.Services, ","))
+				t.store.carry(tok.hash)
 				return &outcome{token: tok, borrowed: true}, nil
 			}
 		}
 	}
 	t.mu.Lock()
-	f := t.flights[key]
+	var f *flight
+	if !alone {
+		f = t.flights[key]
+	}
 	waiting := f != nil
 	if f == nil {
 		f = &flight{done: make(chan struct{})}
-		t.flights[key] = f
+		if !alone { // a payment alone is nobody else's to wait for
+			t.flights[key] = f
+		}
 		// The payment runs on its own: a request that goes away must not cancel a payment
-		// others wait for (its own timeout bounds it).
-		go t.fly(f, key, target, url, offer)
+		// under way (its own timeout bounds it).
+		go t.fly(f, key, target, url, offer, alone)
 	}
 	t.mu.Unlock()
+	if waiting {
+		t.logf("waiting for the payment under way for %s %s", target.origin, offer.scope)
+	}
 	select {
 	case <-f.done:
 	case <-ctx.Done():
@@ -735,8 +788,9 @@ func (t *Transport) handleChallenge(ctx context.Context, target target, url stri
 			return refused("rejected_after_payment", "the server refused the token just paid"), nil
 		}
 		if waiting {
-			got.paidHere = false // the request that paid reports it
+			got.paidHere, got.waited = false, true // the request that paid reports it
 		}
+		t.store.carry(got.token.hash)
 	}
 	return &got, nil
 }
@@ -746,14 +800,16 @@ func (t *Transport) refuse(url string, o *outcome) *outcome {
 	return o
 }
 
-func (t *Transport) fly(f *flight, key string, target target, url string, offer *offer) {
+func (t *Transport) fly(f *flight, key string, target target, url string, offer *offer, alone bool) {
 	defer func() {
-		t.mu.Lock()
-		delete(t.flights, key)
-		t.mu.Unlock()
+		if !alone {
+			t.mu.Lock()
+			delete(t.flights, key)
+			t.mu.Unlock()
+		}
 		close(f.done)
 	}()
-	f.outcome = t.pay(target, url, offer)
+	f.outcome = t.pay(target, url, offer, alone)
 	if f.outcome.refusal != nil {
 		t.refuse(url, f.outcome)
 	}
@@ -820,8 +876,9 @@ func (t *Transport) walletNetwork(wallet NetworkWallet) (string, error) {
 }
 
 // pay reserves the payment in the store (budgets, one payment per scope), pays it, and
-// stores the token before anyone retries with it.
-func (t *Transport) pay(target target, url string, offer *offer) *outcome {
+// stores the token before anyone retries with it. alone: for one request only (the scope is
+// not checked, only the budgets), held back from the others until releaseHeld.
+func (t *Transport) pay(target target, url string, offer *offer, alone bool) *outcome {
 	amountMsat, refusal := t.checkInvoice(offer)
 	if refusal != nil {
 		return refusal
@@ -847,13 +904,19 @@ func (t *Transport) pay(target target, url string, offer *offer) *outcome {
 	}
 	var last reservation
 	for try := 0; try < 2; try++ {
-		reserved, err := t.store.reserve(r, t.limits.DailyBudgetSat*1000, t.limits.TotalBudgetSat*1000, t.now())
+		reserved, err := t.store.reserve(r, t.limits.DailyBudgetSat*1000, t.limits.TotalBudgetSat*1000, t.now(),
+			alone, t.payTimeout)
 		if err != nil {
 			return refused("payment_failed", "%v", err)
 		}
 		switch {
 		case reserved.fresh != nil:
-			return t.payReserved(reserved.fresh)
+			paid := t.payReserved(reserved.fresh)
+			if paid.refusal != nil && alone {
+				// Not paid, or not known to be: a pending one is waited for like any other.
+				t.store.releaseHeld(reserved.fresh.hash, false)
+			}
+			return paid
 		case reserved.paid != nil:
 			// Another transport sharing the store paid this scope already.
 			return tokenOutcome(reserved.paid)
