@@ -3,7 +3,9 @@
 The server proxy invoices from wallet A (its invoice/read key), the client proxy pays from
 wallet B (its admin key); payments between wallets of one LNbits settle at once. The unit-level
 checks run the backend and wallet classes against the same LNbits: keys, lookups, the states a
-payment can end in. LNbits runs once per session (tests/lnbits_server.py).
+payment can end in. LNbits runs once per session (tests/lnbits_server.py). What every backend
+does (invoices, lookups, paying, refusals) is the contract in tests/contract, LNbits included;
+this file keeps what is particular to LNbits.
 """
 
 import asyncio
@@ -21,7 +23,6 @@ from l402proxy.launch import free_port
 from l402proxy.lightning import (
     BackendUnavailable,
     DevLedger,
-    InvoiceNotFound,
     LightningError,
     PaymentFailed,
     open_backend,
@@ -86,14 +87,12 @@ def test_identity_tells_keys_apart_and_is_stable() -> None:
     [
         ("lnbits://host", "has no ?key="),
         ("lnbits://host?key=", "has no ?key="),
-        (f"lnbits://host?key={SECRET}&wallet=x", "unknown parameter(s) 'wallet'"),
+        (f"lnbits://host?key={SECRET}&wallet=x", "unknown parameter 'wallet'"),
         (f"lnbits://host?key={SECRET}&key={SECRET}", "parameter 'key' given twice"),
         (f"lnbits://host?key={SECRET}%20x", "the key has spaces"),
         (f"lnbits://admin:{SECRET}@host", "the API key goes in ?key="),
         (f"lnbits://?key={SECRET}", "has no host"),
         (f"lnbits://host:99999?key={SECRET}", "bad host or port"),
-        (f"lnbits://host?key={SECRET}&timeout=0", "timeout must be a number of seconds"),
-        (f"lnbits://host?key={SECRET}&timeout=soon", "timeout must be a number of seconds"),
         (f"lnbits://host?key={SECRET}#frag", "unexpected '#' part"),
     ],
 )
@@ -252,15 +251,10 @@ async def test_a_wrong_key_is_an_auth_error_everywhere(pair: Pair) -> None:
         await wallet.close()
 
 
-async def test_invoice_and_lookup_before_payment(pair: Pair) -> None:
+async def test_the_unpaid_preimage_lnbits_holds_is_kept_back(pair: Pair) -> None:
     invoice = await pair.backend.create_invoice(21, "podcast: Ad-free episode", 600)
-    decoded = decode_invoice(invoice.bolt11)
-    assert (decoded.amount_msat, decoded.expiry) == (21_000, 600)
-    assert decoded.description == "podcast: Ad-free episode"
-    assert invoice.payment_hash == decoded.payment_hash
-    assert invoice.expires_at == decoded.expires_at
     state = await pair.backend.lookup_invoice(invoice.payment_hash)
-    assert (state.settled, state.preimage, state.amount_msat) == (False, None, 21_000)
+    assert (state.settled, state.preimage) == (False, None)
     # LNbits does hold the preimage of the unpaid invoice: the backend must not pass it on.
     with httpx.Client(base_url=pair.server.url, trust_env=False, timeout=10) as client:
         raw = client.get(
@@ -268,42 +262,17 @@ async def test_invoice_and_lookup_before_payment(pair: Pair) -> None:
             headers={"X-Api-Key": pair.a.inkey},
         ).json()
     assert raw["details"]["preimage"], "LNbits 1.6.2 shows the unpaid preimage in details"
-    # Nothing was paid from B for it.
-    assert (await pair.wallet.lookup_payment(invoice.payment_hash)).status == "unknown"
 
 
-async def test_lookup_of_unknown_hashes(pair: Pair) -> None:
-    unknown = secrets.token_bytes(32)
-    with pytest.raises(InvoiceNotFound):
-        await pair.backend.lookup_invoice(unknown)
-    state = await pair.wallet.lookup_payment(unknown)
-    assert (state.status, state.preimage, state.fee_msat) == ("unknown", None, 0)
-
-
-async def test_pay_settles_once_and_every_lookup_agrees(pair: Pair) -> None:
+async def test_paying_again_returns_the_same_payment_and_only_the_payer_paid(pair: Pair) -> None:
     invoice = await pair.backend.create_invoice(21, "podcast", 600)
-    before = pair.balances()
     result = await pair.wallet.pay(invoice.bolt11, 10_000)
-    assert hashlib.sha256(result.preimage).digest() == invoice.payment_hash
-    assert (result.payment_hash, result.amount_msat, result.fee_msat) == (
-        invoice.payment_hash,
-        21_000,
-        0,
-    )
     after = pair.balances()
-    assert (after[0] - before[0], after[1] - before[1]) == (21_000, -21_000)
-
-    state = await pair.backend.lookup_invoice(invoice.payment_hash)
-    assert (state.settled, state.preimage) == (True, result.preimage)
-    paid = await pair.wallet.lookup_payment(invoice.payment_hash)
-    assert (paid.status, paid.preimage, paid.fee_msat) == ("succeeded", result.preimage, 0)
-
     # Paying again (a retry after a crash) returns the same payment, and pays nothing more.
     again = await pair.wallet.pay(invoice.bolt11, 10_000)
     assert again.preimage == result.preimage
     assert pair.balances() == after
-
-    # The receiving wallet never paid it.
+    # The receiving wallet (LNbits lists its incoming row under the same hash) never paid it.
     receiver = LNbitsWallet(parse_uri(pair.server.uri(pair.a.adminkey)))
     try:
         assert (await receiver.lookup_payment(invoice.payment_hash)).status == "unknown"
@@ -321,23 +290,6 @@ async def test_a_payment_lnbits_cannot_route_fails_for_certain(pair: Pair, tmp_p
     state = await pair.wallet.lookup_payment(payment_hash)
     assert (state.status, state.preimage) == ("failed", None)
     assert pair.balances() == before
-
-
-async def test_insufficient_balance(pair: Pair) -> None:
-    poor = pair.server.create_wallet(f"poor-{secrets.token_hex(3)}")
-    wallet = LNbitsWallet(parse_uri(pair.server.uri(poor.adminkey)))
-    invoice = await pair.backend.create_invoice(21, "podcast", 600)
-    try:
-        with pytest.raises(PaymentFailed) as caught:
-            await wallet.pay(invoice.bolt11, 10_000)
-        assert str(caught.value) == (
-            f"LNbits at {pair.server.url}: the payment failed: Insufficient balance."
-        )
-        # Refused before LNbits recorded anything.
-        assert (await wallet.lookup_payment(invoice.payment_hash)).status == "unknown"
-    finally:
-        await wallet.close()
-    assert (await pair.backend.lookup_invoice(invoice.payment_hash)).settled is False
 
 
 async def test_fee_limit_below_lnbits_fee_reserve_is_refused_before_paying(pair: Pair) -> None:

@@ -492,7 +492,9 @@ class _Router(router_pb2_grpc.RouterServicer):
                 "amount must be specified when paying a zero amount invoice",
             )
         if invoice.is_expired(time.time()):
-            await context.abort(grpc.StatusCode.UNKNOWN, "invoice expired")
+            # routerrpc ValidatePayReqExpiry: fmt.Errorf("invoice expired. Valid until %v").
+            valid = time.strftime("%Y-%m-%d %H:%M:%S +0000 UTC", time.gmtime(invoice.expires_at))
+            await context.abort(grpc.StatusCode.UNKNOWN, f"invoice expired. Valid until {valid}")
         payment_hash, amount = invoice.payment_hash, invoice.amount_msat
         node.amounts[payment_hash] = amount
         if payment_hash in node.in_flight:

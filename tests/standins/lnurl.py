@@ -42,14 +42,20 @@ class Knobs:
     pay_request_extra: dict[str, Any] = field(default_factory=dict)  # merged into payRequest
     verify: bool = True  # offer LUD-21 verify URLs
     verify_lie: Literal["preimage", "invoice", "settled"] | None = None
+    expiry: int = INVOICE_EXPIRY  # seconds the service's invoices are valid
 
 
 async def hashed_invoice(
-    ledger: DevLedger, wallet: str, amount_msat: int, description_hash: bytes, memo: str
+    ledger: DevLedger,
+    wallet: str,
+    amount_msat: int,
+    description_hash: bytes,
+    memo: str,
+    expiry: int = INVOICE_EXPIRY,
 ) -> Invoice:
     """A dev ledger invoice whose `h` tag is `description_hash` (LUD-06)."""
     return await ledger.create_invoice(
-        wallet, amount_msat, memo, INVOICE_EXPIRY, description_hash=description_hash
+        wallet, amount_msat, memo, expiry, description_hash=description_hash
     )
 
 
@@ -164,6 +170,7 @@ class LnurlService:
             amount + self.knobs.amount_offset_msat,
             hashlib.sha256(metadata.encode()).digest(),
             query.get("comment", ""),
+            self.knobs.expiry,
         )
         self.invoices[invoice.payment_hash] = invoice.bolt11
         body: dict[str, Any] = {"pr": invoice.bolt11, "routes": []}

@@ -357,3 +357,70 @@ def test_backend_check_prints_one_line_for_an_idna_invalid_host(
         "l402proxy: eclair URI: 'xn--a.com' is not a valid host name; use "
         "eclair://:<password>@host:port (eclair+https://... for TLS)\n"
     )
+
+
+# --- one query parser: '+' is a plus, percent escapes are decoded once -----------------------
+
+PLUS_KEY = "ab+cd/ef+gh=="  # base64 keys and file names hold '+'; parse_qsl made it a space
+
+
+def test_the_query_parser_keeps_a_plus_and_decodes_escapes_once() -> None:
+    assert query_params("x://h?a=b+c&d=e%2Bf&g=%2541") == {"a": "b+c", "d": "e+f", "g": "%41"}
+
+
+def test_an_lnbits_key_with_a_plus_is_the_key() -> None:
+    assert lnbits.parse_uri(f"lnbits://h?key={PLUS_KEY}").key == PLUS_KEY
+
+
+def test_an_eclair_cert_path_with_a_plus_is_read(tmp_path: Path) -> None:
+    from tests.standins.tls import server_context
+
+    _, cert = server_context(tmp_path, "eclair")
+    odd = cert.with_name("eclair+ca 1.pem")
+    odd.write_bytes(cert.read_bytes())
+    config = eclair.parse_uri(f"eclair+https://:pw@h:1?cert={str(odd).replace(' ', '%20')}")
+    assert config.ca_pem == cert.read_text()
+
+
+def test_a_cln_socket_path_with_a_plus_is_the_path() -> None:
+    assert cln.parse_uri("cln:///run/a+b/rpc?timeout=5") == ("/run/a+b/rpc", 5.0)
+
+
+# --- one timeout rule ----------------------------------------------------------------------------
+
+
+def timeout_uris(tmp_path: Path, value: str) -> dict[str, str]:
+    """A URI of each backend taking `timeout=`, with `value`."""
+    macaroon = tmp_path / "admin.macaroon"
+    macaroon.write_bytes(MACAROON)
+    return {
+        "lnd URI": f"lnd://127.0.0.1:1?macaroon={macaroon}&timeout={value}",
+        "cln URI": f"cln:///run/lightning-rpc?timeout={value}",
+        "eclair URI": f"eclair://:pw@127.0.0.1:8080?timeout={value}",
+        "LNbits URI": f"lnbits://127.0.0.1?key=k&timeout={value}",
+    }
+
+
+def parsed_timeout(uri: str) -> float:
+    module = {"lnd": lnd, "cln": cln, "eclair": eclair, "lnbits": lnbits}[module_for(uri)]
+    parsed = module.parse_uri(uri)  # type: ignore[attr-defined]
+    return float(parsed[1] if isinstance(parsed, tuple) else parsed.timeout)
+
+
+@pytest.mark.parametrize("value", ["0.5", "1", "30", "600"])
+def test_every_backend_takes_the_same_timeouts(value: str, tmp_path: Path) -> None:
+    for uri in timeout_uris(tmp_path, value).values():
+        assert parsed_timeout(uri) == float(value), uri
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "600.5", "nan", "inf", "soon", "", "1s"])
+def test_every_backend_refuses_the_same_timeouts_in_the_same_words(
+    value: str, tmp_path: Path
+) -> None:
+    shown = repr(value)
+    for what, uri in timeout_uris(tmp_path, value).items():
+        with pytest.raises(LightningError) as caught:
+            parsed_timeout(uri)
+        assert str(caught.value) == (
+            f"{what}: timeout must be a number of seconds more than 0 and at most 600, got {shown}"
+        ), uri

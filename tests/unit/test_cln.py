@@ -3,6 +3,9 @@
 The stand-in (tests/standins/cln.py) speaks lightningd's JSON-RPC framing on a real unix
 socket and is backed by a dev ledger, so invoices, payments and balances are real. A few
 tests script raw replies instead, to pin down framing and odd answers.
+
+What every backend does (invoices, lookups, paying, refusals) is the contract in
+tests/contract; this file keeps what is particular to Core Lightning.
 """
 
 import asyncio
@@ -10,7 +13,6 @@ import contextlib
 import hashlib
 import json
 import socket
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,6 @@ import pytest
 
 from l402proxy.lightning import (
     BackendUnavailable,
-    InvoiceNotFound,
     LightningError,
     PaymentFailed,
     open_backend,
@@ -27,17 +28,11 @@ from l402proxy.lightning import (
 )
 from l402proxy.lightning.cln import ClnNode, backend_from_uri, parse_uri, wallet_from_uri
 from l402proxy.lightning.dev import DevLedger
+from tests.backends import wait_for_status
 from tests.standins.cln import ClnStandin
 
 PRICE_SAT = 21
 FAR_PAST = 10_000_000.0
-
-
-@pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[DevLedger]:
-    ledger = DevLedger(tmp_path / "devledger.sqlite")
-    yield ledger
-    await ledger.close()
 
 
 @pytest.fixture
@@ -68,17 +63,6 @@ def last(node: ClnStandin, method: str) -> dict[str, Any]:
     return [r for r in node.requests if r["method"] == method][-1]
 
 
-async def wait_for_status(wallet: ClnNode, payment_hash: bytes, status: str) -> str:
-    """Poll lookup_payment (bounded: 100 tries, ~5 s) until it says `status`."""
-    seen = ""
-    for _ in range(100):
-        seen = (await wallet.lookup_payment(payment_hash)).status
-        if seen == status:
-            break
-        await asyncio.sleep(0.05)
-    return seen
-
-
 # -- URIs ---------------------------------------------------------------------------------
 
 
@@ -106,9 +90,6 @@ def test_uri_forms(uri: str, path: str, timeout: float) -> None:
         ("cln:relative/lightning-rpc", "'relative/lightning-rpc' must be absolute"),
         ("cln:", "without a socket path"),
         ("cln:///run/rpc?macaroon=x", "unknown parameter 'macaroon'"),
-        ("cln:///run/rpc?timeout=soon", "timeout 'soon' is not a number"),
-        ("cln:///run/rpc?timeout=0", "timeout must be more than 0"),
-        ("cln:///run/rpc?timeout=nan", "timeout must be more than 0"),
         ("cln:///run/rpc?timeout=1&timeout=2", "parameter 'timeout' given twice"),
         ("cln:///run/rpc#x", "unexpected '#' part"),
     ],
@@ -167,12 +148,10 @@ async def test_network_names_are_mapped(
 # -- invoices -----------------------------------------------------------------------------
 
 
-async def test_create_invoice_and_look_it_up_unpaid(backend: ClnNode, merchant: ClnStandin) -> None:
-    before = time.time()
+async def test_invoice_and_listinvoices_are_asked_as_lightningd_expects(
+    backend: ClnNode, merchant: ClnStandin
+) -> None:
     invoice = await backend.create_invoice(PRICE_SAT, "Ad-free episode", 600)
-    assert invoice.amount_msat == PRICE_SAT * 1000
-    assert invoice.bolt11.startswith("lnbcrt210n1")
-    assert before + 599 <= invoice.expires_at <= time.time() + 601
     request = last(merchant, "invoice")
     assert request["jsonrpc"] == "2.0"
     params = request["params"]
@@ -180,9 +159,7 @@ async def test_create_invoice_and_look_it_up_unpaid(backend: ClnNode, merchant: 
     assert params["description"] == "Ad-free episode"
     assert params["expiry"] == 600
     assert params["label"].startswith("l402proxy-")
-
-    state = await backend.lookup_invoice(invoice.payment_hash)
-    assert (state.settled, state.preimage, state.amount_msat) == (False, None, 21_000)
+    await backend.lookup_invoice(invoice.payment_hash)
     assert last(merchant, "listinvoices")["params"] == {"payment_hash": invoice.payment_hash.hex()}
 
 
@@ -196,65 +173,18 @@ async def test_labels_and_request_ids_are_unique(backend: ClnNode, merchant: Cln
     assert all(i.split(":", 1)[1].startswith("invoice#") for i in ids)
 
 
-async def test_a_paid_invoice_is_settled_with_its_preimage(
-    backend: ClnNode, ledger: DevLedger
-) -> None:
-    invoice = await backend.create_invoice(PRICE_SAT, "paid", 600)
-    paid = await ledger.pay("someone", invoice.bolt11, 0)
-    state = await backend.lookup_invoice(invoice.payment_hash)
-    assert state.settled
-    assert state.preimage == paid.preimage
-    assert hashlib.sha256(state.preimage).digest() == invoice.payment_hash
-    assert state.amount_msat == 21_000
-
-
-async def test_an_unknown_invoice_is_not_found(backend: ClnNode, merchant: ClnStandin) -> None:
-    with pytest.raises(InvoiceNotFound) as caught:
-        await backend.lookup_invoice(b"\x07" * 32)
-    assert merchant.socket_path in str(caught.value)
-    assert "07" * 32 in str(caught.value)
-
-
-async def test_an_expired_invoice_is_not_settled_and_cannot_be_paid(
-    backend: ClnNode, wallet: ClnNode, ledger: DevLedger
-) -> None:
-    past = DevLedger(ledger.path, clock=lambda: time.time() - FAR_PAST)
-    try:
-        invoice = await past.create_invoice("merchant", 5_000, "old", 60)
-    finally:
-        await past.close()
-    state = await backend.lookup_invoice(invoice.payment_hash)
-    assert (state.settled, state.preimage, state.amount_msat) == (False, None, 5_000)
-    with pytest.raises(PaymentFailed) as caught:
-        await wallet.pay(invoice.bolt11, 0)
-    assert "code 207" in str(caught.value)
-    # Refused before sending: lightningd lists no payment for it.
-    assert (await wallet.lookup_payment(invoice.payment_hash)).status == "unknown"
-
-
 # -- payments -----------------------------------------------------------------------------
 
 
-async def test_pay_moves_the_money_and_returns_the_preimage(
-    backend: ClnNode, wallet: ClnNode, listener: ClnStandin, ledger: DevLedger
+async def test_pay_asks_with_the_fee_limit_and_a_retry_deadline(
+    backend: ClnNode, wallet: ClnNode, listener: ClnStandin
 ) -> None:
     invoice = await backend.create_invoice(PRICE_SAT, "episode", 600)
-    listener_before = await ledger.balance("listener")
-    merchant_before = await ledger.balance("merchant")
-
-    result = await wallet.pay(invoice.bolt11, 1_000)
-
-    assert result.payment_hash == invoice.payment_hash
-    assert hashlib.sha256(result.preimage).digest() == invoice.payment_hash
-    assert (result.amount_msat, result.fee_msat) == (21_000, 0)
-    assert await ledger.balance("listener") == listener_before - 21_000
-    assert await ledger.balance("merchant") == merchant_before + 21_000
+    await wallet.pay(invoice.bolt11, 1_000)
     params = last(listener, "pay")["params"]
     assert params == {"bolt11": invoice.bolt11, "maxfee": 1_000, "retry_for": 40}
-
-    state = await wallet.lookup_payment(invoice.payment_hash)
-    assert (state.status, state.preimage, state.fee_msat) == ("succeeded", result.preimage, 0)
-    assert (await backend.lookup_invoice(invoice.payment_hash)).settled
+    await wallet.lookup_payment(invoice.payment_hash)
+    assert last(listener, "listpays")["params"] == {"payment_hash": invoice.payment_hash.hex()}
 
 
 @pytest.mark.parametrize(
@@ -428,17 +358,10 @@ async def test_a_hung_payment_is_uncertain_then_lookup_finds_it(
 
     # lightningd keeps paying after our connection closed: the lookup then finds the preimage.
     listener.release()
-    assert await wait_for_status(impatient, invoice.payment_hash, "succeeded") == "succeeded"
-    done = await impatient.lookup_payment(invoice.payment_hash)
+    done = await wait_for_status(impatient, invoice.payment_hash, "succeeded")
     assert done.preimage is not None
     assert hashlib.sha256(done.preimage).digest() == invoice.payment_hash
     assert (await ledger.lookup_invoice(invoice.payment_hash)).settled
-
-
-async def test_a_payment_never_made_is_unknown(wallet: ClnNode, listener: ClnStandin) -> None:
-    state = await wallet.lookup_payment(b"\x42" * 32)
-    assert (state.status, state.preimage, state.fee_msat) == ("unknown", None, 0)
-    assert last(listener, "listpays")["params"] == {"payment_hash": "42" * 32}
 
 
 async def test_an_invalid_invoice_is_refused_before_asking_the_node(

@@ -39,15 +39,15 @@ LISTENER = "listener"
 
 
 @pytest.fixture
-def path(tmp_path: Path) -> Path:
+def ledger_path(tmp_path: Path) -> Path:
+    """In a folder that does not exist yet: the ledger makes it (the shared `ledger` fixture,
+    tests/backends.py, opens its file here)."""
     return tmp_path / "dev" / "ledger.sqlite"
 
 
 @pytest.fixture
-async def ledger(path: Path) -> AsyncIterator[DevLedger]:
-    opened = DevLedger(path)
-    yield opened
-    await opened.close()
+def path(ledger_path: Path) -> Path:
+    return ledger_path
 
 
 @pytest.fixture
@@ -549,7 +549,7 @@ async def test_unclosed_ledger_does_not_block_interpreter_exit(path: Path) -> No
 # -- backend / wallet wrappers and URIs ------------------------------------------------------
 
 
-async def test_open_backend_and_wallet_pay_each_other(path: Path) -> None:
+async def test_open_backend_and_wallet_are_lazy_and_say_what_they_are(path: Path) -> None:
     backend = open_backend("dev", dev_ledger=str(path))
     wallet = open_wallet("dev", dev_ledger=str(path))
     assert isinstance(backend, DevInvoiceBackend) and isinstance(backend, InvoiceBackend)
@@ -557,11 +557,6 @@ async def test_open_backend_and_wallet_pay_each_other(path: Path) -> None:
     assert (backend.wallet, wallet.wallet) == (DEFAULT_SERVER_WALLET, DEFAULT_CLIENT_WALLET)
     assert not path.exists()  # opening is lazy
     try:
-        invoice = await backend.create_invoice(21, "episode", 600)
-        assert invoice.amount_msat == 21_000
-        paid = await wallet.pay(invoice.bolt11, max_fee_msat=0)
-        assert (await backend.lookup_invoice(invoice.payment_hash)).settled
-        assert (await wallet.lookup_payment(invoice.payment_hash)).preimage == paid.preimage
         for described in (backend.describe(), wallet.describe()):
             assert "demos and tests only" in described and str(path) in described
     finally:

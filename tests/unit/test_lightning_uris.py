@@ -25,11 +25,6 @@ from l402proxy.lightning import (
 )
 
 
-@pytest.fixture
-def ledger_path(tmp_path: Path) -> Path:
-    return tmp_path / "devledger.sqlite"
-
-
 def wallet_for(uri: str, ledger_path: Path) -> DevWallet:
     wallet = open_wallet(uri, dev_ledger=ledger_path)
     assert isinstance(wallet, DevWallet)
@@ -49,7 +44,6 @@ def wallet_for(uri: str, ledger_path: Path) -> DevWallet:
         ("dev:fan?delay=600", "fan", 600.0),
         ("dev?delay=1.5", DEFAULT_CLIENT_WALLET, 1.5),
         ("dev:fan?", "fan", 0.0),
-        ("dev:fan?delay=1&delay=3", "fan", 3.0),
     ],
 )
 def test_wallet_uris(uri: str, name: str, delay: float, ledger_path: Path) -> None:
@@ -84,6 +78,7 @@ def test_a_backend_takes_no_parameters(uri: str, ledger_path: Path) -> None:
         ("delay=600.5", "dev URI: delay must be 0-600 seconds"),
         ("delay=inf", "dev URI: delay must be 0-600 seconds"),
         ("delay=nan", "dev URI: delay must be 0-600 seconds"),
+        ("delay=1&delay=3", "dev URI: parameter 'delay' given twice"),
     ],
 )
 def test_bad_delays(query: str, message: str, ledger_path: Path) -> None:
@@ -113,6 +108,8 @@ def test_unknown_wallet_parameters(uri: str, name: str, ledger_path: Path) -> No
         ("dev:?delay=1", "dev URI without a wallet name"),
         ("dev:a b?delay=1", "invalid dev wallet name"),
         ("btcpay://host?delay=1", "unsupported backend URI 'btcpay'"),
+        ("dev:fan?delay=1#x", "dev URI: unexpected '#' part"),
+        ("dev://[x?delay=1", "invalid dev wallet name"),
     ],
 )
 def test_the_wallet_part_is_still_checked(uri: str, problem: str, ledger_path: Path) -> None:

@@ -1,13 +1,14 @@
 """Lightning Address / LNURL-pay as the server's invoice backend (LUD-01, 06, 12, 16, 21).
 
 The service is tests/standins/lnurl.py on 127.0.0.1: real regtest invoices from a dev ledger,
-committing to the payRequest metadata, plus knobs that make it lie.
+committing to the payRequest metadata, plus knobs that make it lie. What every backend does
+(invoices, lookups, refusals) is the contract in tests/contract; this file keeps what is
+particular to LNURL-pay.
 """
 
 import asyncio
 import hashlib
 import json
-import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -159,15 +160,6 @@ def test_a_lightning_address_cannot_pay(uri: str) -> None:
 
 
 # -- against the stand-in service ---------------------------------------------------------------
-
-
-@pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[DevLedger]:
-    ledger = DevLedger(tmp_path / "devledger.sqlite")
-    try:
-        yield ledger
-    finally:
-        await ledger.close()
 
 
 @pytest.fixture
@@ -352,17 +344,6 @@ async def test_bad_pay_requests_are_refused(
 # -- LUD-21 verify ------------------------------------------------------------------------------
 
 
-async def test_lookup_with_verify(
-    backend: LnurlPayBackend, service: LnurlService, ledger: DevLedger
-) -> None:
-    invoice = await backend.create_invoice(21, "x", 600)
-    state = await backend.lookup_invoice(invoice.payment_hash)
-    assert (state.settled, state.preimage, state.amount_msat) == (False, None, 21_000)
-    paid = await ledger.pay("listener", invoice.bolt11, 0)
-    state = await backend.lookup_invoice(invoice.payment_hash)
-    assert (state.settled, state.preimage, state.amount_msat) == (True, paid.preimage, 21_000)
-
-
 async def test_lookup_without_verify_is_unsupported(
     backend: LnurlPayBackend, service: LnurlService
 ) -> None:
@@ -373,13 +354,6 @@ async def test_lookup_without_verify_is_unsupported(
     assert str(caught.value).startswith(
         "a Lightning Address cannot tell whether an invoice was paid; "
     )
-
-
-async def test_lookup_of_an_invoice_it_never_issued(backend: LnurlPayBackend) -> None:
-    with pytest.raises(LookupUnsupported):
-        await backend.lookup_invoice(secrets.token_bytes(32))
-    with pytest.raises(LightningError, match="32 bytes"):
-        await backend.lookup_invoice(b"short")
 
 
 async def test_verify_not_found(backend: LnurlPayBackend, service: LnurlService) -> None:

@@ -2,10 +2,11 @@
 
 import importlib
 from pathlib import Path
-from urllib.parse import parse_qs
 
 from l402proxy.lightning.base import (
     BackendUnavailable,
+    HasBalance,
+    Identified,
     Invoice,
     InvoiceBackend,
     InvoiceNotFound,
@@ -14,11 +15,15 @@ from l402proxy.lightning.base import (
     LookupUnsupported,
     Network,
     NodeInfo,
+    NothingSent,
     PaymentFailed,
     PaymentResult,
     PaymentState,
     PaymentStatus,
+    Startable,
     Wallet,
+    identity,
+    start,
 )
 from l402proxy.lightning.dev import (
     DEFAULT_CLIENT_WALLET,
@@ -28,7 +33,7 @@ from l402proxy.lightning.dev import (
     DevLedger,
     DevWallet,
 )
-from l402proxy.lightning.uri import module_for, redact, shown_name, shown_value
+from l402proxy.lightning.uri import module_for, parse_query, redact, shown_value
 
 MAX_DEV_DELAY_SECONDS = 600.0
 
@@ -44,23 +49,22 @@ def _parse_dev_uri(uri: str, default: str, *, wallet: bool) -> tuple[str, dict[s
     waits after paying (settled, but the preimage has not come back). Any other scheme is
     refused.
     """
-    base, _, query = uri.strip().partition("?")
+    base, _, _ = uri.strip().partition("?")
+    if "#" in uri:
+        raise LightningError("dev URI: unexpected '#' part")
     _, sep, rest = base.partition(":")
     if sep and not rest:
         raise LightningError("dev URI without a wallet name: use 'dev' or 'dev:<wallet>'")
     timings: dict[str, float] = {}
-    for name, values in parse_qs(query, keep_blank_values=True).items():
-        if name not in WALLET_TIMINGS or not wallet:
-            allowed = ", ".join(f"'{t}'" for t in WALLET_TIMINGS) if wallet else "none"
-            raise LightningError(
-                f"dev URI: unknown parameter {shown_name(name)} (allowed: {allowed})"
-            )
+    query = parse_query(uri, what="dev URI", allowed=WALLET_TIMINGS if wallet else ())
+    for name in WALLET_TIMINGS:
+        value = query.get(name)
+        if value is None:
+            continue
         try:
-            seconds = float(values[-1])
+            seconds = float(value)
         except ValueError:
-            raise LightningError(
-                f"dev URI: {name} {shown_value(values[-1])} is not a number"
-            ) from None
+            raise LightningError(f"dev URI: {name} {shown_value(value)} is not a number") from None
         if not 0 <= seconds <= MAX_DEV_DELAY_SECONDS:
             raise LightningError(f"dev URI: {name} must be 0-{MAX_DEV_DELAY_SECONDS:g} seconds")
         timings[name] = seconds
@@ -99,6 +103,8 @@ __all__ = [
     "DevInvoiceBackend",
     "DevLedger",
     "DevWallet",
+    "HasBalance",
+    "Identified",
     "Invoice",
     "InvoiceBackend",
     "InvoiceNotFound",
@@ -107,12 +113,16 @@ __all__ = [
     "LookupUnsupported",
     "Network",
     "NodeInfo",
+    "NothingSent",
     "PaymentFailed",
     "PaymentResult",
     "PaymentState",
     "PaymentStatus",
+    "Startable",
     "Wallet",
+    "identity",
     "open_backend",
     "open_wallet",
     "redact",
+    "start",
 ]

@@ -78,12 +78,66 @@ class PaymentFailed(LightningError):
     """The payment did not happen (nothing was debited)."""
 
 
+class NothingSent(BackendUnavailable, PaymentFailed):
+    """pay() could not reach the node at all (connection refused, TLS, a locked wallet, an
+    unreadable ledger): the node is unavailable, and certainly nothing was sent.
+
+    Both at once, so that every backend says "unreachable" the same way (BackendUnavailable)
+    while the payer, which reads PaymentFailed as "no money moved", can end the payment at once
+    instead of keeping it pending for a later lookup. Raised only where the request provably
+    never reached the node; a connection lost after sending stays a plain BackendUnavailable.
+    """
+
+
 class InvoiceNotFound(LightningError):
     """The backend does not know this payment hash."""
 
 
 class LookupUnsupported(LightningError):
     """This backend cannot look invoices up (a Lightning Address only hands out invoices)."""
+
+
+# -- the optional parts ------------------------------------------------------------------------
+#
+# A backend or wallet may offer more than the two protocols below ask for. Callers never
+# assume these: they go through start() and identity() here, which work for every backend.
+
+
+@runtime_checkable
+class Startable(Protocol):
+    """Can connect and check itself now, so that a broken setup fails at start, not on the
+    first invoice or payment. Backends without it connect on first use."""
+
+    async def start(self) -> None: ...
+
+
+@runtime_checkable
+class Identified(Protocol):
+    """Names which wallet paid, stably across restarts and before connecting (a node address,
+    a key digest: never the secret itself). The payer records it with each payment, so that
+    recovery after a crash asks the same wallet. Without it, the wallet's `name` is used."""
+
+    @property
+    def identity(self) -> str: ...
+
+
+@runtime_checkable
+class HasBalance(Protocol):
+    """Can tell what it may still spend, in msat."""
+
+    async def balance(self) -> int: ...
+
+
+async def start(thing: "InvoiceBackend | Wallet") -> None:
+    """Connect `thing` now if it can (Startable); otherwise it connects on first use."""
+    if isinstance(thing, Startable):
+        await thing.start()
+
+
+def identity(wallet: "Wallet") -> str:
+    """`wallet.identity` when it has one (Identified), else its backend name."""
+    value = wallet.identity if isinstance(wallet, Identified) else None
+    return value if isinstance(value, str) and value else wallet.name
 
 
 @runtime_checkable

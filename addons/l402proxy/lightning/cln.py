@@ -16,7 +16,6 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import os
 import secrets
 from typing import Any, Final
@@ -31,6 +30,7 @@ from l402proxy.lightning.base import (
     LightningError,
     Network,
     NodeInfo,
+    NothingSent,
     PaymentFailed,
     PaymentResult,
     PaymentState,
@@ -43,18 +43,11 @@ from l402proxy.lightning.common import (
     one_line,
     payable_invoice,
 )
-from l402proxy.lightning.uri import (
-    query_params,
-    shown_name,
-    shown_netloc,
-    shown_path,
-    shown_value,
-)
+from l402proxy.lightning.uri import parse_query, shown_netloc, shown_path
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT: Final = 30.0
-MAX_TIMEOUT: Final = 600.0
 # How long `pay` keeps trying routes before it gives a definite answer. Below the client's
 # default pay timeout (60 s), so a payment that cannot be routed comes back as a failure.
 PAY_RETRY_FOR: Final = 40
@@ -156,21 +149,8 @@ def parse_uri(uri: str) -> tuple[str, float]:
         raise LightningError(
             f"cln URI: the socket path {shown_path(path)!r} must be absolute; use {URI_FORMS}"
         )
-    timeout = DEFAULT_TIMEOUT
-    for name, value in query_params(text).items():
-        if name != "timeout":
-            raise LightningError(
-                f"cln URI: unknown parameter {shown_name(name)} (allowed: 'timeout')"
-            )
-        try:
-            timeout = float(value)
-        except ValueError:
-            raise LightningError(f"cln URI: timeout {shown_value(value)} is not a number") from None
-        if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
-            raise LightningError(
-                f"cln URI: timeout must be more than 0 and at most {MAX_TIMEOUT:g} s"
-            )
-    return path, timeout
+    query = parse_query(text, what="cln URI", allowed=("timeout",))
+    return path, query.timeout(DEFAULT_TIMEOUT)
 
 
 class ClnRpc:
@@ -194,9 +174,17 @@ class ClnRpc:
         return f"cln {self.path}"
 
     async def call(
-        self, method: str, params: dict[str, Any], *, timeout: float | None = None
+        self,
+        method: str,
+        params: dict[str, Any],
+        *,
+        timeout: float | None = None,
+        paying: bool = False,
     ) -> dict[str, Any]:
-        """The `result` object of `method`; ClnRpcError for an error reply."""
+        """The `result` object of `method`; ClnRpcError for an error reply.
+
+        `paying`: a socket that cannot be connected to is NothingSent (nothing reached
+        lightningd); everything after connecting stays BackendUnavailable."""
         # lightningd's id format: PREFIX ':' METHOD '#' NUMBER (lightningd-rpc(7), JSON IDS).
         request_id = f"{self._prefix}:{method}#{next(self._ids)}"
         request = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
@@ -204,15 +192,22 @@ class ClnRpc:
         limit = self.timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(limit):
-                reply = await self._exchange(method, request_id, payload)
+                reply = await self._exchange(method, request_id, payload, paying)
         except TimeoutError:
             raise BackendUnavailable(
                 f"{self.where}: no answer to {method} within {limit:g} s"
             ) from None
         return self._result(method, reply)
 
-    async def _exchange(self, method: str, request_id: str, payload: bytes) -> dict[str, Any]:
-        reader, writer = await self._connect()
+    async def _exchange(
+        self, method: str, request_id: str, payload: bytes, paying: bool
+    ) -> dict[str, Any]:
+        try:
+            reader, writer = await self._connect()
+        except BackendUnavailable as exc:
+            if paying:
+                raise NothingSent(f"{exc}; nothing was sent") from None
+            raise
         try:
             try:
                 writer.write(payload)
@@ -490,7 +485,7 @@ class ClnNode:
         params = {"bolt11": text, "maxfee": max_fee_msat, "retry_for": self.pay_retry_for}
         try:
             result = await self.rpc.call(
-                "pay", params, timeout=self.pay_retry_for + self.rpc.timeout
+                "pay", params, timeout=self.pay_retry_for + self.rpc.timeout, paying=True
             )
         except ClnRpcError as exc:
             if exc.code in DEFINITE_PAY_FAILURES and _nothing_in_flight(exc.code, exc.error):

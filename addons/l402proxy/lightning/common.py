@@ -1,11 +1,9 @@
 """Small checks and message helpers every backend module shares: argument checks, one-line
-texts from a node's answers, the invoice a wallet may pay, and what an HTTP failure was."""
+texts from a node's answers and the invoice a wallet may pay. (The HTTP plumbing is in
+http.py.)"""
 
-import socket
-import ssl
+import time
 from typing import Final
-
-import httpx
 
 from l402proxy.l402.invoice import InvoiceInfo, decode_invoice
 from l402proxy.lightning.base import LightningError, PaymentFailed
@@ -49,9 +47,13 @@ def hex32(value: object, where: str, call: str, what: str) -> bytes:
     raise bad_answer(where, call, f"{what} is not 32 bytes of hex")
 
 
-def payable_invoice(bolt11: object) -> tuple[str, InvoiceInfo]:
+def payable_invoice(bolt11: object, now: float | None = None) -> tuple[str, InvoiceInfo]:
     """(the BOLT11 text to hand the node, what it says) for an invoice a wallet may pay;
-    PaymentFailed (nothing was sent) for anything else, an amountless invoice included."""
+    PaymentFailed (nothing was sent) for anything else: not an invoice, no amount, expired.
+
+    Expiry is checked here, before any node is asked, because not every node does (LNbits
+    1.6.2 settles an expired invoice of one of its own wallets), and so that every wallet
+    refuses it in the same words."""
     if not isinstance(bolt11, str):
         raise PaymentFailed("invalid BOLT11 invoice: not a string")
     text = bolt11.strip()
@@ -63,26 +65,9 @@ def payable_invoice(bolt11: object) -> tuple[str, InvoiceInfo]:
         raise PaymentFailed(str(exc)) from None
     if decoded.amount_msat is None:
         raise PaymentFailed("invoice has no amount: l402proxy never pays amountless invoices")
+    now = time.time() if now is None else now
+    if decoded.is_expired(now):
+        raise PaymentFailed(
+            f"invoice expired {max(int(now - decoded.expires_at), 0)} s ago; nothing was sent"
+        )
     return text, decoded
-
-
-def transport_failure(exc: httpx.HTTPError, timeout: float) -> str:
-    """What went wrong, in a few words: refused / TLS / name lookup / timeout / lost."""
-    if isinstance(exc, httpx.TimeoutException):
-        return f"no answer within {timeout:g} s"
-    # httpx says "All connection attempts failed"; the cause underneath says which.
-    cause: BaseException | None = exc
-    for _ in range(8):
-        if cause is None:
-            break
-        if isinstance(cause, ConnectionRefusedError):
-            return "connection refused"
-        if isinstance(cause, ssl.SSLError):
-            return f"TLS handshake failed ({getattr(cause, 'reason', None) or cause})"
-        if isinstance(cause, socket.gaierror):
-            return f"cannot resolve the host name ({cause.strerror or cause})"
-        cause = cause.__cause__ or cause.__context__
-    reason = str(exc) or type(exc).__name__
-    if isinstance(exc, httpx.ConnectError):
-        return f"cannot connect ({reason})"
-    return f"connection failed ({reason})"

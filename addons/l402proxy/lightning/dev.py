@@ -31,6 +31,7 @@ from l402proxy.lightning.base import (
     InvoiceState,
     LightningError,
     NodeInfo,
+    NothingSent,
     PaymentFailed,
     PaymentResult,
     PaymentState,
@@ -472,7 +473,11 @@ class DevLedger:
             raise PaymentFailed(
                 "invoice has no amount: the dev ledger never pays amountless invoices"
             )
-        await self._conn()
+        try:
+            await self._conn()
+        except BackendUnavailable as exc:
+            # The ledger cannot even be opened: nothing moved.
+            raise NothingSent(f"{exc}; nothing was sent") from None
         if info.network != "regtest" or info.payee != self._node_id:
             raise PaymentFailed(
                 f"invoice is not from this dev ledger ({self.path}; payee {info.payee}, "

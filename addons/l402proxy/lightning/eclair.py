@@ -20,7 +20,6 @@ Wire facts this module relies on (ACINQ/eclair, API docs at https://acinq.github
 
 import hashlib
 import logging
-import math
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from l402proxy.lightning.base import (
     LightningError,
     Network,
     NodeInfo,
+    NothingSent,
     PaymentFailed,
     PaymentResult,
     PaymentState,
@@ -50,14 +50,13 @@ from l402proxy.lightning.common import (
     one_line,
     payable_invoice,
 )
+from l402proxy.lightning.http import HttpApi
 from l402proxy.lightning.uri import (
     looks_like_secret,
-    query_params,
+    parse_query,
     redact,
     shown_host,
-    shown_name,
     shown_path,
-    shown_value,
     usable_http_url,
 )
 
@@ -65,7 +64,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT: Final = 8080
 DEFAULT_TIMEOUT: Final = 30.0
-MAX_TIMEOUT: Final = 600.0
 # Eclair's own time limit for a blocking payment (timeoutSeconds). Below the client's default
 # pay timeout (60 s), so Eclair's answer, not ours, ends the wait.
 PAY_TIMEOUT: Final = 40
@@ -152,29 +150,14 @@ def parse_uri(uri: str) -> EclairConfig:
         raise LightningError("eclair URI: bad port 0: use a number from 1 to 65535")
     url_host = f"[{host}]" if ":" in host else host
     address = f"{url_host if ':' in host else shown_host(host)}:{port}"
-    timeout = DEFAULT_TIMEOUT
+    query = parse_query(text, what="eclair URI", allowed=PARAMETERS)
+    timeout = query.timeout(DEFAULT_TIMEOUT)
     ca_pem: str | None = None
-    for name, value in query_params(text).items():
-        if name == "timeout":
-            try:
-                timeout = float(value)
-            except ValueError:
-                raise LightningError(
-                    f"eclair URI: timeout {shown_value(value)} is not a number"
-                ) from None
-            if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
-                raise LightningError(
-                    f"eclair URI: timeout must be more than 0 and at most {MAX_TIMEOUT:g} s"
-                )
-        elif name == "cert":
-            if scheme != "https":
-                raise LightningError("eclair URI: cert only makes sense with eclair+https://")
-            ca_pem = _read_cert(unquote(value))
-        else:
-            allowed = ", ".join(f"'{p}'" for p in PARAMETERS)
-            raise LightningError(
-                f"eclair URI: unknown parameter {shown_name(name)} (allowed: {allowed})"
-            )
+    cert = query.get("cert")
+    if cert is not None:
+        if scheme != "https":
+            raise LightningError("eclair URI: cert only makes sense with eclair+https://")
+        ca_pem = _read_cert(cert)
     prefix = parts.path.rstrip("/")
     base_url = f"{scheme}://{url_host}:{port}{prefix}"
     if not usable_http_url(base_url):
@@ -244,7 +227,18 @@ class EclairNode:
         self.pay_timeout = pay_timeout
         # Until then an empty or all-failed getsentinfo may be a gap between attempts.
         self.settles_within = pay_timeout + SETTLE_MARGIN_SECONDS
-        self._client: httpx.AsyncClient | None = None
+        verify: ssl.SSLContext | bool = True
+        if config.ca_pem is not None:
+            verify = ssl.create_default_context(cadata=config.ca_pem)
+        self.api = HttpApi(
+            self.where,
+            base_url=config.base_url,
+            auth=httpx.BasicAuth("", config.password),
+            timeout=config.timeout,
+            verify=verify,
+            secrets=(config.password,),
+            hint=_hint,
+        )
 
     @property
     def where(self) -> str:
@@ -258,55 +252,31 @@ class EclairNode:
         tls = "HTTPS" if self.config.tls else "HTTP"
         return f"Eclair at {self.config.shown_url} ({tls} API, password not shown)"
 
-    def _http(self) -> httpx.AsyncClient:
-        # Created on first use, inside the running loop (httpx clients belong to one loop).
-        if self._client is None:
-            verify: ssl.SSLContext | bool = True
-            if self.config.ca_pem is not None:
-                verify = ssl.create_default_context(cadata=self.config.ca_pem)
-            self._client = httpx.AsyncClient(
-                base_url=self.config.base_url,
-                auth=httpx.BasicAuth("", self.config.password),
-                timeout=self.config.timeout,
-                verify=verify,
-                # Never through the environment's proxy: this may run inside mitmdump.
-                trust_env=False,
-            )
-        return self._client
-
     async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        await self.api.close()
 
     async def _post(
-        self, endpoint: str, form: dict[str, str], *, timeout: float | None = None
+        self,
+        endpoint: str,
+        form: dict[str, str],
+        *,
+        timeout: float | None = None,
+        paying: bool = False,
     ) -> Any:
         """The JSON answer of one call; typed errors that never show the password."""
-        limit = self.config.timeout if timeout is None else timeout
-        try:
-            response = await self._http().post(f"/{endpoint}", data=form, timeout=limit)
-        except httpx.TimeoutException:
-            raise BackendUnavailable(
-                f"{self.where}: no answer to {endpoint} within {limit:g} s"
-            ) from None
-        except httpx.ConnectError as exc:
-            raise BackendUnavailable(f"{self.where}: {_connect_problem(exc)}") from None
-        except httpx.HTTPError as exc:
-            raise BackendUnavailable(
-                f"{self.where}: {endpoint}: {type(exc).__name__}: {one_line(exc)}"
-            ) from None
-        except (httpx.InvalidURL, UnicodeError):
-            # parse_uri checked the host; whatever slips through is still one line.
-            raise LightningError(f"{self.where}: {endpoint}: not a usable URL") from None
+        response = await self.api.request(
+            "POST", f"/{endpoint}", endpoint, data=form, timeout=timeout, paying=paying
+        )
         if response.status_code == 401:
-            raise BackendUnavailable(
-                f"{self.where}: authentication failed (HTTP 401): wrong API password"
-            )
+            # Refused before Eclair looked at the request: for a payment, nothing was sent.
+            refused = NothingSent if paying else BackendUnavailable
+            raise refused(f"{self.where}: authentication failed (HTTP 401): wrong API password")
         if response.status_code != 200:
             error = _error_text(response)
             raise EclairHttpError(
-                f"{self.where}: {endpoint} failed: HTTP {response.status_code}: {error}",
+                self.api.scrub(
+                    f"{self.where}: {endpoint} failed: HTTP {response.status_code}: {error}"
+                ),
                 response.status_code,
                 error,
             )
@@ -437,7 +407,7 @@ class EclairNode:
         }
         try:
             answer = await self._post(
-                "payinvoice", form, timeout=self.pay_timeout + self.config.timeout
+                "payinvoice", form, timeout=self.pay_timeout + self.config.timeout, paying=True
             )
         except EclairHttpError as exc:
             if exc.status == 400:
@@ -503,20 +473,10 @@ class EclairNode:
         raise bad_answer(self.where, "getsentinfo", f"unknown status {one_line(unknown)!r}")
 
 
-def _connect_problem(exc: httpx.ConnectError) -> str:
-    """What went wrong, from the innermost cause (httpx wraps the OSError twice)."""
-    cause: BaseException | None = exc
-    innermost: BaseException = exc
-    while cause is not None:
-        if isinstance(cause, ssl.SSLError):
-            return f"TLS error: {one_line(getattr(cause, 'reason', None) or cause)}"
-        if isinstance(cause, ConnectionRefusedError):
-            return "connection refused (is Eclair running with eclair.api.enabled=true?)"
-        innermost = cause
-        cause = cause.__cause__ or cause.__context__
-    if isinstance(innermost, OSError) and innermost.strerror:
-        return f"cannot connect: {one_line(innermost.strerror)}"
-    return f"cannot connect: {one_line(innermost) or type(innermost).__name__}"
+def _hint(what: str) -> str:
+    if what == "connection refused":
+        return " (is Eclair running with eclair.api.enabled=true?)"
+    return ""
 
 
 def _error_text(response: httpx.Response) -> str:

@@ -30,26 +30,21 @@ from l402proxy.lightning.base import (
     InvoiceState,
     LightningError,
     NodeInfo,
+    NothingSent,
     PaymentFailed,
     PaymentResult,
     PaymentState,
     Wallet,
 )
-from l402proxy.lightning.common import payable_invoice, transport_failure
-from l402proxy.lightning.uri import (
-    query_params,
-    redact,
-    shown_name,
-    shown_value,
-    usable_http_url,
-)
+from l402proxy.lightning.common import payable_invoice
+from l402proxy.lightning.http import HttpApi
+from l402proxy.lightning.uri import parse_query, redact, usable_http_url
 
 log = logging.getLogger(__name__)
 
 HTTP_SCHEME_FOR: Final = {"lnbits": "https", "lnbits+https": "https", "lnbits+http": "http"}
 URI_PARAMS: Final = ("key", "timeout")
 DEFAULT_TIMEOUT: Final = 10.0
-MAX_TIMEOUT: Final = 300.0
 # LNbits' CreateInvoice.memo has max_length=640; a longer memo is a 400, not a shorter memo.
 MAX_MEMO_CHARS: Final = 640
 # How long pay() keeps asking about a payment LNbits reports pending (its own wait for the
@@ -107,14 +102,8 @@ def parse_uri(uri: str) -> LNbitsConfig:
         raise LightningError(f"LNbits URI {redact(text)!r} has no host; use {form}")
     if parts.fragment:
         raise LightningError(f"LNbits URI {redact(text)!r}: unexpected '#' part")
-    params = query_params(text)
-    unknown = sorted(set(params) - set(URI_PARAMS))
-    if unknown:
-        raise LightningError(
-            f"LNbits URI: unknown parameter(s) {', '.join(map(shown_name, unknown))} "
-            f"(allowed: {', '.join(URI_PARAMS)})"
-        )
-    key = params.get("key", "")
+    query = parse_query(text, what="LNbits URI", allowed=URI_PARAMS)
+    key = query.get("key") or ""
     if not key:
         raise LightningError(
             f"LNbits URI {redact(text)!r} has no ?key=: give the wallet's invoice/read key "
@@ -122,17 +111,7 @@ def parse_uri(uri: str) -> LNbitsConfig:
         )
     if not _KEY_CHARS.fullmatch(key):
         raise LightningError("LNbits URI: the key has spaces or characters an API key never has")
-    timeout = DEFAULT_TIMEOUT
-    if "timeout" in params:
-        try:
-            timeout = float(params["timeout"])
-        except ValueError:
-            timeout = -1.0
-        if not 0 < timeout <= MAX_TIMEOUT:
-            raise LightningError(
-                f"LNbits URI: timeout must be a number of seconds from 0 to {MAX_TIMEOUT:g}, "
-                f"got {shown_value(params['timeout'])}"
-            )
+    timeout = query.timeout(DEFAULT_TIMEOUT)
     if port == 0:
         raise LightningError("LNbits URI: bad port 0: use a number from 1 to 65535")
     url_host = f"[{host}]" if ":" in host else host
@@ -188,13 +167,20 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-class _LNbitsAPI:
-    """One LNbits wallet's REST API: a lazily made httpx client and LNbits' error conventions."""
+class _LNbitsAPI(HttpApi):
+    """One LNbits wallet's REST API: the shared HTTP client (http.py, the key in the X-Api-Key
+    header and scrubbed from every message) and LNbits' error conventions."""
 
     def __init__(self, config: LNbitsConfig) -> None:
+        super().__init__(
+            f"LNbits at {config.shown_url}",
+            base_url=config.base_url,
+            headers={"X-Api-Key": config.key, "Accept": "application/json"},
+            timeout=config.timeout,
+            secrets=(config.key,),
+            hint=self._plain_http_hint,
+        )
         self.config = config
-        self._client: httpx.AsyncClient | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def address(self) -> str:
@@ -202,40 +188,12 @@ class _LNbitsAPI:
         return self.config.shown_url
 
     def _where(self) -> str:
-        return f"LNbits at {self.address}"
+        return self.where
 
-    def scrub(self, text: str) -> str:
-        """Never let the key through, whatever a server or library put into a message."""
-        return text.replace(self.config.key, "***")
-
-    def _http(self) -> httpx.AsyncClient:
-        loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop or self._client.is_closed:
-            # Made inside the running loop; a client from another (finished) loop is unusable.
-            timeout = self.config.timeout
-            self._client = httpx.AsyncClient(
-                base_url=self.config.base_url,
-                headers={"X-Api-Key": self.config.key, "Accept": "application/json"},
-                timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-                follow_redirects=False,
-                # Never through HTTP(S)_PROXY: the key would pass a third party, or (inside
-                # mitmdump) the client proxy itself.
-                trust_env=False,
-            )
-            self._loop = loop
-        return self._client
-
-    async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None and self._loop is asyncio.get_running_loop():
-            await client.aclose()
-
-    def unreachable(self, exc: httpx.HTTPError, doing: str) -> BackendUnavailable:
-        """One line for a transport failure: refused / TLS / timeout / connection lost."""
-        what = transport_failure(exc, self.config.timeout)
-        if "WRONG_VERSION_NUMBER" in what and self.config.base_url.startswith("https:"):
-            what += "; if this LNbits speaks plain http, use lnbits+http://"
-        return BackendUnavailable(self.scrub(f"{self._where()}: {doing}: {what}"))
+    def _plain_http_hint(self, what: str) -> str:
+        if "WRONG_VERSION_NUMBER" in what and self.base_url.startswith("https:"):
+            return "; if this LNbits speaks plain http, use lnbits+http://"
+        return ""
 
     def refused(self, response: httpx.Response, doing: str) -> BackendUnavailable:
         """The key was not accepted (LNbits says so with 401/403, or 404 'Wallet not found')."""
@@ -253,34 +211,6 @@ class _LNbitsAPI:
                 f"{self._where()}: {doing}: HTTP {response.status_code}: {_detail(response)}"
             )
         )
-
-    async def request(
-        self,
-        method: str,
-        path: str,
-        doing: str,
-        *,
-        json: dict[str, Any] | None = None,
-        params: dict[str, str] | None = None,
-    ) -> httpx.Response:
-        try:
-            return await self.send(method, path, json=json, params=params)
-        except httpx.HTTPError as exc:
-            raise self.unreachable(exc, doing) from None
-        except (httpx.InvalidURL, UnicodeError):
-            # parse_uri checked the host; whatever slips through is still one line.
-            raise LightningError(f"{self._where()}: {doing}: not a usable URL") from None
-
-    async def send(
-        self,
-        method: str,
-        path: str,
-        *,
-        json: dict[str, Any] | None = None,
-        params: dict[str, str] | None = None,
-    ) -> httpx.Response:
-        """The request as is: httpx errors reach the caller, who knows what they mean there."""
-        return await self._http().request(method, path, json=json, params=params)
 
     async def wallet(self, doing: str = "reading the wallet") -> dict[str, Any]:
         """GET /api/v1/wallet: {name, balance, id (admin key only)}; checks the key."""
@@ -480,20 +410,15 @@ class LNbitsWallet(Wallet):
         payment_hash = invoice.payment_hash
         await self._check_fee_reserve(text, max_fee_msat)
         doing = f"paying invoice {payment_hash.hex()}"
-        try:
-            response = await self.api.send(
-                "POST", "/api/v1/payments", json={"out": True, "bolt11": text}
-            )
-        except httpx.ConnectError as exc:
-            # Not connected, so nothing was sent.
-            raise PaymentFailed(f"{self.api.unreachable(exc, doing)}; nothing was paid") from None
-        except httpx.HTTPError as exc:
-            # Sent, maybe received: only a later lookup can tell.
-            raise self.api.unreachable(exc, doing) from None
+        # Not connected: NothingSent. Sent, maybe received: BackendUnavailable, and only a
+        # later lookup can tell.
+        response = await self.api.request(
+            "POST", "/api/v1/payments", doing, json={"out": True, "bolt11": text}, paying=True
+        )
         if response.status_code in (401, 403) or _is_wallet_not_found(response):
-            # Refused before anything happened.
+            # The key was refused before anything happened: like an unreachable node.
             hint = "; paying needs the wallet's admin key" if response.status_code == 403 else ""
-            raise PaymentFailed(f"{self.api.refused(response, doing)}{hint}; nothing was paid")
+            raise NothingSent(f"{self.api.refused(response, doing)}{hint}; nothing was paid")
         body = _json_object(response)
         if response.status_code in (200, 201) and body is not None:
             if body.get("payment_hash") != payment_hash.hex():
@@ -539,7 +464,8 @@ class LNbitsWallet(Wallet):
                 "GET", "/api/v1/payments/fee-reserve", doing, params={"invoice": bolt11}
             )
         except BackendUnavailable as exc:
-            raise PaymentFailed(f"{exc}; nothing was paid") from None
+            # Asked before paying: whatever went wrong, nothing was sent.
+            raise NothingSent(f"{exc}; nothing was paid") from None
         body = _json_object(response)
         reserve = _int(body.get("fee_reserve")) if body is not None else None
         if response.status_code != 200 or reserve is None:

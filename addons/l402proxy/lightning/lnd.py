@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 # Before grpc (and lndgrpc, which imports it) loads: see grpc_logging.
 from l402proxy.lightning import grpc_logging  # noqa: F401
@@ -35,7 +35,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from lndgrpc.compiled import lightning_pb2, lightning_pb2_grpc, router_pb2, router_pb2_grpc
 
-from l402proxy.l402.invoice import decode_invoice
 from l402proxy.lightning.base import (
     BackendUnavailable,
     Invoice,
@@ -45,17 +44,18 @@ from l402proxy.lightning.base import (
     LightningError,
     Network,
     NodeInfo,
+    NothingSent,
     PaymentFailed,
     PaymentResult,
     PaymentState,
     Wallet,
 )
-from l402proxy.lightning.common import one_line
+from l402proxy.lightning.common import one_line, payable_invoice
 from l402proxy.lightning.uri import (
     SHOWN_SCHEME,
     looks_like_secret,
+    parse_query,
     shown_host,
-    shown_name,
     shown_path,
     shown_value,
 )
@@ -64,7 +64,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT: Final = 10009
 DEFAULT_TIMEOUT_SECONDS: Final = 10.0
-MAX_TIMEOUT_SECONDS: Final = 300.0
 # How long LND keeps trying routes (SendPaymentRequest.timeout_seconds). Below the client
 # payer's own 60 s limit, so a payment that finds no route ends with a definite FAILED.
 PAYMENT_TIMEOUT_SECONDS: Final = 45
@@ -168,17 +167,18 @@ def parse_uri(uri: str) -> LndTarget:
         )
     if parts.fragment:
         raise LightningError(f"{what}: unexpected '#' part")
-    params = _query(parts.query, what)
-    timeout = _timeout(params.get("timeout"), what)
-    if "macaroon" not in params or not params["macaroon"]:
+    query = parse_query(text, what=what, allowed=PARAMETERS)
+    timeout = query.timeout(DEFAULT_TIMEOUT_SECONDS)
+    given = query.get("macaroon")
+    if not given:
         form = "a .macaroon file path" if scheme == "lnd" else "the base64url macaroon"
         raise LightningError(f"{what}: parameter 'macaroon' is missing ({form})")
     if scheme == "lnd":
-        macaroon = _macaroon_file(params["macaroon"], what)
-        cert_pem, source = _cert_file(params.get("cert"), what)
+        macaroon = _macaroon_file(given, what)
+        cert_pem, source = _cert_file(query.get("cert"), what)
     else:
-        macaroon = _inline_macaroon(params["macaroon"], what)
-        cert_pem, source = _cert_inline(params.get("cert"), what)
+        macaroon = _inline_macaroon(given, what)
+        cert_pem, source = _cert_inline(query.get("cert"), what)
     override = _name_override(cert_pem, host) if cert_pem is not None else None
     return LndTarget(scheme, host, port, cert_pem, source, macaroon, timeout, override)
 
@@ -224,40 +224,6 @@ def _host_port(netloc: str, what: str) -> tuple[str, int]:
             f"{what}: bad port {shown_value(raw_port)}: use a number from 1 to 65535"
         )
     return host.lower(), int(raw_port)
-
-
-def _query(query: str, what: str) -> dict[str, str]:
-    # Own parser: parse_qsl turns '+' into a space, which breaks standard-base64 values and
-    # file paths with '+' in them.
-    params: dict[str, str] = {}
-    for part in query.split("&"):
-        if not part:
-            continue
-        raw_name, _, raw_value = part.partition("=")
-        name = unquote(raw_name)
-        if name not in PARAMETERS:
-            allowed = ", ".join(PARAMETERS)
-            raise LightningError(
-                f"{what}: unknown parameter {shown_name(name)} (allowed: {allowed})"
-            )
-        if name in params:
-            raise LightningError(f"{what}: parameter {name!r} given twice")
-        params[name] = unquote(raw_value)
-    return params
-
-
-def _timeout(value: str | None, what: str) -> float:
-    if value is None:
-        return DEFAULT_TIMEOUT_SECONDS
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not 1 <= seconds <= MAX_TIMEOUT_SECONDS:  # also false for nan
-        raise LightningError(
-            f"{what}: parameter 'timeout' must be seconds from 1 to {MAX_TIMEOUT_SECONDS:g}"
-        )
-    return seconds
 
 
 # What a value given inline (lndconnect's form) instead of a file path is, and where it goes.
@@ -440,6 +406,10 @@ def _classify(exc: grpc.aio.AioRpcError) -> str:
         return "locked"
     if "waiting to start" in details or "in the process of starting up" in details:
         return "starting"
+    if code == grpc.StatusCode.UNKNOWN and details.startswith("invoice expired"):
+        # routerrpc ValidatePayReqExpiry, "invoice expired. Valid until ...": refused while
+        # reading the request, before any payment exists.
+        return "expired"
     return "other"
 
 
@@ -758,13 +728,13 @@ class LndWallet(Wallet):
         if isinstance(max_fee_msat, bool) or not isinstance(max_fee_msat, int) or max_fee_msat < 0:
             raise LightningError(f"max_fee_msat must be an integer >= 0, got {max_fee_msat!r}")
         try:
-            invoice = decode_invoice(bolt11)
-        except ValueError as exc:
+            text, invoice = payable_invoice(bolt11)
+        except PaymentFailed as exc:
             raise PaymentFailed(f"{self.node.where}: not paid: {exc}") from None
         payment_hash, amount_msat = invoice.payment_hash, invoice.amount_msat or 0
         where = self.node.where
         request = router_pb2.SendPaymentRequest(
-            payment_request=bolt11.strip().removeprefix("lightning:"),
+            payment_request=text,
             fee_limit_msat=max_fee_msat,
             timeout_seconds=self.payment_timeout,
             no_inflight_updates=True,
@@ -787,9 +757,13 @@ class LndWallet(Wallet):
                 # "invoice is already paid" / "payment is in transition": LND refused to pay
                 # twice. Follow the earlier payment instead: its preimage is what we need.
                 return await self._follow(payment_hash, amount_msat, exc)
+            kind = _classify(exc)
             error = self.node.error(exc, "pay (SendPaymentV2)", timeout=self.stream_deadline)
-            if _classify(exc) in _NEVER_REACHED_LND:
-                raise error from None
+            if kind in _NEVER_REACHED_LND:
+                # Refused before LND's handler ran: unavailable, and nothing was sent.
+                raise NothingSent(str(error)) from None
+            if kind == "expired":
+                raise PaymentFailed(f"{where}: not paid: {one_line(exc.details())}") from None
             # Cut off mid-stream, or an answer we cannot place: it may have been sent.
             raise BackendUnavailable(
                 f"{error}; the payment may still complete (checked again later)"

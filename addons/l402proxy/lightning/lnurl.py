@@ -41,7 +41,7 @@ from l402proxy.lightning.base import (
     Wallet,
 )
 from l402proxy.lightning.bolt11_encoder import bech32_checksum
-from l402proxy.lightning.common import transport_failure
+from l402proxy.lightning.http import HttpApi
 from l402proxy.lightning.uri import (
     SHOWN_SCHEME,
     shown_host,
@@ -151,6 +151,16 @@ def _short(url: str) -> str:
     scheme = parts.scheme if SHOWN_SCHEME.fullmatch(parts.scheme.lower()) else "***"
     netloc = shown_hostport(parts.netloc.rpartition("@")[2])
     return urlunsplit((scheme, netloc, shown_path(parts.path), "", ""))
+
+
+def _url_secrets(url: str) -> tuple[str, ...]:
+    """What in an LNURL's own URL may be secret (a password, a one-time token in the query):
+    scrubbed from messages, which name the target by `LnurlTarget.shown` anyway."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return ()
+    return tuple(part for part in (parts.password, parts.query) if part)
 
 
 def decode_lnurl(text: str) -> str:
@@ -266,39 +276,33 @@ class LnurlPayBackend(InvoiceBackend):
         self.timeout = timeout
         self._clock = clock
         self._now = now
-        self._client: httpx.AsyncClient | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.api = HttpApi(
+            target.shown,
+            timeout=timeout,
+            headers={"Accept": "application/json"},
+            secrets=_url_secrets(target.url),
+        )
         self._lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
         self._cached: tuple[float, PayRequest] | None = None
         # payment hash -> (LUD-21 verify URL, amount_msat)
         self._verify: OrderedDict[bytes, tuple[str, int]] = OrderedDict()
 
     # -- HTTP ----------------------------------------------------------------------------------
 
-    def _http(self) -> httpx.AsyncClient:
+    def _pay_request_lock(self) -> asyncio.Lock:
+        # A lock belongs to its loop, like the HTTP client: a new loop gets a new one.
         loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop or self._client.is_closed:
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 5.0)),
-                follow_redirects=False,
-                headers={"Accept": "application/json"},
-                # Never through HTTP(S)_PROXY: inside mitmdump it may be this proxy itself.
-                trust_env=False,
-            )
-            self._loop = loop
-            self._lock = asyncio.Lock()
-        return self._client
-
-    def _unreachable(self, exc: httpx.HTTPError, doing: str) -> BackendUnavailable:
-        what = transport_failure(exc, self.timeout)
-        return BackendUnavailable(f"{self.target.shown}: {doing}: {what}")
+        if self._lock is None or self._lock_loop is not loop:
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        return self._lock
 
     async def _get_json(self, url: str, doing: str) -> dict[str, Any]:
         """GET a JSON object. Status codes mean nothing in LNURL (LUD-01): the body decides."""
         chunks: list[bytes] = []
         try:
             for _ in range(MAX_REDIRECTS + 1):
-                async with self._http().stream("GET", url) as response:
+                async with self.api.client().stream("GET", url) as response:
                     status = response.status_code
                     location = response.headers.get("location")
                     if response.is_redirect and location:
@@ -323,10 +327,10 @@ class LnurlPayBackend(InvoiceBackend):
                     f"{self.target.shown}: {doing}: more than {MAX_REDIRECTS} redirects"
                 )
         except httpx.HTTPError as exc:
-            raise self._unreachable(exc, doing) from None
+            raise self.api.unreachable(exc, doing) from None
         except (httpx.InvalidURL, UnicodeError):
             # A redirect or callback httpx cannot use (check_url catches most first).
-            raise LightningError(f"{self.target.shown}: {doing}: not a usable URL") from None
+            raise self.api.not_usable(doing) from None
         try:
             body = json.loads(b"".join(chunks))
         except ValueError:
@@ -346,9 +350,7 @@ class LnurlPayBackend(InvoiceBackend):
 
     async def pay_request(self, *, fresh: bool = False) -> PayRequest:
         """The service's payRequest (LUD-06 step 3), cached for PAY_REQUEST_CACHE_SECONDS."""
-        self._http()
-        assert self._lock is not None
-        async with self._lock:
+        async with self._pay_request_lock():
             cached = self._cached
             if not fresh and cached is not None and self._clock() < cached[0]:
                 return cached[1]
@@ -504,9 +506,7 @@ class LnurlPayBackend(InvoiceBackend):
         return InvoiceState(payment_hash, True, value, amount_msat)
 
     async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None and self._loop is asyncio.get_running_loop():
-            await client.aclose()
+        await self.api.close()
 
     def describe(self) -> str:
         kind = "Lightning Address" if self.target.address else "LNURL-pay"

@@ -6,17 +6,31 @@ host goes, a macaroon as the path or as a parameter name) must not show either, 
 about URI parts go through `shown_name`, `shown_host`, `shown_path`, `shown_value`: anything
 that looks like a key is replaced by `***`, and a parameter value is shown only when it is a
 few characters (a typo like "soon"), never when it could be a key.
+
+Every backend reads its query with `parse_query` (one parser: '+' stays '+', each value is
+percent-decoded once, unknown and repeated names refused in the same words) and its
+`timeout=` with `Query.timeout` (one rule: seconds, more than 0, at most MAX_TIMEOUT).
 """
 
+import math
 import re
-from urllib.parse import parse_qsl, urlsplit
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import unquote, urlsplit
 
 import httpx
 
 from l402proxy.lightning.base import LightningError
 
+# The one timeout rule of every backend URI: `timeout=<seconds>` bounds each call to the node
+# (payments have their own, longer limits), more than 0 and at most this.
+MAX_TIMEOUT: Final = 600.0
+
 # Query parameters that are never secret and help when reading a log.
 PUBLIC_PARAMS = frozenset({"network", "timeout", "delay", "hold", "wallet", "tls"})
+# Query parameters whose values are URLs: shown redacted themselves (an NWC URI's relays).
+URL_PARAMS = frozenset({"relay"})
 
 # user@domain, the Lightning Address form (LUD-16).
 LIGHTNING_ADDRESS = re.compile(r"^[a-z0-9._+-]+@[a-z0-9.-]+\.[a-z]{2,}(:\d+)?$", re.IGNORECASE)
@@ -46,12 +60,16 @@ MODULE_FOR_SCHEME = {
     "lnbits+http": "lnbits",
     "lnbits+https": "lnbits",
     "lnurl": "lnurl",
+    # Nostr Wallet Connect (NIP-47); the second spelling is the NIP's first one, still seen.
+    "nostr+walletconnect": "nwc",
+    "nostrwalletconnect": "nwc",
 }
 
 SUPPORTED_FORMS = (
     "dev, dev:<wallet>, lnd://host:port?cert=<file>&macaroon=<file>, lndconnect://…, "
     "cln:///path/to/lightning-rpc, eclair://:<password>@host:port, "
-    "lnbits://host?key=<key>, lnurl:user@domain (or just user@domain)"
+    "lnbits://host?key=<key>, lnurl:user@domain (or just user@domain), "
+    "nostr+walletconnect://<wallet pubkey>?relay=wss://…&secret=<hex>"
 )
 
 
@@ -161,20 +179,99 @@ def module_for(uri: str) -> str:
     return module
 
 
-def query_params(uri: str) -> dict[str, str]:
-    """Query parameters of a URI; a parameter given twice is an error (which one would win?)."""
-    query = urlsplit(uri.strip()).query
-    params: dict[str, str] = {}
-    for name, value in parse_qsl(query, keep_blank_values=True):
-        if name in params:
-            raise LightningError(f"backend URI: parameter {shown_name(name)} given twice")
-        params[name] = value
-    return params
+def query_items(query: str) -> list[tuple[str, str]]:
+    """The (name, value) pairs of a query string, in order, each percent-decoded once.
+
+    Not parse_qsl: it turns '+' into a space (HTML form encoding), and a URI is no form:
+    base64 keys, passwords and file names hold '+'. A literal space is written %20."""
+    items = []
+    for part in query.split("&"):
+        if part:
+            name, _, value = part.partition("=")
+            items.append((unquote(name), unquote(value)))
+    return items
+
+
+@dataclass(frozen=True)
+class Query:
+    """A backend URI's query parameters, checked: names known, each given once (except the
+    `repeatable` ones, such as NWC's relays)."""
+
+    what: str  # "eclair URI": how messages name the URI
+    values: dict[str, list[str]]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.values
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The parameter's value (the first, for a repeatable one), or `default`."""
+        found = self.values.get(name)
+        return found[0] if found else default
+
+    def all(self, name: str) -> list[str]:
+        """Every value of a repeatable parameter, in order."""
+        return list(self.values.get(name, ()))
+
+    def timeout(self, default: float) -> float:
+        """`timeout=<seconds>` by the one rule every backend follows, or `default`."""
+        value = self.get("timeout")
+        return default if value is None else timeout_seconds(value, self.what)
+
+
+def parse_query(
+    uri: str,
+    *,
+    what: str = "backend URI",
+    allowed: Sequence[str] | None = None,
+    repeatable: Collection[str] = (),
+) -> Query:
+    """The query of `uri`: LightningError (secret-free, naming `what`) for a parameter not in
+    `allowed` (None: any), or one given twice that is not `repeatable` (which one would win?)."""
+    values: dict[str, list[str]] = {}
+    # What urlsplit calls the query, without its ValueError for a broken host ("dev://[x").
+    query = uri.strip().partition("#")[0].partition("?")[2]
+    for name, value in query_items(query):
+        if allowed is not None and name not in allowed:
+            listed = ", ".join(repr(a) for a in allowed) or "none"
+            raise LightningError(
+                f"{what}: unknown parameter {shown_name(name)} (allowed: {listed})"
+            )
+        if name in values and name not in repeatable:
+            raise LightningError(f"{what}: parameter {shown_name(name)} given twice")
+        values.setdefault(name, []).append(value)
+    return Query(what, values)
+
+
+def query_params(uri: str, *, what: str = "backend URI") -> dict[str, str]:
+    """Query parameters of a URI, any names, each given once."""
+    return {name: values[0] for name, values in parse_query(uri, what=what).values.items()}
+
+
+def timeout_seconds(value: str, what: str) -> float:
+    """A `timeout=` value: a number of seconds, more than 0 and at most MAX_TIMEOUT."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT):
+        raise LightningError(
+            f"{what}: timeout must be a number of seconds more than 0 and at most "
+            f"{MAX_TIMEOUT:g}, got {shown_value(value)}"
+        )
+    return seconds
 
 
 def _public(name: str, value: str) -> bool:
     # timeout=<a key> is a key in the wrong place all the same.
     return name in PUBLIC_PARAMS and len(value) <= 16 and not looks_like_secret(value)
+
+
+def _shown_param(name: str, value: str) -> str:
+    if _public(name, value):
+        return value
+    if name in URL_PARAMS and value.lower().startswith(("ws://", "wss://")):
+        return redact(value)
+    return "***"
 
 
 def redact(uri: str) -> str:
@@ -191,12 +288,12 @@ def redact(uri: str) -> str:
     except ValueError:
         return "<unparsable URI>"
     query = "&".join(
-        f"{name}={value if _public(name, value) else '***'}"
-        if SHOWN_NAME.fullmatch(name)
-        else "***"
-        for name, value in parse_qsl(parts.query, keep_blank_values=True)
+        f"{name}={_shown_param(name, value)}" if SHOWN_NAME.fullmatch(name) else "***"
+        for name, value in query_items(parts.query)
     )
-    scheme = parts.scheme if SHOWN_SCHEME.fullmatch(parts.scheme.lower()) else "***"
+    # A scheme we serve is shown whatever its length (nostr+walletconnect).
+    known = parts.scheme.lower() in MODULE_FOR_SCHEME
+    scheme = parts.scheme if known or SHOWN_SCHEME.fullmatch(parts.scheme.lower()) else "***"
     if parts.netloc and "@" in f"{parts.path}{parts.query}{parts.fragment}":
         # An '@' after the authority: a '/', '?' or '#' in the user info ended it early, and
         # the rest of a password follows. Where it ends cannot be told: show none of it.
