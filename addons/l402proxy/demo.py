@@ -6,6 +6,7 @@ scripts/demo --once     # walk through once and stop (what the tests run)
 """
 
 import argparse
+import asyncio
 import contextlib
 import io
 import os
@@ -265,6 +266,72 @@ def walk_through(demo: Demo) -> list[str]:
     ]
 
 
+def _held_credential(demo: Demo) -> str:
+    """The token the client proxy bought in the walk-through, from its wallet's store, as an
+    Authorization value."""
+    from .store.client import ClientStore
+
+    async def read() -> str | None:
+        store = await ClientStore.open(str(demo.home / "client.sqlite"))
+        try:
+            for payment in await store.tokens(time.time()):
+                if "podcast" in payment.services and payment.preimage is not None:
+                    return f"{payment.scheme} {payment.macaroon}:{payment.preimage.hex()}"
+        finally:
+            await store.close()
+        return None
+
+    try:
+        found = asyncio.run(read())
+    except Exception as exc:
+        raise DemoError(f"reading the client proxy's token failed: {exc}") from exc
+    if found is None:
+        raise DemoError("the client proxy holds no token for the podcast service")
+    return found
+
+
+def private_feed(demo: Demo) -> list[str]:
+    """Subscribe ad-free as a podcast app does: the token bought above gives a private feed URL
+    (POST /.l402/feed; the paywall page shows the same after paying), with the rules'
+    `feed: /feed.xml`; that feed, and an episode through it, as a podcast app gets them."""
+    url = f"{demo.proxy.url}/.l402/feed"
+    try:
+        with httpx.Client(trust_env=False, timeout=FETCH_TIMEOUT) as http:
+            minted = http.post(url, headers={"Authorization": _held_credential(demo)})
+    except httpx.HTTPError as exc:
+        raise DemoError(f"asking {url} for the private feed failed: {exc}") from exc
+    feed_url = minted.json().get("feed_url") if minted.status_code == 200 else None
+    if not isinstance(feed_url, str):
+        raise DemoError(
+            f"{url} gave no private feed ({minted.status_code}): the podcast service in the "
+            "rules needs feed: /feed.xml"
+        )
+    base = feed_url.rsplit("/", 1)[0]
+    feed = _get(feed_url)
+    enclosures = re.findall(r'<enclosure url="([^"]+)"', feed.text)
+    if (
+        feed.status_code != 200
+        or not enclosures
+        or not all(link.startswith(base + "/") for link in enclosures)
+    ):
+        raise DemoError(
+            f"the private feed answered {feed.status_code} with {len(enclosures)} episode(s) "
+            f"not under its own address; see {demo.home / 'demo-*.log'}"
+        )
+    episode = _get(enclosures[0])
+    ad_free = podcast.media_path(demo.media, podcast.AD_FREE, WALK_EPISODE).read_bytes()
+    if episode.status_code != 200 or episode.content != ad_free:
+        raise DemoError(f"the private feed's first episode was not the ad-free {WALK_EPISODE}")
+    return [
+        "Subscribe ad-free (the same token, as a podcast app uses it):",
+        f"  {'private feed':<28}{feed.status_code}  {len(feed.content):>9,} bytes  "
+        f"{len(enclosures)} episodes, each at the feed's own address",
+        f"  {'its ' + WALK_EPISODE:<28}{episode.status_code}  {len(episode.content):>9,} bytes  "
+        f"{_seconds(episode.content):4.1f} s  ad-free",
+        f"  paste into a podcast app: {feed_url}",
+    ]
+
+
 def exited(demo: Demo, wait: float = 0.0) -> DemoError | None:
     """A process of the demo that has stopped (waiting up to `wait` s for one to), as an error
     naming it and the reason its log gives."""
@@ -362,6 +429,11 @@ def _try_rows(demo: Demo) -> list[str]:
         ("in a browser", f"{proxy}/ through the client proxy {client}, e.g."),
         ("", browser),
         ("podcast feed", f"{proxy}/feed.xml (a player set to the client proxy gets it ad-free)"),
+        (
+            "ad-free feed",
+            f"{proxy}{podcast.subscribe_link()} in a browser: pay, then paste the private "
+            "feed URL it shows into any podcast app",
+        ),
         ("what was paid", f"{_cli_command()} wallet history"),
         (
             "tokens, payments",
@@ -479,7 +551,7 @@ def _run(ports: Ports, rules: Path, once: bool, signals: _Signals) -> int:
         with started(*demo.processes):
             try:
                 try:
-                    walked = walk_through(demo)
+                    walked = [*walk_through(demo), "", *private_feed(demo)]
                 except DemoError as exc:
                     # A child that stops right after it started listening (mitmdump does, on a
                     # bad option) is the real story, not the refused connection.

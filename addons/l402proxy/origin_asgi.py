@@ -142,14 +142,36 @@ def _index() -> bytes:
     return f"<!doctype html>{title}<ul>{items}</ul>".encode()
 
 
+# A Podcasting 2.0 value block (listeners stream sats to these recipients): a private feed keeps
+# it as it is. The node key is a made-up one.
+VALUE_BLOCK = (
+    '<podcast:value type="lightning" method="keysend" suggested="0.00000005000">'
+    '<podcast:valueRecipient name="Sample host" type="node" split="100" address="'
+    + "02"
+    + "ab" * 32
+    + '"/></podcast:value>'
+)
+
+
 def _feed(base: str) -> bytes:
+    """The RSS feed, its URLs built from the Host the request came with (through a door: the
+    door's address): an enclosure per episode, its self link and a podcast:value block."""
     items = "".join(
-        f'<item><title>{e}</title><enclosure url="{base}/episodes/{e}.mp3" '
+        f'<item><title>{e}</title><guid isPermaLink="false">sample-{e}</guid>'
+        f'<enclosure url="{base}/episodes/{e}.mp3" '
         f'type="audio/mpeg" length="{len(episode_bytes("AD-SUPPORTED", e))}"/></item>'
         for e in EPISODES
     )
-    channel = f"<channel><title>Sample podcast</title>{items}</channel>"
-    return f'<?xml version="1.0"?><rss version="2.0">{channel}</rss>'.encode()
+    channel = (
+        "<channel><title>Sample podcast</title>"
+        f'<atom:link rel="self" type="application/rss+xml" href="{base}/feed.xml"/>'
+        f"{VALUE_BLOCK}{items}</channel>"
+    )
+    namespaces = (
+        'xmlns:atom="http://www.w3.org/2005/Atom" '
+        'xmlns:podcast="https://podcastindex.org/namespace/1.0"'
+    )
+    return f'<?xml version="1.0"?><rss version="2.0" {namespaces}>{channel}</rss>'.encode()
 
 
 async def _episode(

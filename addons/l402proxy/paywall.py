@@ -52,6 +52,7 @@ __all__ = [
     "is_endpoint",
     "parse_unlock_body",
     "qr_svg",
+    "render_feed_page",
     "render_message_page",
     "render_page",
     "safe_local_path",
@@ -485,16 +486,27 @@ def render_page(facts: PageFacts) -> str:
 <p class="what">Paying unlocks {e(where)}, {e(duration)}.</p>
 <a class="qr" href="{e(lightning_uri)}" aria-label="Open the invoice in a Lightning wallet">\
 {qr_svg(facts.bolt11)}</a>
-<p class="hint">Scan with a Lightning wallet. This page opens the content by itself once paid.</p>
-<div class="actions">
+<p class="hint" id="scan-hint">Scan with a Lightning wallet. This page opens the content by itself \
+once paid.</p>
+<div class="actions" id="pay-actions">
 <button id="webln-pay" class="primary" type="button" hidden>Pay with WebLN</button>
 <a id="open-wallet" class="button" href="{e(lightning_uri)}">Open wallet</a>
 <button id="copy" type="button">Copy invoice</button>
 <button id="renew" class="primary" type="button" hidden>Get a new invoice</button>
 </div>
 <p id="status" class="status" role="status" aria-live="polite"></p>
-<p class="expiry">The invoice expires <span id="expiry">at <time datetime="{e(expires_iso)}">\
-{e(expires)}</time></span>.</p>
+<section id="subscribe" class="subscribe" hidden>
+<h2>Subscribe ad-free</h2>
+<p class="hint">Paste this private feed address into your podcast app. It is yours alone: \
+whoever has it listens on your payment.</p>
+<input id="feed-url" class="feed-url" type="text" readonly aria-label="Your private feed address">
+<div class="actions">
+<button id="copy-feed" class="primary" type="button">Copy feed address</button>
+<a id="continue" class="button" href="">Continue</a>
+</div>
+</section>
+<p class="expiry" id="expiry-line">The invoice expires <span id="expiry">at \
+<time datetime="{e(expires_iso)}">{e(expires)}</time></span>.</p>
 <code id="invoice" class="invoice">{e(facts.bolt11)}</code>
 <noscript><p class="note">This page needs JavaScript to open the content after you pay.</p>\
 </noscript>
@@ -533,6 +545,32 @@ def render_message_page(title: str, message: str) -> str:
 <h1>{_escape(title)}</h1>
 <p class="what">{_escape(message)}</p>
 </main>
+</body>
+</html>
+"""
+
+
+def render_feed_page(description: str, feed_url: str, return_to: str) -> str:
+    """The page for a browser that has paid already and whose service sells a private feed:
+    the feed's address to copy (as the paywall page shows it after paying), and a link on."""
+    data = {"feed_url": feed_url}
+    return f"""{_page_start(f"{description}: subscribe ad-free")}
+<p class="lead">Paid</p>
+<h1>{_escape(description)}</h1>
+<section id="subscribe" class="subscribe">
+<h2>Subscribe ad-free</h2>
+<p class="hint">Paste this private feed address into your podcast app. It is yours alone: \
+whoever has it listens on your payment.</p>
+<input id="feed-url" class="feed-url" type="text" readonly aria-label="Your private feed address" \
+value="{_escape(feed_url)}">
+<div class="actions">
+<button id="copy-feed" class="primary" type="button">Copy feed address</button>
+<a id="continue" class="button" href="{_escape(return_to)}">Continue</a>
+</div>
+</section>
+</main>
+<script type="application/json" id="l402-data">{_script_json(data)}</script>
+<script>{_FEED_JS}</script>
 </body>
 </html>
 """
@@ -636,6 +674,9 @@ text-align:left;word-break:break-all;user-select:all}
 details{margin-top:1rem;color:var(--muted);font-size:.85rem;text-align:left}
 .expired .qr{opacity:.2}
 .offscreen{position:fixed;top:0;left:-9999px;opacity:0}
+.subscribe h2{margin:1rem 0 0;font-size:1.1rem}
+.feed-url{width:100%;padding:.5rem;border:1px solid var(--line);border-radius:8px;
+background:var(--bg);color:var(--fg);font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,monospace}
 """.splitlines()
 )
 
@@ -669,13 +710,61 @@ _JS = """
     clearTimeout(pollTimer);
     clearInterval(tickTimer);
   }
-  function proceed() {
+  function proceed(answer) {
     stop();
+    var feed = answer && answer.body && answer.body.feed_url;
+    if (typeof feed === "string" && /^https?:\\/\\//.test(feed)) {
+      subscribe(feed);
+      return;
+    }
     say("Paid. Opening\\u2026", "ok");
     if (data.return_to) {
       window.location.replace(data.return_to);
     } else {
       window.location.reload();
+    }
+  }
+  // The seller sells a private podcast feed: its address to copy, and a link on to the content.
+  function subscribe(feed) {
+    say("Paid. Your private feed is ready.", "ok");
+    ["a.qr", "#scan-hint", "#pay-actions", "#expiry-line", "#invoice"].forEach(function (which) {
+      var element = document.querySelector(which);
+      if (element) { element.hidden = true; }
+    });
+    var field = document.getElementById("feed-url");
+    var button = document.getElementById("copy-feed");
+    field.value = feed;
+    document.getElementById("continue").setAttribute(
+      "href", data.return_to || window.location.href);
+    document.getElementById("subscribe").hidden = false;
+    field.addEventListener("focus", function () { field.select(); });
+    button.addEventListener("click", function () {
+      copyText(feed, field, function (ok) {
+        button.textContent = ok ? "Copied" : "Copy failed: select the address above";
+        setTimeout(function () { button.textContent = "Copy feed address"; }, 2500);
+      });
+    });
+  }
+  function copyText(text, field, done) {
+    function fallback() {
+      var area = field;
+      if (!area) {
+        area = document.createElement("textarea");
+        area.value = text;
+        area.setAttribute("readonly", "");
+        area.className = "offscreen";
+        document.body.appendChild(area);
+      }
+      area.select();
+      var ok = false;
+      try { ok = document.execCommand("copy"); } catch (e) { ok = false; }
+      if (!field) { document.body.removeChild(area); }
+      done(ok);
+    }
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(text).then(function () { done(true); }, fallback);
+    } else {
+      fallback();
     }
   }
   function explain(answer) {
@@ -725,7 +814,7 @@ _JS = """
     }
     unlock(preimageHex).then(function (answer) {
       if (finished) { return; }
-      if (unlocked(answer)) { proceed(); return; }
+      if (unlocked(answer)) { proceed(answer); return; }
       if (answer.status === 202) { schedule(data.poll_ms); return; }
       if (answer.status === 503 || (preimageHex && answer.status >= 500)) {
         schedule(Math.max(data.poll_ms, answer.retry * 1000));
@@ -755,7 +844,7 @@ _JS = """
     say("This invoice has expired: nothing can be paid with it now.", "error");
     // A payment made in the last seconds is still worth its content.
     unlock(null).then(function (answer) {
-      if (unlocked(answer)) { finished = false; proceed(); }
+      if (unlocked(answer)) { finished = false; proceed(answer); }
     }, function () {});
   }
   function tick() {
@@ -796,27 +885,10 @@ _JS = """
   });
   renewButton.addEventListener("click", function () { window.location.reload(); });
   copyButton.addEventListener("click", function () {
-    function copied(ok) {
+    copyText(data.bolt11, null, function (ok) {
       copyButton.textContent = ok ? "Copied" : "Copy failed: select the invoice below";
       setTimeout(function () { copyButton.textContent = "Copy invoice"; }, 2500);
-    }
-    function fallback() {
-      var area = document.createElement("textarea");
-      area.value = data.bolt11;
-      area.setAttribute("readonly", "");
-      area.className = "offscreen";
-      document.body.appendChild(area);
-      area.select();
-      var ok = false;
-      try { ok = document.execCommand("copy"); } catch (e) { ok = false; }
-      document.body.removeChild(area);
-      copied(ok);
-    }
-    if (navigator.clipboard && window.isSecureContext) {
-      navigator.clipboard.writeText(data.bolt11).then(function () { copied(true); }, fallback);
-    } else {
-      fallback();
-    }
+    });
   });
   offerWebln();
   window.addEventListener("webln:ready", offerWebln);
@@ -826,5 +898,33 @@ _JS = """
   tick();
   tickTimer = setInterval(tick, 1000);
   schedule(data.poll_ms);
+})();
+"""
+
+# The feed page's copy button (render_feed_page): plain ES2017, no framework.
+_FEED_JS = """
+(function () {
+  "use strict";
+  var data = JSON.parse(document.getElementById("l402-data").textContent);
+  var field = document.getElementById("feed-url");
+  var button = document.getElementById("copy-feed");
+  function done(ok) {
+    button.textContent = ok ? "Copied" : "Copy failed: select the address above";
+    setTimeout(function () { button.textContent = "Copy feed address"; }, 2500);
+  }
+  field.addEventListener("focus", function () { field.select(); });
+  button.addEventListener("click", function () {
+    function fallback() {
+      field.select();
+      var ok = false;
+      try { ok = document.execCommand("copy"); } catch (e) { ok = false; }
+      done(ok);
+    }
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(data.feed_url).then(function () { done(true); }, fallback);
+    } else {
+      fallback();
+    }
+  });
 })();
 """

@@ -253,9 +253,19 @@ def index_html(price_sat: int) -> str:
         f'<p class="note">A player or browser using the l402proxy client proxy pays {price_sat}'
         " sats once and gets the ad-free file automatically, at the same address.</p>"
         f"{''.join(episodes)}"
-        '<p class="note"><a href="/feed.xml">RSS feed</a></p>'
+        f'<p class="subscribe"><a href="{escape(subscribe_link())}">Subscribe ad-free</a>: pay '
+        f"{price_sat} sats once and the page gives you a private feed address for any podcast "
+        "app, every episode without the ad.</p>"
+        '<p class="note"><a href="/feed.xml">RSS feed</a> (with the ads)</p>'
         "</body></html>\n"
     )
+
+
+def subscribe_link() -> str:
+    """The paywall page for an episode: paying there shows the private feed's URL (the rules'
+    `feed: /feed.xml`), then leads back to this page; a browser that paid already is shown its
+    feed's URL at once (subscribe=1)."""
+    return f"{PAY_PATH}?path=/{AD_SUPPORTED}/{EPISODES[0].name}.wav&return=/&subscribe=1"
 
 
 def seen(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:

@@ -81,6 +81,8 @@ _QUANTIFIERS = frozenset("*+?{")
 PLAIN_PATH = re.compile(r"/[A-Za-z0-9/._~!$&'()*+=:@%-]*")
 # Priced modes: a request they match costs something (or a token).
 PRICED_MODES = frozenset({"paywall", "upgrade"})
+# The paywall's own pages (paywall.ENDPOINT_PREFIX; paywall imports this module): never a feed.
+_ENDPOINT_PREFIX = "/.l402/"
 # 21 million BTC: anything above is a typo, and a huge price would only fail later in the backend.
 MAX_PRICE_SAT = 21_000_000 * 100_000_000
 # The BOLT11 description field holds at most 639 bytes (10-bit length of 5-bit groups); keep
@@ -152,9 +154,10 @@ _SERVICE_KEYS = (
     "bundle",
     "single_use",
     "pass",
+    "feed",
 )
 # What a service sells beyond its price: refused where nothing is sold (free, deny).
-_SOLD_KEYS = ("price", "bundle", "single_use", "pass")
+_SOLD_KEYS = ("price", "bundle", "single_use", "pass", "feed")
 _MATCH_KEYS = ("path", "host", "methods")
 _PAID_KEYS = ("rewrite_path", "upstream", "set_headers")
 _RATE_KEYS = ("requests", "per", "burst", "key")
@@ -346,6 +349,9 @@ class Rule:
     single_use: bool = False
     # `pass:`: the token this rule sells opens several services.
     pass_: PassSpec | None = None
+    # `feed:`: the podcast feed (a plain path on this site) a buyer gets a private copy of,
+    # at /.l402/feed/<capability><feed> (engine/feeds.py).
+    feed: str | None = None
 
     @functools.cached_property
     def free_view(self) -> "Rule":
@@ -360,6 +366,7 @@ class Rule:
             bundle=None,
             single_use=False,
             pass_=None,
+            feed=None,
         )
 
     def pricing_json(self) -> dict[str, Any]:
@@ -377,6 +384,7 @@ class Rule:
             "pass": None
             if sold is None
             else {"name": sold.name, "services": list(sold.services), "valid_for": sold.valid_for},
+            "feed": self.feed,
         }
 
     def _judged_as(self, path: str) -> "Rule":
@@ -1733,6 +1741,10 @@ class _Parser:
         pass_node = self.value_node(entries, "pass")
         if pass_node is not None:
             pass_ = self.pass_spec(pass_node, name, valid_for)
+        feed = None
+        feed_node = self.value_node(entries, "feed")
+        if feed_node is not None:
+            feed = self.feed_path(feed_node)
 
         return Rule(
             name=name,
@@ -1755,6 +1767,7 @@ class _Parser:
             bundle=bundle,
             single_use=single_use,
             pass_=pass_,
+            feed=feed,
         )
 
     @staticmethod
@@ -1927,6 +1940,42 @@ class _Parser:
         self.pass_lines[name] = (name_node.start_mark.line + 1, service)
         self.pass_services.append((service, node.start_mark.line + 1, listed))
         return PassSpec(name, tuple(listed_name for listed_name, _ in listed), pass_valid_for)
+
+    def feed_path(self, node: yaml.Node) -> str:
+        """`feed: /feed.xml`: the path of the podcast feed this service's buyers get a private
+        copy of. A plain path, read the same way by every server (it is compared as written
+        with the path under a listener's capability), and never one of the paywall's own."""
+        example = "a path like /feed.xml"
+        value = self.scalar(node)
+        if not isinstance(value, str):
+            self.fail(node, f"feed must be {example}, got {_show(value)}")
+        if not value.startswith("/"):
+            self.fail(node, f"feed must be {example} (starting with '/'), got {_clip(value)!r}")
+        if "?" in value or "#" in value:
+            self.fail(
+                node,
+                f"feed {_clip(value)!r} has a query or fragment: give the feed's path alone, "
+                f"{example}",
+            )
+        if len(value) > MAX_READ_PATH or PLAIN_PATH.fullmatch(value) is None or "%" in value:
+            self.fail(
+                node,
+                f"feed {_clip(value)!r} is not a plain path: use letters, digits and "
+                "/._~!$&'()*+=:@- (no spaces, percent escapes or ';'), like /feed.xml",
+            )
+        if normalize_path(value) != value or "//" in value:
+            self.fail(
+                node,
+                f"feed {_clip(value)!r} has '.', '..' or empty segments: give the path as the "
+                "origin serves it, like /feed.xml",
+            )
+        if value == _ENDPOINT_PREFIX.rstrip("/") or value.startswith(_ENDPOINT_PREFIX):
+            self.fail(
+                node,
+                f"feed {_clip(value)!r} is under {_ENDPOINT_PREFIX}, the paywall's own pages; "
+                "give the origin's feed path, like /feed.xml",
+            )
+        return value
 
     def check_pass_services(self, rules: Sequence[Rule]) -> None:
         """Every service a pass lists exists in the file and sells something (a pass that

@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from .. import paths, paywall
-from ..engine import Answer, Forward, Outcome, Paywall, Request, StartError, metering
+from ..engine import Answer, Forward, Outcome, Paywall, Request, StartError, feeds, metering
 from ..engine import answers as engine_answers
 from ..engine.metering import Metered
 from ..engine.request import Fields, encode, get, set_one
@@ -116,6 +116,20 @@ def also_targets(scope: Scope) -> tuple[str, ...]:
     query = scope.get("query_string")
     target = _quoted(below or "/")
     return (f"{target}?{query.decode('utf-8', 'surrogateescape')}" if query else target,)
+
+
+def _inner_also_targets(scope: Scope, inner: str) -> tuple[str, ...]:
+    """also_targets for a private feed's inner target (path and query as sent), as if the
+    client had asked for it: the app gets it as its path, under the same root_path."""
+    path, _, query = inner.partition("?")
+    if not (scope.get("root_path") or "").rstrip("/"):
+        return ()
+    inner_scope = {
+        **scope,
+        "path": unquote(path, errors="surrogateescape"),
+        "query_string": query.encode("utf-8", "surrogateescape"),
+    }
+    return also_targets(inner_scope)
 
 
 def _quoted(path: str) -> str:
@@ -344,6 +358,76 @@ def _hiding_send(send: Send, hidden: frozenset[bytes]) -> Send:
         await send(message)
 
     return hiding
+
+
+class _FeedSend:
+    """`send` for a private feed's document (engine/feeds.py): a 2xx answer to a GET is held
+    whole (at most MAX_FEED_BYTES, else 502), made private on a worker thread (FeedError:
+    502 with the reason) and sent with its new length; anything else passes unchanged. What
+    the app sends after a 502 went out is dropped."""
+
+    def __init__(self, send: Send, note: dict[str, Any], method: str) -> None:
+        self.send = send
+        self.wanted: dict[str, Any] = note[feeds.FEED_NOTE]
+        self.service = note.get("service")
+        self.method = method
+        self.held: Message | None = None
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.passing = False
+        self.done = False
+
+    async def __call__(self, message: Message) -> None:
+        if self.done:
+            return
+        if self.passing:
+            await self.send(message)
+            return
+        kind = message["type"]
+        if self.held is None:
+            if kind == "http.response.start" and feeds.rewrites(
+                self.method, message.get("status", 200)
+            ):
+                if message.get("trailers"):
+                    await self._fail("the feed came with trailers")
+                    return
+                self.held = message
+                return
+            self.passing = True
+            await self.send(message)
+            return
+        if kind != "http.response.body":
+            await self._fail("the feed was not sent as a body")
+            return
+        chunk = message.get("body", b"")
+        self.size += len(chunk)
+        if self.size > feeds.MAX_FEED_BYTES:
+            await self._fail(f"feed too large: more than {feeds.MAX_FEED_BYTES} bytes")
+            return
+        self.chunks.append(chunk)
+        if message.get("more_body", False):
+            return
+        body, self.chunks = b"".join(self.chunks), []
+        fields = fields_of(self.held.get("headers"))
+        try:
+            private = await asyncio.to_thread(
+                feeds.private_body, body, get(fields, "content-encoding"), self.wanted
+            )
+        except feeds.FeedError as exc:
+            await self._fail(str(exc))
+            return
+        start = {**self.held, "headers": lower_names(feeds.private_fields(fields, len(private)))}
+        self.held, self.done = None, True
+        await self.send(start)
+        await self.send({"type": "http.response.body", "body": private, "more_body": False})
+
+    async def _fail(self, problem: str) -> None:
+        self.held, self.chunks, self.done = None, [], True
+        where = f" of {self.service}" if self.service else ""
+        log.warning(f"l402: a private feed{where}: {problem}")
+        start, body = http_messages(feeds.bad_feed_answer(problem, self.method))
+        await self.send(start)
+        await self.send(body)
 
 
 class _Watched:
@@ -774,7 +858,14 @@ class L402Middleware:
             await self._answer(send, _not_a_path(method))
             return
         body = None
-        endpoint = paywall.is_endpoint(target)
+        also = also_targets(scope)
+        feed = feeds.split_target(target)
+        # A private feed's request is judged as its inner one (engine/feeds.py) and may be
+        # forwarded there with its body: not read here. The app may route the inner target
+        # below root_path too: those are its other readings.
+        endpoint = feed is None and paywall.is_endpoint(target)
+        if feed is not None:
+            also = _inner_also_targets(scope, feed.inner)
         if endpoint:
             body = await _read_body(receive)
             if body is None:  # the client went away
@@ -791,7 +882,7 @@ class L402Middleware:
             secure=scope.get("scheme") == "https",
             client=_client(scope),
             target_check=one_host,
-            also_targets=also_targets(scope),
+            also_targets=also,
         )
         try:  # inline, not _judge: one coroutine less on every request
             outcome = await self.engine.handle(request)
@@ -800,9 +891,10 @@ class L402Middleware:
         if isinstance(outcome, Answer):
             await self._answer(send, outcome)
             return
-        if endpoint or outcome.upstream is not None:
-            # Neither can happen (endpoints are always answered; paid.upstream is refused when
-            # the rules load): never forward a request elsewhere or with its body consumed.
+        if endpoint or outcome.upstream is not None or (feed is not None and outcome.path is None):
+            # None can happen (endpoints are always answered; paid.upstream is refused when
+            # the rules load; a feed's request goes to its inner path): never forward a request
+            # elsewhere, with its body consumed, or to a capability's path.
             log.error(f"l402: refused to forward {method} {target}: {outcome!r}")
             await self._answer(send, _unavailable(method))
             return
@@ -821,15 +913,22 @@ class L402Middleware:
                     send = _paid_send(send, note.get("dry_run"), note.get("balance"), hidden)
             elif variant == "free":
                 send = _FreeVariant(send, note, method, hidden)
+            elif hidden:  # a private feed's unpriced document
+                send = _hiding_send(send, hidden)
         elif hidden:
             send = _hiding_send(send, hidden)
         if metered is not None:
             assert note is not None
             await self._forward_metered(scope, fields, outcome, receive, send, note, metered)
             return
+        forwarded = forwarded_scope(scope, fields, outcome)
+        if note is not None and feeds.FEED_NOTE in note:
+            send = _FeedSend(send, note, method)
+            # The body must come as messages to be rewritten, not as a file the server reads.
+            forwarded = _countable(forwarded)
         if self.engine.watchers:
             send = _timed_send(send, self.engine, note.get("service") if note else None)
-        await self.app(forwarded_scope(scope, fields, outcome), receive, send)
+        await self.app(forwarded, receive, send)
 
     def _metered(self, note: dict[str, Any], method: str) -> tuple[Answer | None, Metered | None]:
         """The metering of a paid answer, or the answer that refuses it: a meter this door

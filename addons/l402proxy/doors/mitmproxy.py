@@ -9,6 +9,7 @@ strategy, stream_large_bodies, absolute-form targets, 101 switches, the upstream
 Decisions live in gate.py, the paywall in engine/, the protocol in l402/.
 """
 
+import asyncio
 import functools
 import logging
 import time
@@ -20,7 +21,7 @@ from mitmproxy import ctx, http
 from mitmproxy.net.http import status_codes
 
 from .. import gate, paths, paywall
-from ..engine import Answer, Outcome, Paywall, Refused, Request, StartError, metering
+from ..engine import Answer, Outcome, Paywall, Refused, Request, StartError, feeds, metering
 from ..engine import answers as engine_answers
 from ..engine.metering import Metered
 from ..engine.request import (
@@ -104,6 +105,25 @@ def check_target(request: http.Request, hosts: Sequence[bytes], keep_host: bool)
     # (mitmproxy does the same in regular mode: some servers do not take absolute form).
     request.authority = ""
     return None
+
+
+# Why private feeds are off in reverse mode without keep_host_header.
+FEEDS_NEED_HOST = (
+    "in reverse mode mitmproxy replaces Host with the origin's name, and feed URLs must name "
+    "the host players ask for: private feeds are off; add --set keep_host_header=true"
+)
+
+
+def host_replaced() -> bool:
+    """Does mitmproxy put the origin's name into Host before the paywall sees a request (reverse
+    mode without keep_host_header)? False outside a running mitmproxy."""
+    try:
+        options = ctx.options
+        modes = getattr(options, "mode", ())
+        keep = getattr(options, "keep_host_header", True)
+    except AttributeError:  # no master: a door built outside mitmproxy
+        return False
+    return any(str(mode).startswith("reverse") for mode in modes) and not keep
 
 
 def to_response(answer: Answer) -> http.Response:
@@ -287,6 +307,7 @@ class L402Server:
             self._configure_upstream(updated)
             self._configure_streaming(updated)
             self._check_host_rules(updated)
+            self._configure_feeds(updated)
             self._configure_ops(updated)
 
     def _use_log_format(self, value: str) -> None:
@@ -325,9 +346,7 @@ class L402Server:
         and what it prices would be served free. Refused, at start and while running."""
         if not updated & {"l402_rules", "keep_host_header", "mode"} or self.rules is None:
             return
-        modes = getattr(ctx.options, "mode", ())
-        reverse = any(str(mode).startswith("reverse") for mode in modes)
-        if not reverse or getattr(ctx.options, "keep_host_header", True):
+        if not host_replaced():
             return
         hosted = [rule for rule in self.rules.rules if rule.host is not None]
         if hosted:
@@ -336,6 +355,22 @@ class L402Server:
                 "l402_rules" if "l402_rules" in updated else "keep_host_header",
                 f"service '{rule.name}' (line {rule.line}) matches host:, but in reverse mode "
                 "mitmproxy replaces Host with the origin's name: add --set keep_host_header=true",
+            )
+
+    def _configure_feeds(self, updated: set[str]) -> None:
+        """Private feeds' URLs name the host players asked for. In reverse mode without
+        keep_host_header mitmproxy replaces Host with the origin's name before the paywall sees
+        a request: no feed URL is handed out or served then (one warning says why), and the
+        rest of the paywall works as ever."""
+        if not updated & {"l402_rules", "keep_host_header", "mode"}:
+            return
+        self.engine.feeds_off = FEEDS_NEED_HOST if host_replaced() else None
+        rules = self.rules
+        fed = [rule for rule in rules.rules if rule.feed is not None] if rules else []
+        if fed and self.engine.feeds_off is not None:
+            log.warning(
+                f"l402: {rules.source if rules else 'rules'}: service '{fed[0].name}' (line "
+                f"{fed[0].line}) sells a private feed (feed:), but {self.engine.feeds_off}"
             )
 
     def _configure_streaming(self, updated: set[str]) -> None:
@@ -484,6 +519,16 @@ class L402Server:
                 flow.request.headers.fields = kept
             return
         request = flow.request
+        if outcome.path is None and feeds.is_feed_target(request.path):
+            # Cannot happen (feeds.serve always sets the inner path): never forward a
+            # capability's own path, which holds a bearer secret, to the origin.
+            log.error("l402: refused to forward a private feed's request without its inner path")
+            flow.response = to_response(
+                engine_answers.unavailable_answer("internal error in the paywall").for_method(
+                    request.method
+                )
+            )
+            return
         flow.metadata[FORWARDED] = True
         if outcome.headers is not fields:
             request.headers.fields = outcome.headers
@@ -613,6 +658,48 @@ class L402Server:
             return metered.finish()
         if note is None:
             return None
+        if feeds.FEED_NOTE in note and flow.metadata.get(FORWARDED):
+            return self._private_feed(flow, note)
+        self._mark(flow, note)
+        return None
+
+    async def _private_feed(self, flow: http.HTTPFlow, note: dict[str, Any]) -> None:
+        """The origin's feed made the listener's private feed (engine/feeds.py), then marked
+        like any answer of its variant. mitmproxy has the whole body here (stream_large_bodies
+        is refused); a feed it cannot make private is a 502 with the reason."""
+        response = flow.response
+        assert response is not None
+        method = flow.request.method
+        if feeds.rewrites(method, response.status_code):
+            problem = None
+            raw = response.raw_content
+            if raw is None:
+                problem = "the feed was streamed"
+            elif len(raw) > feeds.MAX_FEED_BYTES:
+                problem = f"feed too large: {len(raw)} bytes, at most {feeds.MAX_FEED_BYTES}"
+            else:
+                wanted = note[feeds.FEED_NOTE]
+                coding = response.headers.get("Content-Encoding")
+                try:
+                    body = await asyncio.to_thread(feeds.private_body, raw, coding, wanted)
+                except feeds.FeedError as exc:
+                    problem = str(exc)
+            if problem is None:
+                response.headers.fields = feeds.private_fields(response.headers.fields, len(body))
+                response.raw_content = body
+            else:
+                service = note.get("service")
+                log.warning(f"l402: a private feed{f' of {service}' if service else ''}: {problem}")
+                answer = feeds.bad_feed_answer(problem, method)
+                flow.response = to_response(answer)
+                return
+        self._mark(flow, note)
+
+    @staticmethod
+    def _mark(flow: http.HTTPFlow, note: dict[str, Any]) -> None:
+        """A forwarded answer marked as its variant: paid (private, the balance) or free (the
+        cookies to forget, the upgrade banner)."""
+        assert flow.response is not None
         dry_run = note.get("dry_run")
         if dry_run is not None:
             flow.response.headers[engine_answers.DRY_RUN_HEADER] = dry_run
@@ -622,16 +709,15 @@ class L402Server:
             balance = note.get("balance")
             if balance is not None:
                 flow.response.headers[engine_answers.BALANCE_HEADER] = balance
-            return None
+            return
         if variant != "free":
-            return None
+            return
         offer = note.get("offer")
         mark_variant(flow.response.headers, paid=False, by_accept=bool(offer))
         for cookie in engine_answers.note_cookies(note):
             flow.response.headers.add("Set-Cookie", cookie)
         if offer and ctx.options.l402_offer_upgrade and flow.request.method.upper() != "HEAD":
             offer_upgrade(flow.response, offer)
-        return None
 
 
 # flow.metadata key: the engine let this flow go on to the origin (its response is the origin's).

@@ -247,9 +247,33 @@ def rule_problem(rule: Rule) -> str | None:
     return None
 
 
+# A private feed's answer is the origin's feed rewritten, and its enclosures are requests to
+# another path than the one asked for: auth_request can do neither. The rest of a rule that
+# sells a feed works here, so such rules are served with feeds off (no feed URL handed out,
+# /.l402/feed/ answers 404), said once, rather than refused: one rules file for every door.
+FEEDS_OFF = (
+    "the nginx door cannot rewrite a feed (auth_request sees no answer body): private feeds "
+    "are off here; serve them through the proxy or ASGI door"
+)
+
+
 def new_engine() -> Paywall:
-    """The engine as the nginx door runs it: rules it cannot serve are refused."""
-    return Paywall(door="nginx", no_upstream=NO_UPSTREAM, rule_check=rule_problem)
+    """The engine as the nginx door runs it: rules it cannot serve are refused, and private
+    feeds are off."""
+    engine = Paywall(door="nginx", no_upstream=NO_UPSTREAM, rule_check=rule_problem)
+    engine.feeds_off = FEEDS_OFF
+    return engine
+
+
+def warn_feeds_off(engine: Paywall) -> None:
+    """One line when the rules sell a private feed this door cannot serve."""
+    rules = engine.rules
+    fed = [rule for rule in rules.rules if rule.feed is not None] if rules else []
+    if fed and rules is not None:
+        log.warning(
+            f"l402: {rules.source}: service '{fed[0].name}' (line {fed[0].line}) sells a "
+            f"private feed (feed:), but {engine.feeds_off}"
+        )
 
 
 # -- the service ------------------------------------------------------------------------------
@@ -794,6 +818,7 @@ def make_engine(rules: str, backend: str, store: str | None, dev_ledger: str) ->
     """The engine as serve-auth runs it; RulesError / LightningError as the engine raises them."""
     engine = new_engine()
     engine.use_rules_file(rules)
+    warn_feeds_off(engine)
     engine.use_backend(backend, dev_ledger=dev_ledger)
     engine.store_uri = store or ""
     return engine

@@ -2,6 +2,7 @@
 lifecycle, and the judgement of one request (answer it, or forward it changed)."""
 
 import asyncio
+import contextvars
 import dataclasses
 import functools
 import logging
@@ -29,7 +30,7 @@ from ..rules import (
     rule_warnings,
 )
 from ..store import IssuedToken, StoreError, TokenStore, open_server_store, shown_store_uri
-from . import events, pricing
+from . import events, feeds, pricing
 from .answers import (
     BALANCE_HEADER,
     Answer,
@@ -67,6 +68,11 @@ REVOCATION_POLL_SECONDS = 1.0
 FLUSH_SECONDS = 0.25
 BACKEND_CHECK_SECONDS = 15.0
 SEEN_PAID_LIMIT = 100_000
+
+# False while a request through a private feed's capability is judged (engine/feeds.py): a 402
+# there is no offer a podcast player could take, so no invoice is made for it (nor a free trial
+# spent); feeds.py turns the bare challenge into its own answer.
+SELLING: contextvars.ContextVar[bool] = contextvars.ContextVar("l402_selling", default=True)
 
 
 @functools.lru_cache(maxsize=8)
@@ -151,6 +157,10 @@ class Paywall:
         self.revocation_cursor = 0
         self.cache = gate.TokenCache()
         self.verdicts = VerdictCache()
+        # Private feeds' capabilities, looked up in the store (feeds.py); `feeds_off` says why
+        # this door cannot serve private feeds as configured (None: it can).
+        self.feed_accesses = feeds.AccessCache()
+        self.feeds_off: str | None = None
         self.seen_paid: set[bytes] = set()
         self.offer_upgrade = True
         # The door's dry-run option; the rules file's `mode: dry_run` turns it on as well.
@@ -412,6 +422,9 @@ class Paywall:
         return outcome
 
     async def _handle(self, request: Request) -> Outcome:
+        if feeds.is_feed_target(request.target):
+            # Before the other endpoints: judged as the inner request it stands for.
+            return await feeds.serve(self, request)
         if paywall.is_endpoint(request.target):
             from .endpoints import endpoint  # the endpoints import this module
 
@@ -545,8 +558,8 @@ class Paywall:
                         seen.hosts,
                     )
                 return forward
-            case gate.Challenge() if rule.freebies is not None and await self._freebie(
-                request, rule
+            case gate.Challenge() if (
+                rule.freebies is not None and SELLING.get() and await self._freebie(request, rule)
             ):
                 return self._forward_paid(request, fields, rule, {"freebie": True})
             case gate.Challenge() if self.dry_run:
@@ -738,13 +751,20 @@ class Paywall:
     async def _pretended_challenge(self, request: Request, challenge: gate.Challenge) -> Answer:
         """Dry run: what a 402 would be, without its invoice (pretend() forwards the request).
         The mint limit is counted as when enforcing: a client over it would get 429."""
-        rule = challenge.rule
-        limited = await self.mint_limited(request, rule)
+        if not SELLING.get():
+            return self._unsold(challenge)
+        limited = await self.mint_limited(request, challenge.rule)
         if limited is not None:
             return limited
+        return self._unsold(challenge)
+
+    @staticmethod
+    def _unsold(challenge: gate.Challenge) -> Answer:
+        """The challenge's status and reason without an invoice (a dry run pretends it; a
+        private feed's request answers it in its own way)."""
         answer = Answer.make(challenge.status, b"")
         answer.note = {
-            "service": rule.name,
+            "service": challenge.rule.name,
             "variant": "challenge",
             "status": challenge.status,
             "reason": challenge.reason,
@@ -787,6 +807,8 @@ class Paywall:
         kind: paywall.BodyKind | None = None,
     ) -> Answer:
         rule = challenge.rule
+        if not SELLING.get():
+            return self._unsold(challenge)
         assert self.backend is not None and self.store is not None and self.rules is not None
         if not self.store.healthy:
             # The token row could not be recorded (revocation, listing, the unlock endpoint):

@@ -1,4 +1,6 @@
-"""The paywall page's own endpoints under /.l402/ (never forwarded): unlock and pay."""
+"""The paywall's own endpoints under /.l402/ (never forwarded): unlock, pay, and feed (a private
+podcast feed's URL for a credential; the feeds themselves, /.l402/feed/<capability>/..., are
+engine/feeds.py's)."""
 
 import dataclasses
 import logging
@@ -13,6 +15,7 @@ from ..l402.token import TokenError
 from ..lightning import LightningError
 from ..lightning.base import InvoiceNotFound, LookupUnsupported
 from ..rules import PRICED_MODES, AmbiguousPath, PathError, normalize_path
+from . import feeds
 from .answers import RETRY_AFTER_SECONDS, Answer, json_answer, page_answer, unavailable_answer
 from .request import Request, get, get_all, has, take_our_cookies
 
@@ -50,6 +53,14 @@ async def endpoint(engine: "Paywall", request: Request) -> Answer:
                 answer.add("Allow", "GET, HEAD")
             else:
                 answer = await pay_page(engine, request, notes)
+        elif path == feeds.MINT_PATH:
+            if request.method.upper() != "POST":
+                answer = json_answer(
+                    405, {"error": "method_not_allowed", "message": "use POST"}, {"Allow": "POST"}
+                )
+            else:
+                answer = await feeds.mint_endpoint(engine, request)
+                notes.note = answer.note or {"variant": "endpoint", "endpoint": "feed"}
         else:
             answer = page_answer(404, "Not found", "No such paywall page.")
     except Exception:
@@ -174,7 +185,15 @@ async def unlock(engine: "Paywall", request: Request, notes: _Notes) -> Answer:
     )
     cookies.append(paywall.clearing_claim_cookie(identifier.token_id, secure=request.secure))
     expires_at = None if token.valid_until is None else int(token.valid_until)
-    answer = json_answer(200, {"unlocked": True, "service": rule.name, "expires_at": expires_at})
+    body: dict[str, Any] = {"unlocked": True, "service": rule.name, "expires_at": expires_at}
+    try:
+        # The seller's private feed, when it sells one: the page offers it to subscribe to.
+        url = await feeds.mint(engine, request, rule, asked.macaroon, preimage, token)
+    except Exception:  # logged and counted there; the unlock itself stands
+        url = None
+    if url is not None:
+        body["feed_url"] = url
+    answer = json_answer(200, body)
     for cookie in cookies:
         answer.add("Set-Cookie", cookie)
     notes.note["unlocked"] = True
@@ -193,7 +212,9 @@ def query_value(target: str, name: str) -> str | None:
 
 
 async def pay_page(engine: "Paywall", request: Request, notes: _Notes) -> Answer:
-    """GET /.l402/pay?path=<priced path>[&return=<local path>]: a fresh paywall page."""
+    """GET /.l402/pay?path=<priced path>[&return=<local path>][&subscribe=1]: a fresh paywall
+    page (subscribe=1: a browser that paid already is shown its private feed, if the token
+    bought one, instead of being sent back at once)."""
     target = paywall.safe_local_path(query_value(request.target, "path"))
     rule = None
     if target is not None and engine.rules is not None:
@@ -220,7 +241,12 @@ async def pay_page(engine: "Paywall", request: Request, notes: _Notes) -> Answer
             cache=engine.cache,
         )
         if isinstance(held, gate.Grant):
-            # Already paid: nothing to sell twice.
+            # Already paid: nothing to sell twice. Straight back, or, for a "Subscribe ad-free"
+            # link (&subscribe=1), the private feed the token bought, to copy.
+            if query_value(request.target, "subscribe") == "1":
+                subscribe = await _feed_page(engine, request, held, return_to)
+                if subscribe is not None:
+                    return subscribe
             return Answer.make(303, b"", {"Location": return_to, "Cache-Control": "no-store"})
     accept = get(request.fields, "Accept")
     kind = paywall.body_kind(accept)
@@ -241,3 +267,34 @@ async def pay_page(engine: "Paywall", request: Request, notes: _Notes) -> Answer
     notes.note = answer.note if answer.note is not None else {}
     notes.note["endpoint"] = "pay"
     return answer
+
+
+async def _feed_page(
+    engine: "Paywall", request: Request, held: gate.Grant, return_to: str
+) -> Answer | None:
+    """The page with the private feed a browser's paid cookie holds (its seller's feed), or
+    None when it buys none (or it cannot be recorded now: the browser goes on as before)."""
+    if "application/json" in (get(request.fields, "Accept") or "").lower():
+        return None  # a program: it has its credential, and POST /.l402/feed
+    seller = engine.rule_named(tuple(name for name, _ in held.token.services))
+    if seller is None or seller.feed is None or len(held.credential.macaroons) != 1:
+        return None
+    try:
+        url = await feeds.mint(
+            engine, request, seller, held.credential.macaroons[0], held.credential.preimage,
+            held.token,
+        )  # fmt: skip
+    except Exception:  # logged and counted there
+        return None
+    if url is None:
+        return None
+    page = paywall.render_feed_page(seller.description, url, return_to)
+    return Answer.make(
+        200,
+        page.encode(),
+        {
+            "Content-Type": "text/html; charset=utf-8",
+            "Cache-Control": "no-store",
+            **dict(paywall.PAGE_HEADERS),
+        },
+    )
