@@ -40,6 +40,7 @@ from l402proxy.lightning import (
     open_backend,
     open_wallet,
 )
+from tests.nwc_wallet import nwc_rig  # it imports this module lazily (its Rig, helpers)
 
 T = TypeVar("T")
 
@@ -555,6 +556,7 @@ RIGS: dict[str, RigFactory] = {
     "eclair": eclair_rig,
     "lnbits": lnbits_rig,
     "lnurl": lnurl_rig,
+    "nwc": nwc_rig,
 }
 # The ones that only receive (no wallet: the paying half of the contract does not apply).
 RECEIVE_ONLY = frozenset({"lnurl"})

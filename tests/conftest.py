@@ -28,6 +28,7 @@ INSTALL_HINTS: dict[str, str] = {
     "go": "apt-get install golang-go (the Go SDK's tests)",
     "uvicorn": "pip install -e . (a dependency; scripts/test sets up .venv with it)",
     "prometheus": "apt-get install prometheus (promtool and the Prometheus server)",
+    "nostr-relay": "pip install -e '.[dev]' (nostr-relay from PyPI)",
 }
 _SKIP_PREFIX = "component missing: "
 # What each `require` that skipped was told: its `what` -> the INSTALL_HINTS key (or None).
