@@ -23,10 +23,13 @@ from mitmproxy.proxy.mode_specs import ProxyMode, UpstreamMode
 
 from . import paths
 from .l402.headers import parse_challenges
+from .l402.payment import ACCEPT_HEADER, RECEIPT_HEADER
 from .lightning import LightningError, Wallet, open_wallet
 from .options import OptionGuard
 from .payer import (
+    ACCEPT_PAYMENT,
     BALANCE_HEADER,
+    MAX_PROBLEM_BODY,
     Answer,
     Await,
     Limits,
@@ -35,7 +38,10 @@ from .payer import (
     Refused,
     Token,
     Verdict,
+    has_charge_challenge,
     origin_of,
+    parse_prefer,
+    problem_type,
 )
 from .store.client import ClientStore
 from .store.database import StoreError
@@ -46,6 +52,7 @@ PAID_MARKER = ":zap:"
 REFUSED_MARKER = ":no_entry:"
 TOKEN_KEY = "l402_client_token"
 ADVERTISED_KEY = "l402_client_advertised"
+ADVERTISED_PAYMENT_KEY = "l402_client_advertised_payment"
 RECOVERY_SECONDS = 30.0
 RESEND_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 LIMIT_OPTIONS = (
@@ -165,7 +172,22 @@ def answer_of(response: http.Response, url: str) -> Answer:
         tuple(response.headers.get_all("WWW-Authenticate")),
         url,
         tuple(response.headers.get_all(BALANCE_HEADER)),
+        tuple(response.headers.get_all(RECEIPT_HEADER)),
+        problem_of(response),
     )
+
+
+def problem_of(response: http.Response) -> str | None:
+    """The problem type a 401/402's application/problem+json body names (Payment refusals)."""
+    if response.status_code not in (401, 402) or response.raw_content is None:
+        return None  # not a refusal, or streamed past us: no body to read
+    if len(response.raw_content) > MAX_PROBLEM_BODY:
+        return None
+    try:
+        body = response.get_content(strict=False)
+    except ValueError:
+        return None
+    return problem_type(response.headers.get("Content-Type"), body)
 
 
 async def resend(
@@ -241,12 +263,14 @@ def add_header(response: http.Response, name: str, value: str) -> None:
 
 
 def failed_resend_response(problem: str, paid: Paid) -> http.Response:
+    if paid.token.charge:
+        # Claimed before it left: it may have reached the server, which would consume it.
+        kept = "A Payment charge is good for one request: it is not sent again.\n"
+    else:
+        kept = "The token is kept: the next request uses it without paying again.\n"
     return http.Response.make(
         502,
-        (
-            f"Paid {paid.header()}, but asking the server again failed: {problem}\n"
-            "The token is kept: the next request uses it without paying again.\n"
-        ).encode(),
+        (f"Paid {paid.header()}, but asking the server again failed: {problem}\n{kept}").encode(),
         {"Content-Type": "text/plain; charset=utf-8", "X-L402-Paid": paid.header()},
     )
 
@@ -264,6 +288,7 @@ class L402Client:
         # option -> why its value was refused at startup; while any is set, nothing is paid.
         self.misconfigured: dict[str, str] = {}
         self.guard = OptionGuard("client", self.misconfigured)
+        self.prefer = "l402"
         self.clients: tuple[Network, ...] = LOOPBACK
         self.client_verdicts: dict[str | None, bool] = {}
         self.warned_clients: set[str] = set()
@@ -367,6 +392,17 @@ class L402Client:
             payment stays pending and is checked again, so a late success still yields the token.
             """,
         )
+        loader.add_option(
+            "l402_prefer",
+            str,
+            "l402",
+            """
+            Which scheme to pay when a 402 offers both an L402 (LSAT) challenge and a Payment
+            (draft-httpauth-payment, lightning charge) one: "l402" (default; a token is reused
+            until it expires) or "payment" (a charge pays for one request). A 402 offering only
+            one of them is paid with that one either way.
+            """,
+        )
         self.guard.take_deferred(loader)
 
     def configure(self, updated: set[str]) -> None:
@@ -382,6 +418,8 @@ class L402Client:
                     self.guard.accept("l402_pay_timeout")
                     if self.payer is not None:
                         self.payer.pay_timeout = ctx.options.l402_pay_timeout
+            if "l402_prefer" in updated:
+                self._configure_prefer()
             if "l402_wallet" in updated or "l402_dev_ledger" in updated:
                 self._configure_wallet()
 
@@ -401,6 +439,19 @@ class L402Client:
         if self.payer is not None:
             self.payer.limits = self.limits
             log.info(f"l402: limits now {self.limits.describe()}")
+
+    def _configure_prefer(self) -> None:
+        try:
+            prefer = parse_prefer(ctx.options.l402_prefer)
+        except ValueError as exc:
+            self._refuse("l402_prefer", str(exc))
+            return
+        self.guard.accept("l402_prefer")
+        if prefer != self.prefer:
+            self.prefer = prefer
+            if self.payer is not None:
+                self.payer.prefer = prefer
+                log.info(f"l402: now paying {prefer} when a server offers L402 and Payment")
 
     def _configure_clients(self) -> None:
         try:
@@ -461,7 +512,11 @@ class L402Client:
             log.error(f"l402: cannot open the client store {store_uri}: {exc}")
             return
         self.payer = Payer(
-            self.wallet, store, self.limits, pay_timeout=ctx.options.l402_pay_timeout
+            self.wallet,
+            store,
+            self.limits,
+            pay_timeout=ctx.options.l402_pay_timeout,
+            prefer=self.prefer,
         )
         try:
             recovered = await self.payer.start()
@@ -484,6 +539,7 @@ class L402Client:
             + (f"; recovered {len(recovered)} interrupted payment(s)" if recovered else "")
         )
         log.info(f"l402: {describe_clients(self.clients)} (l402_clients)")
+        log.info(f"l402: paying {self.prefer} when a server offers L402 and Payment (l402_prefer)")
         self.started = True
         # Opened only at start: another store needs a restart.
         self.guard.pin("l402_store")
@@ -545,9 +601,17 @@ class L402Client:
         request = flow.request
         if not payer.allows(request.pretty_host, request.port):
             return
+        # Both schemes are advertised on the same requests: those of clients we pay for, to
+        # hosts we may pay, token or not. A server in upgrade mode answers a player that does
+        # not say it can pay with the free variant: telling a host we would never pay (or on
+        # behalf of a client we never pay for) that we can would only swap that for a 402
+        # we refuse, and tell strangers a paying client sits behind this proxy.
         if "Accept-Authenticate" not in request.headers:
             request.headers["Accept-Authenticate"] = "L402"
             flow.metadata[ADVERTISED_KEY] = True
+        if ACCEPT_HEADER not in request.headers:  # the player's own preference wins
+            request.headers[ACCEPT_HEADER] = ACCEPT_PAYMENT
+            flow.metadata[ADVERTISED_PAYMENT_KEY] = True
         if "Authorization" in request.headers:
             return  # the user's own credentials win
         origin = origin_of(request.scheme, request.pretty_host, request.port)
@@ -556,6 +620,9 @@ class L402Client:
             # A payment for this URL's scope is under way: its token beats a fresh 402.
             await asyncio.wait({flight}, timeout=payer.pay_timeout)
         token = payer.up_front(origin, request.path)
+        if token is None and payer.unused:
+            # A Payment charge paid for this very URL and never sent (see payer.py).
+            token = await payer.take_charge(request_url(request))
         if token is not None:
             request.headers["Authorization"] = token.credential
             flow.metadata[TOKEN_KEY] = token
@@ -566,6 +633,11 @@ class L402Client:
             return
         if response.status_code not in (401, 402):
             sent: Token | None = flow.metadata.get(TOKEN_KEY)
+            if sent is not None and sent.charge and self.payer is not None:
+                # A charge paid earlier, accepted now: its receipt goes to the ledger.
+                await self.payer.note_receipt(sent, answer_of(response, request_url(flow.request)))
+                flow.comment = f"Payment charge paid earlier for {sent.label}, no payment"
+                return
             if sent is not None and self.payer is not None and BALANCE_HEADER in response.headers:
                 # What is left of the token this request carried (a bundle, single use).
                 url = request_url(flow.request)
@@ -626,8 +698,9 @@ class L402Client:
         """A challenge for a client outside l402_clients passes back unpaid, saying why."""
         if response.status_code != 402:
             return
-        if not parse_challenges(response.headers.get_all("WWW-Authenticate")):
-            return  # no L402 challenge: nothing we would have paid either
+        challenges = response.headers.get_all("WWW-Authenticate")
+        if not parse_challenges(challenges) and not has_charge_challenge(challenges):
+            return  # no L402 or Payment challenge: nothing we would have paid either
         host = client_host(flow) or "an unknown address"
         allowed = clients_text(self.clients)
         refused = Refused("client_not_allowed", f"client {host} is not in l402_clients ({allowed})")
@@ -647,10 +720,15 @@ class L402Client:
     ) -> http.Response:
         """With l402_fallback_free: ask a challenge we drew by advertising again as a player
         that cannot pay would, so a server in upgrade mode hands out its free variant."""
-        if not ctx.options.l402_fallback_free or not flow.metadata.get(ADVERTISED_KEY):
+        advertised = flow.metadata.get(ADVERTISED_KEY) or flow.metadata.get(ADVERTISED_PAYMENT_KEY)
+        if not ctx.options.l402_fallback_free or not advertised:
             return refused
         plain = flow.request.copy()
-        del plain.headers["Accept-Authenticate"]
+        # Only what this proxy added goes: a player's own header is its own business.
+        if flow.metadata.get(ADVERTISED_KEY):
+            del plain.headers["Accept-Authenticate"]
+        if flow.metadata.get(ADVERTISED_PAYMENT_KEY):
+            del plain.headers[ACCEPT_HEADER]
         try:
             answer = await self._resend(plain, None, refused)
         except httpx.HTTPError as exc:
@@ -669,6 +747,7 @@ class L402Client:
         assert flow.response is not None
         flow.metadata["l402_client"] = {
             "paid": paid.paid_here,
+            "scheme": "Payment" if paid.token.charge else "L402",
             "service": paid.token.label,
             "amount_msat": paid.amount_msat,
             "fee_msat": paid.fee_msat,
@@ -677,7 +756,8 @@ class L402Client:
         if paid.paid_here:
             add_header(flow.response, "X-L402-Paid", paid.header())
             flow.marked = PAID_MARKER
-            flow.comment = f"L402 paid {paid.header()}"
+            scheme = "Payment" if paid.token.charge else "L402"
+            flow.comment = f"{scheme} paid {paid.header()}"
         elif paid.borrowed:
             flow.comment = f"L402 token for {paid.token.label} (a pass), no payment"
         else:

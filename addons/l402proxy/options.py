@@ -67,6 +67,7 @@ OPTION_NAMES: dict[AddonName, frozenset[str]] = {
             "l402_store",
             "l402_dev_ledger",
             "l402_pay_timeout",
+            "l402_prefer",
         }
     ),
 }

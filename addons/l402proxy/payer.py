@@ -18,11 +18,31 @@ refusal of a token we paid for but our own requests using it up, so each request
 the race pays once more, for itself alone: a token no other request of ours is given before
 this one has used it. At most two payments per request, the second only when the server said
 "spent" (`X-L402-Balance: 0`) to a token bought for it that another request of ours carried.
+
+The Payment scheme (draft-httpauth-payment, Lightning "charge"): a 402 whose
+`WWW-Authenticate: Payment` challenge the client pays when the server offers no L402/LSAT
+challenge, or when told to prefer it (`prefer="payment"`). The same checks as for L402 come
+first (the invoice decoded here: its amount, payment hash and network must be the request's;
+the challenge's `expires` and the invoice's expiry; the hosts, the price, the fee limit and the
+budgets), and the same ledger row is written before paying (scheme "Payment"). A charge is good
+for ONE request, which the server consumes: its credential is sent once, with the request it
+was paid for, and never cached for a scope, shared or sent again. Requests at once to one scope
+each pay for themselves (no single flight: a charge cannot be shared); the budgets, checked
+and reserved in one write per payment, still bound what they spend together. A 401/402 to a
+charge just paid is a refusal (`rejected_after_payment`, naming the server's problem type),
+never a second payment. The answer's `Payment-Receipt` is kept in the ledger.
+
+A charge paid but never presented (the wallet answered after pay_timeout, the process died
+between paying and sending, the request went away) is not lost: once no request of ours is
+about to send it, it is sent, once, with the next request to the same URL before it expires
+(the store marks it presented before it leaves, across processes). Refused then (the server
+consumed it after all, or it no longer fits), it is dropped and that request pays for itself.
 """
 
 import asyncio
 import fnmatch
 import hashlib
+import json
 import logging
 import math
 import os
@@ -34,8 +54,21 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
+from .l402.charge_request import ChargeRequest
 from .l402.headers import Challenge, format_credential, parse_challenges
-from .l402.invoice import decode_invoice
+from .l402.invoice import InvoiceInfo, decode_invoice
+from .l402.payment import (
+    INTENT_CHARGE,
+    METHOD_LIGHTNING,
+    PROBLEM_BASE,
+    PROBLEM_CONTENT_TYPE,
+    decode_receipt,
+    encode_credential,
+    invoice_mismatches,
+    read_challenges,
+)
+from .l402.payment import SCHEME as CHARGE_SCHEME
+from .l402.payment import Challenge as PaymentChallenge
 from .l402.token import TokenError, TokenInfo, inspect, parse_caveat
 from .lightning import BackendUnavailable, LightningError, NodeInfo, PaymentFailed, Wallet
 from .store.client import (
@@ -65,7 +98,19 @@ REFUSAL_CODES = (
     "payment_pending",
     "rejected_after_payment",
     "wrong_network",
+    # Payment scheme: the challenge's request disagrees with its own invoice (amount, payment
+    # hash or network), or the challenge's `expires` has passed.
+    "request_mismatch",
+    "challenge_expired",
 )
+# Which scheme to pay when a 402 offers both L402/LSAT and Payment (l402_prefer).
+PREFERENCES = ("l402", "payment")
+# What the client can pay, sent as Accept-Payment: the Lightning charge, no sessions.
+ACCEPT_PAYMENT = "lightning/charge"
+# A problem+json body is read for its type only up to this size.
+MAX_PROBLEM_BODY = 64 * 1024
+# The longest problem type quoted in a refusal (a server's text, shown to players).
+MAX_PROBLEM_TYPE = 100
 # The same refusal (origin, url, reason) is written to the history at most this often.
 REFUSAL_RECORD_SECONDS = 60.0
 LOOKUP_TIMEOUT_SECONDS = 30.0
@@ -82,6 +127,14 @@ BALANCE_WARNING_SECONDS = 60.0
 # emptied at this size; losing it costs a round trip, never a payment.
 MEMORY_LIMIT = 10_000
 _BALANCE_RE = re.compile(r"([0-9]+)[ \t]+([A-Za-z]+)")
+
+
+def parse_prefer(text: str) -> str:
+    """l402_prefer: "l402" or "payment" (any case); ValueError in one line otherwise."""
+    value = text.strip().lower() if isinstance(text, str) else ""
+    if value not in PREFERENCES:
+        raise ValueError(f"l402_prefer must be l402 or payment, got {text!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -244,10 +297,27 @@ class Token:
     credential: str
     # When it stops opening each service (service_expiries); () : valid_until for all.
     expiries: tuple[tuple[str, float], ...] = field(default=(), compare=False, repr=False)
+    # A Payment charge (see the module docstring): good for the one request it is sent with;
+    # valid_until is when the challenge expires.
+    charge: bool = False
 
     @classmethod
     def from_payment(cls, payment: Payment) -> "Token":
+        """The credential of a paid ledger row. ValueError for a charge row whose challenge
+        cannot be read back (not written by this code)."""
         assert payment.preimage is not None
+        if payment.is_charge:
+            return cls(
+                origin=payment.origin,
+                scope=payment.scope,
+                services=(),
+                payment_hash=payment.payment_hash,
+                valid_until=payment.valid_until,
+                credential=encode_credential(
+                    challenge_from_json(payment.challenge), payment.preimage
+                ),
+                charge=True,
+            )
         return cls(
             origin=payment.origin,
             scope=payment.scope,
@@ -279,6 +349,27 @@ class Token:
     @property
     def label(self) -> str:
         return ",".join(self.services) or self.scope
+
+
+def challenge_from_json(text: str | None) -> PaymentChallenge:
+    """A charge's challenge as the ledger keeps it (`Challenge.echo()` as JSON)."""
+    try:
+        echoed = json.loads(text or "")
+        if not isinstance(echoed, dict) or not all(
+            isinstance(value, str) for value in echoed.values()
+        ):
+            raise TypeError
+        return PaymentChallenge(**echoed)
+    except (TypeError, ValueError):
+        raise ValueError("the ledger's copy of the Payment challenge is unreadable") from None
+
+
+def charge_key(url: str) -> str:
+    """What a charge paid for `url` is kept under until it is sent: the origin, path and
+    query (the proxy and the SDK write URLs differently: :80 or not)."""
+    origin = split_url(url)[0]
+    parts = urlsplit(url)
+    return origin + (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
 def header_safe(text: str) -> str:
@@ -402,6 +493,66 @@ def pick_challenge(values: Iterable[str], path: str) -> _Offer | Refused | None:
     return Refused("bad_challenge", "no usable macaroon in the challenge: " + "; ".join(problems))
 
 
+@dataclass(frozen=True)
+class _ChargeOffer:
+    """The Payment (lightning/charge) challenge picked from a 402, its request decoded."""
+
+    challenge: PaymentChallenge
+    request: ChargeRequest
+
+    @property
+    def scope(self) -> str:
+        # What the ledger's scope column says of a charge: no scope tokens are kept for, only
+        # the realm it was paid to (shown in X-L402-Paid and the history).
+        return "payment:" + self.challenge.realm
+
+
+def pick_charge(values: Iterable[str]) -> _ChargeOffer | Refused | None:
+    """The first readable lightning/charge Payment challenge, in the server's order.
+
+    None: no Payment challenge we could pay (none, or only other methods and intents).
+    """
+    listed = read_challenges(list(values))
+    charges = [
+        c for c in listed.challenges if (c.method, c.intent) == (METHOD_LIGHTNING, INTENT_CHARGE)
+    ]
+    if not charges:
+        if listed.skipped and not listed.challenges:
+            return Refused("bad_challenge", "; ".join(listed.skipped))
+        return None
+    problems = []
+    for challenge in charges:
+        try:
+            return _ChargeOffer(challenge, challenge.charge_request())
+        except ValueError as exc:
+            problems.append(str(exc))
+    return Refused(
+        "bad_challenge", "no usable Payment request in the challenge: " + "; ".join(problems)
+    )
+
+
+def has_charge_challenge(www_authenticate: Iterable[str]) -> bool:
+    """A Payment challenge we would pay (lightning/charge), readable or not."""
+    return pick_charge(www_authenticate) is not None
+
+
+def problem_type(content_type: str | None, body: bytes | None) -> str | None:
+    """The `type` of an RFC 9457 problem body (the draft's slug when it is one of
+    https://paymentauth.org/problems/...), one safe line; None when there is none."""
+    if not content_type or not body or len(body) > MAX_PROBLEM_BODY:
+        return None
+    if content_type.partition(";")[0].strip().lower() != PROBLEM_CONTENT_TYPE:
+        return None
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    kind = document.get("type") if isinstance(document, dict) else None
+    if not isinstance(kind, str) or not kind:
+        return None
+    return header_safe(kind.removeprefix(PROBLEM_BASE))[:MAX_PROBLEM_TYPE]
+
+
 async def wallet_info(wallet: Wallet) -> NodeInfo:
     """Who the wallet is (network, node), or BackendUnavailable saying why it cannot be reached."""
     try:
@@ -456,6 +607,10 @@ class Answer:
     url: str  # the URL that answered (after redirects, for clients that follow them)
     # Its X-L402-Balance lines, as sent (read by Payer.note_balance).
     balance: tuple[str, ...] = ()
+    # Its Payment-Receipt lines, as sent (read by Payer.note_receipt).
+    receipts: tuple[str, ...] = ()
+    # The problem type its application/problem+json body names (problem_type), if any.
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -483,6 +638,17 @@ class Verdict:
 Step = Resend | Await
 
 
+def _redirected(asked: str, answer: Answer) -> Refused | None:
+    """A challenge from another origin than the one asked (after a redirect) is not paid."""
+    answered = split_url(answer.url)[0]
+    if answered == asked:
+        return None
+    return Refused(
+        "not_allowed",
+        f"the challenge came from {answered} after a redirect; only {asked} was asked",
+    )
+
+
 def owner_is_alive(owner: str) -> bool:
     """Whether the process that wrote a pending payment still runs (and may be paying it)."""
     pid_text = owner.partition(":")[0]
@@ -508,8 +674,11 @@ class Payer:
         *,
         pay_timeout: float = 60.0,
         clock: Callable[[], float] = time.time,
+        prefer: str = "l402",
     ) -> None:
         self.wallet = wallet
+        # Which scheme a 402 offering both L402 and Payment is paid with (parse_prefer).
+        self.prefer = parse_prefer(prefer)
         # What the wallet said at start(); its network guards against paying a testnet
         # invoice from a mainnet wallet (or the reverse).
         self.node: NodeInfo | None = None
@@ -542,6 +711,14 @@ class Payer:
         self.passes_refused: set[tuple[bytes, str]] = set()
         # origin -> when a malformed X-L402-Balance from it was last warned about.
         self.balance_warned: dict[str, float] = {}
+        # Payment charges (see the module docstring). Payment hash -> until when the request
+        # that paid it may still send it (from the payment's start until pay_timeout after
+        # it ends): no other request takes it meanwhile.
+        self.charging: dict[bytes, float] = {}
+        # Charges this process sent (or tried to): never sent again, whatever the store says.
+        self.presented: set[bytes] = set()
+        # charge_key(url) -> charges paid and never presented, for the next request there.
+        self.unused: dict[str, list[Token]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -557,7 +734,7 @@ class Payer:
             self.tokens[(token.origin, token.scope)] = token
         for origin, path, scope in await self.store.learned_paths():
             self.paths.setdefault(origin, {})[path] = scope
-        return await self.recover()
+        return await self.recover()  # which also picks up charges paid and never sent
 
     async def close(self) -> None:
         # Let payments under way record their outcome; one cut short stays pending and the
@@ -613,10 +790,18 @@ class Payer:
                 done = await self.store.settle(
                     payment.payment_hash, state.preimage, state.fee_msat, now
                 )
+                settled.append(done)
+                if done.is_charge:
+                    # Never presented: the next request to its URL sends it (_load_unused).
+                    log.info(
+                        f"l402: recovered a Payment charge interrupted earlier: "
+                        f"{sat_number(done.amount_msat)} sat to {done.origin}; the next "
+                        f"request to {done.url} presents it"
+                    )
+                    continue
                 self._keep(Token.from_payment(done))
                 # The URL it was bought for belongs to its scope: sent up front from now on.
                 self._learn(done.origin, split_url(done.url)[3], done.scope)
-                settled.append(done)
                 log.info(
                     f"l402: recovered the token of a payment interrupted earlier: "
                     f"{sat_number(done.amount_msat)} sat to {done.origin} ({done.url})"
@@ -635,7 +820,39 @@ class Payer:
                     continue
                 await self.store.fail(payment.payment_hash, f"the payment {why}", now)
                 log.info(f"l402: interrupted payment {payment.payment_hash.hex()} {why}")
+        await self._load_unused()
         return settled
+
+    async def _load_unused(self) -> None:
+        """Offer the charges paid and never presented to the next request to their URL:
+        those of no request of ours still about to send them, nor of a live other process
+        (whose request may still send them)."""
+        now = self.clock()
+        self.charging = {h: until for h, until in self.charging.items() if until > now}
+        pooled = {t.payment_hash for tokens in self.unused.values() for t in tokens}
+        for payment in await self.store.unused_charges(now):
+            payment_hash = payment.payment_hash
+            if (
+                payment_hash in pooled
+                or payment_hash in self.presented
+                or payment_hash in self.in_flight
+                or self.charging.get(payment_hash, float("-inf")) > now
+                or (payment.owner != self.owner and owner_is_alive(payment.owner))
+            ):
+                continue
+            try:
+                token = Token.from_payment(payment)
+            except ValueError as exc:
+                log.warning(f"l402: charge {payment_hash.hex()} cannot be sent: {exc}")
+                continue
+            if sum(len(tokens) for tokens in self.unused.values()) >= MEMORY_LIMIT:
+                break  # the rest wait in the store for the next round
+            self.unused.setdefault(charge_key(payment.url), []).append(token)
+            pooled.add(payment_hash)
+            log.info(
+                f"l402: a Payment charge paid earlier for {payment.url} was never sent; the "
+                "next request there presents it"
+            )
 
     # -- request side --------------------------------------------------------------------------
 
@@ -669,6 +886,31 @@ class Payer:
         if token is not None:
             self._carry(token)
         return token
+
+    async def take_charge(self, url: str) -> Token | None:
+        """A charge paid earlier for `url` and never sent (see the module docstring), claimed
+        for this request alone: marked presented in the store before it is returned, so no
+        other request (of any process) sends it too. None when there is none."""
+        key = charge_key(url)
+        waiting = self.unused.get(key)
+        while waiting:
+            token = waiting.pop(0)
+            if not waiting:
+                del self.unused[key]
+            now = self.clock()
+            if not token.usable(now):
+                continue  # expired: the server would refuse it
+            try:
+                claimed = await self.store.present(token.payment_hash, now)
+            except StoreError as exc:
+                log.warning(f"l402: could not claim the charge paid for {url}: {exc}")
+                return None
+            if claimed:
+                self._note_presented(token.payment_hash)
+                log.info(f"l402: presenting the Payment charge paid earlier for {url}")
+                return token
+            waiting = self.unused.get(key)
+        return None
 
     def flight_for(self, origin: str, path: str) -> asyncio.Task[Outcome] | None:
         """A payment under way for this URL's scope: better to wait for it than draw a 402."""
@@ -794,8 +1036,10 @@ class Payer:
         balance above 0 is written behind the answer; 0 before it goes (so no payment of
         this process can pick the spent token up from the store again).
         """
-        if not answer.balance or answer.status == 401:
-            return None  # a 401 says the token is invalid: dropped, whatever it had left
+        if not answer.balance or answer.status == 401 or token.charge:
+            # A 401 says the token is invalid: dropped, whatever it had left. A charge is
+            # used once, whatever the server says is left.
+            return None
         if split_url(answer.url)[0] != token.origin:
             return None  # answered after a redirect elsewhere: not about our token
         try:
@@ -874,8 +1118,18 @@ class Payer:
         is spent, when another request of ours carried it too, was used up by them, not
         refused: this request pays once more, alone (within the same limits). Whatever
         happens to that token, nothing more is paid for this request.
+
+        A 402 is paid with the Payment scheme instead (_charge_exchange) when it offers no
+        usable L402/LSAT challenge but a Payment charge, or both and `prefer` is "payment".
         """
         asked = split_url(url)[0]
+        if sent is not None and sent.charge:
+            # A charge paid earlier and sent up front (take_charge), refused: dropped. Not paid
+            # for this request, so the request pays once for itself, as from the start.
+            yield Await(self.charge_refused(sent, url, answer))
+            sent = None
+            if answer.status == 401 and split_url(answer.url)[0] == asked:
+                answer = yield Resend(None)  # pay only on 402: ask again without it
         if sent is not None and answer.balance:
             # "0 left" on the 402: the bundle is spent; the token is not sent again.
             yield Await(self.note_balance(sent, answer))
@@ -886,14 +1140,9 @@ class Payer:
         # Four rounds at most: a held token refused, a pass refused, one payment (or the
         # token of another request's), then one alone if that token went to another request.
         for _ in range(4):
-            if split_url(answer.url)[0] != asked:
-                return Verdict(
-                    refused=Refused(
-                        "not_allowed",
-                        f"the challenge came from {split_url(answer.url)[0]} after a redirect; "
-                        f"only {asked} was asked",
-                    )
-                )
+            redirected = _redirected(asked, answer)
+            if redirected is not None:
+                return Verdict(refused=redirected)
             if answer.status == 401:
                 if sent is None or not has_challenge(answer.www_authenticate):
                     return Verdict()  # the origin's own 401: not ours
@@ -904,6 +1153,9 @@ class Payer:
                 answer = yield Resend(None)
             if answer.status != 402:
                 return Verdict()
+            if not alone and self.scheme_for(answer.www_authenticate, url) == "payment":
+                # (Not after a bundle race: the request pays alone with what it paid before.)
+                return (yield from self._charge_exchange(url, answer, sent))
             outcome = yield Await(
                 self.handle_challenge(
                     url=url,
@@ -949,6 +1201,234 @@ class Payer:
                 held_refused = True
             sent = outcome.token
         raise AssertionError("unreachable: the fourth round pays alone or returns")
+
+    # -- the Payment scheme --------------------------------------------------------------------
+
+    def scheme_for(self, www_authenticate: Iterable[str], url: str) -> str | None:
+        """Which scheme to pay a 402 with: "l402", "payment" or None (no challenge of ours).
+
+        The preferred one (`prefer`) when the 402 offers it usably, else the other; when
+        neither is usable, the preferred one's (which then says why it is refused)."""
+        values = list(www_authenticate)
+        l402 = pick_challenge(values, split_url(url)[3])
+        charge = pick_charge(values)
+        order = [("l402", l402), ("payment", charge)]
+        if self.prefer == "payment":
+            order.reverse()
+        for name, offer in order:
+            if offer is not None and not isinstance(offer, Refused):
+                return name
+        for name, offer in order:
+            if offer is not None:
+                return name
+        return None
+
+    def _charge_exchange(
+        self, url: str, answer: Answer, sent: Token | None
+    ) -> Generator[Step, Any, Verdict]:
+        """exchange() for a 402 (from the origin asked) paid with the Payment scheme. One
+        charge at most is paid for the request, and its credential is sent once: a 401/402 to
+        it is a refusal, never a second payment."""
+        asked = split_url(url)[0]
+        if sent is not None and about_token(answer.www_authenticate, sent, url):
+            # An L402 token held from before, refused: not sent again (paying by Payment now).
+            yield Await(self.drop(sent, "the server answered 402 to it"))
+        outcome = yield Await(self.pay_charge(url=url, www_authenticate=answer.www_authenticate))
+        if outcome is None or isinstance(outcome, Refused):
+            return Verdict(refused=outcome)
+        answer = yield Resend(outcome.token.credential)
+        if answer.status in (401, 402) and split_url(answer.url)[0] == asked:
+            refused = yield Await(self.charge_rejected(outcome.token, url, answer))
+            return Verdict(refused=refused)
+        yield Await(self.note_receipt(outcome.token, answer))
+        return Verdict(paid=outcome)
+
+    async def pay_charge(self, *, url: str, www_authenticate: Iterable[str]) -> Outcome | None:
+        """Pay the Payment charge a 402 to `url` offers, for this one request: the checks,
+        the ledger row, the payment; the returned credential is claimed (presented) already,
+        to be sent now and never again. None: no Payment challenge we can pay."""
+        origin, host, port, _ = split_url(url)
+        if not self.allows(host, port):
+            return await self._refuse(
+                origin, url, Refused("not_allowed", f"{host}:{port} is not in l402_allow"), None
+            )
+        offer = pick_charge(www_authenticate)
+        if offer is None:
+            return None
+        if isinstance(offer, Refused):
+            return await self._refuse(origin, url, offer, None)
+        checked = self._check_charge(offer)
+        if isinstance(checked, Refused):
+            return await self._refuse(origin, url, checked, offer)
+        invoice, valid_until = checked
+        assert invoice.amount_msat is not None  # _check_charge refuses an amountless one
+        payment = NewPayment(
+            payment_hash=invoice.payment_hash,
+            origin=origin,
+            url=url,
+            scope=offer.scope,
+            services=(),
+            scheme=CHARGE_SCHEME,
+            macaroon="",
+            bolt11=offer.request.invoice,
+            amount_msat=invoice.amount_msat,
+            fee_limit_msat=self.limits.max_fee_sat * 1000,
+            valid_until=valid_until,
+            wallet=wallet_identity(self.wallet),
+            owner=self.owner,
+            challenge=json.dumps(offer.challenge.echo(), sort_keys=True),
+        )
+        limits = self.limits
+        try:
+            # A charge is for this request alone: no scope to share or wait for, the budgets
+            # only (checked and reserved in one write, so requests at once cannot overspend).
+            reserved = await self.store.reserve(
+                payment,
+                budget_daily_msat=limits.budget_daily_sat * 1000,
+                budget_total_msat=(
+                    None if limits.budget_total_sat is None else limits.budget_total_sat * 1000
+                ),
+                now=self.clock(),
+                alone=True,
+            )
+        except StoreError as exc:
+            return await self._refuse(origin, url, Refused("payment_failed", str(exc)), offer)
+        if not isinstance(reserved, Payment):
+            return await self._refuse(origin, url, Refused(reserved.code, reserved.message), offer)
+        payment_hash = reserved.payment_hash
+        # Until it is presented (or pay_timeout after paying), the charge is this request's:
+        # recovery offers it to no other request meanwhile, nor asks the wallet about it
+        # before the task below has started paying.
+        self.charging[payment_hash] = self.clock() + self.pay_timeout
+        self.in_flight.add(payment_hash)
+        flight = asyncio.get_running_loop().create_task(
+            self._pay(reserved, keep=False), name=f"l402 charge {origin}"
+        )
+        self.lone_flights.add(flight)
+        flight.add_done_callback(self.lone_flights.discard)
+        # Shielded: a request that goes away must not cancel a payment under way (a charge
+        # paid for it and never sent is offered to the next request to its URL).
+        outcome = await asyncio.shield(flight)
+        if not isinstance(outcome, Paid):
+            self.charging.pop(payment_hash, None)
+            return outcome
+        self.charging[payment_hash] = self.clock() + self.pay_timeout
+        now = self.clock()
+        try:
+            claimed = await self.store.present(payment_hash, now)
+        except StoreError as exc:
+            # Sent anyway (it was paid for this request); remembered here so this process
+            # never sends it again.
+            log.error(f"l402: could not mark the charge for {url} as presented: {exc}")
+            claimed = True
+        self.charging.pop(payment_hash, None)
+        if not claimed:
+            # Only after pay_timeout between paying and getting here: another request to the
+            # same URL took it as a charge nobody was sending.
+            return Refused(
+                "payment_failed",
+                "the charge paid for this request was sent with another request to the same URL",
+            )
+        self._note_presented(payment_hash)
+        return outcome
+
+    def _check_charge(self, offer: _ChargeOffer) -> tuple[InvoiceInfo, float] | Refused:
+        """The decoded invoice and until when the charge can be presented, if it may be paid;
+        else why not. The invoice is authoritative: the request must agree with it."""
+        try:
+            invoice = decode_invoice(offer.request.invoice)
+        except ValueError as exc:
+            return Refused("bad_challenge", str(exc))
+        if invoice.amount_msat is None:
+            return Refused("no_amount", "the invoice has no amount; it is never paid blindly")
+        mismatches = invoice_mismatches(offer.request, invoice)
+        if mismatches:
+            return Refused("request_mismatch", "; ".join(mismatches))
+        network = self.node.network if self.node is not None else None
+        if network is not None and invoice.network != network:
+            return Refused(
+                "wrong_network",
+                f"the invoice is for {invoice.network}, the wallet is on {network}",
+            )
+        now = self.clock()
+        expires_at = offer.challenge.expires_at()
+        if expires_at is not None and now >= expires_at:
+            return Refused(
+                "challenge_expired", f"the Payment challenge expired at {offer.challenge.expires}"
+            )
+        if invoice.is_expired(now):
+            return Refused("invoice_expired", f"the invoice expired at {invoice.expires_at}")
+        if invoice.amount_msat > self.limits.max_price_sat * 1000:
+            return Refused(
+                "max_price",
+                f"the invoice asks {sat_number(invoice.amount_msat)} sat, more than "
+                f"l402_max_price_sat {self.limits.max_price_sat}",
+            )
+        # Presentable until the challenge expires; without `expires`, the invoice's expiry
+        # is the cautious guess.
+        until = float(invoice.expires_at) if expires_at is None else expires_at
+        return invoice, until
+
+    async def charge_rejected(self, token: Token, url: str, answer: Answer) -> Refused:
+        """A 401/402 to a charge just paid for this request: never paid again."""
+        problem = answer.problem or "no problem type stated"
+        await self.store.drop(
+            token.payment_hash, f"refused right after payment ({problem})", self.clock()
+        )
+        refused = Refused(
+            "rejected_after_payment",
+            f"{token.origin} answered {answer.status} ({problem}) to the Payment credential "
+            "just paid; not paying again for this request",
+        )
+        return await self._refuse(token.origin, url, refused, None)
+
+    async def charge_refused(self, token: Token, url: str, answer: Answer) -> None:
+        """A charge paid earlier and sent up front was refused: dropped (never sent again);
+        the request pays for itself if the answer is a 402 we can pay."""
+        problem = answer.problem or "no problem type stated"
+        log.info(
+            f"l402: {token.origin} answered {answer.status} ({problem}) to the Payment charge "
+            f"paid earlier for {url}; dropped"
+        )
+        await self.store.drop(
+            token.payment_hash, f"refused when sent later ({problem})", self.clock()
+        )
+
+    async def note_receipt(self, token: Token, answer: Answer) -> None:
+        """Keep the Payment-Receipt of an answer to a charge in the ledger (a malformed or
+        absent one is logged, never held against the answer)."""
+        if not answer.receipts or split_url(answer.url)[0] != token.origin:
+            if answer.status < 400:
+                log.info(f"l402: {answer.url} answered the Payment charge without a receipt")
+            return
+        try:
+            receipt = decode_receipt(answer.receipts[0])
+        except ValueError as exc:
+            log.warning(f"l402: ignored the Payment-Receipt from {answer.url}: {exc}")
+            return
+        if receipt.reference != token.payment_hash.hex():
+            log.warning(
+                f"l402: the Payment-Receipt from {answer.url} names another payment "
+                f"({header_safe(receipt.reference)[:80]}); kept as sent"
+            )
+        document: dict[str, Any] = {
+            **receipt.extra,
+            "status": receipt.status,
+            "method": receipt.method,
+            "timestamp": receipt.timestamp,
+            "reference": receipt.reference,
+        }
+        if receipt.challenge_id is not None:
+            document["challengeId"] = receipt.challenge_id
+        try:
+            await self.store.note_receipt(token.payment_hash, document, self.clock())
+        except StoreError as exc:
+            log.warning(f"l402: could not keep the Payment-Receipt from {answer.url}: {exc}")
+
+    def _note_presented(self, payment_hash: bytes) -> None:
+        if len(self.presented) >= MEMORY_LIMIT:
+            self.presented.clear()  # the store says so too; this only covers its failures
+        self.presented.add(payment_hash)
 
     # -- paying --------------------------------------------------------------------------------
 
@@ -1233,7 +1713,7 @@ class Payer:
         task.add_done_callback(self.background.discard)
 
     async def _refuse(
-        self, origin: str, url: str, refused: Refused, offer: _Offer | None
+        self, origin: str, url: str, refused: Refused, offer: _Offer | _ChargeOffer | None
     ) -> Refused:
         log.warning(f"l402: not paying {url}: {refused.code}: {refused.message}")
         key = (origin, url, refused.code)
@@ -1245,13 +1725,22 @@ class Payer:
             amount = None
             payment_hash = None
             service = None
-            if offer is not None:
+            if isinstance(offer, _Offer):
                 service = ",".join(offer.info.services) or None
                 payment_hash = offer.info.identifier.payment_hash
                 try:
                     amount = decode_invoice(offer.challenge.invoice).amount_msat
                 except ValueError:
                     amount = None
+            elif offer is not None:
+                # A charge: what its invoice says (authoritative), the request's amount else.
+                service = offer.scope
+                try:
+                    invoice = decode_invoice(offer.request.invoice)
+                    payment_hash, amount = invoice.payment_hash, invoice.amount_msat
+                except ValueError:
+                    payment_hash, amount = offer.request.payment_hash, None
+                amount = amount if amount is not None else offer.request.amount_sat * 1000
             self._later(
                 self.store.refuse(
                     origin=origin,

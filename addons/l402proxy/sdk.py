@@ -6,7 +6,9 @@
         episode = client.get("http://127.0.0.1:8081/episodes/ep1.mp3")
 
 Same limits, ledger and token store as `addons/client.py` (by default the same files), so
-what one bought the other uses, and both count against the same budgets.
+what one bought the other uses, and both count against the same budgets. It pays Payment-scheme
+charges too (draft-httpauth-payment, lightning charge): when a 402 offers no L402 challenge, or
+with `prefer="payment"` (see payer.py: a charge is good for one request).
 """
 
 import asyncio
@@ -20,8 +22,22 @@ from typing import Any, Self
 import httpx
 
 from . import paths
+from .l402.payment import ACCEPT_HEADER, RECEIPT_HEADER
 from .lightning import open_wallet
-from .payer import BALANCE_HEADER, Answer, Await, Limits, Payer, Token, Verdict, split_url
+from .payer import (
+    ACCEPT_PAYMENT,
+    BALANCE_HEADER,
+    MAX_PROBLEM_BODY,
+    Answer,
+    Await,
+    Limits,
+    Payer,
+    Token,
+    Verdict,
+    parse_prefer,
+    problem_type,
+    split_url,
+)
 from .store.client import ClientStore
 
 CLOSE_TIMEOUT_SECONDS = 30.0
@@ -32,6 +48,13 @@ class _Io:
     """A step of the flow that runs on the payer's event loop."""
 
     job: Coroutine[Any, Any, Any]
+
+
+@dataclass
+class _Read:
+    """A step of the flow: read this (small) response's body, the sync or the async way."""
+
+    response: httpx.Response
 
 
 class L402Auth(httpx.Auth):
@@ -56,7 +79,10 @@ class L402Auth(httpx.Auth):
         store: str | None = None,
         dev_ledger: str | None = None,
         pay_timeout: float = 60.0,
+        prefer: str = "l402",
     ) -> None:
+        # Which scheme pays a 402 offering both L402 and Payment: "l402" or "payment".
+        self.prefer = parse_prefer(prefer)
         self.limits = Limits(
             max_price_sat=max_price_sat,
             max_fee_sat=max_fee_sat,
@@ -77,7 +103,7 @@ class L402Auth(httpx.Auth):
 
     # -- the flow, written once for both kinds of client ------------------------------------
 
-    def _flow(self, request: httpx.Request) -> Generator[_Io | httpx.Request, Any, None]:
+    def _flow(self, request: httpx.Request) -> Generator[_Io | _Read | httpx.Request, Any, None]:
         url = str(request.url)
         try:
             split_url(url)
@@ -88,10 +114,14 @@ class L402Auth(httpx.Auth):
         response: httpx.Response = yield request
         assert self._payer is not None  # started by _before
         if response.status_code not in (401, 402):
-            if sent is not None and BALANCE_HEADER in response.headers:
+            if sent is not None and sent.charge:
+                # A charge paid earlier, accepted now: its receipt goes to the ledger.
+                yield _Io(self._payer.note_receipt(sent, _answer(response)))
+            elif sent is not None and BALANCE_HEADER in response.headers:
                 # What is left of the token this request carried (a bundle, single use).
                 yield _Io(self._payer.note_balance(sent, _answer(response)))
             return
+        yield _Read(response)
         steps = self._payer.exchange(url, _answer(response), sent)
         try:
             step = next(steps)
@@ -104,6 +134,7 @@ class L402Auth(httpx.Auth):
                 else:
                     request.headers["Authorization"] = step.authorization
                 response = yield request
+                yield _Read(response)
                 step = steps.send(_answer(response))
         except StopIteration as stop:
             verdict: Verdict = stop.value
@@ -123,6 +154,10 @@ class L402Auth(httpx.Auth):
             try:
                 if isinstance(step, _Io):
                     step = flow.send(self._run(step.job))
+                elif isinstance(step, _Read):
+                    if _problem_body(step.response):
+                        step.response.read()
+                    step = next(flow)
                 else:
                     step = flow.send((yield step))
             except StopIteration:
@@ -137,6 +172,10 @@ class L402Auth(httpx.Auth):
             try:
                 if isinstance(step, _Io):
                     step = flow.send(await asyncio.wrap_future(self._submit(step.job)))
+                elif isinstance(step, _Read):
+                    if _problem_body(step.response):
+                        await step.response.aread()
+                    step = next(flow)
                 else:
                     step = flow.send((yield step))
             except StopIteration:
@@ -150,14 +189,20 @@ class L402Auth(httpx.Auth):
         port = request.url.port or (443 if request.url.scheme == "https" else 80)
         if not payer.allows(host, port):
             return None
+        # Both schemes it can pay, to hosts it may pay only (as the client proxy does).
         request.headers.setdefault("Accept-Authenticate", "L402")
+        request.headers.setdefault(ACCEPT_HEADER, ACCEPT_PAYMENT)
         if "Authorization" in request.headers:
             return None  # the caller's own credentials win
-        origin, _, _, path = split_url(str(request.url))
+        url = str(request.url)
+        origin, _, _, path = split_url(url)
         flight = payer.flight_for(origin, path)
         if flight is not None:
             await asyncio.wait({flight}, timeout=payer.pay_timeout)
         token = payer.up_front(origin, path)
+        if token is None and payer.unused:
+            # A Payment charge paid for this very URL and never sent (see payer.py).
+            token = await payer.take_charge(url)
         if token is not None:
             request.headers["Authorization"] = token.credential
         return token
@@ -171,7 +216,9 @@ class L402Auth(httpx.Auth):
 
     async def _start(self) -> Payer:
         store = await ClientStore.open(self.store_uri)
-        payer = Payer(self._wallet, store, self.limits, pay_timeout=self.pay_timeout)
+        payer = Payer(
+            self._wallet, store, self.limits, pay_timeout=self.pay_timeout, prefer=self.prefer
+        )
         try:
             await payer.start()
         except BaseException:
@@ -236,12 +283,31 @@ class L402Auth(httpx.Auth):
 
 def _answer(response: httpx.Response) -> Answer:
     # response.request: after redirects, the URL that actually answered.
+    problem = None
+    if _problem_body(response):
+        try:
+            problem = problem_type(response.headers.get("Content-Type"), response.content)
+        except httpx.ResponseNotRead:
+            problem = None
     return Answer(
         response.status_code,
         tuple(response.headers.get_list("WWW-Authenticate")),
         str(response.request.url),
         tuple(response.headers.get_list(BALANCE_HEADER)),
+        tuple(response.headers.get_list(RECEIPT_HEADER)),
+        problem,
     )
+
+
+def _problem_body(response: httpx.Response) -> bool:
+    """A 401/402 with a problem+json body small enough to read for its type (a Payment
+    refusal). Only a stated length is trusted: an endless body is never read here."""
+    if response.status_code not in (401, 402):
+        return False
+    if "problem+json" not in response.headers.get("Content-Type", "").lower():
+        return False
+    length = response.headers.get("Content-Length", "")
+    return length.isdigit() and int(length) <= MAX_PROBLEM_BODY
 
 
 __all__ = ["L402Auth"]

@@ -114,6 +114,9 @@ def test_a_bad_server_option_stops_mitmdump_before_it_serves(
     tmp_path: Path, confdir: Path, settings: tuple[str, ...], line: str
 ) -> None:
     lines = stopped_without_serving(server(tmp_path, confdir, *settings))
+    # rules/podcast.yaml sells a private feed, which reverse mode without keep_host_header
+    # cannot serve: that warning may come first, and is not about the bad option.
+    lines = [text for text in lines if "sells a private feed" not in text]
     assert len(lines) == 1 and line in lines[0], lines
 
 

@@ -271,7 +271,7 @@ async def test_a_ledger_of_schema_1_is_migrated_and_its_tokens_kept(tmp_path: Pa
     finally:
         await opened.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 3
     db.close()
 
 

@@ -10,14 +10,21 @@ across processes sharing the file (the proxy and the SDK).
 A token sold as a bundle (or for single use) has a balance: what the server's last
 `X-L402-Balance` said is left of it. A token whose balance is 0 is spent: never sent again,
 and its scope may be paid again.
+
+A Payment-scheme charge (scheme 'Payment', no macaroon; the challenge its credential echoes in
+`challenge`) is paid and counted like any payment, but it is no token: good for one request,
+never handed out for a scope. `presented_at` says when its credential was sent (NULL: never),
+`receipt` what the server's Payment-Receipt said.
 """
 
+import json
 import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self
 
+from l402proxy.l402.payment import SCHEME as CHARGE_SCHEME
 from l402proxy.paths import default_client_store
 from l402proxy.store import database
 from l402proxy.store.database import Database, StoreError
@@ -90,13 +97,32 @@ MIGRATIONS: list[Sequence[str]] = [
         "ALTER TABLE payments ADD COLUMN balance_unit TEXT",
         "ALTER TABLE payments ADD COLUMN balance_at REAL",
     ),
+    # 3: Payment-scheme charges (issue 16). `challenge`: the challenge a charge's credential
+    # echoes, as JSON (NULL for L402 tokens); `presented_at`: when its credential was sent
+    # (NULL: never, so a paid charge may still be sent, once); `receipt` (JSON) and
+    # `receipt_at`: the Payment-Receipt the server answered it with, decoded, and when.
+    (
+        "ALTER TABLE payments ADD COLUMN challenge TEXT",
+        "ALTER TABLE payments ADD COLUMN presented_at REAL",
+        "ALTER TABLE payments ADD COLUMN receipt TEXT",
+        "ALTER TABLE payments ADD COLUMN receipt_at REAL",
+    ),
 ]
 
 BALANCE_UNITS = ("requests", "bytes", "units")
 # SQLite keeps integers in signed 64 bits: a larger balance is no balance the ledger can hold.
 MAX_BALANCE = 2**63 - 1
-# A token the ledger may hand out: paid, not dropped, not spent; expiry is checked apart.
-_LIVE = "status = 'paid' AND dropped_at IS NULL AND (balance IS NULL OR balance > 0)"
+# A token the ledger may hand out: paid, not dropped, not spent, no Payment charge (good for
+# one request, never a scope's token); expiry is checked apart.
+_LIVE = (
+    "status = 'paid' AND dropped_at IS NULL AND (balance IS NULL OR balance > 0)"
+    f" AND scheme != '{CHARGE_SCHEME}'"
+)
+# A charge paid and never presented: it may still be sent, once (see payer.py).
+_UNUSED_CHARGE = (
+    f"scheme = '{CHARGE_SCHEME}' AND status = 'paid' AND dropped_at IS NULL"
+    " AND presented_at IS NULL"
+)
 
 PaymentStatus = Literal["pending", "paid", "failed"]
 
@@ -120,6 +146,13 @@ class NewPayment:
     # "<pid>:<random>" of the process paying: recovery leaves a live owner's payment alone.
     # "" (no owner) is recovered by whoever starts next.
     owner: str = ""
+    # A Payment charge's challenge (its credential's echo) as JSON; None for L402.
+    challenge: str | None = None
+
+    @property
+    def is_charge(self) -> bool:
+        """A Payment-scheme charge: good for one request, never a token for a scope."""
+        return self.scheme == CHARGE_SCHEME
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,6 +172,11 @@ class Payment(NewPayment):
     balance: int | None = None
     balance_unit: str | None = None
     balance_at: float | None = None
+    # A charge: when its credential was sent (None: never), and the decoded Payment-Receipt
+    # (JSON) the server answered with, and when.
+    presented_at: float | None = None
+    receipt: str | None = None
+    receipt_at: float | None = None
 
     @property
     def spent(self) -> bool:
@@ -146,9 +184,11 @@ class Payment(NewPayment):
         return self.balance == 0
 
     def usable(self, now: float) -> bool:
-        """A token that can still be sent: paid, not dropped, not spent, not expired."""
+        """A token that can still be sent: paid, not dropped, not spent, not expired (a charge
+        only while it was never presented)."""
         return (
             self.status == "paid"
+            and not (self.is_charge and self.presented_at is not None)
             and self.preimage is not None
             and self.dropped_at is None
             and not self.spent
@@ -197,7 +237,7 @@ _PAYMENT_FIELDS = (
     "id", "payment_hash", "origin", "url", "scope", "services", "scheme", "macaroon", "bolt11",
     "amount_msat", "fee_limit_msat", "fee_msat", "status", "preimage", "valid_until", "wallet",
     "owner", "error", "created_at", "updated_at", "dropped_at", "balance", "balance_unit",
-    "balance_at",
+    "balance_at", "challenge", "presented_at", "receipt", "receipt_at",
 )  # fmt: skip
 _PAYMENT_COLUMNS = ", ".join(_PAYMENT_FIELDS)
 # What a payment counts against a budget: its fee once known, until then the fee limit.
@@ -211,6 +251,16 @@ def _payment_from_row(row: Sequence[Any]) -> Payment:
     if values["preimage"] is not None:
         values["preimage"] = bytes(values["preimage"])
     return Payment(**values)
+
+
+def _receipt_json(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def sqlite_path_from_uri(uri: str) -> Path:
@@ -259,7 +309,9 @@ class ClientStore(Database):
         for one. A payment hash seen before raises StoreError: an invoice is never paid twice.
 
         `alone`: a payment for one request only (its token from a shared payment went to
-        another request of ours first): the scope is not checked, only the budgets.
+        another request of ours first): the scope is not checked, only the budgets. A Payment
+        charge is always for one request alone: its scope is never checked, and it is never
+        the scope's token nor a payment another one waits for.
         `held_back`: such payments (pending, or paid and not yet used by their request),
         which the scope check passes over: they are neither a token to take nor a payment
         to wait for.
@@ -277,9 +329,10 @@ class ClientStore(Database):
             # A spent token (balance 0) is no token: its scope is paid again.
             skipped = tuple(held_back)
             row = None
-            if not alone:
+            if not alone and not payment.is_charge:
                 row = await self._one(
                     f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE origin = ? AND scope = ?"
+                    f" AND scheme != '{CHARGE_SCHEME}'"
                     f" AND (status = 'pending' OR ({_LIVE}"
                     " AND (valid_until IS NULL OR valid_until > ?)))"
                     f" AND payment_hash NOT IN ({', '.join('?' * len(skipped))})"
@@ -323,8 +376,8 @@ class ClientStore(Database):
             cursor = await db.execute(
                 "INSERT INTO payments (payment_hash, origin, url, scope, services, scheme,"
                 " macaroon, bolt11, amount_msat, fee_limit_msat, status, valid_until, wallet,"
-                " owner, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
+                " owner, created_at, updated_at, challenge)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
                 (
                     payment.payment_hash,
                     payment.origin,
@@ -341,6 +394,7 @@ class ClientStore(Database):
                     payment.owner,
                     now,
                     now,
+                    payment.challenge,
                 ),
             )
             row = await self._one(
@@ -365,6 +419,37 @@ class ClientStore(Database):
         if row is None:
             raise StoreError(f"no payment {payment_hash.hex()} in the client ledger")
         return _payment_from_row(row)
+
+    async def present(self, payment_hash: bytes, now: float) -> bool:
+        """Claim a paid charge for sending: True for the one caller (of any process sharing
+        the file) that marks it presented; False when it was presented (or dropped) before.
+        Written before the credential leaves, so it is never sent twice."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                f"UPDATE payments SET presented_at = ?, updated_at = ?"
+                f" WHERE payment_hash = ? AND {_UNUSED_CHARGE}",
+                (now, now, payment_hash),
+            )
+            return cursor.rowcount == 1
+
+    async def unused_charges(self, now: float) -> list[Payment]:
+        """Charges paid and never presented that have not expired, oldest first."""
+        rows = await self._read(
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE {_UNUSED_CHARGE}"
+            " AND (valid_until IS NULL OR valid_until > ?) ORDER BY id",
+            (now,),
+        )
+        return [_payment_from_row(row) for row in rows]
+
+    async def note_receipt(self, payment_hash: bytes, receipt: dict[str, Any], now: float) -> None:
+        """Keep the (decoded) Payment-Receipt the server answered a charge with."""
+        text = json.dumps(receipt, sort_keys=True, ensure_ascii=False)
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE payments SET receipt = ?, receipt_at = ? WHERE payment_hash = ?"
+                f" AND scheme = '{CHARGE_SCHEME}'",
+                (text, now, payment_hash),
+            )
 
     async def fail(self, payment_hash: bytes, error: str, now: float) -> None:
         """pending -> failed: nothing was paid, the reservation is released."""
@@ -443,9 +528,10 @@ class ClientStore(Database):
     async def all_tokens(self, limit: int = 100) -> list[Payment]:
         if limit < 1:
             raise StoreError(f"limit must be at least 1, got {limit}")
+        # A charge is no token (one request, then used): the history shows it.
         rows = await self._read(
             f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE status = 'paid'"
-            " ORDER BY id DESC LIMIT ?",
+            f" AND scheme != '{CHARGE_SCHEME}' ORDER BY id DESC LIMIT ?",
             (limit,),
         )
         return [_payment_from_row(row) for row in rows]
@@ -529,6 +615,10 @@ class ClientStore(Database):
                     "message": p.error,
                     "settled_at": p.updated_at if p.status == "paid" else None,
                     "dropped_at": p.dropped_at,
+                    # "Payment" for a charge (one request), else L402/LSAT (a token).
+                    "scheme": p.scheme,
+                    "presented_at": p.presented_at,
+                    "receipt": _receipt_json(p.receipt),
                 }
             )
         for at, origin, url, service, reason, message, amount_msat, payment_hash in refusals:
