@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import bolt11
 import pytest
@@ -27,12 +28,15 @@ from l402proxy.lightning import (
     InvoiceNotFound,
     LightningError,
     PaymentFailed,
+    PaymentResult,
     Wallet,
     open_backend,
     open_wallet,
 )
-from l402proxy.lightning.dev import SCHEMA_VERSION
+from l402proxy.lightning.bolt11_encoder import encode_invoice
+from l402proxy.lightning.dev import SCHEMA_VERSION, _LedgerFile
 from l402proxy.lightning.uri import SUPPORTED_FORMS
+from l402proxy.store.database import BUSY_TIMEOUT_MS
 
 MERCHANT = "merchant"
 LISTENER = "listener"
@@ -385,6 +389,135 @@ async def test_node_key_persists_and_schema_is_versioned(path: Path) -> None:
     assert path.stat().st_mode & 0o077 == 0
 
 
+async def test_ledger_file_is_set_up_like_the_stores(ledger: DevLedger) -> None:
+    file = await ledger._opened()
+    assert await file._read("PRAGMA busy_timeout") == [(BUSY_TIMEOUT_MS,)]
+    assert await file._read("PRAGMA journal_mode") == [("wal",)]
+    assert await file._read("PRAGMA synchronous") == [(1,)]  # NORMAL
+
+
+# Schema version 1 exactly as the dev ledger first wrote it (before it stood on
+# store/database.py), frozen here: a ledger file from any earlier l402proxy must keep opening.
+_V1_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS wallets (
+            name TEXT PRIMARY KEY,
+            balance_msat INTEGER NOT NULL CHECK (balance_msat >= 0),
+            created_at REAL NOT NULL
+        )""",
+    """CREATE TABLE IF NOT EXISTS invoices (
+            payment_hash BLOB PRIMARY KEY,
+            wallet TEXT NOT NULL,
+            bolt11 TEXT NOT NULL,
+            preimage BLOB NOT NULL,
+            amount_msat INTEGER NOT NULL,
+            memo TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL,
+            settled_at REAL,
+            paid_by TEXT
+        )""",
+    "CREATE INDEX IF NOT EXISTS invoices_by_created ON invoices (created_at)",
+    """CREATE TABLE IF NOT EXISTS payments (
+            wallet TEXT NOT NULL,
+            payment_hash BLOB NOT NULL,
+            amount_msat INTEGER,
+            fee_msat INTEGER NOT NULL DEFAULT 0,
+            status TEXT NOT NULL CHECK (status IN ('pending', 'succeeded', 'failed')),
+            preimage BLOB,
+            error TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (wallet, payment_hash)
+        )""",
+)
+
+
+def schema_of(path: Path) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
+
+
+def write_v1_ledger(path: Path, key: PrivateKey) -> tuple[bytes, str]:
+    """A ledger file as the old code left it: one invoice of 21 sat paid by LISTENER, one of
+    5 sat open. Returns (the paid invoice's hash, the open invoice)."""
+    now = int(time.time())
+    node = key.public_key.format(compressed=True)
+    rows = []
+    for amount_msat in (21_000, 5_000):
+        preimage = os.urandom(32)
+        payment_hash = hashlib.sha256(preimage).digest()
+        text = encode_invoice(
+            key=key, currency="bcrt", amount_msat=amount_msat, created_at=now,
+            payment_hash=payment_hash, payment_secret=os.urandom(32), description="old",
+            expiry=600, min_final_cltv_expiry=18, payee=node,
+        )  # fmt: skip
+        rows.append((payment_hash, MERCHANT, text, preimage, amount_msat, "old", now, now + 600))
+    path.parent.mkdir(parents=True)
+    with sqlite3.connect(path, isolation_level=None) as db:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("BEGIN IMMEDIATE")
+        for statement in _V1_SCHEMA:
+            db.execute(statement)
+        db.execute("PRAGMA user_version = 1")
+        db.execute("INSERT INTO meta VALUES ('node_key', ?)", (key.secret,))
+        db.executemany("INSERT INTO invoices VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)", rows)
+        paid_hash, _, _, paid_preimage = rows[0][:4]
+        db.execute(
+            "UPDATE invoices SET settled_at = ?, paid_by = ? WHERE payment_hash = ?",
+            (now, LISTENER, paid_hash),
+        )
+        db.executemany(
+            "INSERT INTO wallets VALUES (?, ?, ?)",
+            [
+                (LISTENER, NEW_WALLET_BALANCE_MSAT - 21_000, now),
+                (MERCHANT, NEW_WALLET_BALANCE_MSAT + 21_000, now),
+            ],
+        )
+        db.execute(
+            "INSERT INTO payments VALUES (?, ?, 21000, 0, 'succeeded', ?, NULL, ?, ?)",
+            (LISTENER, paid_hash, paid_preimage, now, now),
+        )
+        db.execute("COMMIT")
+    path.chmod(0o644)  # the old code made only a file it created private
+    return paid_hash, rows[1][2]
+
+
+async def test_a_ledger_file_of_the_old_code_opens_unchanged(path: Path, tmp_path: Path) -> None:
+    key = PrivateKey()
+    paid_hash, open_invoice = write_v1_ledger(path, key)
+    old_schema = schema_of(path)
+    fresh = DevLedger(tmp_path / "fresh.sqlite")
+    await fresh.open()
+    await fresh.close()
+    # The same tables as the old code wrote, so nothing needs migrating.
+    assert schema_of(tmp_path / "fresh.sqlite") == old_schema
+
+    ledger = DevLedger(path)
+    try:
+        await ledger.open()
+        assert ledger.node_id == key.public_key.format(compressed=True).hex()
+        paid = await ledger.lookup_invoice(paid_hash, wallet=MERCHANT)
+        assert paid.settled and paid.preimage is not None
+        assert hashlib.sha256(paid.preimage).digest() == paid_hash
+        state = await ledger.lookup_payment(LISTENER, paid_hash)
+        assert (state.status, state.preimage) == ("succeeded", paid.preimage)
+        assert await ledger.balance(LISTENER) == NEW_WALLET_BALANCE_MSAT - 21_000
+
+        await ledger.pay(LISTENER, open_invoice, 0)
+
+        assert await ledger.balance(LISTENER) == NEW_WALLET_BALANCE_MSAT - 26_000
+        assert await ledger.balance(MERCHANT) == NEW_WALLET_BALANCE_MSAT + 26_000
+        listed = await ledger.list_invoices()
+        assert [(i["settled"], i["paid_by"]) for i in listed] == [(True, LISTENER)] * 2
+    finally:
+        await ledger.close()
+    assert schema_of(path) == old_schema
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1 == SCHEMA_VERSION
+    assert path.stat().st_mode & 0o077 == 0  # it holds the node key: now private like the stores
+
+
 async def test_newer_schema_is_refused(path: Path) -> None:
     path.parent.mkdir()
     with sqlite3.connect(path) as db:
@@ -461,6 +594,37 @@ async def test_many_concurrent_operations_on_one_instance(ledger: DevLedger) -> 
     assert sum(r.amount_msat for r in results[:20]) == total  # type: ignore[union-attr]
     assert await ledger.balance(MERCHANT) == NEW_WALLET_BALANCE_MSAT + total
     assert len(await ledger.list_invoices()) == 25
+
+
+async def test_close_amid_operations_loses_none(ledger: DevLedger) -> None:
+    # close() may come at any time (each backend and wallet closes its ledger): what runs
+    # finishes first, what comes after reopens the file.
+    invoices = [await ledger.create_invoice(MERCHANT, 1_000, f"n{i}", 600) for i in range(6)]
+    work = [ledger.pay(LISTENER, invoice.bolt11, 0) for invoice in invoices]
+    closes = [ledger.close() for _ in range(3)]
+    results = await asyncio.gather(
+        work[0], closes[0], work[1], work[2], closes[1], work[3], ledger.balance(MERCHANT),
+        closes[2], work[4], work[5], ledger.create_invoice(MERCHANT, 7, "after", 600),
+    )  # fmt: skip
+    assert sum(r.amount_msat for r in results if isinstance(r, PaymentResult)) == 6_000
+    assert await ledger.balance(MERCHANT) == NEW_WALLET_BALANCE_MSAT + 6_000
+    assert len(await ledger.list_invoices()) == 7
+
+
+async def test_an_operation_overtaken_by_close_runs_on_the_reopened_file(
+    ledger: DevLedger,
+) -> None:
+    await ledger.open()
+    taken: list[_LedgerFile] = []
+
+    async def work(file: _LedgerFile) -> list[Any]:
+        taken.append(file)
+        if len(taken) == 1:
+            await ledger.close()  # slips in after the operation took the file, before it ran
+        return await file._read("SELECT count(*) FROM wallets")
+
+    assert await ledger._use(work) == [(0,)]
+    assert len(taken) == 2 and taken[0] is not taken[1]
 
 
 async def test_cancelled_pay_leaves_ledger_consistent(ledger: DevLedger) -> None:
@@ -639,8 +803,8 @@ async def test_concurrent_invoices_share_writes_and_are_committed_on_return(
 
 async def test_a_failed_invoice_write_fails_every_waiting_caller(ledger: DevLedger) -> None:
     await ledger.create_invoice("merchant", 1000, "warm up", 600)
-    db = await ledger._conn()
-    await db.execute("DROP TABLE invoices")
+    file = await ledger._opened()
+    await file._statement("DROP TABLE invoices")
     results = await asyncio.gather(
         *(ledger.create_invoice("merchant", 1000, "x", 600) for _ in range(5)),
         return_exceptions=True,

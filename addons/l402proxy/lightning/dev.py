@@ -4,20 +4,19 @@ It issues real regtest BOLT11 invoices signed by a persistent local node key and
 per-wallet balances, so the server addon, the client addon and the CLI on one machine can
 pay each other with no setup. Several processes may open the same file at once: every write
 is one `BEGIN IMMEDIATE` transaction and SQLite's file locks (WAL + busy_timeout) order them.
+The file is a store/database.py `Database`, like the server stores: private file, WAL, busy
+timeout, migrations by user_version.
 """
 
 import asyncio
-import contextlib
 import hashlib
-import os
 import re
 import secrets
-import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast
 
 import aiosqlite
 from coincurve import PrivateKey
@@ -40,7 +39,9 @@ from l402proxy.lightning.base import (
 )
 from l402proxy.lightning.bolt11_encoder import encode_invoice
 from l402proxy.lightning.common import check_hash
-from l402proxy.paths import ensure_parent
+from l402proxy.store.database import BUSY_TIMEOUT_MS, Database, StoreError
+
+T = TypeVar("T")
 
 DEFAULT_SERVER_WALLET: Final = "merchant"
 DEFAULT_CLIENT_WALLET: Final = "listener"
@@ -54,13 +55,14 @@ MAX_MEMO_BYTES: Final = 639
 # 21M BTC; also keeps every amount inside SQLite's signed 64-bit integers.
 MAX_AMOUNT_MSAT: Final = 21_000_000 * 100_000_000 * 1000
 MAX_EXPIRY: Final = 365 * 24 * 3600
-BUSY_TIMEOUT_MS: Final = 10_000
 # How long a failed open waits for aiosqlite's worker thread to finish.
 WORKER_STOP_SECONDS: Final = 5.0
 
 _WALLET_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
-# Ordered migrations; migration i brings the schema to user_version i + 1. Append only.
+# Ordered migrations; migration i brings the schema to user_version i + 1. Append only: ledger
+# files of every earlier l402proxy open with these (tests/unit/test_dev_ledger.py keeps a copy
+# of version 1 as first released).
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
@@ -97,6 +99,11 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
+
+# A wallet's first use: its starting balance (wallet, balance, created_at).
+_NEW_WALLET: Final = (
+    "INSERT OR IGNORE INTO wallets (name, balance_msat, created_at) VALUES (?, ?, ?)"
+)
 
 # What list_invoices() shows (plus "settled"); never the preimage.
 _LISTED_COLUMNS: Final = (
@@ -135,6 +142,54 @@ async def _worker_stopped(connection: aiosqlite.Connection) -> None:
         await asyncio.sleep(0)  # let that last callback run
 
 
+def _reason(exc: StoreError) -> str:
+    """What went wrong, without the store's own "store <path>" wording (our messages name the
+    dev ledger and its path themselves)."""
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return str(cause or exc)
+
+
+class _LedgerClosed(StoreError):
+    """The ledger file was closed before this operation took the connection: nothing ran."""
+
+
+class _LedgerFile(Database):
+    """The ledger's SQLite file, on the stores' plumbing (store/database.py)."""
+
+    def migrations(self) -> Sequence[Sequence[str]]:
+        return _MIGRATIONS
+
+    @classmethod
+    async def _connect(cls, path: Path) -> aiosqlite.Connection:
+        connection = aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        _daemonize(connection)
+        try:
+            return await connection
+        except BaseException:
+            await _worker_stopped(connection)
+            raise
+
+    def _check_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise BackendUnavailable(
+                f"dev ledger {self.path} has schema version {version}; this l402proxy "
+                f"knows up to {SCHEMA_VERSION} (upgrade l402proxy)"
+            )
+
+    def _live(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise _LedgerClosed(f"dev ledger {self.path} is closed")
+        return self._db
+
+    async def close(self) -> None:
+        # After the running transaction, if any: the base class would close the connection
+        # under it, and DevLedger reopens lazily, so close() may come at any time.
+        async with self._lock:
+            await super().close()
+
+
 def _check_int(value: int, what: str, low: int, high: int) -> int:
     # bool is an int subclass; True sat is a bug, not a price.
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -149,13 +204,12 @@ class DevLedger:
         self.path = str(Path(path).expanduser())
         # A seam for tests (invoices from the past); everything time-based reads this.
         self._clock = clock
-        self._db: aiosqlite.Connection | None = None
+        # One connection shared by every coroutine of this instance (the file's own lock
+        # keeps their transactions apart).
+        self._file: _LedgerFile | None = None
         self._node_key: PrivateKey | None = None
         self._node_id: str | None = None
         self._open_lock = asyncio.Lock()
-        # One connection is shared by every coroutine of this instance: a transaction spans
-        # several awaits, so nothing else may run statements on the connection meanwhile.
-        self._lock = asyncio.Lock()
         self._known_wallets: set[str] = set()
         self._invoice_queue: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
         self._invoice_writer: asyncio.Task[None] | None = None
@@ -192,119 +246,64 @@ class DevLedger:
     async def open(self) -> None:
         """Connect, migrate and load the node key. Calling it again is a no-op."""
         async with self._open_lock:
-            if self._db is not None:
+            if self._file is not None:
                 return
-            fresh = not Path(self.path).exists()
-            db: aiosqlite.Connection | None = None
-            connection: aiosqlite.Connection | None = None
+            file: _LedgerFile | None = None
             try:
-                ensure_parent(self.path)
-                # isolation_level=None: we issue BEGIN IMMEDIATE ourselves; sqlite3's implicit
-                # deferred BEGIN would fail with SQLITE_BUSY on lock upgrade instead of waiting.
-                connection = aiosqlite.connect(self.path, isolation_level=None)
-                _daemonize(connection)
-                db = await connection
-                await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-                await self._use_wal(db)
-                await db.execute("PRAGMA synchronous = NORMAL")
-                await self._migrate(db)
-                key = await self._load_node_key(db)
-            except (sqlite3.Error, OSError) as exc:
-                if db is not None:
-                    await db.close()
-                elif connection is not None:
-                    await _worker_stopped(connection)
-                raise BackendUnavailable(f"cannot open dev ledger {self.path}: {exc}") from None
-            except BaseException:
-                if db is not None:
-                    await db.close()
+                file = await _LedgerFile.open_path(Path(self.path))
+                key = await self._load_node_key(file)
+            except BaseException as exc:
+                if file is not None:
+                    await file.close()
+                if isinstance(exc, StoreError):
+                    raise BackendUnavailable(
+                        f"cannot open dev ledger {self.path}: {_reason(exc)}"
+                    ) from None
                 raise
-            if fresh:
-                # The file holds the node key and every preimage.
-                with contextlib.suppress(OSError):
-                    os.chmod(self.path, 0o600)
-            self._db = db
+            self._file = file
             self._node_key = key
             self._node_id = key.public_key.format(compressed=True).hex()
 
     async def close(self) -> None:
         """Close the connection (after any running open or transaction); methods reopen lazily."""
-        # Lock order everywhere: _open_lock before _lock, never the other way round.
-        async with self._open_lock, self._lock:
-            db, self._db = self._db, None
-            if db is not None:
-                await db.close()
+        async with self._open_lock:
+            file, self._file = self._file, None
+            if file is not None:
+                await file.close()
 
-    async def _use_wal(self, db: aiosqlite.Connection) -> None:
-        # Switching a fresh file to WAL needs an exclusive lock, and SQLite reports "database
-        # is locked" at once there instead of calling the busy handler, so when several
-        # processes open a new ledger together the losers retry here.
-        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-        while True:
-            try:
-                await db.execute("PRAGMA journal_mode = WAL")
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() >= deadline:
-                    raise
-            await asyncio.sleep(0.005)
-
-    async def _migrate(self, db: aiosqlite.Connection) -> None:
-        (version,) = (await db.execute_fetchall("PRAGMA user_version"))[0]
-        if version == SCHEMA_VERSION:
-            return
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            # Read again under the write lock: another process may have migrated meanwhile.
-            (version,) = (await db.execute_fetchall("PRAGMA user_version"))[0]
-            if version > SCHEMA_VERSION:
-                raise BackendUnavailable(
-                    f"dev ledger {self.path} has schema version {version}; this l402proxy "
-                    f"knows up to {SCHEMA_VERSION} (upgrade l402proxy)"
-                )
-            for number in range(version, SCHEMA_VERSION):
-                for statement in _MIGRATIONS[number]:
-                    await db.execute(statement)
-                await db.execute(f"PRAGMA user_version = {number + 1}")
-            await db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                await db.execute("ROLLBACK")
-            raise
-
-    async def _load_node_key(self, db: aiosqlite.Connection) -> PrivateKey:
+    @staticmethod
+    async def _load_node_key(file: _LedgerFile) -> PrivateKey:
         # Two processes opening a fresh ledger together must end up with one key: whoever
         # inserts first wins, and both read back the winner.
-        await db.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('node_key', ?)",
-            (PrivateKey().secret,),
-        )
-        rows = await db.execute_fetchall("SELECT value FROM meta WHERE key = 'node_key'")
-        return PrivateKey(bytes(rows[0][0]))
+        async with file._transaction() as db:
+            await db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('node_key', ?)",
+                (PrivateKey().secret,),
+            )
+            rows = await db.execute_fetchall("SELECT value FROM meta WHERE key = 'node_key'")
+        return PrivateKey(bytes(next(iter(rows))[0]))
 
-    async def _conn(self) -> aiosqlite.Connection:
-        db = self._db
-        while db is None:
+    async def _opened(self) -> _LedgerFile:
+        file = self._file
+        while file is None:
             await self.open()
-            db = self._db  # None again only if close() slipped in between
-        return db
+            file = self._file  # None again only if close() slipped in between
+        return file
 
-    @contextlib.asynccontextmanager
-    async def _session(self) -> AsyncIterator[aiosqlite.Connection]:
-        """The connection, exclusively for this coroutine; SQLite errors become LightningErrors."""
+    async def _use(self, work: Callable[[_LedgerFile], Awaitable[T]]) -> T:
+        """`work` on the open ledger file; a StoreError becomes BackendUnavailable.
+
+        `work` makes ONE _transaction/_read/_statement call: if close() got there first,
+        nothing ran, and it runs again on the reopened file.
+        """
         while True:
-            db = await self._conn()
-            await self._lock.acquire()
-            if self._db is db:
-                break
-            # close() ran while we waited: reopen without holding _lock (see close()).
-            self._lock.release()
-        try:
-            yield db
-        except sqlite3.Error as exc:
-            raise BackendUnavailable(f"dev ledger {self.path}: {exc}") from None
-        finally:
-            self._lock.release()
+            file = await self._opened()
+            try:
+                return await work(file)
+            except _LedgerClosed:
+                continue
+            except StoreError as exc:
+                raise BackendUnavailable(f"dev ledger {self.path}: {_reason(exc)}") from None
 
     # -- server side -------------------------------------------------------------------------
 
@@ -326,7 +325,7 @@ class DevLedger:
             raise LightningError("memo must be a string")
         if len(memo.encode()) > MAX_MEMO_BYTES:
             raise LightningError(f"memo is longer than {MAX_MEMO_BYTES} bytes (UTF-8)")
-        await self._conn()  # the node key signs the invoice
+        await self._opened()  # the node key signs the invoice
         preimage = secrets.token_bytes(32)
         payment_hash = hashlib.sha256(preimage).digest()
         created_at = int(self._clock())
@@ -334,9 +333,12 @@ class DevLedger:
             raise LightningError("description_hash must be 32 bytes")
         text = self._encode(payment_hash, amount_msat, memo, expiry, created_at, description_hash)
         if wallet not in self._known_wallets:
-            async with self._session() as db:
-                # Wallets are never deleted, so once per process is enough.
-                await self._ensure_wallet(db, wallet, created_at)
+            # Wallets are never deleted, so once per process is enough.
+            await self._use(
+                lambda file: file._statement(
+                    _NEW_WALLET, (wallet, NEW_WALLET_BALANCE_MSAT, created_at)
+                )
+            )
             self._known_wallets.add(wallet)
         await self._insert_invoice(
             (payment_hash, wallet, text, preimage, amount_msat, memo, created_at,
@@ -364,13 +366,9 @@ class DevLedger:
     async def _write_invoices(self) -> None:
         while self._invoice_queue:
             batch, self._invoice_queue = self._invoice_queue, []
+            rows = [row for row, _ in batch]
             try:
-                async with self._session() as db:
-                    await db.executemany(
-                        "INSERT INTO invoices (payment_hash, wallet, bolt11, preimage, amount_msat,"
-                        " memo, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        [row for row, _ in batch],
-                    )
+                await self._use(lambda file, rows=rows: self._insert_invoices(file, rows))
             except BaseException as exc:
                 for _, done in batch:
                     if not done.done():
@@ -385,6 +383,16 @@ class DevLedger:
                 for _, done in batch:
                     if not done.done():
                         done.set_result(None)
+
+    @staticmethod
+    async def _insert_invoices(file: _LedgerFile, rows: list[tuple[Any, ...]]) -> None:
+        # One transaction, one commit for the whole batch.
+        async with file._transaction() as db:
+            await db.executemany(
+                "INSERT INTO invoices (payment_hash, wallet, bolt11, preimage, amount_msat,"
+                " memo, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
 
     def _encode(
         self,
@@ -418,12 +426,13 @@ class DevLedger:
         payment_hash = check_hash(payment_hash)
         if wallet is not None:
             check_wallet_name(wallet)
-        async with self._session() as db:
-            rows = await db.execute_fetchall(
+        rows = await self._use(
+            lambda file: file._read(
                 "SELECT wallet, amount_msat, settled_at, preimage FROM invoices"
                 " WHERE payment_hash = ?",
                 (payment_hash,),
             )
+        )
         if not rows or (wallet is not None and rows[0][0] != wallet):
             raise InvoiceNotFound(
                 f"no invoice with payment hash {payment_hash.hex()} in dev ledger {self.path}"
@@ -449,8 +458,7 @@ class DevLedger:
         if limit is not None:
             sql += " LIMIT ?"
             params.append(_check_int(limit, "limit", 0, 2**62))
-        async with self._session() as db:
-            rows = await db.execute_fetchall(sql, params)
+        rows = await self._use(lambda file: file._read(sql, params))
         listed = [dict(zip(_LISTED_COLUMNS, row, strict=True)) for row in rows]
         for item in listed:
             item["payment_hash"] = bytes(item["payment_hash"]).hex()
@@ -474,7 +482,7 @@ class DevLedger:
                 "invoice has no amount: the dev ledger never pays amountless invoices"
             )
         try:
-            await self._conn()
+            await self._opened()
         except BackendUnavailable as exc:
             # The ledger cannot even be opened: nothing moved.
             raise NothingSent(f"{exc}; nothing was sent") from None
@@ -494,21 +502,17 @@ class DevLedger:
     async def _pay_transaction(
         self, wallet: str, payment_hash: bytes, text: str
     ) -> PaymentResult | str:
-        async with self._session() as db:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
+        async def work(file: _LedgerFile) -> PaymentResult | str:
+            async with file._transaction() as db:
                 now = self._clock()
                 outcome = await self._settle(db, wallet, payment_hash, text, now)
                 if isinstance(outcome, str):
                     # Keep the failure on record (lookup_payment says "failed", not "unknown");
                     # nothing else changed in this transaction.
                     await self._record_failure(db, wallet, payment_hash, outcome, now)
-                await db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    await db.execute("ROLLBACK")
-                raise
-        return outcome
+            return outcome
+
+        return await self._use(work)
 
     async def _settle(
         self, db: aiosqlite.Connection, wallet: str, payment_hash: bytes, text: str, now: float
@@ -585,12 +589,13 @@ class DevLedger:
         """What happened to `wallet`'s payment of `payment_hash` ("unknown": never attempted)."""
         check_wallet_name(wallet)
         payment_hash = check_hash(payment_hash)
-        async with self._session() as db:
-            rows = await db.execute_fetchall(
+        rows = await self._use(
+            lambda file: file._read(
                 "SELECT status, preimage, fee_msat FROM payments"
                 " WHERE wallet = ? AND payment_hash = ?",
                 (wallet, payment_hash),
             )
+        )
         if not rows:
             return PaymentState(payment_hash, "unknown", None, 0)
         status, preimage, fee_msat = rows[0]
@@ -604,17 +609,13 @@ class DevLedger:
     async def balance(self, wallet: str) -> int:
         """Balance in msat; a wallet never used yet reports what it will start with."""
         check_wallet_name(wallet)
-        async with self._session() as db:
-            rows = await db.execute_fetchall(
-                "SELECT balance_msat FROM wallets WHERE name = ?", (wallet,)
-            )
+        rows = await self._use(
+            lambda file: file._read("SELECT balance_msat FROM wallets WHERE name = ?", (wallet,))
+        )
         return rows[0][0] if rows else NEW_WALLET_BALANCE_MSAT
 
     async def _ensure_wallet(self, db: aiosqlite.Connection, wallet: str, now: float) -> None:
-        await db.execute(
-            "INSERT OR IGNORE INTO wallets (name, balance_msat, created_at) VALUES (?, ?, ?)",
-            (wallet, NEW_WALLET_BALANCE_MSAT, now),
-        )
+        await db.execute(_NEW_WALLET, (wallet, NEW_WALLET_BALANCE_MSAT, now))
 
 
 class DevInvoiceBackend(InvoiceBackend):

@@ -149,7 +149,7 @@ class Database(ABC):
         except OSError as exc:
             raise StoreError(f"cannot create store file {path}: {exc.strerror or exc}") from exc
         try:
-            db = await aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+            db = await cls._connect(path)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {path}: {exc}") from exc
         store = cls(db, path)
@@ -159,6 +159,12 @@ class Database(ABC):
             await db.close()
             raise
         return store
+
+    @classmethod
+    async def _connect(cls, path: Path) -> aiosqlite.Connection:
+        """aiosqlite's connection to `path`, autocommit (we BEGIN ourselves); a seam for a
+        subclass that must start aiosqlite's worker thread its own way (lightning/dev.py)."""
+        return await aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
 
     async def _setup(self) -> None:
         db = self._live()
