@@ -1007,6 +1007,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_auth_cmd.add_argument("--rules", required=True, help="the YAML rules file")
     serve_auth_cmd.add_argument(
+        "--schemes",
+        default="l402",
+        help="how services whose rule names no schemes: are paid: l402, payment or l402,payment "
+        "(default l402)",
+    )
+    serve_auth_cmd.add_argument(
         "--backend", default="dev", help="invoice backend URI, as l402_backend (default: dev)"
     )
     serve_auth_cmd.add_argument("--store", default=None, help=server_store_help)
@@ -1125,6 +1131,7 @@ def run_async(job: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
 def serve_auth(args: argparse.Namespace) -> Exit:
     """`serve-auth`: the engine as nginx's auth service, until SIGINT/SIGTERM."""
     from .doors import nginx
+    from .engine import Refused
     from .ops.listen import is_loopback
 
     try:
@@ -1152,10 +1159,16 @@ def serve_auth(args: argparse.Namespace) -> Exit:
         )
     try:
         engine = nginx.make_engine(
-            args.rules, args.backend, args.store, args.dev_ledger or paths.default_dev_ledger()
+            args.rules,
+            args.backend,
+            args.store,
+            args.dev_ledger or paths.default_dev_ledger(),
+            schemes=args.schemes,
         )
     except RulesError as exc:
         raise CliError(str(exc), EXIT_BAD_INPUT) from None
+    except Refused as exc:
+        raise CliError(f"--schemes: {exc}", EXIT_BAD_INPUT) from None
     except LightningError as exc:
         raise CliError(f"--backend: {exc}") from None
     try:

@@ -52,6 +52,7 @@ OPTION_NAMES: dict[AddonName, frozenset[str]] = {
             "l402_admin",
             "l402_admin_secret",
             "l402_ops_remote",
+            "l402_schemes",
         }
     ),
     "client": frozenset(

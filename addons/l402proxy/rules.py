@@ -41,6 +41,7 @@ __all__ = [
     "MODES",
     "PLAIN_PATH",
     "PRICED_MODES",
+    "SCHEMES",
     "AmbiguousPath",
     "Bundle",
     "BundleUnit",
@@ -59,14 +60,23 @@ __all__ = [
     "normalize_path",
     "parse_duration",
     "parse_rules",
+    "parse_schemes",
     "parse_size",
     "path_forms",
     "rule_warnings",
+    "scheme_problem",
     "scope_path",
 ]
 
 Mode = Literal["paywall", "upgrade", "free", "deny"]
 MODES: tuple[str, ...] = get_args(Mode)
+# How a priced rule may be paid: "l402" (an L402/LSAT token, reusable until it expires) and
+# "payment" (the Payment HTTP authentication scheme's Lightning charge: one request per paid
+# invoice, engine/charges.py). A rule without `schemes:` takes the paywall's default (the
+# l402_schemes option, serve-auth's and the ASGI middleware's `schemes`), DEFAULT_SCHEMES
+# unless set.
+SCHEMES: tuple[str, ...] = ("l402", "payment")
+DEFAULT_SCHEMES: tuple[str, ...] = ("l402",)
 
 DEFAULT_VALID_FOR = 3600
 DEFAULT_INVOICE_EXPIRY = 600
@@ -155,9 +165,10 @@ _SERVICE_KEYS = (
     "single_use",
     "pass",
     "feed",
+    "schemes",
 )
 # What a service sells beyond its price: refused where nothing is sold (free, deny).
-_SOLD_KEYS = ("price", "bundle", "single_use", "pass", "feed")
+_SOLD_KEYS = ("price", "bundle", "single_use", "pass", "feed", "schemes")
 _MATCH_KEYS = ("path", "host", "methods")
 _PAID_KEYS = ("rewrite_path", "upstream", "set_headers")
 _RATE_KEYS = ("requests", "per", "burst", "key")
@@ -352,6 +363,8 @@ class Rule:
     # `feed:`: the podcast feed (a plain path on this site) a buyer gets a private copy of,
     # at /.l402/feed/<capability><feed> (engine/feeds.py).
     feed: str | None = None
+    # `schemes:` in the order written; None: the paywall's default (see SCHEMES).
+    schemes: tuple[str, ...] | None = None
 
     @functools.cached_property
     def free_view(self) -> "Rule":
@@ -367,11 +380,14 @@ class Rule:
             single_use=False,
             pass_=None,
             feed=None,
+            schemes=None,
         )
 
-    def pricing_json(self) -> dict[str, Any]:
+    def pricing_json(self, default_schemes: Sequence[str] = DEFAULT_SCHEMES) -> dict[str, Any]:
         """How the rule sells, for listings (`rules check`, the admin page): price_sat is None
-        when a price: function sets it per challenge."""
+        when a price: function sets it per challenge; `schemes` the rule's own, else
+        `default_schemes` (the paywall's default, which `rules check` cannot know: the built-in
+        one), with `schemes_default` saying which."""
         bundle = self.bundle
         sold = self.pass_
         return {
@@ -385,6 +401,8 @@ class Rule:
             if sold is None
             else {"name": sold.name, "services": list(sold.services), "valid_for": sold.valid_for},
             "feed": self.feed,
+            "schemes": list(self.schemes if self.schemes is not None else default_schemes),
+            "schemes_default": self.schemes is None,
         }
 
     def _judged_as(self, path: str) -> "Rule":
@@ -581,6 +599,65 @@ def rule_warnings(rules: RuleSet) -> list[str]:
                 "fetched through the proxy without paying; add a service with mode: deny for it"
             )
     return found
+
+
+def _scheme(text: str) -> str:
+    """One scheme name (any case) as SCHEMES spells it; ValueError naming it otherwise."""
+    scheme = text.strip().lower()
+    if scheme in SCHEMES:
+        return scheme
+    hint = (
+        " (LSAT is L402's older name: l402 offers both)"
+        if scheme == "lsat"
+        else _suggest(scheme, SCHEMES)
+    )
+    raise ValueError(f"unknown scheme {_clip(text)!r} (expected l402 or payment){hint}")
+
+
+def parse_schemes(value: str | Sequence[str]) -> tuple[str, ...]:
+    """The paywall's default schemes as an option gives them: "l402", "payment", "l402,payment"
+    (commas or spaces between) or a list of names; ValueError with one line otherwise."""
+    names = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+    if not names:
+        raise ValueError("no scheme given: l402, payment or both (l402,payment)")
+    found: list[str] = []
+    for name in names:
+        scheme = _scheme(name)
+        if scheme in found:
+            raise ValueError(f"scheme {scheme} is given twice")
+        found.append(scheme)
+    return tuple(found)
+
+
+def scheme_problem(rule: Rule, schemes: Sequence[str]) -> str | None:
+    """Why the rule cannot be sold with `schemes` (its own, or the paywall's default for a rule
+    that names none), or None. A Payment charge pays for one request: it cannot stand for what
+    only an L402 token carries (a bundle of bytes or units counted on it, a pass, a private
+    feed, a bundle of several requests), nor be counted in bytes or units itself."""
+    if rule.mode not in PRICED_MODES:
+        return None
+    shown = "[" + ", ".join(schemes) + "]"
+    bundle = rule.bundle
+    if "payment" in schemes and bundle is not None and bundle.unit != "requests":
+        return (
+            f"schemes {shown}: a bundle of {bundle.unit} cannot be sold as a Payment charge "
+            f"(a charge pays for one request; the {bundle.unit} one uses are counted on an "
+            "L402 token only): sell it with schemes: [l402]"
+        )
+    if "l402" in schemes:
+        return None
+    if rule.pass_ is not None:
+        sold = f"pass '{rule.pass_.name}'"
+    elif rule.feed is not None:
+        sold = "private feed (feed:)"
+    elif bundle is not None and bundle.size > 1:
+        sold = f"bundle of {bundle.size} {bundle.unit}"
+    else:
+        return None
+    return (
+        f"schemes {shown}: its {sold} is an L402 token's, and a Payment charge pays for one "
+        "request only: add l402 to schemes"
+    )
 
 
 def _exposed_paid_path(rules: RuleSet, rule: Rule) -> str | None:
@@ -1745,8 +1822,12 @@ class _Parser:
         feed_node = self.value_node(entries, "feed")
         if feed_node is not None:
             feed = self.feed_path(feed_node)
+        schemes = None
+        schemes_node = self.value_node(entries, "schemes")
+        if schemes_node is not None:
+            schemes = self.schemes(schemes_node)
 
-        return Rule(
+        rule = Rule(
             name=name,
             path=path,
             host=host,
@@ -1768,7 +1849,33 @@ class _Parser:
             single_use=single_use,
             pass_=pass_,
             feed=feed,
+            schemes=schemes,
         )
+        if schemes_node is not None:
+            problem = scheme_problem(rule, schemes or ())
+            if problem is not None:
+                self.fail(schemes_node, problem)
+        return rule
+
+    def schemes(self, node: yaml.Node) -> tuple[str, ...]:
+        """`schemes: [l402, payment]`: how the service may be paid, in any case, each once."""
+        if not isinstance(node, yaml.SequenceNode):
+            self.fail(
+                node, f"schemes must be a list like [l402, payment], got {self.describe(node)}"
+            )
+        items = self.items(node, "schemes")
+        if not items:
+            self.fail(node, "schemes is empty: list l402, payment or both")
+        found: list[str] = []
+        for item in items:
+            try:
+                scheme = _scheme(self.string(item, "a scheme"))
+            except ValueError as exc:
+                self.fail(item, str(exc))
+            if scheme in found:
+                self.fail(item, f"scheme {scheme} is listed twice")
+            found.append(scheme)
+        return tuple(found)
 
     @staticmethod
     def later(

@@ -27,7 +27,17 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from .. import paths, paywall
-from ..engine import Answer, Forward, Outcome, Paywall, Request, StartError, feeds, metering
+from ..engine import (
+    Answer,
+    Forward,
+    Outcome,
+    Paywall,
+    Refused,
+    Request,
+    StartError,
+    feeds,
+    metering,
+)
 from ..engine import answers as engine_answers
 from ..engine.metering import Metered
 from ..engine.request import Fields, encode, get, set_one
@@ -259,6 +269,7 @@ class _FreeVariant:
             metering.without(fields_of(message.get("headers")), self.hidden),
             paid=False,
             by_accept=bool(self.note.get("offer")),
+            by_payment=bool(self.note.get("by_payment")),
         )
         cookies = engine_answers.note_cookies(self.note)
         if cookies:
@@ -327,10 +338,12 @@ def _paid_send(
     dry_run: str | None = None,
     balance: str | None = None,
     hidden: frozenset[bytes] = frozenset(),
+    receipt: str | None = None,
 ) -> Send:
     """`send` for the paid variant: the response start marked private and varying by credential
-    (and, in a dry run, saying so; for a bundle token, what is left of it; without the origin's
-    usage headers); the body untouched."""
+    (and, in a dry run, saying so; for a bundle token, what is left of it; for a Payment charge
+    its receipt on success; without the origin's usage headers or receipt); the body
+    untouched."""
 
     async def marked(message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -340,6 +353,7 @@ def _paid_send(
                 fields = set_one(fields, engine_answers.DRY_RUN_HEADER, dry_run)
             if balance is not None:
                 fields = set_one(fields, engine_answers.BALANCE_HEADER, balance)
+            fields = engine_answers.mark_receipt(fields, receipt, message.get("status", 200))
             message = {**message, "headers": lower_names(fields)}
         await send(message)
 
@@ -591,10 +605,12 @@ class L402Middleware:
     """The L402 paywall as ASGI middleware.
 
         app = L402Middleware(app, rules="rules/api.yaml", backend="dev", store=None,
-                             dev_ledger=None, offer_upgrade=True)
+                             dev_ledger=None, offer_upgrade=True, schemes="l402")
 
     Construction loads the rules (RulesError naming file and line, also for a paid.upstream,
-    which has no meaning inside one app) and parses the backend URI (LightningError). The
+    which has no meaning inside one app) and parses the backend URI (LightningError).
+    `schemes` is how rules that name no `schemes:` are paid ("l402", "payment" or
+    "l402,payment", as the proxy's l402_schemes; ValueError for one a rule cannot take). The
     backend and the store open at lifespan startup and close at shutdown (a failure to open is a
     lifespan.startup.failed, so the server exits); without a lifespan on the first request (a
     failure is a 503 and a later request tries again). `store`/`dev_ledger` default to the
@@ -618,6 +634,7 @@ class L402Middleware:
         admin: str = "",
         admin_secret: str = "",
         ops_remote: bool = False,
+        schemes: str | Sequence[str] = "l402",
     ) -> None:
         self.ops_settings = OpsSettings(
             metrics=metrics,
@@ -644,6 +661,7 @@ class L402Middleware:
         self.store_uri = store or paths.default_server_store()
         self.dev_ledger = dev_ledger or paths.default_dev_ledger()
         self.offer_upgrade = offer_upgrade
+        self.schemes = schemes
         try:
             self.engine = self._new_engine()
         except BaseException:
@@ -661,6 +679,11 @@ class L402Middleware:
 
     def _new_engine(self) -> Paywall:
         engine = Paywall(door="ASGI", no_upstream=NO_UPSTREAM)
+        try:
+            # Before the rules: they are checked against the default it sets.
+            engine.use_schemes(self.schemes)
+        except Refused as exc:
+            raise ValueError(f"schemes: {exc}") from None
         rules = engine.use_rules_file(self.rules_path)
         hosted = [rule for rule in rules.rules if rule.host is not None]
         if hosted:
@@ -910,7 +933,9 @@ class L402Middleware:
                         await self._answer(send, refusal)
                         return
                 if metered is None:
-                    send = _paid_send(send, note.get("dry_run"), note.get("balance"), hidden)
+                    send = _paid_send(
+                        send, note.get("dry_run"), note.get("balance"), hidden, note.get("receipt")
+                    )
             elif variant == "free":
                 send = _FreeVariant(send, note, method, hidden)
             elif hidden:  # a private feed's unpriced document

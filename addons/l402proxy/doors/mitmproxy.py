@@ -23,6 +23,7 @@ from mitmproxy.net.http import status_codes
 from .. import gate, paths, paywall
 from ..engine import Answer, Outcome, Paywall, Refused, Request, StartError, feeds, metering
 from ..engine import answers as engine_answers
+from ..engine import charges as engine_charges
 from ..engine.metering import Metered
 from ..engine.request import (
     Fields,
@@ -75,9 +76,13 @@ def drop_upgrade(headers: http.Headers) -> None:
         headers.fields = kept
 
 
-def mark_variant(headers: http.Headers, *, paid: bool, by_accept: bool = False) -> None:
+def mark_variant(
+    headers: http.Headers, *, paid: bool, by_accept: bool = False, by_payment: bool = False
+) -> None:
     """The engine's cache marking (engine.answers.mark_variant) on mitmproxy headers."""
-    headers.fields = engine_answers.mark_variant(headers.fields, paid=paid, by_accept=by_accept)
+    headers.fields = engine_answers.mark_variant(
+        headers.fields, paid=paid, by_accept=by_accept, by_payment=by_payment
+    )
 
 
 def check_target(request: http.Request, hosts: Sequence[bytes], keep_host: bool) -> str | None:
@@ -275,6 +280,17 @@ class L402Server:
             """,
         )
         loader.add_option(
+            "l402_schemes",
+            str,
+            "l402",
+            """
+            How services whose rule says no `schemes:` are paid: l402 (an L402/LSAT token,
+            reusable until it expires), payment (the Payment HTTP authentication scheme's
+            Lightning charge: one request per payment), or both: "l402,payment". Refused when a
+            rule cannot be sold so (a pass, a private feed, a bundle need l402).
+            """,
+        )
+        loader.add_option(
             "l402_upstream_timeout",
             int,
             DEFAULT_TIMEOUT,
@@ -291,6 +307,14 @@ class L402Server:
             # JSON from the paywall's first line (rules loaded, store opened), not from running().
             self._use_log_format(ctx.options.l402_log_format)
         with self.guard.configuring(updated):
+            if "l402_schemes" in updated:
+                # Before the rules: they are checked against the default it sets.
+                try:
+                    self.engine.use_schemes(ctx.options.l402_schemes)
+                except Refused as exc:
+                    self._refuse("l402_schemes", str(exc))
+                else:
+                    self.guard.accept("l402_schemes")
             if "l402_rules" in updated:
                 try:
                     self.engine.use_rules_file(ctx.options.l402_rules)
@@ -514,7 +538,7 @@ class L402Server:
             flow.response = to_response(outcome)
             # Not forwarded, but the flow is still recorded (flow files, mitmweb, other
             # addons): our credential and cookies leave it as they would a forwarded one.
-            kept, _ = take_our_cookies(drop_our_fields(fields))
+            kept, _ = take_our_cookies(engine_charges.drop_credentials(drop_our_fields(fields)))
             if kept is not fields:
                 flow.request.headers.fields = kept
             return
@@ -704,16 +728,26 @@ class L402Server:
         if dry_run is not None:
             flow.response.headers[engine_answers.DRY_RUN_HEADER] = dry_run
         variant = note.get("variant")
+        response = flow.response
         if variant == "paid":
-            mark_variant(flow.response.headers, paid=True)
+            mark_variant(response.headers, paid=True)
             balance = note.get("balance")
             if balance is not None:
-                flow.response.headers[engine_answers.BALANCE_HEADER] = balance
+                response.headers[engine_answers.BALANCE_HEADER] = balance
+            fields = response.headers.fields
+            marked = engine_answers.mark_receipt(fields, note.get("receipt"), response.status_code)
+            if marked is not fields:
+                response.headers.fields = marked
             return
         if variant != "free":
             return
         offer = note.get("offer")
-        mark_variant(flow.response.headers, paid=False, by_accept=bool(offer))
+        mark_variant(
+            response.headers,
+            paid=False,
+            by_accept=bool(offer),
+            by_payment=bool(note.get("by_payment")),
+        )
         for cookie in engine_answers.note_cookies(note):
             flow.response.headers.add("Set-Cookie", cookie)
         if offer and ctx.options.l402_offer_upgrade and flow.request.method.upper() != "HEAD":

@@ -59,7 +59,7 @@ from urllib.parse import urlsplit
 
 from .. import paywall
 from ..engine import Answer, Forward, Paywall, Request, StartError
-from ..engine.answers import VARIANT_VARY, page_answer
+from ..engine.answers import VARIANT_VARY, page_answer, variant_vary
 from ..engine.request import REROOTING_HEADERS, Fields, decode, encode, vouched_name
 from ..ops import Operations, OpsError, OpsSettings
 from ..rules import Rule, RuleSet
@@ -70,7 +70,11 @@ log = logging.getLogger(__name__)
 # written by hand) gets 503s that say to regenerate it, never a half-understood verdict.
 # 2: Authorization and Cookie set by a paid variant go in their own lines (no numbered slot),
 # and the config clears the re-rooting headers toward the origin (the service relies on it).
-CONFIG_VERSION = 3
+# 4: a paid answer carries the Payment-Receipt of a Payment charge (X-L402-Receipt), and never
+# the origin's. A version 3 config is still served while no rule sells Payment charges.
+CONFIG_VERSION = 4
+# Versions the service still takes, and whether each carries Payment-Receipt.
+CONFIG_RECEIPTS = {"3": False, str(CONFIG_VERSION): True}
 DEFAULT_LISTEN = "127.0.0.1:8402"
 NO_UPSTREAM = "nginx sends every request to its own upstream; use rewrite_path or set_headers"
 # The prefix of every upstream, map and variable name of a printed config (--name): several
@@ -112,6 +116,8 @@ R_VARY = b"x-l402-vary"
 R_DRY_RUN = b"x-l402-dry-run"
 # What is left of a bundle token, sent back to the client as X-L402-Balance.
 R_BALANCE = b"x-l402-balance"
+# A Payment charge's receipt, sent back to the client as Payment-Receipt on a successful answer.
+R_RECEIPT = b"x-l402-receipt"
 R_BANNER = b"x-l402-banner"
 R_ANSWER = b"x-l402-answer"
 R_SET = "x-l402-set-{}"  # one per set_headers name nginx carries, numbered from 1
@@ -177,12 +183,15 @@ class Carried:
     ignored: frozenset[bytes]
     # The names as the rules' vouched_headers spell them (engine.request.vouched_name).
     vouched: frozenset[bytes]
+    # Whether its paid answers carry X-L402-Receipt as Payment-Receipt (version 4 on).
+    receipts: bool = True
 
     @classmethod
     def parse(cls, value: bytes) -> "Carried | str":
         """X-L402-Config: "<version> <name> <name>..."; a message when it is not ours."""
         version, *names = value.decode("latin-1").split() or [""]
-        if version != str(CONFIG_VERSION):
+        receipts = CONFIG_RECEIPTS.get(version)
+        if receipts is None:
             return (
                 f"the nginx config is version {version or 'unknown'}, "
                 f"this l402proxy needs {CONFIG_VERSION}"
@@ -194,6 +203,7 @@ class Carried:
             frozenset(slots),
             frozenset(lowered) | CARRIED | NGINX_OWN | CLEARED,
             frozenset(vouched_name(name) for name in lowered),
+            receipts,
         )
 
 
@@ -429,6 +439,12 @@ class AuthService:
         if vouched and not vouched <= carried.vouched:
             missing = ", ".join(sorted(name.decode() for name in vouched - carried.vouched))
             return f"the nginx config does not carry the header(s) the rules set: {missing}"
+        if not carried.receipts and self.engine.sells_payment():
+            return (
+                "the nginx config (version 3) cannot send the Payment-Receipt a Payment charge "
+                f"needs, and the rules sell Payment charges (schemes: payment); this l402proxy "
+                f"writes version {CONFIG_VERSION}"
+            )
         if self._config_reported:
             # Fixed for this config: should it break again, the log says so again.
             self._config_reported.pop(value, None)
@@ -543,6 +559,9 @@ class AuthService:
             headers.append((R_DRY_RUN, encode(note["dry_run"])))
         if note is not None and note.get("balance") is not None:
             headers.append((R_BALANCE, encode(note["balance"])))
+        if note is not None and note.get("receipt") is not None:
+            # nginx adds it on a successful answer only (add_header without `always`).
+            headers.append((R_RECEIPT, encode(note["receipt"])))
         if variant == "paid":
             headers += [(R_ROUTE, b"paid"), (R_VARY, _VARY)]
             return 401, headers
@@ -550,7 +569,11 @@ class AuthService:
             return 200, headers
         assert note is not None
         offer = note.get("offer")
-        headers.append((R_VARY, _VARY_ACCEPT if offer else _VARY))
+        if note.get("by_payment"):
+            vary = ", ".join(variant_vary(by_accept=bool(offer), by_payment=True)).encode()
+            headers.append((R_VARY, vary))
+        else:
+            headers.append((R_VARY, _VARY_ACCEPT if offer else _VARY))
         for number, cookie_line in enumerate(note.get("clear_cookies", ()), 1):
             headers.append((R_CLEAR_COOKIE.format(number).encode(), encode(cookie_line)))
         if offer and self.engine.offer_upgrade and request.method.upper() != "HEAD":
@@ -814,9 +837,17 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def make_engine(rules: str, backend: str, store: str | None, dev_ledger: str) -> Paywall:
-    """The engine as serve-auth runs it; RulesError / LightningError as the engine raises them."""
+def make_engine(
+    rules: str,
+    backend: str,
+    store: str | None,
+    dev_ledger: str,
+    schemes: str | Sequence[str] = "l402",
+) -> Paywall:
+    """The engine as serve-auth runs it; RulesError / LightningError as the engine raises them,
+    Refused for `schemes` (serve-auth's --schemes: how rules that name none are paid)."""
     engine = new_engine()
+    engine.use_schemes(schemes)  # before the rules: they are checked against it
     engine.use_rules_file(rules)
     warn_feeds_off(engine)
     engine.use_backend(backend, dev_ledger=dev_ledger)
@@ -999,6 +1030,7 @@ def render_config(
         (f"{p}_banner", "banner"),
         (f"{p}_dry_run", "dry_run"),
         (f"{p}_balance", "balance"),
+        (f"{p}_receipt", "receipt"),
         *((f"{p}_clear_cookie_{n}", f"clear_cookie_{n}") for n in _clear_slots()),
         *((f"{p}_set_{n}", f"set_{n}") for n in range(1, len(slots) + 1)),
     ]
@@ -1170,6 +1202,10 @@ def render_config(
         f"        add_header X-L402-Dry-Run ${p}_dry_run always;",
         "        proxy_hide_header X-L402-Balance;",
         f"        add_header X-L402-Balance ${p}_balance always;",
+        "        # A Payment charge's receipt, on a successful answer only (no `always`); never",
+        "        # the origin's.",
+        "        proxy_hide_header Payment-Receipt;",
+        f"        add_header Payment-Receipt ${p}_receipt;",
         "    }",
         "",
         "    location = /.l402/internal/free {",

@@ -13,14 +13,20 @@ from typing import Any
 
 from .. import paywall
 from ..l402.headers import format_challenge
+from ..l402.payment import PROBLEM_CONTENT_TYPE, RECEIPT_HEADER
 from ..rules import PathError, Rule
-from .request import Fields, get, set_one
+from .request import Fields, get, has, remove, set_one
 
 RETRY_AFTER_SECONDS = 10
 # On a dry run's responses: what the paywall would have done (events.KINDS).
 DRY_RUN_HEADER = "X-L402-Dry-Run"
 # What is left of a bundle token after this request: "<n> <unit>" (requests, bytes, units).
 BALANCE_HEADER = "X-L402-Balance"
+# RECEIPT_HEADER (Payment-Receipt): a Payment charge's receipt, on the paid answer it bought.
+# The statuses a receipt goes out with: success only (an error never carries one), and exactly
+# those nginx's add_header adds a header to (without `always`), so every door sends it on the
+# same answers.
+RECEIPT_STATUSES = frozenset({200, 201, 204, 206, 301, 302, 303, 304, 307, 308})
 
 
 @dataclass(slots=True)
@@ -91,10 +97,29 @@ class Forward:
 Outcome = Answer | Forward
 
 
+_HOW_TO_PAY_L402 = (
+    "Pay the invoice with a Lightning wallet, then repeat the request with the header "
+    "'Authorization: L402 <macaroon>:<preimage hex>'."
+)
+_HOW_TO_PAY_PAYMENT = (
+    "Pay the invoice with a Lightning wallet, then repeat the request with the header "
+    "'Authorization: Payment <credential>' answering the Payment challenge "
+    "(draft-httpauth-payment); it pays for that one request."
+)
+
+
 def challenge_body(
-    rule: Rule, status: int, reason: str, detail: str, bolt11: str, macaroon: str, expires_at: float
+    rule: Rule,
+    status: int,
+    reason: str,
+    detail: str,
+    bolt11: str,
+    macaroon: str | None,
+    expires_at: float,
 ) -> dict[str, Any]:
-    return {
+    """The facts of a challenge as the JSON body says them; `macaroon` None: the rule sells no
+    L402 token (only Payment charges), and the body says how to pay with a charge."""
+    body: dict[str, Any] = {
         "error": "payment_required" if status == 402 else "invalid_token",
         "reason": reason,
         "message": detail,
@@ -103,24 +128,24 @@ def challenge_body(
         "price_sat": rule.price_sat,
         "valid_for": rule.valid_for,
         "invoice": bolt11,
-        "macaroon": macaroon,
-        "invoice_expires_at": int(expires_at),
-        "how_to_pay": (
-            "Pay the invoice with a Lightning wallet, then repeat the request with the header "
-            "'Authorization: L402 <macaroon>:<preimage hex>'."
-        ),
     }
+    if macaroon is not None:
+        body["macaroon"] = macaroon
+    body["invoice_expires_at"] = int(expires_at)
+    body["how_to_pay"] = _HOW_TO_PAY_L402 if macaroon is not None else _HOW_TO_PAY_PAYMENT
+    return body
 
 
 def challenge_text(body: Mapping[str, Any]) -> str:
     valid = body["valid_for"]
     lifetime = "for good" if valid is None else f"for {valid} seconds"
+    macaroon = f"Macaroon:\n{body['macaroon']}\n\n" if "macaroon" in body else ""
     return (
         f"{'402 Payment Required' if body['error'] == 'payment_required' else '401 Unauthorized'}"
         f"\n\n{body['description']}: {body['price_sat']} sat ({body['message']}).\n"
         f"Paying unlocks '{body['service']}' {lifetime}.\n\n"
         f"Lightning invoice:\n{body['invoice']}\n\n"
-        f"Macaroon:\n{body['macaroon']}\n\n{body['how_to_pay']}\n"
+        f"{macaroon}{body['how_to_pay']}\n"
     )
 
 
@@ -128,29 +153,46 @@ def challenge_answer(
     status: int,
     body: Mapping[str, Any],
     kind: paywall.BodyKind,
-    macaroon: str,
+    macaroon: str | None,
     bolt11: str,
     page: str | None = None,
+    *,
+    payment_lines: Sequence[str] = (),
+    payment_first: bool = False,
+    problem: bytes | None = None,
 ) -> Answer:
-    """The 402/401 with both challenge lines; the body as JSON, text or the HTML `page`."""
+    """The 402/401 with its challenge lines: LSAT and L402 when `macaroon` is given (the rule
+    sells tokens), the Payment ones (`payment_lines`) after them, or first when the client ranks
+    Payment first. The body: the HTML `page` for a browser; else, with a Payment challenge, the
+    RFC 9457 `problem` (application/problem+json; it carries the JSON body's facts too); else
+    JSON or text."""
     extra: list[tuple[bytes, bytes]] = []
     if kind == "html" and page is not None:
         content, content_type = page.encode(), "text/html; charset=utf-8"
         extra = [(name.encode(), value.encode()) for name, value in paywall.PAGE_HEADERS]
+    elif payment_lines and problem is not None:
+        content, content_type = problem, PROBLEM_CONTENT_TYPE
     elif kind == "text":
         content, content_type = challenge_text(body).encode(), "text/plain; charset=utf-8"
     else:
         content, content_type = json.dumps(body).encode(), "application/json"
-    # LSAT first: old clients read only the first WWW-Authenticate line and only macaroon=.
-    return Answer.make(
-        status,
-        content,
-        [
+    lines: list[tuple[bytes, bytes]] = []
+    if macaroon is not None:
+        # LSAT first: old clients read only the first WWW-Authenticate line and only macaroon=.
+        lines = [
             (b"WWW-Authenticate", format_challenge("LSAT", macaroon, bolt11).encode()),
             (
                 b"WWW-Authenticate",
                 format_challenge("L402", macaroon, bolt11, spec_params=True).encode(),
             ),
+        ]
+    offered = [(b"WWW-Authenticate", line.encode()) for line in payment_lines]
+    lines = [*offered, *lines] if payment_first else [*lines, *offered]
+    return Answer.make(
+        status,
+        content,
+        [
+            *lines,
             (b"Cache-Control", b"no-store"),
             (b"Content-Type", content_type.encode()),
             *extra,
@@ -235,6 +277,8 @@ def bad_request_answer(message: str) -> Answer:
 
 # What decides between a priced URL's free and paid answers.
 VARIANT_VARY = ("Authorization", "Cookie", "Accept-Authenticate")
+# And, in upgrade mode at a rule that sells Payment charges, whether the client asks for one.
+PAYMENT_VARY = "Accept-Payment"
 # Directives that let a shared cache keep an answer for everyone.
 _SHARED_CACHE_DIRECTIVES = ("public", "s-maxage")
 
@@ -247,7 +291,20 @@ _VARY_ACCEPT_FIELD = (b"Vary", ", ".join((*VARIANT_VARY, "Accept")).encode())
 _PRIVATE_FIELD = (b"Cache-Control", b"private")
 
 
-def mark_variant(fields: Fields, *, paid: bool, by_accept: bool = False) -> Fields:
+def variant_vary(*, by_accept: bool = False, by_payment: bool = False) -> tuple[str, ...]:
+    """What an answer of a priced URL varies by: VARIANT_VARY, Accept when it may carry the
+    upgrade offer, Accept-Payment when a Payment client gets the challenge instead (upgrade
+    mode)."""
+    return (
+        *VARIANT_VARY,
+        *(("Accept",) if by_accept else ()),
+        *((PAYMENT_VARY,) if by_payment else ()),
+    )
+
+
+def mark_variant(
+    fields: Fields, *, paid: bool, by_accept: bool = False, by_payment: bool = False
+) -> Fields:
     """Tell caches that a priced URL's answer depends on who asks, so a browser that just paid
     does not replay its cached free copy, and a shared cache never hands a paid answer (bought
     with a cookie, which shared caches do store) to someone else. The response's fields back."""
@@ -259,14 +316,18 @@ def mark_variant(fields: Fields, *, paid: bool, by_accept: bool = False) -> Fiel
         fields = tuple(field for field in fields if field[0].lower() not in _CDN_CACHE_FIELDS)
         names -= _CDN_CACHE_FIELDS
     if b"vary" not in names and (not paid or b"cache-control" not in names):
-        added = [_VARY_ACCEPT_FIELD if by_accept else _VARY_FIELD]
+        if by_payment:
+            wanted = variant_vary(by_accept=by_accept, by_payment=True)
+            added = [(b"Vary", ", ".join(wanted).encode())]
+        else:
+            added = [_VARY_ACCEPT_FIELD if by_accept else _VARY_FIELD]
         if paid:
             added.append(_PRIVATE_FIELD)
         return (*fields, *added)
     vary = [v.strip() for v in (get(fields, "Vary") or "").split(",") if v.strip()]
     if "*" not in vary:
         have = {v.lower() for v in vary}
-        wanted = (*VARIANT_VARY, "Accept") if by_accept else VARIANT_VARY
+        wanted = variant_vary(by_accept=by_accept, by_payment=by_payment)
         vary += [v for v in wanted if v.lower() not in have]
         fields = set_one(fields, "Vary", ", ".join(vary))
     if paid:
@@ -279,6 +340,15 @@ def mark_variant(fields: Fields, *, paid: bool, by_accept: bool = False) -> Fiel
             directives.insert(0, "private")
         fields = set_one(fields, "Cache-Control", ", ".join(directives))
     return fields
+
+
+def mark_receipt(fields: Fields, receipt: str | None, status: int) -> Fields:
+    """A paid answer's Payment-Receipt: a Payment charge's own (note["receipt"]) on a successful
+    answer (RECEIPT_STATUSES), and never the origin's: the paywall vouches for the receipts on
+    the answers it sells."""
+    if receipt is not None and status in RECEIPT_STATUSES:
+        return set_one(fields, RECEIPT_HEADER, receipt)
+    return remove(fields, RECEIPT_HEADER) if has(fields, RECEIPT_HEADER) else fields
 
 
 def note_cookies(note: Mapping[str, Any] | None) -> Sequence[str]:

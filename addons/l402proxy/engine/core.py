@@ -19,6 +19,7 @@ from ..l402.token import caveats_for, derive_root_key, mint
 from ..lightning import InvoiceBackend, LightningError, open_backend
 from ..lightning.base import NodeInfo
 from ..rules import (
+    DEFAULT_SCHEMES,
     PRICED_MODES,
     AmbiguousPath,
     Bundle,
@@ -27,10 +28,12 @@ from ..rules import (
     RulesError,
     RuleSet,
     load_rules,
+    parse_schemes,
     rule_warnings,
+    scheme_problem,
 )
 from ..store import IssuedToken, StoreError, TokenStore, open_server_store, shown_store_uri
-from . import events, feeds, pricing
+from . import charges, events, feeds, pricing
 from .answers import (
     BALANCE_HEADER,
     Answer,
@@ -153,6 +156,10 @@ class Paywall:
         self.store_uri = ""
         self.store: TokenStore | None = None
         self.secret: bytes = b""
+        # What Payment challenge ids are bound with (charges.binding_secret of `secret`).
+        self.payment_secret: bytes = b""
+        # How rules that name no `schemes:` are paid (l402_schemes; use_schemes).
+        self.default_schemes: tuple[str, ...] = DEFAULT_SCHEMES
         self.revoked: set[bytes] = set()
         self.revocation_cursor = 0
         self.cache = gate.TokenCache()
@@ -205,6 +212,11 @@ class Paywall:
         and line."""
         for rule in rules.rules:
             problem = self.rule_check(rule) if self.rule_check is not None else None
+            if problem is None and rule.schemes is None:
+                # Its own schemes were checked as the file was read; the default only now.
+                problem = scheme_problem(rule, self.default_schemes)
+                if problem is not None:
+                    problem += f" (the paywall's default schemes, {self.schemes_setting})"
             if problem is not None:
                 return RulesError(problem, source=rules.source, line=rule.line, service=rule.name)
             if self.no_upstream is not None and rule.paid.upstream is not None:
@@ -215,6 +227,39 @@ class Paywall:
                     service=rule.name,
                 )
         return None
+
+    def use_schemes(self, value: str | Sequence[str]) -> None:
+        """The schemes rules that name none are sold with ("l402", "payment", "l402,payment");
+        Refused for a value that is none, or one a rule in force cannot be sold with (its file,
+        line and why). May change while running."""
+        try:
+            schemes = parse_schemes(value)
+        except ValueError as exc:
+            raise Refused(str(exc)) from None
+        rules = self.rules
+        for rule in rules.rules if rules is not None else ():
+            problem = None if rule.schemes is not None else scheme_problem(rule, schemes)
+            if problem is not None and rules is not None:
+                where = RulesError(problem, source=rules.source, line=rule.line, service=rule.name)
+                raise Refused(f"{where} (it names no schemes: of its own)")
+        self.default_schemes = schemes
+
+    @property
+    def schemes_setting(self) -> str:
+        """Where this door's users set the default schemes, for messages."""
+        return _SCHEMES_SETTING.get(self.door, "l402_schemes")
+
+    def schemes_for(self, rule: Rule) -> tuple[str, ...]:
+        """How a priced rule is paid: its own `schemes:`, else the paywall's default."""
+        return rule.schemes if rule.schemes is not None else self.default_schemes
+
+    def sells_payment(self) -> bool:
+        """Does any priced rule in force sell Payment charges?"""
+        rules = self.rules
+        return rules is not None and any(
+            rule.mode in PRICED_MODES and charges.PAYMENT in self.schemes_for(rule)
+            for rule in rules.rules
+        )
 
     def use_backend(self, uri: str, dev_ledger: str) -> bool:
         """Open the invoice backend `uri` (False: it is the one in use already). LightningError
@@ -253,6 +298,7 @@ class Paywall:
         try:
             self.store = await open_server_store(store_uri)
             self.secret = await self.store.secret()
+            self.payment_secret = charges.binding_secret(self.secret)
             self.revocation_cursor, self.revoked = await self.store.revocations_since(0)
             shared = getattr(self.store, "counters", None)
             if shared is not None:
@@ -459,7 +505,8 @@ class Paywall:
         # the path: a token sent to a free path, to one no rule covers or with no rules at all
         # would otherwise leak to whoever runs or logs that origin. `seen` keeps what we read.
         if seen.authorization is not None:
-            fields = drop_our_authorization(fields)
+            # A Payment credential too: it pays for a request, it is nothing for the origin.
+            fields = charges.drop_credentials(drop_our_authorization(fields))
         cookies: dict[str, str] = {}
         if seen.cookie:
             fields, cookies = take_our_cookies(fields)
@@ -507,6 +554,17 @@ class Paywall:
             if limited is not None:
                 return limited
         authorization = seen.authorization
+        sells_charges = charges.PAYMENT in self.schemes_for(rule)
+        if (
+            sells_charges
+            and authorization is not None
+            and not gate.is_l402_authorization(authorization)
+            and rule.mode in PRICED_MODES
+        ):
+            # A Payment credential (an L402/LSAT one wins: it is judged as ever): this request.
+            credentials = charges.credentials(request.fields)
+            if credentials:
+                return await charges.redeem(self, request, fields, rule, credentials)
         cookie = cookies.get(paywall.cookie_name(rule.name)) if cookies else None
         # An Authorization header wins; the cookie is the same credential a browser keeps.
         from_cookie = cookie is not None and not gate.is_l402_authorization(authorization)
@@ -532,6 +590,11 @@ class Paywall:
                 # Upgrade mode keeps unpaid browsers on the free variant: a stale cookie is no
                 # request to pay (an <audio> fetch would only break on a 402).
                 decision = gate.Free(rule)
+        if isinstance(decision, gate.Free) and sells_charges and charges.asks_to_pay(fields):
+            # Upgrade mode: a client that says it pays Lightning charges asks for the 402.
+            decision = gate.Challenge(
+                rule, 402, "payment_required", f"{rule.name} costs {rule.price_sat} sat"
+            )
         match decision:
             case gate.Deny():
                 answer = not_found_answer().for_method(request.method)
@@ -579,8 +642,13 @@ class Paywall:
         note: dict[str, Any] = {"service": rule.name, "variant": "free"}
         if clear_cookies:
             note["clear_cookies"] = list(clear_cookies)
+        schemes = self.schemes_for(rule)
+        if rule.mode == "upgrade" and charges.PAYMENT in schemes:
+            # Accept-Payment asks for the 402 instead (caches must tell the answers apart).
+            note["by_payment"] = True
         if (
             rule.mode == "upgrade"
+            and charges.L402 in schemes  # the banner's page sells an L402 token
             and self.offer_upgrade
             and paywall.body_kind(get(fields, "Accept")) == "html"
         ):
@@ -658,7 +726,7 @@ class Paywall:
             upstream=paid.upstream,
             set_headers=set_headers,
             note={"service": rule.name, "variant": "paid", **note},
-            comment=f"L402 {'free trial' if note.get('freebie') else 'paid'}: {rule.name}",
+            comment=f"{_paid_how(note)}: {rule.name}",
         )
 
     def _grant(
@@ -849,10 +917,17 @@ class Paywall:
                 if rule.pass_.valid_for is None
                 else int(now) + rule.invoice_expiry + rule.pass_.valid_for
             )
-        macaroon = mint(
-            self.root_key_for(identifier.token_id),
-            identifier,
-            caveats_for_pass(rule, valid_until),
+        schemes = self.schemes_for(rule)
+        # No token handed out where the rule sells only Payment charges; its row is written all
+        # the same: the sale is counted whichever scheme pays the invoice (charges.py).
+        macaroon = (
+            mint(
+                self.root_key_for(identifier.token_id),
+                identifier,
+                caveats_for_pass(rule, valid_until),
+            )
+            if charges.L402 in schemes
+            else None
         )
         self.store.note_issued(
             IssuedToken(
@@ -878,7 +953,9 @@ class Paywall:
         if kind is None:
             kind = paywall.body_kind(get(request.fields, "Accept"))
         page = None
-        if kind == "html":
+        if kind == "html" and macaroon is not None:
+            # A browser gets the page whatever else the 402 offers: people pay from it (its
+            # cookie is an L402 token); programs read the challenge lines and the problem.
             page = paywall.render_page(
                 paywall.PageFacts(
                     service=rule.name,
@@ -895,10 +972,32 @@ class Paywall:
                     return_to=return_to,
                 )
             )
-        answer = challenge_answer(challenge.status, body, kind, macaroon, invoice.bolt11, page)
+        offer = None
+        if charges.PAYMENT in schemes:
+            offer = charges.offer(
+                self,
+                request,
+                rule,
+                invoice,
+                identifier.token_id,
+                challenge.status,
+                challenge.reason,
+                body,
+            )
+        answer = challenge_answer(
+            challenge.status,
+            body,
+            kind,
+            macaroon,
+            invoice.bolt11,
+            page,
+            payment_lines=offer.lines if offer is not None else (),
+            payment_first=offer is not None and offer.first,
+            problem=offer.body if offer is not None else None,
+        )
         for cookie in set_cookies:
             answer.add("Set-Cookie", cookie)
-        if kind == "html":
+        if page is not None:
             # Only this browser may later collect the token by the invoice being paid.
             claim_age = int(invoice.expires_at - now) + paywall.CLAIM_GRACE_SECONDS
             answer.add(
@@ -949,7 +1048,9 @@ class Paywall:
         rules = self.rules
         # Our credentials (an L402/LSAT Authorization, our cookies: another service's live
         # token, a claim) are no more the price function's than the origin's.
-        fields, _ = take_our_cookies(drop_our_authorization(request.fields))
+        fields, _ = take_our_cookies(
+            charges.drop_credentials(drop_our_authorization(request.fields))
+        )
         headers: dict[str, str] = {}
         for name, value in fields:
             key = decode(name).lower()
@@ -1027,6 +1128,17 @@ def caveats_for_pass(rule: Rule, valid_until: int | None) -> list[str]:
     for name in others:
         caveats += caveats_for(name, valid_until=valid_until, capabilities=None)[1:]
     return caveats
+
+
+# The door -> the setting that gives the paywall's default schemes there.
+_SCHEMES_SETTING = {"mitmproxy": "l402_schemes", "ASGI": "schemes=", "nginx": "--schemes"}
+
+
+def _paid_how(note: Mapping[str, Any]) -> str:
+    """The flow comment's words for how the paid variant was bought."""
+    if note.get("freebie"):
+        return "L402 free trial"
+    return "Payment charge" if note.get("scheme") == charges.PAYMENT else "L402 paid"
 
 
 def unavailable(rule: Rule | None, reason: str, message: str, method: str) -> Answer:

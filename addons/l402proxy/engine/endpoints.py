@@ -15,7 +15,7 @@ from ..l402.token import TokenError
 from ..lightning import LightningError
 from ..lightning.base import InvoiceNotFound, LookupUnsupported
 from ..rules import PRICED_MODES, AmbiguousPath, PathError, normalize_path
-from . import feeds
+from . import charges, feeds
 from .answers import RETRY_AFTER_SECONDS, Answer, json_answer, page_answer, unavailable_answer
 from .request import Request, get, get_all, has, take_our_cookies
 
@@ -226,6 +226,14 @@ async def pay_page(engine: "Paywall", request: Request, notes: _Notes) -> Answer
             return page_answer(400, title, str(exc))
     if target is None or rule is None or rule.mode not in PRICED_MODES:
         return page_answer(404, "Nothing to pay for", "This site sells nothing at that address.")
+    if charges.L402 not in engine.schemes_for(rule):
+        # The page sells an L402 token (its cookie); this rule sells Payment charges only.
+        return page_answer(
+            404,
+            "Nothing to pay for here",
+            "This address is sold per request to programs that pay with the Payment scheme; "
+            "there is no page to pay for it from.",
+        )
     return_to = paywall.safe_local_path(query_value(request.target, "return")) or target
     cookies = take_our_cookies(request.fields)[1] if has(request.fields, "cookie") else {}
     cookie = cookies.get(paywall.cookie_name(rule.name))
