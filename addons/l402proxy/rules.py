@@ -166,9 +166,10 @@ _SERVICE_KEYS = (
     "pass",
     "feed",
     "schemes",
+    "discovery",
 )
 # What a service sells beyond its price: refused where nothing is sold (free, deny).
-_SOLD_KEYS = ("price", "bundle", "single_use", "pass", "feed", "schemes")
+_SOLD_KEYS = ("price", "bundle", "single_use", "pass", "feed", "schemes", "discovery")
 _MATCH_KEYS = ("path", "host", "methods")
 _PAID_KEYS = ("rewrite_path", "upstream", "set_headers")
 _RATE_KEYS = ("requests", "per", "burst", "key")
@@ -365,6 +366,8 @@ class Rule:
     feed: str | None = None
     # `schemes:` in the order written; None: the paywall's default (see SCHEMES).
     schemes: tuple[str, ...] | None = None
+    # `discovery: false`: left out of /.well-known/l402.json (engine/discovery.py); still sold.
+    discovery: bool = True
 
     @functools.cached_property
     def free_view(self) -> "Rule":
@@ -1826,6 +1829,13 @@ class _Parser:
         schemes_node = self.value_node(entries, "schemes")
         if schemes_node is not None:
             schemes = self.schemes(schemes_node)
+        discovery = True
+        discovery_node = self.value_node(entries, "discovery")
+        if discovery_node is not None:
+            value = self.scalar(discovery_node)
+            if not isinstance(value, bool):
+                self.fail(discovery_node, f"discovery must be true or false, got {_show(value)}")
+            discovery = value
 
         rule = Rule(
             name=name,
@@ -1850,6 +1860,7 @@ class _Parser:
             pass_=pass_,
             feed=feed,
             schemes=schemes,
+            discovery=discovery,
         )
         if schemes_node is not None:
             problem = scheme_problem(rule, schemes or ())

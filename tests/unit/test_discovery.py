@@ -25,8 +25,8 @@ from l402proxy.engine.discovery import (
     manifest_body,
     path_pattern,
 )
-from l402proxy.rules import Rule, RuleSet, load_rules, parse_rules
-from tests.unit.test_pricing_engine import price_module
+from l402proxy.rules import Rule, RulesError, RuleSet, load_rules, parse_rules
+from tests.unit.test_pricing_engine import paywall_on, price_module, request
 
 # Secrets of the operator the rules below hold: none may reach the manifest.
 UPSTREAM_HOST = "10.9.8.7"
@@ -536,3 +536,43 @@ def test_a_regex_is_shown_with_its_prefix(regex: str) -> None:
         f"services:\n  - name: s\n    match: {{path: 're:{regex}'}}\n    price_sat: 1\n"
     )
     assert path_pattern(rules.rules[0]) == (f"re:{regex}", "regex")
+
+
+# -- served by the engine ----------------------------------------------------------------------
+
+ENGINE_RULES = """\
+version: 1
+services:
+  - name: everything
+    match: {path: /*}
+    price_sat: 5
+  - name: hidden
+    match: {path: /secret/*}
+    price_sat: 7
+    discovery: false
+"""
+
+
+async def test_the_engine_serves_the_manifest_ahead_of_a_catch_all_rule(tmp_path: Path) -> None:
+    """`/*` prices every path, the manifest's too: it is answered free, never forwarded, no
+    invoice made, and a rule with discovery: false is not in it."""
+    async with paywall_on(tmp_path, ENGINE_RULES) as engine:
+        assert engine.rules is not None and engine.rules.rules[1].discovery is False
+        answer = await engine.handle(request("/.well-known/l402.json"))
+        assert isinstance(answer, Answer) and answer.status == 200
+        listed = json.loads(answer.body)
+        names = [service["name"] for service in listed["services"]]
+        assert names == ["everything"]
+        tag = dict(answer.headers)[b"ETag"]
+        again = await engine.handle(request("/.well-known/l402.json", (b"If-None-Match", tag)))
+        assert isinstance(again, Answer) and again.status == 304
+        priced = await engine.handle(request("/other", (b"Accept-Authenticate", b"L402")))
+        assert isinstance(priced, Answer) and priced.status == 402
+        assert engine.store is not None
+        assert len(await engine.store.list_tokens()) == 1  # only /other's invoice
+
+
+def test_discovery_must_be_true_or_false() -> None:
+    bad = ENGINE_RULES.replace("discovery: false", "discovery: sometimes")
+    with pytest.raises(RulesError, match=r"rules.yaml:9: .*discovery must be true or false"):
+        parse_rules(bad, "rules.yaml")

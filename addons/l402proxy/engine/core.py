@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from .. import gate, paths, paywall
 from ..l402.headers import accepts_l402
@@ -33,7 +34,7 @@ from ..rules import (
     scheme_problem,
 )
 from ..store import IssuedToken, StoreError, TokenStore, open_server_store, shown_store_uri
-from . import charges, events, feeds, pricing
+from . import charges, discovery, events, feeds, pricing
 from .answers import (
     BALANCE_HEADER,
     Answer,
@@ -475,6 +476,17 @@ class Paywall:
             from .endpoints import endpoint  # the endpoints import this module
 
             return await endpoint(self, request)
+        if self.rules is not None and discovery.is_manifest_target(request.target):
+            # The catalog of what the rules sell: free (the proposal forbids a 402 for it), never
+            # forwarded, ahead of every rule (a `*` rule would price it). Without rules the
+            # paywall passes everything through, this path too.
+            return discovery.manifest_answer(
+                self.rules,
+                request.method,
+                if_none_match=get(request.fields, "If-None-Match"),
+                default_schemes=self.default_schemes,
+                host=request.host,
+            )
         kept_key: Key | None = None
         if self.rules is not None and not self.dry_run:
             # The same request head with the same token: the grant it got, without judging.
@@ -510,6 +522,9 @@ class Paywall:
         cookies: dict[str, str] = {}
         if seen.cookie:
             fields, cookies = take_our_cookies(fields)
+        # A page shown from a private feed's URL makes browsers send that URL as Referer, on
+        # every request: its capability is a bearer secret the origin must never see (or log).
+        fields = drop_capability_referers(fields)
         if self.rules is None:
             return Forward(fields)
         # Headers a paid variant sets come from the paywall only, and headers that make an
@@ -1106,6 +1121,24 @@ class Paywall:
             if name in priced:
                 return priced[name]
         return None
+
+
+def drop_capability_referers(fields: Fields) -> Fields:
+    """`fields` without a Referer that names a private feed's URL (in any case or escaping)."""
+    for name, value in fields:
+        if name.lower() == b"referer" and _names_a_capability(value):
+            break
+    else:
+        return fields
+    return tuple(
+        (name, value)
+        for name, value in fields
+        if not (name.lower() == b"referer" and _names_a_capability(value))
+    )
+
+
+def _names_a_capability(referer: bytes) -> bool:
+    return feeds.FEED_PREFIX.encode().lower() in unquote_to_bytes(referer).lower()
 
 
 def host_without_port(host: str) -> str:
