@@ -889,6 +889,12 @@ class L402Middleware:
         endpoint = feed is None and paywall.is_endpoint(target)
         if feed is not None:
             also = _inner_also_targets(scope, feed.inner)
+        elif not endpoint and any(paywall.is_endpoint(other) for other in also):
+            # Below root_path the app would route this as one of ours (/.l402/...: a private
+            # feed's capability, a paywall page), which is never the app's to see: refused
+            # (the paywall's own pages are served at the server's root, not under root_path).
+            await self._answer(send, engine_answers.not_found_answer().for_method(method))
+            return
         if endpoint:
             body = await _read_body(receive)
             if body is None:  # the client went away
