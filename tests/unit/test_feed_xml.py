@@ -7,7 +7,8 @@
   schemes, relative references and every other URL-valued place are left as written;
 - host matching: case-insensitive, a default port written or not on either side, Host header
   entries with a port, protocol-relative and path-absolute references, strict authorities;
-- the channel's atom self link becomes self_url, itunes:new-feed-url is gone;
+- the channel's atom self link becomes self_url, itunes:new-feed-url is gone, no WebSub hub
+  link is left (in any namespace, any spelling of the relation);
 - exactly one podcast:block / itunes:block in the channel, the feed's own replaced, an item's
   itunes:block kept; namespace prefixes reused, declared on the root, or a free one on a clash;
 - podcast:value and its recipients, CDATA, comments, other namespaces (xmlns="" too) and the
@@ -200,8 +201,9 @@ def test_other_url_valued_places_are_left_as_written() -> None:
     assert channel.findtext("image/url") == f"https://{HOST}/cover.jpg"
     assert item.find("podcast:transcript", NS).get("url") == f"https://{HOST}/episodes/1.vtt"
     assert item.find("podcast:chapters", NS).get("url") == f"https://{HOST}/episodes/1.json"
-    hub = channel.find("atom:link[@rel='hub']", NS)
-    assert hub.get("href") == "https://hub.example/"
+    # The WebSub hub is gone (test_a_private_feed_names_no_websub_hub): it would be told the
+    # private self URL.
+    assert channel.find("atom:link[@rel='hub']", NS) is None
     # Links inside show notes are text, not attributes of ours.
     assert f'<a href="https://{HOST}/notes/1">' in item.findtext("description")
 
@@ -343,6 +345,69 @@ def test_self_link_is_the_private_feed_and_new_feed_url_is_gone() -> None:
     assert [link.get("href") for link in channel.findall("atom:link[@rel='self']", NS)] == [SELF]
     assert channel.find("itunes:new-feed-url", NS) is None
     assert b"new-feed-url" not in private(PODCASTING20)
+
+
+HUB_FEED = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<rss version="2.0" '
+    b'xmlns:atom="http://www.w3.org/2005/Atom"><channel><title>T</title>'
+    b'<atom:link rel="self" type="application/rss+xml" href="https://pod.example/feed.xml"/>'
+    b'<atom:link rel="hub" href="https://pubsubhubbub.appspot.com/"/>'
+    b'<item><enclosure url="https://pod.example/episodes/ep1.mp3" type="audio/mpeg" '
+    b'length="9"/></item></channel></rss>\n'
+)
+
+
+def test_a_private_feed_names_no_websub_hub() -> None:
+    """WebSub (W3C): a subscriber that finds rel="hub" subscribes at the hub with
+    hub.topic = the rel="self" URL. The self link is the private URL, so a kept hub would make
+    a WebSub-aware app or aggregator hand the capability to a third party (the hub), which
+    keeps it in its subscription records."""
+    made = private(HUB_FEED)
+    assert b'rel="self"' in made and SELF.encode() in made
+    assert b'rel="hub"' not in made and b"pubsubhubbub" not in made, made.decode()
+
+
+IANA = "http://www.iana.org/assignments/relation/"
+
+
+@pytest.mark.parametrize(
+    ("tag", "rel", "inside"),
+    [
+        ("atom:link", "hub", ""),
+        ("atom:link", " HUB ", ""),
+        ("atom:link", f"{IANA}hub", ""),
+        ("atom:link", "self hub", ""),
+        ("atom03:link", "hub", ""),  # Atom 0.3
+        ("link", "hub", ""),  # no namespace: feedparser reads it all the same
+        ("atom:link", "hub", "item"),
+    ],
+)
+def test_every_hub_link_is_removed_whatever_its_spelling(tag: str, rel: str, inside: str) -> None:
+    link = f'<{tag} rel="{rel}" href="https://hub.example/"/>'
+    if inside:
+        link = f"<{inside}>{link}</{inside}>"
+    feed = rss(
+        f"<title>T</title><!-- kept -->{link}"
+        '<atom:link rel="self" href="https://pod.example/feed.xml"/>'
+        "<link>https://pod.example/</link>",
+        f' xmlns:atom="{ATOM_NS}" xmlns:atom03="http://purl.org/atom/ns#"',
+    )
+    made = private(feed)
+    assert b"hub.example" not in made, made.decode()
+    channel = read(made).find("channel")
+    assert [link.get("href") for link in channel.findall("atom:link[@rel='self']", NS)] == [SELF]
+    assert channel.findtext("link") == "https://pod.example/"  # RSS's own link: no rel
+    assert b"<!-- kept -->" in made
+
+
+@pytest.mark.parametrize("rel", ["SELF", f"{IANA}self", " self "])
+def test_a_self_link_in_any_spelling_becomes_the_private_feed(rel: str) -> None:
+    feed = rss(
+        f'<title>T</title><atom:link rel="{rel}" href="https://pod.example/feed.xml"/>',
+        f' xmlns:atom="{ATOM_NS}"',
+    )
+    channel = read(private(feed)).find("channel")
+    assert channel.find("atom:link", NS).get("href") == SELF
 
 
 def test_existing_block_tags_are_replaced_by_exactly_one_of_each() -> None:

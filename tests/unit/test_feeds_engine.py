@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import time
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from l402proxy.engine import Answer, Forward, Outcome, Paywall, Request, feeds
 from l402proxy.engine.core import SELLING, caveats_for_pass
 from l402proxy.engine.request import get
 from l402proxy.l402.identifier import Identifier
-from l402proxy.l402.token import mint
+from l402proxy.l402.token import attenuate, mint
 from l402proxy.lightning import DevLedger
 from l402proxy.rules import RulesError, load_rules, parse_rules
 from l402proxy.store import StoreError
@@ -129,7 +130,13 @@ class FakeFeeds:
         if self.failing:
             raise StoreError("the database is down")
         for row in self.rows.values():
-            if row.token_id == token_id and row.feed == feed and row.revoked_at is None:
+            # One active access per (token, feed, credential), as the stores keep them.
+            if (row.token_id, row.feed, row.credential, row.revoked_at) == (
+                token_id,
+                feed,
+                credential,
+                None,
+            ):
                 return row
         self.counter += 1
         capability = f"cap{self.counter:019d}"  # 22 URL-safe characters, as the store's
@@ -255,6 +262,20 @@ async def open_site(home: Path, rules_text: str = RULES) -> Site:
 @pytest.fixture
 async def site(tmp_path: Path) -> AsyncIterator[Site]:
     opened = await open_site(tmp_path)
+    try:
+        yield opened
+    finally:
+        await opened.engine.close()
+
+
+@pytest.fixture
+async def real_store_site(tmp_path: Path) -> AsyncIterator[Site]:
+    """The engine with the real SQLite store's feed methods (open_site puts a fake in front)."""
+    opened = await open_site(tmp_path)
+    store = opened.engine.store
+    assert store is not None
+    del store.feed_for  # the instance attributes open_site set: the store's own methods again
+    del store.feed_access
     try:
         yield opened
     finally:
@@ -780,6 +801,44 @@ async def test_post_feed_refuses_what_it_cannot_mint_for(site: Site) -> None:
     assert site.feeds.rows == {}
 
 
+async def test_an_attenuated_credential_never_gets_the_full_tokens_feed(
+    real_store_site: Site,
+) -> None:
+    """l402/token.attenuate: a holder hands on a narrowed copy of its token. A capability is
+    worth exactly the credential that minted it (the store keeps one access per token, feed and
+    credential): the narrowed copy's feed URL opens what the copy opens, not what the full
+    token opens, and the full token's URL stays its own."""
+    site = real_store_site
+    token = site.token("premium")  # a pass: premium and podcast
+    full = await site.post(feeds.MINT_PATH, Authorization=token.authorization)
+    assert full.status == 200, full.body
+    narrowed = attenuate(token.macaroon, ["services=premium:0"])  # premium only
+    narrowed_auth = f"L402 {narrowed}:{token.preimage.hex()}"
+    # The narrowed copy does not open podcast itself: a request with it is not the paid variant.
+    direct = await site.get("/episodes/ep2.mp3", Authorization=narrowed_auth)
+    assert not (
+        isinstance(direct, Forward) and direct.note and direct.note.get("variant") == "paid"
+    ), direct
+    minted = await site.post(feeds.MINT_PATH, Authorization=narrowed_auth)
+    assert minted.status == 200, minted.body
+
+    def capability(answer: Answer) -> str:
+        url = json.loads(answer.body)["feed_url"]
+        return url.split(feeds.FEED_PREFIX, 1)[1].split("/", 1)[0]
+
+    assert capability(minted) != capability(full)
+    through = await site.get(f"{feeds.FEED_PREFIX}{capability(minted)}/episodes/ep2.mp3")
+    assert is_404(through), (
+        "the narrowed credential's feed URL opens podcast, which the narrowed credential does "
+        f"not: {through}"
+    )
+    # The full credential's URL still opens it, and minting again gives each its own back.
+    paid = await site.get(f"{feeds.FEED_PREFIX}{capability(full)}/episodes/ep2.mp3")
+    assert isinstance(paid, Forward) and paid.note and paid.note["variant"] == "paid", paid
+    again = await site.post(feeds.MINT_PATH, Authorization=token.authorization)
+    assert capability(again) == capability(full)
+
+
 # -- the feed document at the doors -------------------------------------------------------------
 
 
@@ -814,6 +873,7 @@ def test_the_door_helpers_rewrite_only_what_they_can() -> None:
         (b"Content-Type", b"application/rss+xml"),
         (b"ETag", b'"v1"'),
         (b"Cache-Control", b"private, max-age=60"),
+        (b"Referrer-Policy", b"no-referrer"),
         (b"content-length", b"123"),
     )
     assert [feeds.rewrites(m, s) for m, s in (("GET", 200), ("HEAD", 200), ("GET", 304))] == [
@@ -822,6 +882,102 @@ def test_the_door_helpers_rewrite_only_what_they_can() -> None:
         False,
     ]
     assert not feeds.rewrites("GET", 206) and not feeds.rewrites("GET", 404)
+
+
+CDN_FIELDS = (
+    (b"CDN-Cache-Control", b"max-age=600"),
+    (b"Surrogate-Control", b"max-age=600"),
+    (b"Cloudflare-CDN-Cache-Control", b"max-age=600"),
+    (b"X-Accel-Expires", b"600"),
+)
+WEBSUB_LINKS = (
+    (b"Link", b'<https://pubsubhubbub.appspot.com/>; rel="hub"'),
+    (b"link", b'<https://podcast.example/feed.xml>; rel="self", </s.css>; rel=preload'),
+)
+
+
+def test_the_private_feed_carries_no_cdn_cache_fields_links_or_referers() -> None:
+    """A CDN obeys CDN-Cache-Control / Surrogate-Control (nginx X-Accel-Expires) over
+    Cache-Control (mark_variant drops them from paid answers for that reason): an origin that
+    lets its CDN keep the public feed for 10 minutes would make the CDN keep each listener's
+    private feed too, served after the capability is revoked or rotated. A WebSub Link (hub,
+    self) would hand the private URL to a hub, or move the subscriber to the public feed; a
+    browser showing the feed would send its URL as Referer."""
+    origin = (
+        (b"Content-Type", b"application/rss+xml"),
+        (b"Cache-Control", b"public, s-maxage=600, max-age=60"),
+        *CDN_FIELDS,
+        *WEBSUB_LINKS,
+        (b"Referrer-Policy", b"unsafe-url"),
+    )
+    for fields in (feeds.private_fields(origin, 10), feeds.private_head(origin)):
+        names = {name.lower() for name, _ in fields}
+        assert names.isdisjoint({name.lower() for name, _ in (*CDN_FIELDS, *WEBSUB_LINKS)})
+        assert get(fields, "Cache-Control") == "private, max-age=60"
+        assert get(fields, "Referrer-Policy") == "no-referrer"
+        assert feeds.private_head(fields) == fields  # idempotent
+    # What passes unrewritten (HEAD, 304, an error) keeps its length and coding.
+    head = feeds.private_head(
+        ((b"Content-Length", b"5"), (b"Content-Encoding", b"gzip"), (b"Cache-Control", b"no-store"))
+    )
+    assert head == (
+        (b"Content-Length", b"5"),
+        (b"Content-Encoding", b"gzip"),
+        (b"Cache-Control", b"no-store"),
+        (b"Referrer-Policy", b"no-referrer"),
+    )
+
+
+def test_a_gzip_feed_of_several_members_is_read_whole_and_bounded() -> None:
+    """RFC 1952: a gzip body may be several members in a row (`cat a.gz b.gz`, a server that
+    flushes members): all are the feed, not the first alone; zero padding after them is
+    nothing; anything else after the end, or a stream cut short, is refused; the bound holds
+    over all the members together."""
+    whole = FEED_XML * 3
+    members = b"".join(gzip.compress(part) for part in (whole[:100], whole[100:250], whole[250:]))
+    assert feeds.decoded(members, "gzip") == whole
+    assert feeds.decoded(members + bytes(16), "x-gzip") == whole
+    assert feeds.decoded(gzip.compress(b"") + gzip.compress(b"x"), "gzip") == b"x"
+    for body, coding, message in (
+        (members + b"junk", "gzip", "broken"),
+        (members[:-4], "gzip", "cut short"),
+        (zlib.compress(FEED_XML) + b"junk", "deflate", "data after its end"),
+        (zlib.compress(FEED_XML)[:-2], "deflate", "cut short"),
+    ):
+        with pytest.raises(feeds.FeedError, match=message):
+            feeds.decoded(body, coding)
+    assert feeds.decoded(zlib.compress(FEED_XML), "deflate") == FEED_XML
+    half = b"<" * (feeds.MAX_FEED_BYTES // 2 + 1)
+    with pytest.raises(feeds.FeedError, match="too large"):
+        feeds.decoded(gzip.compress(half) + gzip.compress(half), "gzip")
+    exact = b"<" * (feeds.MAX_FEED_BYTES // 2)
+    assert len(feeds.decoded(gzip.compress(exact) * 2, "gzip")) == feeds.MAX_FEED_BYTES
+
+
+def test_feed_rewrites_at_once_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each rewrite holds a decoded feed and its parsed tree: at most REWRITES_AT_ONCE run in
+    the process, whatever thread or door asks; one that cannot get its turn is a FeedError
+    (the door's 502), and a rewrite that failed gives its turn back."""
+    note = {
+        "private_base": "http://podcast.example/.l402/feed/" + "c" * 22,
+        "public_hosts": ["podcast.example"],
+        "self_url": "http://podcast.example/.l402/feed/" + "c" * 22 + "/feed.xml",
+    }
+    monkeypatch.setattr(feeds, "REWRITE_WAIT_SECONDS", 0.01)
+    for _ in range(feeds.REWRITES_AT_ONCE + 2):  # failures give their turn back
+        with pytest.raises(feeds.FeedError, match="not XML"):
+            feeds.private_body(b"not xml", None, note)
+    taken = 0
+    try:
+        while feeds._REWRITES.acquire(blocking=False):  # every turn, as running rewrites hold
+            taken += 1
+        assert taken == feeds.REWRITES_AT_ONCE
+        with pytest.raises(feeds.FeedError, match="too many private feeds"):
+            feeds.private_body(FEED_XML, None, note)
+    finally:
+        for _ in range(taken):
+            feeds._REWRITES.release()
+    assert b"/.l402/feed/" in feeds.private_body(FEED_XML, None, note)
 
 
 async def test_the_mitmproxy_door_makes_the_feed_private(tmp_path: Path) -> None:
@@ -975,6 +1131,46 @@ async def test_the_asgi_door_makes_the_feed_private_and_forwards_the_inner_path(
         origin.reply = Reply(200, ((b"content-type", b"text/html"),), (b"<html/>",))
         broken = await call(mw, f"{base}/feed.xml")
         assert broken.status == 502 and b"could not be made" in broken.body
+    finally:
+        await mw.close()
+
+
+async def test_the_asgi_door_sends_no_cdn_cache_fields_or_links_with_a_free_feed(
+    tmp_path: Path,
+) -> None:
+    """The same at a door, for the usual case: the feed path is unpriced (no rule covers it),
+    so no paid marking runs after the rewrite."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    origin = Origin(
+        Reply(
+            200,
+            (
+                (b"content-type", b"application/rss+xml"),
+                (b"cache-control", b"public, max-age=60"),
+                *((name.lower(), value) for name, value in (*CDN_FIELDS, *WEBSUB_LINKS)),
+            ),
+            (FEED_XML,),
+        )
+    )
+    mw = asgi_door.L402Middleware(
+        origin,
+        rules=str(rules),
+        store=str(tmp_path / "server.sqlite"),
+        dev_ledger=str(tmp_path / "devledger.sqlite"),
+    )
+    try:
+        assert await mw.open() is None
+        fake = FakeFeeds()
+        assert mw.engine.store is not None
+        mw.engine.store.feed_access = fake.feed_access  # type: ignore[method-assign]
+        token = Site(mw.engine, fake, tmp_path, Clock()).token("podcast")
+        row = await fake.feed_for(token.token_id, "podcast", "/feed.xml", token.credential, None, 0)
+        answer = await call(mw, f"/.l402/feed/{row.capability}/feed.xml")
+        assert answer.status == 200 and answer.get("cache-control") == "private, max-age=60"
+        assert answer.get("referrer-policy") == "no-referrer"
+        for name, _ in (*CDN_FIELDS, *WEBSUB_LINKS):
+            assert answer.get(name.decode().lower()) is None, name
     finally:
         await mw.close()
 

@@ -7,6 +7,7 @@ migration, the credential kept out of every output, and a database that cannot b
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -58,6 +59,13 @@ def credential() -> str:
     return f"{base64.b64encode(os.urandom(90)).decode()}:{os.urandom(32).hex()}"
 
 
+def credential_of(token: bytes) -> str:
+    """The one credential a token has unless a test says otherwise (as the engine stores the
+    same string for each use of one credential): the same for every call with `token`."""
+    macaroon = base64.b64encode(hashlib.sha512(token).digest() + token).decode()
+    return f"{macaroon}:{hashlib.sha256(token).hexdigest()}"
+
+
 async def feed_for(
     instance: TokenStore,
     token: bytes,
@@ -68,7 +76,8 @@ async def feed_for(
     valid_until: float | None = FAR,
     when: float = 1_000.0,
 ) -> FeedAccess:
-    return await instance.feed_for(token, service, feed, secret or credential(), valid_until, when)
+    secret = secret or credential_of(token)
+    return await instance.feed_for(token, service, feed, secret, valid_until, when)
 
 
 def caps(accesses: list[FeedAccess]) -> list[str]:
@@ -101,10 +110,10 @@ async def test_feed_for_makes_one_access_per_token_and_feed_and_gives_it_back(
     assert first.status() == "active"
     assert first.path == f"/.l402/feed/{first.capability}/feed.xml"
 
-    # Asked again (the listener unlocks again, here or at another instance): the same row, as
-    # it was made, whatever the later call brings.
-    again = await feed_for(store, token, secret=credential(), valid_until=None, when=200.0)
-    elsewhere = await feed_for(other, token, service="articles", when=300.0)
+    # Asked again with the same credential (the listener unlocks again, here or at another
+    # instance): the same row, as it was made, whatever else the later call brings.
+    again = await feed_for(store, token, secret=secret, valid_until=None, when=200.0)
+    elsewhere = await feed_for(other, token, service="articles", secret=secret, when=300.0)
     assert again == elsewhere == first
     assert again.credential == secret
     assert await store.feed_access(first.capability) == first
@@ -114,9 +123,9 @@ async def test_feed_for_makes_one_access_per_token_and_feed_and_gives_it_back(
 async def test_concurrent_feed_for_from_two_instances_agree_on_one_capability(
     store: TokenStore, other: TokenStore
 ) -> None:
-    """16 calls at once for each of 4 tokens, over two instances (SQLite: two connections to one
-    file, taking its locks; PostgreSQL: two pools): every call for a token gets the same
-    capability, and one row is written per token."""
+    """16 calls at once for each of 4 tokens (each with its one credential), over two
+    instances (SQLite: two connections to one file, taking its locks; PostgreSQL: two pools):
+    every call for a token gets the same capability, and one row is written per token."""
     tokens = [token_id() for _ in range(4)]
     calls = [feed_for(store if n % 2 else other, token) for token in tokens for n in range(16)]
     results = await asyncio.wait_for(asyncio.gather(*calls), BOUND * 4)
@@ -138,6 +147,36 @@ async def test_each_feed_of_a_token_and_each_token_get_their_own_access(
     theirs = await feed_for(store, another, "/feed.xml")
     assert len({main.capability, bonus.capability, theirs.capability}) == 3
     assert (await feed_for(store, token, "/bonus/feed.xml")).capability == bonus.capability
+
+
+async def test_each_credential_of_a_token_gets_its_own_access(
+    store: TokenStore, other: TokenStore
+) -> None:
+    """A capability is worth exactly the credential that minted it: another credential of the
+    same token (an attenuated copy, or the full one asking after the copy) never gets an
+    access made for another, at either instance, after a rotation neither; revoking or rotating
+    by the token's prefix acts on every credential's access."""
+    token, full, narrowed = token_id(), credential(), credential()
+    mine = await feed_for(store, token, secret=full, when=100.0)
+    theirs = await feed_for(other, token, secret=narrowed, when=200.0)
+    assert mine.capability != theirs.capability
+    assert (mine.credential, theirs.credential) == (full, narrowed)
+    assert await feed_for(other, token, secret=full) == mine
+    assert await feed_for(store, token, secret=narrowed) == theirs
+
+    [rotated] = await store.rotate_feeds(theirs.capability, 300.0)
+    assert rotated.credential == narrowed
+    assert await feed_for(other, token, secret=narrowed) == rotated
+    assert await feed_for(other, token, secret=full) == mine
+
+    fresh = await other.rotate_feeds(token.hex()[:8], 400.0)
+    assert sorted(a.credential for a in fresh) == sorted([full, narrowed])
+    assert {(await feed_for(store, token, secret=a.credential)).capability for a in fresh} == set(
+        caps(fresh)
+    )
+    revoked = await store.revoke_feeds(token.hex()[:8], 500.0)
+    assert sorted(caps(revoked)) == sorted(caps(fresh))
+    assert await store.list_feeds() == []
 
 
 async def test_feed_access_finds_revoked_and_expired_rows_and_nothing_else(
@@ -485,8 +524,9 @@ async def test_rotate_replaces_each_active_access_by_a_new_one(
         replaced = await store.feed_access(old.capability)
         assert replaced is not None
         assert replaced.revoked_at == 2_000.0
-        # What the engine asks for from now on is the new access.
-        assert await feed_for(store, token, old.feed, when=3_000.0) == new
+        # What the engine asks for from now on is the new access: the credential (and the key
+        # made of it) went over unchanged.
+        assert await feed_for(store, token, old.feed, secret=secret, when=3_000.0) == new
     assert sorted(caps(await store.list_feeds())) == sorted(caps(fresh))
 
     # By capability: that access only; a revoked one has nothing to rotate.
@@ -604,7 +644,7 @@ async def test_an_unreachable_database_is_a_store_error_for_every_feed_call(
                 with pytest.raises(StoreError) as error:
                     await asyncio.wait_for(call(), BOUND)
                 assert_clean(error.value, secret, postgres.password)
-        assert await feed_for(pg_store, token) == made
+        assert await feed_for(pg_store, token, secret=secret) == made
     finally:
         await pg_store.close()
 

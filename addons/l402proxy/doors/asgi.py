@@ -408,6 +408,10 @@ class _FeedSend:
                 self.held = message
                 return
             self.passing = True
+            if kind == "http.response.start":
+                # HEAD, 304, an error: passed as the app sent it, kept by nobody but the listener.
+                fields = feeds.private_head(fields_of(message.get("headers")))
+                message = {**message, "headers": lower_names(fields)}
             await self.send(message)
             return
         if kind != "http.response.body":

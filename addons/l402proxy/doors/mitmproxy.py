@@ -219,6 +219,9 @@ class L402Server:
         # flow.id -> the metering of its response, from its head to its end or error (not in
         # flow.metadata: mitmproxy saves that with the flow, and this is no plain data).
         self._metered: dict[str, tuple[Metered, Counting | None]] = {}
+        # flow.id -> what its private feed's rewrite needs (feeds.FEED_NOTE), from the request
+        # to its response or error: it holds the capability, which stays out of flow.metadata.
+        self._feeds: dict[str, dict[str, Any]] = {}
 
     @property
     def root_key_for(self) -> Callable[[bytes], bytes]:
@@ -517,6 +520,7 @@ class L402Server:
                 secure=bool(flow.client_conn.tls_established),
                 client=flow.client_conn.peername,
                 target_check=functools.partial(self._check_target, request),
+                authority=request.authority or None,
             )
         )
         self._apply(flow, fields, outcome)
@@ -531,7 +535,11 @@ class L402Server:
             if refusal is not None:
                 outcome = refusal
         if outcome.note is not None:
-            flow.metadata["l402"] = outcome.note
+            note = outcome.note
+            if feeds.FEED_NOTE in note and not isinstance(outcome, Answer):
+                self._feeds[flow.id] = note[feeds.FEED_NOTE]
+                note = {**note, feeds.FEED_NOTE: True}  # the capability kept by the addon only
+            flow.metadata["l402"] = note
         if outcome.comment is not None:
             flow.comment = outcome.comment
         if isinstance(outcome, Answer):
@@ -661,6 +669,7 @@ class L402Server:
 
     def error(self, flow: http.HTTPFlow) -> Awaitable[Any] | None:
         """The client went away mid-answer (or the origin did): the bytes sent are charged."""
+        self._feeds.pop(flow.id, None)
         held = self._metered.pop(flow.id, None)
         if held is None:
             return None
@@ -669,6 +678,7 @@ class L402Server:
     def response(self, flow: http.HTTPFlow) -> Awaitable[Any] | None:
         note = flow.metadata.get("l402")
         held = self._metered.pop(flow.id, None)
+        wanted = self._feeds.pop(flow.id, None)
         if flow.response is None:
             return None if held is None else held[0].finish()
         if self.engine.watchers and flow.metadata.get(FORWARDED):
@@ -683,11 +693,13 @@ class L402Server:
         if note is None:
             return None
         if feeds.FEED_NOTE in note and flow.metadata.get(FORWARDED):
-            return self._private_feed(flow, note)
+            return self._private_feed(flow, note, wanted)
         self._mark(flow, note)
         return None
 
-    async def _private_feed(self, flow: http.HTTPFlow, note: dict[str, Any]) -> None:
+    async def _private_feed(
+        self, flow: http.HTTPFlow, note: dict[str, Any], wanted: dict[str, Any] | None
+    ) -> None:
         """The origin's feed made the listener's private feed (engine/feeds.py), then marked
         like any answer of its variant. mitmproxy has the whole body here (stream_large_bodies
         is refused); a feed it cannot make private is a 502 with the reason."""
@@ -701,8 +713,9 @@ class L402Server:
                 problem = "the feed was streamed"
             elif len(raw) > feeds.MAX_FEED_BYTES:
                 problem = f"feed too large: {len(raw)} bytes, at most {feeds.MAX_FEED_BYTES}"
+            elif wanted is None:  # cannot happen: _apply kept it for this flow
+                problem = "internal error: the feed's rewrite was lost"
             else:
-                wanted = note[feeds.FEED_NOTE]
                 coding = response.headers.get("Content-Encoding")
                 try:
                     body = await asyncio.to_thread(feeds.private_body, raw, coding, wanted)
@@ -717,6 +730,9 @@ class L402Server:
                 answer = feeds.bad_feed_answer(problem, method)
                 flow.response = to_response(answer)
                 return
+        else:
+            # HEAD, 304, an error: passed as the origin sent it, kept by nobody but the listener.
+            response.headers.fields = feeds.private_head(response.headers.fields)
         self._mark(flow, note)
 
     @staticmethod

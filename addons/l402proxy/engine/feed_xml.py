@@ -14,6 +14,10 @@ item order, `<podcast:value>` and its recipients, the encoding):
   `private_base + path[?query]` (path and query exactly as written, the fragment dropped).
 - The channel's `<atom:link rel="self" href>` becomes `self_url`; `<itunes:new-feed-url>` is
   removed (an app would move the subscriber back to the public feed).
+- Every `rel="hub"` link is removed (WebSub): a subscriber that finds a hub subscribes there
+  with hub.topic = the self URL, which is now the private one, so a WebSub-aware app or
+  aggregator would hand the capability to the hub, a third party that keeps it in its
+  subscription records. A private feed has no pushes anyway: the hub knows only the public one.
 - The channel gets exactly one `<podcast:block>yes</podcast:block>` and one
   `<itunes:block>Yes</itunes:block>` (a private feed must not be listed by a directory that
   somehow learns its URL), the feed's own block tags removed first.
@@ -33,7 +37,11 @@ MAX_FEED_BYTES = 16 * 1024 * 1024
 PODCAST_NS = "https://podcastindex.org/namespace/1.0"
 ITUNES_NS = "http://www.itunes.com/dtds/podcast-1.0.dtd"
 ATOM_NS = "http://www.w3.org/2005/Atom"
-ATOM_LINK = f"{{{ATOM_NS}}}link"
+# A link element in any namespace or none (Atom 1.0, Atom 0.3, a bare <link rel=... href=...>
+# that feedparser reads all the same); RSS's own <link> has no rel, so it never matches a rel.
+ANY_LINK = "{*}link"
+# Atom (RFC 4287 4.2.7.2): a relation may be written as this IRI followed by its name.
+IANA_RELATIONS = "http://www.iana.org/assignments/relation/"
 # Other spellings readers accept for the same namespaces (feedparser and the Podcasting 2.0
 # project list them): a feed using one is still read as podcast/itunes by apps, so its
 # new-feed-url and block tags are found under them too. The canonical URI comes first.
@@ -101,6 +109,9 @@ def make_private(
         if value is not None and (private := rewriter.private(value)) is not None:
             element.set(attribute, private)
     root = _declare(root)
+    for link in list(root.iter(ANY_LINK)):
+        if "hub" in _relations(link):
+            _remove(link)
     for channel in _channels(root):
         _fix_channel(channel, self_url)
     return _serialize(root.getroottree(), encoding, standalone)
@@ -363,7 +374,12 @@ def _fix_channel(channel: etree._Element, self_url: str) -> None:
     for child in list(channel):
         if child.tag in blocks or child.tag in moves:
             _remove(child)
-        elif child.tag == ATOM_LINK and (child.get("rel") or "").strip().lower() == "self":
+        elif (
+            isinstance(child.tag, str)  # not a comment or processing instruction
+            and etree.QName(child).localname == "link"
+            and child.get("href") is not None
+            and "self" in _relations(child)
+        ):
             # The URL an app re-subscribes to and a directory dedupes on: the private one.
             child.set("href", self_url)
     # Before the first item, where a channel's own tags are written; at the end without one.
@@ -379,6 +395,17 @@ def _fix_channel(channel: etree._Element, self_url: str) -> None:
         previous = block.getprevious()
         space = previous.tail if previous is not None else channel.text
         block.tail = space if space and not space.strip() else None
+
+
+def _relations(link: etree._Element) -> set[str]:
+    """The relation names of a link element's rel, lowercased: HTML-style lists of several
+    ("self hub") split, the IANA IRI form ("http://www.iana.org/assignments/relation/hub") read
+    as its name."""
+    names = set()
+    for name in (link.get("rel") or "").split():
+        name = name.lower()
+        names.add(name.removeprefix(IANA_RELATIONS))
+    return names
 
 
 def _remove(element: etree._Element) -> None:

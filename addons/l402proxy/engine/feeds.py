@@ -27,12 +27,15 @@ mitmproxy and ASGI doors serve feeds; the nginx door refuses rules with `feed:`.
 
 The door's part, for a Forward whose note has FEED_NOTE: buffer the answer (MAX_FEED_BYTES),
 `private_body` in a thread, `private_fields` on the head; FeedError -> `bad_feed_answer` (502).
+An answer it does not rewrite (`rewrites` false: HEAD, 304, an error) gets `private_head`: every
+answer through a capability is kept by nobody but the listener.
 """
 
 import asyncio
 import hmac
 import logging
 import re
+import threading
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -45,7 +48,14 @@ from ..l402.encoding import b64decode_any, b64encode_std
 from ..l402.headers import Credential, CredentialError, parse_credential
 from ..l402.token import TokenError, VerifiedToken
 from ..rules import PRICED_MODES, Rule, normalize_path
-from .answers import Answer, Outcome, json_answer, not_found_answer, unavailable_answer
+from .answers import (
+    _CDN_CACHE_FIELDS,
+    Answer,
+    Outcome,
+    json_answer,
+    not_found_answer,
+    unavailable_answer,
+)
 from .feed_xml import MAX_FEED_BYTES, FeedError, make_private
 from .limits import _trusted
 from .request import Fields, Request, get, get_all, remove, set_all, take_our_cookies
@@ -72,6 +82,7 @@ __all__ = [
     "mint_endpoint",
     "private_body",
     "private_fields",
+    "private_head",
     "rewrites",
     "serve",
     "split_target",
@@ -105,6 +116,34 @@ _FEED_RESPONSE_DROPS = (
     "Accept-Ranges",
 )
 _SHARED_CACHE_DIRECTIVES = ("public", "s-maxage")
+# Response fields no answer through a capability keeps, whatever the origin sent:
+# - the CDN cache controls (answers._CDN_CACHE_FIELDS, as mark_variant drops them from a paid
+#   answer) and nginx's X-Accel-Expires: a CDN or caching proxy in front obeys them over
+#   Cache-Control, so it would keep the listener's feed for anyone with its URL, and serve it
+#   past a revocation or rotation;
+# - every Link field. The Link values a feed origin sends are WebSub's (W3C WebSub 4: rel=hub
+#   and rel=self, which take precedence over the document's): a hub would be told the private
+#   URL (or a self naming the public feed would move the subscriber off it). No Link serves a
+#   podcast app, and picking out some means parsing RFC 8288 (quoted commas, rel lists, IRI
+#   forms) where one slip leaks the capability: all of them go.
+_PRIVATE_DROPS = (
+    *sorted(name.decode() for name in _CDN_CACHE_FIELDS),
+    "X-Accel-Expires",
+    "Link",
+)
+# A browser showing the private feed (an xml-stylesheet page) would send its URL, capability and
+# all, as Referer with what the page loads (same origin: the full URL, by the default policy).
+_REFERRER_POLICY = "no-referrer"
+# How many feed rewrites run at once, in this process, whichever door or event loop runs them:
+# each holds up to MAX_FEED_BYTES decoded plus its parsed tree (several times that), so the
+# memory they take is bounded, not the number of players refreshing at once. A rewrite waits
+# at most REWRITE_WAIT_SECONDS for its turn (on the door's worker thread, never the event
+# loop), then fails with a FeedError (the door answers 502: the app asks again next refresh).
+REWRITES_AT_ONCE = 2
+REWRITE_WAIT_SECONDS = 1.0
+_REWRITES = threading.BoundedSemaphore(REWRITES_AT_ONCE)
+# How much of a coded feed zlib is given at a time (see _inflated).
+_INFLATE_CHUNK = 4096
 # A Host value we put into a URL as it is: a name or an IP literal, and a port.
 _AUTHORITY = re.compile(
     r"(?:[A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?"
@@ -215,6 +254,9 @@ def authority_of(request: Request) -> str:
     hosts = get_all(request.fields, "host")
     if len(hosts) == 1 and _AUTHORITY.fullmatch(hosts[0].strip()):
         return hosts[0].strip()
+    authority = request.authority
+    if not hosts and authority is not None and _AUTHORITY.fullmatch(authority.strip()):
+        return authority.strip()  # HTTP/2 and 3: no Host field, the :authority
     host = request.host
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
@@ -354,6 +396,7 @@ async def _serve(engine: "Paywall", request: Request) -> Outcome:
         # The door gives the inner target's other readings for a feed target (the ASGI door:
         # below root_path).
         also_targets=request.also_targets,
+        authority=request.authority,
     )
     selling = SELLING.set(False)
     try:
@@ -423,8 +466,10 @@ async def mint(
     token: VerifiedToken,
 ) -> str | None:
     """The feed URL of a valid paid credential for `rule` (the token's seller), or None when the
-    rule sells no feed. The store gives the token's one active access (idempotent). A store
-    failure is logged and told to the watchers, and raises (the caller answers without URL)."""
+    rule sells no feed. The store gives the one active access of this token, feed and
+    credential (idempotent; another credential of the token, an attenuated copy, gets its own:
+    a capability opens what the credential that minted it opens). A store failure is logged
+    and told to the watchers, and raises (the caller answers without URL)."""
     feed = feed_of(rule)
     if feed is None or engine.feeds_off is not None:
         # Off at this door as configured: the door said why when it was configured.
@@ -547,42 +592,93 @@ def rewrites(method: str, status: int) -> bool:
 
 def decoded(body: bytes, coding: str | None) -> bytes:
     """The feed's bytes without their content coding (identity, gzip, deflate), at most
-    MAX_FEED_BYTES of them; FeedError for another coding or a bigger feed."""
+    MAX_FEED_BYTES of them; FeedError for another coding, a broken or cut one, or a bigger
+    feed."""
     codings = [c.strip().lower() for c in (coding or "").split(",") if c.strip()]
     for name in reversed(codings):
         if name == "identity":
             continue
         if name in ("gzip", "x-gzip"):
-            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            body = _inflated(body, name, 16 + zlib.MAX_WBITS, members=True)
         elif name == "deflate":
-            inflater = zlib.decompressobj()
+            body = _inflated(body, name, zlib.MAX_WBITS, members=False)
         else:
             raise FeedError(f"the origin sent the feed with Content-Encoding: {name}")
+    return body
+
+
+def _inflated(body: bytes, name: str, wbits: int, *, members: bool) -> bytes:
+    """`body` inflated whole, at most MAX_FEED_BYTES: a gzip body may be several members one
+    after the other (RFC 1952 2.2; what `cat a.gz b.gz` and some servers' flushes make), each
+    read in turn, not the first alone (a feed cut after it would drop episodes, or not be XML);
+    zero bytes after a member are padding (as Python's gzip reads them). A deflate body is one
+    stream. Anything else after the end, or a stream cut short, is a FeedError.
+
+    Fed _INFLATE_CHUNK bytes at a time: zlib copies what follows a member's end (unused_data),
+    so with the whole body at once a body of many tiny members would be copied once per member
+    (quadratic); this way each copy is at most a chunk."""
+    parts: list[bytes] = []
+    size = 0
+    view = memoryview(body)
+    position = 0
+    ended = 0  # members read to their end
+    inflater: Any = None  # the member being read; None between members
+    data: bytes | memoryview = b""
+    while True:
+        if not data:
+            if position >= len(view):
+                break
+            data = view[position : position + _INFLATE_CHUNK]
+            position += len(data)
+        if inflater is None:
+            if ended:
+                data = bytes(data).lstrip(b"\0")
+                if not data:
+                    continue
+                if not members:
+                    raise FeedError(f"the feed's {name} coding has data after its end")
+            inflater = zlib.decompressobj(wbits)
         try:
-            body = inflater.decompress(body, MAX_FEED_BYTES + 1)
+            # Never 0 (which would mean no bound): size is at most MAX_FEED_BYTES here.
+            part = inflater.decompress(data, MAX_FEED_BYTES + 1 - size)
         except zlib.error as exc:
             raise FeedError(f"the feed's {name} coding is broken: {exc}") from None
-        if len(body) > MAX_FEED_BYTES or inflater.unconsumed_tail:
+        size += len(part)
+        if size > MAX_FEED_BYTES:
             raise FeedError(f"feed too large: more than {MAX_FEED_BYTES} bytes")
-    return body
+        parts.append(part)
+        # Under the bound, all of `data` was taken: what is left follows the member's end.
+        data = inflater.unused_data
+        if inflater.eof:
+            inflater, ended = None, ended + 1
+    if inflater is not None:
+        raise FeedError(f"the feed's {name} coding is cut short")
+    return b"".join(parts)
 
 
 def private_body(body: bytes, coding: str | None, note: Mapping[str, Any]) -> bytes:
     """The origin's feed (with its content coding) as the listener's private feed; FeedError
-    (one line) when it cannot be. CPU work: the door runs it in a thread."""
-    return make_private(
-        decoded(body, coding),
-        private_base=str(note["private_base"]),
-        public_hosts=[str(host) for host in note["public_hosts"]],
-        self_url=str(note["self_url"]),
-    )
+    (one line) when it cannot be. CPU work: the door runs it in a thread; at most
+    REWRITES_AT_ONCE run at once in the process (the others wait, boundedly, their turn)."""
+    if not _REWRITES.acquire(timeout=REWRITE_WAIT_SECONDS):
+        raise FeedError("too many private feeds are being made at once: try again shortly")
+    try:
+        return make_private(
+            decoded(body, coding),
+            private_base=str(note["private_base"]),
+            public_hosts=[str(host) for host in note["public_hosts"]],
+            self_url=str(note["self_url"]),
+        )
+    finally:
+        _REWRITES.release()
 
 
-def private_fields(fields: Fields, length: int) -> Fields:
-    """The feed answer's head for the rewritten body: its length, no content coding or digest
-    of the origin's bytes, kept by nobody but the listener (ETag stays: the rewrite is
-    deterministic, so a 304 for it is right)."""
-    fields = _without(fields, _FEED_RESPONSE_DROPS)
+def private_head(fields: Fields) -> Fields:
+    """The head of any answer to a request through a capability that passes without its body
+    rewritten (HEAD, 304, an error): kept by nobody but the listener (Cache-Control private,
+    the origin's shared-cache directives and CDN cache fields gone), no Link (a WebSub hub or
+    self), no Referer of its URL sent by a browser showing it. Idempotent."""
+    fields = _without(fields, _PRIVATE_DROPS)
     directives = [
         d.strip()
         for d in (get(fields, "Cache-Control") or "").split(",")
@@ -591,6 +687,14 @@ def private_fields(fields: Fields, length: int) -> Fields:
     if not any(d.lower() in ("private", "no-store") for d in directives):
         directives.insert(0, "private")
     fields = set_all(fields, "Cache-Control", [", ".join(directives)])
+    return set_all(fields, "Referrer-Policy", [_REFERRER_POLICY])
+
+
+def private_fields(fields: Fields, length: int) -> Fields:
+    """The feed answer's head for the rewritten body: private_head, its length, no content
+    coding or digest of the origin's bytes (ETag stays: the rewrite is deterministic, so a 304
+    for it is right)."""
+    fields = private_head(_without(fields, _FEED_RESPONSE_DROPS))
     return (*fields, (b"content-length", str(length).encode()))
 
 

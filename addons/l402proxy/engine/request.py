@@ -41,6 +41,9 @@ class Request:
     # Other targets the origin may route this request by (origin form); each must fall under
     # the rule the target does, else 400 (the ASGI door: the path below a root_path).
     also_targets: tuple[str, ...] = ()
+    # host[:port] the client reached us at, for a request without a Host field (HTTP/2 and 3
+    # carry it as :authority): a private feed's URL names it, port included.
+    authority: str | None = None
 
 
 def decode(value: bytes) -> str:

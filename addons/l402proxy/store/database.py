@@ -573,7 +573,9 @@ def feed_path(capability: str, feed: str) -> str:
 @dataclass(frozen=True)
 class FeedAccess:
     """A listener's private feed: `capability` opens `feed` (and the paid grants of the token)
-    with the token's stored credential. One active access per (token, feed) at a time:
+    with the token's stored credential. One active access per (token, feed, credential) at a
+    time (keyed by the credential's SHA-256: a narrowed copy of a token never gets the whole
+    token's capability, nor the other way round):
     revoking or rotating sets revoked_at, and the row stays (feed_access() still finds it)."""
 
     capability: str
@@ -1032,10 +1034,11 @@ class TokenStore(Protocol):
 
     Private podcast feeds (FeedAccess): a capability standing for a paid token's credential,
     written at once like the balances, never queued.
-    - `feed_for(token_id, service, feed, credential, valid_until, when)`: the token's active
-      access for that feed if there is one (returned as it is: its service, credential and
+    - `feed_for(token_id, service, feed, credential, valid_until, when)`: the active access of
+      that token, feed and credential if there is one (returned as it is: its service and
       valid_until are the first caller's, and it may be expired), else a new one made `when`.
-      Atomic across instances and processes: a unique index on the active (token, feed) pairs,
+      Atomic across instances and processes: a unique index on the active (token, feed,
+      credential digest) triples,
       an insert that does nothing on conflict, then a read of the active row; everyone asking
       at once gets the same capability. Arguments are checked first (ValueError, check_feed_for).
     - `feed_access(capability)`: that access, revoked or expired ones too; None when there is

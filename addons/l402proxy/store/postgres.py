@@ -41,7 +41,8 @@ database, so that a token bought at one instance works at all of them.
   answers 503. Every instance draws from the same row: a bundle is global.
 - Feed accesses (`feed_for`, `feed_access`: private podcast feeds) are written and read at once,
   bounded by FEED_TIMEOUT (the request path); `feed_for` inserts against a unique index of the
-  active (token, feed) pairs and reads the active row back, so instances asking at once agree.
+  active (token, feed, credential digest) triples and reads the active row back, so instances
+  asking at once agree.
   `revoke_feeds` and `rotate_feeds` lock the rows they change (one transaction each); engines
   see a revocation through their capability cache's short TTL, no NOTIFY.
 - Consumed Payment charges (`consume_charge`) are written at once, one insert-or-nothing
@@ -284,7 +285,9 @@ MIGRATIONS: list[Sequence[str]] = [
     # Version 6: private podcast feeds (database.FeedAccess), as SQLite's version 5. No foreign
     # key to l402_issued_tokens (written behind, may be lost). A revoked access stays, its
     # capability known and never handed out again; the partial unique index keeps one access
-    # of a (token, feed) active across instances (feed_for inserts against it). row_id: the
+    # of a (token, feed, credential) active across instances (feed_for inserts against it),
+    # the credential in it by its SHA-256 (credential_digest()): a narrowed (attenuated) copy
+    # of a token gets a capability of its own, never the full credential's. row_id: the
     # tie-break of `feeds list`, as for the tokens.
     (
         """
@@ -294,14 +297,15 @@ MIGRATIONS: list[Sequence[str]] = [
             service text NOT NULL,
             feed text NOT NULL CHECK (left(feed, 1) = '/'),
             credential text NOT NULL,
+            credential_digest bytea NOT NULL CHECK (length(credential_digest) = 32),
             valid_until double precision,
             created_at double precision NOT NULL,
             revoked_at double precision,
             row_id bigint GENERATED ALWAYS AS IDENTITY
         )
         """,
-        "CREATE UNIQUE INDEX l402_feed_accesses_active ON l402_feed_accesses (token_id, feed)"
-        " WHERE revoked_at IS NULL",
+        "CREATE UNIQUE INDEX l402_feed_accesses_active"
+        " ON l402_feed_accesses (token_id, feed, credential_digest) WHERE revoked_at IS NULL",
         "CREATE INDEX l402_feed_accesses_token ON l402_feed_accesses (token_id)",
         "CREATE INDEX l402_feed_accesses_created ON l402_feed_accesses (created_at, row_id)",
     ),
@@ -353,20 +357,25 @@ _CHARGE_SQL = (
     " RETURNING b.balance"
 )
 # Feed accesses (database.TokenStore). The conflict target names the partial unique index: an
-# active access of the same (token, feed) makes the insert do nothing (waiting, if another
-# instance's insert of it is not committed yet, for that one's outcome); any other conflict (a
-# capability drawn twice) is an error, never a silent no-op.
+# active access of the same (token, feed, credential) makes the insert do nothing (waiting, if
+# another instance's insert of it is not committed yet, for that one's outcome); any other
+# conflict (a capability drawn twice) is an error, never a silent no-op. What is read back is
+# database.feed_from_row's columns (the digest is only the key).
 _FEED_COLUMNS = (
     "capability, token_id, service, feed, credential, valid_until, created_at, revoked_at"
 )
 _FEED_SELECT = f"SELECT {_FEED_COLUMNS} FROM l402_feed_accesses"
-_ACTIVE_FEED_SQL = f"{_FEED_SELECT} WHERE token_id = $1 AND feed = $2 AND revoked_at IS NULL"
+_ACTIVE_FEED_SQL = (
+    f"{_FEED_SELECT} WHERE token_id = $1 AND feed = $2 AND credential_digest = $3"
+    " AND revoked_at IS NULL"
+)
 _INSERT_FEED_SQL = (
-    f"INSERT INTO l402_feed_accesses ({_FEED_COLUMNS})"
-    " VALUES ($1, $2, $3, $4, $5, $6::float8, $7::float8, $8::float8)"
+    f"INSERT INTO l402_feed_accesses ({_FEED_COLUMNS}, credential_digest)"
+    " VALUES ($1, $2, $3, $4, $5, $6::float8, $7::float8, $8::float8, $9::bytea)"
 )
 _NEW_FEED_SQL = (
-    f"{_INSERT_FEED_SQL} ON CONFLICT (token_id, feed) WHERE revoked_at IS NULL DO NOTHING"
+    f"{_INSERT_FEED_SQL} ON CONFLICT (token_id, feed, credential_digest)"
+    " WHERE revoked_at IS NULL DO NOTHING"
 )
 _REVOKE_FEED_SQL = (
     "UPDATE l402_feed_accesses SET revoked_at = $1::float8"
@@ -395,6 +404,13 @@ _PRUNE_CHARGES_SQL = (
 )
 
 
+def credential_digest(credential: str) -> bytes:
+    """The key of a feed access's credential in the unique index of active accesses: its
+    SHA-256 (store/sqlite.py has the same; a stored row's digest is always this of its
+    credential, which rotation keeps)."""
+    return hashlib.sha256(credential.encode("utf-8")).digest()
+
+
 def _feed_args(access: FeedAccess) -> tuple[Any, ...]:
     return (
         access.capability,
@@ -405,6 +421,7 @@ def _feed_args(access: FeedAccess) -> tuple[Any, ...]:
         _float_or_none(access.valid_until),
         float(access.created_at),
         _float_or_none(access.revoked_at),
+        credential_digest(access.credential),
     )
 
 
@@ -1353,9 +1370,12 @@ class PostgresServerStore(RecordQueue, ChargePruning):
         valid_until: float | None,
         when: float,
     ) -> FeedAccess:
-        """The token's active access for `feed`, else a new one (database.TokenStore). Bounded
+        """The active access of this token, feed and credential, else a new one
+        (database.TokenStore). Another credential of the token (an attenuated copy, the full
+        one) has an access of its own: a capability opens what its credential opens. Bounded
         by feed_timeout as a whole."""
         check_feed_for(token_id, service, feed, credential, valid_until, when)
+        digest = credential_digest(credential)
         with hiding([credential]):
             async with self._connection(self.feed_timeout) as conn:
                 # Each statement on its own (autocommit, READ COMMITTED): the read after the
@@ -1363,7 +1383,7 @@ class PostgresServerStore(RecordQueue, ChargePruning):
                 # while the insert waited for it (one statement would not: its snapshot is
                 # older than that row, and the insert did nothing).
                 for _ in range(FEED_FOR_ATTEMPTS):
-                    row = await conn.fetchrow(_ACTIVE_FEED_SQL, token_id, feed)
+                    row = await conn.fetchrow(_ACTIVE_FEED_SQL, token_id, feed, digest)
                     if row is not None:
                         return feed_from_row(row)
                     await conn.execute(
@@ -1376,8 +1396,9 @@ class PostgresServerStore(RecordQueue, ChargePruning):
                         _float_or_none(valid_until),
                         float(when),
                         None,
+                        digest,
                     )
-                row = await conn.fetchrow(_ACTIVE_FEED_SQL, token_id, feed)
+                row = await conn.fetchrow(_ACTIVE_FEED_SQL, token_id, feed, digest)
         if row is None:  # revoked as often as it was made: someone revokes it in a loop
             raise StoreError(f"store {self.shown}: the feed access was revoked while being made")
         return feed_from_row(row)

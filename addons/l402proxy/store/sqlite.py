@@ -15,6 +15,7 @@ store/postgres.py is the same interface on PostgreSQL, for several instances.
 """
 
 import asyncio
+import hashlib
 import logging
 import os
 import time
@@ -134,10 +135,13 @@ MIGRATIONS: list[Sequence[str]] = [
     # Version 5: private podcast feeds (database.FeedAccess), written at once like the balances.
     # No foreign key to issued_tokens: the issued row is written behind and may be lost. A
     # revoked access stays (revoked_at set) so that its capability is still known, and never
-    # handed out again; at most one access of a (token, feed) is active, which the partial
-    # unique index enforces across processes (feed_for inserts against it, doing nothing on a
-    # conflict). feed_accesses_token finds a token's accesses, revoked ones too (`feeds
-    # revoke|rotate <token prefix>`); feed_accesses_created orders `feeds list`.
+    # handed out again; at most one access of a (token, feed, credential) is active, which the
+    # partial unique index enforces across processes (feed_for inserts against it, doing
+    # nothing on a conflict). The credential is in it by its digest (credential_digest(): a
+    # fixed 32 bytes, where the credential may be kilobytes): a capability is worth exactly the
+    # credential that minted it, so a narrowed (attenuated) copy of a token gets its own, never
+    # the full credential's. feed_accesses_token finds a token's accesses, revoked ones too
+    # (`feeds revoke|rotate <token prefix>`); feed_accesses_created orders `feeds list`.
     (
         """
         CREATE TABLE feed_accesses (
@@ -146,13 +150,14 @@ MIGRATIONS: list[Sequence[str]] = [
             service TEXT NOT NULL,
             feed TEXT NOT NULL CHECK (substr(feed, 1, 1) = '/'),
             credential TEXT NOT NULL,
+            credential_digest BLOB NOT NULL CHECK (length(credential_digest) = 32),
             valid_until REAL,
             created_at REAL NOT NULL,
             revoked_at REAL
         )
         """,
-        "CREATE UNIQUE INDEX feed_accesses_active ON feed_accesses (token_id, feed)"
-        " WHERE revoked_at IS NULL",
+        "CREATE UNIQUE INDEX feed_accesses_active"
+        " ON feed_accesses (token_id, feed, credential_digest) WHERE revoked_at IS NULL",
         "CREATE INDEX feed_accesses_token ON feed_accesses (token_id)",
         "CREATE INDEX feed_accesses_created ON feed_accesses (created_at)",
     ),
@@ -206,16 +211,24 @@ _CHARGE_SQL = (
 )
 
 # Feed accesses (database.TokenStore). The conflict target names the partial unique index: an
-# active access of the same (token, feed) makes the insert do nothing; any other conflict (a
-# capability drawn twice) is an error, never a silent no-op.
+# active access of the same (token, feed, credential) makes the insert do nothing; any other
+# conflict (a capability drawn twice) is an error, never a silent no-op. What is read back is
+# database.feed_from_row's columns (the digest is only the key).
 _FEED_COLUMNS = (
     "capability, token_id, service, feed, credential, valid_until, created_at, revoked_at"
 )
 _FEED_SELECT = f"SELECT {_FEED_COLUMNS} FROM feed_accesses"
-_ACTIVE_FEED_SQL = f"{_FEED_SELECT} WHERE token_id = ? AND feed = ? AND revoked_at IS NULL"
-_INSERT_FEED_SQL = f"INSERT INTO feed_accesses ({_FEED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_ACTIVE_FEED_SQL = (
+    f"{_FEED_SELECT} WHERE token_id = ? AND feed = ? AND credential_digest = ?"
+    " AND revoked_at IS NULL"
+)
+_INSERT_FEED_SQL = (
+    f"INSERT INTO feed_accesses ({_FEED_COLUMNS}, credential_digest)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _NEW_FEED_SQL = (
-    f"{_INSERT_FEED_SQL} ON CONFLICT (token_id, feed) WHERE revoked_at IS NULL DO NOTHING"
+    f"{_INSERT_FEED_SQL} ON CONFLICT (token_id, feed, credential_digest)"
+    " WHERE revoked_at IS NULL DO NOTHING"
 )
 _REVOKE_FEED_SQL = (
     "UPDATE feed_accesses SET revoked_at = ? WHERE capability = ? AND revoked_at IS NULL"
@@ -237,6 +250,13 @@ _PRUNE_CHARGES_SQL = (
 )
 
 
+def credential_digest(credential: str) -> bytes:
+    """The key of a feed access's credential in the unique index of active accesses: its
+    SHA-256 (store/postgres.py has the same; a stored row's digest is always this of its
+    credential, which rotation keeps)."""
+    return hashlib.sha256(credential.encode("utf-8")).digest()
+
+
 def _feed_row(access: FeedAccess) -> tuple[Any, ...]:
     return (
         access.capability,
@@ -247,6 +267,7 @@ def _feed_row(access: FeedAccess) -> tuple[Any, ...]:
         access.valid_until,
         access.created_at,
         access.revoked_at,
+        credential_digest(access.credential),
     )
 
 
@@ -554,11 +575,14 @@ class ServerStore(Database, RecordQueue, ChargePruning):
         valid_until: float | None,
         when: float,
     ) -> FeedAccess:
-        """The token's active access for `feed`, else a new one (database.TokenStore)."""
+        """The active access of this token, feed and credential, else a new one
+        (database.TokenStore). Another credential of the token (an attenuated copy, the full
+        one) has an access of its own: a capability opens what its credential opens."""
         check_feed_for(token_id, service, feed, credential, valid_until, when)
+        active = (token_id, feed, credential_digest(credential))
         with hiding([credential]):
             # The common case (a listener unlocking again) reads without the write lock.
-            rows = await self._read(_ACTIVE_FEED_SQL, (token_id, feed))
+            rows = await self._read(_ACTIVE_FEED_SQL, active)
             if rows:
                 return feed_from_row(rows[0])
             capability = database.new_feed_capability()
@@ -567,9 +591,19 @@ class ServerStore(Database, RecordQueue, ChargePruning):
                 # this insert's, or the one another process committed before it.
                 await db.execute(
                     _NEW_FEED_SQL,
-                    (capability, token_id, service, feed, credential, valid_until, when, None),
+                    (
+                        capability,
+                        token_id,
+                        service,
+                        feed,
+                        credential,
+                        valid_until,
+                        when,
+                        None,
+                        active[2],
+                    ),
                 )
-                row = await self._one(_ACTIVE_FEED_SQL, (token_id, feed))
+                row = await self._one(_ACTIVE_FEED_SQL, active)
         if row is None:  # the insert or the row it met is there, under the write lock
             raise StoreError(f"store {self.path}: the feed access was not written")
         return feed_from_row(row)
