@@ -263,16 +263,31 @@ def add_header(response: http.Response, name: str, value: str) -> None:
 
 
 def failed_resend_response(problem: str, paid: Paid) -> http.Response:
+    """The 502 for a request whose resend with `paid`'s token failed. `paid` says what the
+    request paid in all (both payments when it paid twice)."""
     if paid.token.charge:
         # Claimed before it left: it may have reached the server, which would consume it.
         kept = "A Payment charge is good for one request: it is not sent again.\n"
     else:
         kept = "The token is kept: the next request uses it without paying again.\n"
+    if paid.paid_here:
+        said = f"Paid {paid.header()}, but asking the server again failed"
+    else:
+        said = f"Asking the server again with the token for {paid.token.label} failed"
+    # X-L402-Paid is added by _mark_paid (once, and only if this request paid).
     return http.Response.make(
-        502,
-        (f"Paid {paid.header()}, but asking the server again failed: {problem}\n{kept}").encode(),
-        {"Content-Type": "text/plain; charset=utf-8", "X-L402-Paid": paid.header()},
+        502, f"{said}: {problem}\n{kept}".encode(), {"Content-Type": "text/plain; charset=utf-8"}
     )
+
+
+def paid_in_all(before: Paid | None, result: Paid) -> Paid:
+    """What a request paid once `result` came: the token in hand, with the amounts of every
+    payment it made summed (a request that lost a race among ours pays twice)."""
+    if before is not None and before.paid_here and result.paid_here:
+        return before.plus(result)
+    if before is not None and before.paid_here:
+        return before
+    return result
 
 
 class L402Client:
@@ -631,8 +646,12 @@ class L402Client:
         response = flow.response
         if response is None:
             return
+        sent: Token | None = flow.metadata.get(TOKEN_KEY)
         if response.status_code not in (401, 402):
-            sent: Token | None = flow.metadata.get(TOKEN_KEY)
+            if sent is not None and self.payer is not None:
+                # Granted with the token it carried: a request of ours that lost that token
+                # to this one (a bundle too small for both) may pay once more, alone.
+                self.payer.answered(sent, granted=True)
             if sent is not None and sent.charge and self.payer is not None:
                 # A charge paid earlier, accepted now: its receipt goes to the ledger.
                 await self.payer.note_receipt(sent, answer_of(response, request_url(flow.request)))
@@ -647,6 +666,8 @@ class L402Client:
                     log.warning(f"l402: could not note the balance {url} stated: {exc}")
             return
         if not self.pays_for(flow):
+            if sent is not None and self.payer is not None:
+                self.payer.answered(sent, granted=False)  # l402_clients changed meanwhile
             self._refuse_foreign(flow, response)
             return
         if self.payer is None:
@@ -655,6 +676,13 @@ class L402Client:
             await self._handle(flow, response)
         except (StoreError, LightningError, ValueError) as exc:
             log.error(f"l402: could not handle the challenge from {flow.request.url}: {exc}")
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        """The request failed without an answer (the server unreachable, the player gone): the
+        token it carried was not granted, and no request of ours waits for its answer."""
+        sent: Token | None = flow.metadata.get(TOKEN_KEY)
+        if sent is not None and flow.response is None and self.payer is not None:
+            self.payer.answered(sent, granted=False)
 
     async def _handle(self, flow: http.HTTPFlow, response: http.Response) -> None:
         """Drive the payer's exchange: its Awaits run here, its Resends go out with httpx."""
@@ -670,7 +698,7 @@ class L402Client:
                 if isinstance(step, Await):
                     result = await step.job
                     if isinstance(result, Paid):
-                        paid = result
+                        paid = paid_in_all(paid, result)
                     step = steps.send(result)
                 else:
                     response = await self._resend(request, step.authorization, response)
@@ -684,13 +712,14 @@ class L402Client:
                 self._mark_paid(flow, paid)
             return
         finally:
+            # Closed at a Resend that failed: the payer releases what it was about to send.
             steps.close()
         if verdict.paid is not None:
             flow.response = response
             self._mark_paid(flow, verdict.paid)
         elif verdict.refused is not None:
             refused = await self._free_variant(flow, url, response)
-            self._mark_refused(flow, refused, verdict.refused)
+            self._mark_refused(flow, refused, verdict.refused, verdict.spent)
         else:
             flow.response = response
 
@@ -764,9 +793,21 @@ class L402Client:
             flow.comment = f"L402 token for {paid.token.label} (paid by another request)"
 
     @staticmethod
-    def _mark_refused(flow: http.HTTPFlow, response: http.Response, refused: Refused) -> None:
+    def _mark_refused(
+        flow: http.HTTPFlow, response: http.Response, refused: Refused, spent: Paid | None = None
+    ) -> None:
+        """A refusal; `spent`: what the request paid all the same (X-L402-Paid beside it)."""
         add_header(response, "X-L402-Refused", refused.header())
         flow.response = response
         flow.marked = REFUSED_MARKER
         flow.comment = f"L402 not paid: {refused.code}: {refused.message}"
         flow.metadata["l402_client"] = {"refused": refused.code, "message": refused.message}
+        if spent is not None and spent.paid_here:
+            add_header(response, "X-L402-Paid", spent.header())
+            flow.comment = f"L402 paid {spent.header()}, then not paid: {refused.code}"
+            flow.metadata["l402_client"].update(
+                paid=True,
+                amount_msat=spent.amount_msat,
+                fee_msat=spent.fee_msat,
+                payment_hash=spent.token.payment_hash.hex(),
+            )

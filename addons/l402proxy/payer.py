@@ -15,9 +15,15 @@ Requests at once: those that meet a 402 for one scope together wait for one paym
 retry with its token. A bundle (a single-use token above all) may not last them all: the
 server grants some and answers the others with a 402 saying the token is spent. That is no
 refusal of a token we paid for but our own requests using it up, so each request that lost
-the race pays once more, for itself alone: a token no other request of ours is given before
-this one has used it. At most two payments per request, the second only when the server said
-"spent" (`X-L402-Balance: 0`) to a token bought for it that another request of ours carried.
+the race pays once more, for itself alone: a token no other request is given before this one
+has used it (held back in the client store, `held_until`, so no other process sharing it
+takes it either). At most two payments per request, the second only when the server said
+"spent" (`X-L402-Balance: 0`) to a token bought for it and another request of ours that sent
+that token was GRANTED with it: proof the server really used it. The losing request waits
+for the answers of the others that carried it (at most pay_timeout): none granted, "spent" is
+the server's refusal (`rejected_after_payment`), so a server that calls every token spent
+takes at most one payment per request. A request refused after it paid (that extra payment
+refused by the limits, or its token refused) still says what it paid (`Verdict.spent`).
 
 The Payment scheme (draft-httpauth-payment, Lightning "charge"): a 402 whose
 `WWW-Authenticate: Payment` challenge the client pays when the server offers no L402/LSAT
@@ -40,6 +46,7 @@ consumed it after all, or it no longer fits), it is dropped and that request pay
 """
 
 import asyncio
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -98,11 +105,18 @@ REFUSAL_CODES = (
     "payment_pending",
     "rejected_after_payment",
     "wrong_network",
+    # The wallet's own reasons for paying nothing (an NWC wallet's INSUFFICIENT_BALANCE,
+    # QUOTA_EXCEEDED, RATE_LIMITED): see refusal_code().
+    "insufficient_balance",
+    "quota_exceeded",
+    "rate_limited",
     # Payment scheme: the challenge's request disagrees with its own invoice (amount, payment
     # hash or network), or the challenge's `expires` has passed.
     "request_mismatch",
     "challenge_expired",
 )
+# What a wallet may name as its reason for refusing a payment (PaymentFailed.refusal).
+WALLET_REFUSALS = ("insufficient_balance", "quota_exceeded", "rate_limited", "payment_failed")
 # Which scheme to pay when a 402 offers both L402/LSAT and Payment (l402_prefer).
 PREFERENCES = ("l402", "payment")
 # What the client can pay, sent as Accept-Payment: the Lightning charge, no sessions.
@@ -127,6 +141,14 @@ BALANCE_WARNING_SECONDS = 60.0
 # emptied at this size; losing it costs a round trip, never a payment.
 MEMORY_LIMIT = 10_000
 _BALANCE_RE = re.compile(r"([0-9]+)[ \t]+([A-Za-z]+)")
+
+
+def refusal_code(exc: PaymentFailed) -> str:
+    """The refusal code for a payment the wallet refused: the wallet's own reason when it names
+    one of ours (`refusal`, set by the NWC wallet: insufficient_balance, quota_exceeded,
+    rate_limited), else payment_failed."""
+    code = getattr(exc, "refusal", None)
+    return code if isinstance(code, str) and code in WALLET_REFUSALS else "payment_failed"
 
 
 def parse_prefer(text: str) -> str:
@@ -629,10 +651,14 @@ class Await:
 
 @dataclass(frozen=True)
 class Verdict:
-    """How to present the last answer: paid (X-L402-Paid), refused (X-L402-Refused) or as is."""
+    """How to present the last answer: paid (X-L402-Paid), refused (X-L402-Refused) or as is.
+
+    `spent`, beside `refused`: what this request paid all the same (its payments summed, as
+    X-L402-Paid says it beside X-L402-Refused); None when it paid nothing."""
 
     paid: Paid | None = None
     refused: Refused | None = None
+    spent: Paid | None = None
 
 
 Step = Resend | Await
@@ -661,6 +687,21 @@ def owner_is_alive(owner: str) -> bool:
     except PermissionError:
         return True  # someone else's process: alive
     return True
+
+
+class _Carriers:
+    """The requests of ours given one token to send, and what the server answered them."""
+
+    def __init__(self) -> None:
+        self.carried = 0  # given it (up front, or to retry with)
+        self.answered = 0  # of those, answered with it (or gone without an answer)
+        self.granted = 0  # of those, granted with it: the server used it
+        self.changed = asyncio.Event()
+
+    def wake(self) -> None:
+        """Tell whoever waits for these answers that one came (a fresh event for the next)."""
+        self.changed.set()
+        self.changed = asyncio.Event()
 
 
 class Payer:
@@ -692,13 +733,13 @@ class Payer:
         # Payments made for one request alone (see the module docstring): never joined.
         self.lone_flights: set[asyncio.Task[Outcome]] = set()
         self.in_flight: set[bytes] = set()
-        # Payment hash -> how many requests of ours were given the token to send (up front or
-        # to retry with): more than one, and a "spent" answer may be our own doing.
-        self.carried: dict[bytes, int] = {}
-        # Payment hash of a payment made for one request alone -> until when no other request
-        # of ours takes its token, from memory or from the store (release() ends it sooner,
-        # once that request has used it).
-        self.held_back: dict[bytes, float] = {}
+        # Payment hash -> the requests of ours given the token to send (up front or to retry
+        # with) and what the server answered them: one of them granted, and a "spent" answer
+        # to another was our own doing (lost_to_ours).
+        self.carriers: dict[bytes, _Carriers] = {}
+        # The loop the payer runs on (the SDK drives exchange() from its caller's thread):
+        # release() and answered() run their bookkeeping there.
+        self.loop: asyncio.AbstractEventLoop | None = None
         # Marks this process's pending payments, so another process's recovery leaves them be.
         self.owner = f"{os.getpid()}:{secrets.token_hex(8)}"
         self.recent_refusals: dict[tuple[str, str, str], float] = {}
@@ -724,6 +765,7 @@ class Payer:
 
     async def start(self) -> list[Payment]:
         """Load tokens and learned paths, then settle what a crash left pending."""
+        self._remember_loop()
         start = getattr(self.wallet, "start", None)
         if start is not None:
             await start()
@@ -884,6 +926,7 @@ class Payer:
         as carried by one more request."""
         token = self.token_for(origin, path)
         if token is not None:
+            self._remember_loop()
             self._carry(token)
         return token
 
@@ -937,6 +980,7 @@ class Payer:
         `alone`: paid for this request only, whatever is held or under way for the scope;
         its token is held back from every other request until `release`.
         """
+        self._remember_loop()
         origin, host, port, path = split_url(url)
         if not self.allows(host, port):
             return await self._refuse(
@@ -1084,21 +1128,80 @@ class Payer:
 
     async def lost_to_ours(self, token: Token, url: str) -> bool:
         """The server said `token`, bought for a request to `url`, is spent: whether another
-        request of ours carried it too (and so may have used it up first)."""
-        if self.carried.get(token.payment_hash, 0) < 2:
-            return False
+        request of ours that sent it was granted with it (so the server used it up on ours).
+
+        Waits for the answers to the others that carried it, at most pay_timeout: the first
+        grant says yes; all answered (or gone) without one, or no answer in time, says no (a
+        server calling every token spent gets no second payment)."""
+        deadline = time.monotonic() + self.pay_timeout
+        while True:
+            entry = self.carriers.get(token.payment_hash)
+            if entry is None or entry.carried < 2:
+                return False  # no other request of ours sent it (or it was forgotten)
+            if entry.granted:
+                break
+            left = deadline - time.monotonic()
+            if entry.answered >= entry.carried or left <= 0:
+                log.info(
+                    f"l402: {token.origin} called the token for {token.label} spent, and no "
+                    f"request of ours was granted with it; not paying again for {url}"
+                )
+                return False
+            with contextlib.suppress(TimeoutError):  # no time left: the next check ends it
+                await asyncio.wait_for(entry.changed.wait(), left)
         log.info(
             f"l402: other requests used up the token for {token.origin} {token.label} first; "
             f"paying once more for {url}, for it alone"
         )
         return True
 
-    async def release(self, token: Token, *, keep: bool) -> None:
-        """The request a token was bought for alone has used it: other requests may have it
-        now (`keep`: what is left of it is sent up front from now on)."""
-        self.held_back.pop(token.payment_hash, None)
+    def answered(self, token: Token, *, granted: bool) -> None:
+        """A request that carried `token` got its answer (`granted`: the server did not refuse
+        it), or went away without one. Synchronous and safe from any thread: a driver's
+        generator may be closed from the SDK caller's thread."""
+        if not token.charge:
+            self._soon(self._answered, token.payment_hash, granted)
+
+    def _answered(self, payment_hash: bytes, granted: bool) -> None:
+        entry = self.carriers.get(payment_hash)
+        if entry is None:
+            return
+        entry.answered += 1
+        entry.granted += granted
+        entry.wake()
+
+    def release(self, token: Token, *, keep: bool) -> None:
+        """The request a token was bought for alone has used it, or never will: other
+        requests (of any process sharing the store) may have it now (`keep`: what is left
+        of it is sent up front from now on). Synchronous and safe from any thread, so a
+        driver's generator closed in a `finally` releases it too."""
+        self._soon(self._release, token, keep)
+
+    def _release(self, token: Token, keep: bool) -> None:
         if keep:
             self._keep(token)
+        self._later(self.store.release(token.payment_hash))
+
+    def _remember_loop(self) -> None:
+        with contextlib.suppress(RuntimeError):  # not on a loop: nothing to remember
+            self.loop = asyncio.get_running_loop()
+
+    def _soon(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run `callback` on the payer's loop: now when called there, else as soon as the
+        loop can (from another thread). Nothing to do before the payer ran on any loop."""
+        loop = self.loop
+        if loop is None:
+            return
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            callback(*args)
+            return
+        # A closed loop: the payer is gone, and its bookkeeping with it.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(callback, *args)
 
     def exchange(
         self, url: str, answer: Answer, sent: Token | None
@@ -1115,9 +1218,14 @@ class Payer:
 
         One exception, a race among our own requests: a token bought for this request (by
         it, or by another that it waited for) that the server answers with a 402 saying it
-        is spent, when another request of ours carried it too, was used up by them, not
-        refused: this request pays once more, alone (within the same limits). Whatever
-        happens to that token, nothing more is paid for this request.
+        is spent, when another request of ours that sent it was granted with it, was used up
+        by them, not refused: this request pays once more, alone (within the same limits).
+        Whatever happens to that token, nothing more is paid for this request.
+
+        The driver tells the payer what became of a token it sent up front when the answer
+        is no 401/402 (`answered(token, granted=True)`); this covers every other answer. A
+        driver that closes the generator at a Resend (the request failed) releases what it
+        was about to send: a token paid alone goes up front to the next request.
 
         A 402 is paid with the Payment scheme instead (_charge_exchange) when it offers no
         usable L402/LSAT challenge but a Payment charge, or both and `prefer` is "payment".
@@ -1130,19 +1238,23 @@ class Payer:
             sent = None
             if answer.status == 401 and split_url(answer.url)[0] == asked:
                 answer = yield Resend(None)  # pay only on 402: ask again without it
-        if sent is not None and answer.balance:
-            # "0 left" on the 402: the bundle is spent; the token is not sent again.
-            yield Await(self.note_balance(sent, answer))
+        if sent is not None:
+            # The token sent up front was not granted (this is a 401 or 402): said before any
+            # step, so a request lost to this one never waits for it in vain.
+            self.answered(sent, granted=False)
+            if answer.balance:
+                # "0 left" on the 402: the bundle is spent; the token is not sent again.
+                yield Await(self.note_balance(sent, answer))
         held_refused = False  # a token held from before (or another request's) was refused
         pass_tried = False
         alone = False  # the token bought for it went to another request of ours
-        first: Paid | None = None  # what this request paid before paying alone
+        spent: Paid | None = None  # what this request paid so far (its payments summed)
         # Four rounds at most: a held token refused, a pass refused, one payment (or the
         # token of another request's), then one alone if that token went to another request.
         for _ in range(4):
             redirected = _redirected(asked, answer)
             if redirected is not None:
-                return Verdict(refused=redirected)
+                return Verdict(refused=redirected, spent=spent)
             if answer.status == 401:
                 if sent is None or not has_challenge(answer.www_authenticate):
                     return Verdict()  # the origin's own 401: not ours
@@ -1166,18 +1278,22 @@ class Payer:
                 )
             )
             if outcome is None or isinstance(outcome, Refused):
-                return Verdict(refused=outcome)
-            answer = yield Resend(outcome.token.credential)
-            left: Balance | None = None
-            if answer.balance:
-                left = yield Await(self.note_balance(outcome.token, answer))
+                return Verdict(refused=outcome, spent=spent)
+            if outcome.paid_here:
+                spent = outcome if spent is None else spent.plus(outcome)
+            answer = yield from self._send(outcome.token, alone)
             granted = answer.status not in (401, 402) or not about_token(
                 answer.www_authenticate, outcome.token, url
             )
+            self.answered(outcome.token, granted=granted)
+            left: Balance | None = None
+            if answer.balance:
+                left = yield Await(self.note_balance(outcome.token, answer))
             if alone:
-                yield Await(self.release(outcome.token, keep=granted))
+                self.release(outcome.token, keep=granted)
             if granted:
-                return Verdict(paid=outcome if first is None else first.plus(outcome))
+                # A request that paid twice says both (its first token went to another).
+                return Verdict(paid=spent if outcome.paid_here else outcome)
             if (
                 not alone
                 and (outcome.paid_here or outcome.waited)
@@ -1187,12 +1303,11 @@ class Payer:
                 and (yield Await(self.lost_to_ours(outcome.token, url)))
             ):
                 alone = True
-                first = outcome if outcome.paid_here else None
                 sent = outcome.token
                 continue
             if outcome.paid_here or alone or (held_refused and not outcome.borrowed):
                 refused = yield Await(self.rejected_after_payment(outcome.token, url))
-                return Verdict(refused=refused)
+                return Verdict(refused=refused, spent=spent)
             # A token not bought for this request (held from before, another request's, or a
             # pass) was refused: once more, and handle_challenge takes it out of the way.
             if outcome.borrowed:
@@ -1201,6 +1316,22 @@ class Payer:
                 held_refused = True
             sent = outcome.token
         raise AssertionError("unreachable: the fourth round pays alone or returns")
+
+    def _send(self, token: Token, alone: bool) -> Generator[Step, Any, Answer]:
+        """Resend with `token`. Closed there by its driver (the resend failed, the request
+        went away), the token was not granted; one paid for this request alone is released
+        and kept: paid and never used, it goes up front to the next request instead of
+        staying held back while the next one pays again."""
+        sent = False
+        try:
+            answer: Answer = yield Resend(token.credential)
+            sent = True
+            return answer
+        finally:
+            if not sent:
+                self.answered(token, granted=False)
+                if alone:
+                    self.release(token, keep=True)
 
     # -- the Payment scheme --------------------------------------------------------------------
 
@@ -1239,7 +1370,7 @@ class Payer:
         answer = yield Resend(outcome.token.credential)
         if answer.status in (401, 402) and split_url(answer.url)[0] == asked:
             refused = yield Await(self.charge_rejected(outcome.token, url, answer))
-            return Verdict(refused=refused)
+            return Verdict(refused=refused, spent=outcome if outcome.paid_here else None)
         yield Await(self.note_receipt(outcome.token, answer))
         return Verdict(paid=outcome)
 
@@ -1436,22 +1567,9 @@ class Payer:
         self, key: tuple[str, str], url: str, offer: _Offer, alone: bool = False
     ) -> Outcome:
         """Pay `offer` for the scope `key` within the limits. `alone`: for one request only;
-        its token held back from the others until `release` (or pay_timeout after paying)."""
-        if not alone:
-            return await self._pay_offer(key, url, offer, alone=False)
-        payment_hash = offer.info.identifier.payment_hash
-        # Held back before the row is written: no payment of ours for the scope may wait
-        # for it, nor take its token.
-        self._hold_back(payment_hash)
-        outcome: Outcome | None = None
-        try:
-            outcome = await self._pay_offer(key, url, offer, alone=True)
-        finally:
-            if isinstance(outcome, Paid):
-                self._hold_back(payment_hash)  # from now: the time it takes to send it
-            else:
-                self.held_back.pop(payment_hash, None)
-        return outcome
+        its row held back in the store from every other request (of any process) until
+        `release`, or pay_timeout after it was paid."""
+        return await self._pay_offer(key, url, offer, alone=alone)
 
     async def _pay_offer(
         self, key: tuple[str, str], url: str, offer: _Offer, alone: bool
@@ -1487,7 +1605,9 @@ class Payer:
                     ),
                     now=self.clock(),
                     alone=alone,
-                    held_back=self._held_back_now(),
+                    # Written with the row: no payment of any process sharing the store
+                    # waits for it, nor takes its token, before its request has used it.
+                    hold_for=self.pay_timeout if alone else None,
                 )
             except StoreError as exc:
                 return await self._refuse(origin, url, Refused("payment_failed", str(exc)), offer)
@@ -1510,7 +1630,14 @@ class Payer:
         if reserved.status == "paid":
             # Another process sharing the store paid this scope already.
             return Paid(self._keep(Token.from_payment(reserved)), 0, 0, paid_here=False)
-        return await self._pay(reserved, keep=not alone)
+        outcome = await self._pay(reserved, keep=not alone, hold=alone)
+        if alone and not isinstance(outcome, Paid):
+            # Not paid, or not known to be: a pending one is waited for like any other.
+            try:
+                await self.store.release(reserved.payment_hash)
+            except StoreError as exc:
+                log.warning(f"l402: client store write failed: {exc}")
+        return outcome
 
     async def _wait_for(self, pending: Payment) -> Payment | None:
         """Poll the store until another process's payment ends: paid (its row) or not (None)."""
@@ -1555,17 +1682,18 @@ class Payer:
             )
         return invoice.amount_msat
 
-    async def _pay(self, payment: Payment, keep: bool = True) -> Outcome:
+    async def _pay(self, payment: Payment, keep: bool = True, hold: bool = False) -> Outcome:
         payment_hash = payment.payment_hash
         self.in_flight.add(payment_hash)
         try:
-            return await self._pay_and_record(payment, keep)
+            return await self._pay_and_record(payment, keep, hold)
         finally:
             self.in_flight.discard(payment_hash)
 
-    async def _pay_and_record(self, payment: Payment, keep: bool) -> Outcome:
+    async def _pay_and_record(self, payment: Payment, keep: bool, hold: bool = False) -> Outcome:
         """Pay, then store the token; `keep`: sent up front from now on (not a token paid for
-        one request alone: that one is kept once it has used it)."""
+        one request alone: that one is kept once it has used it). `hold`: paid for one
+        request alone, its row stays held back for pay_timeout from now (to send it)."""
         payment_hash = payment.payment_hash
         origin, url = payment.origin, payment.url
         try:
@@ -1575,7 +1703,8 @@ class Payer:
         except PaymentFailed as exc:
             await self.store.fail(payment_hash, str(exc), self.clock())
             log.warning(f"l402: payment to {origin} failed: {exc}")
-            return Refused("payment_failed", str(exc))
+            # The wallet's own reason when it names one (not enough funds, its quota).
+            return Refused(refusal_code(exc), str(exc))
         except (LightningError, TimeoutError) as exc:
             # Not known to have failed: it may still go through. The reservation stays and
             # the next recovery asks the wallet.
@@ -1595,7 +1724,11 @@ class Payer:
             return Refused("payment_failed", "the wallet returned a preimage that does not match")
         try:
             done = await self.store.settle(
-                payment_hash, result.preimage, result.fee_msat, self.clock()
+                payment_hash,
+                result.preimage,
+                result.fee_msat,
+                self.clock(),
+                hold_for=self.pay_timeout if hold else None,
             )
         except StoreError as exc:
             # Paid, but not on disk: use the token now; the wallet still knows the preimage,
@@ -1622,22 +1755,16 @@ class Payer:
 
     def _carry(self, token: Token) -> None:
         """One more request of ours was given `token` to send."""
-        if len(self.carried) >= MEMORY_LIMIT:
-            # Forgotten counts make a lost race a refusal, never a payment.
-            self.carried.clear()
-        self.carried[token.payment_hash] = self.carried.get(token.payment_hash, 0) + 1
-
-    def _hold_back(self, payment_hash: bytes) -> None:
-        """Hold the token of a payment made for one request alone back from the others, for
-        at most pay_timeout (a request that went away does not hold it for ever)."""
-        now = self.clock()
-        if len(self.held_back) >= MEMORY_LIMIT:
-            self.held_back = {h: at for h, at in self.held_back.items() if at > now}
-        self.held_back[payment_hash] = now + self.pay_timeout
-
-    def _held_back_now(self) -> tuple[bytes, ...]:
-        now = self.clock()
-        return tuple(h for h, until in self.held_back.items() if until > now)
+        entry = self.carriers.get(token.payment_hash)
+        if entry is None:
+            if len(self.carriers) >= MEMORY_LIMIT:
+                # Forgotten counts make a lost race a refusal, never a payment; whoever
+                # waits for them stops waiting.
+                for forgotten in self.carriers.values():
+                    forgotten.wake()
+                self.carriers.clear()
+            entry = self.carriers[token.payment_hash] = _Carriers()
+        entry.carried += 1
 
     def _forget(self, token: Token) -> bool:
         """Send `token` no more: under its own scope, nor any a pass was tried for."""

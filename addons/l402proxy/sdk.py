@@ -111,9 +111,21 @@ class L402Auth(httpx.Auth):
             yield request
             return
         sent: Token | None = yield _Io(self._before(request))
-        response: httpx.Response = yield request
         assert self._payer is not None  # started by _before
+        answered = False
+        try:
+            response: httpx.Response = yield request
+            answered = True
+        finally:
+            if sent is not None and not answered:
+                # The request failed (httpx raised): the token it carried was not granted,
+                # and no request of ours waits for its answer.
+                self._payer.answered(sent, granted=False)
         if response.status_code not in (401, 402):
+            if sent is not None:
+                # Granted with it: a request of ours that lost that token to this one (a
+                # bundle too small for both) may pay once more, alone.
+                self._payer.answered(sent, granted=True)
             if sent is not None and sent.charge:
                 # A charge paid earlier, accepted now: its receipt goes to the ledger.
                 yield _Io(self._payer.note_receipt(sent, _answer(response)))
@@ -139,9 +151,14 @@ class L402Auth(httpx.Auth):
         except StopIteration as stop:
             verdict: Verdict = stop.value
         finally:
+            # Closed at a Resend that failed (httpx raised): the payer releases what it was
+            # about to send.
             steps.close()
         if verdict.refused is not None:
             response.headers["X-L402-Refused"] = verdict.refused.header()
+            if verdict.spent is not None and verdict.spent.paid_here:
+                # Paid all the same (a race lost to ours, then the extra payment refused).
+                response.headers["X-L402-Paid"] = verdict.spent.header()
         elif verdict.paid is not None and verdict.paid.paid_here:
             response.headers["X-L402-Paid"] = verdict.paid.header()
 
@@ -149,37 +166,43 @@ class L402Auth(httpx.Auth):
         self, request: httpx.Request
     ) -> Generator[httpx.Request, httpx.Response, None]:
         flow = self._flow(request)
-        step = next(flow)
-        while True:
-            try:
-                if isinstance(step, _Io):
-                    step = flow.send(self._run(step.job))
-                elif isinstance(step, _Read):
-                    if _problem_body(step.response):
-                        step.response.read()
-                    step = next(flow)
-                else:
-                    step = flow.send((yield step))
-            except StopIteration:
-                return
+        try:
+            step = next(flow)
+            while True:
+                try:
+                    if isinstance(step, _Io):
+                        step = flow.send(self._run(step.job))
+                    elif isinstance(step, _Read):
+                        if _problem_body(step.response):
+                            step.response.read()
+                        step = next(flow)
+                    else:
+                        step = flow.send((yield step))
+                except StopIteration:
+                    return
+        finally:
+            flow.close()  # closed by httpx (a send failed): the flow's own cleanup runs now
 
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         flow = self._flow(request)
-        step = next(flow)
-        while True:
-            try:
-                if isinstance(step, _Io):
-                    step = flow.send(await asyncio.wrap_future(self._submit(step.job)))
-                elif isinstance(step, _Read):
-                    if _problem_body(step.response):
-                        await step.response.aread()
-                    step = next(flow)
-                else:
-                    step = flow.send((yield step))
-            except StopIteration:
-                return
+        try:
+            step = next(flow)
+            while True:
+                try:
+                    if isinstance(step, _Io):
+                        step = flow.send(await asyncio.wrap_future(self._submit(step.job)))
+                    elif isinstance(step, _Read):
+                        if _problem_body(step.response):
+                            await step.response.aread()
+                        step = next(flow)
+                    else:
+                        step = flow.send((yield step))
+                except StopIteration:
+                    return
+        finally:
+            flow.close()  # closed by httpx (a send failed): the flow's own cleanup runs now
 
     # -- steps, on the payer's loop ----------------------------------------------------------
 

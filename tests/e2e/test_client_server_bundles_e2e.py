@@ -731,3 +731,25 @@ def test_single_use_calls_made_at_once_each_get_their_call_within_the_budget(
     assert sum(paid_sat(a) for a in answers) == calls * ONCE_SAT, [a.headers for a in answers]
     grants = [d for d in new_decisions(shop, since, "once") if d[0] == "grant"]
     assert len(grants) == len({token for _, _, token in grants}) == calls, grants
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_single_use_calls_at_once_beyond_the_budget_say_what_each_paid(
+    shop: Shop, players: Players, kind: Kind
+) -> None:
+    """Three calls at once to a single-use service, the budget allowing two payments: the
+    shared payment, then one more for one of the two requests that lost it to ours; the
+    third is refused by the budget. A refused request that had paid the shared token says
+    so beside the refusal (X-L402-Paid and X-L402-Refused): what X-L402-Paid says adds up to
+    what was paid whichever request the server granted first."""
+    calls = 3
+    player = players.start(
+        kind, Limits(max_fee_sat=0, budget_total_sat=2 * ONCE_SAT, wallet="dev?hold=1")
+    )
+    before = settled(shop.home)
+    answers = player.fetch_at_once([f"/api/once/over{n}" for n in range(calls)])
+    refusals = sorted((a.headers.get(REFUSED) or "").split(";", 1)[0] for a in answers)
+    assert refusals == ["", "", "budget_total"], [a.headers for a in answers] + [player.why()]
+    assert sorted(a.status_code for a in answers) == [200, 200, 402]
+    assert len(settled(shop.home) - before) == 2
+    assert sum(paid_sat(a) for a in answers) == 2 * ONCE_SAT, [a.headers for a in answers]

@@ -355,7 +355,8 @@ async def test_a_token_refused_right_after_payment_is_reported(
         await addon.response(flow)
         assert len(sent) == 1 and sent[0].startswith("L402 ")  # the retry, with the new token
         assert (flow.response.status_code, flow.response.content) == (402, b"pay up\n")
-        assert "X-L402-Paid" not in flow.response.headers
+        # Refused after paying: it says what this request paid too (the sums add up).
+        assert flow.response.headers["X-L402-Paid"].startswith("21 sat (fee 0 sat) for ")
         assert flow.response.headers["X-L402-Refused"].startswith("rejected_after_payment; ")
         assert flow.marked == ":no_entry:"
         assert await shop.balance("listener") == NEW_WALLET_BALANCE_MSAT - 21_000

@@ -9,34 +9,45 @@ client store in tmp_path; the SDK is then run over HTTP against the same stand-i
 """
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from mitmproxy import flow
+from mitmproxy import http as mhttp
+from mitmproxy.test import taddons
 
+from l402proxy.client import TOKEN_KEY, L402Client
 from l402proxy.l402.headers import format_challenge, parse_credential
 from l402proxy.l402.identifier import Identifier
 from l402proxy.l402.token import mint
-from l402proxy.lightning import DevLedger, DevWallet, LightningError, PaymentResult
+from l402proxy.lightning import DevLedger, DevWallet, LightningError, PaymentFailed, PaymentResult
+from l402proxy.lightning.nwc import WalletRefused
 from l402proxy.payer import (
     BALANCE_HEADER,
+    REFUSAL_CODES,
     Answer,
     Await,
     Balance,
     Limits,
     Paid,
     Payer,
+    Refused,
     Token,
     Verdict,
     about_token,
     parse_balance,
+    refusal_code,
     scope_services,
     service_expiries,
     split_url,
@@ -46,11 +57,14 @@ from l402proxy.store.client import MIGRATIONS, BudgetRefusal, ClientStore, NewPa
 from l402proxy.store.database import StoreError
 from tests.bundle_origin import Answer as ServerAnswer
 from tests.bundle_origin import ContractServer, Service, bundle_origin, bundle_origin_thread
+from tests.unit.test_client_addon import Body, flow_to, load
 
 # test_payer's fixtures (a real dev ledger and client store in tmp_path), used by name: pytest
 # finds a fixture under the name it has here, hence F811 on the test functions' arguments.
 from tests.unit.test_payer import (  # noqa: F401
     LISTENER,
+    Clock,
+    FakeWallet,
     PayerFactory,
     Shop,
     clock,
@@ -353,6 +367,12 @@ def as_answer(answer: ServerAnswer, url: str) -> Answer:
     )
 
 
+class Answers(Protocol):
+    """The server as a test's requests reach it (the stand-in, or a wrapper around it)."""
+
+    async def answer(self, path: str, authorization: str | None) -> ServerAnswer: ...
+
+
 @dataclass
 class Fetched:
     answer: ServerAnswer
@@ -360,20 +380,28 @@ class Fetched:
     sent: Token | None  # the token that went up front
 
 
-async def fetch(payer: Payer, server: "ContractServer | Race", path: str) -> Fetched:
+async def fetch(payer: Payer, server: Answers, path: str) -> Fetched:
     """One request as the addon and the SDK make it: a payment under way for its scope
-    waited for, the token up front, the answer's balance noted, a 401/402 through
-    exchange() (its Awaits run here, its Resends go to the server)."""
+    waited for, the token up front (its answer told to the payer: granted or not), the
+    answer's balance noted, a 401/402 through exchange() (its Awaits run here, its Resends
+    go to the server)."""
     url = ORIGIN + path
     origin, _, _, request_path = split_url(url)
     flight = payer.flight_for(origin, request_path)
     if flight is not None:
         await asyncio.wait({flight}, timeout=payer.pay_timeout)
     sent = payer.up_front(origin, request_path)
-    answer = await server.answer(path, None if sent is None else sent.credential)
+    try:
+        answer = await server.answer(path, None if sent is None else sent.credential)
+    except BaseException:
+        if sent is not None:
+            payer.answered(sent, granted=False)
+        raise
     if answer.status not in (401, 402):
-        if sent is not None and answer.header(BALANCE_HEADER):
-            await payer.note_balance(sent, as_answer(answer, url))
+        if sent is not None:
+            payer.answered(sent, granted=True)
+            if answer.header(BALANCE_HEADER):
+                await payer.note_balance(sent, as_answer(answer, url))
         return Fetched(answer, None, sent)
     steps = payer.exchange(url, as_answer(answer, url), sent)
     try:
@@ -600,9 +628,7 @@ class Race:
     token's one request, for single use) and the others after it ("spent"). Other requests
     pass straight through."""
 
-    def __init__(
-        self, server: ContractServer, want: int, winner: int | str, then: object = None
-    ) -> None:
+    def __init__(self, server: Answers, want: int, winner: int | str, then: object = None) -> None:
         self.server, self.want, self.winner = server, want, winner
         self.raced: str | None = None
         self.arrived: list[str] = []
@@ -651,6 +677,13 @@ def paid_msat(fetched: Fetched) -> int:
     return paid.amount_msat if paid is not None and paid.paid_here else 0
 
 
+def said_paid_msat(fetched: Fetched) -> int:
+    """What X-L402-Paid would say this request paid, granted or refused (0: nothing)."""
+    verdict = fetched.verdict
+    paid = None if verdict is None else verdict.paid or verdict.spent
+    return paid.amount_msat if paid is not None and paid.paid_here else 0
+
+
 def refusal(fetched: Fetched) -> str | None:
     refused = None if fetched.verdict is None else fetched.verdict.refused
     return None if refused is None else refused.code
@@ -688,7 +721,7 @@ async def test_single_use_calls_at_once_each_pay_for_their_own_call(
     rows = await store.all_tokens()
     assert len(rows) == 3
     assert all(row.spent and row.dropped_at is None for row in rows), rows
-    assert payer.held_back == {}
+    assert all(row.held_until is None for row in rows), rows
 
 
 async def test_a_token_sent_up_front_by_another_request_that_wins_is_no_refusal(
@@ -753,27 +786,75 @@ async def test_the_extra_payment_is_within_the_price_limit(
     assert await settled_count(shop) == 1
 
 
+class TurnsHostile:
+    """The race's server, hostile once it granted the raced token: every token after that,
+    even one just paid, gets a fresh 402 saying it is spent."""
+
+    def __init__(self, race: Race, server: ContractServer) -> None:
+        self.race, self.server = race, server
+
+    async def answer(self, path: str, authorization: str | None) -> ServerAnswer:
+        answer = await self.race.answer(path, authorization)
+        if answer.status == 200:
+            server = self.server
+            server.services = {
+                name: replace(service, spend_on_sight=True)
+                for name, service in server.services.items()
+            }
+        return answer
+
+
 async def test_a_request_that_loses_twice_does_not_pay_a_third_time(
     shop: Shop, origin: ContractServer, make_payer: PayerFactory, store: ClientStore
 ) -> None:
-    """A server answering every token with "spent": the three requests that shared one
-    payment each pay once more alone, and that token too is "spent": refused, never a
-    third payment (four in all, at most two for any request)."""
-    server = serve(origin, Service("api", bundle=1, spend_on_sight=True))
+    """A real race (one request granted with the shared token), then the server calls every
+    token spent: each of the two losers pays once more alone, that token is "spent" too:
+    refused, never a third payment (three in all, at most two for any request)."""
+    server = serve(origin, SINGLE)
     race = Race(server, want=3, winner=0)
     payer = make_payer(limits=Limits(max_fee_sat=0))
-    fetched = await asyncio.gather(*(fetch(payer, race, f"/api/s{n}") for n in range(3)))
-    assert [refusal(f) for f in fetched] == ["rejected_after_payment"] * 3
-    assert [f.answer.status for f in fetched] == [402] * 3
-    assert await settled_count(shop) == 4 and await store.spent_msat() == 4 * PRICE_MSAT
-    # Each request: no token, the shared one, its own (once), then nothing more.
+    fetched = await asyncio.gather(
+        *(fetch(payer, TurnsHostile(race, server), f"/api/s{n}") for n in range(3))
+    )
+    assert sorted(str(refusal(f)) for f in fetched) == ["None"] + ["rejected_after_payment"] * 2
+    assert sorted(f.answer.status for f in fetched) == [200, 402, 402]
+    assert await settled_count(shop) == 3 and await store.spent_msat() == 3 * PRICE_MSAT
+    # Each request: no token, the shared one; each loser its own (once), then nothing more.
     sent = server.authorizations["api"]
     assert sent.count(None) == 3 and sent.count(race.raced) == 3
     own = [a for a in sent if a not in (None, race.raced)]
-    assert len(own) == len(set(own)) == 3
+    assert len(own) == len(set(own)) == 2
+    # What the requests say they paid (the refused ones too) adds up to what was paid.
+    assert sum(said_paid_msat(f) for f in fetched) == 3 * PRICE_MSAT
     await flushed(payer)
-    for invoice in server.invoices[-3:]:
+    for invoice in server.invoices[-2:]:
         assert await store.payment(invoice) is None  # the last challenges: never paid
+
+
+async def test_a_server_calling_every_token_spent_gets_no_second_payment_from_any_request(
+    shop: Shop,
+    origin: ContractServer,
+    make_payer: PayerFactory,
+    store: ClientStore,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Three requests at once share one payment; the server calls the token spent to all of
+    them and grants none: no proof that ours used it, so none pays alone. A request whose
+    shared token was refused pays at most once for itself (as any refused token), and the
+    server takes at most one payment per request, serving nothing."""
+    server = serve(origin, Service("api", bundle=1, spend_on_sight=True))
+    race = Race(server, want=3, winner=0)
+    payer = make_payer(limits=Limits(max_fee_sat=0))
+    caplog.set_level(logging.INFO, logger="l402proxy.payer")
+    fetched = await asyncio.gather(*(fetch(payer, race, f"/api/s{n}") for n in range(3)))
+    assert [refusal(f) for f in fetched] == ["rejected_after_payment"] * 3
+    assert [f.answer.status for f in fetched] == [402] * 3
+    paid = await settled_count(shop)
+    assert 1 <= paid <= 3 and await store.spent_msat() == paid * PRICE_MSAT
+    assert "for it alone" not in caplog.text
+    # At most one payment each, and each says what it paid (X-L402-Paid beside the refusal).
+    assert all(said_paid_msat(f) <= PRICE_MSAT for f in fetched)
+    assert sum(said_paid_msat(f) for f in fetched) == paid * PRICE_MSAT
 
 
 async def test_a_fresh_token_said_spent_with_no_other_request_is_refused_as_before(
@@ -855,8 +936,9 @@ async def test_a_payment_made_alone_is_recovered_like_any_other(
     fetched = await asyncio.gather(*(fetch(payer, race, f"/podcast/q{n}") for n in range(3)))
     assert sorted(str(refusal(f)) for f in fetched) == ["None", "None", "payment_pending"]
     assert wallet.paid == 3 and await settled_count(shop) == 3
-    assert payer.held_back == {}
     (pending,) = await store.pending()
+    # Not known to be paid: no longer held back, waited for like any pending payment.
+    assert pending.held_until is None
     # The recovery the client runs at start and every few minutes settles it from the
     # wallet; its token is sent up front from then on.
     (recovered,) = await payer.recover()
@@ -878,11 +960,7 @@ async def test_reserve_alone_checks_the_budgets_not_the_scope(store: ClientStore
     assert isinstance(taken, Payment) and taken.payment_hash == live.payment_hash
     waiting, _ = new_payment(live.scope)
     await store.reserve(
-        waiting,
-        budget_daily_msat=10**9,
-        budget_total_msat=None,
-        now=NOW,
-        held_back=[live.payment_hash],
+        waiting, budget_daily_msat=10**9, budget_total_msat=None, now=NOW, alone=True
     )
     plain = await store.reserve(lone, budget_daily_msat=10**9, budget_total_msat=None, now=NOW)
     assert isinstance(plain, BudgetRefusal) and plain.code == "payment_pending"
@@ -898,33 +976,366 @@ async def test_reserve_alone_checks_the_budgets_not_the_scope(store: ClientStore
     assert isinstance(refused, BudgetRefusal) and refused.code == "budget_daily"
 
 
-async def test_reserve_passes_over_payments_held_back(store: ClientStore) -> None:
-    """A payment held back for its request is neither waited for (pending) nor taken (paid)
-    by another payment of the scope."""
-    pending, _ = new_payment()
-    await store.reserve(pending, budget_daily_msat=10**9, budget_total_msat=None, now=NOW)
-    other, _ = new_payment()
-    reserved = await store.reserve(
-        other,
-        budget_daily_msat=10**9,
-        budget_total_msat=None,
-        now=NOW,
-        held_back=[pending.payment_hash],
+async def reserve_plain(ledger: ClientStore, scope: str, now: float) -> Payment | BudgetRefusal:
+    payment, _ = new_payment(scope)
+    return await ledger.reserve(payment, budget_daily_msat=10**9, budget_total_msat=None, now=now)
+
+
+async def test_a_payment_held_back_in_the_store_is_passed_over_until_released(
+    store: ClientStore, store_path: Path
+) -> None:
+    """A payment made for one request alone is held in the store (held_until), so no payment
+    of any process sharing the file waits for it (pending) or takes its token (paid), and no
+    start loads it, until its request released it or the hold ran out: reserve() holds it
+    for hold_for, settle() renews the hold, release() ends it."""
+    scope = "services:podcast"
+    lone, preimage = new_payment(scope)
+    held = await store.reserve(
+        lone, budget_daily_msat=10**9, budget_total_msat=None, now=NOW, alone=True, hold_for=60
     )
-    assert isinstance(reserved, Payment) and reserved.payment_hash == other.payment_hash
-    paid = await paid_row(store, scope="services:articles")
-    again, _ = new_payment("services:articles")
-    taken = await store.reserve(again, budget_daily_msat=10**9, budget_total_msat=None, now=NOW)
-    assert isinstance(taken, Payment) and taken.payment_hash == paid.payment_hash
-    fresh = await store.reserve(
-        again,
-        budget_daily_msat=10**9,
-        budget_total_msat=None,
-        now=NOW,
-        held_back=[paid.payment_hash],
+    assert isinstance(held, Payment) and held.held_until == NOW + 60 and held.held(NOW)
+    # Pending and held: another payment of the scope neither waits for it nor is refused.
+    other = await ClientStore.open(str(store_path))  # another process's view of the file
+    try:
+        passed = await reserve_plain(other, scope, NOW + 1)
+        assert isinstance(passed, Payment) and passed.status == "pending"
+        assert passed.payment_hash != lone.payment_hash
+        await other.fail(passed.payment_hash, "test", NOW + 1)
+        # Paid: the hold is renewed for the time it takes to send the token.
+        paid = await store.settle(lone.payment_hash, preimage, 0, NOW + 50, hold_for=60)
+        assert paid.held_until == NOW + 110
+        assert await other.tokens(NOW + 100) == []
+        fresh = await reserve_plain(other, scope, NOW + 100)
+        assert isinstance(fresh, Payment) and fresh.status == "pending"
+        await other.fail(fresh.payment_hash, "test", NOW + 100)
+        # Released (its request used it): a token of the scope like any other.
+        await store.release(lone.payment_hash)
+        (token,) = await other.tokens(NOW + 100)
+        assert token.payment_hash == lone.payment_hash and token.held_until is None
+        taken = await reserve_plain(other, scope, NOW + 100)
+        assert isinstance(taken, Payment) and taken.payment_hash == lone.payment_hash
+    finally:
+        await other.close()
+
+
+async def test_a_hold_ends_by_itself_and_recovery_does_not_renew_it(store: ClientStore) -> None:
+    """A request that went away does not hold its payment for ever; a settle without
+    hold_for (recovery) leaves the hold as it was, and a plain payment is never held."""
+    scope = "services:articles"
+    lone, preimage = new_payment(scope)
+    await store.reserve(
+        lone, budget_daily_msat=10**9, budget_total_msat=None, now=NOW, alone=True, hold_for=60
     )
-    assert isinstance(fresh, Payment) and fresh.payment_hash == again.payment_hash
-    assert fresh.status == "pending"
+    waited = await reserve_plain(store, scope, NOW + 61)  # pending, no longer held
+    assert isinstance(waited, BudgetRefusal) and waited.code == "payment_pending"
+    assert waited.pending is not None and waited.pending.payment_hash == lone.payment_hash
+    recovered = await store.settle(lone.payment_hash, preimage, 0, NOW + 62)
+    assert recovered.held_until == NOW + 60 and not recovered.held(NOW + 62)
+    plain = await paid_row(store, scope="services:news")
+    assert plain.held_until is None
+
+
+async def carried_twice(shop: Shop, payer: Payer, service: str = "podcast") -> Token:
+    """A token paid for one request (carried by it) and sent up front by a second one."""
+    offer = await shop.challenge(service=service)
+    url = f"{ORIGIN}/{service}/ep1.mp3"
+    paid = await payer.handle_challenge(url=url, www_authenticate=[offer.header])
+    assert isinstance(paid, Paid) and paid.paid_here
+    assert payer.up_front(ORIGIN, f"/{service}/ep2.mp3") == paid.token
+    return paid.token
+
+
+async def test_a_request_told_spent_waits_for_the_others_answer_and_a_grant_is_the_proof(
+    shop: Shop, make_payer: PayerFactory
+) -> None:
+    """The request told "spent" (and so not granted) waits for the other request that sent
+    the token: its grant says ours used the token up (pay once more, alone)."""
+    payer = make_payer(pay_timeout=RACE_TIMEOUT)
+    token = await carried_twice(shop, payer)
+    payer.answered(token, granted=False)  # this request's own answer: "spent"
+    waiting = asyncio.create_task(payer.lost_to_ours(token, ORIGIN + "/podcast/ep1.mp3"))
+    for _ in range(5):  # it waits, whatever the loop does meanwhile
+        await asyncio.sleep(0)
+    assert not waiting.done()
+    payer.answered(token, granted=True)
+    assert await asyncio.wait_for(waiting, RACE_TIMEOUT) is True
+
+
+async def test_a_request_told_spent_with_no_other_granted_does_not_pay_again(
+    shop: Shop, make_payer: PayerFactory
+) -> None:
+    """All that carried it were answered without a grant: "spent" is the server's refusal. An
+    answer that never comes ends the wait after pay_timeout, a refusal too."""
+    payer = make_payer(pay_timeout=RACE_TIMEOUT)
+    token = await carried_twice(shop, payer)
+    payer.answered(token, granted=False)
+    waiting = asyncio.create_task(payer.lost_to_ours(token, ORIGIN + "/podcast/ep1.mp3"))
+    await asyncio.sleep(0)
+    payer.answered(token, granted=False)
+    assert await asyncio.wait_for(waiting, RACE_TIMEOUT) is False
+
+    hurried = make_payer(pay_timeout=0.05)
+    silent = await carried_twice(shop, hurried, "articles")
+    hurried.answered(silent, granted=False)  # the other request never answers
+    assert await asyncio.wait_for(hurried.lost_to_ours(silent, "x"), RACE_TIMEOUT) is False
+
+
+async def test_answers_from_another_thread_reach_the_payers_loop(
+    shop: Shop, make_payer: PayerFactory
+) -> None:
+    """The SDK's generator runs in its caller's thread: answered() and release() made there
+    run on the payer's loop (the waiting request wakes up)."""
+    payer = make_payer(pay_timeout=RACE_TIMEOUT)
+    token = await carried_twice(shop, payer)
+    payer.answered(token, granted=False)
+    waiting = asyncio.create_task(payer.lost_to_ours(token, ORIGIN + "/podcast/ep1.mp3"))
+    await asyncio.sleep(0)
+    await asyncio.to_thread(payer.answered, token, granted=True)
+    assert await asyncio.wait_for(waiting, RACE_TIMEOUT) is True
+
+
+# --- requests at once: the review of the race fix ----------------------------------------------
+
+
+class GateFrom(DevWallet):
+    """A dev wallet whose `gated`-th payment (and later ones) waits for its gate; `started`
+    is set when that payment has begun (its row is pending in the client store)."""
+
+    def __init__(self, ledger: DevLedger, wallet: str, gated: int) -> None:
+        super().__init__(ledger, wallet)
+        self.gated, self.paid = gated, 0
+        self.gate, self.started = asyncio.Event(), asyncio.Event()
+
+    async def pay(self, bolt11: str, max_fee_msat: int) -> PaymentResult:
+        self.paid += 1
+        if self.paid >= self.gated:
+            self.started.set()
+            await asyncio.wait_for(self.gate.wait(), RACE_TIMEOUT)
+        return await super().pay(bolt11, max_fee_msat)
+
+
+class Deciding(DevWallet):
+    """A dev wallet that sets `decided` when asked to pay."""
+
+    def __init__(self, ledger: DevLedger, wallet: str, decided: asyncio.Event) -> None:
+        super().__init__(ledger, wallet)
+        self.decided = decided
+
+    async def pay(self, bolt11: str, max_fee_msat: int) -> PaymentResult:
+        self.decided.set()
+        return await super().pay(bolt11, max_fee_msat)
+
+
+class Watched:
+    """The server as another process's requests reach it: `sent` is set once one of them
+    carries any token."""
+
+    def __init__(self, server: ContractServer) -> None:
+        self.server, self.sent = server, asyncio.Event()
+
+    async def answer(self, path: str, authorization: str | None) -> ServerAnswer:
+        if authorization is not None:
+            self.sent.set()
+        return await self.server.answer(path, authorization)
+
+
+class AfterOther:
+    """The server as this process's requests reach it: a request carrying a token other than
+    the raced one (the one bought alone) arrives only after the other process sent one."""
+
+    def __init__(self, race: Race, other: Watched) -> None:
+        self.race, self.other = race, other
+
+    async def answer(self, path: str, authorization: str | None) -> ServerAnswer:
+        if authorization is not None and self.race.raced not in (None, authorization):
+            await asyncio.wait_for(self.other.sent.wait(), RACE_TIMEOUT)
+        return await self.race.answer(path, authorization)
+
+
+async def test_a_token_bought_alone_is_not_given_to_another_process_sharing_the_store(
+    shop: Shop,
+    origin: ContractServer,
+    make_payer: PayerFactory,
+    store_path: Path,
+    ledger_path: Path,
+    clock: Clock,
+) -> None:
+    """Two calls at once in process A share one single-use token; the loser pays once more,
+    alone. While that payment is under way, process B (the SDK, a second proxy) sharing the
+    client store meets the 402 for the same scope: the row is held in the store, so B
+    neither waits for it nor takes its token (it pays its own), and A's request that paid
+    alone gets its call."""
+    server = serve(origin, SINGLE)
+    wallet_a = GateFrom(DevLedger(ledger_path), LISTENER, gated=2)  # the payment alone waits
+    payer_a = make_payer(wallet=wallet_a, limits=Limits(max_fee_sat=0))
+    decided = asyncio.Event()
+    store_b = await ClientStore.open(str(store_path))
+    read_b = store_b.payment
+
+    async def polled(payment_hash: bytes) -> Payment | None:
+        decided.set()
+        return await read_b(payment_hash)
+
+    store_b.payment = polled  # type: ignore[method-assign]
+    payer_b = Payer(
+        Deciding(DevLedger(ledger_path), LISTENER, decided),
+        store_b,
+        Limits(max_fee_sat=0),
+        pay_timeout=10.0,
+        clock=clock,
+    )
+    try:
+        race = Race(server, want=2, winner=0)
+        other = Watched(server)
+        in_a = AfterOther(race, other)
+        calls_a = asyncio.gather(*(fetch(payer_a, in_a, f"/api/a{n}") for n in range(2)))
+        await asyncio.wait_for(wallet_a.started.wait(), RACE_TIMEOUT)  # A's alone payment
+        call_b = asyncio.create_task(fetch(payer_b, other, "/api/b"))
+        # B decides before A's payment ends: it pays its own, or it waits for A's pending row
+        # (polling it with store.payment()).
+        await asyncio.wait_for(decided.wait(), RACE_TIMEOUT)
+        wallet_a.gate.set()
+        got_a = await asyncio.wait_for(calls_a, RACE_TIMEOUT)
+        got_b = await asyncio.wait_for(call_b, RACE_TIMEOUT)
+        # What A paid, newest first (all_tokens: ORDER BY id DESC): the one alone, the shared.
+        paid_by_a = [row for row in await store_b.all_tokens() if row.owner == payer_a.owner]
+        assert len(paid_by_a) == 2 and wallet_a.paid == 2
+        alone_tokens = {paid_by_a[0].payment_hash}
+        assert got_b.verdict is not None
+        b_token = got_b.verdict.paid.token if got_b.verdict.paid is not None else None
+        # B's request is not given the token A's request bought alone (it pays its own) ...
+        assert b_token is None or b_token.payment_hash not in alone_tokens, "B took A's token"
+        # ... and the request that paid alone gets its call.
+        assert [refusal(f) for f in got_a] == [None, None], [refusal(f) for f in got_a]
+    finally:
+        await payer_b.close()
+
+
+async def test_a_request_refused_by_the_budget_after_paying_still_says_what_it_paid(
+    shop: Shop, origin: ContractServer, make_payer: PayerFactory, store: ClientStore
+) -> None:
+    """Two calls at once share one payment; the waiter wins the single use, so the request
+    that paid it lost it to ours and would pay once more, but the budget holds one payment
+    only: it is refused (budget_daily). It did pay 21 sat for this call: the Verdict says so
+    beside the refusal (`spent`: X-L402-Paid and X-L402-Refused both), so what X-L402-Paid
+    says still adds up to what was paid."""
+    server = serve(origin, SINGLE)
+    race = Race(server, want=2, winner=-1)
+    payer = make_payer(limits=Limits(max_fee_sat=0, budget_daily_sat=PRICE_MSAT // 1000))
+    fetched = await asyncio.gather(*(fetch(payer, race, f"/api/c{n}") for n in range(2)))
+    assert sorted(str(refusal(f)) for f in fetched) == ["None", "budget_daily"]
+    assert await settled_count(shop) == 1 and await store.spent_msat() == PRICE_MSAT
+    refused = next(f for f in fetched if refusal(f) is not None)
+    assert refused.verdict is not None and refused.verdict.spent is not None
+    spent = refused.verdict.spent
+    assert (spent.amount_msat, spent.paid_here) == (PRICE_MSAT, True)
+    assert sum(said_paid_msat(f) for f in fetched) == PRICE_MSAT
+
+
+class Staggered:
+    """A hostile server: every token, even one just paid, gets a fresh 402 with
+    `X-L402-Balance: 0 requests` (spend_on_sight). It holds its answer to the first request
+    that carries a token until a second request of ours carries that token too (as a
+    player's or a poller's overlapping requests do), or until `release_all`."""
+
+    def __init__(self, server: ContractServer) -> None:
+        self.server = server
+        self.held: dict[str, asyncio.Event] = {}
+        self.released = False
+
+    def release_all(self) -> None:
+        self.released = True  # and nothing held from now on
+        for event in self.held.values():
+            event.set()
+
+    async def answer(self, path: str, authorization: str | None) -> ServerAnswer:
+        if authorization is not None:
+            if authorization in self.held:
+                self.held[authorization].set()  # a second request came with it
+            else:
+                event = self.held[authorization] = asyncio.Event()
+                if not self.released:
+                    await asyncio.wait_for(event.wait(), RACE_TIMEOUT)
+        return await self.server.answer(path, authorization)
+
+
+async def test_a_server_calling_every_token_spent_while_requests_overlap_takes_one_payment_each(
+    shop: Shop, origin: ContractServer, make_payer: PayerFactory, store: ClientStore
+) -> None:
+    """A server that says "0 left" to every token, even one just paid, while our requests
+    overlap (each next request sends the token up front before the server answers the one
+    that paid it): none of ours was granted with it, so "spent" is no proof of a race and
+    nobody pays alone. At most one payment per request (it was 2N - 1 before), nothing
+    served, and each refused request says what it paid."""
+    requests = 4
+    server = serve(origin, Service("api", bundle=1, spend_on_sight=True))
+    hostile = Staggered(server)
+    payer = make_payer(limits=Limits(max_fee_sat=0))
+    seen: set[bytes] = set()
+    tasks = []
+    for n in range(requests):
+        tasks.append(asyncio.create_task(fetch(payer, hostile, f"/api/r{n}")))
+        # The next request starts once this one has bought its token (it goes up front).
+        for _ in range(500):  # bounded: 500 * 10 ms
+            held = payer.token_for(ORIGIN, "/api/next")
+            if held is not None and held.payment_hash not in seen:
+                seen.add(held.payment_hash)
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError(f"request {n} bought no token")
+    hostile.release_all()
+    fetched = await asyncio.wait_for(asyncio.gather(*tasks), 2 * RACE_TIMEOUT)
+    assert [f.answer.status for f in fetched] == [402] * requests
+    assert [refusal(f) for f in fetched] == ["rejected_after_payment"] * requests
+    paid = await settled_count(shop)
+    assert paid <= requests, paid
+    assert await store.spent_msat() == paid * PRICE_MSAT
+    assert all(said_paid_msat(f) <= PRICE_MSAT for f in fetched)
+    assert sum(said_paid_msat(f) for f in fetched) == paid * PRICE_MSAT
+
+
+class DropsAlone:
+    """The server as seen through a connection that breaks when a request carries a token
+    other than the raced one (the one bought alone): the resend never arrives."""
+
+    def __init__(self, race: Race) -> None:
+        self.race = race
+        self.dropped: list[str] = []
+
+    async def answer(self, path: str, authorization: str | None) -> ServerAnswer:
+        alone = authorization is not None and self.race.raced not in (None, authorization)
+        if alone and not self.dropped:
+            assert authorization is not None
+            self.dropped.append(authorization)
+            raise ConnectionResetError("the connection broke")
+        return await self.race.answer(path, authorization)
+
+
+async def test_a_token_bought_alone_whose_resend_failed_goes_up_front_to_the_next_request(
+    shop: Shop, origin: ContractServer, make_payer: PayerFactory, store: ClientStore
+) -> None:
+    """The request that paid alone could not send its token (the proxy's httpx error: the
+    driver closes the exchange at its Resend). The token, paid and never presented, is
+    released at once (kept, in memory and in the store): the next request to the scope
+    sends it instead of paying once more."""
+    server = serve(origin, SINGLE)
+    race = Race(server, want=2, winner=0)
+    payer = make_payer(limits=Limits(max_fee_sat=0))
+    broken = DropsAlone(race)
+    fetched = await asyncio.gather(
+        *(fetch(payer, broken, f"/api/d{n}") for n in range(2)), return_exceptions=True
+    )
+    assert sum(isinstance(f, ConnectionResetError) for f in fetched) == 1, fetched
+    assert broken.dropped and await settled_count(shop) == 2
+    # The next request: the unused token bought alone opens it, nothing more is paid.
+    nxt = await fetch(payer, server, "/api/d9")
+    assert nxt.answer.status == 200
+    assert nxt.sent is not None and nxt.sent.credential == broken.dropped[0]
+    assert await settled_count(shop) == 2
+    await flushed(payer)
+    row = await store.payment(nxt.sent.payment_hash)
+    assert row is not None and row.held_until is None and row.spent
 
 
 # --- passes -------------------------------------------------------------------------------------
@@ -1154,6 +1565,105 @@ async def test_sdk_single_use_pays_each_call_and_stops_at_the_budget(
     assert len([a for a in served.authorizations["api"] if a]) == 2
 
 
+class PayerLoses:
+    """A race (Race) whose winner is a request that did not pay the shared token (the
+    client's ledger row names the URL it was paid for): the request that paid loses it."""
+
+    def __init__(self, server: Answers, store_path: Path, paths: list[str]) -> None:
+        self.race = Race(server, want=len(paths), winner=paths[0])
+        self.store_path, self.paths = store_path, paths
+
+    async def answer(self, path: str, authorization: str | None) -> ServerAnswer:
+        if authorization is not None and self.race.raced is None:
+            ledger = await ClientStore.open(str(self.store_path))
+            try:
+                newest = (await ledger.all_tokens())[0]
+            finally:
+                await ledger.close()
+            paid_for = urlsplit(newest.url).path
+            self.race.winner = next(p for p in self.paths if p != paid_for)
+        return await self.race.answer(path, authorization)
+
+
+@dataclass
+class Unpatched:
+    """The stand-in's own answer, before a test wrapped it."""
+
+    own: Callable[[str, str | None], Awaitable[ServerAnswer]]
+
+    async def answer(self, path: str, authorization: str | None) -> ServerAnswer:
+        return await self.own(path, authorization)
+
+
+def paid_sat(response: httpx.Response) -> int:
+    value = response.headers.get("X-L402-Paid")
+    return 0 if value is None else int(value.split(" ", 1)[0])
+
+
+async def test_sdk_says_what_a_request_refused_after_paying_paid(
+    served: ContractServer, tmp_path: Path, sdk_ledger: Path, sdk_home: Path
+) -> None:
+    """Two SDK calls at once share one payment; the server grants the one that waited and
+    calls the token spent to the one that paid, which would pay once more alone, but the
+    budget holds one payment: refused. It paid all the same: X-L402-Paid beside
+    X-L402-Refused, so what X-L402-Paid says adds up to what was paid."""
+    paths = ["/api/w0", "/api/w1"]
+    loses = PayerLoses(Unpatched(served.answer), tmp_path / "sdk-client.sqlite", paths)
+    served.answer = loses.answer  # type: ignore[method-assign]
+    with sdk_auth(tmp_path, sdk_ledger, max_fee_sat=0, budget_daily_sat=21) as auth:
+        async with httpx.AsyncClient(auth=auth, trust_env=False, timeout=10) as client:
+            answers = await asyncio.gather(*(client.get(served.url + path) for path in paths))
+    refused = [a for a in answers if "X-L402-Refused" in a.headers]
+    granted = [a for a in answers if a.status_code == 200]
+    assert len(refused) == len(granted) == 1, [a.headers for a in answers]
+    assert refused[0].headers["X-L402-Refused"].startswith("budget_daily; ")
+    assert refused[0].headers["X-L402-Paid"] == "21 sat (fee 0 sat) for api"
+    assert "X-L402-Paid" not in granted[0].headers
+    assert sum(paid_sat(a) for a in answers) == 21 and await ledger_settled(served) == 1
+
+
+class BreaksAlone(httpx.AsyncBaseTransport):
+    """The SDK's connection breaks once, for the first request that carries a token other
+    than the raced one (the one bought alone): httpx raises, the resend never arrives."""
+
+    def __init__(self, race: Race) -> None:
+        self.race, self.inner = race, httpx.AsyncHTTPTransport()
+        self.broken: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        authorization = request.headers.get("Authorization")
+        alone = authorization is not None and self.race.raced not in (None, authorization)
+        if alone and not self.broken:
+            assert authorization is not None
+            self.broken.append(authorization)
+            raise httpx.ConnectError("the connection broke", request=request)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_sdk_a_token_bought_alone_whose_resend_failed_goes_to_the_next_request(
+    served: ContractServer, auth: L402Auth
+) -> None:
+    """Two SDK calls at once to a single-use service: the one that lost pays alone, and its
+    resend fails (httpx raises, the flow is closed from the caller's loop): the token, paid
+    and never presented, is released from there and the next call sends it up front."""
+    race = Race(Unpatched(served.answer), want=2, winner=0)
+    served.answer = race.answer  # type: ignore[method-assign]
+    breaks = BreaksAlone(race)
+    async with httpx.AsyncClient(auth=auth, transport=breaks, timeout=10) as client:
+        got = await asyncio.gather(
+            *(client.get(f"{served.url}/api/r{n}") for n in range(2)), return_exceptions=True
+        )
+        assert sum(isinstance(g, httpx.ConnectError) for g in got) == 1, got
+        assert breaks.broken and await ledger_settled(served) == 2
+        nxt = await client.get(f"{served.url}/api/r9")
+    assert nxt.status_code == 200 and "X-L402-Paid" not in nxt.headers
+    assert served.authorizations["api"][-1] == breaks.broken[0]
+    assert await ledger_settled(served) == 2
+
+
 async def test_sdk_ignores_a_malformed_balance(
     served: ContractServer, auth: L402Auth, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1194,3 +1704,199 @@ def test_sync_sdk_notes_the_balance_too(tmp_path: Path, sdk_ledger: Path, sdk_ho
     assert [a.status_code for a in answers] == [200] * 4
     assert ["X-L402-Paid" in a.headers for a in answers] == [True, False, False, True]
     assert server.authorizations["podcast"][4] is None  # the spent token stayed home
+
+
+# --- the client proxy (the addon), driven in-process --------------------------------------------
+
+
+ProxyFactory = Callable[[int], Awaitable[L402Client]]
+
+
+@pytest.fixture
+async def start_proxy(tmp_path: Path, sdk_home: Path) -> AsyncIterator[ProxyFactory]:
+    """Starts the client addon on a store and dev ledger in tmp_path, no fee, with the daily
+    budget given (sat); stopped after the test."""
+    with contextlib.ExitStack() as stack:
+        started: list[L402Client] = []
+
+        async def start(budget_sat: int) -> L402Client:
+            addon = L402Client()
+            tctx = stack.enter_context(taddons.context(addon))
+            load(
+                tctx,
+                addon,
+                l402_store=str(tmp_path / "client.sqlite"),
+                l402_dev_ledger=str(tmp_path / "devledger.sqlite"),
+                l402_allow=["127.0.0.1:8081"],
+                l402_max_fee_sat=0,
+                l402_budget_daily_sat=budget_sat,
+            )
+            await addon.running()
+            started.append(addon)
+            return addon
+
+        yield start
+        for addon in started:
+            await addon.done()
+
+
+@pytest.fixture
+async def proxy_origin(tmp_path: Path) -> AsyncIterator[ContractServer]:
+    """The stand-in, invoicing from the proxy's dev ledger."""
+    ledger = DevLedger(tmp_path / "devledger.sqlite")
+    await ledger.open()
+    try:
+        yield ContractServer(ledger, {SINGLE.name: SINGLE})
+    finally:
+        await ledger.close()
+
+
+def through(addon: L402Client, server: Answers) -> None:
+    """The addon's resends (httpx) go to `server`."""
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        got = await server.answer(request.url.path, request.headers.get("Authorization"))
+        return httpx.Response(got.status, headers=got.headers, stream=Body(got.body.encode()))
+
+    addon.http = httpx.AsyncClient(transport=httpx.MockTransport(handle))
+
+
+async def proxied(addon: L402Client, server: Answers, path: str) -> mhttp.HTTPFlow:
+    """One request through the addon: its request hook, the server's answer, its response
+    hook (which pays and resends through `through`)."""
+    flow = flow_to("127.0.0.1", 8081, path)
+    await addon.request(flow)
+    got = await server.answer(path, flow.request.headers.get("Authorization"))
+    flow.response = mhttp.Response.make(got.status, got.body.encode(), dict(got.headers))
+    await addon.response(flow)
+    return flow
+
+
+async def test_proxy_says_what_a_request_refused_after_paying_paid(
+    start_proxy: ProxyFactory, proxy_origin: ContractServer, tmp_path: Path
+) -> None:
+    """Two calls at once through the proxy share one payment; the one that waited wins the
+    single use, the one that paid would pay once more but the budget says no: it gets the
+    402 with X-L402-Refused and X-L402-Paid both (it paid 21 sat for this call)."""
+    proxy_addon = await start_proxy(PRICE_MSAT // 1000)
+    paths = ["/api/x0", "/api/x1"]
+    loses = PayerLoses(proxy_origin, tmp_path / "client.sqlite", paths)
+    assert proxy_addon.http is not None
+    await proxy_addon.http.aclose()
+    through(proxy_addon, loses)
+    flows = await asyncio.gather(*(proxied(proxy_addon, loses, path) for path in paths))
+    responses = [flow.response for flow in flows]
+    assert all(r is not None for r in responses)
+    refused = [r for r in responses if r is not None and "X-L402-Refused" in r.headers]
+    granted = [r for r in responses if r is not None and r.status_code == 200]
+    assert len(refused) == len(granted) == 1
+    assert refused[0].headers["X-L402-Refused"].startswith("budget_daily; ")
+    assert refused[0].headers.get_all("X-L402-Paid") == ["21 sat (fee 0 sat) for api"]
+    assert "X-L402-Paid" not in granted[0].headers
+    assert await ledger_settled(proxy_origin) == 1
+    said = next(f for f in flows if f.response is refused[0]).metadata["l402_client"]
+    assert (said["refused"], said["paid"], said["amount_msat"]) == ("budget_daily", True, 21_000)
+
+
+async def test_proxy_a_failed_resend_after_two_payments_says_both(
+    start_proxy: ProxyFactory, proxy_origin: ContractServer, tmp_path: Path
+) -> None:
+    """The request that paid the shared token loses it and pays once more alone; its resend
+    fails (httpx error). The 502 says what it paid in all (both payments, one X-L402-Paid),
+    and the token bought alone, never presented, goes up front to the next request."""
+    proxy_addon = await start_proxy(1000)
+    paths = ["/api/y0", "/api/y1"]
+    loses = PayerLoses(proxy_origin, tmp_path / "client.sqlite", paths)
+    broken: list[str] = []
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        authorization = request.headers.get("Authorization")
+        alone = authorization is not None and loses.race.raced not in (None, authorization)
+        if alone and not broken:  # the resend with the token bought alone
+            assert authorization is not None
+            broken.append(authorization)
+            raise httpx.ConnectError("the connection broke", request=request)
+        got = await loses.answer(request.url.path, authorization)
+        return httpx.Response(got.status, headers=got.headers, stream=Body(got.body.encode()))
+
+    assert proxy_addon.http is not None
+    await proxy_addon.http.aclose()
+    proxy_addon.http = httpx.AsyncClient(transport=httpx.MockTransport(handle))
+    flows = await asyncio.gather(*(proxied(proxy_addon, loses, path) for path in paths))
+    failed = [f.response for f in flows if f.response is not None and f.response.status_code == 502]
+    assert len(failed) == 1 and broken
+    assert failed[0].headers.get_all("X-L402-Paid") == ["42 sat (fee 0 sat) for api"]
+    assert b"Paid 42 sat (fee 0 sat) for api, but asking the server again failed" in (
+        failed[0].content or b""
+    )
+    assert await ledger_settled(proxy_origin) == 2
+    nxt = await proxied(proxy_addon, proxy_origin, "/api/y9")
+    assert nxt.response is not None and nxt.response.status_code == 200
+    assert nxt.request.headers["Authorization"] == broken[0]
+    assert "X-L402-Paid" not in nxt.response.headers
+    assert await ledger_settled(proxy_origin) == 2
+
+
+async def test_proxy_a_request_that_failed_says_its_token_was_not_granted(
+    start_proxy: ProxyFactory, proxy_origin: ContractServer
+) -> None:
+    """A request that carried a token up front and failed without an answer (mitmproxy's
+    error hook) counts as answered, not granted: a request lost to ours stops waiting."""
+    proxy_addon = await start_proxy(1000)
+    assert proxy_addon.http is not None
+    await proxy_addon.http.aclose()
+    through(proxy_addon, proxy_origin)
+    proxy_origin.services = {"api": Service("api", bundle=3)}
+    first = await proxied(proxy_addon, proxy_origin, "/api/z0")  # pays; /api/ learnt
+    assert first.response is not None and first.response.status_code == 200
+    payer = proxy_addon.payer
+    assert payer is not None
+    gone = flow_to("127.0.0.1", 8081, "/api/z1")
+    await proxy_addon.request(gone)
+    token = gone.metadata.get(TOKEN_KEY)
+    assert token is not None  # the token bought first, up front
+    gone.error = flow.Error("connection refused")
+    proxy_addon.error(gone)
+    entry = payer.carriers[token.payment_hash]
+    assert (entry.carried, entry.answered, entry.granted) == (2, 2, 1)
+
+
+# --- the wallet's own refusal codes ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("nwc_code", "expected"),
+    [
+        ("INSUFFICIENT_BALANCE", "insufficient_balance"),
+        ("QUOTA_EXCEEDED", "quota_exceeded"),
+        ("RATE_LIMITED", "rate_limited"),
+        ("PAYMENT_FAILED", "payment_failed"),
+        ("RESTRICTED", "payment_failed"),
+    ],
+)
+async def test_a_wallet_refusal_keeps_the_wallets_own_code(
+    shop: Shop, make_payer: PayerFactory, store: ClientStore, nwc_code: str, expected: str
+) -> None:
+    """An NWC wallet that pays nothing says why (WalletRefused.refusal): the request is refused
+    with that code when it is one of ours, payment_failed otherwise; nothing is paid either
+    way and the ledger row is failed (the budget gets it back)."""
+    refused = WalletRefused(f"NWC wallet: paying invoice: {nwc_code}: no", nwc_code)
+    payer = make_payer(wallet=FakeWallet(pay_error=refused))
+    offer = await shop.challenge()
+    url = ORIGIN + "/podcast/ep1.mp3"
+    outcome = await payer.handle_challenge(url=url, www_authenticate=[offer.header])
+    assert outcome == Refused(expected, str(refused))
+    assert expected in REFUSAL_CODES
+    row = await store.payment(offer.payment_hash)
+    assert row is not None and row.status == "failed" and await store.spent_msat() == 0
+
+
+def test_refusal_code_takes_only_a_wallets_reason_it_knows() -> None:
+    """A wallet's `refusal` is read as a reason for paying nothing, never as any other code
+    (a wallet cannot make a refusal look like the server's or the budget's)."""
+    assert refusal_code(PaymentFailed("no route")) == "payment_failed"
+    for odd in ("rejected_after_payment", "budget_daily", "anything", 7, None):
+        failed = PaymentFailed("odd")
+        failed.refusal = odd  # type: ignore[attr-defined]
+        assert refusal_code(failed) == "payment_failed"
+    assert refusal_code(WalletRefused("x", "QUOTA_EXCEEDED")) == "quota_exceeded"

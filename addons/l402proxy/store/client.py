@@ -19,7 +19,7 @@ never handed out for a scope. `presented_at` says when its credential was sent (
 
 import json
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -101,11 +101,15 @@ MIGRATIONS: list[Sequence[str]] = [
     # echoes, as JSON (NULL for L402 tokens); `presented_at`: when its credential was sent
     # (NULL: never, so a paid charge may still be sent, once); `receipt` (JSON) and
     # `receipt_at`: the Payment-Receipt the server answered it with, decoded, and when.
+    # Requests at once (issue 14): `held_until`, until when a payment made for one request
+    # alone is held back from every other request, of any process sharing the file (NULL:
+    # not held). Here, not in a schema 4: schema 3 was never released.
     (
         "ALTER TABLE payments ADD COLUMN challenge TEXT",
         "ALTER TABLE payments ADD COLUMN presented_at REAL",
         "ALTER TABLE payments ADD COLUMN receipt TEXT",
         "ALTER TABLE payments ADD COLUMN receipt_at REAL",
+        "ALTER TABLE payments ADD COLUMN held_until REAL",
     ),
 ]
 
@@ -118,6 +122,8 @@ _LIVE = (
     "status = 'paid' AND dropped_at IS NULL AND (balance IS NULL OR balance > 0)"
     f" AND scheme != '{CHARGE_SCHEME}'"
 )
+# Not held back for the one request it was paid for alone (held_until), at time `?`.
+_NOT_HELD = "(held_until IS NULL OR held_until <= ?)"
 # A charge paid and never presented: it may still be sent, once (see payer.py).
 _UNUSED_CHARGE = (
     f"scheme = '{CHARGE_SCHEME}' AND status = 'paid' AND dropped_at IS NULL"
@@ -177,6 +183,13 @@ class Payment(NewPayment):
     presented_at: float | None = None
     receipt: str | None = None
     receipt_at: float | None = None
+    # A payment made for one request alone: until when no other request (of any process)
+    # may wait for it or take its token; None: not held.
+    held_until: float | None = None
+
+    def held(self, now: float) -> bool:
+        """Held back for the one request it was paid for alone (see `held_until`)."""
+        return self.held_until is not None and self.held_until > now
 
     @property
     def spent(self) -> bool:
@@ -237,7 +250,7 @@ _PAYMENT_FIELDS = (
     "id", "payment_hash", "origin", "url", "scope", "services", "scheme", "macaroon", "bolt11",
     "amount_msat", "fee_limit_msat", "fee_msat", "status", "preimage", "valid_until", "wallet",
     "owner", "error", "created_at", "updated_at", "dropped_at", "balance", "balance_unit",
-    "balance_at", "challenge", "presented_at", "receipt", "receipt_at",
+    "balance_at", "challenge", "presented_at", "receipt", "receipt_at", "held_until",
 )  # fmt: skip
 _PAYMENT_COLUMNS = ", ".join(_PAYMENT_FIELDS)
 # What a payment counts against a budget: its fee once known, until then the fee limit.
@@ -298,7 +311,7 @@ class ClientStore(Database):
         budget_total_msat: int | None,
         now: float,
         alone: bool = False,
-        held_back: Collection[bytes] = (),
+        hold_for: float | None = None,
     ) -> Payment | BudgetRefusal:
         """Check the scope and the budgets and write the pending row, in one write transaction.
 
@@ -312,9 +325,10 @@ class ClientStore(Database):
         another request of ours first): the scope is not checked, only the budgets. A Payment
         charge is always for one request alone: its scope is never checked, and it is never
         the scope's token nor a payment another one waits for.
-        `held_back`: such payments (pending, or paid and not yet used by their request),
-        which the scope check passes over: they are neither a token to take nor a payment
-        to wait for.
+        `hold_for` (with `alone`): the row is held back for `hold_for` seconds from now
+        (`held_until`; settle() renews it, release() ends it). The scope check of every
+        other payment, of any process sharing the file, passes over a held row: it is
+        neither a token to take nor a payment to wait for.
         """
         cost = payment.amount_msat + payment.fee_limit_msat
         async with self._transaction() as db:
@@ -327,17 +341,15 @@ class ClientStore(Database):
                     f"({existing[0]}); it is never paid twice"
                 )
             # A spent token (balance 0) is no token: its scope is paid again.
-            skipped = tuple(held_back)
             row = None
             if not alone and not payment.is_charge:
                 row = await self._one(
                     f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE origin = ? AND scope = ?"
                     f" AND scheme != '{CHARGE_SCHEME}'"
                     f" AND (status = 'pending' OR ({_LIVE}"
-                    " AND (valid_until IS NULL OR valid_until > ?)))"
-                    f" AND payment_hash NOT IN ({', '.join('?' * len(skipped))})"
+                    f" AND (valid_until IS NULL OR valid_until > ?))) AND {_NOT_HELD}"
                     " ORDER BY id DESC LIMIT 1",
-                    (payment.origin, payment.scope, now, *skipped),
+                    (payment.origin, payment.scope, now, now),
                 )
             if row is not None:
                 held = _payment_from_row(row)
@@ -376,8 +388,8 @@ class ClientStore(Database):
             cursor = await db.execute(
                 "INSERT INTO payments (payment_hash, origin, url, scope, services, scheme,"
                 " macaroon, bolt11, amount_msat, fee_limit_msat, status, valid_until, wallet,"
-                " owner, created_at, updated_at, challenge)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+                " owner, created_at, updated_at, challenge, held_until)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
                 (
                     payment.payment_hash,
                     payment.origin,
@@ -395,6 +407,7 @@ class ClientStore(Database):
                     now,
                     now,
                     payment.challenge,
+                    now + hold_for if alone and hold_for is not None else None,
                 ),
             )
             row = await self._one(
@@ -403,14 +416,32 @@ class ClientStore(Database):
         return _payment_from_row(row)
 
     async def settle(
-        self, payment_hash: bytes, preimage: bytes, fee_msat: int, now: float
+        self,
+        payment_hash: bytes,
+        preimage: bytes,
+        fee_msat: int,
+        now: float,
+        hold_for: float | None = None,
     ) -> Payment:
-        """pending (or failed: a wallet may report a late success) -> paid, with the token."""
+        """pending (or failed: a wallet may report a late success) -> paid, with the token.
+
+        `hold_for`: a row held back for its request (reserve's `hold_for`) stays held for
+        that long from now, the time it takes that request to send the token."""
         async with self._transaction() as db:
             await db.execute(
                 "UPDATE payments SET status = 'paid', preimage = ?, fee_msat = ?, error = NULL,"
-                " updated_at = ? WHERE payment_hash = ? AND status != 'paid'",
-                (preimage, fee_msat, now, payment_hash),
+                " updated_at = ?,"
+                " held_until = CASE WHEN held_until IS NULL OR ? IS NULL THEN held_until"
+                " ELSE ? END"
+                " WHERE payment_hash = ? AND status != 'paid'",
+                (
+                    preimage,
+                    fee_msat,
+                    now,
+                    hold_for,
+                    None if hold_for is None else now + hold_for,
+                    payment_hash,
+                ),
             )
             row = await self._one(
                 f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE payment_hash = ?",
@@ -419,6 +450,16 @@ class ClientStore(Database):
         if row is None:
             raise StoreError(f"no payment {payment_hash.hex()} in the client ledger")
         return _payment_from_row(row)
+
+    async def release(self, payment_hash: bytes) -> None:
+        """End the hold on a payment made for one request alone: that request has used its
+        token (or never will); the scope check of other payments sees it again."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE payments SET held_until = NULL"
+                " WHERE payment_hash = ? AND held_until IS NOT NULL",
+                (payment_hash,),
+            )
 
     async def present(self, payment_hash: bytes, now: float) -> bool:
         """Claim a paid charge for sending: True for the one caller (of any process sharing
@@ -517,11 +558,12 @@ class ClientStore(Database):
         return [_payment_from_row(row) for row in rows]
 
     async def tokens(self, now: float) -> list[Payment]:
-        """Usable tokens, oldest first (so the newest wins when loaded into a map)."""
+        """Usable tokens, oldest first (so the newest wins when loaded into a map); not
+        those held back for the one request they were paid for alone."""
         rows = await self._read(
             f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE {_LIVE}"
-            " AND (valid_until IS NULL OR valid_until > ?) ORDER BY id",
-            (now,),
+            f" AND (valid_until IS NULL OR valid_until > ?) AND {_NOT_HELD} ORDER BY id",
+            (now, now),
         )
         return [_payment_from_row(row) for row in rows]
 

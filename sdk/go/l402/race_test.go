@@ -27,6 +27,7 @@ type race struct {
 	winner     int
 	winnerPath string
 	then       func() // called once all have come, before any is answered
+	afterWin   func() // called once the winner was answered, before the others are
 
 	mu      sync.Mutex
 	raced   string
@@ -73,7 +74,12 @@ func (r *race) enter(authorization, path string) func() {
 	}
 	r.mu.Unlock()
 	if path == winner {
-		return func() { close(r.won) }
+		return func() {
+			if r.afterWin != nil {
+				r.afterWin()
+			}
+			close(r.won)
+		}
 	}
 	select {
 	case <-r.won:
@@ -321,6 +327,49 @@ func TestTheExtraPaymentIsWithinThePriceLimit(t *testing.T) {
 }
 
 func TestARequestThatLosesTwiceDoesNotPayAThirdTime(t *testing.T) {
+	// A real race (one request granted with the shared token), then the server calls every
+	// token spent, even one just paid: each loser pays once more alone, and is refused then.
+	c := newContract(t, map[string]service{"api": {bundle: 1}})
+	c.race = newRace(3, 0)
+	c.race.afterWin = func() {
+		c.mu.Lock()
+		c.services = map[string]service{"api": {bundle: 1, spendOnSight: true}}
+		c.mu.Unlock()
+	}
+	cl, logs := newRacer(t, c, noFee)
+	got := payerFirst(t, c, cl, logs, "/api/s0", "/api/s1", "/api/s2")
+	codes := refusalCodes(got)
+	if fmt.Sprint(codes) != "[ rejected_after_payment rejected_after_payment]" {
+		t.Fatalf("%q", codes)
+	}
+	// One shared payment and one more for each loser: three, never a third for any request;
+	// what X-L402-Paid says (beside the refusals too) adds up to it.
+	said := 0
+	for _, a := range got {
+		said += paidSat(t, a.paid)
+	}
+	if c.wallet.payments() != 3 || said != 3*21 {
+		t.Fatalf("%d payments, X-L402-Paid says %d sat: %+v", c.wallet.payments(), said, got)
+	}
+	seen := map[string]int{}
+	for _, a := range c.sent("api") {
+		seen[a]++
+	}
+	if seen[""] != 3 || seen[c.race.token()] != 3 || len(seen) != 4 {
+		t.Fatalf("sent %q", c.sent("api"))
+	}
+	for a, n := range seen {
+		if a != "" && a != c.race.token() && n != 1 {
+			t.Fatalf("a token bought alone went out %d times", n)
+		}
+	}
+}
+
+func TestAServerCallingEveryTokenSpentGetsNoSecondPaymentFromAnyRequest(t *testing.T) {
+	// Three requests share one payment; the server calls it spent to all of them and grants
+	// none: no proof that ours used it, so none pays alone. Each request pays at most once
+	// (a waiter whose shared token was refused pays for itself, as for any refused token),
+	// nothing is served, and each refused request says what it paid.
 	c := newContract(t, map[string]service{"api": {bundle: 1, spendOnSight: true}})
 	c.race = newRace(3, 0)
 	cl, logs := newRacer(t, c, noFee)
@@ -329,21 +378,31 @@ func TestARequestThatLosesTwiceDoesNotPayAThirdTime(t *testing.T) {
 	if fmt.Sprint(codes) != "[rejected_after_payment rejected_after_payment rejected_after_payment]" {
 		t.Fatalf("%q", codes)
 	}
-	// One shared payment and one more for each request: four, never a third for any.
-	if c.wallet.payments() != 4 {
-		t.Fatalf("%d payments", c.wallet.payments())
-	}
-	seen := map[string]int{}
-	for _, a := range c.sent("api") {
-		seen[a]++
-	}
-	if seen[""] != 3 || seen[c.race.token()] != 3 || len(seen) != 5 {
-		t.Fatalf("sent %q", c.sent("api"))
-	}
-	for a, n := range seen {
-		if a != "" && a != c.race.token() && n != 1 {
-			t.Fatalf("a token bought alone went out %d times", n)
+	said := 0
+	for _, a := range got {
+		if paidSat(t, a.paid) > 21 {
+			t.Fatalf("a request paid twice: %+v", got)
 		}
+		said += paidSat(t, a.paid)
+	}
+	if n := c.wallet.payments(); n < 1 || n > 3 || said != n*21 || logs.count("for it alone") != 0 {
+		t.Fatalf("%d payments, X-L402-Paid says %d sat: %+v", n, said, got)
+	}
+}
+
+func TestARequestRefusedByTheBudgetAfterPayingStillSaysWhatItPaid(t *testing.T) {
+	// The request that paid the shared token loses it to the one that waited for it; the
+	// budget holds that one payment only, so its extra payment is refused: it says both.
+	c := newContract(t, map[string]service{"api": {bundle: 1}})
+	c.race = &race{want: 2, winnerPath: "/api/c1", allIn: make(chan struct{}), won: make(chan struct{})}
+	cl, logs := newRacer(t, c, l402.Limits{MaxPriceSat: 100, MaxFeeSat: 0, DailyBudgetSat: 21})
+	got := payerFirst(t, c, cl, logs, "/api/c0", "/api/c1")
+	payer, waiter := got[0], got[1]
+	if !strings.HasPrefix(payer.refused, "budget_daily;") || payer.status != 402 || paidSat(t, payer.paid) != 21 {
+		t.Fatalf("the request that paid: %+v", payer)
+	}
+	if waiter.status != 200 || waiter.paid != "" || waiter.refused != "" || c.wallet.payments() != 1 {
+		t.Fatalf("the waiter: %+v, %d payments", waiter, c.wallet.payments())
 	}
 }
 

@@ -1,6 +1,7 @@
 package l402
 
 import (
+	"context"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -88,8 +89,14 @@ type record struct {
 	hash     [32]byte
 	preimage Preimage
 	// carried: how many requests were given the token to send (up front or to retry with);
-	// more than one, and a "spent" answer may be their doing. Not kept in the file.
-	carried int
+	// answered: how many of them got their answer with it (or went away without one);
+	// granted: how many of those the server granted with it (it used the token). A request
+	// told "spent" pays again alone only on a grant to another (lostToOurs). changed closes
+	// when one of them answers (then a new one is made). Not kept in the file.
+	carried  int
+	answered int
+	granted  int
+	changed  chan struct{}
 	// heldUntil: a payment made for one request alone (its token from a shared payment went
 	// to another request first) is held back from every other request until then, or until
 	// releaseHeld: neither waited for nor taken. holdFor is how long a hold lasts.
@@ -688,14 +695,59 @@ func (s *Store) carry(hash [32]byte) {
 	}
 }
 
-// carriedBy is how many requests were given the token hash to send.
-func (s *Store) carriedBy(hash [32]byte) int {
+// answered: a request that carried the token hash got its answer (granted: the server did
+// not refuse it), or went away without one. Whoever waits in grantedToAnother wakes.
+func (s *Store) answered(hash [32]byte, granted bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if r := s.byHash[hash]; r != nil {
-		return r.carried
+	r := s.byHash[hash]
+	if r == nil {
+		return
 	}
-	return 0
+	r.answered++
+	if granted {
+		r.granted++
+	}
+	if r.changed != nil {
+		close(r.changed)
+		r.changed = nil
+	}
+}
+
+// grantedToAnother says whether another request that carried the token hash was granted
+// with it, waiting (at most until deadline, or ctx) for the answers of the others that carried
+// it: the first grant says yes; all answered without one, or none in time, says no.
+func (s *Store) grantedToAnother(ctx context.Context, hash [32]byte, deadline time.Time) bool {
+	timer := time.NewTimer(time.Until(deadline))
+	defer timer.Stop()
+	for {
+		s.mu.Lock()
+		r := s.byHash[hash]
+		if r == nil || r.carried < 2 {
+			s.mu.Unlock()
+			return false // no other request sent it
+		}
+		if r.granted > 0 {
+			s.mu.Unlock()
+			return true
+		}
+		if r.answered >= r.carried {
+			s.mu.Unlock()
+			return false
+		}
+		if r.changed == nil {
+			r.changed = make(chan struct{})
+		}
+		changed := r.changed
+		s.mu.Unlock()
+		select {
+		case <-changed:
+		case <-timer.C:
+			return false
+		case <-ctx.Done():
+			return false
+		}
+	}
 }
 
 // isSpent: the server said nothing is left of the paid token hash.

@@ -16,7 +16,9 @@ import (
 
 const (
 	// HeaderPaid is added to a response the transport paid for: "21 sat (fee at most 10 sat)
-	// for podcast". Only the request that paid gets it; one that reused a token does not.
+	// for podcast". Only the request that paid gets it; one that reused a token does not. A
+	// request refused after it paid (its token refused, or a second payment it needed refused)
+	// gets it beside HeaderRefused; one that paid twice says the sum.
 	HeaderPaid = "X-L402-Paid"
 	// HeaderRefused is added to a 402 (or 401) the transport did not pay: "<code>; <message>",
 	// the code one of the refusal codes listed at Refusal.
@@ -108,9 +110,12 @@ func WithClock(now func() time.Time) Option { return func(t *Transport) { t.now 
 // Requests at once: those that meet a 402 for one scope together share one payment and all
 // retry with its token, which a bundle (a single-use token above all) may not last. A request
 // whose token bought for it the server then calls spent (X-L402-Balance: 0) while another
-// request carried it too lost a race among our own requests, not a refusal: it pays once more,
-// within the Limits, for itself alone (a token no other request is given before it has used
-// it). At most two payments per request, and only in that race.
+// request that carried it too was granted with it lost a race among our own requests, not a
+// refusal: it pays once more, within the Limits, for itself alone (a token no other request is
+// given before it has used it). It waits for the answers of the others that carried the token,
+// at most the pay timeout: none granted, "spent" is the server's refusal, so a server calling
+// every token spent takes at most one payment per request. At most two payments per request,
+// and only in that race.
 type Transport struct {
 	base            http.RoundTripper
 	wallet          Wallet
@@ -350,13 +355,22 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	resp, err := t.base.RoundTrip(out)
 	if err != nil {
+		if sent != nil {
+			t.store.answered(sent.hash, false) // gone without an answer: nobody waits for it
+		}
 		return resp, err
 	}
 	if resp.StatusCode != http.StatusUnauthorized && resp.StatusCode != http.StatusPaymentRequired {
 		if sent != nil {
+			// Granted with it: a request of ours that lost this token to this one (a bundle
+			// too small for both) may pay once more, alone.
+			t.store.answered(sent.hash, true)
 			t.noteBalance(sent, resp, target)
 		}
 		return resp, nil
+	}
+	if sent != nil {
+		t.store.answered(sent.hash, false) // a 401 or 402: not granted
 	}
 	return t.exchange(ctx, out, body, target, resp, sent)
 }
@@ -483,8 +497,10 @@ func (t *Transport) turnedDown(tok *token, values []string, target target) {
 //
 // One exception, a race among our own requests: a token bought for this request (by it, or by
 // another it waited for) that the server answers with a 402 saying it is spent, while another
-// request carried it too, was used up by them, not refused: this request pays once more,
-// alone, within the same Limits. Whatever happens to that token, nothing more is paid for it.
+// request that carried it too was granted with it, was used up by them, not refused: this
+// request pays once more, alone, within the same Limits. Whatever happens to that token,
+// nothing more is paid for it. A refused request that paid says so too (X-L402-Paid beside
+// X-L402-Refused): its payments summed.
 func (t *Transport) exchange(ctx context.Context, sentReq *http.Request, body *replay, target target,
 	resp *http.Response, sent *token) (*http.Response, error) {
 	url := sentReq.URL.Redacted()
@@ -507,8 +523,16 @@ func (t *Transport) exchange(ctx context.Context, sentReq *http.Request, body *r
 	}
 	heldRefused := false // a token held from before (or another request's) was refused
 	passTried := false
-	alone := false     // the token bought for it went to another request first
-	var first *outcome // what this request paid before paying alone
+	alone := false // the token bought for it went to another request first
+	// What this request paid so far (its payments summed) and for what, for X-L402-Paid.
+	var paidMsat, paidFeeMsat int64
+	paidFor := ""
+	refuse := func(resp *http.Response, refusal *Refusal) {
+		resp.Header.Set(HeaderRefused, refusal.header())
+		if paidFor != "" { // paid all the same: said beside the refusal
+			resp.Header.Set(HeaderPaid, paidHeader(paidMsat, paidFeeMsat, paidFor))
+		}
+	}
 	// Four rounds at most: a held token refused, a pass refused, one payment (or the token of
 	// another request's), then one alone if that token went to another request.
 	for round := 0; round < 4; round++ {
@@ -536,40 +560,37 @@ func (t *Transport) exchange(ctx context.Context, sentReq *http.Request, body *r
 			return resp, nil // no L402 challenge: not ours to handle
 		}
 		if got.refusal != nil {
-			resp.Header.Set(HeaderRefused, got.refusal.header())
+			refuse(resp, got.refusal)
 			return resp, nil
 		}
+		if got.paidHere {
+			paidMsat, paidFeeMsat, paidFor = paidMsat+got.amountMsat, paidFeeMsat+got.feeLimitMsat, got.token.label()
+		}
 		if resp, err = resend(got.token.credential); err != nil {
+			t.store.answered(got.token.hash, false)
 			if alone {
+				// Paid and never used: the next request sends it instead of paying again.
 				t.store.releaseHeld(got.token.hash, true)
 			}
 			return nil, err
 		}
-		saidSpent := t.noteBalance(got.token, resp, target)
 		granted := (resp.StatusCode != http.StatusUnauthorized && resp.StatusCode != http.StatusPaymentRequired) ||
 			!t.aboutToken(resp.Header.Values("WWW-Authenticate"), got.token, target)
+		t.store.answered(got.token.hash, granted)
+		saidSpent := t.noteBalance(got.token, resp, target)
 		if alone {
 			t.store.releaseHeld(got.token.hash, granted)
 		}
 		if granted {
 			if got.paidHere {
-				amount, fee := got.amountMsat, got.feeLimitMsat
-				if first != nil { // it paid for the token that went to another request too
-					amount, fee = amount+first.amountMsat, fee+first.feeLimitMsat
-				}
-				resp.Header.Set(HeaderPaid, headerSafe(fmt.Sprintf("%s sat (fee at most %s sat) for %s",
-					satText(amount), satText(fee), got.token.label())))
+				// A request that paid twice says both (its first token went to another).
+				resp.Header.Set(HeaderPaid, paidHeader(paidMsat, paidFeeMsat, paidFor))
 			}
 			return resp, nil
 		}
 		if !alone && (got.paidHere || got.waited) && resp.StatusCode == http.StatusPaymentRequired && saidSpent &&
-			t.store.carriedBy(got.token.hash) > 1 {
-			t.logf("other requests used up the token for %s %s first; paying once more for %s, for it alone",
-				got.token.origin, got.token.label(), url)
+			t.lostToOurs(ctx, got.token, url) {
 			alone = true
-			if got.paidHere {
-				first = got
-			}
 			sent = got.token
 			continue
 		}
@@ -578,7 +599,7 @@ func (t *Transport) exchange(ctx context.Context, sentReq *http.Request, body *r
 			refusal := &Refusal{"rejected_after_payment", fmt.Sprintf(
 				"%s refused the token just paid for %s; not paying again for this request", got.token.origin, got.token.label())}
 			t.logf("not paying %s: %s: %s", url, refusal.Code, refusal.Message)
-			resp.Header.Set(HeaderRefused, refusal.header())
+			refuse(resp, refusal)
 			return resp, nil
 		}
 		// A token not bought for this request (held from before, another request's, or a
@@ -591,6 +612,26 @@ func (t *Transport) exchange(ctx context.Context, sentReq *http.Request, body *r
 		sent = got.token
 	}
 	return resp, nil // not reached: the fourth round always returns
+}
+
+// paidHeader is X-L402-Paid: what a request paid (its payments summed) for label.
+func paidHeader(amountMsat, feeMsat int64, label string) string {
+	return headerSafe(fmt.Sprintf("%s sat (fee at most %s sat) for %s", satText(amountMsat), satText(feeMsat), label))
+}
+
+// lostToOurs: the server said tok, bought for a request to url, is spent. Whether another
+// request of ours that sent it was granted with it (so ours used it up), waiting for the
+// answers of the others that carried it at most the pay timeout: none granted, "spent" is
+// the server's refusal, and a server calling every token spent gets no second payment.
+func (t *Transport) lostToOurs(ctx context.Context, tok *token, url string) bool {
+	if !t.store.grantedToAnother(ctx, tok.hash, time.Now().Add(t.payTimeout)) {
+		t.logf("%s called the token for %s spent, and no request of ours was granted with it; not paying again for %s",
+			tok.origin, tok.label(), url)
+		return false
+	}
+	t.logf("other requests used up the token for %s %s first; paying once more for %s, for it alone",
+		tok.origin, tok.label(), url)
+	return true
 }
 
 // aboutToken: does a 401/402 answered to token concern it (not another service)? The challenge
