@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from l402proxy.doors.asgi import one_host
+from l402proxy.engine import Request
 from l402proxy.engine.answers import Answer
 from l402proxy.engine.core import caveats_for_pass
 from l402proxy.engine.discovery import (
@@ -576,3 +578,70 @@ def test_discovery_must_be_true_or_false() -> None:
     bad = ENGINE_RULES.replace("discovery: false", "discovery: sometimes")
     with pytest.raises(RulesError, match=r"rules.yaml:9: .*discovery must be true or false"):
         parse_rules(bad, "rules.yaml")
+
+
+HOSTED_RULES = """
+services:
+  - name: shop
+    match: {path: "/shop/*", host: "shop.example"}
+    price_sat: 5
+  - name: internal
+    match: {path: "/admin-reports/*", host: "intranet.example"}
+    price_sat: 50
+"""
+
+
+def two_hosts(path: str) -> Request:
+    """A request with two Host fields, as the ASGI door hands it over (it reads the first)."""
+    return Request(
+        method="GET",
+        target=path,
+        host="intranet.example",
+        fields=((b"Host", b"intranet.example"), (b"Host", b"shop.example")),
+        client=("127.0.0.1", 5000),
+        target_check=one_host,
+    )
+
+
+async def test_the_manifest_takes_the_doors_host_check_like_every_other_request(
+    tmp_path: Path,
+) -> None:
+    """The manifest's body follows Host and it is `Cache-Control: public`: an ambiguous Host
+    (two fields; an absolute-form target naming another host) is refused for it as for every
+    other request, or a cache reading the other Host keeps intranet's catalog as shop's."""
+    async with paywall_on(tmp_path, HOSTED_RULES) as engine:
+        priced = await engine.handle(two_hosts("/shop/x"))
+        assert isinstance(priced, Answer) and priced.status == 400  # as the door asks
+        answer = await engine.handle(two_hosts("/.well-known/l402.json"))
+        assert isinstance(answer, Answer)
+        assert answer.status == 400, (answer.status, answer.body[:200])
+        broken = await engine.handle(request("/.well-known/l402.json", (b"X-Bad", b"a\rb")))
+        assert isinstance(broken, Answer) and broken.status == 400
+
+
+async def test_a_manifest_that_depends_on_host_says_so_to_caches(tmp_path: Path) -> None:
+    """With host-scoped rules the body follows Host: `Vary: Host` (on the 200 and the 304), so
+    a shared cache whose key leaves Host out (nginx's default proxy_cache_key) keeps each
+    host's catalog apart; without one, every host gets the same document and no Vary."""
+    async with paywall_on(tmp_path, HOSTED_RULES) as engine:
+        shop = await engine.handle(request("/.well-known/l402.json"))
+        intranet = await engine.handle(
+            Request(
+                method="GET",
+                target="/.well-known/l402.json",
+                host="intranet.example",
+                fields=((b"Host", b"intranet.example"),),
+            )
+        )
+        assert isinstance(shop, Answer) and isinstance(intranet, Answer)
+        assert shop.body != intranet.body  # the body follows Host...
+        assert header(shop, "Vary") == "Host"  # ...and says so
+        tag = header(shop, "ETag")
+        assert tag is not None
+        again = await engine.handle(
+            request("/.well-known/l402.json", (b"If-None-Match", tag.encode()))
+        )
+        assert isinstance(again, Answer) and again.status == 304
+        assert header(again, "Vary") == "Host"
+    everywhere = parse_rules(ENGINE_RULES, "rules.yaml")
+    assert header(manifest_answer(everywhere, "GET", host="a.example"), "Vary") is None

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from mitmproxy import http
+from mitmproxy.test import tutils
 
 from l402proxy.cli import main
 from l402proxy.doors import nginx
@@ -27,9 +29,13 @@ from l402proxy.lightning.base import InvoiceNotFound, InvoiceState, LookupUnsupp
 from l402proxy.rules import RulesError, parse_rules, parse_schemes
 from l402proxy.store import StoreError
 
+from .test_asgi_door import Origin, Reply, call, middleware
 from .test_pricing_engine import OPTED_IN, header, pay, paywall_on, price_module, request
+from .test_server_addon import RULES as PODCAST
+from .test_server_addon import flow_for, server_on
 
 BROWSER = (b"Accept", b"text/html,application/xhtml+xml")
+VARIANTS = ("paid", "free", "offer")
 RULES = """
 invoice_limit: {{requests: 1000, per: 1m, burst: 1000}}
 services:
@@ -71,12 +77,33 @@ services:
   - name: open
     match: {{path: "/open/*"}}
     mode: free
+  - name: readonly
+    match: {{path: "/ro/*"}}
+    price_sat: 10
+    schemes: [l402, payment]
+    capabilities: {{read: [GET]}}
+    paid: {{set_headers: {{X-Tier: premium}}}}
+  - name: modelled
+    match: {{path: "/model/*"}}
+    price: python:{module}:by_header
+    schemes: [payment]
+"""
+# The operator's price reads a header (a premium model costs more) and may fail.
+BY_HEADER = """
+
+def by_header(request):
+    model = request.headers.get("x-model")
+    if model == "broken":
+        raise RuntimeError("no price list")
+    return 1000 if model == "premium" else 1
 """
 
 
 @pytest.fixture
 def module(tmp_path: Path) -> Iterator[str]:
     with price_module(tmp_path) as name:
+        source = tmp_path / f"{name}.py"
+        source.write_text(source.read_text() + BY_HEADER)
         yield name
 
 
@@ -588,8 +615,115 @@ async def test_a_quote_pays_for_the_request_it_was_made_for_only(
     sys.modules[module].price = 1000  # type: ignore[attr-defined]
     for other in ("/quoted/dear", "/quoted/cheap?x=2", "/quoted/cheap"):
         refused(await engine.handle(with_credential(other, credential)), "invalid-challenge")
-    # What was quoted is what was paid: this request, at that price.
+    # The price is asked again at redeem: risen since the quote, it is insufficient, as for a
+    # fixed price (nothing consumed)...
+    same = with_credential("/quoted/cheap?x=1", credential)
+    refused(await engine.handle(same), "payment-insufficient")
+    # ...and what was quoted is what was paid: this request, at that price.
+    sys.modules[module].price = 1  # type: ignore[attr-defined]
     granted(await engine.handle(with_credential("/quoted/cheap?x=1", credential)))
+
+
+async def test_a_quote_for_a_cheap_request_does_not_pay_for_a_dear_one(
+    engine: Paywall, tmp_path: Path
+) -> None:
+    """The quote digest binds method, host and target; the price function reads headers (and
+    the client's address) too: a 1-sat quote made without `X-Model: premium` does not pay for
+    the same URL with it (1000 sat). The price is asked again at redeem."""
+    challenge, credential = await bought(engine, tmp_path, "/model/run")
+    assert challenge.charge_request().amount_sat == 1
+    dear = await engine.handle(request("/model/run", (b"X-Model", b"premium")))
+    assert challenge_of(dear).charge_request().amount_sat == 1000  # what it really costs
+    premium = with_credential("/model/run", credential, (b"X-Model", b"premium"))
+    body = refused(await engine.handle(premium), "payment-insufficient")
+    assert body["detail"] == "this request costs 1000 sat, the charge paid 1: pay this one's"
+    # A price function failing at redeem: 503, nothing consumed.
+    broken = await engine.handle(with_credential("/model/run", credential, (b"X-Model", b"broken")))
+    assert isinstance(broken, Answer) and broken.status == 503
+    assert broken.note is not None and broken.note["reason"] == "price"
+    # The request it was quoted for, still unpaid for.
+    granted(await engine.handle(with_credential("/model/run", credential)))
+
+
+def paid(outcome: object) -> bool:
+    return (
+        isinstance(outcome, Forward)
+        and outcome.note is not None
+        and outcome.note.get("variant") == "paid"
+    )
+
+
+def not_sold(outcome: object) -> None:
+    """The 405 a method no capability of the rule covers gets: no invoice, nothing opened."""
+    assert isinstance(outcome, Answer), outcome
+    assert outcome.status == 405, (outcome.status, outcome.body[:200])
+    assert header(outcome, "Allow") == ["GET, HEAD"]
+    assert header(outcome, "WWW-Authenticate") == []
+    assert outcome.note is not None and outcome.note["reason"] == "missing_capability"
+
+
+async def test_a_charge_opens_no_method_no_token_of_the_rule_opens(
+    engine: Paywall, tmp_path: Path
+) -> None:
+    """With the mapping form of `capabilities` ({read: [GET]}) the rule sells GET (and HEAD)
+    only: no L402 token of it opens DELETE, so neither may a charge (bound to the service, not
+    the method), nor is a 402 sold for DELETE (its token or charge could not open it)."""
+    answer = await engine.handle(request("/ro/doc", OPTED_IN))
+    challenge = challenge_of(answer)
+    preimage = await pay(tmp_path, challenge.charge_request().invoice)
+    macaroon = parse_challenges(header(answer, "WWW-Authenticate"))[0].macaroon
+    token = format_credential([macaroon], preimage)
+    by_token = (b"Authorization", token.encode())
+    not_sold(await engine.handle(request("/ro/doc", by_token, method="DELETE")))
+    assert paid(await engine.handle(request("/ro/doc", by_token)))
+    # No 402 for DELETE at all: what it would sell opens nothing there.
+    not_sold(await engine.handle(request("/ro/doc", OPTED_IN, method="DELETE")))
+    not_sold(await engine.handle(request("/ro/doc", method="PROPFIND")))
+    # A charge from a 402 of the same rule, on DELETE: refused before it is consumed.
+    _, credential = await bought(engine, tmp_path, "/ro/doc")
+    on_delete = request("/ro/doc", (b"Authorization", credential.encode()), method="DELETE")
+    not_sold(await engine.handle(on_delete))
+    granted(await engine.handle(with_credential("/ro/doc", credential)))
+
+
+async def test_a_revoked_sale_opens_nothing_by_either_scheme(
+    engine: Paywall, tmp_path: Path
+) -> None:
+    """`l402proxy tokens revoke` names the invoice's token (id or payment hash): the charge of
+    that invoice is refused as its L402 token is (402, a fresh challenge), nothing consumed."""
+    for revoke_by in ("payment_hash", "token_id"):
+        challenge, credential = await bought(engine, tmp_path, "/charge/x")
+        payment_hash = challenge.charge_request().payment_hash
+        opaque = challenge.opaque_map()
+        assert payment_hash is not None and opaque is not None
+        token_id = bytes.fromhex(opaque["token"])
+        engine.revoked.add(payment_hash if revoke_by == "payment_hash" else token_id)
+        body = refused(
+            await engine.handle(with_credential("/charge/x", credential)), "invalid-challenge"
+        )
+        assert body["detail"] == "this charge has been revoked", revoke_by
+
+
+async def test_a_401_for_a_bad_l402_token_carries_no_payment_challenge(engine: Paywall) -> None:
+    """A 401 is about a bad L402 credential: its lines are LSAT and L402, its body the JSON
+    one, never a Payment challenge or a payment-required problem with status 401. Where the
+    rule sells no token, an L402 credential is none: the 402 a bare request gets."""
+    forged = (b"Authorization", b"L402 bm90LWEtbWFjYXJvb24=:" + b"00" * 32)
+    answer = await engine.handle(request("/both/x", forged))
+    assert isinstance(answer, Answer) and answer.status == 401, answer.body[:200]
+    assert payment_lines(answer) == []
+    assert header(answer, "Content-Type") == ["application/json"]
+    assert [line.split()[0] for line in header(answer, "WWW-Authenticate")] == ["LSAT", "L402"]
+    assert json.loads(answer.body).get("type") is None
+    only_charges = await engine.handle(request("/charge/x", forged))
+    challenge_of(only_charges)  # a 402 with its Payment challenge and problem
+
+
+def test_every_accept_payment_line_is_read() -> None:
+    """Two Accept-Payment fields are one list (RFC 9110 5.3): the second one's range counts."""
+    fields = ((b"Accept-Payment", b"tempo/charge"), (b"Accept-Payment", b"lightning/charge"))
+    assert charges.asks_to_pay(fields)
+    assert not charges.asks_to_pay(fields[:1])
 
 
 async def test_an_unsettled_invoice_is_verification_failed_and_nothing_consumed(
@@ -735,6 +869,37 @@ def test_a_receipt_goes_on_success_only_and_never_the_origins() -> None:
     assert mark_receipt(plain, None, 200) is plain
 
 
+FORGED_RECEIPT = (b"payment-receipt", b"forged")
+# Unpriced (no rule) and the free variant of an upgrade-mode rule (rules/podcast.yaml).
+UNPAID_TARGETS = ("/feed.xml", "/episodes/ep1.mp3")
+
+
+async def test_the_mitmproxy_door_never_passes_the_origins_receipt(tmp_path: Path) -> None:
+    """Only the paywall vouches for a charge: an origin's own Payment-Receipt leaves every
+    answer, free and unpriced too (a paid one gets the charge's own or none)."""
+    async with server_on(tmp_path, PODCAST) as addon:
+        for target in UNPAID_TARGETS:
+            flow = flow_for(target)
+            await addon.request(flow)
+            assert flow.response is None, target  # forwarded
+            flow.response = tutils.tresp(headers=http.Headers([FORGED_RECEIPT]))
+            addon.responseheaders(flow)
+            addon.response(flow)
+            assert "Payment-Receipt" not in flow.response.headers, target
+
+
+async def test_the_asgi_door_never_passes_the_origins_receipt(tmp_path: Path) -> None:
+    origin = Origin(Reply(headers=((b"content-type", b"text/plain"), FORGED_RECEIPT)))
+    app = middleware(tmp_path, origin)
+    try:
+        for target in UNPAID_TARGETS:
+            answer = await call(app, target)
+            assert answer.status == 200, (target, answer.body)
+            assert answer.get_all("Payment-Receipt") == [], target
+    finally:
+        await app.close()
+
+
 def test_the_nginx_config_sends_the_receipt_on_paid_success_only() -> None:
     text = nginx.render_config(
         auth=("127.0.0.1", 8402),
@@ -743,8 +908,13 @@ def test_the_nginx_config_sends_the_receipt_on_paid_success_only() -> None:
         set_headers=[],
     )
     assert "auth_request_set $l402_receipt $upstream_http_x_l402_receipt;" in text
+    # The origin's receipt is hidden wherever nginx proxies to it (unpriced, free, offer,
+    # paid), in the same block as each location's other proxy_hide_header lines (nginx inherits
+    # array directives only into a level that sets none).
+    for location in ("location / {", *(f"location = /.l402/internal/{v} {{" for v in VARIANTS)):
+        block = text.split(location)[1].split("}")[0]
+        assert "proxy_hide_header Payment-Receipt;" in block, location
     paid = text.split("location = /.l402/internal/paid {")[1].split("}")[0]
-    assert "proxy_hide_header Payment-Receipt;" in paid
     assert "add_header Payment-Receipt $l402_receipt;" in paid  # no `always`: success only
     assert nginx.CONFIG_VERSION == 4
     assert f"proxy_set_header X-L402-Config {nginx.CONFIG_VERSION};" in text

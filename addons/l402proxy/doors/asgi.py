@@ -361,7 +361,8 @@ def _paid_send(
 
 
 def _hiding_send(send: Send, hidden: frozenset[bytes]) -> Send:
-    """`send` for an answer no rule prices: only the origin's usage headers go."""
+    """`send` for an answer no rule prices: only the origin's usage headers and Payment-Receipt
+    go."""
 
     async def hiding(message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -932,7 +933,7 @@ class L402Middleware:
             await self._answer(send, _unavailable(method))
             return
         note = outcome.note
-        hidden = metering.usage_headers(self.engine.rules)
+        hidden = engine_answers.hidden_from_client(metering.usage_headers(self.engine.rules))
         metered: Metered | None = None
         if note is not None:
             variant = note.get("variant")
@@ -948,9 +949,10 @@ class L402Middleware:
                     )
             elif variant == "free":
                 send = _FreeVariant(send, note, method, hidden)
-            elif hidden:  # a private feed's unpriced document
+            else:  # a private feed's unpriced document
                 send = _hiding_send(send, hidden)
-        elif hidden:
+        else:
+            # Unpriced: the origin's usage headers and Payment-Receipt all the same.
             send = _hiding_send(send, hidden)
         if metered is not None:
             assert note is not None
@@ -986,7 +988,7 @@ class L402Middleware:
     ) -> None:
         """Forward to the app, metering its answer; the bytes sent are charged however the app
         ends (done, failed, or cancelled with its client gone)."""
-        hidden = metering.usage_headers(self.engine.rules)
+        hidden = engine_answers.hidden_from_client(metering.usage_headers(self.engine.rules))
         forwarded = forwarded_scope(scope, fields, outcome)
         watched: _Watched | None = None
         if metered.unit == "bytes":

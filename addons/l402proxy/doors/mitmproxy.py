@@ -601,7 +601,8 @@ class L402Server:
         """A 101 to anything but WebSocket would turn the connection into a raw tunnel past the
         paywall (see drop_upgrade, which should have kept it from being asked for).
 
-        The origin's usage headers (units bundles) leave every answer here, and a metered
+        The origin's usage headers (units bundles) and Payment-Receipt (only the paywall's
+        vouches for a charge; _mark adds it) leave every answer here, and a metered
         answer's head is made here, before it can go out: a bytes-metered body is streamed
         and counted as it goes (Counting); a units one is charged (awaited: mitmproxy awaits
         what a hook returns) before its head is sent."""
@@ -616,11 +617,10 @@ class L402Server:
                 return None
         if not flow.metadata.get(FORWARDED):
             return None
-        hidden = metering.usage_headers(self.engine.rules)
+        hidden = engine_answers.hidden_from_client(metering.usage_headers(self.engine.rules))
         note = flow.metadata.get("l402")
         if note is None or metering.METER not in note or note.get("variant") != "paid":
-            if hidden:
-                response.headers.fields = metering.without(response.headers.fields, hidden)
+            response.headers.fields = metering.without(response.headers.fields, hidden)
             return None
         try:
             metered = Metered.of(note, self.engine, flow.request.method)

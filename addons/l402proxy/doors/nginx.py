@@ -1043,6 +1043,9 @@ def render_config(
         f"proxy_set_header Authorization ${p}_authorization;",
         f"proxy_set_header Cookie ${p}_cookie;",
         *(f"proxy_set_header {header} {variable};" for header, variable in slots),
+        # Only the paywall vouches for a Payment charge: the origin's receipt never goes out
+        # (free and unpriced answers too); the paid location adds the charge's own.
+        "proxy_hide_header Payment-Receipt;",
         # Headers that make an origin route below another root than the path judged: the
         # engine strips them, and so does nginx (unless a paid variant sets one: its slot).
         *(
@@ -1202,9 +1205,8 @@ def render_config(
         f"        add_header X-L402-Dry-Run ${p}_dry_run always;",
         "        proxy_hide_header X-L402-Balance;",
         f"        add_header X-L402-Balance ${p}_balance always;",
-        "        # A Payment charge's receipt, on a successful answer only (no `always`); never",
-        "        # the origin's.",
-        "        proxy_hide_header Payment-Receipt;",
+        "        # A Payment charge's receipt, on a successful answer only (no `always`); the",
+        "        # origin's is hidden (above).",
         f"        add_header Payment-Receipt ${p}_receipt;",
         "    }",
         "",

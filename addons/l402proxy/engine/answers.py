@@ -5,6 +5,7 @@ says what to send to the origin instead of the request as it came. Both carry th
 keeps for the response phase (mitmproxy: flow.metadata["l402"]) and an optional `comment`.
 """
 
+import functools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -258,6 +259,21 @@ def not_found_answer() -> Answer:
     )
 
 
+def not_sold_answer(method: str, service: str, allowed: Sequence[str]) -> Answer:
+    """405: the rule's capabilities list no method like this one, so no token or charge it sells
+    opens it, and no invoice is made for it (RFC 9110: a 405 names the methods in Allow)."""
+    return Answer.make(
+        405,
+        f"{service} sells nothing that opens {method.upper()} here: "
+        f"it sells {', '.join(allowed) or 'no method'}.\n".encode(),
+        {
+            "Allow": ", ".join(allowed),
+            "Cache-Control": "no-store",
+            "Content-Type": "text/plain; charset=utf-8",
+        },
+    )
+
+
 def bad_path_answer(problem: PathError) -> Answer:
     """A path the proxy cannot judge: origins may read it as a place the rules price otherwise,
     or it is no well-formed path. Never forwarded, and no invoice is made for it."""
@@ -340,6 +356,19 @@ def mark_variant(
             directives.insert(0, "private")
         fields = set_one(fields, "Cache-Control", ", ".join(directives))
     return fields
+
+
+# What no origin's answer takes to the client, whatever its variant (free, unpriced, a dry run):
+# a Payment-Receipt is the paywall's word for a charge it took (mark_receipt adds its own).
+_FROM_PAYWALL_ONLY = frozenset({RECEIPT_HEADER.lower().encode()})
+
+
+@functools.lru_cache(maxsize=8)
+def hidden_from_client(usage: frozenset[bytes]) -> frozenset[bytes]:
+    """The lower-case names a door strips from every answer it forwards: the origin's usage
+    headers (metering.usage_headers of the rules in force) and its own Payment-Receipt (cached:
+    one set per rules file, not one per answer)."""
+    return usage | _FROM_PAYWALL_ONLY
 
 
 def mark_receipt(fields: Fields, receipt: str | None, status: int) -> Fields:

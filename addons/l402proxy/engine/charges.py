@@ -16,14 +16,17 @@ request, for a price: function's rules only}; all of it bound by the id.
 
 A credential (`redeem`): decode -> the pure checks (binding, expiry, method/intent, amount vs
 the rule's price for this request, sha256(preimage) == payment hash) -> the charge was offered
-for this service (realm), and for a price: function's rule for this very request (the quote
-digest: what was quoted is what was paid) -> the invoice settled (the backend's lookup; where a
-backend cannot look invoices up the preimage is the proof, as for an L402 token) -> consumed in
-the store exactly once across instances -> the paid variant for this request only, never kept
-(verdict cache, cookies), with the Payment-Receipt the door adds to a successful answer.
-Failures are a 402 with a fresh challenge and the draft's problem type (method-unsupported: 400
-without one); the store failing is a 503 (fail closed); a consumed charge stays consumed even if
-what follows fails.
+for this service (realm), for a method a capability of the rule covers (no charge opens what
+no token of the rule opens), and for a price: function's rule for this very request (the quote
+digest: what was quoted is what was paid) -> not revoked (the invoice's token id or payment
+hash) -> a price: function asked again, the request costing no more than was paid (it reads
+headers and the client's address, which the digest does not bind) -> the invoice settled (the
+backend's lookup; where a backend cannot look invoices up the preimage is the proof, as for an
+L402 token) -> consumed in the store exactly once across instances -> the paid variant for this
+request only, never kept (verdict cache, cookies), with the Payment-Receipt the door adds to a
+successful answer. Failures are a 402 with a fresh challenge and the draft's problem type
+(method-unsupported: 400 without one); the store failing is a 503 (fail closed); a consumed
+charge stays consumed even if what follows fails.
 """
 
 import base64
@@ -40,10 +43,12 @@ from typing import TYPE_CHECKING, Any
 from .. import gate
 from ..l402 import payment
 from ..l402.accept_payment import parse_accept_payment
+from ..l402.token import UNLISTED_CAPABILITY
 from ..lightning import LightningError
 from ..lightning.base import Invoice, InvoiceNotFound, LookupUnsupported
 from ..rules import Rule
 from ..store import StoreError
+from . import pricing
 from .answers import BALANCE_HEADER, Answer, Outcome
 from .request import Fields, Request, get, get_all
 
@@ -140,7 +145,8 @@ def payment_first(accept_authenticate: str | None) -> bool:
 
 def quote_digest(request: Request) -> str:
     """What a price: function's quote is bound to: the method, host and target of the request
-    it was made for (base64url SHA-256), so a cheap quote never pays for a dear request."""
+    it was made for (base64url SHA-256), so a cheap quote never pays for a dear request (what
+    else the function reads is priced again at redeem: `_dearer`)."""
     text = f"{request.method.upper()}\n{request.host.lower()}\n{request.target}"
     digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
@@ -227,6 +233,14 @@ class _Checked:
 def check(engine: "Paywall", request: Request, rule: Rule, value: str, now: float) -> _Checked:
     """Every check that needs no I/O, for this request at this rule; PaymentSchemeError with
     the problem type to answer."""
+    if rule.capability_for(request.method) == UNLISTED_CAPABILITY:
+        # A charge is bound to the service, not the method: it must open no more than a token
+        # of the rule, which no capability covering this method opens (refuse() answers as for
+        # such a token: core.Paywall.challenge sells nothing for this method).
+        raise _refused(
+            "invalid-challenge",
+            f"no capability of {rule.name} covers {request.method.upper()}: nothing opens it",
+        )
     credential = payment.decode_credential(value)
     challenge = credential.challenge
     secrets = (engine.payment_secret,)
@@ -271,10 +285,22 @@ async def redeem(
     except payment.PaymentSchemeError as exc:
         return await refuse(engine, request, rule, exc)
     charge, token_id = checked.charge, checked.token_id
+    if token_id in engine.revoked or charge.payment_hash in engine.revoked:
+        # `tokens revoke` names the invoice's token (id or payment hash): whichever scheme
+        # pays with that invoice is refused from then on, as its L402 token is (402, revoked).
+        return await refuse(
+            engine, request, rule, _refused("invalid-challenge", "this charge has been revoked")
+        )
     if rule.rate_limits:
         limited = await engine.rate_limited(request, rule, token_id=token_id)
         if limited is not None:
             return limited  # nothing consumed: the same credential may come again
+    if rule.price is not None:
+        # The quote digest binds method, host and target only; the price function also reads
+        # headers and the client's address: price this very request again (time-boxed).
+        dearer = await _dearer(engine, request, rule, charge)
+        if dearer is not None:
+            return dearer
     unsettled = await _unsettled(engine, rule, charge, request.method)
     if isinstance(unsettled, Answer):
         return unsettled
@@ -323,6 +349,31 @@ async def redeem(
         note["balance"] = f"{left} {bundle.unit}"
     note["receipt"] = payment.encode_receipt(charge.challenge_id, charge.payment_hash, now)
     return engine._forward_paid(request, fields, rule, note)
+
+
+async def _dearer(
+    engine: "Paywall", request: Request, rule: Rule, charge: payment.Charge
+) -> Answer | None:
+    """None when this request costs no more than the charge paid; else the refusal
+    (payment-insufficient), or a 503 when the price function fails (nothing consumed)."""
+    try:
+        price = await pricing.quote(rule, engine.price_request(request, rule))
+    except pricing.PriceError as exc:
+        log.error(f"l402: {exc}")
+        from .core import unavailable  # core imports this module
+
+        return unavailable(rule, "price", "the price could not be set", request.method)
+    if price <= charge.amount_sat:
+        return None
+    return await refuse(
+        engine,
+        request,
+        rule,
+        _refused(
+            "payment-insufficient",
+            f"this request costs {price} sat, the charge paid {charge.amount_sat}: pay this one's",
+        ),
+    )
 
 
 async def _unsettled(

@@ -16,7 +16,7 @@ from urllib.parse import unquote_to_bytes
 from .. import gate, paths, paywall
 from ..l402.headers import accepts_l402
 from ..l402.identifier import Identifier
-from ..l402.token import caveats_for, derive_root_key, mint
+from ..l402.token import UNLISTED_CAPABILITY, caveats_for, derive_root_key, mint
 from ..lightning import InvoiceBackend, LightningError, open_backend
 from ..lightning.base import NodeInfo
 from ..rules import (
@@ -45,6 +45,7 @@ from .answers import (
     challenge_answer,
     challenge_body,
     not_found_answer,
+    not_sold_answer,
     too_many_answer,
     unavailable_answer,
 )
@@ -476,17 +477,6 @@ class Paywall:
             from .endpoints import endpoint  # the endpoints import this module
 
             return await endpoint(self, request)
-        if self.rules is not None and discovery.is_manifest_target(request.target):
-            # The catalog of what the rules sell: free (the proposal forbids a 402 for it), never
-            # forwarded, ahead of every rule (a `*` rule would price it). Without rules the
-            # paywall passes everything through, this path too.
-            return discovery.manifest_answer(
-                self.rules,
-                request.method,
-                if_none_match=get(request.fields, "If-None-Match"),
-                default_schemes=self.default_schemes,
-                host=request.host,
-            )
         kept_key: Key | None = None
         if self.rules is not None and not self.dry_run:
             # The same request head with the same token: the grant it got, without judging.
@@ -513,6 +503,19 @@ class Paywall:
                 answer = bad_request_answer(problem).for_method(request.method)
                 answer.note = {"variant": "refused", "reason": "target"}
                 return answer
+        if self.rules is not None and discovery.is_manifest_target(request.target):
+            # The catalog of what the rules sell: free (the proposal forbids a 402 for it), never
+            # forwarded, ahead of every rule (a `*` rule would price it). Without rules the
+            # paywall passes everything through, this path too. After the door's checks: its
+            # body follows Host, so an ambiguous Host is refused as for any request. (The
+            # verdict cache before them never holds it: it keeps grants only.)
+            return discovery.manifest_answer(
+                self.rules,
+                request.method,
+                if_none_match=get(request.fields, "If-None-Match"),
+                default_schemes=self.default_schemes,
+                host=request.host,
+            )
         # Our credentials (cookies, L402/LSAT Authorization) never reach the origin, whatever
         # the path: a token sent to a free path, to one no rule covers or with no rules at all
         # would otherwise leak to whoever runs or logs that origin. `seen` keeps what we read.
@@ -610,6 +613,11 @@ class Paywall:
             decision = gate.Challenge(
                 rule, 402, "payment_required", f"{rule.name} costs {rule.price_sat} sat"
             )
+        if isinstance(decision, gate.Challenge):
+            # No token or charge this rule sells opens this method: no 402 (nor free trial).
+            unsold = self.not_sold(request, rule)
+            if unsold is not None:
+                return unsold
         match decision:
             case gate.Deny():
                 answer = not_found_answer().for_method(request.method)
@@ -836,10 +844,29 @@ class Paywall:
         The mint limit is counted as when enforcing: a client over it would get 429."""
         if not SELLING.get():
             return self._unsold(challenge)
+        unsold = self.not_sold(request, challenge.rule)
+        if unsold is not None:
+            return unsold
         limited = await self.mint_limited(request, challenge.rule)
         if limited is not None:
             return limited
         return self._unsold(challenge)
+
+    @staticmethod
+    def not_sold(request: Request, rule: Rule) -> Answer | None:
+        """405 when the rule's capabilities cover no method like the request's: no token it
+        sells opens it (gate: missing_capability), nor may a charge (charges.check), so no
+        402 is sold for it either; None for every other request."""
+        if rule.capability_for(request.method) != UNLISTED_CAPABILITY:
+            return None
+        listed = {method for _, methods in rule.capability_methods for method in methods}
+        if "GET" in listed:
+            listed.add("HEAD")  # Rule.capability_for: HEAD needs what GET needs
+        answer = not_sold_answer(request.method, rule.name, sorted(listed)).for_method(
+            request.method
+        )
+        answer.note = {"service": rule.name, "variant": "refused", "reason": "missing_capability"}
+        return answer
 
     @staticmethod
     def _unsold(challenge: gate.Challenge) -> Answer:
@@ -892,6 +919,15 @@ class Paywall:
         rule = challenge.rule
         if not SELLING.get():
             return self._unsold(challenge)
+        unsold = self.not_sold(request, rule)
+        if unsold is not None:
+            # Whoever asks (a refused token or charge, a spent bundle): an invoice for this
+            # method would sell what cannot open it.
+            return unsold
+        if challenge.status != 402 and charges.L402 not in self.schemes_for(rule):
+            # A 401 says an L402 credential is bad; where the rule sells none, it is no
+            # credential at all: the 402 with the Payment challenge a bare request gets.
+            challenge = dataclasses.replace(challenge, status=402)
         assert self.backend is not None and self.store is not None and self.rules is not None
         if not self.store.healthy:
             # The token row could not be recorded (revocation, listing, the unlock endpoint):
@@ -988,7 +1024,9 @@ class Paywall:
                 )
             )
         offer = None
-        if charges.PAYMENT in schemes:
+        if charges.PAYMENT in schemes and challenge.status == 402:
+            # A Payment challenge (and its payment-required problem) on 402s only: a 401 is
+            # about a bad L402 credential, and carries the L402 lines to pay anew.
             offer = charges.offer(
                 self,
                 request,

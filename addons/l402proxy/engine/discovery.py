@@ -162,6 +162,10 @@ def manifest_answer(
         (b"Access-Control-Allow-Origin", b"*"),
         (b"X-Content-Type-Options", b"nosniff"),
     ]
+    if any(rule.host is not None for rule in rules.rules):
+        # The body follows Host (rules scoped to other hosts are left out): a shared cache
+        # whose key leaves Host out must keep each host's catalog apart (on the 304 too).
+        common.append((b"Vary", b"Host"))
     if if_none_match is not None and _etag_matches(if_none_match, etag):
         # No Content-Length: one here must equal the 200's length (RFC 9110 8.6), and some
         # servers (uvicorn) refuse to send a shorter body than a Content-Length announces.
