@@ -18,6 +18,7 @@ from l402proxy.store import (
     open_server_store,
     sqlite_path_from_uri,
 )
+from l402proxy.store import database as store_database
 from l402proxy.store import sqlite as store_sqlite
 from l402proxy.store.database import RevenueRow
 from tests.postgres import PostgresServer
@@ -828,6 +829,32 @@ async def test_existing_loose_file_is_made_private(db_path: Path) -> None:
     opened = await ServerStore.open(str(db_path))
     await opened.close()
     assert mode(db_path) == 0o600
+
+
+async def test_opening_an_open_file_again_never_closes_a_descriptor_of_it(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing any descriptor of a file drops every POSIX lock this process holds on it,
+    SQLite's too: a second store (or dev ledger) opening a file the process already has open
+    must not open and close one (two dev ledgers in one process lost invoices that way)."""
+    first = await ServerStore.open(str(db_path))
+    opened_paths: list[str] = []
+    real_open = os.open
+
+    def recording_open(path: object, *args: object, **kwargs: object) -> int:
+        fd = real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+        opened_paths.append(os.fspath(path))  # type: ignore[arg-type]  # a descriptor made
+        return fd
+
+    try:
+        monkeypatch.setattr(os, "open", recording_open)
+        await asyncio.to_thread(store_database._prepare_file, db_path)
+        monkeypatch.undo()
+        second = await ServerStore.open(str(db_path))
+        await second.close()
+    finally:
+        await first.close()
+    assert str(db_path) not in opened_paths
 
 
 async def test_pragmas(sqlite_store: ServerStore) -> None:

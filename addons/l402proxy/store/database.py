@@ -103,15 +103,20 @@ def _prepare_file(path: Path) -> None:
     -wal/-shm files the mode of the database file, so fixing the main file is enough for new ones.
     """
     ensure_parent(path)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
-            try:
-                os.fchmod(fd, 0o600)
-            except PermissionError:
-                log.warning("cannot make %s private (mode 0600): not its owner", path)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        # Never open (and close) a descriptor of a file SQLite may already hold in this
+        # process: closing any descriptor of a file drops every POSIX lock the process holds
+        # on it, SQLite's included, and another connection's transaction then goes unguarded
+        # (two dev ledgers in one process lost invoices that way). chmod goes by path.
+        try:
+            if stat.S_IMODE(path.stat().st_mode) & 0o077:
+                path.chmod(0o600)
+        except PermissionError:
+            log.warning("cannot make %s private (mode 0600): not its owner", path)
+    else:
+        os.close(fd)  # a new, empty file: nobody holds it yet
     for suffix in ("-wal", "-shm"):
         side = path.with_name(path.name + suffix)
         try:
