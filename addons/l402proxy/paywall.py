@@ -713,7 +713,11 @@ _JS = """
   function proceed(answer) {
     stop();
     var feed = answer && answer.body && answer.body.feed_url;
-    if (typeof feed === "string" && /^https?:\\/\\//.test(feed)) {
+    // The private feed is shown to a listener who came to subscribe (the "Subscribe ad-free"
+    // link: subscribe=1) or who has no page to go back to; one who clicked "Go ad-free" on a
+    // page goes straight back to it, as before.
+    var wantsFeed = !data.return_to || /[?&]subscribe=1(&|$)/.test(window.location.search);
+    if (wantsFeed && typeof feed === "string" && /^https?:\\/\\//.test(feed)) {
       subscribe(feed);
       return;
     }

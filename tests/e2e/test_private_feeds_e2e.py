@@ -271,7 +271,7 @@ async def test_the_pay_page_shows_the_feed_url_to_copy_after_paying(
             try:
                 await page.expose_function("l402DevPay", dev_pay)
                 response = await page.goto(
-                    f"{door.base_url}/.l402/pay?path=/episodes/ep1.mp3&return=/"
+                    f"{door.base_url}/.l402/pay?path=/episodes/ep1.mp3&return=/&subscribe=1"
                 )
                 assert response is not None and response.status == 402
                 await page.click("#webln-pay")
